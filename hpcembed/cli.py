@@ -1,0 +1,99 @@
+"""Command line: `hpcembed run [--config job.toml] [options]`. Parses, builds a JobConfig, runs, reports.
+
+Errors meant for the user print as one line and exit with a code from hpcembed.errors; set HPCEMBED_DEBUG=1
+for tracebacks."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import FIELDS, build_config, load_toml
+from .errors import EXIT_FAILED, EXIT_USAGE, HpcEmbedError
+
+log = logging.getLogger("hpcembed")
+
+RUN_EPILOG = """\
+Every long option can also be a key of the --config TOML job file (with '_' or '-'); the command line wins.
+Output: Parquet shards (id, embedding) in OUTPUT, _manifest.json, rejects.jsonl when rows were skipped, and
+_SUCCESS last, only when every input row was embedded or recorded as rejected.
+Exit codes: 0 done, 1 failed, 2 bad usage or job file, 3 invalid input (fail-fast mode)."""
+
+
+def _add_job_options(parser: argparse.ArgumentParser) -> None:
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        kwargs = {"dest": name, "default": None, "help": f.metadata["help"]}
+        if f.metadata.get("choices"):
+            kwargs["choices"] = [c for c in f.metadata["choices"] if c]
+        if f.type in ("bool", bool) or f.default is False:
+            kwargs["action"] = "store_true"
+        elif "bool" in str(f.type):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif "nargs" in f.metadata:
+            kwargs["nargs"] = f.metadata["nargs"]
+            kwargs["metavar"] = "PATH"
+        else:
+            default = f.default
+            kwargs["type"] = type(default) if default not in (None, "") else str
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        if f.default not in (None, "", [], 0, dataclasses.MISSING) and "action" not in kwargs:
+            kwargs["help"] += f" (default: {f.default})"
+        parser.add_argument(flag, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hpcembed", description="Embed very large text corpora as one job: "
+                                     "corpus in (Parquet/JSONL/CSV/text), Parquet embeddings with ids out.")
+    parser.add_argument("--version", action="version", version=f"hpcembed {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="embed a corpus", description="Embed a corpus into Parquet shards.",
+                         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", metavar="JOB.toml", help="TOML job file with the same keys as the long options")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_job_options(run)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hpcembed: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose or os.environ.get("HPCEMBED_DEBUG") else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    try:
+        cli_values = {name: getattr(args, name) for name in FIELDS}
+        cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)
+        from .job import run_single_process
+        manifest = run_single_process(cfg)
+    except HpcEmbedError as exc:
+        print(f"hpcembed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("hpcembed: interrupted; no _SUCCESS written", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("HPCEMBED_DEBUG"):
+            raise
+        print(f"hpcembed: internal error: {type(exc).__name__}: {exc} (set HPCEMBED_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return EXIT_FAILED
+    status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
+    log.info("%s: %s rows embedded, %s rejected, %s texts/s, %s tokens/s -> %s", status,
+             f"{manifest['rows_written']:,}", f"{manifest['rejected_rows']:,}", f"{manifest['texts_per_s']:,}",
+             f"{manifest['tokens_per_s']:,}", cfg.output)
+    return 0 if manifest["complete"] else EXIT_FAILED

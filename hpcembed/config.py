@@ -1,0 +1,101 @@
+"""The job configuration: one dataclass, loaded from a TOML job file and overridden by command-line options.
+
+Every option's default and help text is declared here once; the CLI is generated from these fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, **extra: Any) -> Any:
+    meta = {"help": help, "choices": choices, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class JobConfig:
+    input: list[str] = _opt([], "input files, directories or globs (Parquet, .jsonl, .jsonl.gz, .csv, .txt)", nargs="+")
+    output: str = _opt("", "output directory for Parquet shards, _manifest.json and _SUCCESS")
+    model: str = _opt("", "sentence-transformers or Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
+    text_column: str = _opt("text", "column (Parquet/CSV) or key (JSONL) holding the text")
+    id_column: str = _opt("", "column holding row ids (default: 'id' if present, else '<file stem>:<row>')")
+    on_invalid: str = _opt("fail", "invalid rows: 'fail' stops the job, 'skip' records them in rejects.jsonl",
+                           choices=("fail", "skip"))
+    overwrite: bool = _opt(False, "replace the output of an earlier job in --output")
+    max_seq_length: int = _opt(0, "truncate texts to this many tokens (default: the model's max_seq_length)")
+    pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
+    normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
+    device: str = _opt("auto", "torch device for the encoder: auto picks cuda when available, else cpu")
+    dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU", choices=("auto", "fp32", "fp16", "bf16"))
+    max_batch_tokens: int = _opt(16384, "token budget of one encoder batch, padding counted where the engine pads")
+    window_batches: int = _opt(8, "rows are sorted longest-first within a window of this many batches")
+    unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
+    chunk_rows: int = _opt(1024, "rows per token batch sent from a tokenizer to an encoder")
+    credits: int = _opt(4, "token batches an encoder lets each tokenizer have in flight (flow control)")
+    progress: str = _opt("auto", "progress display: bar on a terminal, log lines otherwise",
+                         choices=("auto", "bar", "log", "off"))
+    progress_interval: float = _opt(10.0, "seconds between progress log lines")
+
+    def validate(self) -> "JobConfig":
+        if not self.input:
+            raise ConfigError("no input given: pass --input PATH... or set 'input' in the job file")
+        if not self.output:
+            raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
+        for name in ("max_batch_tokens", "window_batches", "unit_rows", "chunk_rows", "credits"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.max_seq_length < 0:
+            raise ConfigError(f"max-seq-length must be positive, got {self.max_seq_length}")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name.replace('_', '-')} must be one of {', '.join(c for c in choices if c)}; "
+                                  f"got {getattr(self, f.name)!r}")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Read a job file. Keys are the long option names, with '-' or '_'."""
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"job file {path}: unknown key {key!r}; valid keys are the long options of 'hpcembed run'")
+        if name == "input" and isinstance(value, str):
+            value = [value]
+        values[name] = value
+    return values
+
+
+def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> JobConfig:
+    """Job file values first, then command-line values that were actually given."""
+    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+    try:
+        cfg = JobConfig(**merged)
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+    for name, f in FIELDS.items():
+        value = getattr(cfg, name)
+        expected = type(f.default) if f.default is not dataclasses.MISSING else list
+        if value is not None and f.default is not None and not isinstance(value, expected) \
+                and not (expected is float and isinstance(value, int)):
+            raise ConfigError(f"{name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
+    return cfg.validate()

