@@ -18,7 +18,7 @@ log = logging.getLogger("hpcembed")
 
 RUN_EPILOG = """\
 Every long option can also be a key of the --config TOML job file (with '_' or '-'); the command line wins.
-Output: Parquet shards (id, embedding) in OUTPUT, _manifest.json, rejects.jsonl when rows were skipped, and
+Output: Parquet shards (id, embedding) in OUTPUT, _manifest.json, _rejects.jsonl when rows were skipped, and
 _SUCCESS last, only when every input row was embedded or recorded as rejected.
 Exit codes: 0 done, 1 failed, 2 bad usage or job file, 3 invalid input (fail-fast mode)."""
 

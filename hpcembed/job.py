@@ -49,7 +49,8 @@ def run_single_process(cfg: JobConfig) -> dict:
     backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     tokenizer = TokenizerRole(network.endpoint(1), roles, backend, Columns(cfg.text_column, cfg.id_column),
                               cfg.chunk_rows, skip_invalid=cfg.on_invalid == "skip")
-    gpu = GpuRole(network.endpoint(2), roles, encoder, output, cfg.max_batch_tokens, cfg.window_batches,
+    gpu = GpuRole(network.endpoint(2), roles, encoder, output, cfg.batch_tokens_for(encoder.device_name),
+                  cfg.window_batches,
                   cfg.credits)
     threads = [threading.Thread(target=run_role, args=(name, role.t, 0, role.run), name=name, daemon=True)
                for name, role in (("tokenizer", tokenizer), ("gpu", gpu))]

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 
-MANIFEST, SUCCESS, REJECTS = "_manifest.json", "_SUCCESS", "rejects.jsonl"
+# Underscore names are skipped by pyarrow.dataset and Spark, so DIR stays readable as one Parquet dataset.
+MANIFEST, SUCCESS, REJECTS = "_manifest.json", "_SUCCESS", "_rejects.jsonl"
 
 
 def shard_name(unit: int, rank: int) -> str:

@@ -1,0 +1,88 @@
+"""TokenBatch layout, token-budget batching, pooling and the shard writer."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+import torch
+
+from hpcembed.batching import TokenBudgetBatcher
+from hpcembed.engine.pooling import pool
+from hpcembed.io.writer import OutputDir
+from hpcembed.tokenize.batch import TokenBatch
+
+
+def make_batch(lengths, unit=0, first_row=0):
+    tokens = [list(range(100 * k, 100 * k + n)) for k, n in enumerate(lengths)]
+    rows = np.arange(first_row, first_row + len(lengths))
+    return TokenBatch.build(tokens, [f"id{r}" for r in rows], rows, unit), tokens
+
+
+def test_token_batch_arrow_layout_and_take():
+    batch, tokens = make_batch([3, 1, 4, 0])
+    assert batch.token_ids.dtype == np.int32 and batch.offsets.tolist() == [0, 3, 4, 8, 8]
+    rb = batch.to_arrow()
+    assert rb.column("input_ids").to_pylist() == tokens and rb.column("id").to_pylist() == ["id0", "id1", "id2", "id3"]
+    taken = batch.take(np.array([2, 0]))
+    assert taken.to_arrow().column("input_ids").to_pylist() == [tokens[2], tokens[0]]
+    assert taken.ids() == ["id2", "id0"] and taken.rows.tolist() == [2, 0]
+    both = TokenBatch.concat([taken, make_batch([2], unit=5, first_row=9)[0]])
+    assert both.ids() == ["id2", "id0", "id9"] and both.units.tolist() == [0, 0, 5]
+    assert both.lengths.tolist() == [4, 3, 2]
+
+
+def padded_cost(lengths):
+    return int(len(lengths) * lengths.max())
+
+
+def test_batcher_longest_first_within_budget():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, size=200)
+    batcher = TokenBudgetBatcher(max_batch_tokens=256, window_tokens=10_000, cost=padded_cost)
+    for start in range(0, 200, 50):
+        batcher.add(make_batch(lengths[start:start + 50], first_row=start)[0])
+    seen, previous_max = [], None
+    while (out := batcher.pop()) is not None:
+        assert padded_cost(out.lengths) <= 256
+        assert list(out.lengths) == sorted(out.lengths, reverse=True)
+        if previous_max is not None:
+            assert out.lengths.max() <= previous_max
+        previous_max = out.lengths.min()
+        seen += out.rows.tolist()
+    assert sorted(seen) == list(range(200)) and batcher.tokens == 0
+
+
+def test_batcher_emits_oversized_row_alone():
+    batcher = TokenBudgetBatcher(8, 100, padded_cost)
+    batcher.add(make_batch([20, 2, 2])[0])
+    assert batcher.pop().lengths.tolist() == [20]
+    assert batcher.pop().lengths.tolist() == [2, 2]
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max", "lasttoken"])
+def test_pooling_ignores_padding(mode):
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 8), torch.randn(3, 8)
+    hidden = torch.zeros(2, 5, 8)
+    hidden[0], hidden[1, :3] = a, b
+    hidden[1, 3:] = 1e4                       # garbage in the pad positions must not leak
+    mask = torch.tensor([[1] * 5, [1, 1, 1, 0, 0]])
+    out = pool(hidden, mask, mode)
+    expect = {"mean": lambda x: x.mean(0), "cls": lambda x: x[0], "max": lambda x: x.max(0).values,
+              "lasttoken": lambda x: x[-1]}[mode]
+    torch.testing.assert_close(out[0], expect(a))
+    torch.testing.assert_close(out[1], expect(b))
+
+
+def test_writer_shards_read_as_one_dataset(tmp_path):
+    out = OutputDir(str(tmp_path / "o"))
+    out.prepare(overwrite=False)
+    emb = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
+    out.write_shard("part-1.parquet", pa.array(["a", "b"]), emb[:2])
+    out.write_shard("part-2.parquet", pa.array(["c", "d"]), emb[2:])
+    table = ds.dataset(str(tmp_path / "o")).to_table()
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 6)
+    got = table["embedding"].combine_chunks().flatten().to_numpy().reshape(4, 6)
+    np.testing.assert_array_equal(got, emb)
+    assert not list((tmp_path / "o").glob(".*tmp"))
