@@ -78,10 +78,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cli_values = {name: getattr(args, name) for name in FIELDS}
         cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)
-        from .job import run_single_process
-        manifest = run_single_process(cfg)
+        from .world import under_mpi
+        if under_mpi():
+            from .job import run_mpi
+            manifest = run_mpi(cfg)
+            if manifest is None:          # not the conductor: it reports for the job
+                return 0
+        else:
+            from .job import run_single_process
+            manifest = run_single_process(cfg)
     except HpcEmbedError as exc:
-        print(f"hpcembed: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "printed", False):
+            print(f"hpcembed: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("hpcembed: interrupted; no _SUCCESS written", file=sys.stderr)

@@ -41,6 +41,9 @@ class JobConfig:
     window_batches: int = _opt(8, "rows are sorted longest-first within a window of this many batches")
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
     chunk_rows: int = _opt(1024, "rows per token batch sent from a tokenizer to an encoder")
+    tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one gpu rank per GPU, the rest "
+                                   "tokenize; without GPUs, half of the ranks after the conductor)")
+    instances_per_gpu: int = _opt(2, "model instances per gpu rank, each on its own thread and CUDA stream")
     credits: int = _opt(4, "token batches an encoder lets each tokenizer have in flight (flow control)")
     progress: str = _opt("auto", "progress display: bar on a terminal, log lines otherwise",
                          choices=("auto", "bar", "log", "off"))
@@ -53,7 +56,7 @@ class JobConfig:
             raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
         if self.max_batch_tokens < 0:
             raise ConfigError(f"max-batch-tokens must be positive, got {self.max_batch_tokens}")
-        for name in ("window_batches", "unit_rows", "chunk_rows", "credits"):
+        for name in ("window_batches", "instances_per_gpu", "unit_rows", "chunk_rows", "credits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.max_seq_length < 0:

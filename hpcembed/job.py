@@ -1,19 +1,25 @@
 """Assemble and run a job: resolve inputs, plan units, start the roles over a transport, write the manifest.
 
-In one process (no MPI), the conductor runs on the main thread and one tokenizer and one gpu role run as
-threads over the in-process transport: the same role loops the MPI job runs, without a copy of the logic.
+One process (no MPI): the conductor runs on the main thread, one tokenizer and one gpu role run as threads
+over the in-process transport. Under mpiexec/srun: every rank runs the role the world plan gives it over the
+MPI transport. Both run the same role loops; nothing is copied between the two paths.
 """
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 import platform
+import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from . import __version__
 from .config import JobConfig
 from .engine import ModelSpec, build_encoder, default_model_dir
+from .engine.instances import InstancePool
+from .errors import ConfigError, HpcEmbedError
 from .io.readers import Columns
 from .io.sources import Plan, plan_job, resolve_inputs
 from .io.writer import OutputDir
@@ -23,43 +29,75 @@ from .roles.conductor import Conductor, JobResult
 from .roles.gpu import GpuRole
 from .roles.tokenizer import TokenizerRole
 from .tokenize import HFTokenizer
-from .transport.inproc import InprocNetwork
+from .transport.base import Transport
 
 log = logging.getLogger("hpcembed")
 
 
-def load_model(cfg: JobConfig) -> ModelSpec:
-    return ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
-                          max_seq_length=cfg.max_seq_length)
+@dataclass
+class Setup:
+    spec: ModelSpec
+    plan: Plan
+    output: OutputDir
+    started: float
 
 
-def run_single_process(cfg: JobConfig) -> dict:
+def prepare(cfg: JobConfig) -> Setup:
+    """Everything the conductor decides before work starts. Raises HpcEmbedError for the user."""
     started = time.time()
-    spec = load_model(cfg)
+    spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
+                          max_seq_length=cfg.max_seq_length)
     files = resolve_inputs(cfg.input)
     output = OutputDir(cfg.output)
     output.prepare(cfg.overwrite)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
     log.info("%d input files, %s rows in %d work units; model %s (%s pooling, max %d tokens)", len(files),
              f"{plan.total_rows:,}", len(plan.units), spec.name, spec.pooling, spec.max_seq_length)
+    return Setup(spec, plan, output, started)
 
+
+def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec) -> TokenizerRole:
+    backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    return TokenizerRole(transport, roles, backend, Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows,
+                         skip_invalid=cfg.on_invalid == "skip")
+
+
+def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
+             device: str) -> GpuRole:
+    first = build_encoder(spec, device, cfg.dtype)
+    # On CPU a second instance would only split the same cores between two copies of the weights.
+    count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
+    encoders = [first] + [build_encoder(spec, device, cfg.dtype) for _ in range(count - 1)]
+    return GpuRole(transport, roles, InstancePool(encoders), output, cfg.batch_tokens_for(encoders[0].device_name),
+                   cfg.window_batches, cfg.credits)
+
+
+def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], transport: str, device: str,
+           dtype: str) -> dict:
+    manifest = build_manifest(cfg, setup, result, ranks, transport, device, dtype)
+    setup.output.write_manifest(manifest)
+    if manifest["complete"]:
+        setup.output.write_success()
+    return manifest
+
+
+# --- one process ----------------------------------------------------------------------------------------------
+
+def run_single_process(cfg: JobConfig) -> dict:
+    from .transport.inproc import InprocNetwork
+    setup = prepare(cfg)
     roles = RoleMap(conductor=0, tokenizers=[1], gpus=[2])
     network = InprocNetwork(3)
-    encoder = build_encoder(spec, cfg.device, cfg.dtype)
-    backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
-    tokenizer = TokenizerRole(network.endpoint(1), roles, backend, Columns(cfg.text_column, cfg.id_column),
-                              cfg.chunk_rows, skip_invalid=cfg.on_invalid == "skip")
-    gpu = GpuRole(network.endpoint(2), roles, encoder, output, cfg.batch_tokens_for(encoder.device_name),
-                  cfg.window_batches,
-                  cfg.credits)
+    gpu = gpu_role(cfg, network.endpoint(2), roles, setup.spec, setup.output, cfg.device)
+    tokenizer = tokenizer_role(cfg, network.endpoint(1), roles, setup.spec)
     threads = [threading.Thread(target=run_role, args=(name, role.t, 0, role.run), name=name, daemon=True)
                for name, role in (("tokenizer", tokenizer), ("gpu", gpu))]
     for th in threads:
         th.start()
     conductor_t = network.endpoint(0)
-    progress = Progress(plan.total_rows, cfg.progress, cfg.progress_interval)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
     try:
-        result = Conductor(conductor_t, roles, plan, output, progress, cfg.on_invalid == "skip").run()
+        result = Conductor(conductor_t, roles, setup.plan, setup.output, progress).run()
     except BaseException as exc:
         conductor_t.abort(str(exc), getattr(exc, "exit_code", 1))
         progress.close()
@@ -67,40 +105,119 @@ def run_single_process(cfg: JobConfig) -> dict:
     finally:
         for th in threads:
             th.join(timeout=30)
-
     # One process: its single entry sums the roles it played; busy time is the encoder's.
-    gpu_report = result.reports[2]
+    gpu_report, tok_report = result.reports[2], result.reports[1]
     ranks = [{"rank": 0, "role": "conductor+tokenizer+gpu", "host": platform.node(), "rows": gpu_report.rows,
               "tokens": gpu_report.tokens, "busy_seconds": round(gpu_report.busy_seconds, 3),
-              "tokenizer_busy_seconds": round(result.reports[1].busy_seconds, 3)}]
-    manifest = build_manifest(cfg, spec, plan, result, ranks, encoder, started, transport="inproc")
-    output.write_manifest(manifest)
-    if manifest["complete"]:
-        output.write_success()
-    return manifest
+              "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3)}]
+    encoder = gpu.pool.encoders[0]
+    return finish(cfg, setup, result, ranks, "inproc", encoder.device_name, encoder.dtype_name)
 
 
-def build_manifest(cfg: JobConfig, spec: ModelSpec, plan: Plan, result: JobResult, ranks: list[dict], encoder,
-                   started: float, transport: str) -> dict:
-    wall = result.wall_seconds
-    unreadable_rows = 0   # rows of files that could not even be opened are unknown
-    accounted = result.rows_written + result.rejected_rows
-    complete = accounted == plan.total_rows
+# --- MPI ------------------------------------------------------------------------------------------------------
+
+def run_mpi(cfg: JobConfig) -> dict | None:
+    """Run this rank's role. Returns the manifest on the conductor, None elsewhere. Any failure on any rank
+    ends the whole world (MPI_Abort) after the conductor prints it: allocation hours are not left to hang."""
+    from .transport.mpi import MpiTransport
+    from .world import device_for, gather_ranks, plan_roles
+    transport = MpiTransport()
+    comm, rank = transport.comm, transport.rank
+    slurm_tasks = os.environ.get("SLURM_NTASKS") if os.environ.get("SLURM_STEP_ID") else None
+    if slurm_tasks and int(slurm_tasks) != transport.size:
+        # A PMI mismatch starts N singletons that would each run the whole job.
+        raise ConfigError(f"srun started {slurm_tasks} tasks but this MPI world has {transport.size} rank(s): "
+                          "the MPI library and srun's --mpi plugin do not match (try srun --mpi=pmi2)")
+    ranks = gather_ranks(comm)
+    decision: tuple
+    if rank == 0:
+        try:
+            setup = prepare(cfg)
+            roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
+            decision = ("ok", roles, setup.spec)
+        except HpcEmbedError as exc:
+            decision = ("error", str(exc), exc.exit_code)
+    else:
+        decision = ()
+    decision = comm.bcast(decision, root=0)
+    if decision[0] == "error":
+        if rank == 0:
+            raise _Reported(decision[1], decision[2])
+        return None
+    roles, spec = decision[1], decision[2]
+    role = roles.role_of(rank)
+    if role == "conductor":
+        return _run_conductor(cfg, transport, roles, ranks, setup)
+    if role == "tokenizer":
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
+        body = lambda: tokenizer_role(cfg, transport, roles, spec).run()  # noqa: E731
+    else:
+        device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
+        if device == "cpu":
+            import torch
+            torch.set_num_threads(1)                        # CPU gpu ranks share the cores with tokenizers
+        body = lambda: gpu_role(cfg, transport, roles, spec, OutputDir(cfg.output), device).run()  # noqa: E731
+    run_role(role, transport, roles.conductor, body)
+    transport.flush()
+    return None
+
+
+class _Reported(HpcEmbedError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
+    for r in range(transport.size):
+        log.info("rank %d on %s: %s", r, ranks[r].host, roles.role_of(r))
+    log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks", len(roles.tokenizers), len(roles.gpus))
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
+    start = time.process_time()
+    try:
+        result = Conductor(transport, roles, setup.plan, setup.output, progress, name_ranks=True).run()
+        reports = [{"rank": 0, "role": "conductor", "host": ranks[0].host, "rows": 0, "tokens": 0,
+                    "busy_seconds": round(time.process_time() - start, 3)}]
+        for r in sorted(result.reports):
+            rep = result.reports[r]
+            reports.append({"rank": r, "role": rep.role, "host": rep.host, "rows": rep.rows, "tokens": rep.tokens,
+                            "busy_seconds": round(rep.busy_seconds, 3)})
+        device = "cuda" if any(i.gpus_on_host for i in ranks) and cfg.device == "auto" else \
+            (cfg.device if cfg.device != "auto" else "cpu")
+        dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+        return finish(cfg, setup, result, reports, "mpi", device, dtype)
+    except HpcEmbedError as exc:
+        progress.close()
+        print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
+        transport.abort(str(exc), exc.exit_code)
+        raise
+    except BaseException as exc:
+        progress.close()
+        print(f"hpcembed: internal error on the conductor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        transport.abort(str(exc), 1)
+        raise
+
+
+def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], transport: str,
+                   device: str, dtype: str) -> dict:
+    spec, plan, wall = setup.spec, setup.plan, result.wall_seconds
+    complete = result.rows_written + result.rejected_rows == plan.total_rows
     return {
         "hpcembed_version": __version__,
-        "created": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.fromtimestamp(setup.started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,
         "model": spec.name, "model_path": spec.path, "architecture": spec.architecture,
-        "dim": spec.dim, "dtype": encoder.dtype_name, "device": encoder.device_name,
+        "dim": spec.dim, "dtype": dtype, "device": device,
         "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
         "text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
         "transport": transport,
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
-        "unreadable_files": [e.path for e in plan.unreadable], "unreadable_rows": unreadable_rows,
+        "unreadable_files": [e.path for e in plan.unreadable],
         "tokens": result.tokens,
         "wall_seconds": round(wall, 3),
+        "job_seconds": round(time.time() - setup.started, 3),
         "texts_per_s": round(result.rows_written / wall, 1) if wall else None,
         "tokens_per_s": round(result.tokens / wall, 1) if wall else None,
         "ranks": ranks,

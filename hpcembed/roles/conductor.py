@@ -23,10 +23,11 @@ log = logging.getLogger("hpcembed")
 
 
 class JobFailed(HpcEmbedError):
-    def __init__(self, failure: Failure):
+    def __init__(self, failure: Failure, name_rank: bool):
         self.failure = failure
         self.exit_code = failure.exit_code
-        super().__init__(failure.message)
+        where = f" [rank {failure.rank}, {failure.role}]" if name_rank else ""
+        super().__init__(failure.message + where)
 
 
 @dataclass
@@ -53,7 +54,7 @@ class JobResult:
 
 class Conductor:
     def __init__(self, transport: Transport, roles: RoleMap, plan: Plan, output: OutputDir, progress: Progress,
-                 skip_invalid: bool):
+                 name_ranks: bool = False):
         self.t, self.roles, self.plan, self.output, self.progress = transport, roles, plan, output, progress
         self.pending = deque(plan.units)
         self.units = {u.unit: _UnitState() for u in plan.units}
@@ -61,6 +62,7 @@ class Conductor:
         self.rows_written = self.tokens = self.rejected_rows = 0
         self.shards: list[dict] = []
         self.reports: dict[int, RankReport] = {}
+        self.name_ranks = name_ranks
         if plan.unreadable:
             output.append_rejects([e.as_reject() for e in plan.unreadable])
 
@@ -103,7 +105,7 @@ class Conductor:
         elif isinstance(message, RankReport):
             self.reports[source] = message
         elif isinstance(message, Failure):
-            raise JobFailed(message)
+            raise JobFailed(message, self.name_ranks)
         else:
             raise RuntimeError(f"conductor got unexpected {type(message).__name__} from rank {source}")
 

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..batching import TokenBudgetBatcher
-from ..engine.torch_encoder import Encoder
+from ..engine.instances import InstancePool
 from ..io.writer import OutputDir, shard_name
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
@@ -33,11 +33,12 @@ class _UnitPart:
 
 
 class GpuRole:
-    def __init__(self, transport: Transport, roles: RoleMap, encoder: Encoder, output: OutputDir,
+    def __init__(self, transport: Transport, roles: RoleMap, instances: InstancePool, output: OutputDir,
                  max_batch_tokens: int, window_batches: int, credits: int):
-        self.t, self.roles, self.encoder, self.output = transport, roles, encoder, output
+        self.t, self.roles, self.pool, self.output = transport, roles, instances, output
         self.credits = credits
-        self.batcher = TokenBudgetBatcher(max_batch_tokens, max_batch_tokens * window_batches, encoder.batch_cost)
+        cost = instances.encoders[0].batch_cost
+        self.batcher = TokenBudgetBatcher(max_batch_tokens, max_batch_tokens * window_batches, cost)
         self.parts: dict[int, _UnitPart] = {}
         self.stopping = False
         self.rows = self.tokens = 0
@@ -45,21 +46,32 @@ class GpuRole:
     def run(self) -> None:
         for tokenizer in self.roles.tokenizers:
             self.t.send(tokenizer, Credit(self.credits))
-        while True:
-            # Take in what has arrived; block only when there is nothing to encode.
-            while not self.batcher.full:
-                env = self.t.recv(0 if (self.batcher.rows or self.stopping) else None)
-                if env is None:
-                    break
-                self._handle(env.source, env.message)
-            if self.batcher.rows:
-                self._encode(self.batcher.pop())
-            elif self.stopping:
-                break
+        try:
+            self._loop()
+        finally:
+            self.pool.close()
         if self.parts:
             raise RuntimeError(f"stopped with units {sorted(self.parts)} incomplete")
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
-                                                     self.rows, self.tokens, self.encoder.busy_seconds))
+                                                     self.rows, self.tokens, self.pool.busy_seconds))
+
+    def _loop(self) -> None:
+        while True:
+            # Take in what has arrived; block only when there is nothing to encode and nothing in flight.
+            while not self.batcher.full:
+                idle = not self.batcher.rows and not self.pool.in_flight and not self.stopping
+                env = self.t.recv(None if idle else 0)
+                if env is None:
+                    break
+                self._handle(env.source, env.message)
+            while self.batcher.rows and self.pool.capacity > 0:
+                self.pool.submit(self.batcher.pop())
+            # Wait a little for the oldest batch only when there is nothing else to do.
+            waiting_only = not self.batcher.rows or self.pool.capacity == 0
+            for batch, embeddings in self.pool.completed(wait=0.002 if waiting_only else 0.0):
+                self._store(batch, embeddings)
+            if self.stopping and not self.batcher.rows and not self.pool.in_flight:
+                break
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
@@ -73,8 +85,7 @@ class GpuRole:
         else:
             raise RuntimeError(f"gpu rank got unexpected {type(message).__name__}")
 
-    def _encode(self, batch: TokenBatch) -> None:
-        embeddings = self.encoder.encode(batch)
+    def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
         ids = batch.id_array()
         lengths = batch.lengths
         for unit in np.unique(batch.units):

@@ -1,0 +1,46 @@
+"""The benchmark corpus recipe (shared/FACTS.md), so every figure is measured on the same documents.
+
+Seed 0; each document joins consecutive paragraphs of shared/corpus/paragraphs.txt.gz until it reaches a word
+target drawn from lognormvariate(4.1, 0.8), clipped to 5..400 words."""
+from __future__ import annotations
+
+import gzip
+import random
+from pathlib import Path
+
+DEFAULT_PARAGRAPHS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "paragraphs.txt.gz"
+
+
+def build_documents(n_docs: int, paragraphs: Path = DEFAULT_PARAGRAPHS, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs: list[str] = []
+    with gzip.open(paragraphs, "rt", encoding="utf-8") as fh:
+        paras = (line.strip() for line in fh)
+        while len(docs) < n_docs:
+            target = min(400, max(5, int(rng.lognormvariate(4.1, 0.8))))
+            words: list[str] = []
+            while len(words) < target:
+                try:
+                    words.extend(next(paras).split())
+                except StopIteration:
+                    if not docs and not words:
+                        raise ValueError(f"{paragraphs} holds no paragraphs") from None
+                    fh.seek(0)          # wrap around for corpora larger than the paragraph file
+                    paras = (line.strip() for line in fh)
+            docs.append(" ".join(words))
+    return docs
+
+
+def write_parquet(docs: list[str], path: Path, files: int = 1) -> list[Path]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.mkdir(parents=True, exist_ok=True)
+    out = []
+    per = -(-len(docs) // files)
+    for k in range(files):
+        part = docs[k * per:(k + 1) * per]
+        ids = [f"doc-{k * per + i:09d}" for i in range(len(part))]
+        target = path / f"corpus-{k:04d}.parquet"
+        pq.write_table(pa.table({"id": ids, "text": part}), target, row_group_size=10_000)
+        out.append(target)
+    return out

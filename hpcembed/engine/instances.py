@@ -1,0 +1,77 @@
+"""Several model instances behind one rank: each instance has its own thread (and, on CUDA, its own stream),
+batches go round-robin, and results come back in submission order.
+
+Small encoders leave an H100 idle between kernels of one stream; a second instance fills those gaps (the
+seed's multi-instance). The role loop stays the only thread that talks to the transport.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+
+import numpy as np
+
+from ..tokenize.batch import TokenBatch
+from .torch_encoder import Encoder
+
+
+class InstancePool:
+    def __init__(self, encoders: list[Encoder], depth: int = 2):
+        self.encoders = encoders
+        self.depth = depth                    # batches queued per instance
+        self._inboxes = [queue.SimpleQueue() for _ in encoders]
+        self._order: deque[tuple[int, dict]] = deque()
+        self._next = 0
+        self._threads = [threading.Thread(target=self._serve, args=(k,), daemon=True, name=f"instance-{k}")
+                         for k in range(len(encoders))]
+        for th in self._threads:
+            th.start()
+
+    @property
+    def capacity(self) -> int:
+        return self.depth * len(self.encoders) - len(self._order)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._order)
+
+    @property
+    def busy_seconds(self) -> float:
+        return sum(e.busy_seconds for e in self.encoders)
+
+    def submit(self, batch: TokenBatch) -> None:
+        slot = {"batch": batch, "done": threading.Event()}
+        k = self._next
+        self._next = (self._next + 1) % len(self.encoders)
+        self._order.append((k, slot))
+        self._inboxes[k].put(slot)
+
+    def completed(self, wait: float = 0.0) -> list[tuple[TokenBatch, np.ndarray]]:
+        """Finished batches, oldest first; waits up to `wait` seconds for the oldest one."""
+        out = []
+        while self._order:
+            _, slot = self._order[0]
+            if not slot["done"].wait(wait if not out else 0):
+                break
+            self._order.popleft()
+            if "error" in slot:
+                raise slot["error"]
+            out.append((slot["batch"], slot["embeddings"]))
+        return out
+
+    def _serve(self, k: int) -> None:
+        encoder = self.encoders[k]
+        while True:
+            slot = self._inboxes[k].get()
+            if slot is None:
+                return
+            try:
+                slot["embeddings"] = encoder.encode(slot["batch"])
+            except BaseException as exc:  # noqa: BLE001 - handed to the role loop, which reports it
+                slot["error"] = exc
+            slot["done"].set()
+
+    def close(self) -> None:
+        for inbox in self._inboxes:
+            inbox.put(None)

@@ -1,0 +1,100 @@
+"""MPI transport: control messages are small pickles (tag CONTROL); a TokenBatch is one MPI buffer message
+(tag BATCH) holding a fixed header of sizes followed by its arrays, never pickled.
+
+One thread per rank talks to MPI (several MPI+UCX builds misbehave with many threads). Receiving polls with
+Iprobe and a short sleep rather than blocking in MPI, so idle ranks do not spin a core when ranks outnumber
+cores, and so an abort is never stuck behind a blocking call.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ..tokenize.batch import TokenBatch
+from .base import Envelope, Transport
+
+CONTROL, BATCH = 11, 12
+_HEADER = 5          # int64 count of: rows, tokens, id bytes, (reserved) x2
+_IDLE_SLEEP = 0.0005
+
+
+def pack_batch(batch: TokenBatch) -> np.ndarray:
+    """One contiguous byte buffer: header, then token ids, offsets, id offsets, rows, units, id bytes."""
+    n, t, b = batch.num_rows, batch.num_tokens, len(batch.id_bytes)
+    header = np.array([n, t, b, 0, 0], dtype=np.int64)
+    tokens = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
+    offsets = batch.offsets - batch.offsets[0]
+    parts = [header.view(np.uint8), batch.rows.view(np.uint8), batch.units.view(np.uint8),
+             tokens.view(np.uint8), offsets.view(np.uint8), batch.id_offsets.view(np.uint8), batch.id_bytes]
+    return np.concatenate(parts)
+
+
+def unpack_batch(buf: np.ndarray) -> TokenBatch:
+    n, t, b = (int(v) for v in buf[: 8 * _HEADER].view(np.int64)[:3])
+    pos = 8 * _HEADER
+
+    def take(count: int, dtype) -> np.ndarray:
+        nonlocal pos
+        size = count * np.dtype(dtype).itemsize
+        out = buf[pos: pos + size].view(dtype)
+        pos += size
+        return out
+
+    rows, units = take(n, np.int64), take(n, np.int64)
+    tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
+    id_bytes = take(b, np.uint8)
+    return TokenBatch(tokens, offsets, id_offsets, id_bytes, rows, units)
+
+
+class MpiTransport(Transport):
+    name = "mpi"
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+        self.MPI = MPI
+        self.comm = comm or MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self._status = MPI.Status()
+        self._pending: list = []       # outstanding non-blocking sends, with the buffers they hold
+        self.bytes_sent = self.messages_sent = 0
+
+    def send(self, dest: int, message: Any) -> None:
+        self.comm.send(message, dest=dest, tag=CONTROL)
+        self.messages_sent += 1
+
+    def send_batch(self, dest: int, batch: TokenBatch) -> None:
+        buf = pack_batch(batch)
+        # Non-blocking, so a tokenizer keeps tokenizing while the payload moves; credits bound how many wait.
+        self._pending.append((self.comm.Isend([buf, self.MPI.BYTE], dest=dest, tag=BATCH), buf))
+        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        self.bytes_sent += buf.nbytes
+        self.messages_sent += 1
+
+    def recv(self, timeout: float | None = None) -> Envelope | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        status = self._status
+        while True:
+            if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
+                source, tag = status.Get_source(), status.Get_tag()
+                if tag == BATCH:
+                    buf = np.empty(status.Get_count(self.MPI.BYTE), dtype=np.uint8)
+                    self.comm.Recv([buf, self.MPI.BYTE], source=source, tag=BATCH)
+                    return Envelope(source, unpack_batch(buf))
+                return Envelope(source, self.comm.recv(source=source, tag=tag))
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+            time.sleep(_IDLE_SLEEP)
+
+    def flush(self) -> None:
+        """Wait until every batch this rank sent has left its buffers."""
+        for req, _ in self._pending:
+            req.Wait()
+        self._pending = []
+
+    def abort(self, reason: str, exit_code: int) -> None:
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.comm.Abort(exit_code)
