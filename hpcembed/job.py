@@ -140,6 +140,7 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     else:
         decision = ()
     decision = comm.bcast(decision, root=0)
+    log.debug("rank %d: setup decision %s", rank, decision[0])
     if decision[0] == "error":
         if rank == 0:
             raise _Reported(decision[1], decision[2])
@@ -147,7 +148,9 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     roles, spec = decision[1], decision[2]
     role = roles.role_of(rank)
     if role == "conductor":
-        return _run_conductor(cfg, transport, roles, ranks, setup)
+        manifest = _run_conductor(cfg, transport, roles, ranks, setup)
+        comm.Barrier()
+        return manifest
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         body = lambda: tokenizer_role(cfg, transport, roles, spec).run()  # noqa: E731
@@ -159,6 +162,9 @@ def run_mpi(cfg: JobConfig) -> dict | None:
         body = lambda: gpu_role(cfg, transport, roles, spec, OutputDir(cfg.output), device).run()  # noqa: E731
     run_role(role, transport, roles.conductor, body)
     transport.flush()
+    # Nobody leaves early: a gpu rank may still be returning credits to a finished tokenizer, and sending to
+    # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
+    comm.Barrier()
     return None
 
 

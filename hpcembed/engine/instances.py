@@ -75,3 +75,6 @@ class InstancePool:
     def close(self) -> None:
         for inbox in self._inboxes:
             inbox.put(None)
+        # Joined, not left as daemons: torch aborts the process if its threads are torn down mid-kernel.
+        for th in self._threads:
+            th.join()

@@ -37,8 +37,10 @@ def run_role(name: str, transport: Transport, conductor: int, body: Callable[[],
     except JobAborted:
         pass
     except HpcEmbedError as exc:
+        log.debug("rank %d (%s) failed: %s", transport.rank, name, exc)
         transport.send(conductor, Failure(transport.rank, name, str(exc), exc.exit_code))
     except BaseException as exc:  # noqa: BLE001 - any crash must end the job, not hang it
-        log.debug("rank %d (%s) crashed:\n%s", transport.rank, name, traceback.format_exc())
+        # The traceback goes to this rank's log; the conductor prints the one-line summary for the job.
+        log.error("rank %d (%s) crashed:\n%s", transport.rank, name, traceback.format_exc().rstrip())
         transport.send(conductor, Failure(transport.rank, name, f"internal error: {type(exc).__name__}: {exc}",
                                           EXIT_FAILED))
