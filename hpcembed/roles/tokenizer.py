@@ -25,11 +25,17 @@ from .messages import AssignUnit, Credit, NoMoreUnits, RankReport, RequestUnit, 
 
 class TokenizerRole:
     def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
-                 skip_invalid: bool, ids: IdRegistry | None = None):
+                 skip_invalid: bool, initial_credits: int, ids: IdRegistry | None = None):
         self.t, self.roles, self.backend, self.columns = transport, roles, backend, columns
         self.chunk_rows, self.skip_invalid = chunk_rows, skip_invalid
         self.ids = ids if ids is not None else IdRegistry()
         self.credits = {g: 0 for g in roles.gpus}
+        # Every gpu rank grants initial_credits, then returns one credit per batch: so this rank knows exactly
+        # how many Credit messages it will get, and waits for all of them before it leaves (an MPI message
+        # still unreceived at MPI_Finalize kills the whole world under MPICH).
+        self.initial_credits = initial_credits
+        self.credit_messages = {g: 0 for g in roles.gpus}
+        self.batches_sent = {g: 0 for g in roles.gpus}
         self.assigned: deque[WorkUnit] = deque()
         self.no_more = False
         self.rows = self.tokens = 0
@@ -38,6 +44,7 @@ class TokenizerRole:
     def _handle(self, message) -> None:
         if isinstance(message, Credit):
             self.credits[self._last_source] += message.count
+            self.credit_messages[self._last_source] += 1
         elif isinstance(message, AssignUnit):
             self.assigned.append(message.unit)
         elif isinstance(message, NoMoreUnits):
@@ -64,6 +71,9 @@ class TokenizerRole:
             # Ask for the next unit now, so it is here when this one is done (hides the round trip).
             self.t.send(self.roles.conductor, RequestUnit())
             self._process(unit)
+        owed = lambda g: 1 + self.batches_sent[g]  # noqa: E731 - the initial grant, then one per batch
+        while any(self.credit_messages[g] < owed(g) for g in self.roles.gpus):
+            self._receive(None)
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.busy))
 
@@ -117,6 +127,7 @@ class TokenizerRole:
         dest = self._pick_gpu(progress.previous)
         self.t.send_batch(dest, batch)
         self.credits[dest] -= 1
+        self.batches_sent[dest] += 1
         progress.previous = dest
         progress.sent[dest] = progress.sent.get(dest, 0) + batch.num_rows
         progress.tokens += batch.num_tokens
