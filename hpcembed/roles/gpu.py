@@ -6,6 +6,7 @@ On a machine without CUDA the same role runs the encoder on CPU; that is how CI 
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +41,10 @@ class GpuRole:
         cost = instances.encoders[0].batch_cost
         self.batcher = TokenBudgetBatcher(max_batch_tokens, max_batch_tokens * window_batches, cost)
         self.parts: dict[int, _UnitPart] = {}
+        # Credits go back as the encoder consumes tokens, not when a batch lands in the window: that way a
+        # tokenizer's free credit measures this rank's speed, and routing by free credit balances the load.
+        self._owed: deque[tuple[int, int]] = deque()     # (tokenizer, tokens) in arrival order
+        self._consumed = 0
         self.stopping = False
         self.rows = self.tokens = 0
 
@@ -65,7 +70,9 @@ class GpuRole:
                     break
                 self._handle(env.source, env.message)
             while self.batcher.rows and self.pool.capacity > 0:
-                self.pool.submit(self.batcher.pop())
+                batch = self.batcher.pop()
+                self.pool.submit(batch)
+                self._return_credits(batch.num_tokens)
             # Wait a little for the oldest batch only when there is nothing else to do.
             waiting_only = not self.batcher.rows or self.pool.capacity == 0
             for batch, embeddings in self.pool.completed(wait=0.002 if waiting_only else 0.0):
@@ -76,7 +83,7 @@ class GpuRole:
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
             self.batcher.add(message)
-            self.t.send(source, Credit(1))
+            self._owed.append((source, message.num_tokens))
         elif isinstance(message, UnitEnd):
             self.parts.setdefault(message.unit, _UnitPart()).expected = message.rows
             self._flush_if_complete(message.unit)
@@ -84,6 +91,17 @@ class GpuRole:
             self.stopping = True
         else:
             raise RuntimeError(f"gpu rank got unexpected {type(message).__name__}")
+
+    def _return_credits(self, tokens: int) -> None:
+        self._consumed += tokens
+        while self._owed and self._consumed >= self._owed[0][1]:
+            source, owed = self._owed.popleft()
+            self._consumed -= owed
+            self.t.send(source, Credit(1))
+        if not self.batcher.rows:           # everything waiting has left: settle rounding in the count
+            while self._owed:
+                self.t.send(self._owed.popleft()[0], Credit(1))
+            self._consumed = 0
 
     def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
         ids = batch.id_array()

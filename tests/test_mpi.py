@@ -1,0 +1,63 @@
+"""The job as a real MPI world: `mpiexec -n N python -m hpcembed run ...` with the pip MPICH wheel."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO, reference, write_jsonl
+
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e '.[test]')")
+
+
+def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = ["timeout", str(int(timeout)), MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", "run", *args,
+           "--progress", "off"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 30,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1"})
+
+
+def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
+    import numpy as np
+    from .conftest import read_output
+    texts = {f"r{k}": f"document number {k} " + "word " * (k % 37) for k in range(600)}
+    write_jsonl(tmp_path / "big.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
+    for j in range(6):                                     # uneven: one large file, several tiny ones
+        write_jsonl(tmp_path / f"tiny{j}.jsonl", [{"id": f"t{j}", "text": f"tiny file {j}"}])
+        texts[f"t{j}"] = f"tiny file {j}"
+    proc = mpirun(5, "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--tokenizer-ranks", "2",
+                  "--unit-rows", "60", "--chunk-rows", "8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_output(tmp_path / "out")
+    assert set(got) == set(texts)
+    ids = sorted(texts)
+    ref = reference(st_model, [texts[i] for i in ids])
+    assert min(float(got[i] @ r) for i, r in zip(ids, ref)) >= 0.9999
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    roles = {r["rank"]: r for r in manifest["ranks"]}
+    assert [roles[r]["role"] for r in sorted(roles)] == ["conductor", "gpu", "gpu", "tokenizer", "tokenizer"]
+    assert all(r["rows"] > 0 for r in manifest["ranks"] if r["role"] != "conductor"), manifest["ranks"]
+    assert manifest["transport"] == "mpi" and (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_failing_rank_ends_the_job(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"id": f"a{k}", "text": "fine"} for k in range(100)] +
+                [{"id": "bad", "text": None}])
+    start = time.monotonic()
+    proc = mpirun(4, "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--unit-rows", "20",
+                  timeout=120)
+    assert proc.returncode != 0 and time.monotonic() - start < 60
+    assert "row 100 (id 'bad'): text 'text' is null" in proc.stderr and "rank " in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_world_too_small_is_a_clear_error(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    proc = mpirun(2, "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), timeout=120)
+    assert proc.returncode != 0 and "needs at least 3 ranks" in proc.stderr, proc.stderr[-2000:]
