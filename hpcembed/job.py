@@ -59,7 +59,7 @@ def prepare(cfg: JobConfig) -> Setup:
 def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec) -> TokenizerRole:
     backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     return TokenizerRole(transport, roles, backend, Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows,
-                         skip_invalid=cfg.on_invalid == "skip", initial_credits=cfg.credits)
+                         skip_invalid=cfg.on_invalid == "skip")
 
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,

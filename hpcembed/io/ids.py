@@ -17,9 +17,9 @@ class IdRegistry:
     def __len__(self) -> int:
         return len(self._seen)
 
-    def add(self, path: str, rows, ids: list[str]) -> list[int]:
-        """Record ids; return the positions (into `ids`) that repeat an id seen before, with errors."""
-        dup_positions, self.errors = [], []
+    def add(self, path: str, rows, ids: list[str]) -> list[tuple[int, InputError]]:
+        """Record ids; return (position in `ids`, error) for each one that repeats an id seen before."""
+        dups: list[tuple[int, InputError]] = []
         seen = self._seen
         for k, row_id in enumerate(ids):
             key = hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -27,8 +27,7 @@ class IdRegistry:
             if first is None:
                 seen[key] = (path, int(rows[k]))
                 continue
-            dup_positions.append(k)
             where = "earlier in this file" if first[0] == path else f"in {first[0]}"
-            self.errors.append(InputError(path, f"duplicate id, first seen {where} at row {first[1]}",
-                                          int(rows[k]), row_id))
-        return dup_positions
+            dups.append((k, InputError(path, f"duplicate id, first seen {where} at row {first[1]}",
+                                       int(rows[k]), row_id)))
+        return dups

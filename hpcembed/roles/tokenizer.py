@@ -25,15 +25,14 @@ from .messages import AssignUnit, Credit, NoMoreUnits, RankReport, RequestUnit, 
 
 class TokenizerRole:
     def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
-                 skip_invalid: bool, initial_credits: int, ids: IdRegistry | None = None):
+                 skip_invalid: bool, ids: IdRegistry | None = None):
         self.t, self.roles, self.backend, self.columns = transport, roles, backend, columns
         self.chunk_rows, self.skip_invalid = chunk_rows, skip_invalid
         self.ids = ids if ids is not None else IdRegistry()
         self.credits = {g: 0 for g in roles.gpus}
-        # Every gpu rank grants initial_credits, then returns one credit per batch: so this rank knows exactly
+        # Every gpu rank sends one initial grant, then one Credit per batch it consumed: so this rank knows exactly
         # how many Credit messages it will get, and waits for all of them before it leaves (an MPI message
         # still unreceived at MPI_Finalize kills the whole world under MPICH).
-        self.initial_credits = initial_credits
         self.credit_messages = {g: 0 for g in roles.gpus}
         self.batches_sent = {g: 0 for g in roles.gpus}
         self.assigned: deque[WorkUnit] = deque()
@@ -112,8 +111,8 @@ class TokenizerRole:
         bad: list[InputError] = list(chunk.rejects)
         dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids)
         if dups:
-            bad.extend(self.ids.errors)
-            keep = np.setdiff1d(np.arange(len(chunk.ids)), dups)
+            bad.extend(err for _, err in dups)
+            keep = np.setdiff1d(np.arange(len(chunk.ids)), [pos for pos, _ in dups])
             chunk = RowChunk(chunk.rows[keep], [chunk.ids[k] for k in keep], [chunk.texts[k] for k in keep])
         if bad:
             if not self.skip_invalid:
