@@ -160,12 +160,14 @@ def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, 
     n = len(text_col)
     if pa.types.is_dictionary(text_col.type):
         text_col = text_col.dictionary_decode()
+    texts: list = []
     if pa.types.is_binary(text_col.type) or pa.types.is_large_binary(text_col.type):
         try:
-            text_col = pc.cast(text_col, pa.large_string())   # validates UTF-8 for the whole chunk at once
+            texts = pc.cast(text_col, pa.large_string()).to_pylist()   # validates the whole chunk at once
         except pa.ArrowInvalid:
-            text_col = _decode_binary_rows(unit, text_col, first)
-    texts = text_col.to_pylist()
+            texts = _decode_binary_rows(unit, text_col, first)
+    else:
+        texts = text_col.to_pylist()
     if id_col is None:
         ids = [generated_id(unit, first + k) for k in range(n)]
     else:
@@ -190,23 +192,14 @@ def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, 
 
 
 def _decode_binary_rows(unit: WorkUnit, col: pa.Array, first: int) -> list:
-    out = []
+    """Decode row by row, putting an InputError where a value is not UTF-8."""
+    out: list = []
     for k, raw in enumerate(col.to_pylist()):
-        if raw is None:
-            out.append(None)
-            continue
         try:
-            out.append(raw.decode("utf-8"))
+            out.append(None if raw is None else raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             out.append(InputError(unit.file.path, f"invalid UTF-8 at byte {exc.start} of the text", first + k))
-    return pa.array(out, type=pa.large_string()) if not any(isinstance(v, InputError) for v in out) else _Mixed(out)
-
-
-class _Mixed(list):
-    """A decoded column that holds InputErrors in place of undecodable values."""
-
-    def to_pylist(self) -> list:
-        return list(self)
+    return out
 
 
 def _pick_id_column(unit: WorkUnit, names: list[str], columns: Columns) -> str | None:
