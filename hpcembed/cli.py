@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             from .job import run_single_process
             manifest = run_single_process(cfg)
     except HpcEmbedError as exc:
-        if not getattr(exc, "printed", False):
-            print(f"hpcembed: error: {exc}", file=sys.stderr)
+        print(f"hpcembed: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("hpcembed: interrupted; no _SUCCESS written", file=sys.stderr)
