@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from .conftest import REPO, reference, write_jsonl
+from .conftest import REPO, read_output, reference, write_jsonl
 
 MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e '.[test]')")
@@ -24,8 +24,6 @@ def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProc
 
 
 def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
-    import numpy as np
-    from .conftest import read_output
     texts = {f"r{k}": f"document number {k} " + "word " * (k % 37) for k in range(600)}
     write_jsonl(tmp_path / "big.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
     for j in range(6):                                     # uneven: one large file, several tiny ones
