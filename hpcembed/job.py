@@ -56,10 +56,11 @@ def prepare(cfg: JobConfig) -> Setup:
     return Setup(spec, plan, output, started)
 
 
-def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec) -> TokenizerRole:
+def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec,
+                   peers=None) -> TokenizerRole:
     backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     return TokenizerRole(transport, roles, backend, Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows,
-                         skip_invalid=cfg.on_invalid == "skip")
+                         skip_invalid=cfg.on_invalid == "skip", peers=peers)
 
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
@@ -97,7 +98,8 @@ def run_single_process(cfg: JobConfig) -> dict:
     conductor_t = network.endpoint(0)
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
     try:
-        result = Conductor(conductor_t, roles, setup.plan, setup.output, progress).run()
+        result = Conductor(conductor_t, roles, setup.plan, setup.output, progress,
+                           skip_invalid=cfg.on_invalid == "skip").run()
     except BaseException as exc:
         conductor_t.abort(str(exc), getattr(exc, "exit_code", 1))
         progress.close()
@@ -119,7 +121,7 @@ def run_single_process(cfg: JobConfig) -> dict:
 def run_mpi(cfg: JobConfig) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere. Any failure on any rank
     ends the whole world (MPI_Abort) after the conductor prints it: allocation hours are not left to hang."""
-    from .transport.mpi import MpiTransport
+    from .transport.mpi import MpiAlltoall, MpiTransport
     from .world import device_for, gather_ranks, plan_roles
     transport = MpiTransport()
     comm, rank = transport.comm, transport.rank
@@ -147,13 +149,16 @@ def run_mpi(cfg: JobConfig) -> dict | None:
         return None
     roles, spec = decision[1], decision[2]
     role = roles.role_of(rank)
+    # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
+    tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, roles, ranks, setup)
         comm.Barrier()
         return manifest
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
-        body = lambda: tokenizer_role(cfg, transport, roles, spec).run()  # noqa: E731
+        peers = MpiAlltoall(tokenizer_comm)
+        body = lambda: tokenizer_role(cfg, transport, roles, spec, peers).run()  # noqa: E731
     else:
         device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":
@@ -181,7 +186,8 @@ def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
     start = time.process_time()
     try:
-        result = Conductor(transport, roles, setup.plan, setup.output, progress, name_ranks=True).run()
+        result = Conductor(transport, roles, setup.plan, setup.output, progress, name_ranks=True,
+                           skip_invalid=cfg.on_invalid == "skip").run()
         reports = [{"rank": 0, "role": "conductor", "host": ranks[0].host, "rows": 0, "tokens": 0,
                     "busy_seconds": round(time.process_time() - start, 3)}]
         for r in sorted(result.reports):

@@ -59,3 +59,27 @@ def test_world_too_small_is_a_clear_error(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     proc = mpirun(2, "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), timeout=120)
     assert proc.returncode != 0 and "needs at least 3 ranks" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_ids_repeated_across_tokenizer_ranks(tmp_path, st_model):
+    # Every file repeats the id "dup"; with 3 tokenizer ranks the repeats are spread over ranks, so only the
+    # all-to-all check after reading can see them. The first file's row must be the one kept.
+    for j in range(8):
+        write_jsonl(tmp_path / f"f{j}.jsonl", [{"id": f"f{j}-{k}", "text": f"row {k} of file {j}"} for k in range(20)]
+                    + [{"id": "dup", "text": f"copy from file {j}"}])
+    args = ["--input", str(tmp_path), "--tokenizer-ranks", "3", "--unit-rows", "60", "--chunk-rows", "8"]
+    proc = mpirun(5, *args, "--output", str(tmp_path / "skip"), "--on-invalid", "skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = read_output(tmp_path / "skip")
+    assert len(got) == 8 * 20 + 1
+    assert float(got["dup"] @ reference(st_model, ["copy from file 0"])[0]) >= 0.9999
+    rejects = [json.loads(line) for line in (tmp_path / "skip" / "_rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["file"] for r in rejects) == sorted(str(tmp_path / f"f{j}.jsonl") for j in range(1, 8))
+    assert all("duplicate id" in r["reason"] and r["row"] == 20 for r in rejects), rejects
+    manifest = json.loads((tmp_path / "skip" / "_manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_written"] == 161 and manifest["rejected_rows"] == 7
+    assert sum(s["rows"] for s in manifest["shards"]) == 161
+
+    proc = mpirun(5, *args, "--output", str(tmp_path / "fail"), timeout=120)
+    assert proc.returncode == 3 and "duplicate id, first seen in" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "fail" / "_SUCCESS").exists()

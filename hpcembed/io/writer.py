@@ -74,6 +74,20 @@ class OutputDir:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
 
+    def drop_ids(self, name: str, digests: set[bytes]) -> list[str]:
+        """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed."""
+        from .ids import id_digest
+        table = pq.read_table(self.path / name)
+        ids = table.column("id").to_pylist()
+        keep = [id_digest(i) not in digests for i in ids]
+        removed = [i for i, k in zip(ids, keep) if not k]
+        if removed:
+            kept = table.filter(pa.array(keep))
+            self.write_shard(name, kept.column("id").combine_chunks(),
+                             kept.column("embedding").combine_chunks().flatten().to_numpy()
+                             .reshape(kept.num_rows, table.schema.field("embedding").type.list_size))
+        return removed
+
     def append_rejects(self, rejects: list[dict]) -> None:
         if rejects:
             with open(self.path / REJECTS, "a", encoding="utf-8") as fh:

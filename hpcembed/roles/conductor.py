@@ -3,6 +3,10 @@ progress, and finishes the job with the manifest and _SUCCESS. It only ever sees
 
 A unit is committed when its tokenizer has reported how many rows it sent to each gpu rank (UnitRead) and each
 of those gpu ranks has reported a written shard with that many rows (PartWritten).
+
+Ids repeated across tokenizer ranks are reported after reading (DuplicateRows). They fail the job, or under
+--on-invalid skip the later rows are dropped from their committed shards (DropIds) and recorded as rejects
+before the job may finish.
 """
 from __future__ import annotations
 
@@ -11,13 +15,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import HpcEmbedError
+from ..errors import HpcEmbedError, InputError
+from ..io.ids import id_digest
 from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..progress import Progress
 from ..transport.base import Transport
 from .common import RoleMap
-from .messages import (AssignUnit, Failure, NoMoreUnits, PartWritten, RankReport, RequestUnit, Stop, UnitRead)
+from .messages import (AssignUnit, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten, PartWritten,
+                       RankReport, RequestUnit, Stop, UnitRead)
 
 log = logging.getLogger("hpcembed")
 
@@ -54,7 +60,7 @@ class JobResult:
 
 class Conductor:
     def __init__(self, transport: Transport, roles: RoleMap, plan: Plan, output: OutputDir, progress: Progress,
-                 name_ranks: bool = False):
+                 name_ranks: bool = False, skip_invalid: bool = False):
         self.t, self.roles, self.plan, self.output, self.progress = transport, roles, plan, output, progress
         self.pending = deque(plan.units)
         self.units = {u.unit: _UnitState() for u in plan.units}
@@ -62,7 +68,12 @@ class Conductor:
         self.rows_written = self.tokens = self.rejected_rows = 0
         self.shards: list[dict] = []
         self.reports: dict[int, RankReport] = {}
-        self.name_ranks = name_ranks
+        self.name_ranks, self.skip_invalid = name_ranks, skip_invalid
+        self.paths = {f.index: f.path for f in plan.files}
+        # unit -> {digest: its reject}: ids to drop once the unit is committed, then while gpus drop them
+        self.drops: dict[int, dict[bytes, InputError]] = {}
+        self.dropping: dict[int, dict[bytes, InputError]] = {}
+        self.rewrites_pending = 0
         if plan.unreadable:
             output.append_rejects([e.as_reject() for e in plan.unreadable])
 
@@ -77,7 +88,7 @@ class Conductor:
                 self._handle(env.source, env.message)
                 tokenizers_left -= set(self.reports)
             all_done = self.committed == len(self.units)
-            if all_done and not tokenizers_left and not stop_sent:
+            if all_done and not tokenizers_left and not stop_sent and not self.drops and not self.rewrites_pending:
                 for gpu in self.roles.gpus:
                     self.t.send(gpu, Stop())
                 stop_sent = True
@@ -102,6 +113,10 @@ class Conductor:
             self.tokens += message.tokens
             self.progress.update(message.rows, message.tokens)
             self._commit_if_done(message.unit)
+        elif isinstance(message, DuplicateRows):
+            self._duplicates(message)
+        elif isinstance(message, PartRewritten):
+            self._rewritten(message)
         elif isinstance(message, RankReport):
             self.reports[source] = message
         elif isinstance(message, Failure):
@@ -114,3 +129,35 @@ class Conductor:
         if not state.counted and state.committed:
             state.counted = True
             self.committed += 1
+        if state.counted and unit in self.drops:
+            errors = self.drops.pop(unit)
+            self.dropping.setdefault(unit, {}).update(errors)
+            for gpu in state.written:
+                self.t.send(gpu, DropIds(unit, list(errors)))
+                self.rewrites_pending += 1
+
+    def _duplicates(self, message: DuplicateRows) -> None:
+        for unit, file, row, first, first_row, digest in message.rows:
+            error = InputError(self.paths[file], f"duplicate id, first seen in {self.paths[first]} at row {first_row}",
+                               row)
+            if not self.skip_invalid:
+                raise error
+            # Recorded as a reject once the gpu rank has removed it, when the id itself is known again.
+            self.drops.setdefault(unit, {})[digest] = error
+            self.rejected_rows += 1
+        for unit in {r[0] for r in message.rows}:
+            self._commit_if_done(unit)
+
+    def _rewritten(self, message: PartRewritten) -> None:
+        self.rewrites_pending -= 1
+        self.rows_written -= len(message.removed_ids)
+        for shard in self.shards:
+            if shard["path"] == message.shard:
+                shard["rows"] -= len(message.removed_ids)
+        errors = self.dropping[message.unit]
+        records = []
+        for row_id in message.removed_ids:
+            error = errors.pop(id_digest(row_id))
+            error.row_id = row_id
+            records.append(error.as_reject())
+        self.output.append_rejects(records)

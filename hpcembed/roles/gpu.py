@@ -18,7 +18,7 @@ from ..io.writer import OutputDir, shard_name
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import RoleMap
-from .messages import Credit, PartWritten, RankReport, Stop, UnitEnd
+from .messages import Credit, DropIds, PartRewritten, PartWritten, RankReport, Stop, UnitEnd
 
 
 @dataclass
@@ -87,6 +87,11 @@ class GpuRole:
         elif isinstance(message, UnitEnd):
             self.parts.setdefault(message.unit, _UnitPart()).expected = message.rows
             self._flush_if_complete(message.unit)
+        elif isinstance(message, DropIds):
+            name = shard_name(message.unit, self.t.rank)
+            removed = self.output.drop_ids(name, set(message.digests))
+            self.rows -= len(removed)
+            self.t.send(self.roles.conductor, PartRewritten(message.unit, name, removed))
         elif isinstance(message, Stop):
             self.stopping = True
         else:

@@ -1,11 +1,11 @@
 """Control messages between roles. All are small; token data travels only as TokenBatch.
 
-    tokenizer -> conductor   RequestUnit, UnitRead, RankReport, Failure
+    tokenizer -> conductor   RequestUnit, UnitRead, DuplicateRows, RankReport, Failure
     conductor -> tokenizer   AssignUnit, NoMoreUnits
     gpu       -> tokenizer   Credit                (flow control: one credit = one batch in flight)
     tokenizer -> gpu         TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this gpu was sent)
-    gpu       -> conductor   PartWritten, RankReport, Failure
-    conductor -> gpu         Stop
+    gpu       -> conductor   PartWritten, PartRewritten, RankReport, Failure
+    conductor -> gpu         DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks)
 """
 from __future__ import annotations
 
@@ -55,6 +55,25 @@ class PartWritten:
     shard: str
     rows: int
     tokens: int
+
+
+@dataclass
+class DuplicateRows:
+    """Ids repeated across tokenizer ranks: (unit, file, row, first file, first row, digest) per repeat."""
+    rows: list[tuple[int, int, int, int, int, bytes]]
+
+
+@dataclass
+class DropIds:
+    unit: int
+    digests: list[bytes]
+
+
+@dataclass
+class PartRewritten:
+    unit: int
+    shard: str
+    removed_ids: list[str]
 
 
 @dataclass

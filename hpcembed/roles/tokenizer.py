@@ -14,21 +14,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..io.ids import IdRegistry
+from ..io.ids import IdRegistry, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import RoleMap
-from .messages import AssignUnit, Credit, NoMoreUnits, RankReport, RequestUnit, UnitEnd, UnitRead
+from .messages import (AssignUnit, Credit, DuplicateRows, NoMoreUnits, RankReport, RequestUnit, UnitEnd,
+                       UnitRead)
 
 
 class TokenizerRole:
     def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
-                 skip_invalid: bool, ids: IdRegistry | None = None):
+                 skip_invalid: bool, peers=None):
+        """`peers`: an all-to-all over the tokenizer ranks (see io.ids), or None when this is the only one."""
         self.t, self.roles, self.backend, self.columns = transport, roles, backend, columns
         self.chunk_rows, self.skip_invalid = chunk_rows, skip_invalid
-        self.ids = ids if ids is not None else IdRegistry()
+        self.ids = IdRegistry()
+        self.peers = peers
         self.credits = {g: 0 for g in roles.gpus}
         # Every gpu rank sends one initial grant, then one Credit per batch it consumed: so this rank knows exactly
         # how many Credit messages it will get, and waits for all of them before it leaves (an MPI message
@@ -70,6 +73,15 @@ class TokenizerRole:
             # Ask for the next unit now, so it is here when this one is done (hides the round trip).
             self.t.send(self.roles.conductor, RequestUnit())
             self._process(unit)
+        if self.peers is not None and self.peers.size > 1:
+            # Every tokenizer gets here once it has read its last unit; the exchange is collective.
+            start = time.perf_counter()
+            dups = find_cross_duplicates(self.ids, self.peers)
+            self.busy += time.perf_counter() - start
+            if dups:
+                self.t.send(self.roles.conductor, DuplicateRows(
+                    [(int(d["unit"]), int(d["file"]), int(d["row"]), int(f["file"]), int(f["row"]),
+                      d["digest"].tobytes()) for d, f in dups]))
         owed = lambda g: 1 + self.batches_sent[g]  # noqa: E731 - the initial grant, then one per batch
         while any(self.credit_messages[g] < owed(g) for g in self.roles.gpus):
             self._receive(None)
@@ -109,7 +121,7 @@ class TokenizerRole:
     def _send_chunk(self, unit: WorkUnit, chunk: RowChunk, progress: "_UnitProgress") -> None:
         start = time.perf_counter()
         bad: list[InputError] = list(chunk.rejects)
-        dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids)
+        dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids, unit.file.index, unit.unit)
         if dups:
             bad.extend(err for _, err in dups)
             keep = np.setdiff1d(np.arange(len(chunk.ids)), [pos for pos, _ in dups])

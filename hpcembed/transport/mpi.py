@@ -98,3 +98,25 @@ class MpiTransport(Transport):
         sys.stderr.flush()
         sys.stdout.flush()
         self.comm.Abort(exit_code)
+
+
+class MpiAlltoall:
+    """All-to-all of numpy arrays (one per peer, any dtype shared by all) over a communicator: sizes first,
+    then one Alltoallv of the raw bytes."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+        self.MPI, self.comm, self.size = MPI, comm, comm.Get_size()
+
+    def __call__(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        dtype = parts[0].dtype
+        send = np.concatenate([np.ascontiguousarray(p).view(np.uint8).reshape(-1) for p in parts])
+        send_counts = np.array([p.nbytes for p in parts], dtype=np.int64)
+        recv_counts = np.empty_like(send_counts)
+        self.comm.Alltoall(send_counts, recv_counts)
+        recv = np.empty(int(recv_counts.sum()), dtype=np.uint8)
+        send_displs = np.concatenate(([0], np.cumsum(send_counts)[:-1]))
+        recv_displs = np.concatenate(([0], np.cumsum(recv_counts)[:-1]))
+        self.comm.Alltoallv([send, send_counts, send_displs, self.MPI.BYTE],
+                            [recv, recv_counts, recv_displs, self.MPI.BYTE])
+        return [recv[d: d + c].view(dtype) for d, c in zip(recv_displs, recv_counts)]
