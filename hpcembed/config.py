@@ -35,6 +35,10 @@ class JobConfig:
     normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
     device: str = _opt("auto", "torch device for the encoder: auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU", choices=("auto", "fp32", "fp16", "bf16"))
+    engine: str = _opt("auto", "encoder: 'varlen' is the padding-free BERT-family fast path, 'torch' the generic "
+                               "transformers AutoModel; auto uses varlen on CUDA where the model allows",
+                       choices=("auto", "varlen", "torch"))
+    compile: bool = _opt(False, "torch.compile the varlen encoder (see bench/results/gpu_stage-*.json)")
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "
                                     "(default: 2048 on CPU, where small padded batches measured fastest; "
                                     "65536 on GPU)")

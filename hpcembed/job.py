@@ -65,10 +65,10 @@ def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: M
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
              device: str) -> GpuRole:
-    first = build_encoder(spec, device, cfg.dtype)
+    first = build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile)
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
-    encoders = [first] + [build_encoder(spec, device, cfg.dtype) for _ in range(count - 1)]
+    encoders = [first] + [build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile) for _ in range(count - 1)]
     return GpuRole(transport, roles, InstancePool(encoders), output, cfg.batch_tokens_for(encoders[0].device_name),
                    cfg.window_batches, cfg.credits)
 
@@ -111,7 +111,7 @@ def run_single_process(cfg: JobConfig) -> dict:
     gpu_report, tok_report = result.reports[2], result.reports[1]
     ranks = [{"rank": 0, "role": "conductor+tokenizer+gpu", "host": platform.node(), "rows": gpu_report.rows,
               "tokens": gpu_report.tokens, "busy_seconds": round(gpu_report.busy_seconds, 3),
-              "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3)}]
+              "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3), **gpu_report.encoder}]
     encoder = gpu.pool.encoders[0]
     return finish(cfg, setup, result, ranks, "inproc", encoder.device_name, encoder.dtype_name)
 
@@ -193,7 +193,7 @@ def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
         for r in sorted(result.reports):
             rep = result.reports[r]
             reports.append({"rank": r, "role": rep.role, "host": rep.host, "rows": rep.rows, "tokens": rep.tokens,
-                            "busy_seconds": round(rep.busy_seconds, 3)})
+                            "busy_seconds": round(rep.busy_seconds, 3), **rep.encoder})
         device = "cuda" if any(i.gpus_on_host for i in ranks) and cfg.device == "auto" else \
             (cfg.device if cfg.device != "auto" else "cpu")
         dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")

@@ -40,6 +40,11 @@ class InstancePool:
     def busy_seconds(self) -> float:
         return sum(e.busy_seconds for e in self.encoders)
 
+    def describe(self) -> dict:
+        first = self.encoders[0]
+        return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
+                "instances": len(self.encoders)}
+
     def submit(self, batch: TokenBatch) -> None:
         slot = {"batch": batch, "done": threading.Event()}
         k = self._next

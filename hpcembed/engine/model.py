@@ -83,7 +83,10 @@ class ModelSpec:
         seq = max_seq_length or int(st_cfg.get("max_seq_length") or pos)
         if seq > pos:
             raise ConfigError(f"max-seq-length {seq} exceeds the model's {pos} positions")
-        dim = int(pool_cfg.get("word_embedding_dimension") or config.get("hidden_size") or config.get("d_model"))
+        dim = next((config[k] for k in ("hidden_size", "d_model", "dim") if config.get(k)), None)
+        dim = int(pool_cfg.get("word_embedding_dimension") or dim or 0)
+        if not dim:
+            raise ConfigError(f"model {model_dir}: config.json names no hidden size (hidden_size, d_model or dim)")
         return cls(path=str(transformer_dir), name=_model_name(root), pooling=pooling or model_pooling,
                    normalize=has_normalize if normalize is None else normalize, max_seq_length=seq,
                    lowercase=bool(st_cfg.get("do_lower_case", False)), dim=dim,

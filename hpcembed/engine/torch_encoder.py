@@ -3,6 +3,7 @@ fallback for architectures the fast GPU path does not cover."""
 from __future__ import annotations
 
 import abc
+import logging
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..tokenize.batch import TokenBatch
 from .model import ModelSpec
 from .pooling import normalize, pool
 
+log = logging.getLogger("hpcembed")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -20,6 +22,7 @@ class Encoder(abc.ABC):
     """Turns a TokenBatch into float32 embeddings [rows, dim], pooled and normalized as the model says."""
 
     spec: ModelSpec
+    engine: str         # 'torch' or 'varlen', as --engine names it
     pads: bool          # whether a batch costs rows * longest row (padding) rather than its real tokens
     dtype_name: str
     device_name: str
@@ -36,6 +39,7 @@ class Encoder(abc.ABC):
 
 
 class TorchEncoder(Encoder):
+    engine = "torch"
     pads = True
 
     def __init__(self, spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
@@ -68,11 +72,21 @@ class TorchEncoder(Encoder):
         return result
 
 
-def build_encoder(spec: ModelSpec, device: str, dtype: str) -> Encoder:
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool = False) -> Encoder:
+    """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise."""
+    from .varlen import VarlenEncoder, supports
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     if device == "cpu" and dtype == "fp16":
         raise ConfigError("dtype fp16 is not supported on CPU; use fp32 or bf16")
+    if engine == "auto":
+        why = supports(spec) if device.startswith("cuda") else "CPU (padded SDPA is the CPU path)"
+        if why and device.startswith("cuda"):
+            log.warning("model %s: using the generic transformers encoder, not the padding-free one: %s",
+                        spec.name, why)
+        engine = "torch" if why else "varlen"
+    if engine == "varlen":
+        return VarlenEncoder(spec, device, dtype, compile=compile)
     return TorchEncoder(spec, device, dtype)

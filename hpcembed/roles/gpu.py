@@ -58,7 +58,8 @@ class GpuRole:
         if self.parts:
             raise RuntimeError(f"stopped with units {sorted(self.parts)} incomplete")
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
-                                                     self.rows, self.tokens, self.pool.busy_seconds))
+                                                     self.rows, self.tokens, self.pool.busy_seconds,
+                                                     self.pool.describe()))
 
     def _loop(self) -> None:
         while True:

@@ -89,6 +89,7 @@ class RankReport:
     rows: int
     tokens: int
     busy_seconds: float
+    encoder: dict = field(default_factory=dict)     # gpu ranks: engine, device, dtype, instances
 
 
 @dataclass

@@ -1,0 +1,238 @@
+"""The padding-free encoder for the BERT family (BERT, RoBERTa, XLM-R, CamemBERT): the GPU fast path.
+
+A batch is its real tokens only: flat ids [T] with cumulative sequence offsets, as a TokenBatch already holds
+them, so no pad token is ever embedded, multiplied or attended. Q, K and V come from one fused projection, and
+attention is varlen flash attention over the offsets. Pooling and normalization run on the GPU, so what comes
+back per batch is [rows, dim].
+
+Feeding: the host packs ids, positions, segment index and offsets into one pinned int32 buffer and copies it
+with a single asynchronous H2D copy on this instance's own stream; the pooled result comes back by one
+asynchronous D2H copy into pinned memory. The only wait is the instance thread waiting on its own stream's
+event for that result, while the other instance's stream keeps the GPU busy.
+
+On CPU (tests, CI) the same math runs with padded SDPA in place of the varlen kernel, so everything but the
+attention kernel is checked against transformers without a GPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..tokenize.batch import TokenBatch
+from .model import ModelSpec
+from .torch_encoder import DTYPES, Encoder
+
+SUPPORTED = ("bert", "roberta", "xlm-roberta", "camembert")
+_ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
+_ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
+def supports(spec: ModelSpec) -> str | None:
+    """None when the fast path serves this model, else why not."""
+    config = json.loads((Path(spec.path) / "config.json").read_text())
+    kind = config.get("model_type")
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (the fast path serves {', '.join(SUPPORTED)})"
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        return f"position embeddings {config['position_embedding_type']!r}"
+    if config.get("hidden_act", "gelu") not in _ACTIVATIONS:
+        return f"activation {config['hidden_act']!r}"
+    if not _weights_file(Path(spec.path)):
+        return "no model.safetensors"
+    return None
+
+
+def _weights_file(root: Path) -> Path | None:
+    path = root / "model.safetensors"
+    return path if path.exists() else None
+
+
+@dataclass
+class _Layer:
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+
+
+class BertWeights:
+    """The encoder's weights from model.safetensors, with Q, K and V fused into one matrix per layer."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device):
+        from safetensors.torch import load_file
+        root = Path(model_dir)
+        config = json.loads((root / "config.json").read_text())
+        self.config = config
+        self.heads = int(config["num_attention_heads"])
+        self.hidden = int(config["hidden_size"])
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.act = _ACTIVATIONS[config.get("hidden_act", "gelu")]
+        # RoBERTa numbers positions from padding_idx + 1.
+        self.position_offset = int(config.get("pad_token_id", 1)) + 1 if config["model_type"] in _ROBERTA_LIKE else 0
+        raw = load_file(str(_weights_file(root)))
+        prefixes = ("bert.", "roberta.", "model.")
+        raw = {next((k[len(p):] for p in prefixes if k.startswith(p)), k): v for k, v in raw.items()}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in raw:
+                raise ConfigError(f"model {model_dir}: weight {name!r} missing from model.safetensors")
+            return raw[name].to(device=device, dtype=dtype).contiguous()
+
+        self.word = get("embeddings.word_embeddings.weight")
+        self.position = get("embeddings.position_embeddings.weight")
+        types = raw.get("embeddings.token_type_embeddings.weight")
+        # Every row is segment 0 (single texts), so the token-type embedding is one constant row.
+        self.type_row = (types[0].to(device=device, dtype=dtype) if types is not None
+                         else torch.zeros(self.hidden, device=device, dtype=dtype))
+        self.emb_ln = (get("embeddings.LayerNorm.weight"), get("embeddings.LayerNorm.bias"))
+        self.layers = []
+        for i in range(int(config["num_hidden_layers"])):
+            p = f"encoder.layer.{i}."
+            att = p + "attention.self."
+            self.layers.append(_Layer(
+                qkv_w=torch.cat([get(att + n + ".weight") for n in ("query", "key", "value")]),
+                qkv_b=torch.cat([get(att + n + ".bias") for n in ("query", "key", "value")]),
+                out_w=get(p + "attention.output.dense.weight"), out_b=get(p + "attention.output.dense.bias"),
+                ln1_w=get(p + "attention.output.LayerNorm.weight"), ln1_b=get(p + "attention.output.LayerNorm.bias"),
+                up_w=get(p + "intermediate.dense.weight"), up_b=get(p + "intermediate.dense.bias"),
+                down_w=get(p + "output.dense.weight"), down_b=get(p + "output.dense.bias"),
+                ln2_w=get(p + "output.LayerNorm.weight"), ln2_b=get(p + "output.LayerNorm.bias")))
+
+
+def _attention_varlen(q, k, v, cu, max_len, rows, seg, pos):
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+
+
+def _attention_padded(q, k, v, cu, max_len, rows, seg, pos):
+    """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather."""
+    t, h, d = q.shape
+
+    def pad(x):
+        out = x.new_zeros(rows, max_len, h, d)
+        out[seg, pos] = x
+        return out.transpose(1, 2)
+
+    lengths = cu[1:] - cu[:-1]
+    mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None, None, :])
+    return out.transpose(1, 2)[seg, pos]
+
+
+def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows: int, attention) -> torch.Tensor:
+    """Token states [T, hidden] for flat ids [T]; `positions` counts from 0 within each row, `seg` is the row."""
+    h, eps = w.hidden, w.eps
+    x = w.word[ids] + w.position[positions + w.position_offset] + w.type_row
+    x = F.layer_norm(x, (h,), *w.emb_ln, eps)
+    heads, d = w.heads, h // w.heads
+    for layer in w.layers:
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
+        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, rows, seg, positions)
+        x = F.layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b) + x, (h,), layer.ln1_w,
+                         layer.ln1_b, eps)
+        up = w.act(F.linear(x, layer.up_w, layer.up_b))
+        x = F.layer_norm(F.linear(up, layer.down_w, layer.down_b) + x, (h,), layer.ln2_w, layer.ln2_b, eps)
+    return x
+
+
+def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
+    """[T, hidden] token states -> [rows, hidden] float32, per sentence-transformers' pooling modes."""
+    if mode == "cls":
+        return states[cu[:-1].long()].float()
+    if mode == "lasttoken":
+        return states[cu[1:].long() - 1].float()
+    x = states.float()
+    index = seg.long()
+    if mode == "mean":
+        sums = torch.zeros(rows, x.shape[1], device=x.device, dtype=torch.float32).index_add_(0, index, x)
+        return sums / (cu[1:] - cu[:-1]).clamp(min=1).to(torch.float32)[:, None]
+    if mode == "max":
+        out = torch.full((rows, x.shape[1]), float("-inf"), device=x.device, dtype=torch.float32)
+        return out.scatter_reduce_(0, index[:, None].expand_as(x), x, "amax", include_self=True)
+    raise ValueError(f"unknown pooling mode {mode!r}")
+
+
+class VarlenEncoder(Encoder):
+    engine = "varlen"
+    pads = False
+
+    def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", compile: bool = False):
+        why = supports(spec)
+        if why:
+            raise ConfigError(f"the padding-free encoder does not serve this model: {why}")
+        self.spec, self.device_name, self.dtype_name = spec, device, dtype
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.weights = BertWeights(spec.path, DTYPES[dtype], self.device)
+        self.attention = _attention_varlen if self.cuda else _attention_padded
+        self.forward = encoder_forward
+        if compile:
+            # Dynamic shapes: every batch has a different token count.
+            self.forward = torch.compile(encoder_forward, dynamic=True)
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._host_in = torch.empty(0, dtype=torch.int32)
+        self._host_out = torch.empty(0, dtype=torch.float32)
+
+    def _staging(self, ints: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Pinned buffers, grown geometrically and reused: the previous batch's copies have finished by the time
+        # encode() returns, so reuse is safe.
+        if self._host_in.numel() < ints:
+            self._host_in = torch.empty(int(ints * 1.5), dtype=torch.int32, pin_memory=self.cuda)
+        need = rows * self.spec.dim if self.spec.dim else 0
+        if self._host_out.numel() < need:
+            self._host_out = torch.empty(int(need * 1.5), dtype=torch.float32, pin_memory=self.cuda)
+        return self._host_in, self._host_out
+
+    @torch.inference_mode()
+    def encode(self, batch: TokenBatch) -> np.ndarray:
+        start = time.perf_counter()
+        rows, total = batch.num_rows, batch.num_tokens
+        lengths = batch.lengths.astype(np.int32)
+        cu = np.zeros(rows + 1, dtype=np.int32)
+        np.cumsum(lengths, out=cu[1:])
+        seg = np.repeat(np.arange(rows, dtype=np.int32), lengths)
+        positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], lengths)
+        host_in, host_out = self._staging(3 * total + rows + 1, rows)
+        packed = host_in.numpy()
+        packed[:total] = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
+        packed[total: 2 * total] = positions
+        packed[2 * total: 3 * total] = seg
+        packed[3 * total: 3 * total + rows + 1] = cu
+        max_len = int(lengths.max())
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                dev = host_in[: 3 * total + rows + 1].to(self.device, non_blocking=True)
+                out = self._run(dev, total, rows, max_len)
+                host = host_out[: rows * out.shape[1]].view(rows, out.shape[1])
+                host.copy_(out, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            done.synchronize()
+            result = host.numpy().copy()
+        else:
+            result = self._run(host_in[: 3 * total + rows + 1], total, rows, max_len).numpy()
+        self.busy_seconds += time.perf_counter() - start
+        return result
+
+    def _run(self, dev: torch.Tensor, total: int, rows: int, max_len: int) -> torch.Tensor:
+        ids, positions, seg = dev[:total], dev[total: 2 * total], dev[2 * total: 3 * total]
+        cu = dev[3 * total: 3 * total + rows + 1]
+        states = self.forward(self.weights, ids, positions, seg, cu, max_len, rows, self.attention)
+        out = pool_varlen(states, seg, cu, rows, self.spec.pooling)
+        return F.normalize(out, p=2, dim=1) if self.spec.normalize else out

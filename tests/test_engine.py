@@ -1,0 +1,109 @@
+"""The encoders: the padding-free fast path's math against transformers (on CPU its attention is padded SDPA),
+the generic transformers fallback on a random architecture it alone serves, and on CUDA the real varlen kernel
+with two instances against sentence-transformers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpcembed.engine import ModelSpec, TorchEncoder, build_encoder
+from hpcembed.engine.instances import InstancePool
+from hpcembed.engine.varlen import VarlenEncoder, supports
+from hpcembed.tokenize import HFTokenizer
+from hpcembed.tokenize.batch import TokenBatch
+
+from .conftest import EDGE_TEXTS, reference
+
+
+def batch_of(token_lists: list[list[int]]) -> TokenBatch:
+    return TokenBatch.build(token_lists, [f"r{k}" for k in range(len(token_lists))], np.arange(len(token_lists)), 0)
+
+
+def edge_batch(spec: ModelSpec) -> TokenBatch:
+    tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    return batch_of(tok.encode(EDGE_TEXTS + ["a much longer sentence " * 20, "x"]))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
+def test_bundled_model_padding_free_matches_transformers(model_dir, pooling):
+    spec = ModelSpec.load(model_dir, pooling=pooling)
+    batch = edge_batch(spec)
+    fast = VarlenEncoder(spec, "cpu", "fp32").encode(batch)
+    ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
+    assert fast.shape == ref.shape == (batch.num_rows, 384)
+    assert np.abs(fast - ref).max() < 1e-5
+
+
+def _random_model(tmp_path, kind: str) -> str:
+    import transformers
+    torch.manual_seed(0)
+    common = dict(vocab_size=120, hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                  max_position_embeddings=80)
+    if kind == "bert":
+        config = transformers.BertConfig(**common, hidden_act="gelu_new")
+    elif kind == "xlm-roberta":
+        config = transformers.XLMRobertaConfig(**common, pad_token_id=1)
+    else:       # an architecture only the generic path serves
+        config = transformers.DistilBertConfig(vocab_size=120, dim=48, n_layers=2, n_heads=4, hidden_dim=96,
+                                               max_position_embeddings=80)
+    model = transformers.AutoModel.from_config(config)
+    path = tmp_path / kind
+    model.save_pretrained(path, safe_serialization=True)
+    return str(path)
+
+
+def _random_batch(rows: int = 9, seed: int = 1) -> TokenBatch:
+    rng = np.random.default_rng(seed)
+    return batch_of([[0] + list(rng.integers(5, 120, size=int(n))) + [2] for n in rng.integers(0, 60, size=rows)])
+
+
+@pytest.mark.parametrize("kind", ["bert", "xlm-roberta"])
+def test_random_configs_padding_free_matches_transformers(tmp_path, kind):
+    spec = ModelSpec.load(_random_model(tmp_path, kind))
+    assert supports(spec) is None
+    batch = _random_batch()
+    fast = VarlenEncoder(spec, "cpu", "fp32").encode(batch)
+    ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
+    assert np.abs(fast - ref).max() < 1e-5
+
+
+def test_generic_fallback_serves_other_architectures(tmp_path):
+    import transformers
+    spec = ModelSpec.load(_random_model(tmp_path, "distilbert"))
+    assert "distilbert" in supports(spec)
+    encoder = build_encoder(spec, "cpu", "auto", engine="auto")
+    assert encoder.engine == "torch"
+    batch = _random_batch(rows=5)
+    got = encoder.encode(batch)
+    # transformers directly, row by row (no padding at all), mean-pooled: the fallback's padding must not leak in.
+    model = transformers.AutoModel.from_pretrained(spec.path).eval()
+    with torch.no_grad():
+        for k in range(batch.num_rows):
+            ids = torch.from_numpy(batch.token_ids[batch.offsets[k]: batch.offsets[k + 1]].astype(np.int64))[None]
+            expect = model(input_ids=ids).last_hidden_state[0].mean(0).numpy()
+            assert np.abs(got[k] - expect).max() < 1e-5
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU box)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_model, dtype):
+    spec = ModelSpec.load(model_dir)
+    tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    texts = EDGE_TEXTS * 3
+    pool = InstancePool([VarlenEncoder(spec, "cuda", dtype) for _ in range(2)])
+    try:
+        batches = [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)]
+        for b in batches:
+            pool.submit(b)
+        got = []
+        while len(got) < len(batches):
+            got.extend(e for _, e in pool.completed(wait=5.0))
+    finally:
+        pool.close()
+    ref = reference(st_model, texts)
+    cos = np.sum(np.concatenate(got) * ref, axis=1)
+    assert cos.min() >= 0.999, cos.min()
