@@ -1,0 +1,178 @@
+"""The GPU stage alone: pre-tokenized batches of the benchmark corpus through the encoder, on one GPU.
+
+    python bench/device_prep.py                      # here: stage fp16 weights, paragraphs, fp32 reference
+    python bench/gpu_stage.py --model bench/work/carry/all-MiniLM-L6-v2-fp16 \
+        --paragraphs bench/work/carry/paragraphs.txt.gz --reference bench/work/carry/reference-fp32.npy
+
+Each configuration (engine, dtype, token budget, instances, torch.compile) encodes every row through the same
+InstancePool the gpu rank uses, with batches cut by the gpu rank's TokenBudgetBatcher. Timing starts after a
+warm-up of each instance and ends when the last embedding is on the host. sentence-transformers fp16 (bs 256) is
+timed in the same run as the baseline; every row is compared with sentence-transformers fp32.
+Writes bench/results/gpu_stage-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import record, table  # noqa: E402
+from corpus import DEFAULT_PARAGRAPHS, build_documents  # noqa: E402
+
+
+def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_rows: int = 1024):
+    """Batches as a gpu rank forms them: tokenizer chunks arrive, the batcher cuts by budget longest-first."""
+    from hpcembed.batching import TokenBudgetBatcher
+    from hpcembed.tokenize.batch import TokenBatch
+    batcher = TokenBudgetBatcher(budget, budget * window_batches, cost)
+    out = []
+    for start in range(0, len(token_lists), chunk_rows):
+        part = token_lists[start: start + chunk_rows]
+        batcher.add(TokenBatch.build(part, [f"doc-{start + k:09d}" for k in range(len(part))],
+                                     np.arange(start, start + len(part)), 0))
+        while batcher.full:
+            out.append(batcher.pop())
+    while batcher.rows:
+        out.append(batcher.pop())
+    return out
+
+
+def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: int, compile_: bool):
+    import torch
+    from hpcembed.engine import build_encoder
+    from hpcembed.engine.instances import InstancePool
+    encoders = [build_encoder(spec, "cuda", dtype, engine, compile_) for _ in range(instances)]
+    t0 = time.perf_counter()
+    for enc in encoders:                  # warm-up one at a time (compilation happens here)
+        for b in batches[:3]:
+            enc.encode(b)
+    warmup = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    enc_out = np.empty((n_rows, spec.dim), dtype=np.float32)
+    pool = InstancePool(encoders)
+    busy0 = pool.busy_seconds
+    start = time.perf_counter()
+    pending = list(reversed(batches))
+    done = 0
+    try:
+        while done < len(batches):
+            while pending and pool.capacity > 0:
+                pool.submit(pending.pop())
+            for batch, emb in pool.completed(wait=0.001):
+                enc_out[batch.rows] = emb
+                done += 1
+        seconds = time.perf_counter() - start
+    finally:
+        pool.close()
+    busy = pool.busy_seconds - busy0
+    del encoders, pool
+    torch.cuda.empty_cache()
+    return enc_out, seconds, warmup, busy
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--paragraphs", default=str(DEFAULT_PARAGRAPHS))
+    ap.add_argument("--reference", help="sentence-transformers fp32 embeddings of the first documents, made with "
+                                        "the original fp32 weights (bench/device_prep.py)")
+    ap.add_argument("--docs", type=int, default=100_000)
+    ap.add_argument("--st-docs", type=int, default=20_000, help="documents for the sentence-transformers fp16 timing")
+    ap.add_argument("--configs", nargs="*", default=[
+        "torch:fp16:65536:1", "torch:fp16:65536:2",
+        "varlen:fp16:16384:1", "varlen:fp16:65536:1", "varlen:fp16:262144:1",
+        "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
+        "varlen:fp16:65536:2:compile", "varlen:fp16:262144:2:compile"],
+        help="engine:dtype:budget:instances[:compile]")
+    ap.add_argument("--slug", default="")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from hpcembed.engine import ModelSpec, build_encoder
+    from hpcembed.tokenize import HFTokenizer
+
+    spec = ModelSpec.load(args.model)
+    docs = build_documents(args.docs, Path(args.paragraphs))
+    tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    t0 = time.perf_counter()
+    token_lists = tok.encode(docs)
+    tok_seconds = time.perf_counter() - t0
+    n_tokens = sum(len(t) for t in token_lists)
+    print(f"{len(docs):,} docs, {n_tokens:,} tokens (mean {n_tokens / len(docs):.1f}); HF tokenizers "
+          f"{len(docs) / tok_seconds:,.0f} texts/s on {os.cpu_count()} cores", flush=True)
+
+    # References: sentence-transformers fp32 on every row (these weights), and fp16 bs 256 timed as the baseline.
+    st32 = SentenceTransformer(spec.path, device="cuda")
+    ref = st32.encode(docs, batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
+    del st32
+    st16 = SentenceTransformer(spec.path, device="cuda").half()
+    st16.encode(docs[:512], batch_size=256)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    st16.encode(docs[: args.st_docs], batch_size=256, normalize_embeddings=True, convert_to_numpy=True)
+    torch.cuda.synchronize()
+    st_seconds = time.perf_counter() - t0
+    st_rate = args.st_docs / st_seconds
+    st_tokens_rate = sum(len(t) for t in token_lists[: args.st_docs]) / st_seconds
+    del st16
+    print(f"sentence-transformers fp16 bs256: {st_rate:,.0f} texts/s", flush=True)
+    original = np.load(args.reference) if args.reference else None
+
+    rows, table_rows = [], []
+    for config in args.configs:
+        parts = config.split(":")
+        engine, dtype, budget, instances = parts[0], parts[1], int(parts[2]), int(parts[3])
+        compile_ = len(parts) > 4 and parts[4] == "compile"
+        probe = build_encoder(spec, "cuda", dtype, engine)
+        batches = make_batches(token_lists, budget, probe.batch_cost)
+        del probe
+        try:
+            emb, seconds, warmup, busy = run_config(spec, batches, len(docs), engine, dtype, instances, compile_)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is a result to report, not the end of the run
+            print(f"{config}: FAILED {type(exc).__name__}: {exc}", flush=True)
+            rows.append({"config": config, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        cos = np.sum(emb * ref, axis=1)
+        entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
+                 "instances": instances, "compile": compile_, "batches": len(batches),
+                 "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
+                 "seconds": round(seconds, 3), "warmup_seconds": round(warmup, 2),
+                 "instance_busy_fraction": round(busy / (seconds * instances), 3),
+                 "speedup_vs_baseline": round(len(docs) / seconds / st_rate, 2),
+                 "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+        if original is not None:
+            entry["min_cosine_vs_original_fp32"] = float(np.sum(emb[: len(original)] * original, axis=1).min())
+        rows.append(entry)
+        table_rows.append((config, f"{entry['texts_per_s']:,.0f}", f"{entry['tokens_per_s'] / 1e6:.2f}M",
+                           entry["speedup_vs_baseline"], f"{entry['min_cosine']:.5f}", entry["warmup_seconds"]))
+        print(table_rows[-1], flush=True)
+    table_rows.append(("sentence-transformers fp16 bs256", f"{st_rate:,.0f}", f"{st_tokens_rate / 1e6:.2f}M", 1.0,
+                       "", ""))
+    print(table(table_rows, ("config", "texts/s", "tokens/s", "x ST fp16", "min cos", "warm-up s")))
+    ok = [r for r in rows if "error" not in r]
+    best = max(ok, key=lambda r: r["tokens_per_s"])
+    device = torch.cuda.get_device_name(0)
+    path = record("gpu_stage", args.slug or device.replace(" ", "_"), {
+        "torch": torch.__version__, "docs": len(docs), "tokens": n_tokens,
+        "mean_tokens": round(n_tokens / len(docs), 1),
+        "texts_per_s": best["texts_per_s"], "tokens_per_s": best["tokens_per_s"],
+        "min_cosine": best["min_cosine"], "config": best["config"],
+        "baseline": "sentence-transformers encode fp16 bs256", "baseline_texts_per_s": round(st_rate, 1),
+        "baseline_tokens_per_s": round(st_tokens_rate, 1), "baseline_docs": args.st_docs,
+        "speedup_vs_baseline": best["speedup_vs_baseline"],
+        "reference": "sentence-transformers fp32 on the carried fp16-rounded weights, every row; "
+                     "min_cosine_vs_original_fp32 compares the first rows with the original fp32 weights",
+        "tokenizer_texts_per_s": round(len(docs) / tok_seconds, 1), "configs": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
