@@ -43,11 +43,16 @@ def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_
     return out
 
 
-def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: int, compile_: bool):
+def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: int, flags: set[str]):
     import torch
     from hpcembed.engine import build_encoder
     from hpcembed.engine.instances import InstancePool
-    encoders = [build_encoder(spec, "cuda", dtype, engine, compile_) for _ in range(instances)]
+    from hpcembed.engine.varlen import VarlenEncoder
+    if engine == "varlen":
+        encoders = [VarlenEncoder(spec, "cuda", dtype, compile="compile" in flags,
+                                  gelu_epilogue="epilogue" in flags) for _ in range(instances)]
+    else:
+        encoders = [build_encoder(spec, "cuda", dtype, engine) for _ in range(instances)]
     t0 = time.perf_counter()
     for enc in encoders:                  # warm-up one at a time (compilation happens here)
         for b in batches[:3]:
@@ -88,9 +93,11 @@ def main() -> None:
         "torch:fp16:65536:1", "torch:fp16:65536:2",
         "varlen:fp16:16384:1", "varlen:fp16:65536:1", "varlen:fp16:262144:1",
         "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
-        "varlen:fp16:65536:2:compile", "varlen:fp16:262144:2:compile"],
-        help="engine:dtype:budget:instances[:compile]")
+        "varlen:fp16:262144:2:epilogue", "varlen:fp16:262144:2:compile", "varlen:fp16:262144:2:compile+epilogue"],
+        help="engine:dtype:budget:instances[:flag+flag], flags: compile (torch.compile), epilogue (GELU in the "
+             "matmul epilogue)")
     ap.add_argument("--slug", default="")
+    ap.add_argument("--profile", action="store_true", help="print where GPU time goes for one eager config first")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -126,23 +133,28 @@ def main() -> None:
     print(f"sentence-transformers fp16 bs256: {st_rate:,.0f} texts/s", flush=True)
     original = np.load(args.reference) if args.reference else None
 
-    rows, table_rows = [], []
+    rows, table_rows, batch_sets = [], [], {}
+    if args.profile:
+        profile(spec, token_lists)
     for config in args.configs:
         parts = config.split(":")
         engine, dtype, budget, instances = parts[0], parts[1], int(parts[2]), int(parts[3])
-        compile_ = len(parts) > 4 and parts[4] == "compile"
-        probe = build_encoder(spec, "cuda", dtype, engine)
-        batches = make_batches(token_lists, budget, probe.batch_cost)
-        del probe
+        flags = set(parts[4].split("+")) if len(parts) > 4 else set()
+        if (engine, budget) not in batch_sets:
+            probe = build_encoder(spec, "cuda", dtype, engine)
+            batch_sets[(engine, budget)] = make_batches(token_lists, budget, probe.batch_cost)
+            del probe
+        batches = batch_sets[(engine, budget)]
         try:
-            emb, seconds, warmup, busy = run_config(spec, batches, len(docs), engine, dtype, instances, compile_)
+            emb, seconds, warmup, busy = run_config(spec, batches, len(docs), engine, dtype, instances, flags)
         except Exception as exc:  # noqa: BLE001 - a failing variant is a result to report, not the end of the run
             print(f"{config}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append({"config": config, "error": f"{type(exc).__name__}: {exc}"})
             continue
         cos = np.sum(emb * ref, axis=1)
         entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
-                 "instances": instances, "compile": compile_, "batches": len(batches),
+                 "instances": instances, "compile": "compile" in flags, "gelu_epilogue": "epilogue" in flags,
+                 "batches": len(batches),
                  "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                  "seconds": round(seconds, 3), "warmup_seconds": round(warmup, 2),
                  "instance_busy_fraction": round(busy / (seconds * instances), 3),
@@ -154,13 +166,36 @@ def main() -> None:
         table_rows.append((config, f"{entry['texts_per_s']:,.0f}", f"{entry['tokens_per_s'] / 1e6:.2f}M",
                            entry["speedup_vs_baseline"], f"{entry['min_cosine']:.5f}", entry["warmup_seconds"]))
         print(table_rows[-1], flush=True)
+        save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds)
     table_rows.append(("sentence-transformers fp16 bs256", f"{st_rate:,.0f}", f"{st_tokens_rate / 1e6:.2f}M", 1.0,
                        "", ""))
     print(table(table_rows, ("config", "texts/s", "tokens/s", "x ST fp16", "min cos", "warm-up s")))
+    print(f"wrote {save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds)}")
+
+
+def profile(spec, token_lists, budget: int = 262144) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from hpcembed.engine.varlen import VarlenEncoder
+    enc = VarlenEncoder(spec, "cuda", "fp16")
+    batches = make_batches(token_lists[:20000], budget, enc.batch_cost)
+    for b in batches[:2]:
+        enc.encode(b)
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for b in batches[2:6]:
+            enc.encode(b)
+    tokens = sum(b.num_tokens for b in batches[2:6])
+    print(f"profile: {tokens:,} tokens in 4 batches of budget {budget}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds):
+    """Written after every configuration, so a run cut short still leaves its figures."""
+    import torch
     ok = [r for r in rows if "error" not in r]
     best = max(ok, key=lambda r: r["tokens_per_s"])
     device = torch.cuda.get_device_name(0)
-    path = record("gpu_stage", args.slug or device.replace(" ", "_"), {
+    return record("gpu_stage", args.slug or device.replace(" ", "_"), {
         "torch": torch.__version__, "docs": len(docs), "tokens": n_tokens,
         "mean_tokens": round(n_tokens / len(docs), 1),
         "texts_per_s": best["texts_per_s"], "tokens_per_s": best["tokens_per_s"],
@@ -171,7 +206,6 @@ def main() -> None:
         "reference": "sentence-transformers fp32 on the carried fp16-rounded weights, every row; "
                      "min_cosine_vs_original_fp32 compares the first rows with the original fp32 weights",
         "tokenizer_texts_per_s": round(len(docs) / tok_seconds, 1), "configs": rows})
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
