@@ -38,7 +38,10 @@ class JobConfig:
     engine: str = _opt("auto", "encoder: 'varlen' is the padding-free BERT-family fast path, 'torch' the generic "
                                "transformers AutoModel; auto uses varlen on CUDA where the model allows",
                        choices=("auto", "varlen", "torch"))
-    compile: bool = _opt(False, "torch.compile the varlen encoder (see bench/results/gpu_stage-*.json)")
+    compile: bool = _opt(False, "varlen encoder: fuse residual-add + LayerNorm and the embedding sum with "
+                                "torch.compile (see bench/results/gpu_stage-*.json)")
+    exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
+                                   "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "
                                     "(default: 2048 on CPU, where small padded batches measured fastest; "
                                     "65536 on GPU)")

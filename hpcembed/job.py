@@ -65,10 +65,11 @@ def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: M
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
              device: str) -> GpuRole:
-    first = build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile)
+    build = lambda: build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu)  # noqa: E731
+    first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
-    encoders = [first] + [build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile) for _ in range(count - 1)]
+    encoders = [first] + [build() for _ in range(count - 1)]
     return GpuRole(transport, roles, InstancePool(encoders), output, cfg.batch_tokens_for(encoders[0].device_name),
                    cfg.window_batches, cfg.credits)
 

@@ -58,6 +58,14 @@ def _random_batch(rows: int = 9, seed: int = 1) -> TokenBatch:
     return batch_of([[0] + list(rng.integers(5, 120, size=int(n))) + [2] for n in rng.integers(0, 60, size=rows)])
 
 
+def test_compiled_fused_ops_match_transformers(model_dir):
+    spec = ModelSpec.load(model_dir)
+    batch = edge_batch(spec)
+    fast = VarlenEncoder(spec, "cpu", "fp32", compile=True).encode(batch)
+    ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
+    assert np.abs(fast - ref).max() < 1e-5
+
+
 @pytest.mark.parametrize("kind", ["bert", "xlm-roberta"])
 def test_random_configs_padding_free_matches_transformers(tmp_path, kind):
     spec = ModelSpec.load(_random_model(tmp_path, kind))

@@ -72,7 +72,8 @@ class TorchEncoder(Encoder):
         return result
 
 
-def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool = False) -> Encoder:
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool = False,
+                  exact_gelu: bool = False) -> Encoder:
     """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise."""
     from .varlen import VarlenEncoder, supports
     if device == "auto":
@@ -88,5 +89,6 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
                         spec.name, why)
         engine = "torch" if why else "varlen"
     if engine == "varlen":
-        return VarlenEncoder(spec, device, dtype, compile=compile)
+        return VarlenEncoder(spec, device, dtype, compile=compile,
+                             gelu_epilogue=device.startswith("cuda") and not exact_gelu)
     return TorchEncoder(spec, device, dtype)

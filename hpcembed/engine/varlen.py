@@ -135,27 +135,41 @@ def _attention_padded(q, k, v, cu, max_len, rows, seg, pos):
     return out.transpose(1, 2)[seg, pos]
 
 
+def add_layer_norm(x, residual, weight, bias, eps: float):
+    return F.layer_norm(x + residual, (x.shape[-1],), weight, bias, eps)
+
+
+def embed(word, position, type_row, ids, positions, weight, bias, eps: float):
+    x = word[ids] + position[positions] + type_row
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+class _Ops:
+    """The memory-bound pieces between matmuls; torch.compile fuses each into one kernel (see VarlenEncoder)."""
+    add_layer_norm = staticmethod(add_layer_norm)
+    embed = staticmethod(embed)
+
+
 def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows: int, attention,
-                    gelu_epilogue: bool = False) -> torch.Tensor:
+                    gelu_epilogue: bool = False, ops=_Ops) -> torch.Tensor:
     """Token states [T, hidden] for flat ids [T]; `positions` counts from 0 within each row, `seg` is the row.
 
     gelu_epilogue: apply GELU inside the up-projection's matmul (cuBLASLt's bias+GELU epilogue, which is the
     tanh approximation on CUDA), so the [T, 4*hidden] intermediate is written and read once instead of 3 times.
     """
     h, eps = w.hidden, w.eps
-    x = w.word[ids] + w.position[positions + w.position_offset] + w.type_row
-    x = F.layer_norm(x, (h,), *w.emb_ln, eps)
+    x = ops.embed(w.word, w.position, w.type_row, ids, positions + w.position_offset, *w.emb_ln, eps)
     heads, d = w.heads, h // w.heads
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
         att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, rows, seg, positions)
-        x = F.layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b) + x, (h,), layer.ln1_w,
-                         layer.ln1_b, eps)
+        x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
+                               layer.ln1_b, eps)
         if gelu_epilogue:
             up = torch._addmm_activation(layer.up_b, x, layer.up_w.t(), use_gelu=True)
         else:
             up = w.act(F.linear(x, layer.up_w, layer.up_b))
-        x = F.layer_norm(F.linear(up, layer.down_w, layer.down_b) + x, (h,), layer.ln2_w, layer.ln2_b, eps)
+        x = ops.add_layer_norm(F.linear(up, layer.down_w, layer.down_b), x, layer.ln2_w, layer.ln2_b, eps)
     return x
 
 
@@ -190,14 +204,24 @@ class VarlenEncoder(Encoder):
         self.cuda = self.device.type == "cuda"
         self.weights = BertWeights(spec.path, DTYPES[dtype], self.device)
         self.attention = _attention_varlen if self.cuda else _attention_padded
-        self.forward = encoder_forward
+        self.ops = _Ops
         if compile:
-            # Dynamic shapes: every batch has a different token count.
-            self.forward = torch.compile(encoder_forward, dynamic=True)
+            # Only the memory-bound pieces, with dynamic shapes (every batch has a different token count):
+            # compiling the whole forward took minutes on the H100 box and had not finished when the run ended.
+            class _Compiled(_Ops):
+                add_layer_norm = staticmethod(torch.compile(add_layer_norm, dynamic=True))
+                embed = staticmethod(torch.compile(embed, dynamic=True))
+            self.ops = _Compiled
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._host_in = torch.empty(0, dtype=torch.int32)
         self._host_out = torch.empty(0, dtype=torch.float32)
+        if compile or self.cuda:
+            # Compile and warm up now, on the constructing thread, not in the first batches of two instance
+            # threads at once. Two rows of different lengths, so nothing specializes on one shape.
+            from ..tokenize.batch import TokenBatch
+            self.encode(TokenBatch.build([[1] * 5, [1] * 9], ["a", "b"], np.arange(2), 0))
+            self.busy_seconds = 0.0
 
     def _staging(self, ints: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Pinned buffers, grown geometrically and reused: the previous batch's copies have finished by the time
@@ -243,7 +267,7 @@ class VarlenEncoder(Encoder):
     def _run(self, dev: torch.Tensor, total: int, rows: int, max_len: int) -> torch.Tensor:
         ids, positions, seg = dev[:total], dev[total: 2 * total], dev[2 * total: 3 * total]
         cu = dev[3 * total: 3 * total + rows + 1]
-        states = self.forward(self.weights, ids, positions, seg, cu, max_len, rows, self.attention,
-                              self.gelu_epilogue)
+        states = encoder_forward(self.weights, ids, positions, seg, cu, max_len, rows, self.attention,
+                                 self.gelu_epilogue, self.ops)
         out = pool_varlen(states, seg, cu, rows, self.spec.pooling)
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out
