@@ -102,7 +102,9 @@ def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_mod
     spec = ModelSpec.load(model_dir)
     tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     texts = EDGE_TEXTS * 3
-    pool = InstancePool([VarlenEncoder(spec, "cuda", dtype) for _ in range(2)])
+    # The default CUDA path (GELU in the matmul epilogue), compiled for fp16 and eager for bf16.
+    pool = InstancePool([VarlenEncoder(spec, "cuda", dtype, compile=dtype == "fp16", gelu_epilogue=True)
+                         for _ in range(2)])
     try:
         batches = [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)]
         for b in batches:
