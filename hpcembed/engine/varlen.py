@@ -123,6 +123,8 @@ def _attention_varlen(q, k, v, cu, max_len, rows, seg, pos):
 def _attention_padded(q, k, v, cu, max_len, rows, seg, pos):
     """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather."""
     t, h, d = q.shape
+    seg = seg.long()
+    pos = torch.arange(t, device=q.device) - cu.long()[seg]      # place within its row
 
     def pad(x):
         out = x.new_zeros(rows, max_len, h, d)
@@ -144,21 +146,28 @@ def embed(word, position, type_row, ids, positions, weight, bias, eps: float):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def mean_pool(states: torch.Tensor, seg: torch.Tensor, inv_lengths: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(inv_lengths.shape[0], states.shape[1], device=states.device, dtype=torch.float32)
+    return sums.index_add_(0, seg, states.float()) * inv_lengths[:, None]
+
+
 class _Ops:
     """The memory-bound pieces between matmuls; torch.compile fuses each into one kernel (see VarlenEncoder)."""
     add_layer_norm = staticmethod(add_layer_norm)
     embed = staticmethod(embed)
+    mean_pool = staticmethod(mean_pool)
 
 
 def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows: int, attention,
                     gelu_epilogue: bool = False, ops=_Ops) -> torch.Tensor:
-    """Token states [T, hidden] for flat ids [T]; `positions` counts from 0 within each row, `seg` is the row.
+    """Token states [T, hidden] for flat ids [T]; `positions` are position-embedding rows (from 0 within each row
+    for BERT, from padding_idx + 1 for RoBERTa: the host adds w.position_offset), `seg` is the row.
 
     gelu_epilogue: apply GELU inside the up-projection's matmul (cuBLASLt's bias+GELU epilogue, which is the
     tanh approximation on CUDA), so the [T, 4*hidden] intermediate is written and read once instead of 3 times.
     """
     h, eps = w.hidden, w.eps
-    x = ops.embed(w.word, w.position, w.type_row, ids, positions + w.position_offset, *w.emb_ln, eps)
+    x = ops.embed(w.word, w.position, w.type_row, ids, positions, *w.emb_ln, eps)
     heads, d = w.heads, h // w.heads
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
@@ -173,17 +182,18 @@ def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows:
     return x
 
 
-def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str) -> torch.Tensor:
+def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str,
+                ops=None) -> torch.Tensor:
     """[T, hidden] token states -> [rows, hidden] float32, per sentence-transformers' pooling modes."""
     if mode == "cls":
         return states[cu[:-1].long()].float()
     if mode == "lasttoken":
         return states[cu[1:].long() - 1].float()
+    if mode == "mean":
+        inv = 1.0 / (cu[1:] - cu[:-1]).clamp(min=1).to(torch.float32)
+        return (ops or _Ops).mean_pool(states, seg, inv)
     x = states.float()
     index = seg.long()
-    if mode == "mean":
-        sums = torch.zeros(rows, x.shape[1], device=x.device, dtype=torch.float32).index_add_(0, index, x)
-        return sums / (cu[1:] - cu[:-1]).clamp(min=1).to(torch.float32)[:, None]
     if mode == "max":
         out = torch.full((rows, x.shape[1]), float("-inf"), device=x.device, dtype=torch.float32)
         return out.scatter_reduce_(0, index[:, None].expand_as(x), x, "amax", include_self=True)
@@ -213,6 +223,7 @@ class VarlenEncoder(Encoder):
             class _Compiled(_Ops):
                 add_layer_norm = staticmethod(torch.compile(add_layer_norm))
                 embed = staticmethod(torch.compile(embed))
+                mean_pool = staticmethod(torch.compile(mean_pool))
             self.ops = _Compiled
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -245,7 +256,7 @@ class VarlenEncoder(Encoder):
         cu = np.zeros(rows + 1, dtype=np.int32)
         np.cumsum(lengths, out=cu[1:])
         seg = np.repeat(np.arange(rows, dtype=np.int32), lengths)
-        positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1], lengths)
+        positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1] - self.weights.position_offset, lengths)
         host_in, host_out = self._staging(3 * total + rows + 1, rows)
         packed = host_in.numpy()
         packed[:total] = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
@@ -273,5 +284,5 @@ class VarlenEncoder(Encoder):
         cu = dev[3 * total: 3 * total + rows + 1]
         states = encoder_forward(self.weights, ids, positions, seg, cu, max_len, rows, self.attention,
                                  self.gelu_epilogue, self.ops)
-        out = pool_varlen(states, seg, cu, rows, self.spec.pooling)
+        out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops)
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out
