@@ -72,7 +72,7 @@ class TorchEncoder(Encoder):
         return result
 
 
-def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool = False,
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
                   exact_gelu: bool = False) -> Encoder:
     """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise."""
     from .varlen import VarlenEncoder, supports
@@ -89,6 +89,8 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
                         spec.name, why)
         engine = "torch" if why else "varlen"
     if engine == "varlen":
+        if compile is None:
+            compile = device.startswith("cuda")
         return VarlenEncoder(spec, device, dtype, compile=compile,
                              gelu_epilogue=device.startswith("cuda") and not exact_gelu)
     return TorchEncoder(spec, device, dtype)
