@@ -6,7 +6,7 @@ Iprobe, spinning for 1 ms and then sleeping 0.5 ms between probes rather than bl
 is seen within microseconds, idle ranks do not hold a core when ranks outnumber cores, and an abort is never
 stuck behind a blocking call. Measured with bench/mpi_overhead.py: a batch-credit round trip whose reply misses
 the spin window costs ~1.2 ms one way (time.sleep(0.0005) takes ~0.58 ms here); with a 1 ms spin 16-row and
-1024-row batches take ~10 and ~50 µs. A 0.2-0.5 ms spin still missed often.
+1024-row batches take 8 and 35 µs (bench/results/mpi_overhead-cpu.json). A 0.2-0.5 ms spin still missed often.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from .base import Envelope, Transport
 
 CONTROL, BATCH = 11, 12
 _HEADER = 5          # int64 count of: rows, tokens, id bytes, (reserved) x2
-_SPIN_SECONDS = 0.001     # poll without sleeping this long first (see below)
+_SPIN_SECONDS = 0.001     # poll without sleeping this long first (see the module docstring)
 _IDLE_SLEEP = 0.0005
 
 
