@@ -115,12 +115,12 @@ class BertWeights:
                 ln2_w=get(p + "output.LayerNorm.weight"), ln2_b=get(p + "output.LayerNorm.bias")))
 
 
-def _attention_varlen(q, k, v, cu, max_len, rows, seg, pos):
+def _attention_varlen(q, k, v, cu, max_len, rows, seg):
     from torch.nn.attention.varlen import varlen_attn
     return varlen_attn(q, k, v, cu, cu, max_len, max_len)
 
 
-def _attention_padded(q, k, v, cu, max_len, rows, seg, pos):
+def _attention_padded(q, k, v, cu, max_len, rows, seg):
     """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather."""
     t, h, d = q.shape
     seg = seg.long()
@@ -171,7 +171,7 @@ def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows:
     heads, d = w.heads, h // w.heads
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
-        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, rows, seg, positions)
+        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, rows, seg)
         x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
                                layer.ln1_b, eps)
         if gelu_epilogue:
@@ -232,7 +232,6 @@ class VarlenEncoder(Encoder):
         if compile or self.cuda:
             # Compile and warm up now, on the constructing thread, not in the first batches of two instance
             # threads at once. Two batches of different token counts, so the token dimension turns dynamic.
-            from ..tokenize.batch import TokenBatch
             for lengths in ((5, 9), (7, 12, 3)):
                 self.encode(TokenBatch.build([[1] * n for n in lengths], [str(n) for n in lengths],
                                              np.arange(len(lengths)), 0))
@@ -243,7 +242,7 @@ class VarlenEncoder(Encoder):
         # encode() returns, so reuse is safe.
         if self._host_in.numel() < ints:
             self._host_in = torch.empty(int(ints * 1.5), dtype=torch.int32, pin_memory=self.cuda)
-        need = rows * self.spec.dim if self.spec.dim else 0
+        need = rows * self.weights.hidden
         if self._host_out.numel() < need:
             self._host_out = torch.empty(int(need * 1.5), dtype=torch.float32, pin_memory=self.cuda)
         return self._host_in, self._host_out

@@ -81,4 +81,4 @@ def duplicates_among(records: np.ndarray) -> list[tuple[np.void, np.void]]:
 def find_cross_duplicates(registry: IdRegistry, alltoall) -> list[tuple[np.void, np.void]]:
     """Run on every tokenizer rank together. `alltoall(list of arrays, one per peer) -> arrays received`."""
     received = alltoall(registry.partitions(alltoall.size))
-    return duplicates_among(np.concatenate(received) if received else np.empty(0, RECORD))
+    return duplicates_among(np.concatenate(received))
