@@ -7,7 +7,6 @@ Memory is bounded by the chunk size whatever the file size.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 from dataclasses import dataclass, field
 from typing import Iterator
