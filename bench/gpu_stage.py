@@ -43,17 +43,18 @@ def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_
     return out
 
 
-def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: int, flags: set[str]):
+def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: int, flags: set[str],
+               budget: int, passes: int = 1):
     import torch
     from hpcembed.engine import build_encoder
     from hpcembed.engine.instances import InstancePool
     from hpcembed.engine.varlen import VarlenEncoder
+    t0 = time.perf_counter()             # start-up counts compiling and graph capture
     if engine == "varlen":
-        encoders = [VarlenEncoder(spec, "cuda", dtype, compile="compile" in flags,
-                                  gelu_epilogue="epilogue" in flags) for _ in range(instances)]
+        encoders = [VarlenEncoder(spec, "cuda", dtype, compile="compile" in flags, gelu_epilogue="epilogue" in flags,
+                                  graph_tokens=budget if "graphs" in flags else 0) for _ in range(instances)]
     else:
         encoders = [build_encoder(spec, "cuda", dtype, engine) for _ in range(instances)]
-    t0 = time.perf_counter()
     for enc in encoders:                  # warm-up one at a time (compilation happens here)
         for b in batches[:3]:
             enc.encode(b)
@@ -62,11 +63,12 @@ def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: i
     enc_out = np.empty((n_rows, spec.dim), dtype=np.float32)
     pool = InstancePool(encoders)
     busy0 = pool.busy_seconds
+    graphed0 = sum(getattr(e, "graph_batches", 0) for e in encoders)
     start = time.perf_counter()
-    pending = list(reversed(batches))
+    pending = list(reversed(batches)) * passes
     done = 0
     try:
-        while done < len(batches):
+        while done < len(batches) * passes:
             while pending and pool.capacity > 0:
                 pool.submit(pending.pop())
             for batch, emb in pool.completed(wait=0.001):
@@ -76,9 +78,10 @@ def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: i
     finally:
         pool.close()
     busy = pool.busy_seconds - busy0
+    graphed = sum(getattr(e, "graph_batches", 0) for e in encoders) - graphed0
     del encoders, pool
     torch.cuda.empty_cache()
-    return enc_out, seconds, warmup, busy
+    return enc_out, seconds, warmup, busy, graphed / (len(batches) * passes)
 
 
 def main() -> None:
@@ -95,7 +98,8 @@ def main() -> None:
         "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
         "varlen:fp16:262144:2:epilogue", "varlen:fp16:262144:2:compile", "varlen:fp16:262144:2:compile+epilogue"],
         help="engine:dtype:budget:instances[:flag+flag], flags: compile (torch.compile), epilogue (GELU in the "
-             "matmul epilogue)")
+             "matmul epilogue), graphs (CUDA graphs over token/row buckets)")
+    ap.add_argument("--passes", type=int, default=1, help="timed passes over the corpus per configuration")
     ap.add_argument("--slug", default="")
     ap.add_argument("--profile", action="store_true", help="print where GPU time goes for one eager config first")
     args = ap.parse_args()
@@ -146,7 +150,9 @@ def main() -> None:
             del probe
         batches = batch_sets[(engine, budget)]
         try:
-            emb, seconds, warmup, busy = run_config(spec, batches, len(docs), engine, dtype, instances, flags)
+            emb, seconds, warmup, busy, graphed = run_config(spec, batches, len(docs), engine, dtype, instances, flags,
+                                                    budget, args.passes)
+            seconds, busy = seconds / args.passes, busy / args.passes
         except Exception as exc:  # noqa: BLE001 - a failing variant is a result to report, not the end of the run
             print(f"{config}: FAILED {type(exc).__name__}: {exc}", flush=True)
             rows.append({"config": config, "error": f"{type(exc).__name__}: {exc}"})
@@ -154,6 +160,8 @@ def main() -> None:
         cos = np.sum(emb * ref, axis=1)
         entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
                  "instances": instances, "compile": "compile" in flags, "gelu_epilogue": "epilogue" in flags,
+                 "cuda_graphs": "graphs" in flags, "passes": args.passes,
+                 "graph_batch_fraction": round(graphed, 3),
                  "batches": len(batches),
                  "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                  "seconds": round(seconds, 3), "warmup_seconds": round(warmup, 2),

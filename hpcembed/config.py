@@ -41,6 +41,9 @@ class JobConfig:
     compile: bool | None = _opt(None, "varlen encoder: fuse residual-add+LayerNorm, the embedding sum and mean "
                                       "pooling with torch.compile (default: on CUDA, where it measured 8.8M -> "
                                       "10.6M tokens/s on an H100; costs ~30 s of compiling at start)")
+    cuda_graphs: bool | None = _opt(None, "varlen encoder on CUDA: capture the forward as CUDA graphs over token "
+                                          "and row buckets at start-up and pad each batch to its bucket (default: "
+                                          "on; see bench/notes/gpu_stage.md for what it measured)")
     exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
                                    "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "

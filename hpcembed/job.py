@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from . import __version__
 from .config import JobConfig
-from .engine import ModelSpec, build_encoder, default_model_dir
+from .engine import ModelSpec, build_encoder, default_model_dir, resolve_device
 from .engine.instances import InstancePool
 from .errors import ConfigError, HpcEmbedError
 from .io.readers import Columns
@@ -65,7 +65,10 @@ def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: M
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
              device: str) -> GpuRole:
-    build = lambda: build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu)  # noqa: E731
+    device = resolve_device(device)
+    graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
+    build = lambda: build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu,  # noqa: E731
+                                  graph_tokens)
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1

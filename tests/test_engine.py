@@ -35,6 +35,25 @@ def test_bundled_model_padding_free_matches_transformers(model_dir, pooling):
     assert np.abs(fast - ref).max() < 1e-5
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
+def test_graph_bucket_padding_changes_nothing(model_dir, pooling):
+    """A batch padded to its CUDA-graph bucket (spare tokens after the last offset, empty spare rows) embeds
+    exactly as the unpadded batch; on CPU the padded layout runs eagerly, so this checks it without a GPU."""
+    spec = ModelSpec.load(model_dir, pooling=pooling)
+    batch = edge_batch(spec)
+    bucketed = VarlenEncoder(spec, "cpu", "fp32", graph_tokens=2048)
+    key = bucketed.bucket(batch.num_tokens, batch.num_rows, int(batch.lengths.max()))
+    assert key is not None and key in bucketed.graphs
+    assert key[0] > batch.num_tokens and key[1] > batch.num_rows          # really padded on both axes
+    ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
+    got = bucketed.encode(batch)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() < 1e-5
+    # Too small a batch, or rows longer than the model's limit, run as they are.
+    assert bucketed.bucket(100, 4, 30) is None
+    assert bucketed.bucket(1500, 10, spec.max_seq_length + 1) is None
+
+
 def _random_model(tmp_path, kind: str) -> str:
     import transformers
     torch.manual_seed(0)
@@ -76,6 +95,16 @@ def test_random_configs_padding_free_matches_transformers(tmp_path, kind):
     assert np.abs(fast - ref).max() < 1e-5
 
 
+def test_batches_over_the_row_limit_are_split(tmp_path):
+    """Flash attention takes at most 65535 sequences per launch; a batch with more is encoded in parts."""
+    spec = ModelSpec.load(_random_model(tmp_path, "bert"))
+    batch = _random_batch(rows=11)
+    whole = VarlenEncoder(spec, "cpu", "fp32").encode(batch)
+    limited = VarlenEncoder(spec, "cpu", "fp32")
+    limited.MAX_ROWS = 4
+    assert np.abs(limited.encode(batch) - whole).max() < 1e-6
+
+
 def test_generic_fallback_serves_other_architectures(tmp_path):
     import transformers
     spec = ModelSpec.load(_random_model(tmp_path, "distilbert"))
@@ -102,9 +131,11 @@ def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_mod
     spec = ModelSpec.load(model_dir)
     tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     texts = EDGE_TEXTS * 3
-    # The default CUDA path (GELU in the matmul epilogue), compiled for fp16 and eager for bf16.
-    pool = InstancePool([VarlenEncoder(spec, "cuda", dtype, compile=dtype == "fp16", gelu_epilogue=True)
-                         for _ in range(2)])
+    # The default CUDA path (GELU in the matmul epilogue, compiled, CUDA graphs) for fp16, eager for bf16.
+    fast = dtype == "fp16"
+    encoders = [VarlenEncoder(spec, "cuda", dtype, compile=fast, gelu_epilogue=True, graph_tokens=1024 if fast else 0)
+                for _ in range(2)]
+    pool = InstancePool(encoders)
     try:
         batches = [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)]
         for b in batches:
@@ -117,3 +148,20 @@ def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_mod
     ref = reference(st_model, texts)
     cos = np.sum(np.concatenate(got) * ref, axis=1)
     assert cos.min() >= 0.999, cos.min()
+    if fast:
+        assert sum(e.graph_batches for e in encoders) > 0        # the graphs were replayed, not bypassed
+
+
+@cuda
+def test_cuda_batch_of_more_rows_than_one_attention_launch(model_dir, st_model):
+    """70,000 one-word rows in one batch: over flash attention's 65,535 sequences per launch, so it is split."""
+    spec = ModelSpec.load(model_dir)
+    tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    words = ["cat", "ship", "north", "", "雨", "🙂"]
+    encoded = tok.encode(words)
+    rows = 70_000
+    batch = batch_of([encoded[k % len(words)] for k in range(rows)])
+    got = VarlenEncoder(spec, "cuda", "fp16", graph_tokens=262144).encode(batch)
+    ref = reference(st_model, words)
+    cos = np.sum(got * ref[np.arange(rows) % len(words)], axis=1)
+    assert got.shape == (rows, spec.dim) and cos.min() >= 0.999, cos.min()

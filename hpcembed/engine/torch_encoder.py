@@ -72,12 +72,19 @@ class TorchEncoder(Encoder):
         return result
 
 
-def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
-                  exact_gelu: bool = False) -> Encoder:
-    """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise."""
-    from .varlen import VarlenEncoder, supports
+def resolve_device(device: str) -> str:
+    """'auto' is cuda when there is a GPU, else cpu."""
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
+                  exact_gelu: bool = False, graph_tokens: int = 0) -> Encoder:
+    """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise.
+    graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens."""
+    from .varlen import VarlenEncoder, supports
+    device = resolve_device(device)
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
     if device == "cpu" and dtype == "fp16":
@@ -91,6 +98,7 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
     if engine == "varlen":
         if compile is None:
             compile = device.startswith("cuda")
-        return VarlenEncoder(spec, device, dtype, compile=compile,
-                             gelu_epilogue=device.startswith("cuda") and not exact_gelu)
+        cuda = device.startswith("cuda")
+        return VarlenEncoder(spec, device, dtype, compile=compile, gelu_epilogue=cuda and not exact_gelu,
+                             graph_tokens=graph_tokens if cuda else 0)
     return TorchEncoder(spec, device, dtype)

@@ -5,10 +5,16 @@ them, so no pad token is ever embedded, multiplied or attended. Q, K and V come 
 attention is varlen flash attention over the offsets. Pooling and normalization run on the GPU, so what comes
 back per batch is [rows, dim].
 
-Feeding: the host packs ids, positions, segment index and offsets into one pinned int32 buffer and copies it
-with a single asynchronous H2D copy on this instance's own stream; the pooled result comes back by one
-asynchronous D2H copy into pinned memory. The only wait is the instance thread waiting on its own stream's
-event for that result, while the other instance's stream keeps the GPU busy.
+Feeding: the host packs ids and sequence offsets into one pinned int32 buffer and copies it with a single
+asynchronous H2D copy on this instance's own stream; each token's row and position are derived on the GPU from
+the offsets. The pooled result comes back by one asynchronous D2H copy into pinned memory. The only wait is the
+instance thread waiting on its own stream's event for that result, while the other instance's stream keeps the
+GPU busy.
+
+CUDA graphs: with graph_tokens set, the forward is captured once per (token, row) bucket at start-up, and a
+batch is padded up to its bucket and replayed as one graph launch instead of ~80 kernel launches from Python.
+Padding tokens sit after the last sequence offset, so attention never reads them, and they pool into a spare
+row that is dropped; padding rows are empty sequences. Batches that fit no bucket run eagerly.
 
 On CPU (tests, CI) the same math runs with padded SDPA in place of the varlen kernel, so everything but the
 attention kernel is checked against transformers without a GPU.
@@ -121,20 +127,24 @@ def _attention_varlen(q, k, v, cu, max_len, rows, seg):
 
 
 def _attention_padded(q, k, v, cu, max_len, rows, seg):
-    """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather."""
+    """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather.
+    Tokens past the last offset (a graph bucket's padding) belong to no sequence and come out as zeros."""
     t, h, d = q.shape
-    seg = seg.long()
-    pos = torch.arange(t, device=q.device) - cu.long()[seg]      # place within its row
+    real = int(cu[-1])
+    seg = seg[:real].long()
+    pos = torch.arange(real, device=q.device) - cu.long()[seg]      # place within its row
 
     def pad(x):
         out = x.new_zeros(rows, max_len, h, d)
-        out[seg, pos] = x
+        out[seg, pos] = x[:real]
         return out.transpose(1, 2)
 
     lengths = cu[1:] - cu[:-1]
     mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None, None, :])
-    return out.transpose(1, 2)[seg, pos]
+    result = q.new_zeros(t, h, d)
+    result[:real] = out.transpose(1, 2)[seg, pos]
+    return result
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
@@ -186,7 +196,8 @@ def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows:
                 ops=None) -> torch.Tensor:
     """[T, hidden] token states -> [rows, hidden] float32, per sentence-transformers' pooling modes."""
     if mode == "cls":
-        return states[cu[:-1].long()].float()
+        # Clamped: a bucket's empty padding rows start at the token count when the bucket has no padding tokens.
+        return states[cu[:-1].long().clamp(max=states.shape[0] - 1)].float()
     if mode == "lasttoken":
         return states[cu[1:].long() - 1].float()
     if mode == "mean":
@@ -200,12 +211,41 @@ def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows:
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 
+def token_layout(ids: torch.Tensor, cu: torch.Tensor, rows: int, position_offset: int, positions: int):
+    """Each token's row and position-embedding index, from the offsets alone (on the GPU: no host work, no sync).
+    Tokens past cu[-1] (a bucket's padding) land in the last row, at position 0."""
+    index = torch.arange(ids.shape[0], device=ids.device, dtype=torch.int32)
+    seg = torch.searchsorted(cu[1:], index, right=True, out_int32=True).clamp_(max=rows - 1)
+    within = index - cu[seg.long()]
+    within = torch.where(index < cu[-1], within, torch.zeros_like(within)).clamp_(max=positions - 1 - position_offset)
+    return seg, within + position_offset
+
+
+def _power_of_two_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class _Graph:
+    """One captured forward: a static input (ids then offsets) and a static [rows, dim] output."""
+
+    def __init__(self, tokens: int, rows: int, static_in: torch.Tensor):
+        self.tokens, self.rows, self.static_in = tokens, rows, static_in
+        self.graph = torch.cuda.CUDAGraph()
+        self.static_out: torch.Tensor | None = None
+
+
 class VarlenEncoder(Encoder):
     engine = "varlen"
     pads = False
+    MIN_GRAPH_ROWS = 64
+    TOKEN_BUCKETS = (1.0, 0.75, 0.5, 0.25)   # fractions of graph_tokens that get a graph
+    MIN_GRAPH_FILL = 0.125                   # batches below this fraction of graph_tokens run eagerly
+    # Flash attention launches one grid row per sequence, and CUDA caps a grid's y dimension at 65535: a batch
+    # of more rows (short texts under a large budget) is split. It failed as "invalid argument" on the H100.
+    MAX_ROWS = 65535
 
     def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", compile: bool = False,
-                 gelu_epilogue: bool = False):
+                 gelu_epilogue: bool = False, graph_tokens: int = 0):
         why = supports(spec)
         if why:
             raise ConfigError(f"the padding-free encoder does not serve this model: {why}")
@@ -214,6 +254,7 @@ class VarlenEncoder(Encoder):
         self.cuda = self.device.type == "cuda"
         self.weights = BertWeights(spec.path, DTYPES[dtype], self.device)
         self.attention = _attention_varlen if self.cuda else _attention_padded
+        self.max_len = spec.max_seq_length
         self.ops = _Ops
         if compile:
             # Only the memory-bound pieces: compiling the whole forward took minutes on the H100 box and had not
@@ -229,13 +270,64 @@ class VarlenEncoder(Encoder):
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._host_in = torch.empty(0, dtype=torch.int32)
         self._host_out = torch.empty(0, dtype=torch.float32)
+        # (tokens, rows) bucket -> captured graph; on CPU the buckets are kept (padded layout, run eagerly), so
+        # tests check the padding against transformers without a GPU.
+        self.graph_tokens = graph_tokens
+        self.graphs: dict[tuple[int, int], _Graph | None] = {}
+        self.graph_batches = 0                 # batches served by a graph replay
         if compile or self.cuda:
             # Compile and warm up now, on the constructing thread, not in the first batches of two instance
             # threads at once. Two batches of different token counts, so the token dimension turns dynamic.
             for lengths in ((5, 9), (7, 12, 3)):
                 self.encode(TokenBatch.build([[1] * n for n in lengths], [str(n) for n in lengths],
                                              np.arange(len(lengths)), 0))
-            self.busy_seconds = 0.0
+        if graph_tokens:
+            self._capture_all()
+        self.busy_seconds = 0.0
+
+    # -- buckets and graphs --------------------------------------------------------------------------------------
+
+    def bucket(self, tokens: int, rows: int, longest: int) -> tuple[int, int] | None:
+        """The (tokens, rows) bucket a batch is padded to, or None to run it as it is."""
+        if not self.graph_tokens or longest > self.max_len or tokens < self.graph_tokens * self.MIN_GRAPH_FILL:
+            return None
+        fits = [int(self.graph_tokens * f) for f in self.TOKEN_BUCKETS if int(self.graph_tokens * f) >= tokens]
+        if not fits:
+            return None
+        t_b = min(fits)
+        r_b = max(self.MIN_GRAPH_ROWS, _power_of_two_at_least(rows + 1))    # +1: the padding tokens' row
+        return (t_b, r_b) if r_b <= self._max_graph_rows(t_b) else None
+
+    def _max_graph_rows(self, t_b: int) -> int:
+        return min(t_b // 8, _power_of_two_at_least(self.MAX_ROWS + 1) // 2)
+
+    def _capture_all(self) -> None:
+        """Capture every bucket now: capturing mid-run would stall this instance and contend with the other."""
+        buckets = []
+        for f in self.TOKEN_BUCKETS:
+            t_b = int(self.graph_tokens * f)
+            r_b = self.MIN_GRAPH_ROWS
+            while r_b <= self._max_graph_rows(t_b):
+                buckets.append((t_b, r_b))
+                r_b *= 2
+        if not self.cuda:
+            self.graphs = {b: None for b in buckets}
+            return
+        pool = torch.cuda.graph_pool_handle()     # one pool: an instance replays one graph at a time
+        with torch.inference_mode(), torch.cuda.stream(self.stream):
+            for t_b, r_b in buckets:
+                static_in = torch.zeros(t_b + r_b + 1, dtype=torch.int32, device=self.device)
+                g = _Graph(t_b, r_b, static_in)
+                # All-zero offsets: every row empty, a valid input. Warm up first, so any recompilation and
+                # cuBLAS workspace allocation happens outside the capture.
+                self._run(static_in, t_b, r_b, self.max_len)
+                self.stream.synchronize()
+                with torch.cuda.graph(g.graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
+                    g.static_out = self._run(static_in, t_b, r_b, self.max_len)
+                self.graphs[(t_b, r_b)] = g
+        self.stream.synchronize()
+
+    # -- encoding ------------------------------------------------------------------------------------------------
 
     def _staging(self, ints: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         # Pinned buffers, grown geometrically and reused: the previous batch's copies have finished by the time
@@ -247,41 +339,57 @@ class VarlenEncoder(Encoder):
             self._host_out = torch.empty(int(need * 1.5), dtype=torch.float32, pin_memory=self.cuda)
         return self._host_in, self._host_out
 
-    @torch.inference_mode()
     def encode(self, batch: TokenBatch) -> np.ndarray:
+        if batch.num_rows > self.MAX_ROWS:
+            half = batch.num_rows // 2
+            return np.concatenate([self.encode(batch.take(np.arange(half))),
+                                   self.encode(batch.take(np.arange(half, batch.num_rows)))])
+        return self._encode(batch)
+
+    @torch.inference_mode()
+    def _encode(self, batch: TokenBatch) -> np.ndarray:
         start = time.perf_counter()
         rows, total = batch.num_rows, batch.num_tokens
-        lengths = batch.lengths.astype(np.int32)
-        cu = np.zeros(rows + 1, dtype=np.int32)
-        np.cumsum(lengths, out=cu[1:])
-        seg = np.repeat(np.arange(rows, dtype=np.int32), lengths)
-        positions = np.arange(total, dtype=np.int32) - np.repeat(cu[:-1] - self.weights.position_offset, lengths)
-        host_in, host_out = self._staging(3 * total + rows + 1, rows)
+        lengths = batch.lengths
+        longest = int(lengths.max())
+        key = self.bucket(total, rows, longest)
+        t_b, r_b = key if key else (total, rows)
+        host_in, host_out = self._staging(t_b + r_b + 1, rows)
         packed = host_in.numpy()
         packed[:total] = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
-        packed[total: 2 * total] = positions
-        packed[2 * total: 3 * total] = seg
-        packed[3 * total: 3 * total + rows + 1] = cu
-        max_len = int(lengths.max())
+        packed[total: t_b] = 0
+        cu = packed[t_b: t_b + r_b + 1]
+        cu[0] = 0
+        np.cumsum(lengths, out=cu[1: rows + 1])
+        cu[rows + 1:] = total                       # padding rows: empty sequences
+        staged = host_in[: t_b + r_b + 1]
+        graph = self.graphs.get(key) if key else None
         if self.cuda:
             with torch.cuda.stream(self.stream):
-                dev = host_in[: 3 * total + rows + 1].to(self.device, non_blocking=True)
-                out = self._run(dev, total, rows, max_len)
+                if graph is not None:
+                    graph.static_in.copy_(staged, non_blocking=True)
+                    graph.graph.replay()
+                    self.graph_batches += 1
+                    out = graph.static_out
+                else:
+                    out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b,
+                                    self.max_len if key else longest)
                 host = host_out[: rows * out.shape[1]].view(rows, out.shape[1])
-                host.copy_(out, non_blocking=True)
+                host.copy_(out[:rows], non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(self.stream)
             done.synchronize()
             result = host.numpy().copy()
         else:
-            result = self._run(host_in[: 3 * total + rows + 1], total, rows, max_len).numpy()
+            result = self._run(staged, t_b, r_b, self.max_len if key else longest)[:rows].numpy()
         self.busy_seconds += time.perf_counter() - start
         return result
 
     def _run(self, dev: torch.Tensor, total: int, rows: int, max_len: int) -> torch.Tensor:
-        ids, positions, seg = dev[:total], dev[total: 2 * total], dev[2 * total: 3 * total]
-        cu = dev[3 * total: 3 * total + rows + 1]
-        states = encoder_forward(self.weights, ids, positions, seg, cu, max_len, rows, self.attention,
-                                 self.gelu_epilogue, self.ops)
+        ids, cu = dev[:total], dev[total: total + rows + 1]
+        w = self.weights
+        seg, positions = token_layout(ids, cu, rows, w.position_offset, w.position.shape[0])
+        states = encoder_forward(w, ids, positions, seg, cu, max_len, rows, self.attention, self.gelu_epilogue,
+                                 self.ops)
         out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops)
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out
