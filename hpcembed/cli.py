@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from .config import FIELDS, build_config, load_toml
-from .errors import EXIT_FAILED, EXIT_USAGE, HpcEmbedError
+from .errors import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, HpcEmbedError
 
 log = logging.getLogger("hpcembed")
 
@@ -99,6 +99,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hpcembed: internal error: {type(exc).__name__}: {exc} (set HPCEMBED_DEBUG=1 for a traceback)",
               file=sys.stderr)
         return EXIT_FAILED
+    if manifest.get("already_complete"):
+        return 0
+    if manifest.get("stopped_early"):
+        log.info("stopped by %s: %s of %s rows committed (%s this run); rerun the same command to resume "
+                 "(exit %d)", manifest["stopped_early"], f"{manifest['rows_written']:,}", f"{manifest['rows']:,}",
+                 f"{manifest['rows_written_this_run']:,}", EXIT_STOPPED)
+        return EXIT_STOPPED
     status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
     log.info("%s: %s rows embedded, %s rejected, %s texts/s, %s tokens/s -> %s", status,
              f"{manifest['rows_written']:,}", f"{manifest['rejected_rows']:,}", f"{manifest['texts_per_s']:,}",

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1        # internal failure, or a rank died
 EXIT_USAGE = 2         # bad command line or job file
 EXIT_INVALID_INPUT = 3  # a row or file of the corpus is invalid (fail-fast mode)
+EXIT_STOPPED = 75      # stopped early by a signal, committed work kept: rerun (or requeue) to resume
 
 
 class HpcEmbedError(Exception):

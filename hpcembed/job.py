@@ -21,6 +21,7 @@ from .engine import ModelSpec, build_encoder, default_model_dir, resolve_device
 from .engine.instances import InstancePool
 from .errors import ConfigError, HpcEmbedError
 from .io.readers import Columns
+from .io.ledger import Ledger, LedgerState, model_identity
 from .io.sources import Plan, plan_job, resolve_inputs
 from .io.writer import OutputDir
 from .progress import Progress
@@ -28,6 +29,7 @@ from .roles.common import RoleMap, run_role
 from .roles.conductor import Conductor, JobResult
 from .roles.gpu import GpuRole
 from .roles.tokenizer import TokenizerRole
+from .signals import STOP
 from .tokenize import HFTokenizer
 from .transport.base import Transport
 
@@ -40,27 +42,70 @@ class Setup:
     plan: Plan
     output: OutputDir
     started: float
+    status: str                     # 'fresh', 'resume' or 'complete' (io/writer.py OutputDir.open)
+    resumed: LedgerState
+    dtype: str
+
+    def committed_shards(self) -> list[tuple[int, str, int]]:
+        """(unit, path, position) of every shard earlier runs committed, positions ordering their rows."""
+        out = []
+        for k, (unit, name) in enumerate(sorted((u.unit, name) for u in self.resumed.units.values()
+                                                for name in u.shards)):
+            out.append((unit, str(self.output.path / name), k << 32))
+        return out
 
 
-def prepare(cfg: JobConfig) -> Setup:
+def resolved_dtype(cfg: JobConfig, device: str) -> str:
+    return cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+
+
+def fingerprint(cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str) -> dict:
+    """What makes two runs the same job, so a rerun may resume the other's output: same inputs (path, size,
+    rows), same model and embedding settings, same work units."""
+    inputs = []
+    for f in plan.files:
+        path = os.path.abspath(f.path)
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        inputs.append([path, size, plan.file_rows.get(f.index)])
+    return {"inputs": inputs, "model": spec.name, "model_id": model_identity(spec.path), "pooling": spec.pooling,
+            "normalize": spec.normalize, "max_seq_length": spec.max_seq_length, "dtype": dtype,
+            "text_column": cfg.text_column, "id_column": cfg.id_column, "unit_rows": cfg.unit_rows}
+
+
+def prepare(cfg: JobConfig, device: str) -> Setup:
     """Everything the conductor decides before work starts. Raises HpcEmbedError for the user."""
     started = time.time()
     spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
                           max_seq_length=cfg.max_seq_length)
     files = resolve_inputs(cfg.input)
-    output = OutputDir(cfg.output)
-    output.prepare(cfg.overwrite)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
+    dtype = resolved_dtype(cfg, device)
+    output = OutputDir(cfg.output)
+    status, resumed = output.open(fingerprint(cfg, spec, plan, dtype), [e.as_reject() for e in plan.unreadable],
+                                  cfg.overwrite)
     log.info("%d input files, %s rows in %d work units; model %s (%s pooling, max %d tokens)", len(files),
              f"{plan.total_rows:,}", len(plan.units), spec.name, spec.pooling, spec.max_seq_length)
-    return Setup(spec, plan, output, started)
+    if status == "resume":
+        log.info("resuming %s: %d of %d units (%s rows) already committed", output.path, len(resumed.units),
+                 len(plan.units), f"{resumed.rows:,}")
+    return Setup(spec, plan, output, started, status, resumed, dtype)
+
+
+def already_complete(setup: Setup) -> dict:
+    log.info("%s already holds the complete output of this job (_SUCCESS); nothing to do", setup.output.path)
+    manifest = setup.output.read_manifest()
+    manifest["already_complete"] = True
+    return manifest
 
 
 def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec,
-                   peers=None) -> TokenizerRole:
+                   committed_shards: list[tuple[int, str, int]], peers=None) -> TokenizerRole:
     backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
+    index = roles.tokenizers.index(transport.rank)
+    share = committed_shards[index:: len(roles.tokenizers)]
     return TokenizerRole(transport, roles, backend, Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows,
-                         skip_invalid=cfg.on_invalid == "skip", peers=peers)
+                         skip_invalid=cfg.on_invalid == "skip", peers=peers, committed_shards=share)
 
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
@@ -77,9 +122,15 @@ def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSp
                    cfg.window_batches, cfg.credits)
 
 
-def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], transport: str, device: str,
-           dtype: str) -> dict:
-    manifest = build_manifest(cfg, setup, result, ranks, transport, device, dtype)
+def job_device(cfg: JobConfig, ranks) -> str:
+    """The device kind of an MPI job's gpu ranks, as the conductor sees it from every rank's GPU count."""
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if any(i.gpus_on_host for i in ranks) else "cpu"
+
+
+def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], transport: str, device: str) -> dict:
+    manifest = build_manifest(cfg, setup, result, ranks, transport, device, setup.dtype)
     setup.output.write_manifest(manifest)
     if manifest["complete"]:
         setup.output.write_success()
@@ -90,20 +141,23 @@ def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], t
 
 def run_single_process(cfg: JobConfig) -> dict:
     from .transport.inproc import InprocNetwork
-    setup = prepare(cfg)
+    setup = prepare(cfg, resolve_device(cfg.device))
+    if setup.status == "complete":
+        return already_complete(setup)
+    STOP.install()
     roles = RoleMap(conductor=0, tokenizers=[1], gpus=[2])
     network = InprocNetwork(3)
     gpu = gpu_role(cfg, network.endpoint(2), roles, setup.spec, setup.output, cfg.device)
-    tokenizer = tokenizer_role(cfg, network.endpoint(1), roles, setup.spec)
+    tokenizer = tokenizer_role(cfg, network.endpoint(1), roles, setup.spec, setup.committed_shards())
     threads = [threading.Thread(target=run_role, args=(name, role.t, 0, role.run), name=name, daemon=True)
                for name, role in (("tokenizer", tokenizer), ("gpu", gpu))]
     for th in threads:
         th.start()
     conductor_t = network.endpoint(0)
-    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
     try:
-        result = Conductor(conductor_t, roles, setup.plan, setup.output, progress,
-                           skip_invalid=cfg.on_invalid == "skip").run()
+        result = Conductor(conductor_t, roles, setup.plan, setup.output, progress, Ledger(setup.output.path),
+                           setup.resumed, skip_invalid=cfg.on_invalid == "skip").run()
     except BaseException as exc:
         conductor_t.abort(str(exc), getattr(exc, "exit_code", 1))
         progress.close()
@@ -117,7 +171,7 @@ def run_single_process(cfg: JobConfig) -> dict:
               "tokens": gpu_report.tokens, "busy_seconds": round(gpu_report.busy_seconds, 3),
               "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3), **gpu_report.encoder}]
     encoder = gpu.pool.encoders[0]
-    return finish(cfg, setup, result, ranks, "inproc", encoder.device_name, encoder.dtype_name)
+    return finish(cfg, setup, result, ranks, "inproc", encoder.device_name)
 
 
 # --- MPI ------------------------------------------------------------------------------------------------------
@@ -135,12 +189,14 @@ def run_mpi(cfg: JobConfig) -> dict | None:
         raise ConfigError(f"srun started {slurm_tasks} tasks but this MPI world has {transport.size} rank(s): "
                           "the MPI library and srun's --mpi plugin do not match (try srun --mpi=pmi2)")
     ranks = gather_ranks(comm)
+    STOP.install(announce=rank == 0)
     decision: tuple
     if rank == 0:
         try:
-            setup = prepare(cfg)
+            setup = prepare(cfg, job_device(cfg, ranks))
             roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
-            decision = ("ok", roles, setup.spec)
+            decision = ("complete",) if setup.status == "complete" else ("ok", roles, setup.spec,
+                                                                         setup.committed_shards())
         except HpcEmbedError as exc:
             decision = ("error", str(exc), exc.exit_code)
     else:
@@ -151,7 +207,9 @@ def run_mpi(cfg: JobConfig) -> dict | None:
         if rank == 0:
             raise _Reported(decision[1], decision[2])
         return None
-    roles, spec = decision[1], decision[2]
+    if decision[0] == "complete":
+        return already_complete(setup) if rank == 0 else None
+    roles, spec, committed_shards = decision[1], decision[2], decision[3]
     role = roles.role_of(rank)
     # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
     tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
@@ -162,7 +220,7 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         peers = MpiAlltoall(tokenizer_comm)
-        body = lambda: tokenizer_role(cfg, transport, roles, spec, peers).run()  # noqa: E731
+        body = lambda: tokenizer_role(cfg, transport, roles, spec, committed_shards, peers).run()  # noqa: E731
     else:
         device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":
@@ -187,21 +245,18 @@ def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
     for r in range(transport.size):
         log.info("rank %d on %s: %s", r, ranks[r].host, roles.role_of(r))
     log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks", len(roles.tokenizers), len(roles.gpus))
-    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
     start = time.process_time()
     try:
-        result = Conductor(transport, roles, setup.plan, setup.output, progress, name_ranks=True,
-                           skip_invalid=cfg.on_invalid == "skip").run()
+        result = Conductor(transport, roles, setup.plan, setup.output, progress, Ledger(setup.output.path),
+                           setup.resumed, name_ranks=True, skip_invalid=cfg.on_invalid == "skip").run()
         reports = [{"rank": 0, "role": "conductor", "host": ranks[0].host, "rows": 0, "tokens": 0,
                     "busy_seconds": round(time.process_time() - start, 3)}]
         for r in sorted(result.reports):
             rep = result.reports[r]
             reports.append({"rank": r, "role": rep.role, "host": rep.host, "rows": rep.rows, "tokens": rep.tokens,
                             "busy_seconds": round(rep.busy_seconds, 3), **rep.encoder})
-        device = "cuda" if any(i.gpus_on_host for i in ranks) and cfg.device == "auto" else \
-            (cfg.device if cfg.device != "auto" else "cpu")
-        dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
-        return finish(cfg, setup, result, reports, "mpi", device, dtype)
+        return finish(cfg, setup, result, reports, "mpi", job_device(cfg, ranks))
     except HpcEmbedError as exc:
         progress.close()
         print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
@@ -230,11 +285,14 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
+        "rows_resumed": result.rows_resumed, "units_resumed": result.units_resumed,
+        "rows_written_this_run": result.rows_written - result.rows_resumed,
+        "stopped_early": result.stopped_early or None,
         "unreadable_files": [e.path for e in plan.unreadable],
         "tokens": result.tokens,
         "wall_seconds": round(wall, 3),
         "job_seconds": round(time.time() - setup.started, 3),
-        "texts_per_s": round(result.rows_written / wall, 1) if wall else None,
+        "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,
         "tokens_per_s": round(result.tokens / wall, 1) if wall else None,
         "ranks": ranks,
     }

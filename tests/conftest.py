@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +69,96 @@ def write_jsonl(path: Path, records: list) -> Path:
         for r in records:
             fh.write((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n")
     return path
+
+
+MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e '.[test]')")
+MPI_ENV = {"HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1"}
+
+
+def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = ["timeout", str(int(timeout)), MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", "run", *args,
+           "--progress", "off"]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 30,
+                          env={**os.environ, **MPI_ENV})
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(c) for c in fh.read().split()]
+    except OSError:
+        return []
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (mpiexec puts each rank in its own process group, so a group kill misses
+    them)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+class BackgroundJob:
+    """A job started in the background (mpiexec or plain), with its log in a file, stopped by PID."""
+
+    def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
+        self.log_path = log
+        self._log = open(log, "w")
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=REPO,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @classmethod
+    def mpi(cls, n: int, args: list[str], log: Path) -> "BackgroundJob":
+        return cls([MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", "run", *args, "--progress", "log",
+                    "--progress-interval", "0.5"], log, MPI_ENV)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 120) -> str:
+        import re
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(pattern, self.text())
+            if found:
+                return found.group(0)
+            if self.proc.poll() is not None:
+                raise AssertionError(f"job ended (rc {self.proc.returncode}) before {pattern!r}:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"no {pattern!r} within {timeout} s:\n{self.text()[-3000:]}")
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of an MPI rank, from the PMI_RANK in its environment."""
+        for pid in process_tree(self.proc.pid):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"PMI_RANK={rank}".encode() in env and b"hpcembed" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        raise AssertionError(f"rank {rank} not found")
+
+    def kill_tree(self, sig=signal.SIGKILL) -> None:
+        for pid in process_tree(self.proc.pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.kill_tree()
+            self.proc.wait(timeout=30)
+        # Ranks orphaned by a killed mpiexec are stopped by PID too.
+        self._log.close()

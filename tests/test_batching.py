@@ -77,7 +77,7 @@ def test_pooling_ignores_padding(mode):
 
 def test_writer_shards_read_as_one_dataset(tmp_path):
     out = OutputDir(str(tmp_path / "o"))
-    out.prepare(overwrite=False)
+    assert out.open({"job": 1}, [], overwrite=False)[0] == "fresh"
     emb = np.random.default_rng(1).standard_normal((4, 6)).astype(np.float32)
     out.write_shard("part-1.parquet", pa.array(["a", "b"]), emb[:2])
     out.write_shard("part-2.parquet", pa.array(["c", "d"]), emb[2:])

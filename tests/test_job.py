@@ -63,9 +63,13 @@ def test_all_formats_in_one_job_with_toml_and_overrides(tmp_path, st_model):
     assert_matches(tmp_path / "out", expected, st_model)
     manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
     assert [i["rows"] for i in manifest["inputs"]] == [3, 2, 2, 3]
-    # Rerunning into a finished directory is refused unless asked to overwrite.
+    # Rerunning the same job on its finished directory is a no-op that says so; another job is refused.
     again = run_cli("run", "--config", str(job), "--output", str(tmp_path / "out"))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert again.returncode == 0 and "already holds the complete output" in again.stderr
+    assert json.loads((tmp_path / "out" / "_manifest.json").read_text()) == manifest
+    other = run_cli("run", "--config", str(job), "--output", str(tmp_path / "out"), "--pooling", "cls")
+    assert other.returncode == 2 and "different job" in other.stderr and "pooling ('mean' then, 'cls' now)" \
+        in other.stderr and "--overwrite" in other.stderr
 
 
 BAD_INPUTS = {

@@ -2,25 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 
-import pytest
+from .conftest import mpirun, needs_mpi, read_output, reference, write_jsonl
 
-from .conftest import REPO, read_output, reference, write_jsonl
-
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e '.[test]')")
-
-
-def mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = ["timeout", str(int(timeout)), MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", "run", *args,
-           "--progress", "off"]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 30,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1"})
+pytestmark = needs_mpi
 
 
 def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
@@ -51,7 +37,7 @@ def test_failing_rank_ends_the_job(tmp_path):
     proc = mpirun(4, "--input", str(tmp_path / "a.jsonl"), "--output", str(tmp_path / "out"), "--unit-rows", "20",
                   timeout=120)
     assert proc.returncode != 0 and time.monotonic() - start < 60
-    assert "row 100 (id 'bad'): text 'text' is null" in proc.stderr and "rank " in proc.stderr, proc.stderr[-2000:]
+    assert "row 100 (id 'bad'): text 'text' is null" in proc.stderr and "rank " in proc.stderr, (proc.returncode, proc.stderr[-2000:])
     assert not (tmp_path / "out" / "_SUCCESS").exists()
 
 

@@ -24,10 +24,31 @@ def id_digest(row_id: str) -> bytes:
     return hashlib.blake2b(row_id.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
+class SoloAlltoall:
+    """The exchange when one tokenizer reads everything: it owns every partition."""
+    size = 1
+
+    def __call__(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        return parts
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag)
+
+
 class IdRegistry:
     def __init__(self) -> None:
         self._seen: dict[bytes, tuple[int, int, int]] = {}     # digest -> (file index, row, unit)
         self._paths: dict[int, str] = {}
+        self._committed: list[np.ndarray] = []                  # RECORDs of rows earlier runs committed
+
+    def add_committed(self, ids: list[str], unit: int, first_position: int) -> None:
+        """Ids already in the output (a resumed job). They sort before every row read now (file -1), so a
+        repeat among the new rows is the one dropped; `first_position` orders them among themselves."""
+        records = np.empty(len(ids), dtype=RECORD)
+        records["digest"] = np.frombuffer(b"".join(id_digest(i) for i in ids), dtype="V16") if ids else []
+        records["file"], records["unit"] = -1, unit
+        records["row"] = np.arange(first_position, first_position + len(ids))
+        self._committed.append(records)
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -57,7 +78,8 @@ class IdRegistry:
         if len(self._seen):
             where = np.array(list(self._seen.values()), dtype=np.int64)
             records["file"], records["row"], records["unit"] = where[:, 0], where[:, 1], where[:, 2]
-        owner = np.frombuffer(digests, dtype="<u8")[::2] % parts
+        records = np.concatenate([records] + self._committed)
+        owner = np.frombuffer(records["digest"].tobytes(), dtype="<u8")[::2] % parts
         return [records[owner == p] for p in range(parts)]
 
 

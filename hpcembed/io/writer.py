@@ -1,10 +1,13 @@
-"""The output directory: Parquet shards (id, embedding), rejects.jsonl, _manifest.json, then _SUCCESS.
+"""The output directory: Parquet shards (id, embedding), _rejects.jsonl, _ledger.jsonl, _manifest.json, then
+_SUCCESS.
 
-Shards are written to a temporary name, fsynced and renamed, so a shard that exists is complete. _SUCCESS is
-written last, and only by a job in which every input row has an output row or a recorded reject."""
+Shards are written to a temporary name, fsynced and renamed, so a shard that exists is complete. The ledger
+(io/ledger.py) says which units are committed; opening a directory that holds a ledger of the same job resumes
+it. _SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
+from .ledger import LEDGER, Ledger, LedgerState, describe_difference
+
+log = logging.getLogger("hpcembed")
 
 # Underscore names are skipped by pyarrow.dataset and Spark, so DIR stays readable as one Parquet dataset.
 MANIFEST, SUCCESS, REJECTS = "_manifest.json", "_SUCCESS", "_rejects.jsonl"
@@ -40,26 +46,66 @@ class OutputDir:
         self.path = Path(path)
 
     def ours(self) -> list[Path]:
-        """Files an earlier hpcembed job leaves here."""
+        """Files an hpcembed job leaves here."""
         if not self.path.is_dir():
             return []
         return [p for p in self.path.iterdir()
-                if p.name in (MANIFEST, SUCCESS, REJECTS) or (p.name.startswith(("part-", ".part-"))
-                                                              and ".parquet" in p.name)]
+                if p.name in (MANIFEST, SUCCESS, REJECTS, LEDGER) or p.name.startswith((".part-", "._"))
+                or (p.name.startswith("part-") and p.name.endswith(".parquet"))]
 
-    def prepare(self, overwrite: bool) -> None:
+    def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
+        """Make the directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an
+        earlier run of the same job kept, everything else cleared), or 'complete' (nothing to do)."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"output {self.path} exists and is not a directory")
         existing = self.ours()
-        if existing and not overwrite:
-            raise ConfigError(f"output directory {self.path} already holds the output of a job "
-                              f"({len(existing)} files); pass --overwrite to replace it")
-        for p in existing:
-            p.unlink()
+        ledger = Ledger(self.path)
+        if existing and overwrite:
+            for p in existing:
+                p.unlink()
+        elif existing:
+            if not ledger.exists():
+                raise ConfigError(f"output directory {self.path} holds files of an earlier job but no {LEDGER}, so "
+                                  "it cannot be resumed; pass --overwrite to replace them")
+            state = ledger.load()
+            if state.fingerprint != fingerprint:
+                raise ConfigError(f"output directory {self.path} holds the output of a different job (it differs "
+                                  f"in {describe_difference(state.fingerprint, fingerprint)}); pass --overwrite "
+                                  "to replace it, or choose another --output")
+            if (self.path / SUCCESS).exists():
+                return "complete", state
+            self._keep_committed(state)
+            ledger.write_fresh(state)
+            self.rewrite_rejects(state.all_rejects())
+            return "resume", state
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"cannot create output directory {self.path}: {exc.strerror}") from None
+        state = LedgerState(fingerprint, header_rejects, {})
+        ledger.write_fresh(state)
+        self.rewrite_rejects(header_rejects)
+        return "fresh", state
+
+    def _keep_committed(self, state: LedgerState) -> None:
+        """Drop units whose shards do not match their ledger record (a crash mid-rewrite), then delete every
+        shard and temporary file no committed unit names: the uncommitted units are redone from scratch."""
+        for number, unit in sorted(state.units.items()):
+            for name, rows in unit.shards.items():
+                path = self.path / name
+                found = pq.ParquetFile(path).metadata.num_rows if path.exists() else None
+                if found != rows:
+                    log.warning("output %s: unit %d is redone: shard %s has %s rows, the ledger says %d",
+                                self.path, number, name, found, rows)
+                    del state.units[number]
+                    break
+        keep = {name for unit in state.units.values() for name in unit.shards}
+        stray = [p for p in self.ours() if p.name.startswith((".part-", "._"))
+                 or (p.name.startswith("part-") and p.name not in keep)]
+        for p in stray:
+            p.unlink()
+        if stray:
+            log.info("output %s: removed %d files of uncommitted units", self.path, len(stray))
 
     def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray) -> None:
         rows, dim = embeddings.shape
@@ -88,6 +134,11 @@ class OutputDir:
                              .reshape(kept.num_rows, table.schema.field("embedding").type.list_size))
         return removed
 
+    def rewrite_rejects(self, rejects: list[dict]) -> None:
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()
+        if data or (self.path / REJECTS).exists():
+            _fsync_write(self.path / REJECTS, data)
+
     def append_rejects(self, rejects: list[dict]) -> None:
         if rejects:
             with open(self.path / REJECTS, "a", encoding="utf-8") as fh:
@@ -96,6 +147,13 @@ class OutputDir:
 
     def write_manifest(self, manifest: dict) -> None:
         _fsync_write(self.path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+    def read_manifest(self) -> dict:
+        try:
+            return json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.path} has {SUCCESS} but its {MANIFEST} cannot be read ({exc}); pass "
+                              "--overwrite to redo the job") from None
 
     def write_success(self) -> None:
         _fsync_write(self.path / SUCCESS, b"")

@@ -45,7 +45,7 @@ class GpuRole:
         # tokenizer's free credit measures this rank's speed, and routing by free credit balances the load.
         self._owed: deque[tuple[int, int]] = deque()     # (tokenizer, tokens) in arrival order
         self._consumed = 0
-        self.stopping = False
+        self.stopping = self.drained = False
         self.rows = self.tokens = 0
 
     def run(self) -> None:
@@ -55,8 +55,10 @@ class GpuRole:
             self._loop()
         finally:
             self.pool.close()
-        if self.parts:
+        if self.parts and not self.drained:
             raise RuntimeError(f"stopped with units {sorted(self.parts)} incomplete")
+        # A graceful stop: the units tokenizers abandoned are not written; the next run redoes them.
+        self.parts.clear()
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.pool.busy_seconds,
                                                      self.pool.describe()))
@@ -89,12 +91,10 @@ class GpuRole:
             self.parts.setdefault(message.unit, _UnitPart()).expected = message.rows
             self._flush_if_complete(message.unit)
         elif isinstance(message, DropIds):
-            name = shard_name(message.unit, self.t.rank)
-            removed = self.output.drop_ids(name, set(message.digests))
-            self.rows -= len(removed)
-            self.t.send(self.roles.conductor, PartRewritten(message.unit, name, removed))
+            removed = self.output.drop_ids(message.shard, set(message.digests))
+            self.t.send(self.roles.conductor, PartRewritten(message.unit, message.shard, removed))
         elif isinstance(message, Stop):
-            self.stopping = True
+            self.stopping, self.drained = True, message.drain
         else:
             raise RuntimeError(f"gpu rank got unexpected {type(message).__name__}")
 

@@ -1,11 +1,14 @@
 """Control messages between roles. All are small; token data travels only as TokenBatch.
 
-    tokenizer -> conductor   RequestUnit, UnitRead, DuplicateRows, RankReport, Failure
-    conductor -> tokenizer   AssignUnit, NoMoreUnits
+    tokenizer -> conductor   RequestUnit, UnitRead, DuplicateRows, StopRequested, RankReport, Failure
+    conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release
+                             (Drain: abandon the unit being read, a graceful stop; Release: the last message a
+                             tokenizer gets, so none is left unreceived when MPI finalizes)
     gpu       -> tokenizer   Credit                (flow control: one credit = one batch in flight)
     tokenizer -> gpu         TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this gpu was sent)
     gpu       -> conductor   PartWritten, PartRewritten, RankReport, Failure
-    conductor -> gpu         DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks)
+    conductor -> gpu         DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks;
+                                                    Stop(drain): also discard units a Drain abandoned)
 """
 from __future__ import annotations
 
@@ -59,13 +62,15 @@ class PartWritten:
 
 @dataclass
 class DuplicateRows:
-    """Ids repeated across tokenizer ranks: (unit, file, row, first file, first row, digest) per repeat."""
-    rows: list[tuple[int, int, int, int, int, bytes]]
+    """Ids repeated across tokenizer ranks or runs: (unit, file, row, first unit, first file, first row, digest)
+    per repeat. File -1 is a row committed by an earlier run of the job (its row is a position in the output)."""
+    rows: list[tuple[int, int, int, int, int, int, bytes]]
 
 
 @dataclass
 class DropIds:
     unit: int
+    shard: str
     digests: list[bytes]
 
 
@@ -78,7 +83,22 @@ class PartRewritten:
 
 @dataclass
 class Stop:
+    drain: bool = False
+
+
+@dataclass
+class Drain:
     pass
+
+
+@dataclass
+class Release:
+    pass
+
+
+@dataclass
+class StopRequested:
+    why: str
 
 
 @dataclass

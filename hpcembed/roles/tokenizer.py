@@ -4,34 +4,52 @@ token batches straight to gpu ranks, never through the conductor.
 Flow control: a gpu rank grants credits; one credit lets one batch be in flight to it, so memory stays bounded
 whatever the speed difference. Routing: each batch goes to the gpu with the most free credit, staying with the
 current gpu on ties so a unit's rows land in few shards.
+
+Graceful stop: a Drain from the conductor makes this rank abandon the unit it is reading at the next chunk (its
+rows already sent are discarded by the gpu ranks, and the unit is redone by the next run). The rank then still
+settles its credits and waits for the conductor's Release, the last message it gets.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from ..errors import InputError
-from ..io.ids import IdRegistry, find_cross_duplicates
+from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
+from ..signals import STOP
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import RoleMap
-from .messages import (AssignUnit, Credit, DuplicateRows, NoMoreUnits, RankReport, RequestUnit, UnitEnd,
-                       UnitRead)
+from .messages import (AssignUnit, Credit, Drain, DuplicateRows, NoMoreUnits, RankReport, Release, RequestUnit,
+                       StopRequested, UnitEnd, UnitRead)
+
+
+log = logging.getLogger("hpcembed")
+
+
+class _Abandoned(Exception):
+    """The unit being read is dropped (graceful stop)."""
 
 
 class TokenizerRole:
     def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
-                 skip_invalid: bool, peers=None):
-        """`peers`: an all-to-all over the tokenizer ranks (see io.ids), or None when this is the only one."""
+                 skip_invalid: bool, peers=None, committed_shards: list[tuple[int, str, int]] = ()):
+        """`peers`: an all-to-all over the tokenizer ranks (see io.ids), or None when this is the only one.
+        `committed_shards`: (unit, path, position) of this rank's share of the shards an earlier run of the job
+        committed; their ids join the duplicate check, so a resumed job still has each id once."""
         self.t, self.roles, self.backend, self.columns = transport, roles, backend, columns
         self.chunk_rows, self.skip_invalid = chunk_rows, skip_invalid
         self.ids = IdRegistry()
-        self.peers = peers
+        self.peers = peers if peers is not None else SoloAlltoall()
+        self.committed_shards = list(committed_shards)
+        self.draining = self.released = self._stop_forwarded = False
         self.credits = {g: 0 for g in roles.gpus}
         # Every gpu rank sends one initial grant, then one Credit per batch it consumed: so this rank knows exactly
         # how many Credit messages it will get, and waits for all of them before it leaves (an MPI message
@@ -51,6 +69,11 @@ class TokenizerRole:
             self.assigned.append(message.unit)
         elif isinstance(message, NoMoreUnits):
             self.no_more = True
+        elif isinstance(message, Drain):
+            self.draining = self.no_more = True
+            self.assigned.clear()
+        elif isinstance(message, Release):
+            self.released = True
         else:
             raise RuntimeError(f"tokenizer got unexpected {type(message).__name__}")
 
@@ -73,20 +96,24 @@ class TokenizerRole:
             # Ask for the next unit now, so it is here when this one is done (hides the round trip).
             self.t.send(self.roles.conductor, RequestUnit())
             self._process(unit)
-        if self.peers is not None and self.peers.size > 1:
-            # Every tokenizer gets here once it has read its last unit; the exchange is collective.
+        # Collective over the tokenizer ranks: if any abandoned a unit, the job is stopping and nobody checks.
+        if not self.peers.any(self.draining) and (self.peers.size > 1 or self.committed_shards):
             start = time.perf_counter()
+            for unit, path, position in self.committed_shards:
+                self.ids.add_committed(pq.read_table(path, columns=["id"]).column("id").to_pylist(), unit, position)
             dups = find_cross_duplicates(self.ids, self.peers)
             self.busy += time.perf_counter() - start
             if dups:
                 self.t.send(self.roles.conductor, DuplicateRows(
-                    [(int(d["unit"]), int(d["file"]), int(d["row"]), int(f["file"]), int(f["row"]),
+                    [(int(d["unit"]), int(d["file"]), int(d["row"]), int(f["unit"]), int(f["file"]), int(f["row"]),
                       d["digest"].tobytes()) for d, f in dups]))
         owed = lambda g: 1 + self.batches_sent[g]  # noqa: E731 - the initial grant, then one per batch
         while any(self.credit_messages[g] < owed(g) for g in self.roles.gpus):
             self._receive(None)
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.busy))
+        while not self.released:
+            self._receive(None)
 
     def _pick_gpu(self, previous: int | None) -> int:
         while True:
@@ -99,11 +126,25 @@ class TokenizerRole:
                 return best
             self._receive(None)
 
+    def _check_stop(self) -> None:
+        """Between chunks: take any Drain that has arrived, and pass on a signal that reached only this rank."""
+        while self._receive(0):
+            pass
+        if STOP.requested and not self._stop_forwarded:
+            self._stop_forwarded = True
+            self.t.send(self.roles.conductor, StopRequested(STOP.signal_name))
+        if self.draining:
+            raise _Abandoned()
+
     def _process(self, unit: WorkUnit) -> None:
         progress = _UnitProgress()
         try:
             for chunk in read_unit(unit, self.columns, self.chunk_rows):
+                self._check_stop()
                 self._send_chunk(unit, chunk, progress)
+        except _Abandoned:
+            log.debug("rank %d: abandoned unit %d (graceful stop)", self.t.rank, unit.unit)
+            return
         except InputError as exc:
             # The file itself is bad (corrupt, missing column): the rows not yet sent are rejected together.
             if not self.skip_invalid:

@@ -128,3 +128,7 @@ class MpiAlltoall:
         self.comm.Alltoallv([send, send_counts, send_displs, self.MPI.BYTE],
                             [recv, recv_counts, recv_displs, self.MPI.BYTE])
         return [recv[d: d + c].view(dtype) for d, c in zip(recv_displs, recv_counts)]
+
+    def any(self, flag: bool) -> bool:
+        """True on every peer when any peer passes True (collective)."""
+        return bool(self.comm.allreduce(bool(flag), op=self.MPI.LOR))

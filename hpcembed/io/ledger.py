@@ -1,0 +1,167 @@
+"""The ledger: which work units of a job are committed, kept in the output directory by the conductor.
+
+`_ledger.jsonl` is append-only. Its first line is the job's fingerprint (inputs, model, pooling, dtype, max
+length, columns, unit size), then one record per event:
+    {"kind": "unit", "unit": 7, "shards": {"part-00000007-r00002.parquet": 4096}, "tokens": ..., "rejects": [...]}
+    {"kind": "drop", "unit": 7, "shard": "part-...", "removed": 1, "rejects": [...]}   (ids repeated across ranks)
+A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
+written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
+deleted and the unit redone) or a torn last line (ignored). Writes are flushed at once and fsynced at most once a
+second: a record lost to a crash costs only the redo of its unit, and a per-record fsync would make a
+parallel file system the bottleneck at thousands of commits per second.
+
+Rejects live in the ledger with the unit that produced them, so `_rejects.jsonl` can always be rebuilt to match
+exactly the committed units, whatever a crash left in it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError
+
+LEDGER = "_ledger.jsonl"
+FSYNC_INTERVAL = 1.0
+
+
+@dataclass
+class CommittedUnit:
+    unit: int
+    shards: dict[str, int]          # shard name -> rows it holds now
+    tokens: int
+    rejected: int = 0               # rows rejected (a record can stand for many: a file that broke mid-unit)
+    rejects: list[dict] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.shards.values())
+
+
+@dataclass
+class LedgerState:
+    fingerprint: dict
+    header_rejects: list[dict]      # files found unreadable when the job was planned (--on-invalid skip)
+    units: dict[int, CommittedUnit]
+
+    @property
+    def rows(self) -> int:
+        return sum(u.rows for u in self.units.values())
+
+    @property
+    def rejected(self) -> int:
+        """Rejected rows of the committed units (an unreadable file's rows were never planned)."""
+        return sum(u.rejected for u in self.units.values())
+
+    def all_rejects(self) -> list[dict]:
+        out = list(self.header_rejects)
+        for unit in sorted(self.units):
+            out.extend(self.units[unit].rejects)
+        return out
+
+
+def model_identity(model_dir: str) -> str:
+    """A short digest of the model's config and weight files' sizes: same name, different weights differ."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for p in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    parts = []
+    for k in keys:
+        if k == "inputs":
+            before = {i[0]: i for i in old.get(k, [])}
+            after = {i[0]: i for i in new.get(k, [])}
+            changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+            parts.append(f"inputs ({len(changed)} files differ, e.g. {changed[0]})" if changed else "inputs")
+        else:
+            parts.append(f"{k} ({old.get(k)!r} then, {new.get(k)!r} now)")
+    return ", ".join(parts)
+
+
+class Ledger:
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / LEDGER
+        self._fh = None
+        self._last_sync = 0.0
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def load(self) -> LedgerState:
+        lines = self.path.read_bytes().split(b"\n")
+        records = []
+        for k, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if any(rest.strip() for rest in lines[k + 1:]):
+                    raise ConfigError(f"{self.path} line {k + 1} is corrupt; the output directory cannot be "
+                                      "resumed (pass --overwrite to start again)") from None
+                break                      # a torn last line: the write a crash interrupted
+        if not records or records[0].get("kind") != "job":
+            raise ConfigError(f"{self.path} has no job header; pass --overwrite to start again")
+        state = LedgerState(records[0]["fingerprint"], records[0].get("rejects", []), {})
+        for rec in records[1:]:
+            if rec["kind"] == "unit":
+                state.units[rec["unit"]] = CommittedUnit(rec["unit"], dict(rec["shards"]), rec["tokens"],
+                                                         rec.get("rejected", 0), list(rec.get("rejects", [])))
+            elif rec["kind"] == "drop":
+                unit = state.units.get(rec["unit"])
+                if unit is not None and rec["shard"] in unit.shards:
+                    unit.shards[rec["shard"]] -= rec["removed"]
+                    unit.rejected += rec["removed"]
+                    unit.rejects.extend(rec.get("rejects", []))
+        return state
+
+    def write_fresh(self, state: LedgerState) -> None:
+        """Start the ledger over (a new job, or a resumed one compacted to its valid records): temp + rename."""
+        self.close()
+        tmp = self.path.with_name(f".{LEDGER}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps({"kind": "job", "fingerprint": state.fingerprint, "rejects": state.header_rejects},
+                                ensure_ascii=False) + "\n")
+            for unit in sorted(state.units):
+                fh.write(self._unit_line(state.units[unit]))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _unit_line(unit: CommittedUnit) -> str:
+        return json.dumps({"kind": "unit", "unit": unit.unit, "shards": unit.shards, "tokens": unit.tokens,
+                           "rejected": unit.rejected, "rejects": unit.rejects}, ensure_ascii=False) + "\n"
+
+    def commit_unit(self, unit: CommittedUnit) -> None:
+        self._append(self._unit_line(unit))
+
+    def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict]) -> None:
+        self._append(json.dumps({"kind": "drop", "unit": unit, "shard": shard, "removed": removed,
+                                 "rejects": rejects}, ensure_ascii=False) + "\n")
+
+    def _append(self, line: str) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(line)
+        self._fh.flush()
+        now = time.monotonic()
+        if now - self._last_sync >= FSYNC_INTERVAL:
+            os.fsync(self._fh.fileno())
+            self._last_sync = now
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
