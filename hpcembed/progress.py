@@ -14,12 +14,13 @@ class Progress:
             mode = "bar" if sys.stderr.isatty() else "log"
         self.mode, self.total, self.interval = mode, total_rows, interval
         self.rows, self.tokens = done_rows, 0
+        self.resumed = done_rows              # committed by earlier runs: shown, but not in the rates
         self.start = self._last_log = time.monotonic()
         self._bar = None
         if mode == "bar":
             from tqdm import tqdm
             self._bar = tqdm(total=total_rows, initial=done_rows, unit="rows", dynamic_ncols=True,
-                             desc="hpcembed", smoothing=0.1)
+                             desc="hpcembed (resumed)" if done_rows else "hpcembed", smoothing=0.1)
 
     def update(self, rows: int, tokens: int) -> None:
         self.rows += rows
@@ -40,8 +41,9 @@ class Progress:
 
     def log_line(self) -> None:
         pct = 100.0 * self.rows / self.total if self.total else 100.0
-        log.info("progress: %s/%s rows (%.1f%%), %s texts/s, %s tokens/s", f"{self.rows:,}", f"{self.total:,}", pct,
-                 f"{self._rate(self.rows):,.0f}", f"{self._rate(self.tokens):,.0f}")
+        resumed = f", {self.resumed:,} of them resumed" if self.resumed else ""
+        log.info("progress: %s/%s rows (%.1f%%%s), %s texts/s, %s tokens/s", f"{self.rows:,}", f"{self.total:,}", pct,
+                 resumed, f"{self._rate(self.rows - self.resumed):,.0f}", f"{self._rate(self.tokens):,.0f}")
 
     def close(self) -> None:
         if self._bar is not None:
