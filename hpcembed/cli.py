@@ -20,7 +20,8 @@ RUN_EPILOG = """\
 Every long option can also be a key of the --config TOML job file (with '_' or '-'); the command line wins.
 Output: Parquet shards (id, embedding) in OUTPUT, _manifest.json, _rejects.jsonl when rows were skipped, and
 _SUCCESS last, only when every input row was embedded or recorded as rejected.
-Exit codes: 0 done, 1 failed, 2 bad usage or job file, 3 invalid input (fail-fast mode)."""
+Exit codes: 0 done, 1 failed, 2 bad usage or job file, 3 invalid input (fail-fast mode), 75 stopped early by
+SIGTERM/SIGUSR1/SIGUSR2 with committed work kept (rerun the same command to resume)."""
 
 
 def _add_job_options(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="JOB.toml", help="TOML job file with the same keys as the long options")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_job_options(run)
+    launch = sub.add_parser("launch", help="run a job step from a Slurm batch script: pass signals to it, requeue "
+                            "the job if it stopped early", description="Run COMMAND (srun/mpiexec ... hpcembed "
+                            "run ...) as a child, pass SIGUSR1/SIGUSR2/SIGTERM to it, and requeue the Slurm job "
+                            "when it exits 75 (stopped early, resumable). See slurm/README.md.")
+    launch.add_argument("--no-requeue", dest="requeue", action="store_false", help="pass exit 75 on instead")
+    launch.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    launch.add_argument("step", nargs=argparse.REMAINDER, metavar="COMMAND", help="the job step to run")
     return parser
 
 
@@ -73,6 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     _setup_logging(args.verbose)
+    if args.command == "launch":
+        from .slurm import launch
+        step = args.step[1:] if args.step[:1] == ["--"] else args.step
+        try:
+            return launch(step, requeue=args.requeue)
+        except HpcEmbedError as exc:
+            print(f"hpcembed: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:

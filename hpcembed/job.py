@@ -19,7 +19,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import ModelSpec, build_encoder, default_model_dir, resolve_device
 from .engine.instances import InstancePool
-from .errors import ConfigError, HpcEmbedError
+from .errors import HpcEmbedError
 from .io.readers import Columns
 from .io.ledger import Ledger, LedgerState, model_identity
 from .io.sources import Plan, plan_job, resolve_inputs
@@ -30,6 +30,7 @@ from .roles.conductor import Conductor, JobResult
 from .roles.gpu import GpuRole
 from .roles.tokenizer import TokenizerRole
 from .signals import STOP
+from .slurm import SlurmTask
 from .tokenize import HFTokenizer
 from .transport.base import Transport
 
@@ -126,7 +127,7 @@ def job_device(cfg: JobConfig, ranks) -> str:
     """The device kind of an MPI job's gpu ranks, as the conductor sees it from every rank's GPU count."""
     if cfg.device != "auto":
         return cfg.device
-    return "cuda" if any(i.gpus_on_host for i in ranks) else "cpu"
+    return "cuda" if any(i.cuda_devices for i in ranks) else "cpu"
 
 
 def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], transport: str, device: str) -> dict:
@@ -183,11 +184,9 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     from .world import device_for, gather_ranks, plan_roles
     transport = MpiTransport()
     comm, rank = transport.comm, transport.rank
-    slurm_tasks = os.environ.get("SLURM_NTASKS") if os.environ.get("SLURM_STEP_ID") else None
-    if slurm_tasks and int(slurm_tasks) != transport.size:
-        # A PMI mismatch starts N singletons that would each run the whole job.
-        raise ConfigError(f"srun started {slurm_tasks} tasks but this MPI world has {transport.size} rank(s): "
-                          "the MPI library and srun's --mpi plugin do not match (try srun --mpi=pmi2)")
+    slurm = SlurmTask.from_environ()
+    if slurm is not None:
+        slurm.check_world(transport.size)
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
     decision: tuple

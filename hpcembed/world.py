@@ -1,9 +1,13 @@
 """Who am I: the MPI world (or one process), the hosts and GPUs in it, and which rank plays which role.
 
 Roles: rank 0 is the conductor. On hosts with GPUs, the first ranks of each host (rank 0 aside) become gpu
-ranks, one per visible GPU, in host-local order. The rest are tokenizer ranks. Without GPUs (CI, CPU-only
-clusters) gpu ranks run the encoder on CPU: by default half of the non-conductor ranks, or whatever
---tokenizer-ranks leaves.
+ranks, one per GPU, in host-local order. The rest are tokenizer ranks. Without GPUs (CPU-only clusters) gpu
+ranks run the encoder on CPU: by default half of the non-conductor ranks, or whatever --tokenizer-ranks leaves.
+In a Slurm het step, component 0 (CPU nodes) holds the conductor and the tokenizer ranks and every other
+component's ranks are gpu ranks.
+
+Under Slurm, hosts are Slurm node names and their GPUs are the ones Slurm allocated (slurm.py); the device a gpu
+rank uses is CUDA if torch sees any, else CPU (so CI's fake gres GPUs run the encoder on CPU).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ class RankInfo:
     rank: int
     host: str
     local_rank: int
-    gpus_on_host: int
+    gpus_on_host: int               # GPUs this host offers the job (Slurm's allocation, else what torch sees)
+    cuda_devices: int = 0           # CUDA devices torch can use on this host
+    het_group: int | None = None
 
 
 def under_mpi() -> bool:
@@ -42,12 +48,18 @@ def visible_gpus() -> int:
 
 
 def gather_ranks(comm) -> list[RankInfo]:
-    host = socket.gethostname()
-    everyone = comm.allgather((host, visible_gpus()))
+    from .slurm import SlurmTask
+    slurm = SlurmTask.from_environ()
+    cuda = visible_gpus()
+    if slurm is not None and slurm.node:
+        me = (slurm.node, slurm.gpus_on_node or cuda, cuda, slurm.het_group)
+    else:
+        me = (socket.gethostname(), cuda, cuda, None)
+    everyone = comm.allgather(me)
     seen: dict[str, int] = {}
     ranks = []
-    for rank, (h, gpus) in enumerate(everyone):
-        ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus))
+    for rank, (h, gpus, devices, group) in enumerate(everyone):
+        ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus, devices, group))
         seen[h] = seen.get(h, 0) + 1
     return ranks
 
@@ -58,6 +70,8 @@ def plan_roles(ranks: list[RankInfo], tokenizer_ranks: int | None) -> RoleMap:
         raise ConfigError(f"an MPI job needs at least 3 ranks (conductor, tokenizer, gpu); this world has {size}. "
                           "Run without mpiexec for a single-process job")
     others = [r for r in ranks if r.rank != 0]
+    if any(r.het_group for r in ranks):
+        return _het_roles(ranks)
     if tokenizer_ranks:
         if not 1 <= tokenizer_ranks <= size - 2:
             raise ConfigError(f"--tokenizer-ranks {tokenizer_ranks} does not fit a world of {size} ranks: "
@@ -80,10 +94,19 @@ def plan_roles(ranks: list[RankInfo], tokenizer_ranks: int | None) -> RoleMap:
                    gpus=[r.rank for r in gpus], hosts={r.rank: r.host for r in ranks})
 
 
+def _het_roles(ranks: list[RankInfo]) -> RoleMap:
+    tokenizers = [r.rank for r in ranks if r.rank != 0 and not r.het_group]
+    gpus = [r.rank for r in ranks if r.het_group]
+    if not tokenizers or ranks[0].het_group:
+        raise ConfigError("a het job needs its component 0 (CPU nodes) to hold the conductor and at least one "
+                          f"tokenizer rank: component 0 has {len(tokenizers) + 1} task(s)")
+    return RoleMap(conductor=0, tokenizers=tokenizers, gpus=gpus, hosts={r.rank: r.host for r in ranks})
+
+
 def device_for(rank: int, roles: RoleMap, ranks: list[RankInfo]) -> str:
-    """The torch device of a gpu rank: its position among its host's gpu ranks, if that host has GPUs."""
+    """The torch device of a gpu rank: its position among its host's gpu ranks, if torch sees CUDA there."""
     info = ranks[rank]
-    if not info.gpus_on_host:
+    if not info.cuda_devices:
         return "cpu"
     same_host = [g for g in roles.gpus if ranks[g].host == info.host]
-    return f"cuda:{same_host.index(rank) % info.gpus_on_host}"
+    return f"cuda:{same_host.index(rank) % info.cuda_devices}"

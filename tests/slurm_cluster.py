@@ -1,0 +1,137 @@
+"""A real Slurm on this machine: slurmctld and one slurmd per fake node (Debian's packages), all state in a temp
+directory, every daemon started in the foreground and stopped by its PID.
+
+Fake nodes share this host under their own names and ports; each has 8 CPUs (oversubscribed) and 2 fake GPUs,
+character devices made with mknod that gres hands out as CUDA_VISIBLE_DEVICES. Auth is auth/none (no munge).
+Settings from shared/FACTS.md: backfill every second (het jobs start only from backfill), MinJobAge=4 (sbatch
+--wait polls every 2 s), EnforcePartLimits=ALL (an impossible request fails instead of pending forever). And
+cred_expire=5: a requeued job may start again only after cred_expire (120 s by default; measured 164 s here).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+NODES = 3
+CPUS = 8
+GPUS = 2
+
+
+def slurm_available() -> bool:
+    return all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch")) and os.geteuid() == 0
+
+
+def _free_port_range(count: int) -> int:
+    for base in range(23000, 60000, 97):
+        try:
+            socks = []
+            for k in range(count):
+                s = socket.socket()
+                s.bind(("127.0.0.1", base + k))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range for the Slurm daemons")
+
+
+class SlurmCluster:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.procs: list[subprocess.Popen] = []
+        self.conf = self.root / "slurm.conf"
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def _write_config(self) -> None:
+        host = socket.gethostname()
+        base = _free_port_range(NODES + 1)
+        dev = self.root / "dev"
+        dev.mkdir(parents=True, exist_ok=True)
+        for g in range(GPUS):
+            node = dev / f"gpu{g}"
+            if not node.exists():
+                os.mknod(node, 0o666 | 0o020000, os.makedev(1, 3))      # a character device, as gres requires
+        for d in ("state", "spool", "log"):
+            (self.root / d).mkdir(exist_ok=True)
+        self.conf.write_text(f"""ClusterName=hpcembed-ci
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={base + NODES}
+SlurmUser=root
+AuthType=auth/none
+CredType=cred/none
+AuthInfo=cred_expire=5
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=pmi2
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
+MinJobAge=4
+EnforcePartLimits=ALL
+ReturnToService=2
+JobRequeue=1
+KillWait=30
+SlurmdParameters=config_overrides
+GresTypes=gpu
+StateSaveLocation={self.root}/state
+SlurmdSpoolDir={self.root}/spool/%n
+SlurmctldPidFile={self.root}/slurmctld.pid
+SlurmdPidFile={self.root}/slurmd-%n.pid
+SlurmctldLogFile={self.root}/log/slurmctld.log
+SlurmdLogFile={self.root}/log/slurmd-%n.log
+NodeName=n[1-{NODES}] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{base}-{base + NODES - 1}] CPUs={CPUS} Gres=gpu:{GPUS} State=UNKNOWN
+PartitionName=ci Nodes=n[1-{NODES}] Default=YES MaxTime=INFINITE State=UP
+""")
+        (self.root / "gres.conf").write_text(f"AutoDetect=off\nNodeName=n[1-{NODES}] Name=gpu File={dev}/gpu[0-{GPUS - 1}]\n")
+
+    def start(self, timeout: float = 60) -> "SlurmCluster":
+        self._write_config()
+        log = open(self.root / "log" / "daemons.out", "w")
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], stdout=log,
+                                           stderr=subprocess.STDOUT, env=self.env))
+        for n in range(1, NODES + 1):
+            (self.root / "spool" / f"n{n}").mkdir(parents=True, exist_ok=True)
+            self.procs.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf), "-N", f"n{n}"], stdout=log,
+                                               stderr=subprocess.STDOUT, env=self.env))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+            if len(states) == NODES and all(s == "idle" for s in states):
+                return self
+            for p in self.procs:
+                if p.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"a Slurm daemon exited (rc {p.returncode}): "
+                                       f"{(self.root / 'log' / 'daemons.out').read_text()[-2000:]}")
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"Slurm nodes not idle within {timeout} s: {states}")
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60, env: dict | None = None, cwd=None):
+        proc = subprocess.run(["timeout", str(int(timeout)), *cmd], capture_output=True, text=True,
+                              env={**self.env, **(env or {})}, cwd=cwd, timeout=timeout + 10)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+        return proc
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+        self.procs.clear()

@@ -1,0 +1,143 @@
+"""The slurm/ job scripts, submitted unchanged with `sbatch` to a real slurmctld and 3 slurmd (tests/slurm_cluster.py:
+8 CPUs and 2 fake GPUs per node), checked against sentence-transformers row by row."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, read_output, reference, write_jsonl
+from .slurm_cluster import SlurmCluster, slurm_available
+
+pytestmark = pytest.mark.skipif(not slurm_available(), reason="needs root and Slurm's daemons (apt-get install "
+                                "slurmctld slurmd slurm-client; .ci/run does)")
+SCRIPTS = REPO / "slurm"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    # Jobs find this venv's hpcembed through PATH, which sbatch exports to them.
+    c.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + c.env["PATH"]
+    c.env["HF_HUB_OFFLINE"] = "1"
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, st_model):
+    root = tmp_path_factory.mktemp("slurm-corpus")
+    texts = {f"d{k:04d}": f"slurm document {k} " + "text " * (k % 29) for k in range(600)}
+    for f in range(3):
+        write_jsonl(root / f"p{f}.jsonl", [{"id": i, "text": texts[i]} for i in sorted(texts)[f::3]])
+    ids = sorted(texts)
+    return root, dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
+
+
+def job_file(tmp_path: Path, corpus_dir: Path, out: Path, **extra) -> Path:
+    settings = {"input": [str(corpus_dir)], "output": str(out), "unit_rows": 25, "chunk_rows": 10, **extra}
+    lines = [f"{k.replace('_', '-')} = {json.dumps(v)}" for k, v in settings.items()]
+    path = tmp_path / "job.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def submit_wait(cluster: SlurmCluster, tmp_path: Path, script: str, *args: str, timeout: float = 300) -> str:
+    proc = cluster.run("sbatch", "--wait", "--parsable", str(SCRIPTS / script), *args, cwd=tmp_path,
+                       timeout=timeout, check=False)
+    job = proc.stdout.strip().split(";")[0]
+    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job}.*")))
+    assert proc.returncode == 0, f"sbatch {script} exited {proc.returncode}: {proc.stderr}\n{logs[-4000:]}"
+    return logs
+
+
+def check_output(out: Path, expected: dict) -> dict:
+    got = read_output(out)
+    assert set(got) == set(expected)
+    assert min(float(got[i] @ expected[i]) for i in expected) >= 0.9999
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] and (out / "_SUCCESS").exists()
+    return manifest
+
+
+def roles(manifest: dict) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in manifest["ranks"]:
+        out.setdefault(r["role"], []).append(r)
+    return out
+
+
+def test_single_node(cluster, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "out"
+    logs = submit_wait(cluster, tmp_path, "embed-single-node.sbatch", str(job_file(tmp_path, root, out)))
+    manifest = check_output(out, expected)
+    by_role = roles(manifest)
+    # 8 tasks, 1 GPU allocated by default: 1 conductor, 1 gpu rank, 6 tokenizer ranks, all on one node.
+    assert len(by_role["gpu"]) == 1 and len(by_role["tokenizer"]) == 6
+    assert {r["host"] for r in manifest["ranks"]} == {by_role["conductor"][0]["host"]}
+    assert "progress:" in logs and "complete: 600 rows embedded" in logs
+
+
+def test_multi_node(cluster, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "out"
+    submit_wait(cluster, tmp_path, "embed-multi-node.sbatch", str(job_file(tmp_path, root, out)))
+    manifest = check_output(out, expected)
+    by_role = roles(manifest)
+    # 2 nodes x 4 tasks, 1 GPU each: a gpu rank on each node, and both did work.
+    assert len({r["host"] for r in by_role["gpu"]}) == 2 and all(r["rows"] > 0 for r in by_role["gpu"])
+    assert len(by_role["tokenizer"]) == 5
+
+
+def test_het_job(cluster, corpus, tmp_path):
+    root, expected = corpus
+    out = tmp_path / "out"
+    submit_wait(cluster, tmp_path, "embed-hetjob.sbatch", str(job_file(tmp_path, root, out)))
+    manifest = check_output(out, expected)
+    by_role = roles(manifest)
+    tokenizer_hosts = {r["host"] for r in by_role["tokenizer"]}
+    gpu_hosts = {r["host"] for r in by_role["gpu"]}
+    assert len(by_role["tokenizer"]) == 2 and all(r["rows"] > 0 for r in by_role["tokenizer"])
+    assert len(by_role["gpu"]) == 2 and all(r["rows"] > 0 for r in by_role["gpu"])
+    assert not tokenizer_hosts & gpu_hosts           # component 0 and component 1 on their own nodes
+
+
+def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
+    texts = {f"s{k:05d}": f"requeue test row {k} " + "word " * (k % 23) for k in range(1600)}
+    root = tmp_path / "in"
+    root.mkdir()
+    write_jsonl(root / "big.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    out = tmp_path / "out"
+    # A small batch window, so the tokenizers are still reading when the signal comes.
+    job = job_file(tmp_path, root, out, max_batch_tokens=256, window_batches=2, unit_rows=50)
+    submitted = cluster.run("sbatch", "--parsable", str(SCRIPTS / "embed-single-node.sbatch"), str(job),
+                            cwd=tmp_path)
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 240
+    ledger = out / "_ledger.jsonl"
+    while not (ledger.exists() and '"kind": "unit"' in ledger.read_text()):
+        logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job_id}.*")))
+        assert time.monotonic() < deadline and "error" not in logs, f"no unit committed:\n{logs[-3000:]}"
+        time.sleep(0.1)
+    # What --signal=B:USR1@120 does near the time limit: signal the batch shell.
+    cluster.run("scancel", "--batch", "--signal=USR1", job_id)
+    state = ""
+    while time.monotonic() < deadline:
+        info = cluster.run("scontrol", "show", "job", job_id, check=False).stdout
+        state = next((w.split("=")[1] for w in info.split() if w.startswith("JobState=")), "")
+        restarts = next((int(w.split("=")[1]) for w in info.split() if w.startswith("Restarts=")), 0)
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            break
+        time.sleep(0.5)
+    logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job_id}.*")))
+    assert state == "COMPLETED" and restarts >= 1, (state, logs[-4000:])
+    assert "SIGUSR1 received" in logs and "requeueing job" in logs
+    ids = sorted(texts)
+    expected = dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
+    manifest = check_output(out, expected)
+    assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
