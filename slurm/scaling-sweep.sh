@@ -17,10 +17,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$sweep/manifests"
 for nodes in ${HPCEMBED_SWEEP_NODES:-1 2 4}; do
     run="$sweep/nodes-$nodes"
+    rm -rf "$run/output"            # each size starts fresh; a requeued run of it still resumes its own output
     mkdir -p "$run"
     job=$(sbatch --parsable --wait --nodes="$nodes" --job-name="hpcembed-sweep-$nodes" \
         --output="$run/%x-%j.out" --error="$run/%x-%j.err" ${HPCEMBED_SWEEP_SBATCH:-} \
-        "$here/embed-multi-node.sbatch" "$config" --output "$run/output" --overwrite "$@") || {
+        "$here/embed-multi-node.sbatch" "$config" --output "$run/output" "$@") || {
         echo "scaling-sweep: the $nodes-node run failed; see $run" >&2; exit 1; }
     python3 - "$run/output/_manifest.json" "$sweep/manifests/nodes-$nodes.json" "$nodes" "${job%%;*}" <<'PY'
 import json, sys

@@ -141,3 +141,16 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
     expected = dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
     manifest = check_output(out, expected)
     assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
+
+
+def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
+    root, expected = corpus
+    sweep = tmp_path / "sweep"
+    proc = cluster.run("bash", str(SCRIPTS / "scaling-sweep.sh"), str(job_file(tmp_path, root, tmp_path / "unused")),
+                       str(sweep), env={"HPCEMBED_SWEEP_NODES": "1 2"}, cwd=tmp_path, timeout=400, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for nodes in (1, 2):
+        manifest = json.loads((sweep / "manifests" / f"nodes-{nodes}.json").read_text())
+        assert manifest["sweep"]["nodes"] == nodes and manifest["complete"]
+        assert len({r["host"] for r in manifest["ranks"]}) == nodes
+        check_output(sweep / f"nodes-{nodes}" / "output", expected)
