@@ -157,8 +157,8 @@ class BackgroundJob:
             self.stop()
 
     def stop(self) -> None:
+        # kill_tree snapshots the whole tree before signalling, so ranks cannot escape by being orphaned.
         if self.proc.poll() is None:
             self.kill_tree()
             self.proc.wait(timeout=30)
-        # Ranks orphaned by a killed mpiexec are stopped by PID too.
         self._log.close()
