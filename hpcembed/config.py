@@ -46,6 +46,10 @@ class JobConfig:
                                           "on; see bench/notes/gpu_stage.md for what it measured)")
     exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
                                    "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")
+    tokenizer_backend: str = _opt("auto", "tokenizer: 'budtiktok' is the fast Rust backend with HF fallbacks, ids "
+                                          "identical to 'hf'; auto uses it where it is installed and proven for "
+                                          "the model's tokenizer type (BERT WordPiece)",
+                                  choices=("auto", "hf", "budtiktok"))
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "
                                     "(default: 2048 on CPU, where small padded batches measured fastest; "
                                     "262144 on CUDA, fastest on an H100 with 2 instances)")

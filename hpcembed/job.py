@@ -31,7 +31,7 @@ from .roles.gpu import GpuRole
 from .roles.tokenizer import TokenizerRole
 from .signals import STOP
 from .slurm import SlurmTask
-from .tokenize import HFTokenizer
+from .tokenize import make_tokenizer
 from .transport.base import Transport
 
 log = logging.getLogger("hpcembed")
@@ -101,7 +101,7 @@ def already_complete(setup: Setup) -> dict:
 
 def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec,
                    committed_shards: list[tuple[int, str, int]], peers=None) -> TokenizerRole:
-    backend = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
@@ -170,7 +170,7 @@ def run_single_process(cfg: JobConfig) -> dict:
     gpu_report, tok_report = result.reports[2], result.reports[1]
     ranks = [{"rank": 0, "role": "conductor+tokenizer+gpu", "host": platform.node(), "rows": gpu_report.rows,
               "tokens": gpu_report.tokens, "busy_seconds": round(gpu_report.busy_seconds, 3),
-              "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3), **gpu_report.encoder}]
+              "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3), **tok_report.encoder, **gpu_report.encoder}]
     encoder = gpu.pool.encoders[0]
     return finish(cfg, setup, result, ranks, "inproc", encoder.device_name)
 

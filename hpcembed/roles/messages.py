@@ -109,7 +109,8 @@ class RankReport:
     rows: int
     tokens: int
     busy_seconds: float
-    encoder: dict = field(default_factory=dict)     # gpu ranks: engine, device, dtype, instances
+    encoder: dict = field(default_factory=dict)     # gpu ranks: engine, device, dtype, instances;
+                                                    # tokenizer ranks: their backend and its row counts
 
 
 @dataclass

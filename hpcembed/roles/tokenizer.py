@@ -111,7 +111,7 @@ class TokenizerRole:
         while any(self.credit_messages[g] < owed(g) for g in self.roles.gpus):
             self._receive(None)
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
-                                                     self.rows, self.tokens, self.busy))
+                                                     self.rows, self.tokens, self.busy, self.backend.describe()))
         while not self.released:
             self._receive(None)
 

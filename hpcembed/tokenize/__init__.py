@@ -1,5 +1,31 @@
-"""Tokenizer backends behind one interface, and the TokenBatch they produce."""
+"""Tokenizer backends behind one interface (`encode(texts) -> list of id lists`, `fingerprint()`), and the
+TokenBatch they produce."""
+from __future__ import annotations
+
+import logging
+
 from .batch import TokenBatch
 from .hf import HFTokenizer
 
-__all__ = ["TokenBatch", "HFTokenizer"]
+__all__ = ["TokenBatch", "HFTokenizer", "make_tokenizer", "BACKENDS"]
+
+BACKENDS = ("auto", "hf", "budtiktok")
+log = logging.getLogger("hpcembed")
+
+
+def make_tokenizer(model_dir, max_seq_length: int, lowercase: bool, backend: str = "auto"):
+    """The tokenizer backend for a model. 'auto' takes budtiktok where it is installed and proven identical to
+    HF for this tokenizer's pipeline, else HF; asking for budtiktok where it is not is an error."""
+    from ..errors import ConfigError
+    from .budtiktok_backend import BudTikTokTokenizer, unsupported_reason
+    hf = HFTokenizer.from_model_dir(model_dir, max_seq_length, lowercase)
+    if backend == "hf":
+        return hf
+    reason = unsupported_reason(model_dir)
+    if reason is None:
+        return BudTikTokTokenizer(model_dir, hf)
+    if backend == "budtiktok":
+        raise ConfigError(f"--tokenizer-backend budtiktok cannot be used for {model_dir}: {reason}; "
+                          "use --tokenizer-backend hf")
+    log.debug("tokenizer backend hf: budtiktok not used because %s", reason)
+    return hf

@@ -47,7 +47,10 @@ class TokenBatch:
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
         offsets = np.zeros(len(token_lists) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
-        flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(offsets[-1]))
+        if token_lists and all(isinstance(t, np.ndarray) for t in token_lists):
+            flat = np.concatenate(token_lists).astype(np.int32, copy=False)
+        else:   # lists (HF), or a mix with arrays (BudTikTok with some rows sent to HF)
+            flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(offsets[-1]))
         id_arr = pa.array(ids, type=pa.string())
         _, id_off, id_data = id_arr.buffers()
         id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1).copy()

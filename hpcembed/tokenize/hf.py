@@ -40,6 +40,10 @@ class HFTokenizer:
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.lowercase:
             texts = [t.lower() for t in texts]
+        return self.encode_prepared(texts)
+
+    def encode_prepared(self, texts: list[str]) -> list[list[int]]:
+        """`encode` for texts already lowercased where the model asks for it."""
         limit = self.long_text_chars
         long_rows = [k for k, t in enumerate(texts) if len(t) > limit]
         if not long_rows:
@@ -68,7 +72,15 @@ class HFTokenizer:
             window *= 4
         return self._tok.encode(text).ids
 
+    def describe(self) -> dict:
+        return {"tokenizer_backend": self.name}
+
     def fingerprint(self) -> str:
-        """Identifies the vocabulary and rules, so pre-tokenized data can be matched to a model."""
+        """Identifies the vocabulary and rules (not the padding and truncation settings, which this backend
+        overrides), so pre-tokenized data can be matched to a model."""
         import hashlib
-        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+        import json
+        rules = json.loads(self._tok.to_str())
+        rules.pop("padding", None)
+        rules.pop("truncation", None)
+        return hashlib.sha256(json.dumps(rules, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,179 @@
+"""The BudTikTok backend: the `budtiktok` Rust wheel for the rows it tokenizes exactly as HF does, HF for the rest.
+
+BudTikTok is several times faster per core than HF `tokenizers`, but on its own it is not identical (FACTS.md):
+its truncation drops the final [SEP], it ignores tokenizer.json's padding and truncation settings, a literal
+special token such as "[MASK]" in a text is split instead of mapped to its id, and several hundred code points
+(final sigma, some spaces and punctuation of many scripts, most of the planes above the SMP) tokenize
+differently. So this backend:
+
+- encodes untruncated and truncates itself, keeping the template's trailing special tokens;
+- bounds the work on giant texts the way the HF backend does (a prefix cut at a space, used only when it already
+  yields more tokens than truncation keeps);
+- sends to HF every text that holds a special-token literal (compared case-insensitively, to be safe) or any code
+  point that BudTikTok was not found to tokenize identically. Those code points are found at start-up by probing
+  every code point of the BMP and SMP against HF, in groups that are split only when a group differs;
+- is only offered for tokenizer pipelines it was proven identical on (`supported`): the BERT WordPiece family.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .hf import HFTokenizer
+
+# Tokenizer pipelines on which BudTikTok plus the fallbacks above gave ids identical to HF for every row of the
+# tests (edge cases, fuzzed text from every probed script, the benchmark corpus). Others use HF.
+PROVEN_PIPELINES = [
+    {"model": "WordPiece", "normalizer": "BertNormalizer", "pre_tokenizer": "BertPreTokenizer",
+     "post_processor": "TemplateProcessing"},
+    {"model": "WordPiece", "normalizer": "BertNormalizer", "pre_tokenizer": "BertPreTokenizer",
+     "post_processor": "BertProcessing"},
+]
+PROBE_LIMIT = 0x20000          # code points from U+0080 up to here are probed; everything above falls back
+PROBE_GROUP = 64
+
+
+def pipeline_of(tokenizer_json: dict) -> dict:
+    def kind(part):
+        return (part or {}).get("type")
+    return {"model": kind(tokenizer_json.get("model")), "normalizer": kind(tokenizer_json.get("normalizer")),
+            "pre_tokenizer": kind(tokenizer_json.get("pre_tokenizer")),
+            "post_processor": kind(tokenizer_json.get("post_processor"))}
+
+
+def unsupported_reason(model_dir: str | Path) -> str | None:
+    """Why the budtiktok backend cannot be used for this model, or None when it can."""
+    if importlib.util.find_spec("budtiktok") is None:
+        return "the budtiktok package is not installed (pip install budtiktok)"
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.exists():
+        return f"{model_dir} has no tokenizer.json"
+    pipeline = pipeline_of(json.loads(path.read_text(encoding="utf-8")))
+    if pipeline not in PROVEN_PIPELINES:
+        return (f"its tokenizer pipeline {pipeline} is not one budtiktok was proven identical to HF on "
+                f"(the BERT WordPiece family)")
+    return None
+
+
+def _probe_text(codepoints: list[int]) -> str:
+    # Each code point between letters, alone, doubled, and after an accented capital: the contexts in which
+    # normalization, splitting and accent handling differed when this was written.
+    return " ".join(f"a{chr(c)}b {chr(c)} y{chr(c)}{chr(c)}z \u00c9{chr(c)}" for c in codepoints)
+
+
+@functools.lru_cache(maxsize=4)
+def unsafe_codepoints(tokenizer_path: str) -> tuple[int, ...]:
+    """Code points in U+0080..PROBE_LIMIT for which BudTikTok and HF disagree, found by probing in groups."""
+    import budtiktok
+    from tokenizers import Tokenizer
+    hf = Tokenizer.from_file(tokenizer_path)
+    hf.no_padding()
+    hf.no_truncation()
+    bt = budtiktok.Tokenizer.from_file(tokenizer_path)
+    candidates = [c for c in range(0x80, PROBE_LIMIT) if not 0xD800 <= c < 0xE000]
+    groups = [candidates[k: k + PROBE_GROUP] for k in range(0, len(candidates), PROBE_GROUP)]
+    unsafe: list[int] = []
+    while groups:
+        texts = [_probe_text(g) for g in groups]
+        differing = [g for g, h, b in zip(groups, hf.encode_batch(texts), bt.encode_batch(texts)) if h.ids != b.ids]
+        groups = []
+        for g in differing:
+            if len(g) == 1:
+                unsafe.extend(g)
+            else:
+                groups += [g[: len(g) // 2], g[len(g) // 2:]]
+    return tuple(sorted(unsafe))
+
+
+def _char_class(codepoints: list[int]) -> str:
+    """A regex character class body for a sorted list of code points, as ranges."""
+    parts, start = [], None
+    for k, c in enumerate(codepoints):
+        if start is None:
+            start = c
+        if k + 1 == len(codepoints) or codepoints[k + 1] != c + 1:
+            parts.append(re.escape(chr(start)) + ("-" + re.escape(chr(c)) if c != start else ""))
+            start = None
+    return "".join(parts)
+
+
+class BudTikTokTokenizer:
+    name = "budtiktok"
+
+    def __init__(self, model_dir: str | Path, hf: HFTokenizer):
+        import budtiktok
+        path = str(Path(model_dir) / "tokenizer.json")
+        reason = unsupported_reason(model_dir)
+        if reason:
+            raise ValueError(reason)
+        self._bt = budtiktok.Tokenizer.from_file(path)
+        self.hf = hf
+        self.max_seq_length, self.lowercase, self.long_text_chars = hf.max_seq_length, hf.lowercase, hf.long_text_chars
+        # How many special tokens the template puts after the text: truncation keeps them.
+        probe = hf._tok.encode("a")
+        self._tail = len(probe.special_tokens_mask) - 1 - max(
+            k for k, special in enumerate(probe.special_tokens_mask) if not special)
+        unsafe = list(unsafe_codepoints(path))
+        # Everything above the probed range (mostly unassigned and private-use planes) falls back too.
+        self._unsafe = re.compile(f"[{_char_class(unsafe)}\ud800-\udfff{re.escape(chr(PROBE_LIMIT))}-\U0010ffff]")
+        specials = sorted({t["content"] for t in json.loads(Path(path).read_text(encoding="utf-8"))["added_tokens"]},
+                          key=len, reverse=True)
+        self._special = re.compile("|".join(re.escape(s) for s in specials), re.IGNORECASE) if specials else None
+        # A substring test per first character is far cheaper than the regex, and most texts hold none of them.
+        self._special_starts = sorted({c for s in specials for c in (s[:1].lower(), s[:1].upper())})
+        self.rows_fast = self.rows_fallback = 0
+
+    def describe(self) -> dict:
+        return {"tokenizer_backend": self.name, "rows_budtiktok": self.rows_fast, "rows_hf_fallback": self.rows_fallback}
+
+    def needs_hf(self, text: str) -> bool:
+        if not text.isascii() and self._unsafe.search(text):
+            return True
+        if self._special is None or not any(c in text for c in self._special_starts):
+            return False
+        return self._special.search(text) is not None
+
+    def _truncate(self, ids: np.ndarray) -> np.ndarray:
+        limit = self.max_seq_length
+        if len(ids) <= limit:
+            return ids
+        return np.concatenate((ids[: limit - self._tail], ids[len(ids) - self._tail:]))
+
+    def encode(self, texts: list[str]) -> list:
+        """Token ids per text: numpy uint32 arrays where BudTikTok encoded, lists where HF did."""
+        if self.lowercase:
+            texts = [t.lower() for t in texts]
+        limit = self.long_text_chars
+        out: list[list[int] | None] = [None] * len(texts)
+        fast, slow, long_rows = [], [], []
+        for k, t in enumerate(texts):
+            (long_rows if len(t) > limit else slow if self.needs_hf(t) else fast).append(k)
+        if fast:
+            for k, enc in zip(fast, self._bt.encode_batch([texts[k] for k in fast])):
+                out[k] = self._truncate(enc.get_ids_numpy())    # uint32; numpy is 8x cheaper than .ids
+        for k in long_rows:
+            out[k] = self._encode_long(texts[k])
+        if slow:
+            # Already lowercased: the HF backend must not do it twice (it is idempotent, but costs time).
+            for k, ids in zip(slow, self.hf.encode_prepared([texts[k] for k in slow])):
+                out[k] = ids
+        self.rows_fast += len(fast)
+        self.rows_fallback += len(slow)
+        return out  # type: ignore[return-value]
+
+    def _encode_long(self, text: str) -> list[int]:
+        cut = text.rfind(" ", 0, self.long_text_chars)
+        if cut > 0 and not self.needs_hf(text[:cut]):
+            ids = self._bt.encode(text[:cut]).get_ids_numpy()
+            # More tokens than truncation keeps: every kept token came from whole words before the cut.
+            if len(ids) > self.max_seq_length:
+                return self._truncate(ids)
+        return self.hf.encode_prepared([text])[0]
+
+    def fingerprint(self) -> str:
+        return self.hf.fingerprint()
