@@ -1,4 +1,5 @@
-"""Command line: `hpcembed run [--config job.toml] [options]`. Parses, builds a JobConfig, runs, reports.
+"""Command line: `hpcembed run|tokenize [--config job.toml] [options]`, and `hpcembed launch` for Slurm batch
+scripts. Parses, builds a JobConfig, runs, reports.
 
 Errors meant for the user print as one line and exit with a code from hpcembed.errors; set HPCEMBED_DEBUG=1
 for tracebacks."""
@@ -11,7 +12,7 @@ import os
 import sys
 
 from . import __version__
-from .config import FIELDS, build_config, load_toml
+from .config import FIELDS, TOKENIZE_FIELDS, build_config, load_toml
 from .errors import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, HpcEmbedError
 
 log = logging.getLogger("hpcembed")
@@ -24,8 +25,17 @@ Exit codes: 0 done, 1 failed, 2 bad usage or job file, 3 invalid input (fail-fas
 SIGTERM/SIGUSR1/SIGUSR2 with committed work kept (rerun the same command to resume)."""
 
 
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
+TOKENIZE_EPILOG = """\
+Writes a token directory: Arrow IPC shards (id, input_ids list<int32>, truncated, special tokens included),
+_manifest.json naming the tokenizer, _rejects.jsonl when rows were skipped, and _SUCCESS last. Embed it on GPU
+nodes with `hpcembed run --input TOKDIR --output DIR`, which refuses it if the model's tokenizer differs.
+Repeated ids are checked by that embedding job. Exit codes as for `hpcembed run`."""
+
+
+def _add_job_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
     for name, f in FIELDS.items():
+        if only is not None and name not in only:
+            continue
         flag = "--" + name.replace("_", "-")
         kwargs = {"dest": name, "default": None, "help": f.metadata["help"]}
         if f.metadata.get("choices"):
@@ -56,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", metavar="JOB.toml", help="TOML job file with the same keys as the long options")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     _add_job_options(run)
+    tokenize = sub.add_parser("tokenize", help="tokenize a corpus into a token directory (CPU nodes)",
+                              description="Tokenize a corpus into Arrow IPC token shards, on CPU-only nodes, for a "
+                              "later `hpcembed run --input TOKDIR` on GPU nodes.", epilog=TOKENIZE_EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    tokenize.add_argument("--config", metavar="JOB.toml", help="TOML job file (keys of `hpcembed run` are accepted; "
+                          "those that concern the encoder are ignored)")
+    tokenize.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_job_options(tokenize, TOKENIZE_FIELDS)
     launch = sub.add_parser("launch", help="run a job step from a Slurm batch script: pass signals to it, requeue "
                             "the job if it stopped early", description="Run COMMAND (srun/mpiexec ... hpcembed "
                             "run ...) as a child, pass SIGUSR1/SIGUSR2/SIGTERM to it, and requeue the Slurm job "
@@ -92,17 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
-        cli_values = {name: getattr(args, name) for name in FIELDS}
+        tokenize = args.command == "tokenize"
+        cli_values = {name: getattr(args, name, None) for name in FIELDS}
         cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)
         from .world import under_mpi
         if under_mpi():
             from .job import run_mpi
-            manifest = run_mpi(cfg)
+            manifest = run_mpi(cfg, tokenize)
             if manifest is None:          # not the conductor: it reports for the job
                 return 0
         else:
             from .job import run_single_process
-            manifest = run_single_process(cfg)
+            manifest = run_single_process(cfg, tokenize)
     except HpcEmbedError as exc:
         print(f"hpcembed: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -123,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                  f"{manifest['rows_written_this_run']:,}", EXIT_STOPPED)
         return EXIT_STOPPED
     status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
-    log.info("%s: %s rows embedded, %s rejected, %s texts/s, %s tokens/s -> %s", status,
-             f"{manifest['rows_written']:,}", f"{manifest['rejected_rows']:,}", f"{manifest['texts_per_s']:,}",
+    log.info("%s: %s rows %s, %s rejected, %s texts/s, %s tokens/s -> %s", status,
+             f"{manifest['rows_written']:,}", "tokenized" if manifest.get("kind") == "tokens" else "embedded",
+             f"{manifest['rejected_rows']:,}", f"{manifest['texts_per_s']:,}",
              f"{manifest['tokens_per_s']:,}", cfg.output)
     return 0 if manifest["complete"] else EXIT_FAILED

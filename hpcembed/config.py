@@ -88,6 +88,10 @@ class JobConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
+# The options `hpcembed tokenize` takes; the rest concern the encoder. Its job file may still hold them all, so
+# one TOML can drive both steps of a tokenize-then-embed pipeline.
+TOKENIZE_FIELDS = ("input", "output", "model", "text_column", "id_column", "on_invalid", "overwrite",
+                   "max_seq_length", "tokenizer_backend", "unit_rows", "chunk_rows", "progress", "progress_interval")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

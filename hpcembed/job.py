@@ -1,5 +1,9 @@
 """Assemble and run a job: resolve inputs, plan units, start the roles over a transport, write the manifest.
 
+Two kinds of job share all of it: an embedding job (`hpcembed run`: conductor, tokenizer and gpu ranks, Parquet
+embeddings out) and a tokenize job (`hpcembed tokenize`: conductor and tokenizer ranks only, each writing its
+own token shards; see io/tokens.py). An embedding job reads a token directory like any other input.
+
 One process (no MPI): the conductor runs on the main thread, one tokenizer and one gpu role run as threads
 over the in-process transport. Under mpiexec/srun: every rank runs the role the world plan gives it over the
 MPI transport. Both run the same role loops; nothing is copied between the two paths.
@@ -19,7 +23,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import ModelSpec, build_encoder, default_model_dir, resolve_device
 from .engine.instances import InstancePool
-from .errors import HpcEmbedError
+from .errors import ConfigError, HpcEmbedError
 from .io.readers import Columns
 from .io.ledger import Ledger, LedgerState, model_identity
 from .io.sources import Plan, plan_job, resolve_inputs
@@ -28,10 +32,10 @@ from .progress import Progress
 from .roles.common import RoleMap, run_role
 from .roles.conductor import Conductor, JobResult
 from .roles.gpu import GpuRole
-from .roles.tokenizer import TokenizerRole
+from .roles.tokenizer import TokenizerRole, TokenWriterRole
 from .signals import STOP
 from .slurm import SlurmTask
-from .tokenize import make_tokenizer
+from .tokenize import HFTokenizer, make_tokenizer
 from .transport.base import Transport
 
 log = logging.getLogger("hpcembed")
@@ -46,9 +50,14 @@ class Setup:
     status: str                     # 'fresh', 'resume' or 'complete' (io/writer.py OutputDir.open)
     resumed: LedgerState
     dtype: str
+    tokenize: bool                  # a tokenize job (token shards out) rather than an embedding job
+    tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
 
     def committed_shards(self) -> list[tuple[int, str, int]]:
-        """(unit, path, position) of every shard earlier runs committed, positions ordering their rows."""
+        """(unit, path, position) of every shard earlier runs committed, positions ordering their rows.
+        A tokenize job checks no ids (the embedding job does), so it needs none."""
+        if self.tokenize:
+            return []
         out = []
         for k, (unit, name) in enumerate(sorted((u.unit, name) for u in self.resumed.units.values()
                                                 for name in u.shards)):
@@ -73,23 +82,48 @@ def fingerprint(cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str) -> dict
             "text_column": cfg.text_column, "id_column": cfg.id_column, "unit_rows": cfg.unit_rows}
 
 
-def prepare(cfg: JobConfig, device: str) -> Setup:
+def tokenize_fingerprint(cfg: JobConfig, spec: ModelSpec, plan: Plan, tokenizer: dict) -> dict:
+    """What makes two tokenize runs the same job. The backend is not part of it: every backend gives the same
+    ids, so a job may resume with another."""
+    job = fingerprint(cfg, spec, plan, "")
+    return {"kind": "tokens", "inputs": job["inputs"], "tokenizer": tokenizer, "text_column": cfg.text_column,
+            "id_column": cfg.id_column, "unit_rows": cfg.unit_rows}
+
+
+def _check_token_inputs(cfg: JobConfig, tokenize: bool, tokenizer: dict) -> None:
+    from .io.tokens import check_tokenizer_matches, read_token_manifest
+    for pattern in cfg.input:
+        manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
+        if manifest is None:
+            continue
+        if tokenize:
+            raise ConfigError(f"input {pattern} is already a token directory; embed it with `hpcembed run --input "
+                              f"{pattern}`")
+        check_tokenizer_matches(pattern, manifest.get("tokenizer", {}), tokenizer)
+
+
+def prepare(cfg: JobConfig, device: str, tokenize: bool = False) -> Setup:
     """Everything the conductor decides before work starts. Raises HpcEmbedError for the user."""
+    from .io.tokens import tokenizer_identity
     started = time.time()
     spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
                           max_seq_length=cfg.max_seq_length)
+    tokenizer = tokenizer_identity(HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase),
+                                   spec.name)
+    _check_token_inputs(cfg, tokenize, tokenizer)
     files = resolve_inputs(cfg.input)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
     dtype = resolved_dtype(cfg, device)
-    output = OutputDir(cfg.output)
-    status, resumed = output.open(fingerprint(cfg, spec, plan, dtype), [e.as_reject() for e in plan.unreadable],
-                                  cfg.overwrite)
-    log.info("%d input files, %s rows in %d work units; model %s (%s pooling, max %d tokens)", len(files),
-             f"{plan.total_rows:,}", len(plan.units), spec.name, spec.pooling, spec.max_seq_length)
+    output = OutputDir(cfg.output, tokens=tokenize)
+    job = tokenize_fingerprint(cfg, spec, plan, tokenizer) if tokenize else fingerprint(cfg, spec, plan, dtype)
+    status, resumed = output.open(job, [e.as_reject() for e in plan.unreadable], cfg.overwrite)
+    log.info("%d input files, %s rows in %d work units; %s %s (%s, max %d tokens)", len(files),
+             f"{plan.total_rows:,}", len(plan.units), "tokenizer of" if tokenize else "model", spec.name,
+             f"tokenizer {tokenizer['fingerprint']}" if tokenize else f"{spec.pooling} pooling", spec.max_seq_length)
     if status == "resume":
         log.info("resuming %s: %d of %d units (%s rows) already committed", output.path, len(resumed.units),
                  len(plan.units), f"{resumed.rows:,}")
-    return Setup(spec, plan, output, started, status, resumed, dtype)
+    return Setup(spec, plan, output, started, status, resumed, dtype, tokenize, tokenizer)
 
 
 def already_complete(setup: Setup) -> dict:
@@ -100,13 +134,18 @@ def already_complete(setup: Setup) -> dict:
 
 
 def tokenizer_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec,
-                   committed_shards: list[tuple[int, str, int]], peers=None) -> TokenizerRole:
+                   committed_shards: list[tuple[int, str, int]], peers=None,
+                   tokens_to: OutputDir | None = None) -> TokenizerRole:
+    """The tokenizer role of an embedding job, or with `tokens_to` that of a tokenize job."""
     backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    columns = Columns(cfg.text_column, cfg.id_column)
+    if tokens_to is not None:
+        return TokenWriterRole(transport, roles, backend, columns, cfg.chunk_rows, cfg.on_invalid == "skip",
+                               tokens_to)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
-    return TokenizerRole(transport, roles, backend, Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows,
-                         skip_invalid=cfg.on_invalid == "skip", peers=peers, committed_shards=share)
+    return TokenizerRole(transport, roles, backend, columns, cfg.chunk_rows, skip_invalid=cfg.on_invalid == "skip", peers=peers, committed_shards=share)
 
 
 def gpu_role(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, output: OutputDir,
@@ -140,18 +179,22 @@ def finish(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[dict], t
 
 # --- one process ----------------------------------------------------------------------------------------------
 
-def run_single_process(cfg: JobConfig) -> dict:
+def run_single_process(cfg: JobConfig, tokenize: bool = False) -> dict:
     from .transport.inproc import InprocNetwork
-    setup = prepare(cfg, resolve_device(cfg.device))
+    setup = prepare(cfg, "cpu" if tokenize else resolve_device(cfg.device), tokenize)
     if setup.status == "complete":
         return already_complete(setup)
     STOP.install()
-    roles = RoleMap(conductor=0, tokenizers=[1], gpus=[2])
+    roles = RoleMap(conductor=0, tokenizers=[1], gpus=[] if tokenize else [2])
     network = InprocNetwork(3)
-    gpu = gpu_role(cfg, network.endpoint(2), roles, setup.spec, setup.output, cfg.device)
-    tokenizer = tokenizer_role(cfg, network.endpoint(1), roles, setup.spec, setup.committed_shards())
+    tokenizer = tokenizer_role(cfg, network.endpoint(1), roles, setup.spec, setup.committed_shards(),
+                               tokens_to=setup.output if tokenize else None)
+    members = [("tokenizer", tokenizer)]
+    if not tokenize:
+        gpu = gpu_role(cfg, network.endpoint(2), roles, setup.spec, setup.output, cfg.device)
+        members.append(("gpu", gpu))
     threads = [threading.Thread(target=run_role, args=(name, role.t, 0, role.run), name=name, daemon=True)
-               for name, role in (("tokenizer", tokenizer), ("gpu", gpu))]
+               for name, role in members]
     for th in threads:
         th.start()
     conductor_t = network.endpoint(0)
@@ -166,8 +209,14 @@ def run_single_process(cfg: JobConfig) -> dict:
     finally:
         for th in threads:
             th.join(timeout=30)
+    tok_report = result.reports[1]
+    if tokenize:
+        ranks = [{"rank": 0, "role": "conductor+tokenizer", "host": platform.node(), "rows": tok_report.rows,
+                  "tokens": tok_report.tokens, "busy_seconds": round(tok_report.busy_seconds, 3),
+                  **tok_report.encoder}]
+        return finish(cfg, setup, result, ranks, "inproc", "cpu")
     # One process: its single entry sums the roles it played; busy time is the encoder's.
-    gpu_report, tok_report = result.reports[2], result.reports[1]
+    gpu_report = result.reports[2]
     ranks = [{"rank": 0, "role": "conductor+tokenizer+gpu", "host": platform.node(), "rows": gpu_report.rows,
               "tokens": gpu_report.tokens, "busy_seconds": round(gpu_report.busy_seconds, 3),
               "tokenizer_busy_seconds": round(tok_report.busy_seconds, 3), **tok_report.encoder, **gpu_report.encoder}]
@@ -177,7 +226,7 @@ def run_single_process(cfg: JobConfig) -> dict:
 
 # --- MPI ------------------------------------------------------------------------------------------------------
 
-def run_mpi(cfg: JobConfig) -> dict | None:
+def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere. Any failure on any rank
     ends the whole world (MPI_Abort) after the conductor prints it: allocation hours are not left to hang."""
     from .transport.mpi import MpiAlltoall, MpiTransport
@@ -192,8 +241,10 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     decision: tuple
     if rank == 0:
         try:
-            setup = prepare(cfg, job_device(cfg, ranks))
-            roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
+            setup = prepare(cfg, "cpu" if tokenize else job_device(cfg, ranks), tokenize)
+            roles = (RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), gpus=[],
+                             hosts={r.rank: r.host for r in ranks}) if tokenize
+                     else plan_roles(ranks, cfg.tokenizer_ranks or None))
             decision = ("complete",) if setup.status == "complete" else ("ok", roles, setup.spec,
                                                                          setup.committed_shards())
         except HpcEmbedError as exc:
@@ -213,13 +264,15 @@ def run_mpi(cfg: JobConfig) -> dict | None:
     # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
     tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
     if role == "conductor":
-        manifest = _run_conductor(cfg, transport, roles, ranks, setup)
+        manifest = _run_conductor(cfg, transport, roles, ranks, setup, tokenize)
         comm.Barrier()
         return manifest
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         peers = MpiAlltoall(tokenizer_comm)
-        body = lambda: tokenizer_role(cfg, transport, roles, spec, committed_shards, peers).run()  # noqa: E731
+        tokens_to = OutputDir(cfg.output, tokens=True) if tokenize else None
+        body = lambda: tokenizer_role(cfg, transport, roles, spec, committed_shards, peers,  # noqa: E731
+                                      tokens_to).run()
     else:
         device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":
@@ -240,7 +293,7 @@ class _Reported(HpcEmbedError):
         self.exit_code = exit_code
 
 
-def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
+def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup, tokenize: bool) -> dict:
     for r in range(transport.size):
         log.info("rank %d on %s: %s", r, ranks[r].host, roles.role_of(r))
     log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks", len(roles.tokenizers), len(roles.gpus))
@@ -255,7 +308,7 @@ def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup) -> dict:
             rep = result.reports[r]
             reports.append({"rank": r, "role": rep.role, "host": rep.host, "rows": rep.rows, "tokens": rep.tokens,
                             "busy_seconds": round(rep.busy_seconds, 3), **rep.encoder})
-        return finish(cfg, setup, result, reports, "mpi", job_device(cfg, ranks))
+        return finish(cfg, setup, result, reports, "mpi", "cpu" if tokenize else job_device(cfg, ranks))
     except HpcEmbedError as exc:
         progress.close()
         print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
@@ -272,13 +325,16 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
                    device: str, dtype: str) -> dict:
     spec, plan, wall = setup.spec, setup.plan, result.wall_seconds
     complete = result.rows_written + result.rejected_rows == plan.total_rows
+    what = ({"kind": "tokens", "tokenizer": setup.tokenizer, "model": spec.name, "model_path": spec.path}
+            if setup.tokenize else
+            {"kind": "embeddings", "model": spec.name, "model_path": spec.path, "architecture": spec.architecture,
+             "dim": spec.dim, "dtype": dtype, "device": device, "pooling": spec.pooling,
+             "normalize": spec.normalize, "max_seq_length": spec.max_seq_length, "tokenizer": setup.tokenizer})
     return {
         "hpcembed_version": __version__,
         "created": datetime.datetime.fromtimestamp(setup.started, datetime.timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,
-        "model": spec.name, "model_path": spec.path, "architecture": spec.architecture,
-        "dim": spec.dim, "dtype": dtype, "device": device,
-        "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
+        **what,
         "text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
         "transport": transport,
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],

@@ -26,8 +26,14 @@ STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
 class RowChunk:
     rows: np.ndarray                 # int64 row numbers within the file
     ids: list[str]
-    texts: list[str]
+    texts: list[str]                 # empty when the input is already tokenized
     rejects: list[InputError] = field(default_factory=list)
+    tokens: pa.ListArray | None = None   # list<int32> token ids per row, from a token directory
+
+    def take(self, keep: np.ndarray) -> "RowChunk":
+        return RowChunk(self.rows[keep], [self.ids[k] for k in keep],
+                        [self.texts[k] for k in keep] if self.texts else [], [],
+                        self.tokens.take(pa.array(keep, pa.int64())) if self.tokens is not None else None)
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Columns:
 
 def read_unit(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
     reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "jsonl.gz": _read_jsonl,
-              "text": _read_text, "csv": _read_csv}[unit.file.format]
+              "text": _read_text, "csv": _read_csv, "tokens": _read_tokens}[unit.file.format]
     try:
         yield from reader(unit, columns, chunk_rows)
     except InputError:
@@ -248,3 +254,27 @@ def _read_csv(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[Row
             yield _column_chunks(unit, part.column(columns.text), part.column(id_name) if id_name else None,
                                  first + start)
         first += batch.num_rows
+
+
+def _read_tokens(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    """A shard of a token directory (io/tokens.py): ids and token ids, already validated and truncated."""
+    with pa.memory_map(unit.file.path) as source:
+        reader = pa.ipc.open_file(source)
+        schema = reader.schema
+        if schema.names[:2] != ["id", "input_ids"] or schema.field("input_ids").type != pa.list_(pa.int32()):
+            raise InputError(unit.file.path, f"not an hpcembed token shard: columns {schema}, expected "
+                                             "id (string) and input_ids (list<int32>)")
+        first = 0
+        for b in range(reader.num_record_batches):
+            batch = reader.get_batch(b)
+            for start in range(0, batch.num_rows, chunk_rows):
+                part = batch.slice(start, chunk_rows)
+                ids = part.column(0).to_pylist()
+                good = np.asarray([k for k, i in enumerate(ids) if i is not None], dtype=np.int64)
+                chunk = RowChunk(first + start + good, [ids[k] for k in good], [],
+                                 [InputError(unit.file.path, "id is null", first + start + k)
+                                  for k, i in enumerate(ids) if i is None],
+                                 part.column(1).take(pa.array(good, pa.int64())) if len(good) < len(ids)
+                                 else part.column(1))
+                yield chunk
+            first += batch.num_rows

@@ -4,6 +4,7 @@ A work unit is a row range of one file. Parquet units follow row groups (a row g
 Parquet can read without decoding its neighbours). Plain .jsonl and .txt files are indexed by a newline scan,
 so units can seek straight to their first byte. Gzipped JSONL and CSV cannot be split safely without decoding
 from the start (CSV values may hold quoted newlines), so each such file is one unit: shard them upstream.
+A token directory (io/tokens.py, `hpcembed tokenize`) given as input stands for its shards, one unit each.
 """
 from __future__ import annotations
 
@@ -77,9 +78,16 @@ def format_of(path: str) -> str | None:
 
 def resolve_inputs(patterns: list[str]) -> list[InputFile]:
     """Expand files, directories (recursively, known extensions only) and globs, in a stable order."""
+    from .tokens import read_token_manifest, token_directory_files
     paths: list[str] = []
+    token_files: set[str] = set()
     for pattern in patterns:
-        if os.path.isdir(pattern):
+        manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
+        if manifest is not None:
+            found = token_directory_files(pattern, manifest)
+            token_files.update(found)
+            paths.extend(found)
+        elif os.path.isdir(pattern):
             found = sorted(str(p) for p in Path(pattern).rglob("*") if p.is_file() and format_of(str(p))
                            and not p.name.startswith(("_", ".")))
             if not found:
@@ -98,7 +106,7 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
         if real in seen:
             continue
         seen.add(real)
-        fmt = format_of(path)
+        fmt = "tokens" if path in token_files else format_of(path)
         if fmt is None:
             raise ConfigError(f"input {path}: unknown format; expected one of {', '.join(sorted(FORMATS))}")
         files.append(InputFile(len(files), os.path.abspath(path), fmt))
@@ -166,7 +174,11 @@ def plan_file(f: InputFile, unit_rows: int, first_unit: int) -> tuple[int, list[
             byte_stop = starts[k + 1] if k + 1 < len(starts) else size
             units.append(WorkUnit(first_unit + len(units), f, k * unit_rows, stop_row, b, byte_stop))
         return rows, units
-    rows = _count_gzip_lines(f.path) if f.format == "jsonl.gz" else _count_csv_rows(f.path)
+    if f.format == "tokens":
+        from .tokens import token_shard_rows
+        rows = token_shard_rows(f.path)      # a token shard holds one unit of the job that made it
+    else:
+        rows = _count_gzip_lines(f.path) if f.format == "jsonl.gz" else _count_csv_rows(f.path)
     return rows, ([WorkUnit(first_unit, f, 0, rows)] if rows else [])
 
 

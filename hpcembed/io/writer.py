@@ -41,17 +41,32 @@ def _fsync_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def parquet_rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
 class OutputDir:
-    def __init__(self, path: str):
+    """An embedding job's output (Parquet shards `part-*.parquet`), or with `tokens=True` a tokenize job's
+    (Arrow IPC shards `tokens-*.arrow`, io/tokens.py). Everything else is the same."""
+
+    def __init__(self, path: str, tokens: bool = False):
         self.path = Path(path)
+        if tokens:
+            from .tokens import token_shard_rows
+            self.shard_prefix, self.shard_suffix, self.shard_rows = "tokens-", ".arrow", token_shard_rows
+        else:
+            self.shard_prefix, self.shard_suffix, self.shard_rows = "part-", ".parquet", parquet_rows
+
+    def _is_shard(self, name: str) -> bool:
+        return name.startswith(self.shard_prefix) and name.endswith(self.shard_suffix)
 
     def ours(self) -> list[Path]:
         """Files an hpcembed job leaves here."""
         if not self.path.is_dir():
             return []
         return [p for p in self.path.iterdir()
-                if p.name in (MANIFEST, SUCCESS, REJECTS, LEDGER) or p.name.startswith((".part-", "._"))
-                or (p.name.startswith("part-") and p.name.endswith(".parquet"))]
+                if p.name in (MANIFEST, SUCCESS, REJECTS, LEDGER) or p.name.startswith(("." + self.shard_prefix, "._"))
+                or self._is_shard(p.name)]
 
     def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         """Make the directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an
@@ -93,15 +108,15 @@ class OutputDir:
         for number, unit in sorted(state.units.items()):
             for name, rows in unit.shards.items():
                 path = self.path / name
-                found = pq.ParquetFile(path).metadata.num_rows if path.exists() else None
+                found = self.shard_rows(path) if path.exists() else None
                 if found != rows:
                     log.warning("output %s: unit %d is redone: shard %s has %s rows, the ledger says %d",
                                 self.path, number, name, found, rows)
                     del state.units[number]
                     break
         keep = {name for unit in state.units.values() for name in unit.shards}
-        stray = [p for p in self.ours() if p.name.startswith((".part-", "._"))
-                 or (p.name.startswith("part-") and p.name not in keep)]
+        stray = [p for p in self.ours() if p.name.startswith(("." + self.shard_prefix, "._"))
+                 or (self._is_shard(p.name) and p.name not in keep)]
         for p in stray:
             p.unlink()
         if stray:

@@ -23,11 +23,14 @@ from ..errors import InputError
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
+from ..io.tokens import TokenShardWriter, token_shard_name
+from ..io.writer import OutputDir
 from ..signals import STOP
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import RoleMap
-from .messages import (AssignUnit, Credit, Drain, DuplicateRows, NoMoreUnits, RankReport, Release, RequestUnit,
+from .messages import (AssignUnit, Credit, Drain, DuplicateRows, NoMoreUnits, PartWritten, RankReport, Release,
+                       RequestUnit,
                        StopRequested, UnitEnd, UnitRead)
 
 
@@ -39,6 +42,8 @@ class _Abandoned(Exception):
 
 
 class TokenizerRole:
+    check_ids = True       # ids are checked for repeats here (TokenWriterRole leaves that to the embedding job)
+
     def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
                  skip_invalid: bool, peers=None, committed_shards: list[tuple[int, str, int]] = ()):
         """`peers`: an all-to-all over the tokenizer ranks (see io.ids), or None when this is the only one.
@@ -97,7 +102,7 @@ class TokenizerRole:
             self.t.send(self.roles.conductor, RequestUnit())
             self._process(unit)
         # Collective over the tokenizer ranks: if any abandoned a unit, the job is stopping and nobody checks.
-        if not self.peers.any(self.draining) and (self.peers.size > 1 or self.committed_shards):
+        if self.check_ids and not self.peers.any(self.draining) and (self.peers.size > 1 or self.committed_shards):
             start = time.perf_counter()
             for unit, path, position in self.committed_shards:
                 self.ids.add_committed(pq.read_table(path, columns=["id"]).column("id").to_pylist(), unit, position)
@@ -144,46 +149,93 @@ class TokenizerRole:
                 self._send_chunk(unit, chunk, progress)
         except _Abandoned:
             log.debug("rank %d: abandoned unit %d (graceful stop)", self.t.rank, unit.unit)
+            self._unit_abandoned(progress)
             return
         except InputError as exc:
             # The file itself is bad (corrupt, missing column): the rows not yet sent are rejected together.
             if not self.skip_invalid:
+                self._unit_abandoned(progress)
                 raise
             record = exc.as_reject()
             record["rows"] = [unit.row_start, unit.row_stop]
             progress.rejects.append(record)
             progress.rejected = unit.rows - sum(progress.sent.values())
         self.tokens += progress.tokens
-        for gpu, rows in progress.sent.items():
-            self.t.send(gpu, UnitEnd(unit.unit, rows))
+        self._unit_done(unit, progress)
         self.t.send(self.roles.conductor, UnitRead(unit.unit, progress.sent, progress.tokens, progress.rejects,
                                                    progress.rejected))
 
     def _send_chunk(self, unit: WorkUnit, chunk: RowChunk, progress: "_UnitProgress") -> None:
         start = time.perf_counter()
         bad: list[InputError] = list(chunk.rejects)
-        dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids, unit.file.index, unit.unit)
+        dups = self.ids.add(unit.file.path, chunk.rows, chunk.ids, unit.file.index, unit.unit) \
+            if self.check_ids else []
         if dups:
             bad.extend(err for _, err in dups)
-            keep = np.setdiff1d(np.arange(len(chunk.ids)), [pos for pos, _ in dups])
-            chunk = RowChunk(chunk.rows[keep], [chunk.ids[k] for k in keep], [chunk.texts[k] for k in keep])
+            chunk = chunk.take(np.setdiff1d(np.arange(len(chunk.ids)), [pos for pos, _ in dups]))
         if bad:
             if not self.skip_invalid:
                 raise min(bad, key=lambda e: e.row if e.row is not None else -1)
             progress.rejects.extend(e.as_reject() for e in bad)
             progress.rejected += len(bad)
-        if not chunk.texts:
+        if not chunk.ids:
             return
-        batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
+        if chunk.tokens is not None:        # a token directory: tokenized by an earlier job
+            batch = TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit.unit)
+        else:
+            batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
         self.busy += time.perf_counter() - start
+        self._deliver(unit, batch, progress)
+        progress.tokens += batch.num_tokens
+        self.rows += batch.num_rows
+
+    def _deliver(self, unit: WorkUnit, batch: TokenBatch, progress: "_UnitProgress") -> None:
+        """Send a batch to the gpu rank with the most free credit."""
         dest = self._pick_gpu(progress.previous)
         self.t.send_batch(dest, batch)
         self.credits[dest] -= 1
         self.batches_sent[dest] += 1
         progress.previous = dest
         progress.sent[dest] = progress.sent.get(dest, 0) + batch.num_rows
-        progress.tokens += batch.num_tokens
-        self.rows += batch.num_rows
+
+    def _unit_done(self, unit: WorkUnit, progress: "_UnitProgress") -> None:
+        for gpu, rows in progress.sent.items():
+            self.t.send(gpu, UnitEnd(unit.unit, rows))
+
+    def _unit_abandoned(self, progress: "_UnitProgress") -> None:
+        """Rows already sent are discarded by the gpu ranks when the conductor stops them."""
+
+
+class TokenWriterRole(TokenizerRole):
+    """The tokenizer role of `hpcembed tokenize`: the same loop, but each unit's token batches go to this rank's
+    own token shard (io/tokens.py) instead of a gpu rank, and the rank reports the shard to the conductor as a
+    gpu rank reports an embedding shard. Repeated ids are not checked here: the embedding job reads every id of
+    a token directory and checks them all, as it does for text input."""
+
+    check_ids = False
+
+    def __init__(self, transport: Transport, roles: RoleMap, backend, columns: Columns, chunk_rows: int,
+                 skip_invalid: bool, output: OutputDir):
+        super().__init__(transport, roles, backend, columns, chunk_rows, skip_invalid)
+        self.output = output
+
+    def _deliver(self, unit: WorkUnit, batch: TokenBatch, progress: "_UnitProgress") -> None:
+        start = time.perf_counter()
+        if progress.shard is None:
+            progress.shard = TokenShardWriter(self.output.path, token_shard_name(unit.unit, self.t.rank))
+        progress.shard.write(batch.to_arrow())
+        progress.sent[self.t.rank] = progress.sent.get(self.t.rank, 0) + batch.num_rows
+        self.busy += time.perf_counter() - start
+
+    def _unit_done(self, unit: WorkUnit, progress: "_UnitProgress") -> None:
+        if progress.shard is not None:
+            progress.shard.close()
+            self.t.send(self.roles.conductor, PartWritten(unit.unit, progress.shard.final.name,
+                                                          progress.shard.rows, progress.tokens))
+
+    def _unit_abandoned(self, progress: "_UnitProgress") -> None:
+        if progress.shard is not None:
+            progress.shard.discard()
 
 
 @dataclass
@@ -193,3 +245,4 @@ class _UnitProgress:
     rejects: list[dict] = field(default_factory=list)
     rejected: int = 0
     previous: int | None = None                            # gpu the last batch went to
+    shard: TokenShardWriter | None = None                  # TokenWriterRole: this unit's token shard

@@ -59,6 +59,16 @@ class TokenBatch:
         return cls(flat, offsets, id_offsets, id_bytes, np.asarray(rows, dtype=np.int64),
                    np.full(len(token_lists), unit, dtype=np.int64))
 
+    @classmethod
+    def from_token_lists(cls, tokens: pa.ListArray, ids: list[str], rows: np.ndarray, unit: int) -> "TokenBatch":
+        """From a list<int32> column (a token shard), without a copy of the token ids where it is contiguous."""
+        offsets = np.frombuffer(tokens.buffers()[1], dtype=np.int32, count=len(tokens) + 1,
+                                offset=tokens.offset * 4)
+        values = tokens.values.to_numpy(zero_copy_only=False)
+        token_ids = values[offsets[0]: offsets[-1]]
+        return cls.build_from_arrow_ids(token_ids, offsets - offsets[0], pa.array(ids, type=pa.string()), rows,
+                                        np.full(len(tokens), unit, dtype=np.int64))
+
     def take(self, index: np.ndarray) -> "TokenBatch":
         """Rows `index`, in that order."""
         index = np.asarray(index, dtype=np.int64)

@@ -1,0 +1,141 @@
+"""`hpcembed tokenize` then `hpcembed run --input TOKDIR`: the two-job pipeline gives the same embeddings as one
+job, under one process and under mpiexec, and a token directory is refused by a model with another tokenizer."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from hpcembed.engine import ModelSpec
+from hpcembed.tokenize import HFTokenizer
+
+from .conftest import EDGE_TEXTS, mpirun, needs_mpi, run_cli, write_jsonl
+from .test_job import assert_matches
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    texts = {f"e{k}": t for k, t in enumerate(EDGE_TEXTS)}
+    texts.update({f"w{k}": f"row {k} of a plain corpus, with words " * (1 + k % 9) for k in range(150)})
+    write_jsonl(tmp_path / "a.jsonl", [{"id": k, "text": t} for k, t in list(texts.items())[:90]])
+    write_jsonl(tmp_path / "b.jsonl", [{"id": k, "text": t} for k, t in list(texts.items())[90:]])
+    return texts
+
+
+def read_token_dir(path) -> dict[str, list[int]]:
+    out = {}
+    for shard in sorted(path.glob("tokens-*.arrow")):
+        with pa.memory_map(str(shard)) as src:
+            table = pa.ipc.open_file(src).read_all()
+        assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+        out.update(zip(table.column("id").to_pylist(), table.column("input_ids").to_pylist()))
+    return out
+
+
+def test_tokenize_then_embed_matches_sentence_transformers(tmp_path, corpus, st_model, model_dir):
+    tok, out = tmp_path / "tok", tmp_path / "out"
+    proc = run_cli("tokenize", "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output",
+                   str(tok), "--unit-rows", "40", "--chunk-rows", "16")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tok / "_manifest.json").read_text())
+    assert manifest["kind"] == "tokens" and manifest["complete"] and (tok / "_SUCCESS").exists()
+    assert manifest["rows_written"] == len(corpus) and len(manifest["shards"]) == 5
+    # Token shards hold exactly the HF backend's ids (the default backend may be budtiktok).
+    spec = ModelSpec.load(model_dir)
+    hf = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
+    tokens = read_token_dir(tok)
+    ids = sorted(corpus)
+    assert [tokens[i] for i in ids] == hf.encode([corpus[i] for i in ids])
+    proc = run_cli("run", "--input", str(tok), "--output", str(out), "--max-batch-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr
+    assert_matches(out, corpus, st_model)
+    embedded = json.loads((out / "_manifest.json").read_text())
+    assert {i["format"] for i in embedded["inputs"]} == {"tokens"}
+    assert embedded["tokenizer"] == manifest["tokenizer"]
+
+
+@needs_mpi
+def test_tokenize_and_embed_under_mpiexec(tmp_path, corpus, st_model):
+    tok, out = tmp_path / "tok", tmp_path / "out"
+    proc = mpirun(3, "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output", str(tok),
+                  "--unit-rows", "20", "--chunk-rows", "8", command="tokenize")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tok / "_manifest.json").read_text())
+    writers = {r["rank"] for r in manifest["ranks"] if r["role"] == "tokenizer" and r["rows"] > 0}
+    assert writers == {1, 2}, manifest["ranks"]
+    assert len(read_token_dir(tok)) == len(corpus)
+    proc = mpirun(4, "--input", str(tok), "--output", str(out), "--max-batch-tokens", "1024")
+    assert proc.returncode == 0, proc.stderr
+    assert_matches(out, corpus, st_model)
+
+
+def test_token_dir_of_another_tokenizer_is_refused(tmp_path, corpus):
+    tok = tmp_path / "tok"
+    assert run_cli("tokenize", "--input", str(tmp_path / "a.jsonl"), "--output", str(tok),
+                   "--max-seq-length", "128").returncode == 0
+    proc = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert f"token directory {tok} was made by a different tokenizer" in proc.stderr
+    assert "max_seq_length 128 there, 256 here" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    # The same model with the same truncation is accepted.
+    assert run_cli("run", "--input", str(tok), "--output", str(tmp_path / "ok"),
+                   "--max-seq-length", "128").returncode == 0
+
+
+def test_fingerprint_tells_tokenizers_apart(model_dir, tmp_path):
+    import shutil
+    spec = ModelSpec.load(model_dir)
+    other = tmp_path / "model"
+    shutil.copytree(spec.path, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["normalizer"]["strip_accents"] = False
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    a = HFTokenizer.from_model_dir(spec.path, 256).fingerprint()
+    b = HFTokenizer.from_model_dir(other, 256).fingerprint()
+    assert a != b
+    # Padding and truncation settings are overridden by the backend, so they do not count.
+    tok = json.loads((other / "tokenizer.json").read_text())
+    tok["normalizer"]["strip_accents"] = None
+    tok["padding"] = None
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    assert HFTokenizer.from_model_dir(other, 256).fingerprint() == a
+
+
+def test_incomplete_token_dir_and_bad_rows(tmp_path, corpus):
+    tok = tmp_path / "tok"
+    write_jsonl(tmp_path / "bad.jsonl", [{"id": "a", "text": "fine"}, {"id": "b", "text": 3}])
+    proc = run_cli("tokenize", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tok))
+    assert proc.returncode == 3 and "bad.jsonl" in proc.stderr and "row 1 (id 'b')" in proc.stderr
+    assert not (tok / "_SUCCESS").exists()
+    proc = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out"))
+    assert proc.returncode == 2 and f"token directory {tok} is incomplete" in proc.stderr
+    # Skipping records the bad row in the token directory's rejects; the shards hold the rest.
+    proc = run_cli("tokenize", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tok), "--on-invalid",
+                   "skip", "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    rejects = [json.loads(line) for line in (tok / "_rejects.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rejects] == [1] and set(read_token_dir(tok)) == {"a"}
+    (tok / "_SUCCESS").unlink()
+    proc = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out2"))
+    assert proc.returncode == 2 and f"token directory {tok} is incomplete" in proc.stderr
+
+
+def test_tokenize_job_resumes_after_a_stop(tmp_path, corpus):
+    """A token directory uses the same ledger as an embedding output: rerunning skips committed units."""
+    tok = tmp_path / "tok"
+    args = ("tokenize", "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output", str(tok),
+            "--unit-rows", "30")
+    assert run_cli(*args).returncode == 0
+    ledger = (tok / "_ledger.jsonl").read_text().splitlines()
+    # Forget the last committed unit, as if the job had died right before committing it, and delete _SUCCESS.
+    (tok / "_ledger.jsonl").write_text("\n".join(ledger[:-1]) + "\n")
+    (tok / "_SUCCESS").unlink()
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tok / "_manifest.json").read_text())
+    assert manifest["units_resumed"] == len(ledger) - 2 and manifest["rows_written"] == len(corpus)
+    assert len(read_token_dir(tok)) == len(corpus)
+    np.testing.assert_equal(sorted(read_token_dir(tok)), sorted(corpus))
