@@ -58,6 +58,9 @@ class JobConfig:
     chunk_rows: int = _opt(1024, "rows per token batch sent from a tokenizer to an encoder")
     tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one gpu rank per GPU, the rest "
                                    "tokenize; without GPUs, half of the ranks after the conductor)")
+    gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one gpu rank encodes, for planning how many tokenizer "
+                                        "ranks keep it busy (default: the bench/gpu_stage.py figure for its GPU; "
+                                        "setting it plans on CPU encoders too)")
     instances_per_gpu: int = _opt(2, "model instances per gpu rank, each on its own thread and CUDA stream")
     credits: int = _opt(4, "token batches an encoder lets each tokenizer have in flight (flow control)")
     progress: str = _opt("auto", "progress display: bar on a terminal, log lines otherwise",

@@ -23,7 +23,7 @@ from . import __version__
 from .config import JobConfig
 from .engine import ModelSpec, build_encoder, default_model_dir, resolve_device
 from .engine.instances import InstancePool
-from .errors import ConfigError, HpcEmbedError
+from .errors import ConfigError, HpcEmbedError, InputError
 from .io.readers import Columns
 from .io.ledger import Ledger, LedgerState, model_identity
 from .io.sources import Plan, plan_job, resolve_inputs
@@ -245,6 +245,8 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
             roles = (RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), gpus=[],
                              hosts={r.rank: r.host for r in ranks}) if tokenize
                      else plan_roles(ranks, cfg.tokenizer_ranks or None))
+            if not tokenize and setup.status != "complete":
+                roles = _plan_by_rates(cfg, setup, roles, ranks)
             decision = ("complete",) if setup.status == "complete" else ("ok", roles, setup.spec,
                                                                          setup.committed_shards())
         except HpcEmbedError as exc:
@@ -265,8 +267,11 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, roles, ranks, setup, tokenize)
-        comm.Barrier()
+        _quiet_barrier(comm)
         return manifest
+    if role == "idle":
+        _quiet_barrier(comm)
+        return None
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         peers = MpiAlltoall(tokenizer_comm)
@@ -283,8 +288,45 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     transport.flush()
     # Nobody leaves early: a gpu rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
-    comm.Barrier()
+    _quiet_barrier(comm)
     return None
+
+
+def _quiet_barrier(comm) -> None:
+    """A barrier that sleeps while it waits: a blocking MPI barrier spins a core, which finished or idle ranks
+    would take from the tokenizers still working. Every rank must use this one (blocking and non-blocking
+    collectives do not match each other)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.005)
+
+
+def _plan_by_rates(cfg: JobConfig, setup: Setup, roles: RoleMap, ranks) -> RoleMap:
+    """On CUDA (or when --gpu-tokens-per-s states the encoder's rate), keep only the tokenizer ranks the gpu
+    ranks need at measured rates; --tokenizer-ranks fixes the split instead. Token-directory input is only
+    read, not tokenized, so every tokenizer rank is kept."""
+    from .io.readers import read_unit
+    from .world import measure_tokenizer_rate, plan_tokenizers
+    if cfg.tokenizer_ranks or not (cfg.gpu_tokens_per_s or job_device(cfg, ranks).startswith("cuda")):
+        return roles
+    units = [u for u in setup.plan.units if u.file.format != "tokens"]
+    if not units:
+        return roles
+    texts: list[str] = []
+    try:
+        for chunk in read_unit(units[0], Columns(cfg.text_column, cfg.id_column), 1024):
+            texts.extend(chunk.texts)
+            if len(texts) >= 4096:
+                break
+    except InputError:
+        pass            # the unit's tokenizer reports it; plan on what was read, or on a stand-in text
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")      # measure what one tokenizer rank (one core) does
+    backend = make_tokenizer(setup.spec.path, setup.spec.max_seq_length, setup.spec.lowercase,
+                             cfg.tokenizer_backend)
+    rate = measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0)
+    planned, plan = plan_tokenizers(roles, ranks, rate, cfg.gpu_tokens_per_s)
+    log.info("%s (%s backend)", plan.describe(), backend.name)
+    return planned
 
 
 class _Reported(HpcEmbedError):
@@ -296,7 +338,9 @@ class _Reported(HpcEmbedError):
 def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup, tokenize: bool) -> dict:
     for r in range(transport.size):
         log.info("rank %d on %s: %s", r, ranks[r].host, roles.role_of(r))
-    log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks", len(roles.tokenizers), len(roles.gpus))
+    idle = transport.size - 1 - len(roles.tokenizers) - len(roles.gpus)
+    log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks%s", len(roles.tokenizers), len(roles.gpus),
+             f", {idle} idle" if idle else "")
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
     start = time.process_time()
     try:
@@ -349,5 +393,22 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         "job_seconds": round(time.time() - setup.started, 3),
         "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,
         "tokens_per_s": round(result.tokens / wall, 1) if wall else None,
+        **_steady_state(result, ranks),
         "ranks": ranks,
     }
+
+
+def _steady_state(result: JobResult, ranks: list[dict]) -> dict:
+    """Throughput once the gpu ranks were ready (model loaded, compiled, graphs captured) to the last commit,
+    and how busy their encoders were in that time: start-up costs stay out of the rate a long job runs at."""
+    ready = [r["ready_at"] for r in ranks if "ready_at" in r]
+    if not ready:
+        return {}
+    steady = result.ended_at - min(ready)
+    if steady <= 0:
+        return {}
+    rows = result.rows_written - result.rows_resumed
+    busy = [r["stage_busy_seconds"] / steady for r in ranks if "stage_busy_seconds" in r]
+    return {"steady_seconds": round(steady, 3), "steady_texts_per_s": round(rows / steady, 1),
+            "steady_tokens_per_s": round(result.tokens / steady, 1),
+            "gpu_busy": round(sum(busy) / len(busy), 4) if busy else None}

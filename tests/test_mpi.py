@@ -69,3 +69,43 @@ def test_ids_repeated_across_tokenizer_ranks(tmp_path, st_model):
     proc = mpirun(5, *args, "--output", str(tmp_path / "fail"), timeout=120)
     assert proc.returncode == 3 and "duplicate id, first seen in" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "fail" / "_SUCCESS").exists()
+
+
+def test_rate_plan_keeps_the_tokenizers_the_gpus_need():
+    from hpcembed.roles.common import RoleMap
+    from hpcembed.world import RankInfo, plan_tokenizers
+    # Two hosts of 8 cores, one H100 each; rank 0 (conductor) on the first.
+    ranks = [RankInfo(r, f"n{r // 8}", r % 8, 1, 1, None, 8, "NVIDIA H100 80GB HBM3") for r in range(16)]
+    roles = RoleMap(0, [r for r in range(16) if r not in (1, 8)], [1, 8], {r.rank: r.host for r in ranks})
+    # 2 x 12.34M tokens/s at 3M per tokenizer: 9.5 with headroom, so 10, spread over both hosts.
+    planned, plan = plan_tokenizers(roles, ranks, 3e6)
+    assert plan.needed == 10 and plan.chosen == 10 and plan.expected_gpu_busy == 1.0
+    assert planned.gpus == [1, 8]
+    on = [sum(1 for t in planned.tokenizers if ranks[t].host == h) for h in ("n0", "n1")]
+    assert on == [5, 5]
+    assert {planned.role_of(r) for r in range(16)} == {"conductor", "tokenizer", "gpu", "idle"}
+    # Slow tokenizers: every core is used (8 - 2 for the gpu rank - 1 for the conductor = 5 on n0, 6 on n1),
+    # and the plan says the node is CPU-bound.
+    planned, plan = plan_tokenizers(roles, ranks, 0.5e6)
+    assert plan.chosen == 11 == len(planned.tokenizers) and plan.expected_gpu_busy < 0.9
+    assert "CPU-bound" in plan.describe()
+    # A stated encoder rate replaces the table's.
+    _, plan = plan_tokenizers(roles, ranks, 1e6, gpu_tokens_per_s=1e6)
+    assert plan.needed == 3 and plan.gpu_rate_source == "--gpu-tokens-per-s"
+
+
+def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
+    texts = {f"r{k}": f"planned job row {k} " * (1 + k % 5) for k in range(300)}
+    write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
+    # A stated gpu rate of 1 token/s needs a single tokenizer: of 6 ranks (2 gpu, 3 tokenizer candidates),
+    # 2 stay idle and must still leave the job cleanly.
+    proc = mpirun(6, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--unit-rows", "50",
+                  "--gpu-tokens-per-s", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "2 idle" in proc.stderr and "plan: 2 gpu rank(s)" in proc.stderr
+    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert [r["role"] for r in manifest["ranks"]].count("tokenizer") == 1
+    got = read_output(tmp_path / "out")
+    ids = sorted(texts)
+    ref = reference(st_model, [texts[i] for i in ids])
+    assert min(float(got[i] @ r) for i, r in zip(ids, ref)) > 0.9999

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 
 import numpy as np
@@ -23,6 +24,12 @@ class InstancePool:
         self._inboxes = [queue.SimpleQueue() for _ in encoders]
         self._order: deque[tuple[int, dict]] = deque()
         self._next = 0
+        # Time during which at least one instance was encoding: the stage's busy time as a fraction of wall
+        # time (the instances' own busy times overlap, so their sum can exceed the wall clock).
+        self._active = 0
+        self._active_since = 0.0
+        self._union_busy = 0.0
+        self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._serve, args=(k,), daemon=True, name=f"instance-{k}")
                          for k in range(len(encoders))]
         for th in self._threads:
@@ -39,6 +46,20 @@ class InstancePool:
     @property
     def busy_seconds(self) -> float:
         return sum(e.busy_seconds for e in self.encoders)
+
+    @property
+    def stage_busy_seconds(self) -> float:
+        with self._lock:
+            return self._union_busy + (time.perf_counter() - self._active_since if self._active else 0.0)
+
+    def _mark(self, delta: int) -> None:
+        with self._lock:
+            now = time.perf_counter()
+            if self._active and delta < 0 and self._active == 1:
+                self._union_busy += now - self._active_since
+            elif not self._active and delta > 0:
+                self._active_since = now
+            self._active += delta
 
     def describe(self) -> dict:
         first = self.encoders[0]
@@ -71,10 +92,13 @@ class InstancePool:
             slot = self._inboxes[k].get()
             if slot is None:
                 return
+            self._mark(+1)
             try:
                 slot["embeddings"] = encoder.encode(slot["batch"])
             except BaseException as exc:  # noqa: BLE001 - handed to the role loop, which reports it
                 slot["error"] = exc
+            finally:
+                self._mark(-1)
             slot["done"].set()
 
     def close(self) -> None:

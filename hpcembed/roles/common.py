@@ -22,9 +22,10 @@ class RoleMap:
     hosts: dict[int, str] = field(default_factory=dict)
 
     def role_of(self, rank: int) -> str:
+        """'idle' is a rank the plan did not need (more tokenizers than the GPUs can take, see world.py)."""
         if rank == self.conductor:
             return "conductor"
-        return "tokenizer" if rank in self.tokenizers else "gpu"
+        return "tokenizer" if rank in self.tokenizers else "gpu" if rank in self.gpus else "idle"
 
     def host_of(self, rank: int) -> str:
         return self.hosts.get(rank, socket.gethostname())

@@ -67,6 +67,7 @@ class JobResult:
     shards: list[dict]
     reports: dict[int, RankReport]
     wall_seconds: float
+    ended_at: float                 # epoch seconds
 
 
 class Conductor:
@@ -129,7 +130,7 @@ class Conductor:
         stopped = self.stop.signal_name if self.draining and len(self.done) < len(self.plan.units) else ""
         shards = [{"path": name, "rows": rows} for u in self.done.values() for name, rows in u.shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
-                         stopped, shards, self.reports, time.monotonic() - start)
+                         stopped, shards, self.reports, time.monotonic() - start, time.time())
 
     def _drain(self, tokenizers_left: set[int]) -> None:
         self.draining = True

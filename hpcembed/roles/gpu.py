@@ -6,6 +6,7 @@ On a machine without CUDA the same role runs the encoder on CPU; that is how CI 
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class GpuRole:
         self.rows = self.tokens = 0
 
     def run(self) -> None:
+        ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
         for tokenizer in self.roles.tokenizers:
             self.t.send(tokenizer, Credit(self.credits))
         try:
@@ -61,7 +63,8 @@ class GpuRole:
         self.parts.clear()
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.pool.busy_seconds,
-                                                     self.pool.describe()))
+                                                     {**self.pool.describe(), "ready_at": ready_at,
+                                                      "stage_busy_seconds": round(self.pool.stage_busy_seconds, 3)}))
 
     def _loop(self) -> None:
         while True:
