@@ -31,7 +31,8 @@ def device_name() -> str:
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("hpcembed", "torch", "transformers", "tokenizers", "sentence-transformers", "pyarrow", "numpy"):
+    for pkg in ("hpcembed", "torch", "transformers", "tokenizers", "budtiktok", "sentence-transformers", "pyarrow",
+                "numpy", "mpi4py"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
