@@ -2,12 +2,16 @@
 bounded window), encodes them, and writes its own output shards: one shard per (work unit, gpu rank), written
 as soon as every row of that unit sent here has been embedded.
 
+Shards are written by one background thread, so the role loop keeps feeding the GPU while a shard is encoded,
+written and fsynced (pyarrow and fsync release the GIL); PartWritten goes out once the file is in place.
+
 On a machine without CUDA the same role runs the encoder on CPU; that is how CI exercises it.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,6 +52,10 @@ class GpuRole:
         self._consumed = 0
         self.stopping = self.drained = False
         self.rows = self.tokens = 0
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writes: deque[tuple[Future, PartWritten]] = deque()
+        # Where the role loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
+        self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
 
     def run(self) -> None:
         ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
@@ -57,6 +65,7 @@ class GpuRole:
             self._loop()
         finally:
             self.pool.close()
+            self._writer.shutdown(wait=True)
         if self.parts and not self.drained:
             raise RuntimeError(f"stopped with units {sorted(self.parts)} incomplete")
         # A graceful stop: the units tokenizers abandoned are not written; the next run redoes them.
@@ -64,27 +73,48 @@ class GpuRole:
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "gpu", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.pool.busy_seconds,
                                                      {**self.pool.describe(), "ready_at": ready_at,
-                                                      "stage_busy_seconds": round(self.pool.stage_busy_seconds, 3)}))
+                                                      "stage_busy_seconds": round(self.pool.stage_busy_seconds, 3),
+                                                      "loop_seconds": {k: round(v, 3)
+                                                                       for k, v in self.loop_time.items()}}))
 
     def _loop(self) -> None:
+        clock, spent = time.perf_counter, self.loop_time
         while True:
-            # Take in what has arrived; block only when there is nothing to encode and nothing in flight.
+            # Take in what has arrived; block only when there is nothing to encode, in flight or being written.
+            t0 = clock()
             while not self.batcher.full:
-                idle = not self.batcher.rows and not self.pool.in_flight and not self.stopping
+                idle = not self.batcher.rows and not self.pool.in_flight and not self.stopping and not self._writes
                 env = self.t.recv(None if idle else 0)
                 if env is None:
                     break
                 self._handle(env.source, env.message)
+            t1 = clock()
             while self.batcher.rows and self.pool.capacity > 0:
                 batch = self.batcher.pop()
                 self.pool.submit(batch)
                 self._return_credits(batch.num_tokens)
+            t2 = clock()
             # Wait a little for the oldest batch only when there is nothing else to do.
             waiting_only = not self.batcher.rows or self.pool.capacity == 0
-            for batch, embeddings in self.pool.completed(wait=0.002 if waiting_only else 0.0):
+            finished = self.pool.completed(wait=0.002 if waiting_only else 0.0)
+            t3 = clock()
+            for batch, embeddings in finished:
                 self._store(batch, embeddings)
-            if self.stopping and not self.batcher.rows and not self.pool.in_flight:
+            self._report_writes(wait=self.stopping and not self.batcher.rows and not self.pool.in_flight)
+            t4 = clock()
+            spent["receive"] += t1 - t0
+            spent["batch"] += t2 - t1
+            spent["wait"] += t3 - t2
+            spent["store"] += t4 - t3
+            if self.stopping and not self.batcher.rows and not self.pool.in_flight and not self._writes:
                 break
+
+    def _report_writes(self, wait: bool) -> None:
+        """PartWritten for every shard whose write has finished, in order (a failed write raises here)."""
+        while self._writes and (wait or self._writes[0][0].done()):
+            future, message = self._writes.popleft()
+            future.result()
+            self.t.send(self.roles.conductor, message)
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
@@ -135,6 +165,6 @@ class GpuRole:
         order = np.argsort(rows, kind="stable")       # input order within the shard
         ids = pa.concat_arrays(part.ids).take(pa.array(order))
         name = shard_name(unit, self.t.rank)
-        self.output.write_shard(name, ids, np.concatenate(part.embeddings)[order])
+        future = self._writer.submit(self.output.write_shard, name, ids, np.concatenate(part.embeddings)[order])
         del self.parts[unit]
-        self.t.send(self.roles.conductor, PartWritten(unit, name, part.received, part.tokens))
+        self._writes.append((future, PartWritten(unit, name, part.received, part.tokens)))
