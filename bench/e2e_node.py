@@ -80,6 +80,7 @@ def summarize(manifest: dict, wall: float, docs: int, world: int) -> dict:
         "tokenizer_tokens_per_s_per_rank": round(sum(r["tokens"] for r in tok) / steady / len(tok), 1) if tok
         else None,
         "gpu_instance_busy": [round(r["busy_seconds"] / steady / r.get("instances", 1), 3) for r in gpu],
+        "gpu_loop_seconds": [r.get("loop_seconds") for r in gpu],
         "tokenizer_backend": tok[0].get("tokenizer_backend") if tok else None,
         "hf_fallback_rows": sum(r.get("rows_hf_fallback", 0) for r in tok),
     }
