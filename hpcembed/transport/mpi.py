@@ -62,7 +62,6 @@ class MpiTransport(Transport):
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._status = MPI.Status()
-        self._pending: list = []       # outstanding non-blocking sends, with the buffers they hold
         self.bytes_sent = self.messages_sent = 0
 
     def send(self, dest: int, message: Any) -> None:
@@ -71,9 +70,12 @@ class MpiTransport(Transport):
 
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
         buf = pack_batch(batch)
-        # Non-blocking, so a tokenizer keeps tokenizing while the payload moves; credits bound how many wait.
-        self._pending.append((self.comm.Isend([buf, self.MPI.BYTE], dest=dest, tag=BATCH), buf))
-        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        # Blocking. A batch is far above the eager limit, so it moves by rendezvous, and without a single-copy
+        # path (CMA is often off in containers) that needs the sender inside MPI while the receiver copies. An
+        # Isend from a tokenizer that then spends ~100 ms in its tokenizer left the gpu rank stuck in Recv for
+        # that long: on the H100 box the gpu rank's loop spent 43 of 63 s receiving, and the GPU was 38% busy.
+        # The gpu rank polls often, so a blocking send waits only for its next probe.
+        self.comm.Send([buf, self.MPI.BYTE], dest=dest, tag=BATCH)
         self.bytes_sent += buf.nbytes
         self.messages_sent += 1
 
@@ -97,10 +99,7 @@ class MpiTransport(Transport):
                 time.sleep(_IDLE_SLEEP)
 
     def flush(self) -> None:
-        """Wait until every batch this rank sent has left its buffers."""
-        for req, _ in self._pending:
-            req.Wait()
-        self._pending = []
+        """Every batch has left by the time send_batch returns (blocking sends): nothing to wait for."""
 
     def abort(self, reason: str, exit_code: int) -> None:
         sys.stderr.flush()
