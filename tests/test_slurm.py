@@ -143,6 +143,24 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
     assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
 
 
+def test_tokenize_then_embed(cluster, corpus, tmp_path):
+    root, expected = corpus
+    out, tokdir = tmp_path / "out", tmp_path / "tokens"
+    # --wait on the embedding job makes the script return when both jobs are done.
+    proc = cluster.run("bash", str(SCRIPTS / "tokenize-then-embed.sh"), str(job_file(tmp_path, root, out)),
+                       str(tokdir), env={"HPCEMBED_EMBED_SBATCH": "--wait"}, cwd=tmp_path, timeout=400, check=False)
+    logs = "".join(p.read_text(errors="replace") for p in sorted([*tmp_path.glob("*.out"), *tmp_path.glob("*.err")]))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-4000:]
+    assert "tokenize job:" in proc.stdout and "embed job:" in proc.stdout
+    tokens = json.loads((tokdir / "_manifest.json").read_text())
+    assert tokens["kind"] == "tokens" and tokens["complete"] and tokens["rows_written"] == len(expected)
+    # The CPU job ran no gpu rank: the conductor and 7 tokenizer ranks writing token shards.
+    assert {r["role"] for r in tokens["ranks"]} == {"conductor", "tokenizer"} and len(tokens["ranks"]) == 8
+    manifest = check_output(out, expected)
+    assert {i["format"] for i in manifest["inputs"]} == {"tokens"}
+    assert "complete: 600 rows tokenized" in logs and "complete: 600 rows embedded" in logs
+
+
 def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
     root, expected = corpus
     sweep = tmp_path / "sweep"
