@@ -62,6 +62,10 @@ class JobConfig:
                                         "ranks keep it busy (default: the bench/gpu_stage.py figure for its GPU; "
                                         "setting it plans on CPU encoders too)")
     instances_per_gpu: int = _opt(2, "model instances per gpu rank, each on its own thread and CUDA stream")
+    transport: str = _opt("auto", "MPI: how token batches travel tokenizer -> gpu rank. 'ucx' uses UCX endpoints "
+                                  "(RDMA with a UCX that has verbs), 'mpi' MPI messages; auto uses ucx where the "
+                                  "ucxx bindings import and batches cross nodes, mpi otherwise",
+                          choices=("auto", "mpi", "ucx"))
     credits: int = _opt(4, "token batches an encoder lets each tokenizer have in flight (flow control)")
     progress: str = _opt("auto", "progress display: bar on a terminal, log lines otherwise",
                          choices=("auto", "bar", "log", "off"))

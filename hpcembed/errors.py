@@ -40,5 +40,9 @@ class InputError(HpcEmbedError):
         return {"file": self.path, "row": self.row, "id": self.row_id, "reason": self.reason}
 
 
+class TransportError(HpcEmbedError):
+    """A peer's connection broke (it died, or its node did): the job cannot finish, so it ends with this."""
+
+
 class JobAborted(Exception):
     """Raised inside a role when another part of the job failed; the failing part reports the cause."""

@@ -229,9 +229,9 @@ def run_single_process(cfg: JobConfig, tokenize: bool = False) -> dict:
 def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere. Any failure on any rank
     ends the whole world (MPI_Abort) after the conductor prints it: allocation hours are not left to hang."""
-    from .transport.mpi import MpiAlltoall, MpiTransport
+    from .transport.mpi import MpiAlltoall
     from .world import device_for, gather_ranks, plan_roles
-    transport = MpiTransport()
+    transport = _open_transport(cfg.transport if not tokenize else "mpi")
     comm, rank = transport.comm, transport.rank
     slurm = SlurmTask.from_environ()
     if slurm is not None:
@@ -247,8 +247,9 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
                      else plan_roles(ranks, cfg.tokenizer_ranks or None))
             if not tokenize and setup.status != "complete":
                 roles = _plan_by_rates(cfg, setup, roles, ranks)
+            data_path = _choose_data_path(cfg.transport, transport, roles)
             decision = ("complete",) if setup.status == "complete" else ("ok", roles, setup.spec,
-                                                                         setup.committed_shards())
+                                                                         setup.committed_shards(), data_path)
         except HpcEmbedError as exc:
             decision = ("error", str(exc), exc.exit_code)
     else:
@@ -261,16 +262,23 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
         return None
     if decision[0] == "complete":
         return already_complete(setup) if rank == 0 else None
-    roles, spec, committed_shards = decision[1], decision[2], decision[3]
+    roles, spec, committed_shards, data_path = decision[1:]
     role = roles.role_of(rank)
+    if data_path == "ucx":           # collective: ranks off the data path take part with no peers
+        peers = (roles.gpus_of(rank) if role == "tokenizer" else roles.tokenizers_of(rank) if role == "gpu" else [])
+        transport.connect(peers, roles.hosts, receives_from=peers if role == "gpu" else [])
+    else:
+        transport.name = "mpi"
     # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
     tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, roles, ranks, setup, tokenize)
         _quiet_barrier(comm)
+        transport.close()
         return manifest
     if role == "idle":
         _quiet_barrier(comm)
+        transport.close()
         return None
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
@@ -289,7 +297,32 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     # Nobody leaves early: a gpu rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
     _quiet_barrier(comm)
+    transport.close()
     return None
+
+
+def _open_transport(choice: str):
+    """The MPI transport, or the UCX one where it may be used. Decided before mpi4py.MPI is first imported,
+    because the UCX bindings must load first (see transport/ucx.py)."""
+    from .transport.mpi import MpiTransport
+    if choice != "mpi":
+        from .transport.ucx import UcxTransport, ucx_available
+        if ucx_available():
+            return UcxTransport()
+    return MpiTransport()
+
+
+def _choose_data_path(choice: str, transport, roles: RoleMap) -> str:
+    """'ucx' or 'mpi' for the token batches: explicit, or for auto, ucx when any batch crosses a node."""
+    if choice == "mpi":
+        return "mpi"
+    if transport.name != "ucx":
+        if choice == "ucx":
+            raise ConfigError("--transport ucx: the ucxx bindings do not import here; pip install 'hpcembed[ucx]' "
+                              "(the ucxx-cu12 wheel), or use --transport mpi")
+        return "mpi"
+    crosses = any(roles.host_of(t) != roles.host_of(g) for t in roles.tokenizers for g in roles.gpus_of(t))
+    return "ucx" if choice == "ucx" or crosses else "mpi"
 
 
 def _quiet_barrier(comm) -> None:
@@ -352,7 +385,7 @@ def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup, tokenize
             rep = result.reports[r]
             reports.append({"rank": r, "role": rep.role, "host": rep.host, "rows": rep.rows, "tokens": rep.tokens,
                             "busy_seconds": round(rep.busy_seconds, 3), **rep.encoder})
-        return finish(cfg, setup, result, reports, "mpi", "cpu" if tokenize else job_device(cfg, ranks))
+        return finish(cfg, setup, result, reports, transport.name, "cpu" if tokenize else job_device(cfg, ranks))
     except HpcEmbedError as exc:
         progress.close()
         print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)

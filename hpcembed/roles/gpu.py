@@ -59,7 +59,7 @@ class GpuRole:
 
     def run(self) -> None:
         ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
-        for tokenizer in self.roles.tokenizers:
+        for tokenizer in self.roles.tokenizers_of(self.t.rank):
             self.t.send(tokenizer, Credit(self.credits))
         try:
             self._loop()

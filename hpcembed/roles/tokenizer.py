@@ -55,12 +55,13 @@ class TokenizerRole:
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
         self.draining = self.released = self._stop_forwarded = False
-        self.credits = {g: 0 for g in roles.gpus}
+        self.gpus = roles.gpus_of(transport.rank)
+        self.credits = {g: 0 for g in self.gpus}
         # Every gpu rank sends one initial grant, then one Credit per batch it consumed: so this rank knows exactly
         # how many Credit messages it will get, and waits for all of them before it leaves (an MPI message
         # still unreceived at MPI_Finalize kills the whole world under MPICH).
-        self.credit_messages = {g: 0 for g in roles.gpus}
-        self.batches_sent = {g: 0 for g in roles.gpus}
+        self.credit_messages = {g: 0 for g in self.gpus}
+        self.batches_sent = {g: 0 for g in self.gpus}
         self.assigned: deque[WorkUnit] = deque()
         self.no_more = False
         self.rows = self.tokens = 0
@@ -113,10 +114,12 @@ class TokenizerRole:
                     [(int(d["unit"]), int(d["file"]), int(d["row"]), int(f["unit"]), int(f["file"]), int(f["row"]),
                       d["digest"].tobytes()) for d, f in dups]))
         owed = lambda g: 1 + self.batches_sent[g]  # noqa: E731 - the initial grant, then one per batch
-        while any(self.credit_messages[g] < owed(g) for g in self.roles.gpus):
+        while any(self.credit_messages[g] < owed(g) for g in self.gpus):
             self._receive(None)
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
-                                                     self.rows, self.tokens, self.busy, self.backend.describe()))
+                                                     self.rows, self.tokens, self.busy,
+                                                     {**self.backend.describe(),
+                                                      "batches_sent": {str(g): n for g, n in self.batches_sent.items()}}))
         while not self.released:
             self._receive(None)
 
