@@ -267,8 +267,9 @@ def run_mpi(cfg: JobConfig, tokenize: bool = False) -> dict | None:
     if data_path == "ucx":           # collective: ranks off the data path take part with no peers
         peers = (roles.gpus_of(rank) if role == "tokenizer" else roles.tokenizers_of(rank) if role == "gpu" else [])
         transport.connect(peers, roles.hosts, receives_from=peers if role == "gpu" else [])
-    else:
-        transport.name = "mpi"
+    elif transport.name != "mpi":
+        from .transport.mpi import MpiTransport
+        transport = MpiTransport(transport.comm)     # the UCX one opened nothing before connect(): just drop it
     # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
     tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
     if role == "conductor":
@@ -370,7 +371,7 @@ class _Reported(HpcEmbedError):
 
 def _run_conductor(cfg, transport, roles: RoleMap, ranks, setup: Setup, tokenize: bool) -> dict:
     for r in range(transport.size):
-        log.info("rank %d on %s: %s", r, ranks[r].host, roles.role_of(r))
+        log.info("rank %d on %s (pid %d): %s", r, ranks[r].host, ranks[r].pid, roles.role_of(r))
     idle = transport.size - 1 - len(roles.tokenizers) - len(roles.gpus)
     log.info("role map: 1 conductor, %d tokenizer, %d gpu ranks%s", len(roles.tokenizers), len(roles.gpus),
              f", {idle} idle" if idle else "")

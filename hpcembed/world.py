@@ -30,6 +30,7 @@ class RankInfo:
     het_group: int | None = None
     cores_on_host: int = 0          # cores this host offers the job (Slurm's allocation, else the affinity mask)
     gpu_name: str = ""
+    pid: int = 0                    # logged with the role map, for py-spy or kill on a stuck rank
 
 
 # GPU-stage throughput of one gpu rank (2 instances, fp16, CUDA graphs), measured by bench/gpu_stage.py; see
@@ -81,11 +82,11 @@ def gather_ranks(comm) -> list[RankInfo]:
         me = (slurm.node, slurm.gpus_on_node or cuda, cuda, slurm.het_group)
     else:
         me = (socket.gethostname(), cuda, cuda, None)
-    everyone = comm.allgather(me + (cores_here(), name))
+    everyone = comm.allgather(me + (cores_here(), name, os.getpid()))
     seen: dict[str, int] = {}
     ranks = []
-    for rank, (h, gpus, devices, group, cores, gpu_name) in enumerate(everyone):
-        ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus, devices, group, cores, gpu_name))
+    for rank, (h, gpus, devices, group, cores, gpu_name, pid) in enumerate(everyone):
+        ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus, devices, group, cores, gpu_name, pid))
         seen[h] = seen.get(h, 0) + 1
     return ranks
 

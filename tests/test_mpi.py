@@ -109,3 +109,20 @@ def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
     ids = sorted(texts)
     ref = reference(st_model, [texts[i] for i in ids])
     assert min(float(got[i] @ r) for i, r in zip(ids, ref)) > 0.9999
+
+
+def test_links_are_sparse_local_first_and_cover_every_gpu():
+    from hpcembed.roles.common import RoleMap
+    # 1000 nodes x (8 gpu ranks + 8 tokenizer ranks), and a het layout with tokenizers on CPU-only nodes.
+    hosts = {r: f"n{r // 16}" for r in range(16000)}
+    gpus = [r for r in range(16000) if r % 16 < 8]
+    tokenizers = [r for r in range(16000) if r % 16 >= 8 and r != 15999]
+    roles = RoleMap(15999, tokenizers, gpus, hosts)
+    assert all(roles.gpus_of(t) == [g for g in gpus if hosts[g] == hosts[t]] for t in tokenizers[:50])
+    assert all(len(roles.tokenizers_of(g)) >= 7 for g in gpus)
+    het = RoleMap(0, list(range(1, 41)), list(range(100, 420)), {**{r: "cpu" for r in range(41)},
+                                                                 **{g: f"g{g // 8}" for g in range(100, 420)}})
+    assert max(len(het.gpus_of(t)) for t in het.tokenizers) == 8        # 320 gpus / 40 tokenizers: fanout 8
+    assert all(len(het.tokenizers_of(g)) == 1 for g in het.gpus)
+    few = RoleMap(0, [1, 2], list(range(3, 40)), {r: "h" for r in range(40)})
+    assert all(few.tokenizers_of(g) for g in few.gpus)                  # the fanout grows past 8 to cover all

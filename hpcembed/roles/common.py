@@ -54,9 +54,14 @@ class RoleMap:
             for g in gpus:
                 by_host.setdefault(self.host_of(g), []).append(g)
             to_gpus: dict[int, list[int]] = {}
-            turn = 0
+            turn, host_turn = 0, {h: 0 for h in by_host}
             for t in tokenizers:
-                mine = by_host.get(self.host_of(t), [])[:fanout]
+                host = self.host_of(t)
+                local = by_host.get(host, [])
+                # Where a host has more gpu ranks than the fanout, its tokenizers take turns over them.
+                mine = [local[(host_turn.get(host, 0) + k) % len(local)] for k in range(min(fanout, len(local)))]
+                if local:
+                    host_turn[host] += len(mine)
                 picked = list(mine)
                 want = min(fanout, len(gpus))
                 while len(picked) < want:

@@ -42,7 +42,6 @@ def import_ucx():
     UCX, and loading theirs first leaves ucxx with unresolved symbols (libuct: ucs_ifname_to_ndev_index)."""
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
     import ucxx._lib.libucxx as ucx                   # noqa: F401 - the low-level, synchronous API
-    from ucxx._lib.arr import Array                   # noqa: F401
     return ucx
 
 
