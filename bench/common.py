@@ -32,7 +32,7 @@ def device_name() -> str:
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for pkg in ("hpcembed", "torch", "transformers", "tokenizers", "budtiktok", "sentence-transformers", "pyarrow",
-                "numpy", "mpi4py"):
+                "numpy", "mpi4py", "mpich", "ucxx-cu12", "libucx-cu12"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

@@ -41,6 +41,11 @@ def import_ucx():
     """Import UCX's bindings. It must happen before mpi4py.MPI is loaded: both pip MPI wheels bundle their own
     UCX, and loading theirs first leaves ucxx with unresolved symbols (libuct: ucs_ifname_to_ndev_index)."""
     os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+    # Batches go eagerly up to 16 MB unless the site says otherwise. A rendezvous costs extra round trips, and
+    # each one waits for the progress thread to wake: a 16-row batch took 1.2 ms one way by rendezvous and 42 us
+    # eagerly (bench/transport.py). Credits bound what can arrive unexpected, so memory stays bounded. (Set in
+    # the environment: UCXContext's config dict did not change this threshold in ucxx 0.52.)
+    os.environ.setdefault("UCX_RNDV_THRESH", "16M")
     import ucxx._lib.libucxx as ucx                   # noqa: F401 - the low-level, synchronous API
     return ucx
 
@@ -86,7 +91,7 @@ class UcxTransport(MpiTransport):
         self.hosts = hosts
         if peers:
             context = ucx.UCXContext({}, (ucx.Feature.TAG, ucx.Feature.WAKEUP))
-            self.worker = ucx.UCXWorker(context, enable_delayed_submission=True)
+            self.worker = ucx.UCXWorker(context, enable_delayed_submission=False)
             # A blocking (epoll) progress thread: it sleeps while nothing moves, so it takes no core from the
             # tokenizers; the timeout bounds how late it notices a request posted from this thread.
             self.worker.start_progress_thread(polling_mode=False, epoll_timeout=1)
