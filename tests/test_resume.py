@@ -104,7 +104,7 @@ def test_dead_rank_ends_the_job_and_the_rerun_completes(corpus, tmp_path, role):
     out = tmp_path / "out"
     job = BackgroundJob.mpi(4, ["--input", str(root), "--output", str(out), *ARGS], tmp_path / "job.log")
     try:
-        line = job.wait_for(rf"rank \d+ on \S+: {role}")
+        line = job.wait_for(rf"rank \d+ on \S+ \(pid \d+\): {role}")
         rank = int(line.split()[1])
         wait_for_commits(job, out, 3)
         victim = job.rank_pid(rank)
