@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-requeue", dest="requeue", action="store_false", help="pass exit 75 on instead")
     launch.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     launch.add_argument("step", nargs=argparse.REMAINDER, metavar="COMMAND", help="the job step to run")
+    from .scaling.cli import add_parser as add_scaling
+    add_scaling(sub)
     return parser
 
 
@@ -98,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    _setup_logging(args.verbose)
+    _setup_logging(getattr(args, "verbose", False))
+    if args.command == "scaling":
+        from .scaling.cli import main as scaling_main
+        try:
+            return scaling_main(args)
+        except HpcEmbedError as exc:
+            print(f"hpcembed: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     if args.command == "launch":
         from .slurm import launch
         step = args.step[1:] if args.step[:1] == ["--"] else args.step

@@ -415,6 +415,8 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         **what,
         "text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
         "transport": transport,
+        "settings": {"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
+                     "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu},
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,

@@ -70,6 +70,15 @@ def visible_gpus() -> int:
         return 0
 
 
+def virtual_host(rank: int, size: int, nodes: int) -> str:
+    """HPCEMBED_VIRTUAL_NODES=N splits one machine's ranks into N pretend nodes, for scaling studies on one box
+    (`hpcembed scaling measure --virtual-nodes`): rank 0 and the first block on vnode0, then equal blocks."""
+    if nodes < 1:
+        raise ConfigError(f"HPCEMBED_VIRTUAL_NODES must be at least 1, got {nodes}")
+    per = max(1, (size - 1) // nodes)
+    return f"vnode{min(nodes - 1, max(0, rank - 1) // per)}"
+
+
 def gather_ranks(comm) -> list[RankInfo]:
     from .slurm import SlurmTask
     slurm = SlurmTask.from_environ()
@@ -78,7 +87,10 @@ def gather_ranks(comm) -> list[RankInfo]:
     if cuda:
         import torch
         name = torch.cuda.get_device_name(0)
-    if slurm is not None and slurm.node:
+    virtual = os.environ.get("HPCEMBED_VIRTUAL_NODES", "")
+    if virtual:
+        me = (virtual_host(comm.Get_rank(), comm.Get_size(), int(virtual)), cuda, cuda, None)
+    elif slurm is not None and slurm.node:
         me = (slurm.node, slurm.gpus_on_node or cuda, cuda, slurm.het_group)
     else:
         me = (socket.gethostname(), cuda, cuda, None)

@@ -51,7 +51,8 @@ def submit_wait(cluster: SlurmCluster, tmp_path: Path, script: str, *args: str, 
                        timeout=timeout, check=False)
     job = proc.stdout.strip().split(";")[0]
     logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job}.*")))
-    assert proc.returncode == 0, f"sbatch {script} exited {proc.returncode}: {proc.stderr}\n{logs[-4000:]}"
+    assert proc.returncode == 0, (f"sbatch {script} exited {proc.returncode}: {proc.stderr}\n{logs[-4000:]}\n"
+                                  f"{cluster.diagnose()}")
     return logs
 
 
@@ -140,7 +141,7 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
             break
         time.sleep(0.5)
     logs = "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job_id}.*")))
-    assert state == "COMPLETED" and restarts >= 1, (state, logs[-4000:])
+    assert state == "COMPLETED" and restarts >= 1, (state, logs[-4000:], cluster.diagnose())
     assert "SIGUSR1 received" in logs and "requeueing job" in logs
     ids = sorted(texts)
     expected = dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
@@ -155,7 +156,7 @@ def test_tokenize_then_embed(cluster, corpus, tmp_path):
     proc = cluster.run("bash", str(SCRIPTS / "tokenize-then-embed.sh"), str(job_file(tmp_path, root, out)),
                        str(tokdir), env={"HPCEMBED_EMBED_SBATCH": "--wait"}, cwd=tmp_path, timeout=400, check=False)
     logs = "".join(p.read_text(errors="replace") for p in sorted([*tmp_path.glob("*.out"), *tmp_path.glob("*.err")]))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-4000:] + cluster.diagnose()
     assert "tokenize job:" in proc.stdout and "embed job:" in proc.stdout
     tokens = json.loads((tokdir / "_manifest.json").read_text())
     assert tokens["kind"] == "tokens" and tokens["complete"] and tokens["rows_written"] == len(expected)
@@ -171,7 +172,7 @@ def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
     sweep = tmp_path / "sweep"
     proc = cluster.run("bash", str(SCRIPTS / "scaling-sweep.sh"), str(job_file(tmp_path, root, tmp_path / "unused")),
                        str(sweep), env={"HPCEMBED_SWEEP_NODES": "1 2"}, cwd=tmp_path, timeout=400, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + cluster.diagnose()
     for nodes in (1, 2):
         manifest = json.loads((sweep / "manifests" / f"nodes-{nodes}.json").read_text())
         assert manifest["sweep"]["nodes"] == nodes and manifest["complete"]

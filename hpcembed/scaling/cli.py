@@ -1,0 +1,107 @@
+"""`hpcembed scaling calibrate|measure|simulate|report`: the scaling harness (see hpcembed/scaling/*.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected node counts like 1,10,100, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"node counts must be 1 or more, got {text!r}")
+    return values
+
+
+def add_parser(sub) -> None:
+    scaling = sub.add_parser("scaling", help="measure, simulate and report scaling from 1 to 1000 nodes",
+                             description="The scaling harness. A study is a directory: calibration.json, "
+                             "measured.json, results.json and report.md with its plots.")
+    cmds = scaling.add_subparsers(dest="scaling_command", metavar="STEP", required=True)
+
+    cal = cmds.add_parser("calibrate", help="build the simulation's parameters from bench/results JSON files")
+    cal.add_argument("--bench", default="bench/results", help="directory of benchmark JSONs (default: %(default)s)")
+    cal.add_argument("--output", required=True, help="calibration JSON to write (e.g. STUDY/calibration.json)")
+
+    m = cmds.add_parser("measure", help="record real runs' throughput at several scales in STUDY/measured.json",
+                        description="Run the real job at each scale under mpiexec (arguments after -- go to "
+                        "`hpcembed run`; {nodes} in them becomes the scale), or import Slurm sweep manifests or "
+                        "an e2e_node benchmark JSON.")
+    m.add_argument("--study", required=True, help="study directory")
+    m.add_argument("--series", required=True, help="name of this series of runs")
+    src = m.add_mutually_exclusive_group(required=True)
+    src.add_argument("--scales", type=_ints, help="node counts to run, e.g. 1,2,4")
+    src.add_argument("--from-manifests", metavar="DIR", help="slurm/scaling-sweep.sh's SWEEP/manifests")
+    src.add_argument("--from-e2e-bench", metavar="JSON", help="a bench/e2e_node.py result")
+    m.add_argument("--ranks-per-node", type=int, default=3, help="MPI ranks per node for --scales "
+                   "(default: %(default)s)")
+    m.add_argument("--virtual-nodes", action="store_true", help="split one machine's ranks into pretend nodes")
+    m.add_argument("--network", default="measured-tcp", help="network profile the simulation replays "
+                   "--from-manifests runs with (default: %(default)s)")
+    m.add_argument("run_args", nargs=argparse.REMAINDER, help="-- then `hpcembed run` options")
+
+    s = cmds.add_parser("simulate", help="validate against measured runs, then project throughput and efficiency",
+                        description="Discrete-event simulation (SimPy) driving the real conductor and routing "
+                        "code. Refuses to project if a measured run is not reproduced within ±10%%.")
+    s.add_argument("--calibration", required=True, help="calibration JSON (hpcembed scaling calibrate)")
+    s.add_argument("--measured", help="measured.json to validate against")
+    s.add_argument("--nodes", type=_ints, default=[1, 10, 100, 1000], help="node counts (default: 1,10,100,1000)")
+    s.add_argument("--output", required=True, help="directory for results.json")
+    s.add_argument("--network", default="measured-tcp", help="network profile from the calibration "
+                   "(measured-tcp, infiniband-hdr; default: %(default)s)")
+    s.add_argument("--unit-rows", type=int, help="rows per work unit (default: the measured job's)")
+    s.add_argument("--units-per-tokenizer", type=float, default=3.0,
+                   help="job size: work units per tokenizer rank (default: %(default)s)")
+    s.add_argument("--network-ablation-up-to", type=int, default=1000,
+                   help="rerun with an ideal network up to this many nodes, for the network's loss")
+
+    r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
+    r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
+    r.add_argument("--title", default="", help="the report's title")
+
+
+def main(args) -> int:
+    cmd = args.scaling_command
+    if cmd == "calibrate":
+        from .calibration import build
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(build(Path(args.bench)), indent=2) + "\n")
+        print(f"hpcembed: calibration -> {out}")
+        return 0
+    if cmd == "measure":
+        from . import measure
+        study = Path(args.study)
+        (study / "runs").mkdir(parents=True, exist_ok=True)
+        if args.scales:
+            run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+            if not run_args:
+                raise ConfigError("hpcembed scaling measure --scales needs `-- hpcembed run options` (--input ...)")
+            rows = measure.measure_local(args.series, args.scales, args.ranks_per_node, run_args, study,
+                                         args.virtual_nodes)
+        elif args.from_manifests:
+            rows = measure.from_manifests(args.series, Path(args.from_manifests), args.network)
+        else:
+            rows = measure.from_e2e_bench(args.series, Path(args.from_e2e_bench))
+        path = measure.save(study, rows)
+        print(f"hpcembed: {len(rows)} measured row(s) -> {path}")
+        return 0
+    if cmd == "simulate":
+        from .project import run_simulate
+        result = run_simulate(Path(args.calibration), Path(args.measured) if args.measured else None, args.nodes,
+                              Path(args.output), args.network, args.unit_rows, args.units_per_tokenizer,
+                              args.network_ablation_up_to)
+        print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
+        if result.get("error"):
+            print(f"hpcembed: error: {result['error']}")
+            return 1
+        return 0
+    from .report import write_report
+    path = write_report(Path(args.study), args.title)
+    print(f"hpcembed: report -> {path}")
+    return 0

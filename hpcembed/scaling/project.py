@@ -1,0 +1,117 @@
+"""`hpcembed scaling simulate`: validate the simulation against every measured run, then project 1 -> N nodes.
+
+Efficiency is E(N) = X(N) / (N * X(1)) with X the steady throughput: rows embedded per second in the window
+where every tokenizer rank has work (after the first units are handed out, before the first one runs out). A
+long backfill runs in that state; `job_texts_per_s` adds the ramp and the tail of a job of the simulated size.
+
+The loss breakdown is where the bottleneck's time goes. On the measured node the tokenizer ranks are the
+bottleneck (13 cores cannot feed one H100), so it is their time, split into tokenizing, waiting for a work
+unit (scheduling: the conductor's queue and its replies), waiting for credit (queue contention: gpu ranks'
+queues full), and idle after their last unit (the tail). The network's share is measured by running the same
+job again with an ideal network (no latency, infinite bandwidth): the throughput difference is what the
+network costs.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .calibration import node_from, rates_from
+from .sim import JobShape, NodeShape, simulate, units_for
+
+TOLERANCE = 0.10
+
+
+def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
+    """Simulate every measured run with its own shape and job, and compare throughputs."""
+    rows = []
+    for m in measured:
+        sim_in = m.get("sim")
+        if not sim_in:
+            continue
+        rates = rates_from(calibration, sim_in.get("network", "measured-tcp"), **sim_in.get("rates", {}))
+        shape = NodeShape(**sim_in["node"])
+        job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], chunk_rows=sim_in["chunk_rows"],
+                       credits=sim_in["credits"])
+        result = simulate(m["nodes"], shape, job, rates)
+        simulated = result.throughput_texts_per_s
+        error = simulated / m["throughput_texts_per_s"] - 1
+        row = {"series": m["series"], "nodes": m["nodes"], "ranks": m.get("ranks"),
+               "measured_texts_per_s": m["throughput_texts_per_s"], "simulated_texts_per_s": round(simulated, 1),
+               "error": round(error, 4), "within_tolerance": abs(error) <= TOLERANCE}
+        rows.append(row)
+        log(f"validate {m['series']} at {m['nodes']} node(s): measured {m['throughput_texts_per_s']:,.0f}, "
+            f"simulated {simulated:,.0f} texts/s ({error:+.1%})")
+    return rows
+
+
+def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
+            unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
+            log=print) -> list[dict]:
+    rates = rates_from(calibration, network)
+    shape = node or node_from(calibration)
+    unit_rows = unit_rows or calibration["job"]["unit_rows"]
+    job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
+                   chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"])
+    out, base = [], None
+    for n in nodes:
+        result = simulate(n, shape, job, rates)
+        ideal_net = simulate(n, shape, job, rates, ideal_network=True) if n <= network_ablation_up_to else None
+        if base is None:
+            base = result
+        x1 = base.steady_texts_per_s / base.nodes
+        efficiency = result.steady_texts_per_s / (n * x1)
+        network_loss = (max(0.0, ideal_net.steady_texts_per_s - result.steady_texts_per_s) / (n * x1)
+                        if ideal_net else None)
+        row = {
+            "nodes": n, "gpus": result.gpu_ranks, "tokenizer_ranks": result.tokenizer_ranks,
+            "ranks": n * shape.cores, "throughput_texts_per_s": round(result.steady_texts_per_s, 1),
+            "tokens_per_s": round(result.steady_texts_per_s * rates.tokens_per_text, 1),
+            "efficiency": round(efficiency, 4), "job_texts_per_s": round(result.throughput_texts_per_s, 1),
+            "job_efficiency": round(result.throughput_texts_per_s / (n * base.throughput_texts_per_s / base.nodes), 4),
+            "source": "projected", "network": network, "unit_rows": unit_rows, "rows": result.rows,
+            "units": result.units, "makespan_s": round(result.makespan_s, 3), "tail_s": round(result.tail_s, 3),
+            "losses": {
+                "network": None if network_loss is None else round(network_loss, 4),
+                "scheduling_wait_for_unit": round(result.tokenizer_time["waiting_for_unit"], 4),
+                "queue_contention_wait_for_credit": round(result.tokenizer_time["waiting_for_credit"], 4),
+                "tail_idle_after_last_unit": round(result.tokenizer_time["idle_after_last_unit"], 4),
+            },
+            "tokenizer_busy": round(result.tokenizer_time["tokenizing"], 4),
+            "conductor_busy": round(result.conductor_busy, 4),
+            "conductor_messages": result.conductor_messages,
+            "conductor_cpu_us_per_message_here": round(result.conductor_cpu_us_per_message, 2),
+            "conductor_queue_max": result.conductor_queue_max,
+            "gpu_busy": round(result.gpu_busy, 4), "remote_batch_fraction": round(result.remote_batch_fraction, 4),
+            "nic_busy_max": round(result.nic_busy_max, 5), "sim_wall_seconds": round(result.wall_seconds, 2),
+        }
+        out.append(row)
+        log(f"project {n} node(s): {row['throughput_texts_per_s']:,.0f} texts/s, efficiency {efficiency:.1%}, "
+            f"conductor busy {result.conductor_busy:.1%}, sim {result.wall_seconds:.1f} s")
+    return out
+
+
+def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
+                 network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
+                 network_ablation_up_to: int = 1000, log=print) -> dict:
+    start = time.perf_counter()
+    calibration = json.loads(Path(calibration_path).read_text())
+    measured = json.loads(Path(measured_path).read_text())["rows"] if measured_path else []
+    validation = validate(calibration, measured, log)
+    failed = [v for v in validation if not v["within_tolerance"]]
+    result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),
+              "validation": validation, "validated": bool(validation) and not failed,
+              "tolerance": TOLERANCE, "rows": []}
+    output.mkdir(parents=True, exist_ok=True)
+    if failed:
+        # No projection from a model that does not reproduce what was measured.
+        result["error"] = (f"{len(failed)} measured run(s) not reproduced within ±{TOLERANCE:.0%}: "
+                           + "; ".join(f"{v['series']} {v['nodes']} node(s) {v['error']:+.1%}" for v in failed))
+    else:
+        result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows,
+                                 network_ablation_up_to=network_ablation_up_to, log=log)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    (output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
