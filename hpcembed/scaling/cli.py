@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     src.add_argument("--from-e2e-bench", metavar="JSON", help="a bench/e2e_node.py result")
     m.add_argument("--ranks-per-node", type=int, default=3, help="MPI ranks per node for --scales "
                    "(default: %(default)s)")
+    m.add_argument("--tokenizers-per-node", type=int, default=0, help="pass --tokenizer-ranks N*K to each run "
+                   "(default: the job's own role plan)")
     m.add_argument("--virtual-nodes", action="store_true", help="split one machine's ranks into pretend nodes")
     m.add_argument("--network", default="measured-tcp", help="network profile the simulation replays "
                    "--from-manifests runs with (default: %(default)s)")
@@ -83,7 +85,7 @@ def main(args) -> int:
             if not run_args:
                 raise ConfigError("hpcembed scaling measure --scales needs `-- hpcembed run options` (--input ...)")
             rows = measure.measure_local(args.series, args.scales, args.ranks_per_node, run_args, study,
-                                         args.virtual_nodes)
+                                         args.virtual_nodes, args.tokenizers_per_node)
         elif args.from_manifests:
             rows = measure.from_manifests(args.series, Path(args.from_manifests), args.network)
         else:

@@ -47,7 +47,7 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
     x = manifest.get("steady_texts_per_s") or manifest["texts_per_s"]
     tokens_per_s = manifest.get("steady_tokens_per_s") or manifest["tokens_per_s"]
     tok_rate = sum(r["tokens"] for r in tokenizers) / max(sum(r["busy_seconds"] for r in tokenizers), 1e-9)
-    gpu_busy = sum(r["encoder"].get("stage_busy_seconds", r["busy_seconds"]) for r in gpus)
+    gpu_busy = sum(r.get("stage_busy_seconds", r["busy_seconds"]) for r in gpus)
     gpu_rate = sum(r["tokens"] for r in gpus) / max(gpu_busy, 1e-9)
     per_host = max(sum(1 for r in ranks if r["host"] == h) for h in hosts)
     settings = manifest.get("settings", {})
@@ -82,11 +82,13 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
 
 
 def measure_local(series: str, scales: list[int], ranks_per_node: int, run_args: list[str], study: Path,
-                  virtual: bool, timeout: float = 3600, log=print) -> list[dict]:
+                  virtual: bool, tokenizers_per_node: int = 0, timeout: float = 3600, log=print) -> list[dict]:
     rows = []
     for n in scales:
         out = study / "runs" / f"{series}-n{n}"
         args = [a.replace("{nodes}", str(n)) for a in run_args]
+        if tokenizers_per_node:
+            args += ["--tokenizer-ranks", str(n * tokenizers_per_node)]
         cmd = _mpiexec(1 + n * ranks_per_node) + [sys.executable, "-m", "hpcembed", "run", *args,
                                                   "--output", str(out), "--overwrite", "--progress", "log"]
         env = {**os.environ, "HPCEMBED_MPI": "1"}
