@@ -178,4 +178,12 @@ def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
         assert manifest["sweep"]["nodes"] == nodes and manifest["complete"]
         assert len({r["host"] for r in manifest["ranks"]}) == nodes
         check_output(sweep / f"nodes-{nodes}" / "output", expected)
+    # The scaling harness reads the sweep's manifests as measured rows.
+    study = tmp_path / "study"
+    proc = cluster.run(sys.executable, "-m", "hpcembed", "scaling", "measure", "--study", str(study), "--series",
+                       "slurm", "--from-manifests", str(sweep / "manifests"), check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((study / "measured.json").read_text())["rows"]
+    assert [(r["nodes"], r["source"]) for r in rows] == [(1, "measured"), (2, "measured")]
+    assert rows[0]["efficiency"] == 1.0 and all(r["throughput_texts_per_s"] > 0 for r in rows)
 

@@ -59,6 +59,8 @@ def add_parser(sub) -> None:
     s.add_argument("--unit-rows", type=int, help="rows per work unit (default: the measured job's)")
     s.add_argument("--units-per-tokenizer", type=float, default=3.0,
                    help="job size: work units per tokenizer rank (default: %(default)s)")
+    s.add_argument("--allow-unvalidated", action="store_true", help="project even if validation fails; the "
+                   "results and the report are then marked as not validated")
     s.add_argument("--network-ablation-up-to", type=int, default=1000,
                    help="rerun with an ideal network up to this many nodes, for the network's loss")
 
@@ -97,11 +99,11 @@ def main(args) -> int:
         from .project import run_simulate
         result = run_simulate(Path(args.calibration), Path(args.measured) if args.measured else None, args.nodes,
                               Path(args.output), args.network, args.unit_rows, args.units_per_tokenizer,
-                              args.network_ablation_up_to)
+                              args.network_ablation_up_to, args.allow_unvalidated)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
-            print(f"hpcembed: error: {result['error']}")
-            return 1
+            print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")
+            return 0 if args.allow_unvalidated else 1
         return 0
     from .report import write_report
     path = write_report(Path(args.study), args.title)

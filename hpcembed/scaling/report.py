@@ -1,0 +1,189 @@
+"""`hpcembed scaling report`: STUDY/report.md with PNG plots and the data as CSV, from measured.json and
+results.json. Every number is labelled measured or projected; the seed's published projection stands beside
+ours, labelled as published."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+# The seed's published projection (texts/s): 1 node, and efficiency at 10, 100, 1000 nodes.
+SEED_ONE_NODE = 22_903
+SEED_EFFICIENCY = {1: 1.0, 10: 0.85, 100: 0.75, 1000: 0.65}
+
+
+def _fmt(x: float) -> str:
+    if x >= 1e6:
+        return f"{x / 1e6:,.2f}M"
+    return f"{x:,.0f}"
+
+
+def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = []
+    seed_n = sorted(SEED_EFFICIENCY)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if projected:
+        n = [r["nodes"] for r in projected]
+        ax.plot(n, [r["throughput_texts_per_s"] for r in projected], "o-", label="hpcembed, projected (simulation)")
+        ax.plot(n, [n_ * projected[0]["throughput_texts_per_s"] for n_ in n], ":", color="grey",
+                label="linear from our 1 node")
+    ax.plot(seed_n, [SEED_ONE_NODE * k * SEED_EFFICIENCY[k] for k in seed_n], "s--", label="seed, published")
+    for series in sorted({r["series"] for r in measured}):
+        rows = [r for r in measured if r["series"] == series]
+        ax.plot([r["nodes"] for r in rows], [r["throughput_texts_per_s"] for r in rows], "^", ms=8,
+                label=f"measured: {series}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("texts/s")
+    ax.set_title("Throughput (weak scaling: corpus grows with the nodes)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(study / "throughput.png", dpi=120)
+    plt.close(fig)
+    names.append("throughput.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if projected:
+        ax.plot([r["nodes"] for r in projected], [100 * r["efficiency"] for r in projected], "o-",
+                label="hpcembed, projected: steady state")
+        ax.plot([r["nodes"] for r in projected], [100 * r["job_efficiency"] for r in projected], "o:",
+                label="hpcembed, projected: whole simulated job (ramp and tail)")
+    ax.plot(seed_n, [100 * SEED_EFFICIENCY[k] for k in seed_n], "s--", label="seed, published")
+    for series in sorted({r["series"] for r in measured}):
+        rows = [r for r in measured if r["series"] == series]
+        if len(rows) > 1:
+            ax.plot([r["nodes"] for r in rows], [100 * r["efficiency"] for r in rows], "^-", ms=8,
+                    label=f"measured: {series}")
+    ax.axhline(98, color="green", lw=0.8, ls=":")
+    ax.axhline(95, color="orange", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel("efficiency E(N) = X(N) / (N X(1)), %")
+    ax.set_title("Scaling efficiency (targets: 98% at 10 nodes, 95% at 1000)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(study / "efficiency.png", dpi=120)
+    plt.close(fig)
+    names.append("efficiency.png")
+
+    if projected:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        labels = [str(r["nodes"]) for r in projected]
+        bottom = [0.0] * len(projected)
+        parts = [("scheduling_wait_for_unit", "scheduling: waiting for a unit"),
+                 ("queue_contention_wait_for_credit", "queue contention: waiting for credit"),
+                 ("tail_idle_after_last_unit", "tail: idle after the last unit"),
+                 ("network", "network (ideal-network rerun)")]
+        for key, label in parts:
+            values = [100 * (r["losses"][key] or 0.0) for r in projected]
+            ax.bar(labels, values, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_xlabel("nodes")
+        ax.set_ylabel("% of tokenizer-rank time (the bottleneck) / of throughput")
+        ax.set_title("Where efficiency is lost (projected)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(study / "losses.png", dpi=120)
+        plt.close(fig)
+        names.append("losses.png")
+    return names
+
+
+def write_report(study: Path, title: str = "") -> Path:
+    study = Path(study)
+    measured = json.loads((study / "measured.json").read_text())["rows"] if (study / "measured.json").exists() else []
+    results = json.loads((study / "results.json").read_text()) if (study / "results.json").exists() else {}
+    projected = results.get("rows", [])
+    validated = results.get("validated", False)
+    with open(study / "scaling.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["source", "series", "nodes", "gpus", "throughput_texts_per_s", "efficiency"])
+        for r in measured:
+            w.writerow(["measured", r["series"], r["nodes"], r["gpus"], r["throughput_texts_per_s"], r["efficiency"]])
+        for r in projected:
+            w.writerow(["projected", "simulation", r["nodes"], r["gpus"], r["throughput_texts_per_s"],
+                        r["efficiency"]])
+        for n, e in SEED_EFFICIENCY.items():
+            w.writerow(["published", "seed", n, "", SEED_ONE_NODE * n * e, e])
+    plots = _plots(study, measured, projected)
+
+    lines = [f"# {title or 'Scaling study: ' + study.name}", ""]
+    if projected and not validated:
+        lines += [f"**NOT VALIDATED.** {results.get('error', '')}. The projection below was made anyway "
+                  "(`--allow-unvalidated`); read it as the model's answer, not as a validated one.", ""]
+    lines += ["Every figure is labelled: **measured** (a real run), **projected** (the simulation, "
+              "`hpcembed scaling simulate`), or **published** (the seed's table, a vendor's claim).", "",
+              "## Against the seed's table", "",
+              "| nodes | seed: theoretical | seed: efficiency | seed: effective (published) | hpcembed | "
+              "hpcembed efficiency | hpcembed source |", "|---|---|---|---|---|---|---|"]
+    proj = {r["nodes"]: r for r in projected}
+    one_measured = next((r for r in measured if r["series"] == "h100-node"), None)
+    for n in sorted(set(SEED_EFFICIENCY) | set(proj)):
+        seed = (f"{_fmt(SEED_ONE_NODE * n)} t/s", f"{SEED_EFFICIENCY[n]:.0%}",
+                f"{_fmt(SEED_ONE_NODE * n * SEED_EFFICIENCY[n])} t/s") if n in SEED_EFFICIENCY else ("", "", "")
+        if n == 1 and one_measured:
+            ours, eff, src = f"{_fmt(one_measured['throughput_texts_per_s'])} t/s", "100%", "measured (1 H100 node)"
+            if n in proj:
+                src += f"; simulated {_fmt(proj[n]['throughput_texts_per_s'])}"
+        elif n in proj:
+            ours, eff, src = (f"{_fmt(proj[n]['throughput_texts_per_s'])} t/s", f"{proj[n]['efficiency']:.1%}",
+                              "projected" + ("" if validated else " (not validated)"))
+        else:
+            ours, eff, src = "", "", ""
+        lines.append(f"| {n} | {seed[0]} | {seed[1]} | {seed[2]} | {ours} | {eff} | {src} |")
+    lines += ["", "t/s = texts per second. Our node is the measured H100 box: 1 GPU, 16 cores "
+              "(1 conductor core on the first node, 2 cores per gpu rank, the rest tokenizer ranks).", ""]
+    lines += [f"![throughput]({p})" for p in plots[:1]] + [""] + [f"![efficiency]({p})" for p in plots[1:2]] + [""]
+
+    lines += ["## Measured runs (strong and weak scaling)", "",
+              "| series | nodes | ranks | gpu ranks | tokenizer ranks | texts/s (steady) | E(N) | gpu busy | where |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in measured:
+        busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
+        lines.append(f"| {r['series']} | {r['nodes']} | {r['ranks']} | {r['gpus']} | {r['tokenizers']} | "
+                     f"{_fmt(r['throughput_texts_per_s'])} | {r['efficiency']:.1%} | {busy} | {r['where']} |")
+    lines += ["", "`vnodes-cpu` is weak scaling over virtual nodes of one 16-core machine (each: 1 gpu rank encoding "
+              "on a CPU core, 2 tokenizer ranks; 600 documents per node). `h100-tokenizers-K` and `h100-node` are "
+              "one H100 node with K = 4, 8 and 13 tokenizer ranks (strong scaling of the tokenizing stage).", ""]
+
+    lines += ["## Validation: the simulation replays every measured run", "",
+              f"Tolerance ±{results.get('tolerance', 0.1):.0%}.", "",
+              "| series | nodes | measured texts/s | simulated texts/s | error | within |", "|---|---|---|---|---|---|"]
+    for v in results.get("validation", []):
+        lines.append(f"| {v['series']} | {v['nodes']} | {_fmt(v['measured_texts_per_s'])} | "
+                     f"{_fmt(v['simulated_texts_per_s'])} | {v['error']:+.1%} | "
+                     f"{'yes' if v['within_tolerance'] else '**no**'} |")
+    lines += [""]
+
+    if projected:
+        lines += ["## Where efficiency is lost (projected)", "",
+                  "Shares of the bottleneck's time (the tokenizer ranks': 13-14 cores cannot keep one H100 busy), "
+                  "over the whole simulated job; the network's share is the throughput an ideal network would add.",
+                  "", "| nodes | E(N) steady | E(N) whole job | tokenizing | scheduling (wait for unit) | "
+                  "queue contention (wait for credit) | tail | network | conductor busy | conductor queue max | "
+                  "batches crossing nodes | busiest NIC | sim wall s |", "|" + "---|" * 13]
+        for r in projected:
+            loss = r["losses"]
+            net = "" if loss["network"] is None else f"{loss['network']:.2%}"
+            lines.append(f"| {r['nodes']} | {r['efficiency']:.1%} | {r['job_efficiency']:.1%} | "
+                         f"{r['tokenizer_busy']:.1%} | {loss['scheduling_wait_for_unit']:.2%} | "
+                         f"{loss['queue_contention_wait_for_credit']:.2%} | {loss['tail_idle_after_last_unit']:.1%} | "
+                         f"{net} | {r['conductor_busy']:.1%} | {r['conductor_queue_max']:,} | "
+                         f"{r['remote_batch_fraction']:.1%} | {r['nic_busy_max']:.2%} | {r['sim_wall_seconds']} |")
+        lines += [""] + [f"![losses]({p})" for p in plots[2:]] + [""]
+    lines += ["## Method", "",
+              "- Calibration: `calibration.json`, every value with the benchmark file and field it came from.",
+              "- Simulation: SimPy; the real Conductor (with a real ledger) and the real TokenizerRole routing run "
+              "in virtual time; the conductor's CPU time per message is measured as it runs and scaled to the "
+              "target core (hpcembed/scaling/sim.py).",
+              "- Not modelled: the parallel file system (reading input, writing shards), start-up at scale "
+              "(MPI launch, model load), node-to-node speed differences.", ""]
+    path = study / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

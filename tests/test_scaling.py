@@ -1,0 +1,111 @@
+"""The scaling harness: the simulation (real conductor and routing in virtual time), its calibration, the
+validation gate, real measured runs over virtual nodes under mpiexec, and the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, needs_mpi, run_cli, write_jsonl
+
+pytest.importorskip("simpy")
+
+from hpcembed.scaling.calibration import build, node_from, rates_from  # noqa: E402
+from hpcembed.scaling.project import run_simulate  # noqa: E402
+from hpcembed.scaling.sim import JobShape, NodeShape, Simulation, simulate  # noqa: E402
+
+BENCH = REPO / "bench" / "results"
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cal") / "calibration.json"
+    path.write_text(json.dumps(build(BENCH)))
+    return path
+
+
+def test_calibration_names_a_source_for_every_value(calibration):
+    cal = json.loads(calibration.read_text())
+    for name, entry in cal["rates"].items():
+        assert entry["value"] > 0, name
+        for source in entry["source"].split(" / "):
+            assert (REPO / source).exists(), (name, source)
+    # One tokenizer core of the H100 box, all 16 busy: 12.62M tokens/s over 16 processes.
+    assert 0.7e6 < cal["rates"]["tokenizer_tokens_per_s"]["value"] < 0.9e6
+
+
+def test_simulation_commits_every_unit_through_the_real_conductor(calibration):
+    cal = json.loads(calibration.read_text())
+    rates, shape = rates_from(cal), node_from(cal)
+    sim = Simulation(3, shape, JobShape(rows=1_640_000, unit_rows=20_000), rates)
+    result = sim.run()
+    # The real Conductor committed every unit in its real ledger, with the rows the gpu ranks reported.
+    assert len(sim.conductor.done) == result.units == 82
+    assert sim.conductor.rows_written == 1_640_000
+    # Routing is the real TokenizerRole's over RoleMap's sparse links: 3 nodes x (1 gpu, 13-14 tokenizers).
+    assert result.gpu_ranks == 3 and result.tokenizer_ranks == 13 + 14 + 14
+    # No faster than the tokenizer cores allow, and not far below it (they are the bottleneck here).
+    ceiling = result.tokenizer_ranks * rates.tokenizer_tokens_per_s / rates.tokens_per_text
+    assert 0.5 * ceiling < result.throughput_texts_per_s <= ceiling * 1.001
+    assert result.conductor_messages > 2 * result.units
+
+
+def test_a_slow_network_costs_throughput_and_an_ideal_one_does_not():
+    cal = build(BENCH)
+    shape = NodeShape(cores=6, gpus=1, tokenizers=4)
+    job = JobShape(rows=200_000, unit_rows=5_000)
+    # 1 MB/s NICs: batches crossing nodes queue at the NICs.
+    slow = simulate(4, shape, job, rates_from(cal, nic_bytes_per_s=1e6, tokenizer_tokens_per_s=3e6))
+    ideal = simulate(4, shape, job, rates_from(cal, tokenizer_tokens_per_s=3e6), ideal_network=True)
+    assert slow.remote_batch_fraction > 0 and slow.nic_busy_max > 0.5
+    assert slow.throughput_texts_per_s < 0.8 * ideal.throughput_texts_per_s
+
+
+def test_no_projection_from_a_simulation_that_misses_a_measured_run(calibration, tmp_path):
+    measured = tmp_path / "measured.json"
+    row = {"series": "made-up", "nodes": 1, "throughput_texts_per_s": 1e9, "source": "measured",
+           "sim": {"node": {"cores": 16, "gpus": 1, "gpu_name": "x", "tokenizers": 13}, "rows": 100_000,
+                   "unit_rows": 20_000, "chunk_rows": 1024, "credits": 4, "network": "measured-tcp", "rates": {}}}
+    measured.write_text(json.dumps({"rows": [row]}))
+    refused = run_simulate(calibration, measured, [1, 2], tmp_path / "a", log=lambda *_: None)
+    assert refused["rows"] == [] and not refused["validated"] and "made-up 1 node(s)" in refused["error"]
+    forced = run_simulate(calibration, measured, [1, 2], tmp_path / "b", allow_unvalidated=True,
+                          log=lambda *_: None)
+    assert [r["nodes"] for r in forced["rows"]] == [1, 2] and not forced["validated"]
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["validated"] is False
+
+
+@needs_mpi
+def test_measure_over_virtual_nodes_then_simulate_and_report(calibration, model_dir, tmp_path):
+    for n in (1, 2):
+        corpus = tmp_path / f"n{n}"
+        corpus.mkdir()
+        write_jsonl(corpus / "c.jsonl", [{"id": f"d{k}", "text": f"scaling row {k} " + "word " * (k % 17)}
+                                         for k in range(40 * n)])
+    study = tmp_path / "study"
+    proc = run_cli("scaling", "measure", "--study", str(study), "--series", "vnodes", "--scales", "1,2",
+                   "--ranks-per-node", "2", "--tokenizers-per-node", "1", "--virtual-nodes", "--",
+                   "--input", str(tmp_path / "n{nodes}"), "--model", model_dir, "--device", "cpu",
+                   "--unit-rows", "10", "--chunk-rows", "5", timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = json.loads((study / "measured.json").read_text())["rows"]
+    assert [(r["nodes"], r["gpus"], r["tokenizers"], r["source"]) for r in rows] == [(1, 1, 1, "measured"),
+                                                                                    (2, 2, 2, "measured")]
+    assert rows[0]["efficiency"] == 1.0 and rows[1]["throughput_texts_per_s"] > 0
+    two = json.loads((study / "runs" / "vnodes-n2.manifest.json").read_text())
+    assert {r["host"] for r in two["ranks"]} == {"vnode0", "vnode1"} and two["complete"]
+    # This 2-core box cannot give each virtual node its own cores, so no validation is asked of these runs here;
+    # the projection is forced and must say so.
+    proc = run_cli("scaling", "simulate", "--calibration", str(calibration), "--measured",
+                   str(study / "measured.json"), "--nodes", "1,2", "--output", str(study), "--allow-unvalidated")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli("scaling", "report", "--study", str(study))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (study / "report.md").read_text()
+    assert "| vnodes | 2 |" in report and "seed: effective (published)" in report
+    results = json.loads((study / "results.json").read_text())
+    if not results["validated"]:
+        assert "NOT VALIDATED" in report
+    for png in ("throughput.png", "efficiency.png", "losses.png"):
+        assert (study / png).read_bytes()[:4] == b"\x89PNG"
