@@ -24,7 +24,7 @@ import math
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,6 @@ class SimResult:
     remote_batch_fraction: float
     nic_busy_max: float                     # the busiest NIC direction, fraction of the makespan
     wall_seconds: float
-    events: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def row(self) -> dict:
-        return asdict(self)
 
 
 class SimNetwork:
@@ -242,7 +237,7 @@ class Simulation:
         self.first_idle: float | None = None        # a tokenizer has finished its last unit: the tail begins
         self.all_started: float | None = None
         self.started = 0
-        self.window_tokens_at: dict[str, tuple[float, int]] = {}
+        self.window_rows_at: dict[str, tuple[float, int]] = {}
         self.gpu_rows = 0
 
     # --- rank 0 -----------------------------------------------------------------------------------------
@@ -362,10 +357,10 @@ class Simulation:
         """Rows embedded at the times the steady window opens and closes."""
         while self.all_started is None:
             yield self.env.timeout(0.05)
-        self.window_tokens_at["open"] = (self.env.now, self.gpu_rows)
+        self.window_rows_at["open"] = (self.env.now, self.gpu_rows)
         while self.first_idle is None:
             yield self.env.timeout(0.05)
-        self.window_tokens_at["close"] = (self.env.now, self.gpu_rows)
+        self.window_rows_at["close"] = (self.env.now, self.gpu_rows)
 
     def run(self) -> SimResult:
         wall = time.perf_counter()
@@ -382,8 +377,8 @@ class Simulation:
         self._tmp.cleanup()
         rows = self.plan.total_rows
         steady = rows / makespan
-        if "open" in self.window_tokens_at and "close" in self.window_tokens_at:
-            (t0, r0), (t1, r1) = self.window_tokens_at["open"], self.window_tokens_at["close"]
+        if "open" in self.window_rows_at and "close" in self.window_rows_at:
+            (t0, r0), (t1, r1) = self.window_rows_at["open"], self.window_rows_at["close"]
             if t1 - t0 > 0:
                 steady = (r1 - r0) / (t1 - t0)
         n_tok = len(self.roles.tokenizers)
