@@ -105,7 +105,6 @@ def test_measure_over_virtual_nodes_then_simulate_and_report(calibration, model_
     report = (study / "report.md").read_text()
     assert "| vnodes | 2 |" in report and "seed: effective (published)" in report
     results = json.loads((study / "results.json").read_text())
-    if not results["validated"]:
-        assert "NOT VALIDATED" in report
+    assert ("NOT VALIDATED" in report) == (not results["validated"])
     for png in ("throughput.png", "efficiency.png", "losses.png"):
         assert (study / png).read_bytes()[:4] == b"\x89PNG"

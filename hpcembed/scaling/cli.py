@@ -67,6 +67,8 @@ def add_parser(sub) -> None:
     r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
     r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
     r.add_argument("--title", default="", help="the report's title")
+    r.add_argument("--node-series", default="h100-node", help="measured series whose 1-node run stands beside "
+                   "the seed's 1-node row (default: %(default)s)")
 
 
 def main(args) -> int:
@@ -106,6 +108,6 @@ def main(args) -> int:
             return 0 if args.allow_unvalidated else 1
         return 0
     from .report import write_report
-    path = write_report(Path(args.study), args.title)
+    path = write_report(Path(args.study), args.title, args.node_series)
     print(f"hpcembed: report -> {path}")
     return 0

@@ -18,6 +18,20 @@ def _fmt(x: float) -> str:
     return f"{x:,.0f}"
 
 
+def _finish_log_plot(plt, fig, ax, path: Path, ylabel: str, title: str, log_y: bool) -> None:
+    ax.set_xscale("log")
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlabel("nodes")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -35,16 +49,8 @@ def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str
         rows = [r for r in measured if r["series"] == series]
         ax.plot([r["nodes"] for r in rows], [r["throughput_texts_per_s"] for r in rows], "^", ms=8,
                 label=f"measured: {series}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("texts/s")
-    ax.set_title("Throughput (weak scaling: corpus grows with the nodes)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(study / "throughput.png", dpi=120)
-    plt.close(fig)
+    _finish_log_plot(plt, fig, ax, study / "throughput.png", "texts/s",
+                     "Throughput (weak scaling: corpus grows with the nodes)", log_y=True)
     names.append("throughput.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -61,15 +67,8 @@ def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str
                     label=f"measured: {series}")
     ax.axhline(98, color="green", lw=0.8, ls=":")
     ax.axhline(95, color="orange", lw=0.8, ls=":")
-    ax.set_xscale("log")
-    ax.set_xlabel("nodes")
-    ax.set_ylabel("efficiency E(N) = X(N) / (N X(1)), %")
-    ax.set_title("Scaling efficiency (targets: 98% at 10 nodes, 95% at 1000)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(study / "efficiency.png", dpi=120)
-    plt.close(fig)
+    _finish_log_plot(plt, fig, ax, study / "efficiency.png", "efficiency E(N) = X(N) / (N X(1)), %",
+                     "Scaling efficiency (targets: 98% at 10 nodes, 95% at 1000)", log_y=False)
     names.append("efficiency.png")
 
     if projected:
@@ -95,7 +94,9 @@ def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str
     return names
 
 
-def write_report(study: Path, title: str = "") -> Path:
+def write_report(study: Path, title: str = "", node_series: str = "h100-node") -> Path:
+    """`node_series`: the measured 1-node series set beside the seed's 1-node row (the node the calibration
+    describes). STUDY/notes.md, if there, is included as the study's own description of its runs."""
     study = Path(study)
     measured = json.loads((study / "measured.json").read_text())["rows"] if (study / "measured.json").exists() else []
     results = json.loads((study / "results.json").read_text()) if (study / "results.json").exists() else {}
@@ -123,12 +124,12 @@ def write_report(study: Path, title: str = "") -> Path:
               "| nodes | seed: theoretical | seed: efficiency | seed: effective (published) | hpcembed | "
               "hpcembed efficiency | hpcembed source |", "|---|---|---|---|---|---|---|"]
     proj = {r["nodes"]: r for r in projected}
-    one_measured = next((r for r in measured if r["series"] == "h100-node"), None)
+    one_measured = next((r for r in measured if r["series"] == node_series and r["nodes"] == 1), None)
     for n in sorted(set(SEED_EFFICIENCY) | set(proj)):
         seed = (f"{_fmt(SEED_ONE_NODE * n)} t/s", f"{SEED_EFFICIENCY[n]:.0%}",
                 f"{_fmt(SEED_ONE_NODE * n * SEED_EFFICIENCY[n])} t/s") if n in SEED_EFFICIENCY else ("", "", "")
         if n == 1 and one_measured:
-            ours, eff, src = f"{_fmt(one_measured['throughput_texts_per_s'])} t/s", "100%", "measured (1 H100 node)"
+            ours, eff, src = f"{_fmt(one_measured['throughput_texts_per_s'])} t/s", "100%", f"measured ({node_series}: {one_measured['device']})"
             if n in proj:
                 src += f"; simulated {_fmt(proj[n]['throughput_texts_per_s'])}"
         elif n in proj:
@@ -137,8 +138,10 @@ def write_report(study: Path, title: str = "") -> Path:
         else:
             ours, eff, src = "", "", ""
         lines.append(f"| {n} | {seed[0]} | {seed[1]} | {seed[2]} | {ours} | {eff} | {src} |")
-    lines += ["", "t/s = texts per second. Our node is the measured H100 box: 1 GPU, 16 cores "
-              "(1 conductor core on the first node, 2 cores per gpu rank, the rest tokenizer ranks).", ""]
+    lines += ["", "t/s = texts per second.", ""]
+    notes = study / "notes.md"
+    if notes.exists():
+        lines += ["## About this study", "", notes.read_text().strip(), ""]
     lines += [f"![throughput]({p})" for p in plots[:1]] + [""] + [f"![efficiency]({p})" for p in plots[1:2]] + [""]
 
     lines += ["## Measured runs (strong and weak scaling)", "",
@@ -148,9 +151,7 @@ def write_report(study: Path, title: str = "") -> Path:
         busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
         lines.append(f"| {r['series']} | {r['nodes']} | {r['ranks']} | {r['gpus']} | {r['tokenizers']} | "
                      f"{_fmt(r['throughput_texts_per_s'])} | {r['efficiency']:.1%} | {busy} | {r['where']} |")
-    lines += ["", "`vnodes-cpu` is weak scaling over virtual nodes of one 16-core machine (each: 1 gpu rank encoding "
-              "on a CPU core, 2 tokenizer ranks; 600 documents per node). `h100-tokenizers-K` and `h100-node` are "
-              "one H100 node with K = 4, 8 and 13 tokenizer ranks (strong scaling of the tokenizing stage).", ""]
+    lines += [""]
 
     lines += ["## Validation: the simulation replays every measured run", "",
               f"Tolerance ±{results.get('tolerance', 0.1):.0%}.", "",
@@ -163,8 +164,8 @@ def write_report(study: Path, title: str = "") -> Path:
 
     if projected:
         lines += ["## Where efficiency is lost (projected)", "",
-                  "Shares of the bottleneck's time (the tokenizer ranks': 13-14 cores cannot keep one H100 busy), "
-                  "over the whole simulated job; the network's share is the throughput an ideal network would add.",
+                  "Shares of the tokenizer ranks' time over the whole simulated job (they are the bottleneck when "
+                  "gpu busy stays below 100%); the network's share is the throughput an ideal network would add.",
                   "", "| nodes | E(N) steady | E(N) whole job | tokenizing | scheduling (wait for unit) | "
                   "queue contention (wait for credit) | tail | network | conductor busy | conductor queue max | "
                   "batches crossing nodes | busiest NIC | sim wall s |", "|" + "---|" * 13]
