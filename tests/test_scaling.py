@@ -76,6 +76,14 @@ def test_no_projection_from_a_simulation_that_misses_a_measured_run(calibration,
     assert json.loads((tmp_path / "b" / "results.json").read_text())["validated"] is False
 
 
+def test_missing_study_files_are_named_not_a_traceback(tmp_path):
+    proc = run_cli("scaling", "simulate", "--calibration", str(tmp_path / "nope.json"), "--output", str(tmp_path))
+    assert proc.returncode == 2 and f"calibration {tmp_path / 'nope.json'} does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli("scaling", "report", "--study", str(tmp_path / "empty"))
+    assert proc.returncode == 2 and "nothing to report" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @needs_mpi
 def test_measure_over_virtual_nodes_then_simulate_and_report(calibration, model_dir, tmp_path):
     for n in (1, 2):

@@ -8,9 +8,9 @@ alternative to the default, which is the network measured between two network na
 from __future__ import annotations
 
 import datetime
-import json
 from pathlib import Path
 
+from . import read_json
 from .sim import NodeShape, Rates
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
@@ -33,7 +33,7 @@ def _value(value: float, unit: str, source: str, how: str) -> dict:
 
 def build(bench_dir: Path) -> dict:
     bench_dir = Path(bench_dir)
-    data = {k: json.loads((bench_dir / f).read_text()) for k, f in FILES.items()}
+    data = {k: read_json(bench_dir / f, "benchmark result") for k, f in FILES.items()}
     src = {k: f"bench/results/{f}" for k, f in FILES.items()}
     tok = data["tokenize_gpu_box"]["results"]["budtiktok"]["all_cores"]
     e2e = data["e2e_node"]["runs"]["budtiktok"]

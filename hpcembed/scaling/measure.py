@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import read_json
 from ..errors import ConfigError
 
 
@@ -102,7 +103,7 @@ def measure_local(series: str, scales: list[int], ranks_per_node: int, run_args:
         if proc.returncode != 0:
             raise ConfigError(f"the {n}-node run of {series} failed (exit {proc.returncode}); its log is in "
                               f"{study / 'runs' / f'{series}-n{n}.log'}: {proc.stderr.strip()[-500:]}")
-        manifest = json.loads((out / "_manifest.json").read_text())
+        manifest = read_json(out / "_manifest.json", "manifest")
         where = f"mpiexec on {os.uname().nodename}" + (f", {n} virtual node(s)" if virtual else "")
         row = row_from_manifest(manifest, series, n, where, "same-machine" if virtual else "measured-tcp")
         row["wall_seconds"] = round(wall, 1)
@@ -118,7 +119,7 @@ def measure_local(series: str, scales: list[int], ranks_per_node: int, run_args:
 def from_manifests(series: str, directory: Path, network: str) -> list[dict]:
     rows = []
     for path in sorted(Path(directory).glob("*.json")):
-        manifest = json.loads(path.read_text())
+        manifest = read_json(path, "sweep manifest")
         nodes = manifest.get("sweep", {}).get("nodes") or len({r["host"] for r in manifest["ranks"]})
         rows.append(row_from_manifest(manifest, series, nodes, f"Slurm sweep manifest {path}", network))
     if not rows:
@@ -127,7 +128,7 @@ def from_manifests(series: str, directory: Path, network: str) -> list[dict]:
 
 
 def from_e2e_bench(series: str, path: Path) -> list[dict]:
-    data = json.loads(Path(path).read_text())
+    data = read_json(path, "e2e_node benchmark result")
     run = data["runs"][data.get("tokenizer_backend", "budtiktok")] if "runs" in data else data
     return [{
         "series": series, "nodes": 1, "ranks": run["ranks"], "gpus": run["roles"]["gpu"],
@@ -146,7 +147,7 @@ def from_e2e_bench(series: str, path: Path) -> list[dict]:
 def save(study: Path, rows: list[dict]) -> Path:
     """Merge into STUDY/measured.json: a row replaces an earlier one of the same series and node count."""
     path = study / "measured.json"
-    old = json.loads(path.read_text())["rows"] if path.exists() else []
+    old = read_json(path, "measurements")["rows"] if path.exists() else []
     keep = {(r["series"], r["nodes"]): r for r in old}
     keep.update({(r["series"], r["nodes"]): r for r in rows})
     merged = with_efficiency(sorted(keep.values(), key=lambda r: (r["series"], r["nodes"])))

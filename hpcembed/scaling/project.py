@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+from . import read_json
 from .calibration import node_from, rates_from
 from .sim import JobShape, NodeShape, simulate, units_for
 
@@ -96,8 +97,8 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, log=print) -> dict:
     start = time.perf_counter()
-    calibration = json.loads(Path(calibration_path).read_text())
-    measured = json.loads(Path(measured_path).read_text())["rows"] if measured_path else []
+    calibration = read_json(calibration_path, "calibration")
+    measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
     validation = validate(calibration, measured, log)
     failed = [v for v in validation if not v["within_tolerance"]]
     result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),

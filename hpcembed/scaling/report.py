@@ -4,8 +4,10 @@ ours, labelled as published."""
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
+
+from ..errors import ConfigError
+from . import read_json
 
 # The seed's published projection (texts/s): 1 node, and efficiency at 10, 100, 1000 nodes.
 SEED_ONE_NODE = 22_903
@@ -98,8 +100,11 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
     """`node_series`: the measured 1-node series set beside the seed's 1-node row (the node the calibration
     describes). STUDY/notes.md, if there, is included as the study's own description of its runs."""
     study = Path(study)
-    measured = json.loads((study / "measured.json").read_text())["rows"] if (study / "measured.json").exists() else []
-    results = json.loads((study / "results.json").read_text()) if (study / "results.json").exists() else {}
+    if not (study / "measured.json").exists() and not (study / "results.json").exists():
+        raise ConfigError(f"{study} holds neither measured.json (hpcembed scaling measure) nor results.json "
+                          "(hpcembed scaling simulate): nothing to report")
+    measured = read_json(study / "measured.json", "measurements")["rows"] if (study / "measured.json").exists() else []
+    results = read_json(study / "results.json", "projection") if (study / "results.json").exists() else {}
     projected = results.get("rows", [])
     validated = results.get("validated", False)
     with open(study / "scaling.csv", "w", newline="") as fh:
