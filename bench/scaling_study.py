@@ -12,6 +12,10 @@ Two series, both with the benchmark corpus (bench/corpus.py):
   - `vnodes-cpu`: weak scaling over 1, 2, 4 and 5 virtual nodes of one machine (HPCEMBED_VIRTUAL_NODES), each
     1 gpu rank encoding on one CPU core plus 2 tokenizer ranks, a fixed number of documents per node. Roles,
     links, routing and the conductor are those of N nodes; each node has its own cores.
+  - `vnodes-h100`: weak scaling over 1..5 virtual nodes that share the H100, each 1 gpu rank (2 encoder
+    instances on the shared GPU) plus 2 tokenizer ranks. Two tokenizer cores feed a fifth of an H100 at most, so
+    each node is tokenizer-bound, as the real 1-GPU node is; units are many per tokenizer, so the run is long
+    against start-up and the credit window.
   - `h100-tokenizers-K`: one node with the H100 and K tokenizer ranks (K = 4, 8): the GPU pipeline at rates the
     tokenizers limit, to check the simulation's model of it at more than the one point bench/e2e_node.py gives.
 """
@@ -48,11 +52,17 @@ def main() -> None:
     ap.add_argument("--gpu-tokenizers", default="4,8")
     ap.add_argument("--gpu-docs-per-tokenizer", type=int, default=100_000)
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--h100-vnode-scales", default="", help="e.g. 1,2,3,4,5: run the vnodes-h100 series")
+    ap.add_argument("--h100-vnode-docs-per-node", type=int, default=200_000)
+    ap.add_argument("--h100-vnode-unit-rows", type=int, default=10_000)
     args = ap.parse_args()
     study, work = Path(args.study), Path(args.work)
     scales = [int(x) for x in args.cpu_scales.split(",")]
     tokenizers = [int(x) for x in args.gpu_tokenizers.split(",")] if args.gpu_tokenizers else []
-    most = max([args.cpu_docs_per_node * max(scales)] + [k * args.gpu_docs_per_tokenizer for k in tokenizers])
+    vscales = [int(x) for x in args.h100_vnode_scales.split(",")] if args.h100_vnode_scales else []
+    most = max([0 if args.skip_cpu else args.cpu_docs_per_node * max(scales)]
+               + [k * args.gpu_docs_per_tokenizer for k in tokenizers]
+               + [n * args.h100_vnode_docs_per_node for n in vscales])
     start = time.perf_counter()
     docs = build_documents(most, Path(args.paragraphs))
     print(f"corpus: {len(docs):,} documents ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -63,6 +73,11 @@ def main() -> None:
         measure(study, "vnodes-cpu", args.cpu_scales, 3, True,
                 ["--input", str(work / "cpu-n{nodes}"), "--device", "cpu", "--unit-rows", "100",
                  "--chunk-rows", "50"] + common)
+    if vscales:
+        for n in vscales:
+            write_parquet(docs[: n * args.h100_vnode_docs_per_node], work / f"h100v-n{n}", files=4 * n)
+        measure(study, "vnodes-h100", args.h100_vnode_scales, 3, True,
+                ["--input", str(work / "h100v-n{nodes}"), "--unit-rows", str(args.h100_vnode_unit_rows)] + common)
     for k in tokenizers:
         write_parquet(docs[: k * args.gpu_docs_per_tokenizer], work / f"gpu-t{k}", files=4 * k)
         measure(study, f"h100-tokenizers-{k}", "1", k + 1, False,

@@ -92,6 +92,7 @@ class TokenizerRole:
         return True
 
     def run(self) -> None:
+        self.started_at = time.time()       # backend loaded: from here the rank asks for work
         self.t.send(self.roles.conductor, RequestUnit())
         while True:
             while not self.assigned and not self.no_more:
@@ -118,7 +119,7 @@ class TokenizerRole:
             self._receive(None)
         self.t.send(self.roles.conductor, RankReport(self.t.rank, "tokenizer", self.roles.host_of(self.t.rank),
                                                      self.rows, self.tokens, self.busy,
-                                                     {**self.backend.describe(),
+                                                     {**self.backend.describe(), "started_at": self.started_at,
                                                       "batches_sent": {str(g): n for g, n in self.batches_sent.items()}}))
         while not self.released:
             self._receive(None)

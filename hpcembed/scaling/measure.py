@@ -52,6 +52,14 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
     gpu_rate = sum(r["tokens"] for r in gpus) / max(gpu_busy, 1e-9)
     per_host = max(sum(1 for r in ranks if r["host"] == h) for h in hosts)
     settings = manifest.get("settings", {})
+    # When each rank could start, in seconds after the first gpu rank was ready (where the steady window, and
+    # the simulation's clock, begin). Ranks of one job start seconds apart (model load, CUDA init, the
+    # tokenizer's probe); in a short run that skew decides who gets the first batches.
+    t0 = min((r["ready_at"] for r in gpus if "ready_at" in r), default=None)
+    starts = {}
+    if t0 is not None:
+        starts = {"gpu": [round(r["ready_at"] - t0, 3) for r in gpus if "ready_at" in r],
+                  "tokenizer": [round(r["started_at"] - t0, 3) for r in tokenizers if "started_at" in r]}
     return {
         "series": series, "nodes": nodes, "ranks": len(ranks), "gpus": len(gpus), "tokenizers": len(tokenizers),
         "throughput_texts_per_s": x, "tokens_per_s": tokens_per_s,
@@ -63,7 +71,8 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
                      "gpu_name": "from the run", "tokenizers": -(-len(tokenizers) // max(nodes, 1))},
             "rows": manifest["rows_written_this_run"], "unit_rows": settings.get("unit_rows", 50_000),
             "chunk_rows": settings.get("chunk_rows", 1024), "credits": settings.get("credits", 4),
-            "network": network,
+            "network": network, "start_offsets_s": starts,
+            "gpu_rows": [r["rows"] for r in gpus],
             "rates": {"tokenizer_tokens_per_s": round(tok_rate, 1), "gpu_tokens_per_s": round(gpu_rate, 1),
                       "tokens_per_text": manifest["tokens"] / max(manifest["rows_written_this_run"], 1)},
         },

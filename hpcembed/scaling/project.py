@@ -35,12 +35,14 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
         shape = NodeShape(**sim_in["node"])
         job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], chunk_rows=sim_in["chunk_rows"],
                        credits=sim_in["credits"])
-        result = simulate(m["nodes"], shape, job, rates)
+        result = simulate(m["nodes"], shape, job, rates, start_offsets=sim_in.get("start_offsets_s"))
         simulated = result.throughput_texts_per_s
         error = simulated / m["throughput_texts_per_s"] - 1
         row = {"series": m["series"], "nodes": m["nodes"], "ranks": m.get("ranks"),
                "measured_texts_per_s": m["throughput_texts_per_s"], "simulated_texts_per_s": round(simulated, 1),
-               "error": round(error, 4), "within_tolerance": abs(error) <= TOLERANCE}
+               "error": round(error, 4), "within_tolerance": abs(error) <= TOLERANCE,
+               # How the rows spread over the gpu ranks, measured and simulated: where a short run is decided.
+               "gpu_rows_measured": sim_in.get("gpu_rows"), "gpu_rows_simulated": result.gpu_rows}
         rows.append(row)
         log(f"validate {m['series']} at {m['nodes']} node(s): measured {m['throughput_texts_per_s']:,.0f}, "
             f"simulated {simulated:,.0f} texts/s ({error:+.1%})")

@@ -97,6 +97,7 @@ class SimResult:
     tokenizer_time: dict[str, float]        # fraction of tokenizer-seconds: tokenizing, waiting for a unit,
                                             # waiting for credit, idle after the last unit
     gpu_busy: float
+    gpu_rows: list[int]                     # rows each gpu rank embedded, in rank order
     remote_batch_fraction: float
     nic_busy_max: float                     # the busiest NIC direction, fraction of the makespan
     wall_seconds: float
@@ -209,7 +210,11 @@ def build_world(nodes: int, shape: NodeShape, rates: Rates) -> tuple[RoleMap, li
 
 class Simulation:
     def __init__(self, nodes: int, shape: NodeShape, job: JobShape, rates: Rates, ideal_network: bool = False,
-                 free_conductor: bool = False, workdir: str | None = None):
+                 free_conductor: bool = False, workdir: str | None = None,
+                 start_offsets: dict[str, list[float]] | None = None):
+        """`start_offsets`: a measured run's start-up skew, {"gpu": [...], "tokenizer": [...]} in rank order,
+        seconds after the first gpu rank was ready (measure.py); a rank starts at its offset (earlier than 0
+        counts as 0). Without them every rank starts at 0, as in a long job the skew does not matter."""
         self.nodes, self.shape, self.job, self.rates = nodes, shape, job, rates
         self.free_conductor = free_conductor
         self.env = simpy.Environment()
@@ -226,6 +231,13 @@ class Simulation:
         self.conductor = Conductor(SimTransport(self.net, 0), self.roles, self.plan, out,
                                    Progress(rows, mode="none"), ledger, LedgerState({}, [], {}),
                                    stop=StopRequest())
+        offsets = start_offsets or {}
+        self.start_at = {}
+        for role, ranks in (("gpu", self.roles.gpus), ("tokenizer", self.roles.tokenizers)):
+            given = offsets.get(role) or []
+            if given and len(given) != len(ranks):
+                raise ValueError(f"{len(given)} {role} start offsets for {len(ranks)} {role} ranks")
+            self.start_at.update({rank: max(0.0, o) for rank, o in zip(ranks, given)})
         self.done = self.env.event()
         # Accounting
         self.conductor_busy = 0.0
@@ -239,6 +251,7 @@ class Simulation:
         self.started = 0
         self.window_rows_at: dict[str, tuple[float, int]] = {}
         self.gpu_rows = 0
+        self.gpu_rows_of = {g: 0 for g in self.roles.gpus}
 
     # --- rank 0 -----------------------------------------------------------------------------------------
     def _conductor(self):
@@ -274,6 +287,8 @@ class Simulation:
         t = SimTransport(net, rank)
         role = TokenizerRole(t, self.roles, backend=None, columns=None, chunk_rows=job.chunk_rows,
                              skip_invalid=False)
+        if self.start_at.get(rank):
+            yield env.timeout(self.start_at[rank])
         t.send(self.roles.conductor, RequestUnit())
         first = True
         while True:
@@ -318,6 +333,8 @@ class Simulation:
     def _gpu(self, rank: int):
         env, net, r = self.env, self.net, self.rates
         t = SimTransport(net, rank)
+        if self.start_at.get(rank):
+            yield env.timeout(self.start_at[rank])
         for tokenizer in self.roles.tokenizers_of(rank):
             t.send(tokenizer, Credit(self.job.credits))
         queue: deque = deque()
@@ -348,6 +365,7 @@ class Simulation:
             self.gpu_busy += busy
             yield env.timeout(busy)
             self.gpu_rows += batch.num_rows
+            self.gpu_rows_of[rank] += batch.num_rows
             part = parts.setdefault(batch.unit, [-1, 0, 0])
             part[1] += batch.num_rows
             part[2] += batch.num_tokens
@@ -394,6 +412,7 @@ class Simulation:
             conductor_cpu_us_per_message=1e6 * self.conductor_cpu / max(self.conductor_messages, 1),
             conductor_queue_max=self.queue_max, tokenizer_time=tok,
             gpu_busy=self.gpu_busy / (len(self.roles.gpus) * makespan),
+            gpu_rows=[self.gpu_rows_of[g] for g in self.roles.gpus],
             remote_batch_fraction=self.net.remote_batches / max(self.net.batches, 1),
             nic_busy_max=max(self.net.nic_busy) / makespan if self.net.nic_busy else 0.0,
             wall_seconds=time.perf_counter() - wall)
