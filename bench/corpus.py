@@ -33,7 +33,7 @@ def build_documents(n_docs: int, paragraphs: Path = DEFAULT_PARAGRAPHS, seed: in
     return docs
 
 
-def write_parquet(docs: list[str], path: Path, files: int = 1) -> list[Path]:
+def write_parquet(docs: list[str], path: Path, files: int = 1, row_group_size: int = 10_000) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     path.mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,6 @@ def write_parquet(docs: list[str], path: Path, files: int = 1) -> list[Path]:
         part = docs[k * per:(k + 1) * per]
         ids = [f"doc-{k * per + i:09d}" for i in range(len(part))]
         target = path / f"corpus-{k:04d}.parquet"
-        pq.write_table(pa.table({"id": ids, "text": part}), target, row_group_size=10_000)
+        pq.write_table(pa.table({"id": ids, "text": part}), target, row_group_size=row_group_size)
         out.append(target)
     return out

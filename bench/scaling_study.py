@@ -69,13 +69,15 @@ def main() -> None:
     common = ["--model", args.model, "--tokenizer-backend", "budtiktok"]
     if not args.skip_cpu:
         for n in scales:
-            write_parquet(docs[: n * args.cpu_docs_per_node], work / f"cpu-n{n}", files=n)
+            # Row groups of one unit: a Parquet unit is whole row groups, so larger groups would make larger units.
+            write_parquet(docs[: n * args.cpu_docs_per_node], work / f"cpu-n{n}", files=n, row_group_size=100)
         measure(study, "vnodes-cpu", args.cpu_scales, 3, True,
                 ["--input", str(work / "cpu-n{nodes}"), "--device", "cpu", "--unit-rows", "100",
                  "--chunk-rows", "50"] + common)
     if vscales:
         for n in vscales:
-            write_parquet(docs[: n * args.h100_vnode_docs_per_node], work / f"h100v-n{n}", files=4 * n)
+            write_parquet(docs[: n * args.h100_vnode_docs_per_node], work / f"h100v-n{n}", files=4 * n,
+                          row_group_size=args.h100_vnode_unit_rows)
         measure(study, "vnodes-h100", args.h100_vnode_scales, 3, True,
                 ["--input", str(work / "h100v-n{nodes}"), "--unit-rows", str(args.h100_vnode_unit_rows)] + common)
     for k in tokenizers:

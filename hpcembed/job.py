@@ -416,7 +416,10 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         "text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
         "transport": transport,
         "settings": {"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
-                     "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu},
+                     "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
+                     # The units as planned, [rows, count] runs in plan order: a Parquet unit is whole row
+                     # groups, so its size is the file's, not always unit_rows (scaling studies replay these).
+                     "unit_sizes": _runs(u.row_stop - u.row_start for u in plan.units)},
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
@@ -432,6 +435,17 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         **_steady_state(result, ranks),
         "ranks": ranks,
     }
+
+
+def _runs(values) -> list[list[int]]:
+    """Run-length code: [[value, count], ...] in order."""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
 
 
 def _steady_state(result: JobResult, ranks: list[dict]) -> dict:

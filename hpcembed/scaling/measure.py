@@ -70,6 +70,7 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
             "node": {"cores": per_host, "gpus": max(1, len(gpus) // max(nodes, 1)),
                      "gpu_name": "from the run", "tokenizers": -(-len(tokenizers) // max(nodes, 1))},
             "rows": manifest["rows_written_this_run"], "unit_rows": settings.get("unit_rows", 50_000),
+            "unit_sizes": settings.get("unit_sizes"),
             "chunk_rows": settings.get("chunk_rows", 1024), "credits": settings.get("credits", 4),
             "network": network, "start_offsets_s": starts,
             "gpu_rows": [r["rows"] for r in gpus],

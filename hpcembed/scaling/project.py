@@ -33,7 +33,8 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
             continue
         rates = rates_from(calibration, sim_in.get("network", "measured-tcp"), **sim_in.get("rates", {}))
         shape = NodeShape(**sim_in["node"])
-        job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], chunk_rows=sim_in["chunk_rows"],
+        job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], unit_sizes=sim_in.get("unit_sizes"),
+                       chunk_rows=sim_in["chunk_rows"],
                        credits=sim_in["credits"])
         result = simulate(m["nodes"], shape, job, rates, start_offsets=sim_in.get("start_offsets_s"))
         simulated = result.throughput_texts_per_s

@@ -74,6 +74,7 @@ class JobShape:
     rows_per_node: int = 0                  # weak scaling: the corpus grows with the nodes
     rows: int = 0                           # strong scaling / one measured run: this many rows in all
     unit_rows: int = 50_000
+    unit_sizes: list[list[int]] | None = None  # a measured run's units, [rows, count] runs (manifest settings)
     chunk_rows: int = 1024
     credits: int = 4
 
@@ -222,8 +223,16 @@ class Simulation:
         self.net = SimNetwork(self.env, rates, self.host_of, ideal=ideal_network)
         rows = job.rows or job.rows_per_node * nodes
         file = InputFile(0, "simulated-corpus.jsonl", "jsonl")
-        units = [WorkUnit(u, file, start, min(start + job.unit_rows, rows))
-                 for u, start in enumerate(range(0, rows, job.unit_rows))]
+        if job.unit_sizes:
+            sizes = [size for size, count in job.unit_sizes for _ in range(count)]
+            if sum(sizes) != rows:
+                raise ValueError(f"the unit sizes add up to {sum(sizes)} rows, the job has {rows}")
+        else:
+            sizes = [min(job.unit_rows, rows - start) for start in range(0, rows, job.unit_rows)]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        units = [WorkUnit(u, file, start, start + size) for u, (start, size) in enumerate(zip(starts, sizes))]
         self.plan = Plan([file], {0: rows}, units, [])
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
         out = OutputDir(self._tmp.name)
@@ -231,13 +240,18 @@ class Simulation:
         self.conductor = Conductor(SimTransport(self.net, 0), self.roles, self.plan, out,
                                    Progress(rows, mode="none"), ledger, LedgerState({}, [], {}),
                                    stop=StopRequest())
+        # The clock starts with the first rank to start; the measured window (and the throughput) with the first
+        # gpu rank to be ready, `self.origin` later. Tokenizers often start first: they ask for units and read
+        # while the gpu ranks still load, and the order they ask in decides who holds which unit.
         offsets = start_offsets or {}
+        given = {role: offsets.get(role) or [] for role in ("gpu", "tokenizer")}
+        earliest = min([0.0] + given["gpu"] + given["tokenizer"])
+        self.origin = -earliest
         self.start_at = {}
         for role, ranks in (("gpu", self.roles.gpus), ("tokenizer", self.roles.tokenizers)):
-            given = offsets.get(role) or []
-            if given and len(given) != len(ranks):
-                raise ValueError(f"{len(given)} {role} start offsets for {len(ranks)} {role} ranks")
-            self.start_at.update({rank: max(0.0, o) for rank, o in zip(ranks, given)})
+            if given[role] and len(given[role]) != len(ranks):
+                raise ValueError(f"{len(given[role])} {role} start offsets for {len(ranks)} {role} ranks")
+            self.start_at.update({rank: o - earliest for rank, o in zip(ranks, given[role])})
         self.done = self.env.event()
         # Accounting
         self.conductor_busy = 0.0
@@ -390,7 +404,7 @@ class Simulation:
             env.process(self._tokenizer(tk))
         env.process(self._sampler())
         env.run(until=self.done)
-        makespan = env.now
+        makespan = env.now - self.origin
         self.conductor.ledger.close()
         self._tmp.cleanup()
         rows = self.plan.total_rows
@@ -407,7 +421,7 @@ class Simulation:
             nodes=self.nodes, gpu_ranks=len(self.roles.gpus), tokenizer_ranks=n_tok, rows=rows,
             tokens=int(round(rows * self.rates.tokens_per_text)), units=len(self.plan.units),
             makespan_s=makespan, throughput_texts_per_s=rows / makespan, steady_texts_per_s=steady,
-            tail_s=makespan - (self.first_idle or makespan), conductor_busy=self.conductor_busy / makespan,
+            tail_s=env.now - (self.first_idle or env.now), conductor_busy=self.conductor_busy / makespan,
             conductor_messages=self.conductor_messages,
             conductor_cpu_us_per_message=1e6 * self.conductor_cpu / max(self.conductor_messages, 1),
             conductor_queue_max=self.queue_max, tokenizer_time=tok,
