@@ -91,7 +91,11 @@ class JobConfig:
         return self
 
     def batch_tokens_for(self, device: str) -> int:
-        return self.max_batch_tokens or (262144 if device.startswith("cuda") else 2048)
+        return self.max_batch_tokens or default_batch_tokens(device)
+
+
+def default_batch_tokens(device: str) -> int:
+    return 262144 if device.startswith("cuda") else 2048
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}

@@ -417,6 +417,7 @@ def build_manifest(cfg: JobConfig, setup: Setup, result: JobResult, ranks: list[
         "transport": transport,
         "settings": {"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                      "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
+                     "max_batch_tokens": cfg.max_batch_tokens or None,
                      # The units as planned, [rows, count] runs in plan order: a Parquet unit is whole row
                      # groups, so its size is the file's, not always unit_rows (scaling studies replay these).
                      "unit_sizes": _runs(u.row_stop - u.row_start for u in plan.units)},

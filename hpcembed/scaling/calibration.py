@@ -86,6 +86,7 @@ def build(bench_dir: Path) -> dict:
         "node": {"cores": e2e["ranks"], "gpus": e2e["roles"]["gpu"], "gpu_name": GPU_NAME, "source": src["e2e_node"],
                  "how": "the H100 box the single-node run used: 16 cores, 1 GPU; the rate plan chose its roles"},
         "job": {"unit_rows": data["e2e_node"]["unit_rows"], "chunk_rows": 1024, "credits": 4,
+                "max_batch_tokens": 262144, "window_batches": 8, "instances": 2,
                 "source": src["e2e_node"]},
         "measured_node": {"texts_per_s": e2e["texts_per_s"], "tokens_per_s": e2e["tokens_per_s"],
                           "startup_seconds": e2e["startup_seconds"], "docs": data["e2e_node"]["docs"],

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from . import read_json
+from ..config import default_batch_tokens
 from ..errors import ConfigError
 
 
@@ -72,6 +73,11 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
             "rows": manifest["rows_written_this_run"], "unit_rows": settings.get("unit_rows", 50_000),
             "unit_sizes": settings.get("unit_sizes"),
             "chunk_rows": settings.get("chunk_rows", 1024), "credits": settings.get("credits", 4),
+            # The gpu rank's token-budget window: it takes batches in only while the window has room.
+            "max_batch_tokens": settings.get("max_batch_tokens") or default_batch_tokens(gpus[0].get("device", "")
+                                                                                        if gpus else "cuda"),
+            "window_batches": settings.get("window_batches", 8),
+            "instances": gpus[0].get("instances", 2) if gpus else 2,
             "network": network, "start_offsets_s": starts,
             "gpu_rows": [r["rows"] for r in gpus],
             "rates": {"tokenizer_tokens_per_s": round(tok_rate, 1), "gpu_tokens_per_s": round(gpu_rate, 1),
@@ -150,6 +156,7 @@ def from_e2e_bench(series: str, path: Path) -> list[dict]:
         "sim": {"node": {"cores": run["ranks"], "gpus": run["roles"]["gpu"], "gpu_name": data["device"],
                          "tokenizers": run["roles"]["tokenizer"]},
                 "rows": data["docs"], "unit_rows": data["unit_rows"], "chunk_rows": 1024, "credits": 4,
+                "max_batch_tokens": default_batch_tokens("cuda"), "window_batches": 8, "instances": 2,
                 "network": "measured-tcp", "rates": {}},
     }]
 

@@ -77,6 +77,9 @@ class JobShape:
     unit_sizes: list[list[int]] | None = None  # a measured run's units, [rows, count] runs (manifest settings)
     chunk_rows: int = 1024
     credits: int = 4
+    max_batch_tokens: int = 262144          # one encoder batch (config.default_batch_tokens: cuda 262144, cpu 2048)
+    window_batches: int = 8                 # the gpu rank takes batches in while its window is below this many
+    instances: int = 2                      # encoder instances per gpu rank; each queues 2 batches (InstancePool)
 
 
 @dataclass
@@ -117,7 +120,8 @@ class SimNetwork:
         self.nic_busy = [0.0] * hosts
         self.batches = self.remote_batches = 0
 
-    def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0) -> None:
+    def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0):
+        """Schedule a delivery; returns the SimPy event that fires when it lands."""
         now = self.env.now + depart
         r = self.rates
         if self.ideal:
@@ -133,14 +137,22 @@ class SimNetwork:
             arrive = done + r.net_latency_s
         event = self.env.timeout(arrive - self.env.now, (dest, Envelope(source, message)))
         event.callbacks.append(self._deliver)
+        return event
 
     def _deliver(self, event) -> None:
         dest, envelope = event.value
-        self.inbox[dest].append(envelope)
-        waiter = self.waiting[dest]
+        self._put(dest, envelope)
+
+    def _put(self, rank: int, envelope: Envelope) -> None:
+        self.inbox[rank].append(envelope)
+        waiter = self.waiting[rank]
         if waiter is not None:
-            self.waiting[dest] = None
+            self.waiting[rank] = None
             waiter.succeed()
+
+    def notify(self, rank: int, message: Any) -> None:
+        """Something within the rank itself (an encoder finished): wake its loop now."""
+        self._put(rank, Envelope(rank, message))
 
     def wait(self, rank: int):
         """A SimPy event that fires when `rank` has mail (at once if it has)."""
@@ -156,6 +168,7 @@ class SimTransport(Transport):
     def __init__(self, network: SimNetwork, rank: int):
         self.net, self.rank, self.size = network, rank, len(network.host_of)
         self.hold = None            # the conductor collects its replies here while its handler runs
+        self.sent = None            # the last batch send, done when the gpu rank has taken its data
 
     def send(self, dest: int, message: Any) -> None:
         if self.hold is not None:
@@ -164,9 +177,13 @@ class SimTransport(Transport):
             self.net.post(self.rank, dest, message, CONTROL_BYTES)
 
     def send_batch(self, dest: int, batch: "SimBatch") -> None:
+        """A blocking MPI Send of a batch (transport/mpi.py): far above the eager limit, it moves by rendezvous, so
+        it completes only once the gpu rank takes it in, which it does while its window has room. The request
+        goes now; the role's process waits on `self.sent` (the data landed) before it goes on."""
         self.net.batches += 1
         self.net.remote_batches += self.net.host_of[self.rank] != self.net.host_of[dest]
-        self.net.post(self.rank, dest, batch, batch.nbytes)
+        self.sent = self.net.env.event()
+        self.net.post(self.rank, dest, SendRequest(batch, self.sent), CONTROL_BYTES)
 
     def recv(self, timeout: float | None = None) -> Envelope | None:
         box = self.net.inbox[self.rank]
@@ -179,6 +196,24 @@ class SimTransport(Transport):
 
     def abort(self, reason: str, exit_code: int) -> None:
         raise RuntimeError(f"simulated job aborted: {reason}")
+
+
+@dataclass
+class Landed:
+    """A batch's data has reached the gpu rank (the rendezvous is done)."""
+    request: "SendRequest"
+
+
+@dataclass
+class StepDone:
+    """An encoder batch finished (wakes the gpu rank's loop)."""
+
+
+@dataclass
+class SendRequest:
+    """The rendezvous request of a batch send; `done` fires when the gpu rank has received the data."""
+    batch: "SimBatch"
+    done: simpy.Event
 
 
 @dataclass
@@ -337,6 +372,9 @@ class Simulation:
                 self.tok_time["waiting_for_credit"] += env.now - t0
                 # The real routing: most free credit, staying with the previous gpu on ties.
                 role._deliver(unit, SimBatch(unit.unit, rows, tokens, int(tokens * r.bytes_per_token)), progress)
+                t0 = env.now
+                yield t.sent
+                self.tok_time["waiting_for_credit"] += env.now - t0
                 progress.tokens += tokens
                 role.rows += rows
             role.tokens += progress.tokens
@@ -345,13 +383,27 @@ class Simulation:
 
     # --- gpu ranks --------------------------------------------------------------------------------------
     def _gpu(self, rank: int):
-        env, net, r = self.env, self.net, self.rates
+        """The gpu rank's loop (roles/gpu.py) and its encoders. The loop takes a batch in (completing its
+        sender's rendezvous) while the token-budget window holds less than window_batches x max_batch_tokens;
+        it submits encoder batches of up to max_batch_tokens while the instances have queue room (2 each), and
+        hands back one Credit per batch whose tokens it has submitted, oldest first. The encoders are one
+        server at the rank's measured in-job rate."""
+        env, net, r, job = self.env, self.net, self.rates, self.job
         t = SimTransport(net, rank)
         if self.start_at.get(rank):
             yield env.timeout(self.start_at[rank])
         for tokenizer in self.roles.tokenizers_of(rank):
-            t.send(tokenizer, Credit(self.job.credits))
-        queue: deque = deque()
+            t.send(tokenizer, Credit(job.credits))
+        window_cap = job.max_batch_tokens * job.window_batches
+        depth = 2 * job.instances
+        requests: deque = deque()                 # (source, SendRequest) not yet taken in
+        window: deque = deque()                   # [batch, tokens not yet submitted], landed
+        state = {"incoming": 0, "in_flight": 0}   # tokens being transferred in; encoder batches submitted
+        waiting_tokens = 0                        # landed and not yet submitted
+        owed: deque = deque()                     # (tokenizer, tokens) in arrival order
+        consumed = 0
+        left: dict[int, int] = {}                 # id(batch) -> tokens not yet encoded
+        steps = simpy.Store(env)
         parts: dict[int, list[int]] = {}          # unit -> [rows expected (or -1), rows embedded, tokens]
 
         def finish_if_complete(unit: int) -> None:
@@ -361,29 +413,72 @@ class Simulation:
                                                          part[1], part[2]))
                 del parts[unit]
 
+        def encoder():
+            while True:
+                step = yield steps.get()
+                busy = sum(tokens for _, tokens in step) / r.gpu_tokens_per_s
+                self.gpu_busy += busy
+                yield env.timeout(busy)
+                for batch, tokens in step:
+                    left[id(batch)] -= tokens
+                    if left[id(batch)] == 0:
+                        del left[id(batch)]
+                        self.gpu_rows += batch.num_rows
+                        self.gpu_rows_of[rank] += batch.num_rows
+                        part = parts.setdefault(batch.unit, [-1, 0, 0])
+                        part[1] += batch.num_rows
+                        part[2] += batch.num_tokens
+                        finish_if_complete(batch.unit)
+                state["in_flight"] -= 1
+                net.notify(rank, StepDone())
+
+        env.process(encoder())
         while True:
             while net.inbox[rank]:
                 envelope = t.recv(0)
                 message = envelope.message
-                if isinstance(message, SimBatch):
-                    queue.append((envelope.source, message))
+                if isinstance(message, SendRequest):
+                    requests.append((envelope.source, message))
+                elif isinstance(message, Landed):
+                    batch = message.request.batch
+                    state["incoming"] -= batch.num_tokens
+                    window.append([batch, batch.num_tokens])
+                    waiting_tokens += batch.num_tokens
+                    left[id(batch)] = batch.num_tokens
+                    owed.append((envelope.source, batch.num_tokens))
+                    message.request.done.succeed()
                 elif isinstance(message, UnitEnd):
                     parts.setdefault(message.unit, [-1, 0, 0])[0] = message.rows
                     finish_if_complete(message.unit)
-            if not queue:
-                yield net.wait(rank)
-                continue
-            source, batch = queue.popleft()
-            t.send(source, Credit(1))
-            busy = batch.num_tokens / r.gpu_tokens_per_s
-            self.gpu_busy += busy
-            yield env.timeout(busy)
-            self.gpu_rows += batch.num_rows
-            self.gpu_rows_of[rank] += batch.num_rows
-            part = parts.setdefault(batch.unit, [-1, 0, 0])
-            part[1] += batch.num_rows
-            part[2] += batch.num_tokens
-            finish_if_complete(batch.unit)
+            # Take batches in while the window has room: the sender's Send completes when the data lands.
+            while requests and waiting_tokens + state["incoming"] < window_cap:
+                source, request = requests.popleft()
+                state["incoming"] += request.batch.num_tokens
+                net.post(source, rank, Landed(request), request.batch.nbytes)
+            # Submit encoder batches while the instances have room; credits go back as tokens are submitted.
+            while window and state["in_flight"] < depth:
+                step, budget = [], job.max_batch_tokens
+                while window and budget > 0:
+                    entry = window[0]
+                    take = min(entry[1], budget)
+                    step.append((entry[0], take))
+                    entry[1] -= take
+                    budget -= take
+                    if entry[1] == 0:
+                        window.popleft()
+                taken = sum(tokens for _, tokens in step)
+                waiting_tokens -= taken
+                state["in_flight"] += 1
+                steps.put(step)
+                consumed += taken
+                while owed and consumed >= owed[0][1]:
+                    consumed -= owed[0][1]
+                    t.send(owed.popleft()[0], Credit(1))
+                if not window:                    # nothing waiting: settle the rounding, as the real loop does
+                    while owed:
+                        t.send(owed.popleft()[0], Credit(1))
+                    consumed = 0
+            yield net.wait(rank)
 
     def _sampler(self):
         """Rows embedded at the times the steady window opens and closes."""
