@@ -62,6 +62,24 @@ def test_a_slow_network_costs_throughput_and_an_ideal_one_does_not():
     assert slow.throughput_texts_per_s < 0.8 * ideal.throughput_texts_per_s
 
 
+def test_replay_follows_the_measured_start_skew_and_gpu_window(calibration):
+    """A short job replayed with a measured run's start-up: the gpu rank ready first gets more rows, but only what
+    its token window takes in; the others get the rest once they are ready."""
+    rates = rates_from(json.loads(calibration.read_text()), tokenizer_tokens_per_s=1e6, gpu_tokens_per_s=3e4)
+    shape = NodeShape(cores=4, gpus=1, tokenizers=2)
+    job = JobShape(rows=1200, unit_sizes=[[100, 12]], chunk_rows=50, max_batch_tokens=2048, window_batches=8,
+                   instances=1)
+    even = simulate(2, shape, job, rates)
+    skewed = simulate(2, shape, job, rates, start_offsets={"gpu": [0.0, 3.0], "tokenizer": [-5.0] * 4})
+    assert sum(even.gpu_rows) == sum(skewed.gpu_rows) == 1200
+    assert even.gpu_rows[0] == even.gpu_rows[1]
+    assert skewed.gpu_rows[0] > skewed.gpu_rows[1] > 0
+    # Measured from the first gpu rank being ready: the late one's 3 s show as lost throughput.
+    assert skewed.throughput_texts_per_s < even.throughput_texts_per_s
+    with pytest.raises(ValueError, match="add up to 1100 rows"):
+        simulate(2, shape, JobShape(rows=1200, unit_sizes=[[100, 11]]), rates)
+
+
 def test_no_projection_from_a_simulation_that_misses_a_measured_run(calibration, tmp_path):
     measured = tmp_path / "measured.json"
     row = {"series": "made-up", "nodes": 1, "throughput_texts_per_s": 1e9, "source": "measured",
