@@ -34,6 +34,12 @@ def _finish_log_plot(plt, fig, ax, path: Path, ylabel: str, title: str, log_y: b
     plt.close(fig)
 
 
+def _measured_label(rows: list[dict]) -> str:
+    # Virtual nodes share one machine's GPU and cores: say so where the curve is, not only in the notes.
+    shared = any("virtual node" in r.get("where", "") for r in rows)
+    return f"measured: {rows[0]['series']}" + (" (virtual nodes sharing one machine)" if shared else "")
+
+
 def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -50,7 +56,7 @@ def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str
     for series in sorted({r["series"] for r in measured}):
         rows = [r for r in measured if r["series"] == series]
         ax.plot([r["nodes"] for r in rows], [r["throughput_texts_per_s"] for r in rows], "^", ms=8,
-                label=f"measured: {series}")
+                label=_measured_label(rows))
     _finish_log_plot(plt, fig, ax, study / "throughput.png", "texts/s",
                      "Throughput (weak scaling: corpus grows with the nodes)", log_y=True)
     names.append("throughput.png")
@@ -66,7 +72,7 @@ def _plots(study: Path, measured: list[dict], projected: list[dict]) -> list[str
         rows = [r for r in measured if r["series"] == series]
         if len(rows) > 1:
             ax.plot([r["nodes"] for r in rows], [100 * r["efficiency"] for r in rows], "^-", ms=8,
-                    label=f"measured: {series}")
+                    label=_measured_label(rows))
     ax.axhline(98, color="green", lw=0.8, ls=":")
     ax.axhline(95, color="orange", lw=0.8, ls=":")
     _finish_log_plot(plt, fig, ax, study / "efficiency.png", "efficiency E(N) = X(N) / (N X(1)), %",
