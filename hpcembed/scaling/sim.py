@@ -14,13 +14,15 @@ direction (egress of the sender, ingress of the receiver) at the NIC's bandwidth
 that share a NIC therefore share its bandwidth, and a NIC that many senders target (incast) queues them. The
 fabric between NICs is taken as non-blocking (a full fat tree), as InfiniBand clusters are built.
 
-A gpu rank is a single server at its measured in-job rate: it hands a batch's credit back when it takes the
-batch (the real one does when the batch goes to an encoder instance) and reports a unit's part to the conductor
-(PartWritten) once it has embedded every row of that unit it was sent.
+A token batch moves as the MPI transport moves it, by rendezvous: the tokenizer's Send completes only when the
+gpu rank takes the batch in, which it does while its token-budget window has room. A gpu rank's encoders are one
+server at its measured in-job rate, fed encoder batches of max_batch_tokens (2 queued per instance); a credit goes
+back for each batch whose tokens were submitted, and PartWritten once every row of a unit sent there is embedded.
 """
 from __future__ import annotations
 
 import math
+from itertools import accumulate
 import tempfile
 import time
 from collections import deque
@@ -99,7 +101,8 @@ class SimResult:
     conductor_cpu_us_per_message: float     # measured here, before the slowdown
     conductor_queue_max: int
     tokenizer_time: dict[str, float]        # fraction of tokenizer-seconds: tokenizing, waiting for a unit,
-                                            # waiting for credit, idle after the last unit
+                                            # waiting for credit or for the gpu rank to take the batch in, idle after
+                                            # the last unit
     gpu_busy: float
     gpu_rows: list[int]                     # rows each gpu rank embedded, in rank order
     remote_batch_fraction: float
@@ -120,8 +123,7 @@ class SimNetwork:
         self.nic_busy = [0.0] * hosts
         self.batches = self.remote_batches = 0
 
-    def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0):
-        """Schedule a delivery; returns the SimPy event that fires when it lands."""
+    def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0) -> None:
         now = self.env.now + depart
         r = self.rates
         if self.ideal:
@@ -137,7 +139,6 @@ class SimNetwork:
             arrive = done + r.net_latency_s
         event = self.env.timeout(arrive - self.env.now, (dest, Envelope(source, message)))
         event.callbacks.append(self._deliver)
-        return event
 
     def _deliver(self, event) -> None:
         dest, envelope = event.value
@@ -249,8 +250,8 @@ class Simulation:
                  free_conductor: bool = False, workdir: str | None = None,
                  start_offsets: dict[str, list[float]] | None = None):
         """`start_offsets`: a measured run's start-up skew, {"gpu": [...], "tokenizer": [...]} in rank order,
-        seconds after the first gpu rank was ready (measure.py); a rank starts at its offset (earlier than 0
-        counts as 0). Without them every rank starts at 0, as in a long job the skew does not matter."""
+        seconds after the first gpu rank was ready (measure.py); each rank starts at its offset. Without them
+        every rank starts at 0, as in a long job the skew does not matter."""
         self.nodes, self.shape, self.job, self.rates = nodes, shape, job, rates
         self.free_conductor = free_conductor
         self.env = simpy.Environment()
@@ -264,9 +265,7 @@ class Simulation:
                 raise ValueError(f"the unit sizes add up to {sum(sizes)} rows, the job has {rows}")
         else:
             sizes = [min(job.unit_rows, rows - start) for start in range(0, rows, job.unit_rows)]
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
+        starts = [0, *accumulate(sizes[:-1])]
         units = [WorkUnit(u, file, start, start + size) for u, (start, size) in enumerate(zip(starts, sizes))]
         self.plan = Plan([file], {0: rows}, units, [])
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
