@@ -1,6 +1,6 @@
 """`hpcembed run` against sentence-transformers `encode` on the same corpus, on this machine, in one run.
 
-    python bench/cpu_job.py [--docs 2000]
+    python -m bench.cpu_job [--docs 2000]
 
 Both embed the benchmark corpus (bench/corpus.py) with the bundled model in fp32 on CPU. hpcembed is timed as
 a whole subprocess (files in, files out, model load included) and by its own manifest (pipeline only);
@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record, table  # noqa: E402
-from corpus import build_documents, write_parquet  # noqa: E402
+from bench.common import record, table
+from bench.corpus import build_documents, write_parquet
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 tool's 64 MiB limit: the bundled model with its weights in fp16 (45 MB instead of 91 MB) and the benchmark
 paragraphs (the ../shared beside a checkout does not travel).
 
-    python bench/device_prep.py        # then run with carry=["bench/work/carry"]
+    python -m bench.device_prep        # then run with carry=["bench/work/carry"]
 
 fp16 weights, upcast by sentence-transformers to fp32 for the reference, differ from the fp32 originals by
 fp16 rounding only; bench/gpu_stage.py also compares against the original fp32 on a sample computed here.
@@ -10,13 +10,11 @@ fp16 rounding only; bench/gpu_stage.py also compares against the original fp32 o
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import DEFAULT_PARAGRAPHS  # noqa: E402
+from bench.corpus import DEFAULT_PARAGRAPHS
 
 CARRY = Path(__file__).resolve().parent / "work" / "carry"
 REFERENCE_DOCS = 2000

@@ -4,13 +4,13 @@
                              [--backends budtiktok hf] [--reference reference-fp32.npy]
 
 Builds the benchmark corpus (bench/corpus.py) as Parquet files, runs the whole job under mpiexec once per
-tokenizer backend (1 conductor, 1 gpu rank per GPU with 2 instances, the conductor's plan for tokenizer ranks),
+tokenizer backend (1 conductor, 1 encoder rank per GPU with 2 instances, the conductor's plan for tokenizer ranks),
 then times sentence-transformers fp16 `encode` (batch 256) on the same GPU as the baseline, and checks rows of
 the output against sentence-transformers fp32.
 
-Rates: `texts_per_s` is files to files in steady state, from the moment the gpu ranks were ready (model loaded,
+Rates: `texts_per_s` is files to files in steady state, from the moment the encoder ranks were ready (model loaded,
 compiled, CUDA graphs captured) to the last commit; `texts_per_s_with_startup` divides by the whole mpiexec wall
-time instead. `gpu_busy` is the fraction of the steady-state time the gpu rank had a batch on the GPU. Writes
+time instead. `gpu_busy` is the fraction of the steady-state time the encoder rank had a batch on the GPU. Writes
 bench/results/e2e_node-<device>.json.
 """
 from __future__ import annotations
@@ -27,21 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, record, table  # noqa: E402
-from corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet  # noqa: E402
+from bench.common import device_name, record, table
+from hpcembed.world import mpiexec_command
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def mpiexec_command(ranks: int) -> list[str]:
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    cmd = [exe, "-n", str(ranks)]
-    if "Open MPI" in version or "OpenRTE" in version:
-        # Root on the GPU box; no core binding, so the gpu rank's instance threads are not confined to one core.
-        cmd += ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
-    return cmd
 
 
 def run_job(args, corpus: Path, out: Path, backend: str) -> tuple[dict, float, str]:

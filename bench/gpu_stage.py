@@ -1,11 +1,11 @@
 """The GPU stage alone: pre-tokenized batches of the benchmark corpus through the encoder, on one GPU.
 
-    python bench/device_prep.py                      # here: stage fp16 weights, paragraphs, fp32 reference
-    python bench/gpu_stage.py --model bench/work/carry/all-MiniLM-L6-v2-fp16 \
+    python -m bench.device_prep                      # here: stage fp16 weights, paragraphs, fp32 reference
+    python -m bench.gpu_stage --model bench/work/carry/all-MiniLM-L6-v2-fp16 \
         --paragraphs bench/work/carry/paragraphs.txt.gz --reference bench/work/carry/reference-fp32.npy
 
 Each configuration (engine, dtype, token budget, instances, torch.compile) encodes every row through the same
-InstancePool the gpu rank uses, with batches cut by the gpu rank's TokenBudgetBatcher. Timing starts after a
+InstancePool the encoder rank uses, with batches cut by the encoder rank's TokenBudgetBatcher. Timing starts after a
 warm-up of each instance and ends when the last embedding is on the host. sentence-transformers fp16 (bs 256) is
 timed in the same run as the baseline; every row is compared with sentence-transformers fp32.
 Writes bench/results/gpu_stage-<device>.json.
@@ -14,29 +14,27 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import record, table  # noqa: E402
-from corpus import DEFAULT_PARAGRAPHS, build_documents  # noqa: E402
+from bench.common import record, table
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents
 
 
 def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_rows: int = 1024):
-    """Batches as a gpu rank forms them: tokenizer chunks arrive, the batcher cuts by budget longest-first."""
+    """Batches as an encoder rank forms them: tokenizer chunks arrive, the batcher cuts by budget longest-first
+    whenever the window is full."""
     from hpcembed.batching import TokenBudgetBatcher
     from hpcembed.tokenize.batch import TokenBatch
-    batcher = TokenBudgetBatcher(budget, budget * window_batches, cost)
+    batcher = TokenBudgetBatcher(budget, cost)
     out = []
     for start in range(0, len(token_lists), chunk_rows):
         part = token_lists[start: start + chunk_rows]
         batcher.add(TokenBatch.build(part, [f"doc-{start + k:09d}" for k in range(len(part))],
                                      np.arange(start, start + len(part)), 0))
-        while batcher.full:
+        while batcher.tokens >= budget * window_batches:
             out.append(batcher.pop())
     while batcher.rows:
         out.append(batcher.pop())

@@ -1,10 +1,10 @@
 """What the MPI role pipeline costs over the single-process path, on this machine.
 
-    python bench/mpi_overhead.py [--docs 1500]
+    python -m bench.mpi_overhead [--docs 1500]
 
 Measures, each under a real `mpiexec` of the pip MPICH wheel:
   1. per-batch message latency: a TokenBatch of benchmark-corpus tokens sent with MpiTransport.send_batch and
-     answered with a Credit, as the gpu rank does (half the round trip, packing and unpacking included);
+     answered with a Credit, as the encoder rank does (half the round trip, packing and unpacking included);
   2. conductor messages per second: the real Conductor handing out the units of a real plan (one row per unit)
      to requesting ranks as fast as they ask;
   3. bytes on the wire per token for those batches;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import record, table  # noqa: E402
-from corpus import build_documents, write_parquet  # noqa: E402
+from bench.common import record, table
+from bench.corpus import build_documents, write_parquet
+from hpcembed.world import find_mpiexec
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+MPIEXEC = find_mpiexec()
 
 
 def _batches(docs: list[str], rows: int):
@@ -42,8 +41,8 @@ def _batches(docs: list[str], rows: int):
 
 
 def worker_pingpong(args) -> dict:
-    from hpcembed.roles.messages import Credit
-    from hpcembed.transport.mpi import MpiTransport, pack_batch
+    from hpcembed.protocol.messages import Credit
+    from hpcembed.transport.mpi import MpiTransport
     t = MpiTransport()
     docs = build_documents(max(args.batch_rows))
     out = {}
@@ -62,7 +61,7 @@ def worker_pingpong(args) -> dict:
                 t.send(0, Credit(1))
         t.flush()
         if t.rank == 0:
-            nbytes = pack_batch(batch).nbytes
+            nbytes = batch.to_wire().nbytes
             out[str(rows)] = {"rows": rows, "tokens": batch.num_tokens, "bytes": nbytes,
                               "bytes_per_token": round(nbytes / batch.num_tokens, 3),
                               "one_way_us_median": round(float(np.median(laps)) / 2 * 1e6, 1),
@@ -73,28 +72,29 @@ def worker_pingpong(args) -> dict:
 
 
 def worker_conductor(args) -> dict:
+    from hpcembed.io.ledger import Ledger
     from hpcembed.io.sources import plan_job, resolve_inputs
     from hpcembed.io.writer import OutputDir
-    from hpcembed.progress import Progress
-    from hpcembed.roles.common import RoleMap
-    from hpcembed.roles.conductor import Conductor
-    from hpcembed.roles.messages import AssignUnit, RequestUnit
+    from hpcembed.protocol.conductor import ConductorCore
+    from hpcembed.protocol.messages import AssignUnit, RequestUnit
+    from hpcembed.roles.common import deliver
+    from hpcembed.topology import RoleMap
     from hpcembed.transport.mpi import MpiTransport
     t = MpiTransport()
     served = 0
     if t.rank == 0:
         plan = plan_job(resolve_inputs([args.units_file]), unit_rows=1, skip_unreadable=False)
         out = OutputDir(args.scratch)
-        out.prepare(overwrite=True)
+        _, state = out.open({"benchmark": "mpi_overhead"}, [], overwrite=True)
         roles = RoleMap(0, list(range(1, t.size)), [])
-        conductor = Conductor(t, roles, plan, out, Progress(plan.total_rows, "off", 60))
+        conductor = ConductorCore(roles, plan, out, Ledger(out.path), state)
         finished = 0
         t.comm.Barrier()
         start = time.perf_counter()
         while finished < t.size - 1:
             env = t.recv(None)
             finished += not conductor.pending        # this request gets NoMoreUnits
-            conductor._handle(env.source, env.message)      # the real handler, as in Conductor.run
+            deliver(t, conductor.handle(env.source, env.message))      # the real core, as the driver runs it
             served += 1
         seconds = time.perf_counter() - start
         t.comm.Barrier()
@@ -113,7 +113,7 @@ def worker_conductor(args) -> dict:
 def mpi_worker(kind: str, n: int, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
         result = fh.name
-    subprocess.run(["timeout", "600", MPIEXEC, "-n", str(n), sys.executable, __file__, "--worker", kind,
+    subprocess.run(["timeout", "600", MPIEXEC, "-n", str(n), sys.executable, "-m", "bench.mpi_overhead", "--worker", kind,
                     "--result", result, *extra], check=True)
     return json.loads(Path(result).read_text())
 
@@ -160,7 +160,7 @@ def main() -> None:
     docs = build_documents(args.docs)
     write_parquet(docs, work / "in", files=4)
     jobs = {}
-    # A gpu rank on CPU runs torch on 1 thread (it shares the cores with tokenizer ranks), so the fair baseline
+    # An encoder rank on CPU runs torch on 1 thread (it shares the cores with tokenizer ranks), so the fair baseline
     # for the pipeline's own cost is the single process on 1 torch thread; the 2-thread run is shown too.
     for label, ranks, threads in (("1 (2 threads)", 1, None), ("1 (1 thread)", 1, 1), ("3", 3, None), ("4", 4, None)):
         m = run_job(work / "in", work / f"out-{ranks}-{threads}", ranks, threads)

@@ -1,14 +1,14 @@
-"""Per-GPU scaling on one node: the end-to-end job (Parquet to Parquet) with 1, 2, 4, 8 gpu ranks.
+"""Per-GPU scaling on one node: the end-to-end job (Parquet to Parquet) with 1, 2, 4, 8 encoder ranks.
 
-    python bench/multi_gpu.py --model DIR [--gpus 1 2 4 8] [--docs 1000000] [--cores-per-gpu N]
-    python bench/multi_gpu.py --model DIR --share-gpu --gpus 1 2     # dry run: g gpu ranks on one GPU
+    python -m bench.multi_gpu --model DIR [--gpus 1 2 4 8] [--docs 1000000] [--cores-per-gpu N]
+    python -m bench.multi_gpu --model DIR --share-gpu --gpus 1 2     # dry run: g encoder ranks on one GPU
 
 Each count g runs `mpiexec -n g*cores_per_gpu hpcembed run` on the benchmark corpus (bench/corpus.py) with
-CUDA_VISIBLE_DEVICES limited to the first g GPUs: one gpu rank per GPU with 2 instances, the rest of the ranks
+CUDA_VISIBLE_DEVICES limited to the first g GPUs: one encoder rank per GPU with 2 instances, the rest of the ranks
 tokenizer ranks as the conductor plans them. E(g) = X(g) / (g * X(1)) on steady-state texts/s (from the gpu
 ranks' ready time to the last commit; see bench/e2e_node.py). Per-gpu busy time comes from the manifest.
 
---share-gpu is the dry run for boxes with one GPU: g gpu ranks share GPU 0 (`--tokenizer-ranks` sets the split),
+--share-gpu is the dry run for boxes with one GPU: g encoder ranks share GPU 0 (`--tokenizer-ranks` sets the split),
 which exercises the several-gpu-ranks-per-node paths (node-local rank -> device, the rate plan, shard naming) but
 says nothing about scaling; its rows are labelled so. Writes bench/results/multi_gpu-<device>[-shared].json.
 """
@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, record, table  # noqa: E402
-from corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet  # noqa: E402
-from e2e_node import run_job, summarize  # noqa: E402
+from bench.common import device_name, record, table
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet
+from bench.e2e_node import run_job, summarize
 
 
 def main() -> None:
@@ -37,7 +35,7 @@ def main() -> None:
     ap.add_argument("--unit-rows", type=int, default=20_000)
     ap.add_argument("--gpus", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--cores-per-gpu", type=int, default=0, help="ranks per GPU (default: cores / GPUs)")
-    ap.add_argument("--share-gpu", action="store_true", help="all gpu ranks on GPU 0 (dry run, not scaling)")
+    ap.add_argument("--share-gpu", action="store_true", help="all encoder ranks on GPU 0 (dry run, not scaling)")
     ap.add_argument("--timeout", type=int, default=480)
     ap.add_argument("--workdir", default="")
     args = ap.parse_args()
@@ -86,12 +84,12 @@ def main() -> None:
         r["efficiency"] = round(r["texts_per_s"] / (r["gpus"] * base), 3)
     print(table([(r["gpus"], r["ranks"], ",".join(r["devices"]), f"{r['texts_per_s']:,.0f}",
                   f"{r['tokens_per_s'] / 1e6:.2f}M", f"{r['gpu_busy']:.1%}", f"{r['efficiency']:.1%}") for r in rows],
-                ("gpu ranks", "ranks", "devices", "texts/s", "tokens/s", "gpu busy", "E(g)")))
+                ("encoder ranks", "ranks", "devices", "texts/s", "tokens/s", "gpu busy", "E(g)")))
     slug = device_name().replace(" ", "_") + ("-shared" if args.share_gpu else "")
     path = record("multi_gpu", slug, {
-        "kind": "dry run: gpu ranks sharing one GPU, not a scaling result" if args.share_gpu else "scaling",
+        "kind": "dry run: encoder ranks sharing one GPU, not a scaling result" if args.share_gpu else "scaling",
         "docs": args.docs, "gpus": rows[-1]["gpus"], "efficiency": rows[-1]["efficiency"],
-        "baseline": "the same job with 1 gpu rank, same run", "rows": rows})
+        "baseline": "the same job with 1 encoder rank, same run", "rows": rows})
     print(f"wrote {path}")
 
 

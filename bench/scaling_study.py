@@ -1,7 +1,7 @@
 """The measured half of a scaling study on one machine (the H100 box): real runs at several scales, recorded
 with `hpcembed scaling measure` into STUDY/measured.json. The simulation and the report run afterwards, anywhere:
 
-    python bench/scaling_study.py --model M --paragraphs P --study scaling_results/h100-box
+    python -m bench.scaling_study --model M --paragraphs P --study scaling_results/h100-box
     hpcembed scaling measure --study scaling_results/h100-box --series h100-node \
         --from-e2e-bench bench/results/e2e_node-NVIDIA_H100_80GB_HBM3.json
     hpcembed scaling calibrate --output scaling_results/h100-box/calibration.json
@@ -10,9 +10,9 @@ with `hpcembed scaling measure` into STUDY/measured.json. The simulation and the
 
 Two series, both with the benchmark corpus (bench/corpus.py):
   - `vnodes-cpu`: weak scaling over 1, 2, 4 and 5 virtual nodes of one machine (HPCEMBED_VIRTUAL_NODES), each
-    1 gpu rank encoding on one CPU core plus 2 tokenizer ranks, a fixed number of documents per node. Roles,
+    1 encoder rank encoding on one CPU core plus 2 tokenizer ranks, a fixed number of documents per node. Roles,
     links, routing and the conductor are those of N nodes; each node has its own cores.
-  - `vnodes-h100`: weak scaling over 1..5 virtual nodes that share the H100, each 1 gpu rank (2 encoder
+  - `vnodes-h100`: weak scaling over 1..5 virtual nodes that share the H100, each 1 encoder rank (2 encoder
     instances on the shared GPU) plus 2 tokenizer ranks. Two tokenizer cores feed a fifth of an H100 at most, so
     each node is tokenizer-bound, as the real 1-GPU node is; units are many per tokenizer, so the run is long
     against start-up and the credit window.
@@ -27,8 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet  # noqa: E402
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet
 
 
 def measure(study: Path, series: str, scales: str, ranks_per_node: int, virtual: bool, run_args: list[str]) -> None:

@@ -1,6 +1,6 @@
 """Tokenizer backends on the benchmark corpus: tokens/s on one core and on every core, HF against BudTikTok.
 
-    python bench/tokenize_backends.py [--docs 50000] [--paragraphs PATH] [--model DIR] [--slug NAME]
+    python -m bench.tokenize_backends [--docs 50000] [--paragraphs PATH] [--model DIR] [--slug NAME]
 
 Each backend is timed as a tokenizer rank uses it: `encode` on chunks of 1,024 texts and the flat int32
 TokenBatch built from them, one thread per process (RAYON_NUM_THREADS=1, as hpcembed sets for its ranks). "All
@@ -11,21 +11,18 @@ the last. The BudTikTok backend's ids are checked against HF's on every document
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 os.environ["RAYON_NUM_THREADS"] = "1"          # before any tokenizer library starts its thread pool
 # (Not named bench/tokenize.py: a tokenize.py in bench/ shadows the standard library's module, which Python
 # imports lazily, for every script run from this directory.)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import time  # noqa: E402
 
-from common import record, table  # noqa: E402
-from corpus import DEFAULT_PARAGRAPHS, build_documents  # noqa: E402
+from bench.common import record, table
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents
 
 CHUNK = 1024
 

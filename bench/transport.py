@@ -1,8 +1,8 @@
 """Token-batch transport: bandwidth and per-batch latency, MPI against UCX, through hpcembed's own transports.
 
-    python bench/transport.py [--seconds 3] [--rates none,10gbit,1gbit]
+    python -m bench.transport [--seconds 3] [--rates none,10gbit,1gbit]
 
-Two ranks, as a tokenizer and a gpu rank use them: the sender sends TokenBatches (send_batch) while it holds a
+Two ranks, as a tokenizer and an encoder rank use them: the sender sends TokenBatches (send_batch) while it holds a
 credit, the receiver takes them (recv) and returns one Credit per batch over MPI, 4 credits (hpcembed's default).
 - latency: 16-row batches with one credit, so each is a full round trip (batch there, credit back); reported as
   half the round trip.
@@ -22,8 +22,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
 
 MEAN_TOKENS = 147
 SIZES = (256, 1024, 4096)
@@ -51,15 +49,14 @@ def worker(transport_name: str, seconds: float) -> None:
     else:
         from hpcembed.transport.mpi import MpiTransport
         t = MpiTransport()
-    from hpcembed.roles.messages import Credit
-    from hpcembed.transport.mpi import pack_batch
+    from hpcembed.protocol.messages import Credit
     peer = 1 - t.rank
     if transport_name == "ucx":
         t.connect([peer], {}, receives_from=[peer] if t.rank == 1 else [])
     results = {}
     for case, rows, credits in [("latency", 16, 1)] + [(f"bw{r}", r, 4) for r in SIZES]:
         batch = make_batch(rows)
-        nbytes = pack_batch(batch).nbytes
+        nbytes = batch.to_wire().nbytes
         t.comm.Barrier()
         if t.rank == 0:
             held, sent, start = credits, 0, time.perf_counter()
@@ -93,7 +90,7 @@ def worker(transport_name: str, seconds: float) -> None:
 
 def run_pair(transport: str, seconds: float, prefix: list[str], env: dict) -> dict:
     from tests.conftest import MPIEXEC
-    cmd = ["timeout", "300", MPIEXEC, *prefix, sys.executable, str(Path(__file__).resolve()), "--worker",
+    cmd = ["timeout", "300", MPIEXEC, *prefix, sys.executable, "-m", "bench.transport", "--worker",
            transport, "--seconds", str(seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env}, cwd=HERE.parent)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)

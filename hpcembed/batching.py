@@ -1,5 +1,6 @@
-"""Token-budget batch assembly: rows wait in a bounded window and leave longest-first, in batches whose cost
-(padding counted where the encoder pads) stays within the budget."""
+"""Token-budget batch assembly: rows wait and leave longest-first, in batches whose cost (padding counted where the
+encoder pads) stays within the budget. How much may wait is the encoder core's window rule
+(protocol/encoder.py)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -14,9 +15,8 @@ class TokenBudgetBatcher:
     A pop copies the tokens of the rows it takes and nothing else. (Re-sorting the whole window's tokens on every
     pop measured 27M tokens/s on one core of the CPU box: no faster than the H100 it feeds.)"""
 
-    def __init__(self, max_batch_tokens: int, window_tokens: int, cost: Callable[[np.ndarray], int]):
+    def __init__(self, max_batch_tokens: int, cost: Callable[[np.ndarray], int]):
         self.max_batch_tokens = max_batch_tokens
-        self.window_tokens = window_tokens
         self._cost = cost
         self._batches: dict[int, TokenBatch] = {}
         self._left: dict[int, int] = {}              # rows of each source batch still waiting
@@ -28,14 +28,6 @@ class TokenBudgetBatcher:
         self._len = np.empty(0, np.int64)
         self.tokens = 0
         self.rows = 0
-
-    @property
-    def full(self) -> bool:
-        return self.tokens >= self.window_tokens
-
-    @property
-    def has_full_batch(self) -> bool:
-        return self.tokens >= self.max_batch_tokens
 
     def add(self, batch: TokenBatch) -> None:
         if batch.num_rows:

@@ -119,18 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     try:
-        tokenize = args.command == "tokenize"
         cli_values = {name: getattr(args, name, None) for name in FIELDS}
         cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)
-        from .world import under_mpi
-        if under_mpi():
-            from .job import run_mpi
-            manifest = run_mpi(cfg, tokenize)
-            if manifest is None:          # not the conductor: it reports for the job
-                return 0
-        else:
-            from .job import run_single_process
-            manifest = run_single_process(cfg, tokenize)
+        from .launch import KINDS, run
+        manifest = run(cfg, KINDS[args.command])
+        if manifest is None:          # not the conductor: it reports for the job
+            return 0
     except HpcEmbedError as exc:
         print(f"hpcembed: error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -56,13 +56,13 @@ class JobConfig:
     window_batches: int = _opt(8, "rows are sorted longest-first within a window of this many batches")
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
     chunk_rows: int = _opt(1024, "rows per token batch sent from a tokenizer to an encoder")
-    tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one gpu rank per GPU, the rest "
+    tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one encoder rank per GPU, the rest "
                                    "tokenize; without GPUs, half of the ranks after the conductor)")
-    gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one gpu rank encodes, for planning how many tokenizer "
+    gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one encoder rank encodes, for planning how many tokenizer "
                                         "ranks keep it busy (default: the bench/gpu_stage.py figure for its GPU; "
                                         "setting it plans on CPU encoders too)")
-    instances_per_gpu: int = _opt(2, "model instances per gpu rank, each on its own thread and CUDA stream")
-    transport: str = _opt("auto", "MPI: how token batches travel tokenizer -> gpu rank. 'ucx' uses UCX endpoints "
+    instances_per_gpu: int = _opt(2, "model instances per encoder rank, each on its own thread and CUDA stream")
+    transport: str = _opt("auto", "MPI: how token batches travel tokenizer -> encoder rank. 'ucx' uses UCX endpoints "
                                   "(RDMA with a UCX that has verbs), 'mpi' MPI messages; auto uses ucx where the "
                                   "ucxx bindings import and batches cross nodes, mpi otherwise",
                           choices=("auto", "mpi", "ucx"))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 # Exit codes a job script can branch on.
-EXIT_OK = 0
 EXIT_FAILED = 1        # internal failure, or a rank died
 EXIT_USAGE = 2         # bad command line or job file
 EXIT_INVALID_INPUT = 3  # a row or file of the corpus is invalid (fail-fast mode)

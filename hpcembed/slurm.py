@@ -27,14 +27,10 @@ def _int(env, name: str, default: int = 0) -> int:
 
 @dataclass(frozen=True)
 class SlurmTask:
-    job_id: str
     ntasks: int                 # tasks in this step, every het component included
-    procid: int                 # this task's rank in the step
-    localid: int                # this task's rank on its node
     node: str                   # the Slurm node name (fake nodes share a hostname, so not gethostname())
     gpus_on_node: int           # GPUs Slurm gave this job on this node
     het_group: int | None       # the het job component this task belongs to, in a het step
-    restart_count: int          # times the job was requeued
 
     @classmethod
     def from_environ(cls, env=None) -> "SlurmTask | None":
@@ -55,9 +51,8 @@ class SlurmTask:
         gpus = _int(env, "SLURM_GPUS_ON_NODE")
         if not gpus and env.get("SLURM_JOB_GPUS"):
             gpus = len(env["SLURM_JOB_GPUS"].split(","))
-        return cls(job_id=env.get("SLURM_JOB_ID", ""), ntasks=_int(env, "SLURM_NTASKS", 1), procid=procid,
-                   localid=_int(env, "SLURM_LOCALID"), node=env.get("SLURMD_NODENAME", ""), gpus_on_node=gpus,
-                   het_group=het_group, restart_count=_int(env, "SLURM_RESTART_COUNT"))
+        return cls(ntasks=_int(env, "SLURM_NTASKS", 1), node=env.get("SLURMD_NODENAME", ""), gpus_on_node=gpus,
+                   het_group=het_group)
 
     def check_world(self, world_size: int) -> None:
         if self.ntasks != world_size:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+
+from hpcembed.world import find_mpiexec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
@@ -58,6 +59,10 @@ def read_output(out_dir: Path) -> dict[str, np.ndarray]:
     return dict(zip(ids, emb))
 
 
+def read_manifest(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "_manifest.json").read_text())
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "hpcembed", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
@@ -71,7 +76,7 @@ def write_jsonl(path: Path, records: list) -> Path:
     return path
 
 
-MPIEXEC = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+MPIEXEC = find_mpiexec()
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (pip install -e '.[test]')")
 MPI_ENV = {"HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1"}
 

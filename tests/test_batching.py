@@ -39,7 +39,7 @@ def padded_cost(lengths):
 def test_batcher_longest_first_within_budget():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, size=200)
-    batcher = TokenBudgetBatcher(max_batch_tokens=256, window_tokens=10_000, cost=padded_cost)
+    batcher = TokenBudgetBatcher(max_batch_tokens=256, cost=padded_cost)
     for start in range(0, 200, 50):
         batcher.add(make_batch(lengths[start:start + 50], first_row=start)[0])
     seen, previous_max = [], None
@@ -54,7 +54,7 @@ def test_batcher_longest_first_within_budget():
 
 
 def test_batcher_emits_oversized_row_alone():
-    batcher = TokenBudgetBatcher(8, 100, padded_cost)
+    batcher = TokenBudgetBatcher(8, padded_cost)
     batcher.add(make_batch([20, 2, 2])[0])
     assert batcher.pop().lengths.tolist() == [20]
     assert batcher.pop().lengths.tolist() == [2, 2]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import EDGE_TEXTS, read_output, reference, run_cli, write_jsonl
+from .conftest import EDGE_TEXTS, read_output, reference, run_cli, write_jsonl, read_manifest
 
 
 def assert_matches(out_dir, expected: dict[str, str], st_model, min_cos=0.9999):
@@ -31,7 +31,7 @@ def test_edge_cases_match_sentence_transformers(tmp_path, st_model):
     assert proc.returncode == 0, proc.stderr
     got = assert_matches(tmp_path / "out", texts, st_model)
     np.testing.assert_allclose(got["e4"], got["e5"], atol=1e-6)      # duplicate texts, different ids
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert (tmp_path / "out" / "_SUCCESS").exists()
     assert manifest["rows_written"] == len(texts) and manifest["inputs"][0]["rows"] == len(texts)
     assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["normalize"] is True
@@ -61,12 +61,12 @@ def test_all_formats_in_one_job_with_toml_and_overrides(tmp_path, st_model):
     assert proc.returncode == 0, proc.stderr
     assert not (tmp_path / "wrong").exists()
     assert_matches(tmp_path / "out", expected, st_model)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert [i["rows"] for i in manifest["inputs"]] == [3, 2, 2, 3]
     # Rerunning the same job on its finished directory is a no-op that says so; another job is refused.
     again = run_cli("run", "--config", str(job), "--output", str(tmp_path / "out"))
     assert again.returncode == 0 and "already holds the complete output" in again.stderr
-    assert json.loads((tmp_path / "out" / "_manifest.json").read_text()) == manifest
+    assert read_manifest(tmp_path / "out") == manifest
     other = run_cli("run", "--config", str(job), "--output", str(tmp_path / "out"), "--pooling", "cls")
     assert other.returncode == 2 and "different job" in other.stderr and "pooling ('mean' then, 'cls' now)" \
         in other.stderr and "--overwrite" in other.stderr
@@ -143,7 +143,7 @@ def test_skip_mode_records_rejects_and_embeds_the_rest(tmp_path, st_model):
     assert sorted((r["file"].rsplit("/", 1)[1], r["row"]) for r in rejects) == [
         ("broken.parquet", None), ("mixed.jsonl", 1), ("mixed.jsonl", 2), ("mixed.jsonl", 3)]
     assert all(r["reason"] for r in rejects)
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     assert manifest["rejected_rows"] == 3 and manifest["rows_written"] == 2
     assert manifest["unreadable_files"] and (tmp_path / "out" / "_SUCCESS").exists()
 

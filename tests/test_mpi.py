@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 
-from .conftest import mpirun, needs_mpi, read_output, reference, write_jsonl
+from .conftest import mpirun, needs_mpi, read_output, reference, write_jsonl, read_manifest
 
 pytestmark = needs_mpi
 
@@ -23,9 +23,9 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     ids = sorted(texts)
     ref = reference(st_model, [texts[i] for i in ids])
     assert min(float(got[i] @ r) for i, r in zip(ids, ref)) >= 0.9999
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "out")
     roles = {r["rank"]: r for r in manifest["ranks"]}
-    assert [roles[r]["role"] for r in sorted(roles)] == ["conductor", "gpu", "gpu", "tokenizer", "tokenizer"]
+    assert [roles[r]["role"] for r in sorted(roles)] == ["conductor", "encoder", "encoder", "tokenizer", "tokenizer"]
     assert all(r["rows"] > 0 for r in manifest["ranks"] if r["role"] != "conductor"), manifest["ranks"]
     assert manifest["transport"] == "mpi" and (tmp_path / "out" / "_SUCCESS").exists()
 
@@ -62,7 +62,7 @@ def test_ids_repeated_across_tokenizer_ranks(tmp_path, st_model):
     rejects = [json.loads(line) for line in (tmp_path / "skip" / "_rejects.jsonl").read_text().splitlines()]
     assert sorted(r["file"] for r in rejects) == sorted(str(tmp_path / f"f{j}.jsonl") for j in range(1, 8))
     assert all("duplicate id" in r["reason"] and r["row"] == 20 for r in rejects), rejects
-    manifest = json.loads((tmp_path / "skip" / "_manifest.json").read_text())
+    manifest = read_manifest(tmp_path / "skip")
     assert manifest["complete"] and manifest["rows_written"] == 161 and manifest["rejected_rows"] == 7
     assert sum(s["rows"] for s in manifest["shards"]) == 161
 
@@ -71,20 +71,19 @@ def test_ids_repeated_across_tokenizer_ranks(tmp_path, st_model):
     assert not (tmp_path / "fail" / "_SUCCESS").exists()
 
 
-def test_rate_plan_keeps_the_tokenizers_the_gpus_need():
-    from hpcembed.roles.common import RoleMap
-    from hpcembed.world import RankInfo, plan_tokenizers
+def test_rate_plan_keeps_the_tokenizers_the_encoders_need():
+    from hpcembed.topology import RankInfo, RoleMap, plan_tokenizers
     # Two hosts of 8 cores, one H100 each; rank 0 (conductor) on the first.
     ranks = [RankInfo(r, f"n{r // 8}", r % 8, 1, 1, None, 8, "NVIDIA H100 80GB HBM3") for r in range(16)]
     roles = RoleMap(0, [r for r in range(16) if r not in (1, 8)], [1, 8], {r.rank: r.host for r in ranks})
     # 2 x 12.34M tokens/s at 3M per tokenizer: 9.5 with headroom, so 10, spread over both hosts.
     planned, plan = plan_tokenizers(roles, ranks, 3e6)
     assert plan.needed == 10 and plan.chosen == 10 and plan.expected_gpu_busy == 1.0
-    assert planned.gpus == [1, 8]
+    assert planned.encoders == [1, 8]
     on = [sum(1 for t in planned.tokenizers if ranks[t].host == h) for h in ("n0", "n1")]
     assert on == [5, 5]
-    assert {planned.role_of(r) for r in range(16)} == {"conductor", "tokenizer", "gpu", "idle"}
-    # Slow tokenizers: every core is used (8 - 2 for the gpu rank - 1 for the conductor = 5 on n0, 6 on n1),
+    assert {planned.role_of(r) for r in range(16)} == {"conductor", "tokenizer", "encoder", "idle"}
+    # Slow tokenizers: every core is used (8 - 2 for the encoder rank - 1 for the conductor = 5 on n0, 6 on n1),
     # and the plan says the node is CPU-bound.
     planned, plan = plan_tokenizers(roles, ranks, 0.5e6)
     assert plan.chosen == 11 == len(planned.tokenizers) and plan.expected_gpu_busy < 0.9
@@ -97,13 +96,13 @@ def test_rate_plan_keeps_the_tokenizers_the_gpus_need():
 def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
     texts = {f"r{k}": f"planned job row {k} " * (1 + k % 5) for k in range(300)}
     write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
-    # A stated gpu rate of 1 token/s needs a single tokenizer: of 6 ranks (2 gpu, 3 tokenizer candidates),
+    # A stated encoder rate of 1 token/s needs a single tokenizer: of 6 ranks (2 encoder, 3 tokenizer candidates),
     # 2 stay idle and must still leave the job cleanly.
     proc = mpirun(6, "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--unit-rows", "50",
                   "--gpu-tokens-per-s", "1")
     assert proc.returncode == 0, proc.stderr
-    assert "2 idle" in proc.stderr and "plan: 2 gpu rank(s)" in proc.stderr
-    manifest = json.loads((tmp_path / "out" / "_manifest.json").read_text())
+    assert "2 idle" in proc.stderr and "plan: 2 encoder rank(s)" in proc.stderr
+    manifest = read_manifest(tmp_path / "out")
     assert [r["role"] for r in manifest["ranks"]].count("tokenizer") == 1
     got = read_output(tmp_path / "out")
     ids = sorted(texts)
@@ -111,18 +110,18 @@ def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
     assert min(float(got[i] @ r) for i, r in zip(ids, ref)) > 0.9999
 
 
-def test_links_are_sparse_local_first_and_cover_every_gpu():
-    from hpcembed.roles.common import RoleMap
-    # 1000 nodes x (8 gpu ranks + 8 tokenizer ranks), and a het layout with tokenizers on CPU-only nodes.
+def test_links_are_sparse_local_first_and_cover_every_encoder():
+    from hpcembed.topology import RoleMap
+    # 1000 nodes x (8 encoder ranks + 8 tokenizer ranks), and a het layout with tokenizers on CPU-only nodes.
     hosts = {r: f"n{r // 16}" for r in range(16000)}
     gpus = [r for r in range(16000) if r % 16 < 8]
     tokenizers = [r for r in range(16000) if r % 16 >= 8 and r != 15999]
     roles = RoleMap(15999, tokenizers, gpus, hosts)
-    assert all(roles.gpus_of(t) == [g for g in gpus if hosts[g] == hosts[t]] for t in tokenizers[:50])
+    assert all(roles.encoders_of(t) == [g for g in gpus if hosts[g] == hosts[t]] for t in tokenizers[:50])
     assert all(len(roles.tokenizers_of(g)) >= 7 for g in gpus)
     het = RoleMap(0, list(range(1, 41)), list(range(100, 420)), {**{r: "cpu" for r in range(41)},
                                                                  **{g: f"g{g // 8}" for g in range(100, 420)}})
-    assert max(len(het.gpus_of(t)) for t in het.tokenizers) == 8        # 320 gpus / 40 tokenizers: fanout 8
-    assert all(len(het.tokenizers_of(g)) == 1 for g in het.gpus)
+    assert max(len(het.encoders_of(t)) for t in het.tokenizers) == 8        # 320 gpus / 40 tokenizers: fanout 8
+    assert all(len(het.tokenizers_of(g)) == 1 for g in het.encoders)
     few = RoleMap(0, [1, 2], list(range(3, 40)), {r: "h" for r in range(40)})
-    assert all(few.tokenizers_of(g) for g in few.gpus)                  # the fanout grows past 8 to cover all
+    assert all(few.tokenizers_of(g) for g in few.encoders)                  # the fanout grows past 8 to cover all

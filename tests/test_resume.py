@@ -14,11 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import BackgroundJob, mpirun, needs_mpi, read_output, reference, run_cli, write_jsonl
+from .conftest import BackgroundJob, mpirun, needs_mpi, read_output, reference, run_cli, write_jsonl, read_manifest
 
 pytestmark = needs_mpi
 
-# A small batch window, so the gpu rank holds only ~20 rows in flight and a stop or kill lands mid-corpus.
+# A small batch window, so the encoder rank holds only ~20 rows in flight and a stop or kill lands mid-corpus.
 ARGS = ["--tokenizer-ranks", "2", "--unit-rows", "20", "--chunk-rows", "10", "--max-batch-tokens", "256",
         "--window-batches", "2"]
 
@@ -46,7 +46,7 @@ def assert_complete_and_exact(out: Path, expected: dict[str, np.ndarray]) -> dic
     assert set(got) == set(expected)
     cos = min(float(got[i] @ expected[i]) for i in expected)
     assert cos >= 0.9999, cos
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["complete"] and (out / "_SUCCESS").exists()
     assert manifest["rows_written"] == len(expected) and sum(s["rows"] for s in manifest["shards"]) == len(expected)
     return manifest
@@ -98,7 +98,7 @@ def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     assert resumed[0] == 0 and any(r for r in resumed[1:]), resumed
 
 
-@pytest.mark.parametrize("role", ["gpu", "tokenizer"])
+@pytest.mark.parametrize("role", ["encoder", "tokenizer"])
 def test_dead_rank_ends_the_job_and_the_rerun_completes(corpus, tmp_path, role):
     root, texts, expected = corpus
     out = tmp_path / "out"
@@ -143,7 +143,7 @@ def test_sigusr1_stops_gracefully_and_the_rerun_completes(tmp_path, st_model):
         job.stop()
     assert rc == 75 and took < 60, (rc, took, job.text()[-3000:])
     assert "SIGUSR1 received" in job.text() and "rerun the same command to resume" in job.text()
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["stopped_early"] == "SIGUSR1" and not manifest["complete"] and not (out / "_SUCCESS").exists()
     stopped_rows = manifest["rows_written"]
     assert 0 < stopped_rows < len(texts)
@@ -199,7 +199,7 @@ def test_corrupt_parquet_mid_corpus(tmp_path, st_model):
     # The rerun with --on-invalid skip resumes what was committed, rejects the file, and embeds the rest.
     again = mpirun(4, "--input", str(src), "--output", str(out), *ARGS, "--on-invalid", "skip")
     assert again.returncode == 0, again.stderr[-3000:]
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["units_resumed"] == kept and kept_shards <= {p.name for p in out.glob("part-*.parquet")}
     assert manifest["complete"] and manifest["rejected_rows"] == 40 and manifest["rows_written"] == 80
     rejects = [json.loads(line) for line in (out / "_rejects.jsonl").read_text().splitlines()]

@@ -43,8 +43,8 @@ def test_simulation_commits_every_unit_through_the_real_conductor(calibration):
     # The real Conductor committed every unit in its real ledger, with the rows the gpu ranks reported.
     assert len(sim.conductor.done) == result.units == 82
     assert sim.conductor.rows_written == 1_640_000
-    # Routing is the real TokenizerRole's over RoleMap's sparse links: 3 nodes x (1 gpu, 13-14 tokenizers).
-    assert result.gpu_ranks == 3 and result.tokenizer_ranks == 13 + 14 + 14
+    # Routing is the real TokenizerCore's over RoleMap's sparse links: 3 nodes x (1 encoder, 13-14 tokenizers).
+    assert result.encoder_ranks == 3 and result.tokenizer_ranks == 13 + 14 + 14
     # No faster than the tokenizer cores allow, and not far below it (they are the bottleneck here).
     ceiling = result.tokenizer_ranks * rates.tokenizer_tokens_per_s / rates.tokens_per_text
     assert 0.5 * ceiling < result.throughput_texts_per_s <= ceiling * 1.001
@@ -73,9 +73,9 @@ def test_replay_follows_the_measured_start_skew_and_gpu_window(calibration):
                    instances=1)
     even = simulate(2, shape, job, rates)
     skewed = simulate(2, shape, job, rates, start_offsets={"gpu": [0.0, 3.0], "tokenizer": [-5.0] * 4})
-    assert sum(even.gpu_rows) == sum(skewed.gpu_rows) == 1200
-    assert even.gpu_rows[0] == even.gpu_rows[1]
-    assert skewed.gpu_rows[0] > skewed.gpu_rows[1] > 0
+    assert sum(even.encoder_rows) == sum(skewed.encoder_rows) == 1200
+    assert even.encoder_rows[0] == even.encoder_rows[1]
+    assert skewed.encoder_rows[0] > skewed.encoder_rows[1] > 0
     # Measured from the first gpu rank being ready: the late one's 3 s show as lost throughput.
     assert skewed.throughput_texts_per_s < even.throughput_texts_per_s
     with pytest.raises(ValueError, match="add up to 1100 rows"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, read_output, reference, write_jsonl
+from .conftest import REPO, read_output, reference, write_jsonl, read_manifest
 from .slurm_cluster import SlurmCluster, slurm_available
 
 pytestmark = pytest.mark.skipif(not slurm_available(), reason="needs root and Slurm's daemons (apt-get install "
@@ -60,7 +60,7 @@ def check_output(out: Path, expected: dict) -> dict:
     got = read_output(out)
     assert set(got) == set(expected)
     assert min(float(got[i] @ expected[i]) for i in expected) >= 0.9999
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["complete"] and (out / "_SUCCESS").exists()
     return manifest
 
@@ -79,7 +79,7 @@ def test_single_node(cluster, corpus, tmp_path):
     manifest = check_output(out, expected)
     by_role = roles(manifest)
     # 8 tasks, 1 GPU allocated by default: 1 conductor, 1 gpu rank, 6 tokenizer ranks, all on one node.
-    assert len(by_role["gpu"]) == 1 and len(by_role["tokenizer"]) == 6
+    assert len(by_role["encoder"]) == 1 and len(by_role["tokenizer"]) == 6
     assert {r["host"] for r in manifest["ranks"]} == {by_role["conductor"][0]["host"]}
     assert "progress:" in logs and "complete: 600 rows embedded" in logs
 
@@ -91,15 +91,15 @@ def test_multi_node(cluster, corpus, tmp_path):
     manifest = check_output(out, expected)
     by_role = roles(manifest)
     # 2 nodes x 4 tasks, 1 GPU each: a gpu rank on each node. Work goes on demand, so on this 2-core box one
-    # gpu rank may finish the small corpus before the other has loaded its model, or each may keep up with its
-    # own node's tokenizers so that no batch needs to leave the node (routing prefers the gpu whose credit is
-    # back). What must hold is that the gpu ranks together embedded every row and that every tokenizer rank is
-    # linked to the other node's gpu rank too. That batches do cross nodes under Slurm, test_het_job shows.
-    assert len({r["host"] for r in by_role["gpu"]}) == 2 and len(by_role["tokenizer"]) == 5
-    assert sum(r["rows"] for r in by_role["gpu"]) == len(expected)
+    # encoder rank may finish the small corpus before the other has loaded its model, or each may keep up with its
+    # own node's tokenizers so that no batch needs to leave the node (routing prefers the encoder rank whose credit is
+    # back). What must hold is that the encoder ranks together embedded every row and that every tokenizer rank is
+    # linked to the other node's encoder rank too. That batches do cross nodes under Slurm, test_het_job shows.
+    assert len({r["host"] for r in by_role["encoder"]}) == 2 and len(by_role["tokenizer"]) == 5
+    assert sum(r["rows"] for r in by_role["encoder"]) == len(expected)
     host = {r["rank"]: r["host"] for r in manifest["ranks"]}
     for t in by_role["tokenizer"]:
-        assert {host[int(g)] for g in t["batches_sent"]} == {r["host"] for r in by_role["gpu"]}, t
+        assert {host[int(g)] for g in t["batches_sent"]} == {r["host"] for r in by_role["encoder"]}, t
 
 
 def test_het_job(cluster, corpus, tmp_path):
@@ -109,11 +109,11 @@ def test_het_job(cluster, corpus, tmp_path):
     manifest = check_output(out, expected)
     by_role = roles(manifest)
     tokenizer_hosts = {r["host"] for r in by_role["tokenizer"]}
-    gpu_hosts = {r["host"] for r in by_role["gpu"]}
+    gpu_hosts = {r["host"] for r in by_role["encoder"]}
     assert len(by_role["tokenizer"]) == 2 and all(r["rows"] > 0 for r in by_role["tokenizer"])
-    assert len(by_role["gpu"]) == 2 and all(r["rows"] > 0 for r in by_role["gpu"])
+    assert len(by_role["encoder"]) == 2 and all(r["rows"] > 0 for r in by_role["encoder"])
     assert not tokenizer_hosts & gpu_hosts           # component 0 and component 1 on their own nodes
-    # So every token batch crossed between nodes, and the gpu ranks' rows all came that way.
+    # So every token batch crossed between nodes, and the encoder ranks' rows all came that way.
     assert sum(n for t in by_role["tokenizer"] for n in t["batches_sent"].values()) > 0
 
 
@@ -162,9 +162,9 @@ def test_tokenize_then_embed(cluster, corpus, tmp_path):
     logs = "".join(p.read_text(errors="replace") for p in sorted([*tmp_path.glob("*.out"), *tmp_path.glob("*.err")]))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs[-4000:] + cluster.diagnose()
     assert "tokenize job:" in proc.stdout and "embed job:" in proc.stdout
-    tokens = json.loads((tokdir / "_manifest.json").read_text())
+    tokens = read_manifest(tokdir)
     assert tokens["kind"] == "tokens" and tokens["complete"] and tokens["rows_written"] == len(expected)
-    # The CPU job ran no gpu rank: the conductor and 7 tokenizer ranks writing token shards.
+    # The CPU job ran no encoder rank: the conductor and 7 tokenizer ranks writing token shards.
     assert {r["role"] for r in tokens["ranks"]} == {"conductor", "tokenizer"} and len(tokens["ranks"]) == 8
     manifest = check_output(out, expected)
     assert {i["format"] for i in manifest["inputs"]} == {"tokens"}

@@ -11,7 +11,7 @@ import pytest
 from hpcembed.engine import ModelSpec
 from hpcembed.tokenize import HFTokenizer
 
-from .conftest import EDGE_TEXTS, mpirun, needs_mpi, run_cli, write_jsonl
+from .conftest import EDGE_TEXTS, mpirun, needs_mpi, run_cli, write_jsonl, read_manifest
 from .test_job import assert_matches
 
 
@@ -39,7 +39,7 @@ def test_tokenize_then_embed_matches_sentence_transformers(tmp_path, corpus, st_
     proc = run_cli("tokenize", "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output",
                    str(tok), "--unit-rows", "40", "--chunk-rows", "16")
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((tok / "_manifest.json").read_text())
+    manifest = read_manifest(tok)
     assert manifest["kind"] == "tokens" and manifest["complete"] and (tok / "_SUCCESS").exists()
     assert manifest["rows_written"] == len(corpus) and len(manifest["shards"]) == 5
     # Token shards hold exactly the HF backend's ids (the default backend may be budtiktok).
@@ -51,7 +51,7 @@ def test_tokenize_then_embed_matches_sentence_transformers(tmp_path, corpus, st_
     proc = run_cli("run", "--input", str(tok), "--output", str(out), "--max-batch-tokens", "1024")
     assert proc.returncode == 0, proc.stderr
     assert_matches(out, corpus, st_model)
-    embedded = json.loads((out / "_manifest.json").read_text())
+    embedded = read_manifest(out)
     assert {i["format"] for i in embedded["inputs"]} == {"tokens"}
     assert embedded["tokenizer"] == manifest["tokenizer"]
 
@@ -62,7 +62,7 @@ def test_tokenize_and_embed_under_mpiexec(tmp_path, corpus, st_model):
     proc = mpirun(3, "--input", str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), "--output", str(tok),
                   "--unit-rows", "20", "--chunk-rows", "8", command="tokenize")
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((tok / "_manifest.json").read_text())
+    manifest = read_manifest(tok)
     writers = {r["rank"] for r in manifest["ranks"] if r["role"] == "tokenizer" and r["rows"] > 0}
     assert writers == {1, 2}, manifest["ranks"]
     assert len(read_token_dir(tok)) == len(corpus)
@@ -135,7 +135,7 @@ def test_tokenize_job_resumes_after_a_stop(tmp_path, corpus):
     (tok / "_SUCCESS").unlink()
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
-    manifest = json.loads((tok / "_manifest.json").read_text())
+    manifest = read_manifest(tok)
     assert manifest["units_resumed"] == len(ledger) - 2 and manifest["rows_written"] == len(corpus)
     assert len(read_token_dir(tok)) == len(corpus)
     np.testing.assert_equal(sorted(read_token_dir(tok)), sorted(corpus))

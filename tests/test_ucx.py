@@ -3,7 +3,6 @@ network namespaces (tests/netns.py) with UCX forced onto TCP so batches cross th
 tokenizer rank killed while batches are moving."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import MPI_ENV, MPIEXEC, REPO, mpirun, needs_mpi, process_tree, read_output, reference, write_jsonl
+from .conftest import MPI_ENV, MPIEXEC, REPO, mpirun, needs_mpi, process_tree, read_output, reference, write_jsonl, read_manifest
 from .netns import VirtualHosts, netns_available
 
 pytestmark = [needs_mpi, pytest.mark.skipif(not __import__("hpcembed.transport.ucx", fromlist=["x"]).ucx_available(),
@@ -35,7 +34,7 @@ def _check(out, expected) -> dict:
     got = read_output(out)
     assert set(got) == set(expected)
     assert min(float(got[i] @ expected[i]) for i in expected) >= 0.9999
-    manifest = json.loads((out / "_manifest.json").read_text())
+    manifest = read_manifest(out)
     assert manifest["complete"] and (out / "_SUCCESS").exists()
     return manifest
 

@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 
 from ..tokenize.batch import TokenBatch
-from .torch_encoder import Encoder
+from .base import Encoder
 
 
 class InstancePool:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
 from .model import ModelSpec
-from .torch_encoder import DTYPES, Encoder
+from .base import DTYPES, Encoder
 
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "camembert")
 _ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
@@ -121,17 +121,17 @@ class BertWeights:
                 ln2_w=get(p + "output.LayerNorm.weight"), ln2_b=get(p + "output.LayerNorm.bias")))
 
 
-def _attention_varlen(q, k, v, cu, max_len, rows, seg):
+def _attention_varlen(q, k, v, cu, max_len):
     from torch.nn.attention.varlen import varlen_attn
     return varlen_attn(q, k, v, cu, cu, max_len, max_len)
 
 
-def _attention_padded(q, k, v, cu, max_len, rows, seg):
+def _attention_padded(q, k, v, cu, max_len):
     """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather.
     Tokens past the last offset (a graph bucket's padding) belong to no sequence and come out as zeros."""
     t, h, d = q.shape
-    real = int(cu[-1])
-    seg = seg[:real].long()
+    rows, real = cu.numel() - 1, int(cu[-1])
+    seg = torch.searchsorted(cu[1:], torch.arange(real, device=q.device, dtype=cu.dtype), right=True).long()
     pos = torch.arange(real, device=q.device) - cu.long()[seg]      # place within its row
 
     def pad(x):
@@ -168,10 +168,10 @@ class _Ops:
     mean_pool = staticmethod(mean_pool)
 
 
-def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows: int, attention,
+def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
                     gelu_epilogue: bool = False, ops=_Ops) -> torch.Tensor:
     """Token states [T, hidden] for flat ids [T]; `positions` are position-embedding rows (from 0 within each row
-    for BERT, from padding_idx + 1 for RoBERTa: the host adds w.position_offset), `seg` is the row.
+    for BERT, from padding_idx + 1 for RoBERTa: the host adds w.position_offset), `cu` the row offsets.
 
     gelu_epilogue: apply GELU inside the up-projection's matmul (cuBLASLt's bias+GELU epilogue, which is the
     tanh approximation on CUDA), so the [T, 4*hidden] intermediate is written and read once instead of 3 times.
@@ -181,7 +181,7 @@ def encoder_forward(w: BertWeights, ids, positions, seg, cu, max_len: int, rows:
     heads, d = w.heads, h // w.heads
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
-        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len, rows, seg)
+        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len)
         x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
                                layer.ln1_b, eps)
         if gelu_epilogue:
@@ -389,7 +389,6 @@ class VarlenEncoder(Encoder):
         ids, cu = dev[:total], dev[total: total + rows + 1]
         w = self.weights
         seg, positions = token_layout(ids, cu, rows, w.position_offset, w.position.shape[0])
-        states = encoder_forward(w, ids, positions, seg, cu, max_len, rows, self.attention, self.gelu_epilogue,
-                                 self.ops)
+        states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
         out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops)
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out

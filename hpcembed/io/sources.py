@@ -48,7 +48,6 @@ class WorkUnit:
     row_start: int
     row_stop: int
     byte_start: int = 0
-    byte_stop: int = -1
     row_groups: tuple[int, ...] = ()
 
     @property
@@ -166,13 +165,11 @@ def plan_file(f: InputFile, unit_rows: int, first_unit: int) -> tuple[int, list[
         return meta.num_rows, [u for u in units if u.rows]
     if f.format in ("jsonl", "text"):
         rows, starts = _line_starts(f.path, unit_rows)
-        size = os.path.getsize(f.path)
         for k, b in enumerate(starts):
             stop_row = min((k + 1) * unit_rows, rows)
             if k * unit_rows >= rows:
                 break
-            byte_stop = starts[k + 1] if k + 1 < len(starts) else size
-            units.append(WorkUnit(first_unit + len(units), f, k * unit_rows, stop_row, b, byte_stop))
+            units.append(WorkUnit(first_unit + len(units), f, k * unit_rows, stop_row, b))
         return rows, units
     if f.format == "tokens":
         from .tokens import token_shard_rows

@@ -11,7 +11,7 @@ import datetime
 from pathlib import Path
 
 from . import read_json
-from .sim import NodeShape, Rates
+from .model import NodeShape, Rates
 
 GPU_NAME = "NVIDIA H100 80GB HBM3"
 FILES = {
@@ -49,8 +49,8 @@ def build(bench_dir: Path) -> dict:
             f"results.budtiktok.all_cores: {tok['tokens_per_s']:,.0f} tokens/s over {tok['processes']} processes "
             "(every core of the H100 box busy, as in a job)"),
         "gpu_tokens_per_s": _value(
-            e2e["tokens_per_s"] / e2e["gpu_busy"], "tokens/s per gpu rank while busy", src["e2e_node"],
-            f"runs.budtiktok: tokens_per_s {e2e['tokens_per_s']:,.0f} / gpu_busy {e2e['gpu_busy']} (the gpu rank's "
+            e2e["tokens_per_s"] / e2e["gpu_busy"], "tokens/s per encoder rank while busy", src["e2e_node"],
+            f"runs.budtiktok: tokens_per_s {e2e['tokens_per_s']:,.0f} / gpu_busy {e2e['gpu_busy']} (the encoder rank's "
             "rate inside the job, its role loop included; bench/gpu_stage.py alone gives 12.3-12.7M)"),
         "tokens_per_text": _value(
             e2e["tokens"] / data["e2e_node"]["docs"], "tokens", src["e2e_node"],
@@ -83,7 +83,7 @@ def build(bench_dir: Path) -> dict:
         "kind": "hpcembed scaling calibration",
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rates": rates,
-        "node": {"cores": e2e["ranks"], "gpus": e2e["roles"]["gpu"], "gpu_name": GPU_NAME, "source": src["e2e_node"],
+        "node": {"cores": e2e["ranks"], "gpus": e2e["roles"].get("encoder", e2e["roles"].get("gpu")), "gpu_name": GPU_NAME, "source": src["e2e_node"],
                  "how": "the H100 box the single-node run used: 16 cores, 1 GPU; the rate plan chose its roles"},
         "job": {"unit_rows": data["e2e_node"]["unit_rows"], "chunk_rows": 1024, "credits": 4,
                 "max_batch_tokens": 262144, "window_batches": 8, "instances": 2,

@@ -10,7 +10,7 @@ Each row also carries what the simulation needs to replay the run (`sim`): the n
 settings, and the per-rank busy rates the run itself measured (rates while busy are component costs; the
 throughput is never an input to the simulation).
 
-E(N) = X(N) / (N * X(1)) within a series, X being the manifest's steady rate (texts/s from the gpu ranks being
+E(N) = X(N) / (N * X(1)) within a series, X being the manifest's steady rate (texts/s from the encoder ranks being
 ready to the last commit), as the simulation computes it.
 """
 from __future__ import annotations
@@ -26,25 +26,14 @@ from pathlib import Path
 from . import read_json
 from ..config import default_batch_tokens
 from ..errors import ConfigError
-
-
-def _mpiexec(ranks: int) -> list[str]:
-    exe = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
-    if not exe:
-        raise ConfigError("hpcembed scaling measure needs mpiexec (pip install 'hpcembed[mpi]')")
-    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
-    cmd = [exe, "-n", str(ranks)]
-    if "Open MPI" in version or "OpenRTE" in version:
-        cmd += ["--oversubscribe", "--bind-to", "none"] + (["--allow-run-as-root"] if os.geteuid() == 0 else [])
-    return cmd
+from ..manifest import ranks_by_role
+from ..world import mpiexec_command
 
 
 def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, network: str) -> dict:
     ranks = manifest["ranks"]
-    by_role: dict[str, list[dict]] = {}
-    for r in ranks:
-        by_role.setdefault(r["role"], []).append(r)
-    gpus, tokenizers = by_role.get("gpu", []), by_role.get("tokenizer", [])
+    by_role = ranks_by_role(manifest)
+    gpus, tokenizers = by_role.get("encoder", []), by_role.get("tokenizer", [])
     hosts = sorted({r["host"] for r in ranks})
     x = manifest.get("steady_texts_per_s") or manifest["texts_per_s"]
     tokens_per_s = manifest.get("steady_tokens_per_s") or manifest["tokens_per_s"]
@@ -53,13 +42,13 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
     gpu_rate = sum(r["tokens"] for r in gpus) / max(gpu_busy, 1e-9)
     per_host = max(sum(1 for r in ranks if r["host"] == h) for h in hosts)
     settings = manifest.get("settings", {})
-    # When each rank could start, in seconds after the first gpu rank was ready (where the steady window, and
+    # When each rank could start, in seconds after the first encoder rank was ready (where the steady window, and
     # the simulation's clock, begin). Ranks of one job start seconds apart (model load, CUDA init, the
     # tokenizer's probe); in a short run that skew decides who gets the first batches.
     t0 = min((r["ready_at"] for r in gpus if "ready_at" in r), default=None)
     starts = {}
     if t0 is not None:
-        starts = {"gpu": [round(r["ready_at"] - t0, 3) for r in gpus if "ready_at" in r],
+        starts = {"encoder": [round(r["ready_at"] - t0, 3) for r in gpus if "ready_at" in r],
                   "tokenizer": [round(r["started_at"] - t0, 3) for r in tokenizers if "started_at" in r]}
     return {
         "series": series, "nodes": nodes, "ranks": len(ranks), "gpus": len(gpus), "tokenizers": len(tokenizers),
@@ -73,7 +62,7 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
             "rows": manifest["rows_written_this_run"], "unit_rows": settings.get("unit_rows", 50_000),
             "unit_sizes": settings.get("unit_sizes"),
             "chunk_rows": settings.get("chunk_rows", 1024), "credits": settings.get("credits", 4),
-            # The gpu rank's token-budget window: it takes batches in only while the window has room.
+            # The encoder rank's token-budget window: it takes batches in only while the window has room.
             "max_batch_tokens": settings.get("max_batch_tokens") or default_batch_tokens(gpus[0].get("device", "")
                                                                                         if gpus else "cuda"),
             "window_batches": settings.get("window_batches", 8),
@@ -106,7 +95,7 @@ def measure_local(series: str, scales: list[int], ranks_per_node: int, run_args:
         args = [a.replace("{nodes}", str(n)) for a in run_args]
         if tokenizers_per_node:
             args += ["--tokenizer-ranks", str(n * tokenizers_per_node)]
-        cmd = _mpiexec(1 + n * ranks_per_node) + [sys.executable, "-m", "hpcembed", "run", *args,
+        cmd = mpiexec_command(1 + n * ranks_per_node) + [sys.executable, "-m", "hpcembed", "run", *args,
                                                   "--output", str(out), "--overwrite", "--progress", "log"]
         env = {**os.environ, "HPCEMBED_MPI": "1"}
         if virtual:
@@ -146,14 +135,15 @@ def from_manifests(series: str, directory: Path, network: str) -> list[dict]:
 def from_e2e_bench(series: str, path: Path) -> list[dict]:
     data = read_json(path, "e2e_node benchmark result")
     run = data["runs"][data.get("tokenizer_backend", "budtiktok")] if "runs" in data else data
+    encoders = run["roles"].get("encoder", run["roles"].get("gpu"))      # "gpu": results before 0.2
     return [{
-        "series": series, "nodes": 1, "ranks": run["ranks"], "gpus": run["roles"]["gpu"],
+        "series": series, "nodes": 1, "ranks": run["ranks"], "gpus": encoders,
         "tokenizers": run["roles"]["tokenizer"], "throughput_texts_per_s": run["texts_per_s"],
         "tokens_per_s": run["tokens_per_s"], "texts_per_s_with_startup": run["texts_per_s_with_startup"],
         "rows": data["docs"], "gpu_busy": run["gpu_busy"], "device": data["device"],
         "where": f"bench/e2e_node.py on {data['device']} ({data['date']})", "source": "measured",
         # Replayed with the calibration's own rates: this run is the node the projection is built on.
-        "sim": {"node": {"cores": run["ranks"], "gpus": run["roles"]["gpu"], "gpu_name": data["device"],
+        "sim": {"node": {"cores": run["ranks"], "gpus": encoders, "gpu_name": data["device"],
                          "tokenizers": run["roles"]["tokenizer"]},
                 "rows": data["docs"], "unit_rows": data["unit_rows"], "chunk_rows": 1024, "credits": 4,
                 "max_batch_tokens": default_batch_tokens("cuda"), "window_batches": 8, "instances": 2,

@@ -6,7 +6,7 @@ long backfill runs in that state; `job_texts_per_s` adds the ramp and the tail o
 
 The loss breakdown is where the bottleneck's time goes. On the measured node the tokenizer ranks are the
 bottleneck (13 cores cannot feed one H100), so it is their time, split into tokenizing, waiting for a work
-unit (scheduling: the conductor's queue and its replies), waiting for credit (queue contention: gpu ranks'
+unit (scheduling: the conductor's queue and its replies), waiting for credit (queue contention: encoder ranks'
 queues full), and idle after their last unit (the tail). The network's share is measured by running the same
 job again with an ideal network (no latency, infinite bandwidth): the throughput difference is what the
 network costs.
@@ -42,8 +42,8 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
         row = {"series": m["series"], "nodes": m["nodes"], "ranks": m.get("ranks"),
                "measured_texts_per_s": m["throughput_texts_per_s"], "simulated_texts_per_s": round(simulated, 1),
                "error": round(error, 4), "within_tolerance": abs(error) <= TOLERANCE,
-               # How the rows spread over the gpu ranks, measured and simulated: where a short run is decided.
-               "gpu_rows_measured": sim_in.get("gpu_rows"), "gpu_rows_simulated": result.gpu_rows}
+               # How the rows spread over the encoder ranks, measured and simulated: where a short run is decided.
+               "gpu_rows_measured": sim_in.get("gpu_rows"), "gpu_rows_simulated": result.encoder_rows}
         rows.append(row)
         log(f"validate {m['series']} at {m['nodes']} node(s): measured {m['throughput_texts_per_s']:,.0f}, "
             f"simulated {simulated:,.0f} texts/s ({error:+.1%})")
@@ -71,7 +71,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
         network_loss = (max(0.0, ideal_net.steady_texts_per_s - result.steady_texts_per_s) / (n * x1)
                         if ideal_net else None)
         row = {
-            "nodes": n, "gpus": result.gpu_ranks, "tokenizer_ranks": result.tokenizer_ranks,
+            "nodes": n, "gpus": result.encoder_ranks, "tokenizer_ranks": result.tokenizer_ranks,
             "ranks": n * shape.cores, "throughput_texts_per_s": round(result.steady_texts_per_s, 1),
             "tokens_per_s": round(result.steady_texts_per_s * rates.tokens_per_text, 1),
             "efficiency": round(efficiency, 4),

@@ -113,6 +113,27 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
     results = read_json(study / "results.json", "projection") if (study / "results.json").exists() else {}
     projected = results.get("rows", [])
     validated = results.get("validated", False)
+    _write_csv(study, measured, projected)
+    plots = _plots(study, measured, projected)
+    lines = [f"# {title or 'Scaling study: ' + study.name}", ""]
+    if projected and not validated:
+        lines += [f"**NOT VALIDATED.** {results.get('error', '')}. The projection below was made anyway "
+                  "(`--allow-unvalidated`); read it as the model's answer, not as a validated one.", ""]
+    lines += _seed_section(measured, projected, validated, node_series)
+    notes = study / "notes.md"
+    if notes.exists():
+        lines += ["## About this study", "", notes.read_text().strip(), ""]
+    lines += [f"![throughput]({p})" for p in plots[:1]] + [""] + [f"![efficiency]({p})" for p in plots[1:2]] + [""]
+    lines += _measured_section(measured) + _validation_section(results)
+    if projected:
+        lines += _losses_section(projected) + [f"![losses]({p})" for p in plots[2:]] + [""]
+    lines += METHOD
+    path = study / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _write_csv(study: Path, measured: list[dict], projected: list[dict]) -> None:
     with open(study / "scaling.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["source", "series", "nodes", "gpus", "throughput_texts_per_s", "efficiency"])
@@ -123,13 +144,10 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
                         r["efficiency"]])
         for n, e in SEED_EFFICIENCY.items():
             w.writerow(["published", "seed", n, "", SEED_ONE_NODE * n * e, e])
-    plots = _plots(study, measured, projected)
 
-    lines = [f"# {title or 'Scaling study: ' + study.name}", ""]
-    if projected and not validated:
-        lines += [f"**NOT VALIDATED.** {results.get('error', '')}. The projection below was made anyway "
-                  "(`--allow-unvalidated`); read it as the model's answer, not as a validated one.", ""]
-    lines += ["Every figure is labelled: **measured** (a real run), **projected** (the simulation, "
+
+def _seed_section(measured: list[dict], projected: list[dict], validated: bool, node_series: str) -> list[str]:
+    lines = ["Every figure is labelled: **measured** (a real run), **projected** (the simulation, "
               "`hpcembed scaling simulate`), or **published** (the seed's table, a vendor's claim).", "",
               "## Against the seed's table", "",
               "| nodes | seed: theoretical | seed: efficiency | seed: effective (published) | hpcembed | "
@@ -155,23 +173,24 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
     lines += ["", "t/s = texts per second. Efficiency is E(N) = X(N) / (N X(1)) at steady state; \"per tokenizer "
               "core\" divides each X by its tokenizer ranks, which takes out the conductor's core on the first node "
               "(that core is why E(N) can pass 100%).", ""]
-    notes = study / "notes.md"
-    if notes.exists():
-        lines += ["## About this study", "", notes.read_text().strip(), ""]
-    lines += [f"![throughput]({p})" for p in plots[:1]] + [""] + [f"![efficiency]({p})" for p in plots[1:2]] + [""]
+    return lines
 
-    lines += ["## Measured runs (strong and weak scaling)", "",
-              "| series | nodes | ranks | gpu ranks | tokenizer ranks | texts/s (steady) | E(N) | gpu busy | where |",
+
+def _measured_section(measured: list[dict]) -> list[str]:
+    lines = ["## Measured runs (strong and weak scaling)", "",
+              "| series | nodes | ranks | encoder ranks | tokenizer ranks | texts/s (steady) | E(N) | gpu busy | where |",
               "|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
         lines.append(f"| {r['series']} | {r['nodes']} | {r['ranks']} | {r['gpus']} | {r['tokenizers']} | "
                      f"{_fmt(r['throughput_texts_per_s'])} | {r['efficiency']:.1%} | {busy} | {r['where']} |")
-    lines += [""]
+    return lines + [""]
 
-    lines += ["## Validation: the simulation replays every measured run", "",
+
+def _validation_section(results: dict) -> list[str]:
+    lines = ["## Validation: the simulation replays every measured run", "",
               f"Tolerance ±{results.get('tolerance', 0.1):.0%}.", "",
-              "| series | nodes | measured texts/s | simulated texts/s | error | within | rows per gpu rank, "
+              "| series | nodes | measured texts/s | simulated texts/s | error | within | rows per encoder rank, "
               "measured | simulated |", "|---|---|---|---|---|---|---|---|"]
     spread = lambda rows: " / ".join(_fmt(x) for x in rows) if rows and len(rows) > 1 else ""  # noqa: E731
     for v in results.get("validation", []):
@@ -179,36 +198,37 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
                      f"{_fmt(v['simulated_texts_per_s'])} | {v['error']:+.1%} | "
                      f"{'yes' if v['within_tolerance'] else '**no**'} | {spread(v.get('gpu_rows_measured'))} | "
                      f"{spread(v.get('gpu_rows_simulated'))} |")
-    lines += [""]
+    return lines + [""]
 
-    if projected:
-        lines += ["## Where efficiency is lost (projected)", "",
-                  "Shares of the tokenizer ranks' time over the whole simulated job (they are the bottleneck when "
-                  "gpu busy stays below 100%); the network's share is the throughput an ideal network would add.",
-                  "", "| nodes | E(N) steady | E(N) whole job | tokenizing | scheduling (wait for unit) | "
-                  "queue contention (wait for credit) | tail | network | conductor busy | conductor queue max | "
-                  "batches crossing nodes | busiest NIC | sim wall s |", "|" + "---|" * 13]
-        for r in projected:
-            loss = r["losses"]
-            net = "" if loss["network"] is None else f"{loss['network']:.2%}"
-            lines.append(f"| {r['nodes']} | {r['efficiency']:.1%} | {r['job_efficiency']:.1%} | "
-                         f"{r['tokenizer_busy']:.1%} | {loss['scheduling_wait_for_unit']:.2%} | "
-                         f"{loss['queue_contention_wait_for_credit']:.2%} | {loss['tail_idle_after_last_unit']:.1%} | "
-                         f"{net} | {r['conductor_busy']:.1%} | {r['conductor_queue_max']:,} | "
-                         f"{r['remote_batch_fraction']:.1%} | {r['nic_busy_max']:.2%} | {r['sim_wall_seconds']} |")
-        lines += [""] + [f"![losses]({p})" for p in plots[2:]] + [""]
-    lines += ["## Method", "",
-              "- Calibration: `calibration.json`, every value with the benchmark file and field it came from.",
-              "- Simulation: SimPy; the real Conductor (with a real ledger) and the real TokenizerRole routing run "
-              "in virtual time; the conductor's CPU time per message is measured as it runs and scaled to the "
-              "target core (hpcembed/scaling/sim.py). A gpu rank is modelled as the real loop behaves: a batch "
-              "moves by rendezvous (the tokenizer's Send completes when the gpu rank takes the batch in, which it "
-              "does while its token-budget window has room), encoder batches of max_batch_tokens with 2 queued "
-              "per instance, one credit back per batch whose tokens were submitted.",
-              "- Replaying a measured run uses that run's units as planned, its per-rank busy rates, and when each "
-              "rank started (gpu ranks ready, tokenizer ranks asking for work); its throughput is never an input.",
-              "- Not modelled: the parallel file system (reading input, writing shards), start-up at scale "
-              "(MPI launch, model load), node-to-node speed differences.", ""]
-    path = study / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+
+def _losses_section(projected: list[dict]) -> list[str]:
+    lines = ["## Where efficiency is lost (projected)", "",
+             "Shares of the tokenizer ranks' time over the whole simulated job (they are the bottleneck when "
+             "gpu busy stays below 100%); the network's share is the throughput an ideal network would add.",
+             "", "| nodes | E(N) steady | E(N) whole job | tokenizing | scheduling (wait for unit) | "
+             "queue contention (wait for credit) | tail | network | conductor busy | conductor queue max | "
+             "batches crossing nodes | busiest NIC | sim wall s |", "|" + "---|" * 13]
+    for r in projected:
+        loss = r["losses"]
+        net = "" if loss["network"] is None else f"{loss['network']:.2%}"
+        lines.append(f"| {r['nodes']} | {r['efficiency']:.1%} | {r['job_efficiency']:.1%} | "
+                     f"{r['tokenizer_busy']:.1%} | {loss['scheduling_wait_for_unit']:.2%} | "
+                     f"{loss['queue_contention_wait_for_credit']:.2%} | {loss['tail_idle_after_last_unit']:.1%} | "
+                     f"{net} | {r['conductor_busy']:.1%} | {r['conductor_queue_max']:,} | "
+                     f"{r['remote_batch_fraction']:.1%} | {r['nic_busy_max']:.2%} | {r['sim_wall_seconds']} |")
+    return lines + [""]
+
+
+METHOD = ["## Method", "",
+          "- Calibration: `calibration.json`, every value with the benchmark file and field it came from.",
+          "- Simulation: SimPy, driving the job's own protocol cores in virtual time (hpcembed/scaling/sim.py): "
+          "the ConductorCore with a real ledger, a TokenizerCore per tokenizer rank (units, credits, routing) and an "
+          "EncoderCore per encoder rank (its window, credit and part-complete rules); the conductor's CPU time per "
+          "message is measured as it runs and scaled to the target core. The simulation models time only: a batch "
+          "moves by rendezvous (the tokenizer's Send completes when the encoder rank takes the batch in), and an "
+          "encoder rank's instances are one server at the calibrated rate, fed encoder batches of max_batch_tokens "
+          "with 2 queued per instance.",
+          "- Replaying a measured run uses that run's units as planned, its per-rank busy rates, and when each "
+          "rank started (encoder ranks ready, tokenizer ranks asking for work); its throughput is never an input.",
+          "- Not modelled: the parallel file system (reading input, writing shards), start-up at scale "
+          "(MPI launch, model load), node-to-node speed differences.", ""]

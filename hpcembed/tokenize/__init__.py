@@ -7,9 +7,8 @@ import logging
 from .batch import TokenBatch
 from .hf import HFTokenizer
 
-__all__ = ["TokenBatch", "HFTokenizer", "make_tokenizer", "BACKENDS"]
+__all__ = ["TokenBatch", "HFTokenizer", "make_tokenizer"]
 
-BACKENDS = ("auto", "hf", "budtiktok")
 log = logging.getLogger("hpcembed")
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, (reserved) x2
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 
 
@@ -111,3 +112,31 @@ class TokenBatch:
                                                [None, pa.py_buffer(self.offsets)],
                                                children=[pa.array(self.token_ids, type=pa.int32())])
         return pa.RecordBatch.from_arrays([self.id_array(), token_list], schema=SCHEMA)
+
+    def to_wire(self) -> np.ndarray:
+        """One contiguous byte buffer for a transport: header, then rows, units, token ids, offsets, id offsets,
+        id bytes."""
+        n, t, b = self.num_rows, self.num_tokens, len(self.id_bytes)
+        header = np.array([n, t, b, 0, 0], dtype=np.int64)
+        tokens = self.token_ids[self.offsets[0]: self.offsets[-1]]
+        offsets = self.offsets - self.offsets[0]
+        parts = [header.view(np.uint8), self.rows.view(np.uint8), self.units.view(np.uint8),
+                 tokens.view(np.uint8), offsets.view(np.uint8), self.id_offsets.view(np.uint8), self.id_bytes]
+        return np.concatenate(parts)
+
+    @classmethod
+    def from_wire(cls, buf: np.ndarray) -> "TokenBatch":
+        """The batch `to_wire` packed, as views into `buf` (no copy)."""
+        n, t, b = (int(v) for v in buf[: 8 * _WIRE_HEADER].view(np.int64)[:3])
+        pos = 8 * _WIRE_HEADER
+
+        def take(count: int, dtype) -> np.ndarray:
+            nonlocal pos
+            size = count * np.dtype(dtype).itemsize
+            out = buf[pos: pos + size].view(dtype)
+            pos += size
+            return out
+
+        rows, units = take(n, np.int64), take(n, np.int64)
+        tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
+        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units)

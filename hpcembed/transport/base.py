@@ -1,4 +1,5 @@
-"""The transport interface every role loop is written against."""
+"""The transport interface every real-time driver is written against: in-process queues (one process and
+tests), MPI messages, or UCX endpoints for the token batches. The protocol cores never see it."""
 from __future__ import annotations
 
 import abc
@@ -11,7 +12,7 @@ from ..tokenize.batch import TokenBatch
 @dataclass
 class Envelope:
     source: int
-    message: Any          # a control message from roles.messages, or a TokenBatch
+    message: Any          # a control message from protocol.messages, or a TokenBatch
 
 
 class Transport(abc.ABC):
@@ -36,3 +37,13 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def abort(self, reason: str, exit_code: int) -> None:
         """End the whole job now; every rank's recv raises JobAborted (in-process) or the processes end (MPI)."""
+
+    def connect(self, peers: list[int], hosts: dict[int, str], receives_from: list[int]) -> None:
+        """Open the data path to `peers` (collective where the transport needs it); `receives_from`: the peers
+        whose batches this rank takes. Transports whose data path needs no set-up do nothing."""
+
+    def flush(self) -> None:
+        """Wait until every batch this rank sent has left its buffers."""
+
+    def close(self) -> None:
+        """Release what the transport holds; called by every rank after the job's final barrier."""

@@ -20,37 +20,8 @@ from ..tokenize.batch import TokenBatch
 from .base import Envelope, Transport
 
 CONTROL, BATCH = 11, 12
-_HEADER = 5          # int64 count of: rows, tokens, id bytes, (reserved) x2
 _SPIN_SECONDS = 0.001     # poll without sleeping this long first (see the module docstring)
 _IDLE_SLEEP = 0.0005
-
-
-def pack_batch(batch: TokenBatch) -> np.ndarray:
-    """One contiguous byte buffer: header, then token ids, offsets, id offsets, rows, units, id bytes."""
-    n, t, b = batch.num_rows, batch.num_tokens, len(batch.id_bytes)
-    header = np.array([n, t, b, 0, 0], dtype=np.int64)
-    tokens = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
-    offsets = batch.offsets - batch.offsets[0]
-    parts = [header.view(np.uint8), batch.rows.view(np.uint8), batch.units.view(np.uint8),
-             tokens.view(np.uint8), offsets.view(np.uint8), batch.id_offsets.view(np.uint8), batch.id_bytes]
-    return np.concatenate(parts)
-
-
-def unpack_batch(buf: np.ndarray) -> TokenBatch:
-    n, t, b = (int(v) for v in buf[: 8 * _HEADER].view(np.int64)[:3])
-    pos = 8 * _HEADER
-
-    def take(count: int, dtype) -> np.ndarray:
-        nonlocal pos
-        size = count * np.dtype(dtype).itemsize
-        out = buf[pos: pos + size].view(dtype)
-        pos += size
-        return out
-
-    rows, units = take(n, np.int64), take(n, np.int64)
-    tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
-    id_bytes = take(b, np.uint8)
-    return TokenBatch(tokens, offsets, id_offsets, id_bytes, rows, units)
 
 
 class MpiTransport(Transport):
@@ -69,12 +40,12 @@ class MpiTransport(Transport):
         self.messages_sent += 1
 
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
-        buf = pack_batch(batch)
+        buf = batch.to_wire()
         # Blocking. A batch is far above the eager limit, so it moves by rendezvous, and without a single-copy
         # path (CMA is often off in containers) that needs the sender inside MPI while the receiver copies. An
-        # Isend from a tokenizer that then spends ~100 ms in its tokenizer left the gpu rank stuck in Recv for
-        # that long: on the H100 box the gpu rank's loop spent 43 of 63 s receiving, and the GPU was 38% busy.
-        # The gpu rank polls often, so a blocking send waits only for its next probe.
+        # Isend from a tokenizer that then spends ~100 ms in its tokenizer left the encoder rank stuck in Recv for
+        # that long: on the H100 box the encoder rank's loop spent 43 of 63 s receiving, and the GPU was 38% busy.
+        # The encoder rank polls often, so a blocking send waits only for its next probe.
         self.comm.Send([buf, self.MPI.BYTE], dest=dest, tag=BATCH)
         self.bytes_sent += buf.nbytes
         self.messages_sent += 1
@@ -93,7 +64,7 @@ class MpiTransport(Transport):
                 if tag == BATCH:
                     buf = np.empty(status.Get_count(self.MPI.BYTE), dtype=np.uint8)
                     self.comm.Recv([buf, self.MPI.BYTE], source=source, tag=BATCH)
-                    return Envelope(source, unpack_batch(buf))
+                    return Envelope(source, TokenBatch.from_wire(buf))
                 return Envelope(source, self.comm.recv(source=source, tag=tag))
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -105,12 +76,6 @@ class MpiTransport(Transport):
         """A token batch that arrived outside MPI (the UCX transport overrides this); here batches come as MPI
         messages, taken by the probe in recv."""
         return None
-
-    def flush(self) -> None:
-        """Every batch has left by the time send_batch returns (blocking sends): nothing to wait for."""
-
-    def close(self) -> None:
-        """Release what the transport holds beyond MPI; called by every rank after the final barrier."""
 
     def abort(self, reason: str, exit_code: int) -> None:
         sys.stderr.flush()

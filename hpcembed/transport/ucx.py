@@ -1,16 +1,16 @@
 """UCX transport: token batches move tokenizer -> gpu over UCX endpoints (RDMA where the UCX build has verbs;
 TCP with the pip wheel); control messages stay on MPI, where they are small pickles.
 
-Bootstrap through MPI: each tokenizer and gpu rank opens one UCX worker and sends its worker address only to the
+Bootstrap through MPI: each tokenizer and encoder rank opens one UCX worker and sends its worker address only to the
 ranks it is linked with (RoleMap.gpus_of / tokenizers_of), with one sparse all-to-all; then each creates
 endpoints to those peers only. Worker addresses rather than listener ip:port pairs: an address carries every
 interface UCX can use, so nothing has to pick the right IP on a multi-homed node, and it needs no rdmacm, which
 many site UCX builds and the pip wheel lack.
 
 A batch is two tagged messages: a 2-int64 header (payload bytes, batch count) and then the payload, the same
-packed layout as the MPI transport (pack_batch). The gpu rank keeps a header receive posted per linked
+packed layout as the MPI transport (TokenBatch.to_wire). The encoder rank keeps a header receive posted per linked
 tokenizer; when one completes it posts the payload receive into an array of exactly that size, which becomes the
-batch's arrays without a copy (unpack_batch makes views). Sends do not block: UCX's progress thread (C++, no GIL)
+batch's arrays without a copy (TokenBatch.from_wire makes views). Sends do not block: UCX's progress thread (C++, no GIL)
 moves them while the tokenizer tokenizes the next chunk, and the buffers are held until they complete.
 
 Ordering: batches travel on UCX and UnitEnd on MPI, so a UnitEnd may arrive before a unit's last batch. The gpu
@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import ConfigError, TransportError
 from ..tokenize.batch import TokenBatch
 from .base import Envelope
-from .mpi import MpiAlltoall, MpiTransport, pack_batch, unpack_batch
+from .mpi import MpiAlltoall, MpiTransport
 
 _HEADER, _PAYLOAD = 1, 2
 
@@ -120,7 +120,7 @@ class UcxTransport(MpiTransport):
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
         self._check_peers("sending")
         self._reap_sends(wait=False)
-        payload = pack_batch(batch)
+        payload = batch.to_wire()
         header = np.array([payload.nbytes, 1], dtype=np.int64)
         ep = self.endpoints[dest]
         requests = (ep.tag_send(self.Array(header), _tag(self.rank, _HEADER)),
@@ -157,7 +157,7 @@ class UcxTransport(MpiTransport):
                 del self._payloads[i]
                 request.check_error()
                 self.batches_received += 1
-                return Envelope(source, unpack_batch(payload))
+                return Envelope(source, TokenBatch.from_wire(payload))
         return None
 
     def flush(self) -> None:

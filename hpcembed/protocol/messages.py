@@ -4,17 +4,29 @@
     conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release
                              (Drain: abandon the unit being read, a graceful stop; Release: the last message a
                              tokenizer gets, so none is left unreceived when MPI finalizes)
-    gpu       -> tokenizer   Credit                (flow control: one credit = one batch in flight)
-    tokenizer -> gpu         TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this gpu was sent)
-    gpu       -> conductor   PartWritten, PartRewritten, RankReport, Failure
-    conductor -> gpu         DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks;
+    encoder   -> tokenizer   Credit                (flow control: one credit = one batch in flight)
+    tokenizer -> encoder     TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this encoder was sent)
+    encoder   -> conductor   PartWritten, PartRewritten, RankReport, Failure
+    conductor -> encoder     DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks;
                                                     Stop(drain): also discard units a Drain abandoned)
+
+A tokenize job's tokenizer ranks write their own token shards and report them with PartWritten, as an encoder
+rank does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import NamedTuple
+
 from ..io.sources import WorkUnit
+from ..manifest import RankStats
+
+
+class Send(NamedTuple):
+    """A message a protocol core wants sent: the driver sends it (a TokenBatch goes by the data path)."""
+    dest: int
+    message: object
 
 
 @dataclass
@@ -46,7 +58,7 @@ class UnitEnd:
 @dataclass
 class UnitRead:
     unit: int
-    sent: dict[int, int]             # gpu rank -> rows sent there
+    sent: dict[int, int]             # encoder rank (or the tokenizer itself, writing tokens) -> rows sent there
     tokens: int
     rejects: list[dict] = field(default_factory=list)
     rejected_rows: int = 0
@@ -103,14 +115,7 @@ class StopRequested:
 
 @dataclass
 class RankReport:
-    rank: int
-    role: str
-    host: str
-    rows: int
-    tokens: int
-    busy_seconds: float
-    encoder: dict = field(default_factory=dict)     # gpu ranks: engine, device, dtype, instances;
-                                                    # tokenizer ranks: their backend and its row counts
+    stats: RankStats                # a TokenizerStats or EncoderStats
 
 
 @dataclass

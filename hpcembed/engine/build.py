@@ -1,0 +1,45 @@
+"""Choosing and building the encoder for a model and device."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ConfigError
+from .base import Encoder
+from .model import ModelSpec
+from .torch_encoder import TorchEncoder
+from .varlen import VarlenEncoder, supports
+
+log = logging.getLogger("hpcembed")
+
+
+def resolve_device(device: str) -> str:
+    """'auto' is cuda when there is a GPU, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
+                  exact_gelu: bool = False, graph_tokens: int = 0) -> Encoder:
+    """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise.
+    graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens."""
+    device = resolve_device(device)
+    if dtype == "auto":
+        dtype = "fp16" if device.startswith("cuda") else "fp32"
+    if device == "cpu" and dtype == "fp16":
+        raise ConfigError("dtype fp16 is not supported on CPU; use fp32 or bf16")
+    if engine == "auto":
+        why = supports(spec) if device.startswith("cuda") else "CPU (padded SDPA is the CPU path)"
+        if why and device.startswith("cuda"):
+            log.warning("model %s: using the generic transformers encoder, not the padding-free one: %s",
+                        spec.name, why)
+        engine = "torch" if why else "varlen"
+    if engine == "varlen":
+        if compile is None:
+            compile = device.startswith("cuda")
+        cuda = device.startswith("cuda")
+        return VarlenEncoder(spec, device, dtype, compile=compile, gelu_epilogue=cuda and not exact_gelu,
+                             graph_tokens=graph_tokens if cuda else 0)
+    return TorchEncoder(spec, device, dtype)

@@ -1,0 +1,42 @@
+"""Building a rank's role from the job's config: its protocol core and its real-time driver. Both launchers build
+ranks here, so a role is the same whether it runs as a thread or as an MPI rank."""
+from __future__ import annotations
+
+from ..config import JobConfig
+from ..engine import ModelSpec, build_encoder, resolve_device
+from ..engine.instances import InstancePool
+from ..io.readers import Columns
+from ..io.writer import OutputDir
+from ..protocol.encoder import EncoderCore
+from ..protocol.tokenizer import TokenizerCore
+from ..roles.encoder import EncoderRank
+from ..roles.tokenizer import TokenizerRank
+from ..tokenize import make_tokenizer
+from ..topology import RoleMap
+from ..transport.base import Transport
+from .kinds import JobKind
+
+
+def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
+                   committed_shards: list[tuple[int, str, int]], peers=None) -> TokenizerRank:
+    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
+    index = roles.tokenizers.index(transport.rank)
+    share = committed_shards[index:: len(roles.tokenizers)]
+    return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
+                         Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows, cfg.on_invalid == "skip",
+                         kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share)
+
+
+def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, device: str) -> EncoderRank:
+    device = resolve_device(device)
+    graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
+    def build():
+        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu, graph_tokens)
+    first = build()
+    # On CPU a second instance would only split the same cores between two copies of the weights.
+    count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
+    encoders = [first] + [build() for _ in range(count - 1)]
+    core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(first.device_name),
+                       cfg.window_batches)
+    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output))

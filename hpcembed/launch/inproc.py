@@ -1,0 +1,63 @@
+"""The in-process launcher: one process, no MPI. The conductor runs on the main thread; one tokenizer rank and (for
+an embedding job) one encoder rank run as threads over the in-process transport. The roles are the same cores and
+drivers an MPI job runs."""
+from __future__ import annotations
+
+import platform
+import threading
+
+from ..config import JobConfig
+from ..engine import resolve_device
+from ..io.ledger import Ledger
+from ..progress import Progress
+from ..protocol.conductor import ConductorCore
+from ..roles.common import run_role
+from ..roles.conductor import run_conductor
+from ..signals import STOP
+from ..topology import RoleMap
+from ..transport.inproc import InprocNetwork
+from .build import encoder_rank, tokenizer_rank
+from .kinds import JobKind
+from .setup import already_complete, finish, prepare
+
+_JOIN_SECONDS = 30
+
+
+def run_in_process(cfg: JobConfig, kind: JobKind) -> dict:
+    setup = prepare(cfg, kind, resolve_device(cfg.device) if kind.has_encoders else "cpu")
+    if setup.status == "complete":
+        return already_complete(setup)
+    STOP.install()
+    roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
+    network = InprocNetwork(3)
+    ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
+                                          setup.committed_shards()))]
+    if kind.has_encoders:
+        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, setup.spec, cfg.device)))
+    threads = [threading.Thread(target=run_role, args=(name, rank.t, 0, rank.run), name=name, daemon=True)
+               for name, rank in ranks]
+    for th in threads:
+        th.start()
+    conductor_t = network.endpoint(0)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
+    core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
+                         skip_invalid=cfg.on_invalid == "skip", progress=progress)
+    try:
+        result = run_conductor(core, conductor_t, progress)
+    except BaseException as exc:
+        conductor_t.abort(str(exc), getattr(exc, "exit_code", 1))
+        raise
+    finally:
+        for th in threads:
+            th.join(timeout=_JOIN_SECONDS)
+    # One process: its single entry sums the roles it played. Rows, tokens and busy time are those of the last
+    # stage (the encoder's in an embedding job); the tokenizer's busy time is kept beside them.
+    reports = [result.reports[r] for r in sorted(result.reports)]
+    entry: dict = {}
+    for stats in reports:
+        entry.update(stats.as_manifest())
+    if len(reports) > 1:
+        entry["tokenizer_busy_seconds"] = round(result.reports[1].busy_seconds, 3)
+    entry.update(rank=0, role="+".join(["conductor"] + [s.role for s in reports]), host=platform.node())
+    device = entry.get("device", "cpu")
+    return finish(cfg, setup, result, [entry], "inproc", device)

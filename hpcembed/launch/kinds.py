@@ -1,0 +1,112 @@
+"""The two kinds of job, as the launchers see them. An embedding job (`hpcembed run`) has conductor, tokenizer and
+encoder ranks and writes Parquet embeddings; a tokenize job (`hpcembed tokenize`) has conductor and tokenizer ranks
+only, each writing its own token shards (io/tokens.py), which an embedding job later reads like any input.
+
+Each kind supplies what differs: its fingerprint (what makes two runs the same job), its output, the sink its
+tokenizer ranks deliver to, whether it has encoder ranks, and its section of the manifest. Nothing else in the
+launchers knows which kind it runs.
+"""
+from __future__ import annotations
+
+import os
+
+from ..config import JobConfig
+from ..engine.model import ModelSpec
+from ..errors import ConfigError
+from ..io.ledger import model_identity
+from ..io.sources import Plan
+from ..io.tokens import check_tokenizer_matches, read_token_manifest
+from ..roles.tokenizer import EncoderSink, ShardSink
+
+
+class JobKind:
+    name: str
+    tokens_out: bool                # OutputDir(tokens=...): token shards rather than embedding shards
+    has_encoders: bool
+    checks_committed_ids: bool      # tokenizer ranks check new ids against the shards earlier runs committed
+
+    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
+        raise NotImplementedError
+
+    def transport_choice(self, cfg: JobConfig) -> str:
+        return cfg.transport
+
+    def sink(self, output_path):
+        raise NotImplementedError
+
+    def manifest_section(self, spec: ModelSpec, dtype: str, device: str, tokenizer: dict) -> dict:
+        raise NotImplementedError
+
+    def describe(self, spec: ModelSpec, tokenizer: dict) -> str:
+        raise NotImplementedError
+
+
+def input_identity(cfg: JobConfig, plan: Plan) -> list:
+    """Each input's absolute path, size and planned rows."""
+    inputs = []
+    for f in plan.files:
+        path = os.path.abspath(f.path)
+        size = os.path.getsize(path) if os.path.exists(path) else None
+        inputs.append([path, size, plan.file_rows.get(f.index)])
+    return inputs
+
+
+class EmbedJob(JobKind):
+    name, tokens_out, has_encoders, checks_committed_ids = "embed", False, True, True
+
+    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+        for pattern in cfg.input:
+            manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
+            if manifest is not None:
+                check_tokenizer_matches(pattern, manifest.get("tokenizer", {}), tokenizer)
+
+    def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
+        """Same inputs (path, size, rows), same model and embedding settings, same work units."""
+        return {"inputs": input_identity(cfg, plan), "model": spec.name, "model_id": model_identity(spec.path),
+                "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
+                "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
+                "unit_rows": cfg.unit_rows}
+
+    def sink(self, output_path):
+        return EncoderSink()
+
+    def manifest_section(self, spec: ModelSpec, dtype: str, device: str, tokenizer: dict) -> dict:
+        return {"kind": "embeddings", "model": spec.name, "model_path": spec.path, "architecture": spec.architecture,
+                "dim": spec.dim, "dtype": dtype, "device": device, "pooling": spec.pooling,
+                "normalize": spec.normalize, "max_seq_length": spec.max_seq_length, "tokenizer": tokenizer}
+
+    def describe(self, spec: ModelSpec, tokenizer: dict) -> str:
+        return f"model {spec.name} ({spec.pooling} pooling, max {spec.max_seq_length} tokens)"
+
+
+class TokenizeJob(JobKind):
+    name, tokens_out, has_encoders, checks_committed_ids = "tokenize", True, False, False
+
+    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+        for pattern in cfg.input:
+            if os.path.isdir(pattern) and read_token_manifest(pattern) is not None:
+                raise ConfigError(f"input {pattern} is already a token directory; embed it with `hpcembed run "
+                                  f"--input {pattern}`")
+
+    def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
+        """The backend is not part of it: every backend gives the same ids, so a job may resume with another."""
+        return {"kind": "tokens", "inputs": input_identity(cfg, plan), "tokenizer": tokenizer,
+                "text_column": cfg.text_column, "id_column": cfg.id_column, "unit_rows": cfg.unit_rows}
+
+    def transport_choice(self, cfg: JobConfig) -> str:
+        return "mpi"                # no batch leaves its rank: nothing for UCX to carry
+
+    def sink(self, output_path):
+        return ShardSink(output_path)
+
+    def manifest_section(self, spec: ModelSpec, dtype: str, device: str, tokenizer: dict) -> dict:
+        return {"kind": "tokens", "tokenizer": tokenizer, "model": spec.name, "model_path": spec.path}
+
+    def describe(self, spec: ModelSpec, tokenizer: dict) -> str:
+        return f"tokenizer of {spec.name} (tokenizer {tokenizer['fingerprint']}, max {spec.max_seq_length} tokens)"
+
+
+KINDS = {"run": EmbedJob(), "tokenize": TokenizeJob()}

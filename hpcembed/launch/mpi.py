@@ -1,0 +1,157 @@
+"""The MPI launcher: every rank of an mpiexec or srun world runs `run_mpi`. Bring-up (transport, Slurm checks,
+who is where), then rank 0 prepares the job and broadcasts a typed RunPlan, every rank connects the data path it
+names, runs its role, and all meet at a final barrier.
+
+Any failure on any rank ends the whole world (MPI_Abort) after the conductor prints it: allocation hours are not
+left to hang.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from ..config import JobConfig
+from ..errors import HpcEmbedError
+from ..io.ledger import Ledger
+from ..manifest import RankStats
+from ..progress import Progress
+from ..protocol.conductor import ConductorCore
+from ..roles.common import run_role
+from ..roles.conductor import run_conductor
+from ..signals import STOP
+from ..slurm import SlurmTask
+from ..topology import RankInfo, device_for
+from ..transport.base import Transport
+from .build import encoder_rank, tokenizer_rank
+from .kinds import JobKind
+from .planning import job_device, plan_job_roles, choose_data_path, open_transport
+from .setup import JobSetup, RunPlan, already_complete, finish, prepare
+
+log = logging.getLogger("hpcembed")
+
+
+class _Reported(HpcEmbedError):
+    """A user error rank 0 found while planning, raised again there after every rank has heard of it."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
+    """Run this rank's role. Returns the manifest on the conductor, None elsewhere."""
+    from ..world import gather_ranks
+    transport = open_transport(kind.transport_choice(cfg))
+    comm, rank = transport.comm, transport.rank
+    slurm = SlurmTask.from_environ()
+    if slurm is not None:
+        slurm.check_world(transport.size)
+    ranks = gather_ranks(comm)
+    STOP.install(announce=rank == 0)
+    setup, plan = _plan(cfg, kind, transport, ranks) if rank == 0 else (None, None)
+    plan = comm.bcast(plan, root=0)
+    if plan.status == "error":
+        if rank == 0:
+            raise _Reported(plan.error, plan.exit_code)
+        return None
+    if plan.status == "complete":
+        return already_complete(setup) if rank == 0 else None
+    transport = _connect(transport, plan)
+    role = plan.roles.role_of(rank)
+    # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
+    tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
+    manifest = None
+    if role == "conductor":
+        manifest = _run_conductor(cfg, transport, plan, ranks, setup)
+    elif role != "idle":
+        _run_worker(cfg, kind, transport, plan, ranks, role, tokenizer_comm)
+    # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
+    # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
+    _quiet_barrier(comm)
+    transport.close()
+    return manifest
+
+
+def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tuple[JobSetup | None, RunPlan]:
+    try:
+        setup = prepare(cfg, kind, job_device(cfg, ranks) if kind.has_encoders else "cpu")
+        if setup.status == "complete":
+            return setup, RunPlan("complete")
+        roles = plan_job_roles(cfg, kind, setup, ranks)
+        return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
+                              choose_data_path(cfg.transport, transport, roles))
+    except HpcEmbedError as exc:
+        return None, RunPlan("error", error=str(exc), exit_code=exc.exit_code)
+
+
+def _connect(transport: Transport, plan: RunPlan) -> Transport:
+    """Open the data path the plan names. Collective: ranks off the data path take part with no peers."""
+    roles, rank = plan.roles, transport.rank
+    if plan.data_path == "ucx":
+        role = roles.role_of(rank)
+        peers = (roles.encoders_of(rank) if role == "tokenizer" else
+                 roles.tokenizers_of(rank) if role == "encoder" else [])
+        transport.connect(peers, roles.hosts, receives_from=peers if role == "encoder" else [])
+        return transport
+    if transport.name != "mpi":
+        from ..transport.mpi import MpiTransport
+        return MpiTransport(transport.comm)      # the UCX one opened nothing before connect(): just drop it
+    return transport
+
+
+def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
+                role: str, tokenizer_comm) -> None:
+    from ..transport.mpi import MpiAlltoall
+    if role == "tokenizer":
+        os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
+        def body():
+            tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards,
+                           MpiAlltoall(tokenizer_comm)).run()
+    else:
+        device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
+        if device == "cpu":
+            import torch
+            torch.set_num_threads(1)                        # CPU encoder ranks share the cores with tokenizers
+        def body():
+            encoder_rank(cfg, transport, plan.roles, plan.spec, device).run()
+    run_role(role, transport, plan.roles.conductor, body)
+    transport.flush()
+
+
+def _quiet_barrier(comm) -> None:
+    """A barrier that sleeps while it waits: a blocking MPI barrier spins a core, which finished or idle ranks
+    would take from the tokenizers still working. Every rank must use this one (blocking and non-blocking
+    collectives do not match each other)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(0.005)
+
+
+def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
+                   setup: JobSetup) -> dict:
+    roles = plan.roles
+    for r in range(transport.size):
+        log.info("rank %d on %s (pid %d): %s", r, ranks[r].host, ranks[r].pid, roles.role_of(r))
+    idle = transport.size - 1 - len(roles.tokenizers) - len(roles.encoders)
+    log.info("role map: 1 conductor, %d tokenizer, %d encoder ranks%s", len(roles.tokenizers), len(roles.encoders),
+             f", {idle} idle" if idle else "")
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
+    start = time.process_time()
+    core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
+                         skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress)
+    try:
+        result = run_conductor(core, transport, progress)
+        me = RankStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start)
+        entries = [me.as_manifest()] + [result.reports[r].as_manifest() for r in sorted(result.reports)]
+        device = job_device(cfg, ranks) if setup.kind.has_encoders else "cpu"
+        return finish(cfg, setup, result, entries, transport.name, device)
+    except HpcEmbedError as exc:
+        print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
+        transport.abort(str(exc), exc.exit_code)
+        raise
+    except BaseException as exc:
+        print(f"hpcembed: internal error on the conductor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        transport.abort(str(exc), 1)
+        raise

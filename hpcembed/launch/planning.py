@@ -1,0 +1,84 @@
+"""Decisions the MPI launcher makes on rank 0 before work starts: the transport to open, the device kind of the
+encoder ranks, the role map (with the rate plan that trims tokenizer ranks to what the encoders need), and whether
+token batches travel over UCX or MPI."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..config import JobConfig
+from ..errors import ConfigError, InputError
+from ..io.readers import Columns, read_unit
+from ..tokenize import make_tokenizer
+from ..topology import RankInfo, RoleMap, plan_roles, plan_tokenizers
+from .kinds import JobKind
+
+log = logging.getLogger("hpcembed")
+
+_RATE_SAMPLE_TEXTS = 4096
+
+
+def open_transport(choice: str):
+    """The MPI transport, or the UCX one where it may be used. Decided before mpi4py.MPI is first imported,
+    because the UCX bindings must load first (see transport/ucx.py)."""
+    from ..transport.mpi import MpiTransport
+    if choice != "mpi":
+        from ..transport.ucx import UcxTransport, ucx_available
+        if ucx_available():
+            return UcxTransport()
+    return MpiTransport()
+
+
+def choose_data_path(choice: str, transport, roles: RoleMap) -> str:
+    """'ucx' or 'mpi' for the token batches: explicit, or for auto, ucx when any batch crosses a node."""
+    if choice == "mpi" or not roles.encoders:
+        return "mpi"
+    if transport.name != "ucx":
+        if choice == "ucx":
+            raise ConfigError("--transport ucx: the ucxx bindings do not import here; pip install 'hpcembed[ucx]' "
+                              "(the ucxx-cu12 wheel), or use --transport mpi")
+        return "mpi"
+    crosses = any(roles.host_of(t) != roles.host_of(e) for t in roles.tokenizers for e in roles.encoders_of(t))
+    return "ucx" if choice == "ucx" or crosses else "mpi"
+
+
+def job_device(cfg: JobConfig, ranks: list[RankInfo]) -> str:
+    """The device kind of an MPI job's encoder ranks, as the conductor sees it from every rank's GPU count."""
+    if cfg.device != "auto":
+        return cfg.device
+    return "cuda" if any(i.cuda_devices for i in ranks) else "cpu"
+
+
+def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo]) -> RoleMap:
+    hosts = {r.rank: r.host for r in ranks}
+    if not kind.has_encoders:
+        return RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), encoders=[], hosts=hosts)
+    roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
+    return _plan_by_rates(cfg, setup, roles, ranks)
+
+
+def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo]) -> RoleMap:
+    """On CUDA (or when --gpu-tokens-per-s states the encoder's rate), keep only the tokenizer ranks the encoder
+    ranks need at measured rates; --tokenizer-ranks fixes the split instead. Token-directory input is only
+    read, not tokenized, so every tokenizer rank is kept."""
+    from ..world import measure_tokenizer_rate
+    if cfg.tokenizer_ranks or not (cfg.gpu_tokens_per_s or job_device(cfg, ranks).startswith("cuda")):
+        return roles
+    units = [u for u in setup.plan.units if u.file.format != "tokens"]
+    if not units:
+        return roles
+    texts: list[str] = []
+    try:
+        for chunk in read_unit(units[0], Columns(cfg.text_column, cfg.id_column), 1024):
+            texts.extend(chunk.texts)
+            if len(texts) >= _RATE_SAMPLE_TEXTS:
+                break
+    except InputError:
+        pass            # the unit's tokenizer reports it; plan on what was read, or on a stand-in text
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")      # measure what one tokenizer rank (one core) does
+    backend = make_tokenizer(setup.spec.path, setup.spec.max_seq_length, setup.spec.lowercase,
+                             cfg.tokenizer_backend)
+    rate = measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0)
+    planned, plan = plan_tokenizers(roles, ranks, rate, cfg.gpu_tokens_per_s)
+    log.info("%s (%s backend)", plan.describe(), backend.name)
+    return planned

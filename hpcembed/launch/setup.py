@@ -1,0 +1,104 @@
+"""What the conductor decides before work starts (JobSetup), what it tells every rank (RunPlan), and how a job
+ends (its manifest, then _SUCCESS when complete). Shared by both launchers."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from ..config import JobConfig
+from ..engine.model import ModelSpec, default_model_dir
+from ..io.ledger import LedgerState
+from ..io.sources import Plan, plan_job, resolve_inputs
+from ..io.tokens import tokenizer_identity
+from ..io.writer import OutputDir
+from ..manifest import JobResult, build_manifest
+from ..tokenize import HFTokenizer
+from ..topology import RoleMap
+from .kinds import JobKind
+
+log = logging.getLogger("hpcembed")
+
+
+@dataclass
+class JobSetup:
+    kind: JobKind
+    spec: ModelSpec
+    plan: Plan
+    output: OutputDir
+    started: float
+    status: str                     # 'fresh', 'resume' or 'complete' (io/writer.py OutputDir.open)
+    resumed: LedgerState
+    dtype: str
+    tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
+
+    def committed_shards(self) -> list[tuple[int, str, int]]:
+        """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the
+        kinds whose tokenizers check new ids against them."""
+        if not self.kind.checks_committed_ids:
+            return []
+        names = sorted((u.unit, name) for u in self.resumed.units.values() for name in u.shards)
+        return [(unit, str(self.output.path / name), k << 32) for k, (unit, name) in enumerate(names)]
+
+
+@dataclass
+class RunPlan:
+    """What the conductor broadcasts to every rank once it has planned the job: go (with the role map, the model
+    and the data path), nothing to do, or a user error that ends the job on every rank."""
+    status: str                                 # 'run', 'complete' or 'error'
+    roles: RoleMap | None = None
+    spec: ModelSpec | None = None
+    committed_shards: list[tuple[int, str, int]] = field(default_factory=list)
+    data_path: str = "mpi"                      # how token batches travel: 'mpi' or 'ucx'
+    error: str = ""
+    exit_code: int = 0
+
+
+def resolved_dtype(cfg: JobConfig, device: str) -> str:
+    return cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+
+
+def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
+    """Load the model's description, plan the units, open the output directory. Raises HpcEmbedError for the
+    user."""
+    started = time.time()
+    spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
+                          max_seq_length=cfg.max_seq_length)
+    tokenizer = tokenizer_identity(HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase),
+                                   spec.name)
+    kind.check_inputs(cfg, tokenizer)
+    files = resolve_inputs(cfg.input)
+    plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
+    dtype = resolved_dtype(cfg, device)
+    output = OutputDir(cfg.output, tokens=kind.tokens_out)
+    status, resumed = output.open(kind.fingerprint(cfg, spec, plan, dtype, tokenizer),
+                                  [e.as_reject() for e in plan.unreadable], cfg.overwrite)
+    log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
+             kind.describe(spec, tokenizer))
+    if status == "resume":
+        log.info("resuming %s: %d of %d units (%s rows) already committed", output.path, len(resumed.units),
+                 len(plan.units), f"{resumed.rows:,}")
+    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer)
+
+
+def already_complete(setup: JobSetup) -> dict:
+    log.info("%s already holds the complete output of this job (_SUCCESS); nothing to do", setup.output.path)
+    manifest = setup.output.read_manifest()
+    manifest["already_complete"] = True
+    return manifest
+
+
+def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict], transport: str,
+           device: str) -> dict:
+    """Write the manifest, then _SUCCESS if every row is accounted for."""
+    manifest = build_manifest(
+        started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
+        config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid},
+        settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
+                  "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
+                  "max_batch_tokens": cfg.max_batch_tokens or None},
+        plan=setup.plan, result=result, ranks=ranks, transport=transport)
+    setup.output.write_manifest(manifest)
+    if manifest["complete"]:
+        setup.output.write_success()
+    return manifest

@@ -1,0 +1,138 @@
+"""The record of a run: what each rank reports (RankStats), what the conductor ends with (JobResult), and the
+manifest written beside the output (`_manifest.json`), whose schema lives only here.
+
+Rank entries in the manifest are flat: the common fields, then the role's own. The encoder role was called "gpu"
+before 0.2; readers of older manifests go through `ranks_by_role`, which reads both names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from . import __version__
+
+
+@dataclass
+class RankStats:
+    rank: int
+    role: str                       # conductor, tokenizer, encoder (or several, joined by +, in one process)
+    host: str
+    rows: int = 0
+    tokens: int = 0
+    busy_seconds: float = 0.0
+
+    def as_manifest(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        out["busy_seconds"] = round(self.busy_seconds, 3)
+        return out
+
+
+@dataclass
+class TokenizerStats(RankStats):
+    tokenizer_backend: str = ""
+    rows_budtiktok: int | None = None           # budtiktok backend: rows it tokenized itself
+    rows_hf_fallback: int | None = None         # ... and rows it handed to HF (see tokenize/budtiktok_backend.py)
+    started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
+    batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
+
+
+@dataclass
+class EncoderStats(RankStats):
+    engine: str = ""
+    device: str = ""
+    dtype: str = ""
+    instances: int = 0
+    ready_at: float = 0.0                       # epoch seconds the encoders were built and the rank took work
+    stage_busy_seconds: float = 0.0             # time at least one instance was encoding
+    loop_seconds: dict[str, float] = field(default_factory=dict)    # where the role loop's time went
+
+    def as_manifest(self) -> dict:
+        out = super().as_manifest()
+        out["stage_busy_seconds"] = round(self.stage_busy_seconds, 3)
+        out["loop_seconds"] = {k: round(v, 3) for k, v in self.loop_seconds.items()}
+        return out
+
+
+@dataclass
+class JobResult:
+    rows_written: int               # in the output now, resumed rows included
+    tokens: int                     # embedded by this run
+    rejected_rows: int              # resumed rejects included
+    rows_resumed: int               # committed by earlier runs of this job
+    units_resumed: int
+    stopped_early: str              # the signal that stopped the job, or ""
+    shards: list[dict]
+    reports: dict[int, RankStats]
+    wall_seconds: float
+    ended_at: float                 # epoch seconds
+
+
+def ranks_by_role(manifest: dict) -> dict[str, list[dict]]:
+    """The manifest's rank entries by role; "gpu" (manifests before 0.2) is read as "encoder"."""
+    out: dict[str, list[dict]] = {}
+    for r in manifest["ranks"]:
+        out.setdefault("encoder" if r["role"] == "gpu" else r["role"], []).append(r)
+    return out
+
+
+def run_lengths(values: Iterable[int]) -> list[list[int]]:
+    """[[value, count], ...] in order."""
+    out: list[list[int]] = []
+    for v in values:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return out
+
+
+def steady_state(result: JobResult, ranks: list[dict]) -> dict:
+    """Throughput once the encoder ranks were ready (model loaded, compiled, graphs captured) to the last commit,
+    and how busy their encoders were in that time: start-up costs stay out of the rate a long job runs at."""
+    ready = [r["ready_at"] for r in ranks if r.get("ready_at")]
+    if not ready:
+        return {}
+    steady = result.ended_at - min(ready)
+    if steady <= 0:
+        return {}
+    rows = result.rows_written - result.rows_resumed
+    busy = [r["stage_busy_seconds"] / steady for r in ranks if "stage_busy_seconds" in r]
+    return {"steady_seconds": round(steady, 3), "steady_texts_per_s": round(rows / steady, 1),
+            "steady_tokens_per_s": round(result.tokens / steady, 1),
+            "gpu_busy": round(sum(busy) / len(busy), 4) if busy else None}
+
+
+def build_manifest(*, started: float, what: dict, config: dict, settings: dict, plan, result: JobResult,
+                   ranks: list[dict], transport: str) -> dict:
+    """`what`: the job kind's section (kind, model, ...); `config`: the columns and --on-invalid; `plan`: the
+    io.sources Plan the units came from."""
+    wall = result.wall_seconds
+    complete = result.rows_written + result.rejected_rows == plan.total_rows
+    return {
+        "hpcembed_version": __version__,
+        "created": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        **what,
+        **config,
+        "transport": transport,
+        # The units as planned, [rows, count] runs in plan order: a Parquet unit is whole row groups, so its size
+        # is the file's, not always unit_rows (scaling studies replay these).
+        "settings": {**settings, "unit_sizes": run_lengths(u.row_stop - u.row_start for u in plan.units)},
+        "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
+        "shards": sorted(result.shards, key=lambda s: s["path"]),
+        "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
+        "rows_resumed": result.rows_resumed, "units_resumed": result.units_resumed,
+        "rows_written_this_run": result.rows_written - result.rows_resumed,
+        "stopped_early": result.stopped_early or None,
+        "unreadable_files": [e.path for e in plan.unreadable],
+        "tokens": result.tokens,
+        "wall_seconds": round(wall, 3),
+        "job_seconds": round(time.time() - started, 3),
+        "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,
+        "tokens_per_s": round(result.tokens / wall, 1) if wall else None,
+        **steady_state(result, ranks),
+        "ranks": ranks,
+    }

@@ -1,0 +1,209 @@
+"""The conductor's protocol core (rank 0): hands out work units on request, commits each unit once every part of
+it is written, and decides when the job stops. It sends nothing itself: `handle` and `poll` return the messages
+to send, and a driver (roles/conductor.py in real time, scaling/sim.py in virtual time) delivers them.
+
+The commit rule: a unit is committed when its tokenizer has reported how many rows it sent to each encoder rank
+(UnitRead) and each of those ranks has reported a written shard with that many rows (PartWritten). A committed
+unit goes to the ledger (io/ledger.py) with its shards and rejects, ledger first, then the rejects file; a resumed
+job starts from the ledger's committed units and hands out only the rest.
+
+Ids repeated across tokenizer ranks (or across runs of a resumed job) are reported after reading
+(DuplicateRows). They fail the job, or under --on-invalid skip the later rows are dropped from their committed
+shards (DropIds) and recorded as rejects before the job may finish.
+
+Graceful stop (a signal, or a StopRequested from a rank that got one): no more units are handed out, tokenizers
+are told to abandon the unit they are reading (Drain), and the job ends once what is in flight is committed, with
+the partial units discarded: the next run redoes them.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..errors import HpcEmbedError, InputError
+from ..io.ids import id_digest
+from ..io.ledger import CommittedUnit, Ledger, LedgerState
+from ..io.sources import Plan
+from ..io.writer import OutputDir
+from ..manifest import JobResult, RankStats
+from ..topology import RoleMap
+from .messages import (AssignUnit, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten, PartWritten,
+                       RankReport, Release, RequestUnit, Send, Stop, StopRequested, UnitRead)
+
+log = logging.getLogger("hpcembed")
+
+
+class JobFailed(HpcEmbedError):
+    def __init__(self, failure: Failure, name_rank: bool):
+        self.failure = failure
+        self.exit_code = failure.exit_code
+        where = f" [rank {failure.rank}, {failure.role}]" if name_rank else ""
+        super().__init__(failure.message + where)
+
+
+@dataclass
+class UnitParts:
+    """What the conductor knows of a unit not yet committed."""
+    read: UnitRead | None = None
+    written: dict[int, PartWritten] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.read is not None and all(
+            rank in self.written and self.written[rank].rows == rows for rank, rows in self.read.sent.items())
+
+
+class ConductorCore:
+    def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
+                 skip_invalid: bool = False, name_ranks: bool = False, progress=None):
+        """`progress`: anything with update(rows, tokens), told of each written part; `name_ranks`: failures
+        name the rank they came from (an MPI job; one process has no ranks to name)."""
+        self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
+        self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
+        self.done: dict[int, CommittedUnit] = dict(resumed.units)
+        self.rows_resumed, self.units_resumed = resumed.rows, len(resumed.units)
+        self.pending = deque(u for u in plan.units if u.unit not in self.done)
+        self.units = {u.unit: UnitParts() for u in self.pending}
+        self.plan_units = {u.unit: u for u in plan.units}
+        self.paths = {f.index: f.path for f in plan.files}
+        self.tokens = 0
+        self.reports: dict[int, RankStats] = {}
+        self.tokenizers_left = set(roles.tokenizers)
+        # unit -> {digest: its reject}: ids to drop once the unit is committed, then while encoders drop them
+        self.drops: dict[int, dict[bytes, InputError]] = {}
+        self.dropping: dict[int, dict[bytes, InputError]] = {}
+        self.rewrites_pending = 0
+        self.stop_reason = ""           # a signal's name: set by poll() or a StopRequested
+        self.draining = self.stop_sent = False
+        self._next_encoder = 0
+
+    # --- state the drivers read -------------------------------------------------------------------------------
+    @property
+    def all_committed(self) -> bool:
+        return len(self.done) == len(self.plan.units)
+
+    @property
+    def finished(self) -> bool:
+        """Every encoder rank has reported after its Stop: the job is over."""
+        return self.stop_sent and all(e in self.reports for e in self.roles.encoders)
+
+    @property
+    def rows_written(self) -> int:
+        return sum(u.rows for u in self.done.values())
+
+    @property
+    def rejected_rows(self) -> int:
+        return sum(u.rejected for u in self.done.values())
+
+    def result(self, wall_seconds: float, ended_at: float) -> JobResult:
+        stopped = self.stop_reason if self.draining and not self.all_committed else ""
+        shards = [{"path": name, "rows": rows} for u in self.done.values() for name, rows in u.shards.items()]
+        return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
+                         stopped, shards, self.reports, wall_seconds, ended_at)
+
+    # --- entry points -----------------------------------------------------------------------------------------
+    def handle(self, source: int, message) -> list[Send]:
+        if isinstance(message, RequestUnit):
+            return [Send(source, AssignUnit(self.pending.popleft()) if self.pending else NoMoreUnits())]
+        if isinstance(message, UnitRead):
+            self.units[message.unit].read = message
+            return self._commit_if_done(message.unit)
+        if isinstance(message, PartWritten):
+            self.units[message.unit].written[source] = message
+            self.tokens += message.tokens
+            if self.progress is not None:
+                self.progress.update(message.rows, message.tokens)
+            return self._commit_if_done(message.unit)
+        if isinstance(message, DuplicateRows):
+            return self._duplicates(message)
+        if isinstance(message, PartRewritten):
+            self._rewritten(message)
+            return []
+        if isinstance(message, StopRequested):
+            self.stop_reason = self.stop_reason or message.why
+            return []
+        if isinstance(message, RankReport):
+            self.reports[source] = message.stats
+            self.tokenizers_left.discard(source)
+            return [Send(source, Release())] if source in self.roles.tokenizers else []
+        if isinstance(message, Failure):
+            raise JobFailed(message, self.name_ranks)
+        raise RuntimeError(f"conductor got unexpected {type(message).__name__} from rank {source}")
+
+    def poll(self, signal_name: str = "") -> list[Send]:
+        """After each message (or a quiet interval): start a drain when a stop was asked for (`signal_name`: one
+        this process received), and stop the encoder ranks once nothing is left to wait for."""
+        self.stop_reason = self.stop_reason or signal_name
+        out: list[Send] = []
+        if self.stop_reason and not self.draining:
+            self.draining = True
+            log.info("stopping: %d of %d units committed; abandoning the units being read", len(self.done),
+                     len(self.plan.units))
+            self.pending.clear()
+            out += [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
+        if self.draining:
+            self.drops.clear()          # their units are uncommitted: the next run redoes them
+        settled = not self.drops and not self.rewrites_pending
+        if (self.all_committed or self.draining) and not self.tokenizers_left and not self.stop_sent and settled:
+            out += [Send(e, Stop(drain=self.draining)) for e in self.roles.encoders]
+            self.stop_sent = True
+        return out
+
+    # --- the commit rule --------------------------------------------------------------------------------------
+    def _commit_if_done(self, unit: int) -> list[Send]:
+        parts = self.units.get(unit)
+        if parts is not None and unit not in self.done and parts.complete:
+            read = parts.read
+            committed = CommittedUnit(unit, {p.shard: p.rows for p in parts.written.values()},
+                                      sum(p.tokens for p in parts.written.values()), read.rejected_rows,
+                                      read.rejects)
+            # Ledger first: a reject line without its ledger record is rebuilt away on resume.
+            self.ledger.commit_unit(committed)
+            self.output.append_rejects(read.rejects)
+            self.done[unit] = committed
+            del self.units[unit]
+        out: list[Send] = []
+        if unit in self.done and unit in self.drops:
+            errors = self.drops.pop(unit)
+            self.dropping.setdefault(unit, {}).update(errors)
+            encoders = self.roles.encoders
+            for shard in self.done[unit].shards:
+                out.append(Send(encoders[self._next_encoder % len(encoders)], DropIds(unit, shard, list(errors))))
+                self._next_encoder += 1
+                self.rewrites_pending += 1
+        return out
+
+    def _where(self, unit: int, file: int, row: int) -> tuple[str, str]:
+        """(path, description) of a row; file -1 is a row an earlier run committed (its input row is unknown)."""
+        if file >= 0:
+            return self.paths[file], f"{self.paths[file]} at row {row}"
+        source = self.plan_units[unit]
+        return source.file.path, (f"the output of an earlier run (unit {unit}: {source.file.path} rows "
+                                  f"{source.row_start}-{source.row_stop - 1})")
+
+    def _duplicates(self, message: DuplicateRows) -> list[Send]:
+        for unit, file, row, first_unit, first_file, first_row, digest in message.rows:
+            path, _ = self._where(unit, file, row)
+            _, first = self._where(first_unit, first_file, first_row)
+            error = InputError(path, f"duplicate id, first seen in {first}", row if file >= 0 else None)
+            if not self.skip_invalid:
+                raise error
+            # Recorded as a reject once the encoder rank has removed it, when the id itself is known again.
+            self.drops.setdefault(unit, {})[digest] = error
+        return [send for unit in sorted({r[0] for r in message.rows}) for send in self._commit_if_done(unit)]
+
+    def _rewritten(self, message: PartRewritten) -> None:
+        self.rewrites_pending -= 1
+        unit = self.done[message.unit]
+        unit.shards[message.shard] -= len(message.removed_ids)
+        unit.rejected += len(message.removed_ids)
+        errors = self.dropping[message.unit]
+        records = []
+        for row_id in message.removed_ids:
+            error = errors[id_digest(row_id)]
+            error.row_id = row_id
+            records.append(error.as_reject())
+        unit.rejects.extend(records)
+        self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records)
+        self.output.append_rejects(records)

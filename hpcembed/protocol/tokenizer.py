@@ -1,0 +1,117 @@
+"""The tokenizer's protocol core: which unit to read next, which encoder rank gets each batch, what to report when
+a unit is read, and when the rank may leave. It reads and tokenizes nothing and sends nothing: the driver
+(roles/tokenizer.py in real time, scaling/sim.py in virtual time) does the work and sends what the core returns.
+
+The credit rule, this side: an encoder rank grants credits; one credit lets one batch be in flight to it, so memory
+stays bounded whatever the speed difference. Each encoder rank sends one initial grant and then one Credit per
+batch it took, so this rank knows exactly how many Credit messages it is owed, and leaves only when all came (an
+MPI message still unreceived at MPI_Finalize kills the whole world under MPICH).
+
+Routing: each batch goes to the linked encoder rank with the most free credit, staying with the previous one on
+ties so that a unit's rows land in few shards.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..io.sources import WorkUnit
+from ..topology import RoleMap
+from .messages import (AssignUnit, Credit, Drain, NoMoreUnits, RankReport, Release, RequestUnit, Send, UnitEnd,
+                       UnitRead)
+
+
+@dataclass
+class UnitProgress:
+    """One unit as this rank reads it."""
+    sent: dict[int, int] = field(default_factory=dict)     # encoder rank (or this rank, writing tokens) -> rows
+    tokens: int = 0
+    rejects: list[dict] = field(default_factory=list)
+    rejected: int = 0
+    previous: int | None = None                            # the encoder rank the last batch went to
+
+
+class TokenizerCore:
+    def __init__(self, rank: int, roles: RoleMap):
+        self.rank, self.roles = rank, roles
+        self.encoders = roles.encoders_of(rank)
+        self.credits = {e: 0 for e in self.encoders}
+        self.credit_messages = {e: 0 for e in self.encoders}
+        self.batches_sent = {e: 0 for e in self.encoders}
+        self.assigned: deque[WorkUnit] = deque()
+        self.no_more = self.draining = self.released = False
+        self.rows = self.tokens = 0
+
+    # --- state the driver reads -------------------------------------------------------------------------------
+    @property
+    def waiting_for_unit(self) -> bool:
+        """Nothing assigned yet, and more may come: the driver waits for a message."""
+        return not self.assigned and not self.no_more
+
+    @property
+    def credits_settled(self) -> bool:
+        """Every Credit message owed has come: the initial grant, then one per batch sent."""
+        return all(self.credit_messages[e] >= 1 + self.batches_sent[e] for e in self.encoders)
+
+    # --- entry points -----------------------------------------------------------------------------------------
+    def start(self) -> list[Send]:
+        return [Send(self.roles.conductor, RequestUnit())]
+
+    def handle(self, source: int, message) -> list[Send]:
+        if isinstance(message, Credit):
+            self.credits[source] += message.count
+            self.credit_messages[source] += 1
+        elif isinstance(message, AssignUnit):
+            self.assigned.append(message.unit)
+        elif isinstance(message, NoMoreUnits):
+            self.no_more = True
+        elif isinstance(message, Drain):
+            self.draining = self.no_more = True
+            self.assigned.clear()
+        elif isinstance(message, Release):
+            self.released = True
+        else:
+            raise RuntimeError(f"tokenizer rank {self.rank} got unexpected {type(message).__name__}")
+        return []
+
+    def next_unit(self) -> tuple[WorkUnit | None, list[Send]]:
+        """The unit to read now (None: no more work), and a request for the one after it, so that it is here
+        when this one is done (hides the round trip)."""
+        if not self.assigned:
+            return None, []
+        return self.assigned.popleft(), [Send(self.roles.conductor, RequestUnit())]
+
+    def route(self, progress: UnitProgress) -> int | None:
+        """The encoder rank for the next batch of this unit; None while no linked rank has free credit."""
+        if not self.credits:
+            return None
+        best = max(self.credits, key=self.credits.__getitem__)
+        if self.credits[best] <= 0:
+            return None
+        previous = progress.previous
+        if previous is not None and self.credits.get(previous, 0) >= self.credits[best]:
+            return previous
+        return best
+
+    def sent(self, dest: int, rows: int, tokens: int, progress: UnitProgress) -> None:
+        """A batch of `rows` went to `dest` (an encoder rank, or this rank's own token shard)."""
+        if dest in self.credits:
+            self.credits[dest] -= 1
+            self.batches_sent[dest] += 1
+        progress.previous = dest
+        progress.sent[dest] = progress.sent.get(dest, 0) + rows
+        progress.tokens += tokens
+        self.rows += rows
+
+    def unit_read(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
+        """Every row of the unit is sent (or rejected): tell each encoder rank how many rows it got, and the
+        conductor where they all went."""
+        self.tokens += progress.tokens
+        ends = [Send(e, UnitEnd(unit.unit, rows)) for e, rows in progress.sent.items() if e in self.credits]
+        return ends + [Send(self.roles.conductor, UnitRead(unit.unit, progress.sent, progress.tokens,
+                                                           progress.rejects, progress.rejected))]
+
+    def report(self, stats) -> list[Send]:
+        """The rank's last report; it then waits for the conductor's Release (`released`)."""
+        stats.batches_sent = {str(e): n for e, n in self.batches_sent.items()}
+        return [Send(self.roles.conductor, RankReport(stats))]

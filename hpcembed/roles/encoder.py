@@ -1,0 +1,138 @@
+"""The encoder rank's real-time driver: receives token batches from tokenizers, re-batches them by token budget
+(longest-first within a bounded window), encodes them, and writes its own output shards: one shard per (work
+unit, encoder rank), written as soon as every row of that unit sent here has been embedded. When to take a batch
+in, when credits go back and when a part is complete are the EncoderCore's (protocol/encoder.py).
+
+Shards are written by one background thread, so the loop keeps feeding the encoders while a shard is encoded,
+written and fsynced (pyarrow and fsync release the GIL); PartWritten goes out once the file is in place.
+
+On a machine without CUDA the same role runs the encoder on CPU; that is how CI exercises it.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from ..batching import TokenBudgetBatcher
+from ..engine.instances import InstancePool
+from ..io.writer import OutputDir, shard_name
+from ..manifest import EncoderStats
+from ..protocol.encoder import EncoderCore
+from ..protocol.messages import DropIds, PartRewritten, Send
+from ..tokenize.batch import TokenBatch
+from ..transport.base import Transport
+from .common import deliver
+
+
+@dataclass
+class _UnitRows:
+    """The embedded rows of one unit's part, until it is complete."""
+    rows: list[np.ndarray] = field(default_factory=list)
+    ids: list[pa.Array] = field(default_factory=list)
+    embeddings: list[np.ndarray] = field(default_factory=list)
+
+
+class EncoderRank:
+    def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir):
+        self.t, self.core, self.pool, self.output = transport, core, instances, output
+        cost = instances.encoders[0].batch_cost
+        self.batcher = TokenBudgetBatcher(core.max_batch_tokens, cost)
+        self.parts: dict[int, _UnitRows] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writes: deque[tuple[Future, Send]] = deque()
+        # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
+        self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
+
+    def run(self) -> None:
+        ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
+        deliver(self.t, self.core.start())
+        try:
+            self._loop()
+        finally:
+            self.pool.close()
+            self._writer.shutdown(wait=True)
+        core = self.core
+        stats = EncoderStats(self.t.rank, "encoder", core.roles.host_of(self.t.rank), core.rows, core.tokens,
+                             self.pool.busy_seconds, **self.pool.describe(), ready_at=ready_at,
+                             stage_busy_seconds=self.pool.stage_busy_seconds, loop_seconds=dict(self.loop_time))
+        deliver(self.t, core.finish(stats))
+
+    def _idle(self) -> bool:
+        return not self.batcher.rows and not self.pool.in_flight and not self._writes
+
+    def _loop(self) -> None:
+        clock, spent, core = time.perf_counter, self.loop_time, self.core
+        while True:
+            # Take in what has arrived while the window has room; block only when there is nothing to encode, in
+            # flight or being written.
+            t0 = clock()
+            while core.has_room(self.batcher.tokens):
+                envelope = self.t.recv(None if self._idle() and not core.stopping else 0)
+                if envelope is None:
+                    break
+                self._handle(envelope.source, envelope.message)
+            t1 = clock()
+            while self.batcher.rows and self.pool.capacity > 0:
+                batch = self.batcher.pop()
+                self.pool.submit(batch)
+                deliver(self.t, core.submitted(batch.num_tokens, window_empty=not self.batcher.rows))
+            t2 = clock()
+            # Wait a little for the oldest batch only when there is nothing else to do.
+            waiting_only = not self.batcher.rows or self.pool.capacity == 0
+            finished = self.pool.completed(wait=0.002 if waiting_only else 0.0)
+            t3 = clock()
+            for batch, embeddings in finished:
+                self._store(batch, embeddings)
+            self._report_writes(wait=core.stopping and not self.batcher.rows and not self.pool.in_flight)
+            t4 = clock()
+            spent["receive"] += t1 - t0
+            spent["batch"] += t2 - t1
+            spent["wait"] += t3 - t2
+            spent["store"] += t4 - t3
+            if core.stopping and self._idle():
+                break
+
+    def _report_writes(self, wait: bool) -> None:
+        """PartWritten for every shard whose write has finished, in order (a failed write raises here)."""
+        while self._writes and (wait or self._writes[0][0].done()):
+            future, send = self._writes.popleft()
+            future.result()
+            deliver(self.t, [send])
+
+    def _handle(self, source: int, message) -> None:
+        if isinstance(message, TokenBatch):
+            self.batcher.add(message)
+            self.core.batch_taken(source, message.num_tokens)
+        elif isinstance(message, DropIds):
+            removed = self.output.drop_ids(message.shard, set(message.digests))
+            self.t.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed))
+        else:
+            for unit in self.core.handle(source, message):
+                self._write_part(unit)
+
+    def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
+        ids = batch.id_array()
+        lengths = batch.lengths
+        for unit in np.unique(batch.units):
+            sel = np.flatnonzero(batch.units == unit)
+            part = self.parts.setdefault(int(unit), _UnitRows())
+            part.rows.append(batch.rows[sel])
+            part.ids.append(ids.take(pa.array(sel)))
+            part.embeddings.append(embeddings[sel])
+            if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
+                self._write_part(int(unit))
+
+    def _write_part(self, unit: int) -> None:
+        part = self.parts.pop(unit)
+        rows = np.concatenate(part.rows)
+        order = np.argsort(rows, kind="stable")       # input order within the shard
+        ids = pa.concat_arrays(part.ids).take(pa.array(order))
+        embeddings = np.concatenate(part.embeddings)[order]
+        name = shard_name(unit, self.t.rank)
+        future = self._writer.submit(self.output.write_shard, name, ids, embeddings)
+        self._writes.append((future, self.core.written(unit, name)))

@@ -1,0 +1,163 @@
+"""What the simulation is made of, apart from the roles: the shapes of the cluster and the job, the calibrated
+rates, the network that delivers messages in virtual time, and what travels in place of a token batch.
+
+The network: within a node a message arrives after the measured shared-memory latency and bandwidth; between nodes
+it goes through each host's NIC, one FIFO queue per direction (egress of the sender, ingress of the receiver) at the
+NIC's bandwidth, plus the link latency. Flows that share a NIC therefore share its bandwidth, and a NIC that many
+senders target (incast) queues them. The fabric between NICs is taken as non-blocking (a full fat tree), as
+InfiniBand clusters are built.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import simpy
+
+from ..transport.base import Envelope
+
+CONTROL_BYTES = 256            # a pickled control message, rounded up
+
+
+@dataclass
+class NodeShape:
+    """One node of the simulated cluster: what srun would start there (one rank per core)."""
+    cores: int = 16
+    gpus: int = 1
+    gpu_name: str = "NVIDIA H100 80GB HBM3"
+    tokenizers: int = 0         # 0: as the rate plan decides (world.plan_tokenizers); else exactly this many
+
+
+@dataclass
+class Rates:
+    """Calibrated costs (calibration.py says where each comes from)."""
+    tokenizer_tokens_per_s: float           # one tokenizer rank (one core), all cores of the node busy
+    gpu_tokens_per_s: float                 # one encoder rank, in the job (role loop included)
+    tokens_per_text: float
+    bytes_per_token: float                  # a packed token batch, ids and offsets
+    local_latency_s: float                  # a message within a node (MPI shared memory)
+    local_bytes_per_s: float
+    net_latency_s: float                    # a message between nodes
+    nic_bytes_per_s: float                  # per NIC direction
+    conductor_message_s: float              # MPI receive, unpickle and dispatch of one message, on this machine
+    cpu_slowdown: float                     # the target node's core is this many times slower than this one's
+
+
+@dataclass
+class JobShape:
+    rows_per_node: int = 0                  # weak scaling: the corpus grows with the nodes
+    rows: int = 0                           # strong scaling / one measured run: this many rows in all
+    unit_rows: int = 50_000
+    unit_sizes: list[list[int]] | None = None  # a measured run's units, [rows, count] runs (manifest settings)
+    chunk_rows: int = 1024
+    credits: int = 4
+    max_batch_tokens: int = 262144          # one encoder batch (config.default_batch_tokens: cuda 262144, cpu 2048)
+    window_batches: int = 8                 # the encoder rank's window, in encoder batches (protocol/encoder.py)
+    instances: int = 2                      # encoder instances per encoder rank; each queues 2 batches (InstancePool)
+
+
+@dataclass
+class SimResult:
+    nodes: int
+    encoder_ranks: int
+    tokenizer_ranks: int
+    rows: int
+    tokens: int
+    units: int
+    makespan_s: float                       # virtual seconds from the first request to the last commit
+    throughput_texts_per_s: float           # rows / makespan (what a manifest's steady_texts_per_s measures)
+    steady_texts_per_s: float               # in the window where every tokenizer has work (no ramp, no tail)
+    tail_s: float                           # from the first tokenizer running out of work to the last commit
+    conductor_busy: float                   # fraction of the makespan the conductor spent handling messages
+    conductor_messages: int
+    conductor_cpu_us_per_message: float     # measured here, before the slowdown
+    conductor_queue_max: int
+    tokenizer_time: dict[str, float]        # fraction of tokenizer-seconds: tokenizing, waiting for a unit,
+                                            # waiting for credit or for the encoder rank to take the batch in, idle after
+                                            # the last unit
+    gpu_busy: float
+    encoder_rows: list[int]                 # rows each encoder rank embedded, in rank order
+    remote_batch_fraction: float
+    nic_busy_max: float                     # the busiest NIC direction, fraction of the makespan
+    wall_seconds: float
+
+
+class SimNetwork:
+    """Delivers messages in virtual time (see the module docstring for the model)."""
+
+    def __init__(self, env: simpy.Environment, rates: Rates, host_of: list[int], ideal: bool = False):
+        self.env, self.rates, self.host_of, self.ideal = env, rates, host_of, ideal
+        self.inbox: list[deque] = [deque() for _ in host_of]
+        self.waiting: list[simpy.Event | None] = [None] * len(host_of)
+        hosts = max(host_of) + 1
+        self.egress_free = [0.0] * hosts
+        self.ingress_free = [0.0] * hosts
+        self.nic_busy = [0.0] * hosts
+        self.batches = self.remote_batches = 0
+
+    def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0) -> None:
+        now = self.env.now + depart
+        r = self.rates
+        if self.ideal:
+            arrive = now
+        elif self.host_of[source] == self.host_of[dest]:
+            arrive = now + r.local_latency_s + nbytes / r.local_bytes_per_s
+        else:
+            a, b = self.host_of[source], self.host_of[dest]
+            start = max(now, self.egress_free[a], self.ingress_free[b])
+            done = start + nbytes / r.nic_bytes_per_s
+            self.egress_free[a] = self.ingress_free[b] = done
+            self.nic_busy[b] += done - start
+            arrive = done + r.net_latency_s
+        event = self.env.timeout(arrive - self.env.now, (dest, Envelope(source, message)))
+        event.callbacks.append(self._deliver)
+
+    def _deliver(self, event) -> None:
+        dest, envelope = event.value
+        self._put(dest, envelope)
+
+    def _put(self, rank: int, envelope: Envelope) -> None:
+        self.inbox[rank].append(envelope)
+        waiter = self.waiting[rank]
+        if waiter is not None:
+            self.waiting[rank] = None
+            waiter.succeed()
+
+    def notify(self, rank: int, message: Any) -> None:
+        """Something within the rank itself (an encoder finished): wake its loop now."""
+        self._put(rank, Envelope(rank, message))
+
+    def wait(self, rank: int):
+        """A SimPy event that fires when `rank` has mail (at once if it has)."""
+        if self.inbox[rank]:
+            return self.env.timeout(0)
+        event = self.waiting[rank] = self.env.event()
+        return event
+
+
+@dataclass
+class Landed:
+    """A batch's data has reached the encoder rank (the rendezvous is done)."""
+    request: "SendRequest"
+
+
+@dataclass
+class StepDone:
+    """An encoder batch finished (wakes the encoder rank's loop)."""
+
+
+@dataclass
+class SendRequest:
+    """The rendezvous request of a batch send; `done` fires when the encoder rank has received the data."""
+    batch: "SimBatch"
+    done: simpy.Event
+
+
+@dataclass
+class SimBatch:
+    """What travels in place of a TokenBatch: its size and whose rows it holds."""
+    unit: int
+    num_rows: int
+    num_tokens: int
+    nbytes: int
