@@ -34,7 +34,7 @@ def main() -> None:
     shutil.copyfile(DEFAULT_PARAGRAPHS, CARRY / "paragraphs.txt.gz")
     # sentence-transformers fp32 on the original fp32 weights, for the first REFERENCE_DOCS documents.
     from sentence_transformers import SentenceTransformer
-    from corpus import build_documents
+    from bench.corpus import build_documents
     docs = build_documents(REFERENCE_DOCS)
     st = SentenceTransformer(str(src), device="cpu")
     ref = st.encode(docs, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)

@@ -1,6 +1,6 @@
 """One node end to end: `mpiexec hpcembed run` from Parquet files to Parquet files, against sentence-transformers.
 
-    python bench/e2e_node.py --model DIR --paragraphs PATH [--docs 2000000] [--ranks 16]
+    python -m bench.e2e_node --model DIR --paragraphs PATH [--docs 2000000] [--ranks 16]
                              [--backends budtiktok hf] [--reference reference-fp32.npy]
 
 Builds the benchmark corpus (bench/corpus.py) as Parquet files, runs the whole job under mpiexec once per
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import device_name, record, table
+from hpcembed.manifest import ranks_by_role
 from hpcembed.world import mpiexec_command
 from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet
 
@@ -57,8 +58,8 @@ def summarize(manifest: dict, wall: float, docs: int, world: int) -> dict:
     if world > len(ranks):
         roles["idle"] = world - len(ranks)        # ranks the conductor's plan did not need report nothing
     steady = manifest["steady_seconds"]
-    tok = [r for r in ranks if r["role"] == "tokenizer"]
-    gpu = [r for r in ranks if r["role"] == "gpu"]
+    by_role = ranks_by_role(manifest)
+    tok, gpu = by_role.get("tokenizer", []), by_role.get("encoder", [])
     return {
         "texts_per_s": manifest["steady_texts_per_s"], "tokens_per_s": manifest["steady_tokens_per_s"],
         "texts_per_s_with_startup": round(docs / wall, 1), "wall_seconds": round(wall, 2),

@@ -24,6 +24,7 @@ from pathlib import Path
 from bench.common import device_name, record, table
 from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, write_parquet
 from bench.e2e_node import run_job, summarize
+from hpcembed.manifest import ranks_by_role
 
 
 def main() -> None:
@@ -73,7 +74,7 @@ def main() -> None:
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = env_before
         s = summarize(manifest, wall, args.docs, ranks)
-        gpu_ranks = [r for r in manifest["ranks"] if r["role"] == "gpu"]
+        gpu_ranks = ranks_by_role(manifest).get("encoder", [])
         rows.append({"gpus": g, "gpu_ranks": len(gpu_ranks), "ranks": ranks,
                      "devices": sorted({r.get("device", "?") for r in gpu_ranks}),
                      "per_gpu_busy": [round(r["busy_seconds"] / s["steady_seconds"] / r.get("instances", 1), 3)

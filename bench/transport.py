@@ -110,7 +110,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.seconds)
 
-    from common import record, table
+    from bench.common import record, table
     from tests.netns import VirtualHosts, netns_available
     runs = []
     for transport in ("mpi", "ucx"):

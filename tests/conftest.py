@@ -59,6 +59,28 @@ def read_output(out_dir: Path) -> dict[str, np.ndarray]:
     return dict(zip(ids, emb))
 
 
+def write_corpus(root: Path, texts: dict[str, str], files: int, st_model) -> tuple[Path, dict[str, np.ndarray]]:
+    """`texts` (id -> text) dealt over `files` JSONL files in `root`, and sentence-transformers' embedding of each
+    row: the expected output."""
+    ids = list(texts)
+    for f in range(files):
+        write_jsonl(root / f"part{f}.jsonl", [{"id": i, "text": texts[i]} for i in ids[f::files]])
+    return root, dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
+
+
+def assert_complete_output(out: Path, expected: dict[str, np.ndarray], min_cos: float = 0.9999) -> dict:
+    """The job is complete (_SUCCESS, manifest) and its output holds every expected id exactly once, each within
+    `min_cos` of sentence-transformers. Returns the manifest."""
+    got = read_output(out)             # asserts every id is there once
+    assert set(got) == set(expected)
+    cos = min(float(got[i] @ expected[i]) for i in expected)
+    assert cos >= min_cos, cos
+    manifest = read_manifest(out)
+    assert manifest["complete"] and (out / "_SUCCESS").exists()
+    assert manifest["rows_written"] == len(expected) and sum(s["rows"] for s in manifest["shards"]) == len(expected)
+    return manifest
+
+
 def read_manifest(out_dir: Path) -> dict:
     return json.loads((Path(out_dir) / "_manifest.json").read_text())
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import EDGE_TEXTS, read_output, reference, run_cli, write_jsonl, read_manifest
+from .conftest import EDGE_TEXTS, read_manifest, read_output, reference, run_cli, write_jsonl
 
 
 def assert_matches(out_dir, expected: dict[str, str], st_model, min_cos=0.9999):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 
-from .conftest import mpirun, needs_mpi, read_output, reference, write_jsonl, read_manifest
+from .conftest import mpirun, needs_mpi, read_manifest, read_output, reference, write_jsonl
 
 pytestmark = needs_mpi
 

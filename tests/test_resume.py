@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import BackgroundJob, mpirun, needs_mpi, read_output, reference, run_cli, write_jsonl, read_manifest
+from .conftest import (BackgroundJob, assert_complete_output, mpirun, needs_mpi, read_manifest, read_output, reference,
+                       run_cli, write_corpus, write_jsonl)
 
 pytestmark = needs_mpi
 
@@ -26,30 +27,11 @@ ARGS = ["--tokenizer-ranks", "2", "--unit-rows", "20", "--chunk-rows", "10", "--
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, st_model):
     """4 JSONL files, 480 rows, 24 work units; and sentence-transformers' embeddings of every row."""
-    root = tmp_path_factory.mktemp("corpus")
-    texts = {}
     rng = np.random.default_rng(7)
     words = ["grid", "node", "batch", "token", "shard", "rank", "queue", "model", "vector", "commit", "雨", "🙂"]
-    for f in range(4):
-        rows = []
-        for k in range(120):
-            rid = f"f{f}-{k:04d}"
-            texts[rid] = " ".join(rng.choice(words, size=int(rng.integers(1, 40))))
-            rows.append({"id": rid, "text": texts[rid]})
-        write_jsonl(root / f"part{f}.jsonl", rows)
-    ids = sorted(texts)
-    return root, texts, dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
-
-
-def assert_complete_and_exact(out: Path, expected: dict[str, np.ndarray]) -> dict:
-    got = read_output(out)             # asserts every id is there once
-    assert set(got) == set(expected)
-    cos = min(float(got[i] @ expected[i]) for i in expected)
-    assert cos >= 0.9999, cos
-    manifest = read_manifest(out)
-    assert manifest["complete"] and (out / "_SUCCESS").exists()
-    assert manifest["rows_written"] == len(expected) and sum(s["rows"] for s in manifest["shards"]) == len(expected)
-    return manifest
+    texts = {f"r{k:04d}": " ".join(rng.choice(words, size=int(rng.integers(1, 40)))) for k in range(480)}
+    root, expected = write_corpus(tmp_path_factory.mktemp("corpus"), texts, 4, st_model)
+    return root, texts, expected
 
 
 def committed_units(out: Path) -> int:
@@ -87,7 +69,7 @@ def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
         killed_at = committed_units(out)
         again = mpirun(4, "--input", str(root), "--output", str(out), *ARGS)
         assert again.returncode == 0, again.stderr[-3000:]
-        manifest = assert_complete_and_exact(out, expected)
+        manifest = assert_complete_output(out, expected)
         if "already holds the complete output" in again.stderr:
             resumed.append(None)            # the kill came after _SUCCESS: the rerun rightly did nothing
             continue
@@ -117,7 +99,7 @@ def test_dead_rank_ends_the_job_and_the_rerun_completes(corpus, tmp_path, role):
     assert not (out / "_SUCCESS").exists()
     again = mpirun(4, "--input", str(root), "--output", str(out), *ARGS)
     assert again.returncode == 0, again.stderr[-3000:]
-    manifest = assert_complete_and_exact(out, expected)
+    manifest = assert_complete_output(out, expected)
     assert manifest["units_resumed"] >= 3
 
 
@@ -151,7 +133,7 @@ def test_sigusr1_stops_gracefully_and_the_rerun_completes(tmp_path, st_model):
     assert stopped_rows == sum(pq.ParquetFile(p).metadata.num_rows for p in out.glob("part-*.parquet"))
     again = mpirun(4, "--input", str(root), "--output", str(out), *ARGS)
     assert again.returncode == 0, again.stderr[-3000:]
-    manifest = assert_complete_and_exact(out, expected)
+    manifest = assert_complete_output(out, expected)
     assert manifest["rows_resumed"] == stopped_rows
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, read_output, reference, write_jsonl, read_manifest
+from hpcembed.manifest import ranks_by_role
+
+from .conftest import REPO, assert_complete_output, read_manifest, reference, write_corpus, write_jsonl
 from .slurm_cluster import SlurmCluster, slurm_available
 
 pytestmark = pytest.mark.skipif(not slurm_available(), reason="needs root and Slurm's daemons (apt-get install "
@@ -30,12 +32,8 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, st_model):
-    root = tmp_path_factory.mktemp("slurm-corpus")
     texts = {f"d{k:04d}": f"slurm document {k} " + "text " * (k % 29) for k in range(600)}
-    for f in range(3):
-        write_jsonl(root / f"p{f}.jsonl", [{"id": i, "text": texts[i]} for i in sorted(texts)[f::3]])
-    ids = sorted(texts)
-    return root, dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
+    return write_corpus(tmp_path_factory.mktemp("slurm-corpus"), texts, 3, st_model)
 
 
 def job_file(tmp_path: Path, corpus_dir: Path, out: Path, **extra) -> Path:
@@ -56,28 +54,12 @@ def submit_wait(cluster: SlurmCluster, tmp_path: Path, script: str, *args: str, 
     return logs
 
 
-def check_output(out: Path, expected: dict) -> dict:
-    got = read_output(out)
-    assert set(got) == set(expected)
-    assert min(float(got[i] @ expected[i]) for i in expected) >= 0.9999
-    manifest = read_manifest(out)
-    assert manifest["complete"] and (out / "_SUCCESS").exists()
-    return manifest
-
-
-def roles(manifest: dict) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for r in manifest["ranks"]:
-        out.setdefault(r["role"], []).append(r)
-    return out
-
-
 def test_single_node(cluster, corpus, tmp_path):
     root, expected = corpus
     out = tmp_path / "out"
     logs = submit_wait(cluster, tmp_path, "embed-single-node.sbatch", str(job_file(tmp_path, root, out)))
-    manifest = check_output(out, expected)
-    by_role = roles(manifest)
+    manifest = assert_complete_output(out, expected)
+    by_role = ranks_by_role(manifest)
     # 8 tasks, 1 GPU allocated by default: 1 conductor, 1 gpu rank, 6 tokenizer ranks, all on one node.
     assert len(by_role["encoder"]) == 1 and len(by_role["tokenizer"]) == 6
     assert {r["host"] for r in manifest["ranks"]} == {by_role["conductor"][0]["host"]}
@@ -88,8 +70,8 @@ def test_multi_node(cluster, corpus, tmp_path):
     root, expected = corpus
     out = tmp_path / "out"
     submit_wait(cluster, tmp_path, "embed-multi-node.sbatch", str(job_file(tmp_path, root, out)))
-    manifest = check_output(out, expected)
-    by_role = roles(manifest)
+    manifest = assert_complete_output(out, expected)
+    by_role = ranks_by_role(manifest)
     # 2 nodes x 4 tasks, 1 GPU each: a gpu rank on each node. Work goes on demand, so on this 2-core box one
     # encoder rank may finish the small corpus before the other has loaded its model, or each may keep up with its
     # own node's tokenizers so that no batch needs to leave the node (routing prefers the encoder rank whose credit is
@@ -106,8 +88,8 @@ def test_het_job(cluster, corpus, tmp_path):
     root, expected = corpus
     out = tmp_path / "out"
     submit_wait(cluster, tmp_path, "embed-hetjob.sbatch", str(job_file(tmp_path, root, out)))
-    manifest = check_output(out, expected)
-    by_role = roles(manifest)
+    manifest = assert_complete_output(out, expected)
+    by_role = ranks_by_role(manifest)
     tokenizer_hosts = {r["host"] for r in by_role["tokenizer"]}
     gpu_hosts = {r["host"] for r in by_role["encoder"]}
     assert len(by_role["tokenizer"]) == 2 and all(r["rows"] > 0 for r in by_role["tokenizer"])
@@ -149,7 +131,7 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
     assert "SIGUSR1 received" in logs and "requeueing job" in logs
     ids = sorted(texts)
     expected = dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
-    manifest = check_output(out, expected)
+    manifest = assert_complete_output(out, expected)
     assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
 
 
@@ -166,7 +148,7 @@ def test_tokenize_then_embed(cluster, corpus, tmp_path):
     assert tokens["kind"] == "tokens" and tokens["complete"] and tokens["rows_written"] == len(expected)
     # The CPU job ran no encoder rank: the conductor and 7 tokenizer ranks writing token shards.
     assert {r["role"] for r in tokens["ranks"]} == {"conductor", "tokenizer"} and len(tokens["ranks"]) == 8
-    manifest = check_output(out, expected)
+    manifest = assert_complete_output(out, expected)
     assert {i["format"] for i in manifest["inputs"]} == {"tokens"}
     assert "complete: 600 rows tokenized" in logs and "complete: 600 rows embedded" in logs
 
@@ -181,7 +163,7 @@ def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
         manifest = json.loads((sweep / "manifests" / f"nodes-{nodes}.json").read_text())
         assert manifest["sweep"]["nodes"] == nodes and manifest["complete"]
         assert len({r["host"] for r in manifest["ranks"]}) == nodes
-        check_output(sweep / f"nodes-{nodes}" / "output", expected)
+        assert_complete_output(sweep / f"nodes-{nodes}" / "output", expected)
     # The scaling harness reads the sweep's manifests as measured rows.
     study = tmp_path / "study"
     proc = cluster.run(sys.executable, "-m", "hpcembed", "scaling", "measure", "--study", str(study), "--series",

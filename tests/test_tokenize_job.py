@@ -11,7 +11,7 @@ import pytest
 from hpcembed.engine import ModelSpec
 from hpcembed.tokenize import HFTokenizer
 
-from .conftest import EDGE_TEXTS, mpirun, needs_mpi, run_cli, write_jsonl, read_manifest
+from .conftest import EDGE_TEXTS, mpirun, needs_mpi, read_manifest, run_cli, write_jsonl
 from .test_job import assert_matches
 
 

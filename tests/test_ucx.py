@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from .conftest import MPI_ENV, MPIEXEC, REPO, mpirun, needs_mpi, process_tree, read_output, reference, write_jsonl, read_manifest
+from .conftest import (MPI_ENV, MPIEXEC, REPO, assert_complete_output, mpirun, needs_mpi, process_tree, read_output,
+                       write_corpus, write_jsonl)
 from .netns import VirtualHosts, netns_available
 
 pytestmark = [needs_mpi, pytest.mark.skipif(not __import__("hpcembed.transport.ucx", fromlist=["x"]).ucx_available(),
@@ -22,21 +23,9 @@ pytestmark = [needs_mpi, pytest.mark.skipif(not __import__("hpcembed.transport.u
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, st_model):
-    root = tmp_path_factory.mktemp("ucx-corpus")
     texts = {f"u{k:04d}": f"ucx row {k} " + "payload " * (k % 41) for k in range(500)}
     texts["empty"], texts["emoji"], texts["cjk"] = "", "🚀🔥 ok", "東京で会いましょう"
-    write_jsonl(root / "a.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
-    ids = sorted(texts)
-    return root, dict(zip(ids, reference(st_model, [texts[i] for i in ids])))
-
-
-def _check(out, expected) -> dict:
-    got = read_output(out)
-    assert set(got) == set(expected)
-    assert min(float(got[i] @ expected[i]) for i in expected) >= 0.9999
-    manifest = read_manifest(out)
-    assert manifest["complete"] and (out / "_SUCCESS").exists()
-    return manifest
+    return write_corpus(tmp_path_factory.mktemp("ucx-corpus"), texts, 1, st_model)
 
 
 def _crossed(manifest: dict) -> int:
@@ -53,7 +42,7 @@ def test_ucx_gives_the_same_output_as_mpi(tmp_path, corpus):
         proc = mpirun(5, "--input", str(root), "--output", str(out), "--transport", transport,
                       "--tokenizer-ranks", "2", "--unit-rows", "60", "--chunk-rows", "16")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        manifest = _check(out, expected)
+        manifest = assert_complete_output(out, expected)
         assert manifest["transport"] == transport
         outputs[transport] = read_output(out)
     # Batches are composed differently on each run, so the float sums can differ in the last bits only.
@@ -64,7 +53,7 @@ def test_auto_uses_mpi_on_one_host(tmp_path, corpus):
     root, expected = corpus
     proc = mpirun(4, "--input", str(root), "--output", str(tmp_path / "out"), "--unit-rows", "100")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _check(tmp_path / "out", expected)["transport"] == "mpi"
+    assert assert_complete_output(tmp_path / "out", expected)["transport"] == "mpi"
 
 
 # --- three hosts in network namespaces ----------------------------------------------------------------------
@@ -96,7 +85,7 @@ def test_three_hosts(hosts, tmp_path, corpus, transport):
     proc = _mpirun_hosts(hosts, [2, 2, 2], "--input", str(root), "--output", str(out), "--transport", transport,
                          "--tokenizer-ranks", "3", "--unit-rows", "60", "--chunk-rows", "16")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = _check(out, expected)
+    manifest = assert_complete_output(out, expected)
     assert manifest["transport"] == transport
     assert {r["host"] for r in manifest["ranks"]} == set(hosts.hostnames)
     assert _crossed(manifest) > 0
@@ -108,7 +97,7 @@ def test_auto_uses_ucx_across_hosts(hosts, tmp_path, corpus):
     proc = _mpirun_hosts(hosts, [1, 1, 2], "--input", str(root), "--output", str(out), "--unit-rows", "100",
                          "--tokenizer-ranks", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _check(out, expected)["transport"] == "ucx"
+    assert assert_complete_output(out, expected)["transport"] == "ucx"
 
 
 # --- a peer dies ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""How roles talk: small control messages and TokenBatch payloads, behind one interface.
+"""How ranks talk: small control messages and TokenBatch payloads, behind one interface.
 
-`inproc` runs every role in one process (threads and queues); `mpi` runs them as MPI ranks.
+`inproc` runs every role in one process (threads and queues); `mpi` runs them as MPI ranks; `ucx` carries the
+token batches of an MPI job over UCX endpoints.
 """
 from .base import Envelope, Transport
 
