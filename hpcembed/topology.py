@@ -69,9 +69,9 @@ class RoleMap:
         return self._link_plan()[1].get(encoder, [])
 
     def _link_plan(self) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-        """Each tokenizer links to its host's encoder ranks, then to remote ones dealt out in turn, so every encoder rank
-        gets about the same number of tokenizers. Where tokenizers x fanout is smaller than the number of encoder
-        ranks the fanout grows, so that no encoder rank is left without a tokenizer."""
+        """Each tokenizer links to its host's encoder ranks, then to remote ones dealt out in turn, so every
+        encoder rank gets about the same number of tokenizers. Where tokenizers x fanout is smaller than the number
+        of encoder ranks the fanout grows, so that no encoder rank is left without a tokenizer."""
         if self._links is None:
             gpus, tokenizers = self.encoders, self.tokenizers
             fanout = max(self.fanout, -(-len(gpus) // max(len(tokenizers), 1)))

@@ -34,7 +34,7 @@ def run_in_process(cfg: JobConfig, kind: JobKind) -> dict:
                                           setup.committed_shards()))]
     if kind.has_encoders:
         ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, setup.spec, cfg.device)))
-    threads = [threading.Thread(target=run_role, args=(name, rank.t, 0, rank.run), name=name, daemon=True)
+    threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:
         th.start()

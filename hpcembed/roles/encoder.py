@@ -39,7 +39,7 @@ class _UnitRows:
 
 class EncoderRank:
     def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir):
-        self.t, self.core, self.pool, self.output = transport, core, instances, output
+        self.transport, self.core, self.pool, self.output = transport, core, instances, output
         cost = instances.encoders[0].batch_cost
         self.batcher = TokenBudgetBatcher(core.max_batch_tokens, cost)
         self.parts: dict[int, _UnitRows] = {}
@@ -50,17 +50,18 @@ class EncoderRank:
 
     def run(self) -> None:
         ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
-        deliver(self.t, self.core.start())
+        deliver(self.transport, self.core.start())
         try:
             self._loop()
         finally:
             self.pool.close()
             self._writer.shutdown(wait=True)
         core = self.core
-        stats = EncoderStats(self.t.rank, "encoder", core.roles.host_of(self.t.rank), core.rows, core.tokens,
-                             self.pool.busy_seconds, **self.pool.describe(), ready_at=ready_at,
-                             stage_busy_seconds=self.pool.stage_busy_seconds, loop_seconds=dict(self.loop_time))
-        deliver(self.t, core.finish(stats))
+        rank = self.transport.rank
+        stats = EncoderStats(rank, "encoder", core.roles.host_of(rank), core.rows, core.tokens, self.pool.busy_seconds,
+                             **self.pool.describe(), ready_at=ready_at, stage_busy_seconds=self.pool.stage_busy_seconds,
+                             loop_seconds=dict(self.loop_time))
+        deliver(self.transport, core.finish(stats))
 
     def _idle(self) -> bool:
         return not self.batcher.rows and not self.pool.in_flight and not self._writes
@@ -72,7 +73,7 @@ class EncoderRank:
             # flight or being written.
             t0 = clock()
             while core.has_room(self.batcher.tokens):
-                envelope = self.t.recv(None if self._idle() and not core.stopping else 0)
+                envelope = self.transport.recv(None if self._idle() and not core.stopping else 0)
                 if envelope is None:
                     break
                 self._handle(envelope.source, envelope.message)
@@ -80,7 +81,7 @@ class EncoderRank:
             while self.batcher.rows and self.pool.capacity > 0:
                 batch = self.batcher.pop()
                 self.pool.submit(batch)
-                deliver(self.t, core.submitted(batch.num_tokens, window_empty=not self.batcher.rows))
+                deliver(self.transport, core.submitted(batch.num_tokens, window_empty=not self.batcher.rows))
             t2 = clock()
             # Wait a little for the oldest batch only when there is nothing else to do.
             waiting_only = not self.batcher.rows or self.pool.capacity == 0
@@ -102,7 +103,7 @@ class EncoderRank:
         while self._writes and (wait or self._writes[0][0].done()):
             future, send = self._writes.popleft()
             future.result()
-            deliver(self.t, [send])
+            deliver(self.transport, [send])
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
@@ -110,7 +111,7 @@ class EncoderRank:
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, DropIds):
             removed = self.output.drop_ids(message.shard, set(message.digests))
-            self.t.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed))
+            self.transport.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed))
         else:
             for unit in self.core.handle(source, message):
                 self._write_part(unit)
@@ -133,6 +134,6 @@ class EncoderRank:
         order = np.argsort(rows, kind="stable")       # input order within the shard
         ids = pa.concat_arrays(part.ids).take(pa.array(order))
         embeddings = np.concatenate(part.embeddings)[order]
-        name = shard_name(unit, self.t.rank)
+        name = shard_name(unit, self.transport.rank)
         future = self._writer.submit(self.output.write_shard, name, ids, embeddings)
         self._writes.append((future, self.core.written(unit, name)))

@@ -55,7 +55,7 @@ class EncoderSink:
             if dest is not None:
                 break
             rank.receive(None)
-        rank.t.send_batch(dest, batch)
+        rank.transport.send_batch(dest, batch)
         rank.core.sent(dest, batch.num_rows, batch.num_tokens, progress)
 
     def unit_done(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
@@ -83,9 +83,9 @@ class ShardSink:
         shard = self.shards.get(unit.unit)
         if shard is None:
             shard = self.shards[unit.unit] = TokenShardWriter(self.output_path,
-                                                              token_shard_name(unit.unit, self.rank.t.rank))
+                                                              token_shard_name(unit.unit, self.rank.transport.rank))
         shard.write(batch.to_arrow())
-        self.rank.core.sent(self.rank.t.rank, batch.num_rows, batch.num_tokens, progress)
+        self.rank.core.sent(self.rank.transport.rank, batch.num_rows, batch.num_tokens, progress)
         self.rank.busy += time.perf_counter() - start
 
     def unit_done(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
@@ -109,7 +109,7 @@ class TokenizerRank:
         when this is the only one. `committed_shards`: (unit, path, position) of this rank's share of the shards
         an earlier run of the job committed; their ids join the duplicate check, so a resumed job still has each
         id once."""
-        self.t, self.core, self.backend, self.columns = transport, core, backend, columns
+        self.transport, self.core, self.backend, self.columns = transport, core, backend, columns
         self.chunk_rows, self.skip_invalid, self.sink = chunk_rows, skip_invalid, sink
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
@@ -119,30 +119,31 @@ class TokenizerRank:
         sink.bind(self)
 
     def receive(self, timeout: float | None) -> bool:
-        envelope = self.t.recv(timeout)
+        envelope = self.transport.recv(timeout)
         if envelope is None:
             return False
-        deliver(self.t, self.core.handle(envelope.source, envelope.message))
+        deliver(self.transport, self.core.handle(envelope.source, envelope.message))
         return True
 
     def run(self) -> None:
         started_at = time.time()        # backend loaded: from here the rank asks for work
         core = self.core
-        deliver(self.t, core.start())
+        deliver(self.transport, core.start())
         while True:
             while core.waiting_for_unit:
                 self.receive(None)
             unit, sends = core.next_unit()
             if unit is None:
                 break
-            deliver(self.t, sends)
+            deliver(self.transport, sends)
             self._process(unit)
         self._check_ids_across_ranks()
         while not core.credits_settled:
             self.receive(None)
-        stats = TokenizerStats(self.t.rank, "tokenizer", core.roles.host_of(self.t.rank), core.rows, core.tokens,
-                               self.busy, started_at=started_at, **self.backend.describe())
-        deliver(self.t, core.report(stats))
+        rank = self.transport.rank
+        stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
+                               started_at=started_at, **self.backend.describe())
+        deliver(self.transport, core.report(stats))
         while not core.released:
             self.receive(None)
 
@@ -158,7 +159,7 @@ class TokenizerRank:
         dups = find_cross_duplicates(self.ids, self.peers)
         self.busy += time.perf_counter() - start
         if dups:
-            self.t.send(self.core.roles.conductor, DuplicateRows(
+            self.transport.send(self.core.roles.conductor, DuplicateRows(
                 [(int(d["unit"]), int(d["file"]), int(d["row"]), int(f["unit"]), int(f["file"]), int(f["row"]),
                   d["digest"].tobytes()) for d, f in dups]))
 
@@ -168,7 +169,7 @@ class TokenizerRank:
             pass
         if STOP.requested and not self._stop_forwarded:
             self._stop_forwarded = True
-            self.t.send(self.core.roles.conductor, StopRequested(STOP.signal_name))
+            self.transport.send(self.core.roles.conductor, StopRequested(STOP.signal_name))
         if self.core.draining:
             raise _Abandoned()
 
@@ -179,7 +180,7 @@ class TokenizerRank:
                 self._check_stop()
                 self._send_chunk(unit, chunk, progress)
         except _Abandoned:
-            log.debug("rank %d: abandoned unit %d (graceful stop)", self.t.rank, unit.unit)
+            log.debug("rank %d: abandoned unit %d (graceful stop)", self.transport.rank, unit.unit)
             self.sink.unit_abandoned(unit)
             return
         except InputError as exc:
@@ -191,7 +192,7 @@ class TokenizerRank:
             record["rows"] = [unit.row_start, unit.row_stop]
             progress.rejects.append(record)
             progress.rejected = unit.rows - sum(progress.sent.values())
-        deliver(self.t, self.sink.unit_done(unit, progress) + self.core.unit_read(unit, progress))
+        deliver(self.transport, self.sink.unit_done(unit, progress) + self.core.unit_read(unit, progress))
 
     def _send_chunk(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
         start = time.perf_counter()

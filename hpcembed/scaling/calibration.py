@@ -83,7 +83,9 @@ def build(bench_dir: Path) -> dict:
         "kind": "hpcembed scaling calibration",
         "built": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "rates": rates,
-        "node": {"cores": e2e["ranks"], "gpus": e2e["roles"].get("encoder", e2e["roles"].get("gpu")), "gpu_name": GPU_NAME, "source": src["e2e_node"],
+        # Encoder ranks: "gpu" in results from before 0.2.
+        "node": {"cores": e2e["ranks"], "gpus": e2e["roles"].get("encoder", e2e["roles"].get("gpu")),
+                 "gpu_name": GPU_NAME, "source": src["e2e_node"],
                  "how": "the H100 box the single-node run used: 16 cores, 1 GPU; the rate plan chose its roles"},
         "job": {"unit_rows": data["e2e_node"]["unit_rows"], "chunk_rows": 1024, "credits": 4,
                 "max_batch_tokens": 262144, "window_batches": 8, "instances": 2,

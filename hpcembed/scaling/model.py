@@ -74,8 +74,8 @@ class SimResult:
     conductor_cpu_us_per_message: float     # measured here, before the slowdown
     conductor_queue_max: int
     tokenizer_time: dict[str, float]        # fraction of tokenizer-seconds: tokenizing, waiting for a unit,
-                                            # waiting for credit or for the encoder rank to take the batch in, idle after
-                                            # the last unit
+                                            # waiting for credit or for the encoder rank to take the batch in,
+                                            # idle after the last unit
     gpu_busy: float
     encoder_rows: list[int]                 # rows each encoder rank embedded, in rank order
     remote_batch_fraction: float

@@ -148,10 +148,10 @@ def _write_csv(study: Path, measured: list[dict], projected: list[dict]) -> None
 
 def _seed_section(measured: list[dict], projected: list[dict], validated: bool, node_series: str) -> list[str]:
     lines = ["Every figure is labelled: **measured** (a real run), **projected** (the simulation, "
-              "`hpcembed scaling simulate`), or **published** (the seed's table, a vendor's claim).", "",
-              "## Against the seed's table", "",
-              "| nodes | seed: theoretical | seed: efficiency | seed: effective (published) | hpcembed | "
-              "hpcembed efficiency | per tokenizer core | hpcembed source |", "|---|---|---|---|---|---|---|---|"]
+             "`hpcembed scaling simulate`), or **published** (the seed's table, a vendor's claim).", "",
+             "## Against the seed's table", "",
+             "| nodes | seed: theoretical | seed: efficiency | seed: effective (published) | hpcembed | "
+             "hpcembed efficiency | per tokenizer core | hpcembed source |", "|---|---|---|---|---|---|---|---|"]
     proj = {r["nodes"]: r for r in projected}
     one_measured = next((r for r in measured if r["series"] == node_series and r["nodes"] == 1), None)
     for n in sorted(set(SEED_EFFICIENCY) | set(proj)):
@@ -178,8 +178,8 @@ def _seed_section(measured: list[dict], projected: list[dict], validated: bool, 
 
 def _measured_section(measured: list[dict]) -> list[str]:
     lines = ["## Measured runs (strong and weak scaling)", "",
-              "| series | nodes | ranks | encoder ranks | tokenizer ranks | texts/s (steady) | E(N) | gpu busy | where |",
-              "|---|---|---|---|---|---|---|---|---|"]
+             "| series | nodes | ranks | encoder ranks | tokenizer ranks | texts/s (steady) | E(N) | gpu busy | "
+             "where |", "|---|---|---|---|---|---|---|---|---|"]
     for r in measured:
         busy = f"{r['gpu_busy']:.0%}" if r.get("gpu_busy") is not None else ""
         lines.append(f"| {r['series']} | {r['nodes']} | {r['ranks']} | {r['gpus']} | {r['tokenizers']} | "
@@ -189,9 +189,9 @@ def _measured_section(measured: list[dict]) -> list[str]:
 
 def _validation_section(results: dict) -> list[str]:
     lines = ["## Validation: the simulation replays every measured run", "",
-              f"Tolerance ±{results.get('tolerance', 0.1):.0%}.", "",
-              "| series | nodes | measured texts/s | simulated texts/s | error | within | rows per encoder rank, "
-              "measured | simulated |", "|---|---|---|---|---|---|---|---|"]
+             f"Tolerance ±{results.get('tolerance', 0.1):.0%}.", "",
+             "| series | nodes | measured texts/s | simulated texts/s | error | within | rows per encoder rank, "
+             "measured | simulated |", "|---|---|---|---|---|---|---|---|"]
     spread = lambda rows: " / ".join(_fmt(x) for x in rows) if rows and len(rows) > 1 else ""  # noqa: E731
     for v in results.get("validation", []):
         lines.append(f"| {v['series']} | {v['nodes']} | {_fmt(v['measured_texts_per_s'])} | "

@@ -33,11 +33,9 @@ class MpiTransport(Transport):
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._status = MPI.Status()
-        self.bytes_sent = self.messages_sent = 0
 
     def send(self, dest: int, message: Any) -> None:
         self.comm.send(message, dest=dest, tag=CONTROL)
-        self.messages_sent += 1
 
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
         buf = batch.to_wire()
@@ -47,8 +45,6 @@ class MpiTransport(Transport):
         # that long: on the H100 box the encoder rank's loop spent 43 of 63 s receiving, and the GPU was 38% busy.
         # The encoder rank polls often, so a blocking send waits only for its next probe.
         self.comm.Send([buf, self.MPI.BYTE], dest=dest, tag=BATCH)
-        self.bytes_sent += buf.nbytes
-        self.messages_sent += 1
 
     def recv(self, timeout: float | None = None) -> Envelope | None:
         now = time.monotonic()

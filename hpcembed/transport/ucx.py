@@ -82,7 +82,6 @@ class UcxTransport(MpiTransport):
         self._payloads: deque[tuple] = deque()            # (source, request, payload array), in arrival order
         self._lost: list[int] = []                        # peers whose endpoint closed (appended by UCX's thread)
         self._closing = False
-        self.batches_received = 0
 
     def connect(self, peers: list[int], hosts: dict[int, str], receives_from: list[int]) -> None:
         """Collective over the communicator: every rank calls it, ranks off the data path with no peers.
@@ -126,8 +125,6 @@ class UcxTransport(MpiTransport):
         requests = (ep.tag_send(self.Array(header), _tag(self.rank, _HEADER)),
                     ep.tag_send(self.Array(payload), _tag(self.rank, _PAYLOAD)))
         self._sending.append((requests, (header, payload), dest))
-        self.bytes_sent += payload.nbytes + header.nbytes
-        self.messages_sent += 1
 
     def _reap_sends(self, wait: bool) -> None:
         while self._sending:
@@ -156,7 +153,6 @@ class UcxTransport(MpiTransport):
             if request.completed:        # whichever finished first: a slow sender holds up no one else
                 del self._payloads[i]
                 request.check_error()
-                self.batches_received += 1
                 return Envelope(source, TokenBatch.from_wire(payload))
         return None
 
