@@ -76,13 +76,9 @@ class JobConfig:
             raise ConfigError("no input given: pass --input PATH... or set 'input' in the job file")
         if not self.output:
             raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
-        if self.max_batch_tokens < 0:
-            raise ConfigError(f"max-batch-tokens must be positive, got {self.max_batch_tokens}")
         for name in ("window_batches", "instances_per_gpu", "unit_rows", "chunk_rows", "credits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.max_seq_length < 0:
-            raise ConfigError(f"max-seq-length must be positive, got {self.max_seq_length}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -125,17 +121,33 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+# What each annotation accepts. bool is kept apart from int (True is an int to Python, never a row count here),
+# and a float option takes an int (TOML writes 10 for 10.0).
+_ACCEPTS = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+# Lower bounds of the numeric options (the rest are checked in validate()).
+_AT_LEAST = {"max_seq_length": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0, "gpu_tokens_per_s": 0,
+             "progress_interval": 0.001}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise ConfigError naming the option when `value` is not what the field declares (no coercion)."""
+    accepts, what = _ACCEPTS[FIELDS[name].type]
+    if not accepts(value):
+        raise ConfigError(f"{name.replace('_', '-')} must be {what}, got {value!r} ({type(value).__name__})")
+    if name in _AT_LEAST and value < _AT_LEAST[name]:
+        raise ConfigError(f"{name.replace('_', '-')} must be at least {_AT_LEAST[name]}, got {value!r}")
+
+
 def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> JobConfig:
-    """Job file values first, then command-line values that were actually given."""
+    """Job file values first, then command-line values that were actually given; each checked for its type."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
-    try:
-        cfg = JobConfig(**merged)
-    except TypeError as exc:
-        raise ConfigError(str(exc)) from None
-    for name, f in FIELDS.items():
-        value = getattr(cfg, name)
-        expected = type(f.default) if f.default is not dataclasses.MISSING else list
-        if value is not None and f.default is not None and not isinstance(value, expected) \
-                and not (expected is float and isinstance(value, int)):
-            raise ConfigError(f"{name.replace('_', '-')} must be {expected.__name__}, got {value!r}")
-    return cfg.validate()
+    for name, value in merged.items():
+        check_value(name, value)
+    return JobConfig(**merged).validate()

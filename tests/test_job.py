@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from hpcembed.errors import ConfigError
+
 from .conftest import EDGE_TEXTS, read_manifest, read_output, reference, run_cli, write_jsonl
 
 
@@ -80,6 +82,11 @@ BAD_INPUTS = {
                      "row 2 (id 'a'): duplicate id, first seen earlier in this file at row 0"),
     "invalid json": ([{"id": "a", "text": "ok"}, "{oops"], "row 1: invalid JSON"),
     "invalid utf-8": ([{"id": "a", "text": "ok"}, b'{"id": "b", "text": "\xc3\x28"}'], "row 1: invalid UTF-8"),
+    # Legal JSON escapes that are not Unicode text: one such row must not crash a billion-row backfill.
+    "lone surrogate in text": ([{"id": "a", "text": "ok"}, '{"id": "b", "text": "half \\ud800 pair"}'],
+                               "row 1 (id 'b'): text 'text' holds a lone surrogate ('\\ud800') at character 5"),
+    "lone surrogate in id": ([{"id": "a", "text": "ok"}, '{"id": "\\udc00b", "text": "fine"}'],
+                             "row 1: id '\\udc00b' holds a lone surrogate at character 0"),
 }
 
 
@@ -148,11 +155,45 @@ def test_skip_mode_records_rejects_and_embeds_the_rest(tmp_path, st_model):
     assert manifest["unreadable_files"] and (tmp_path / "out" / "_SUCCESS").exists()
 
 
+def test_lone_surrogates_and_binary_ids_are_rejectable_rows(tmp_path, st_model):
+    _write_records(tmp_path / "s.jsonl", [{"id": "a", "text": "good one"}, '{"id": "b", "text": "x \\udfff"}',
+                                          '{"id": "\\ud83d", "text": "y"}', {"id": "d", "text": "good two"}])
+    # Parquet ids stored as binary: UTF-8 ones are the ids, others are rejected rows (never a Python repr).
+    pq.write_table(pa.table({"id": pa.array([b"B0", b"\xff\xfe", "Bé".encode()], pa.binary()),
+                             "text": ["bin zero", "bin bad", "bin two"]}), tmp_path / "b.parquet")
+    proc = run_cli("run", "--input", str(tmp_path / "s.jsonl"), str(tmp_path / "b.parquet"),
+                   "--output", str(tmp_path / "out"), "--on-invalid", "skip")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert_matches(tmp_path / "out", {"a": "good one", "d": "good two", "B0": "bin zero", "Bé": "bin two"},
+                   st_model)
+    rejects = [json.loads(line) for line in (tmp_path / "out" / "_rejects.jsonl").read_text().splitlines()]
+    assert sorted((r["file"].rsplit("/", 1)[1], r["row"]) for r in rejects) == [
+        ("b.parquet", 1), ("s.jsonl", 1), ("s.jsonl", 2)]
+    assert any("invalid UTF-8 at byte 0 of the id" in r["reason"] for r in rejects), rejects
+    assert sum("lone surrogate" in r["reason"] for r in rejects) == 2, rejects
+
+
+def test_config_values_are_checked_not_coerced():
+    from hpcembed.config import build_config
+    base = {"input": ["x.jsonl"], "output": "out"}
+    for wrong, message in [({"normalize": "false"}, "normalize must be true or false, got 'false'"),
+                           ({"unit_rows": True}, "unit-rows must be an integer, got True"),
+                           ({"input": ["a.jsonl", 3]}, "input must be a list of strings"),
+                           ({"progress_interval": 0}, "progress-interval must be at least"),
+                           ({"credits": 0}, "credits must be at least 1")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config({**base, **wrong}, {})
+    assert build_config({**base, "normalize": False, "progress_interval": 5}, {}).progress_interval == 5
+
+
 def test_usage_errors(tmp_path):
     proc = run_cli("run", "--input", str(tmp_path))
     assert proc.returncode == 2 and "no output directory" in proc.stderr
     (tmp_path / "job.toml").write_text("inptu = 'x'\n")
     proc = run_cli("run", "--config", str(tmp_path / "job.toml"))
     assert proc.returncode == 2 and "unknown key 'inptu'" in proc.stderr
+    (tmp_path / "job.toml").write_text("input = ['x.jsonl']\noutput = 'o'\nnormalize = 'false'\n")
+    proc = run_cli("run", "--config", str(tmp_path / "job.toml"))
+    assert proc.returncode == 2 and "normalize must be true or false, got 'false'" in proc.stderr, proc.stderr
     assert "--text-column" in run_cli("run", "--help").stdout
     assert "run" in run_cli("--help").stdout

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -110,6 +111,18 @@ def _json_type(value: object) -> str:
             dict: "an object"}.get(type(value), type(value).__name__)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: str) -> int | None:
+    """The position of a lone surrogate in `value` (legal in JSON as an escape, but not Unicode text: nothing
+    downstream can encode it), or None."""
+    if value.isascii():
+        return None
+    found = _SURROGATE.search(value)
+    return found.start() if found else None
+
+
 def _read_jsonl(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
     path = unit.file.path
     id_key = columns.id or "id"
@@ -137,6 +150,12 @@ def _read_jsonl(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[R
                     chunk.rejects.append(InputError(path, f"id {id_key!r} is {_json_type(row_id)}", row))
                     continue
                 row_id = str(row_id)
+                at = lone_surrogate(row_id)
+                if at is not None:
+                    # The id cannot be written anywhere (not even to _rejects.jsonl): name it escaped.
+                    chunk.rejects.append(InputError(path, f"id {row_id!r} holds a lone surrogate at character {at}"
+                                                    ", which is not valid Unicode", row))
+                    continue
             elif columns.id:
                 chunk.rejects.append(InputError(path, f"no id key {id_key!r}", row))
                 continue
@@ -148,6 +167,12 @@ def _read_jsonl(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[R
             text = obj[columns.text]
             if not isinstance(text, str):
                 chunk.rejects.append(InputError(path, f"text {columns.text!r} is {_json_type(text)}, not a string",
+                                                row, row_id))
+                continue
+            at = lone_surrogate(text)
+            if at is not None:
+                chunk.rejects.append(InputError(path, f"text {columns.text!r} holds a lone surrogate "
+                                                f"({text[at]!r}) at character {at}, which is not valid Unicode",
                                                 row, row_id))
                 continue
             rows.append(row)
@@ -170,11 +195,13 @@ def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, 
         try:
             texts = pc.cast(text_col, pa.large_string()).to_pylist()   # validates the whole chunk at once
         except pa.ArrowInvalid:
-            texts = _decode_binary_rows(unit, text_col, first)
+            texts = _decode_binary_rows(unit, text_col, first, "text")
     else:
         texts = text_col.to_pylist()
     if id_col is None:
         ids = [generated_id(unit, first + k) for k in range(n)]
+    elif pa.types.is_binary(id_col.type) or pa.types.is_large_binary(id_col.type):
+        ids = _decode_binary_rows(unit, id_col, first, "id")
     else:
         ids = id_col.to_pylist()
         ids = [None if v is None else v if isinstance(v, str) else str(v) for v in ids]
@@ -184,6 +211,8 @@ def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, 
         text, row_id = texts[k], ids[k]
         if row_id is None:
             chunk.rejects.append(InputError(path, "id is null", first + k))
+        elif isinstance(row_id, InputError):
+            chunk.rejects.append(row_id)
         elif isinstance(text, InputError):
             chunk.rejects.append(InputError(path, text.reason, first + k, row_id))
         elif text is None:
@@ -196,14 +225,14 @@ def _column_chunks(unit: WorkUnit, text_col: pa.Array, id_col: pa.Array | None, 
     return chunk
 
 
-def _decode_binary_rows(unit: WorkUnit, col: pa.Array, first: int) -> list:
+def _decode_binary_rows(unit: WorkUnit, col: pa.Array, first: int, what: str) -> list:
     """Decode row by row, putting an InputError where a value is not UTF-8."""
     out: list = []
     for k, raw in enumerate(col.to_pylist()):
         try:
             out.append(None if raw is None else raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
-            out.append(InputError(unit.file.path, f"invalid UTF-8 at byte {exc.start} of the text", first + k))
+            out.append(InputError(unit.file.path, f"invalid UTF-8 at byte {exc.start} of the {what}", first + k))
     return out
 
 
