@@ -5,12 +5,15 @@ Every option's default and help text is declared here once; the CLI is generated
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None, **extra: Any) -> Any:
@@ -79,6 +82,8 @@ class JobConfig:
         for name in ("window_batches", "instances_per_gpu", "unit_rows", "chunk_rows", "credits"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -110,6 +115,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read job file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"job file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"job file {path} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
         name = key.replace("-", "_")

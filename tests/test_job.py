@@ -186,6 +186,40 @@ def test_config_values_are_checked_not_coerced():
     assert build_config({**base, "normalize": False, "progress_interval": 5}, {}).progress_interval == 5
 
 
+@pytest.mark.parametrize("case", ["fifo input", "output inside input", "job file not utf-8", "bad device",
+                                  "cuda without a gpu"])
+def test_user_mistakes_are_exit_2_naming_what_to_fix(tmp_path, case):
+    import os
+
+    import torch
+    data = tmp_path / "in"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{"id": "a", "text": "one"}])
+    args = ["--input", str(data), "--output", str(tmp_path / "out")]
+    if case == "fifo input":
+        os.mkfifo(tmp_path / "x.jsonl")                 # reading it would block forever
+        args = ["--input", str(tmp_path / "x.jsonl"), "--output", str(tmp_path / "out")]
+        message = "x.jsonl is not a regular file (a FIFO)"
+    elif case == "output inside input":
+        args = ["--input", str(data), "--output", str(data / "emb")]
+        message = "is inside input directory"
+    elif case == "job file not utf-8":
+        (tmp_path / "job.toml").write_bytes(b"input = ['\xff']\n")
+        args = ["--config", str(tmp_path / "job.toml"), "--output", str(tmp_path / "out")]
+        message = "is not UTF-8 text"
+    elif case == "bad device":
+        args += ["--device", "gpu0"]
+        message = "device must be auto, cpu, cuda or cuda:N; got 'gpu0'"
+    else:
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        args += ["--device", "cuda"]
+        message = "--device cuda: this machine has 0 usable CUDA device(s)"
+    proc = run_cli("run", *args, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (data / "emb").exists()
+
+
 def test_usage_errors(tmp_path):
     proc = run_cli("run", "--input", str(tmp_path))
     assert proc.returncode == 2 and "no output directory" in proc.stderr

@@ -11,11 +11,13 @@ pytestmark = needs_mpi
 
 def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     texts = {f"r{k}": f"document number {k} " + "word " * (k % 37) for k in range(600)}
-    write_jsonl(tmp_path / "big.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
+    data = tmp_path / "in"
+    data.mkdir()
+    write_jsonl(data / "big.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
     for j in range(6):                                     # uneven: one large file, several tiny ones
-        write_jsonl(tmp_path / f"tiny{j}.jsonl", [{"id": f"t{j}", "text": f"tiny file {j}"}])
+        write_jsonl(data / f"tiny{j}.jsonl", [{"id": f"t{j}", "text": f"tiny file {j}"}])
         texts[f"t{j}"] = f"tiny file {j}"
-    proc = mpirun(5, "--input", str(tmp_path), "--output", str(tmp_path / "out"), "--tokenizer-ranks", "2",
+    proc = mpirun(5, "--input", str(data), "--output", str(tmp_path / "out"), "--tokenizer-ranks", "2",
                   "--unit-rows", "60", "--chunk-rows", "8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = read_output(tmp_path / "out")
@@ -50,17 +52,19 @@ def test_world_too_small_is_a_clear_error(tmp_path):
 def test_ids_repeated_across_tokenizer_ranks(tmp_path, st_model):
     # Every file repeats the id "dup"; with 3 tokenizer ranks the repeats are spread over ranks, so only the
     # all-to-all check after reading can see them. The first file's row must be the one kept.
+    data = tmp_path / "in"
+    data.mkdir()
     for j in range(8):
-        write_jsonl(tmp_path / f"f{j}.jsonl", [{"id": f"f{j}-{k}", "text": f"row {k} of file {j}"} for k in range(20)]
+        write_jsonl(data / f"f{j}.jsonl", [{"id": f"f{j}-{k}", "text": f"row {k} of file {j}"} for k in range(20)]
                     + [{"id": "dup", "text": f"copy from file {j}"}])
-    args = ["--input", str(tmp_path), "--tokenizer-ranks", "3", "--unit-rows", "60", "--chunk-rows", "8"]
+    args = ["--input", str(data), "--tokenizer-ranks", "3", "--unit-rows", "60", "--chunk-rows", "8"]
     proc = mpirun(5, *args, "--output", str(tmp_path / "skip"), "--on-invalid", "skip")
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = read_output(tmp_path / "skip")
     assert len(got) == 8 * 20 + 1
     assert float(got["dup"] @ reference(st_model, ["copy from file 0"])[0]) >= 0.9999
     rejects = [json.loads(line) for line in (tmp_path / "skip" / "_rejects.jsonl").read_text().splitlines()]
-    assert sorted(r["file"] for r in rejects) == sorted(str(tmp_path / f"f{j}.jsonl") for j in range(1, 8))
+    assert sorted(r["file"] for r in rejects) == sorted(str(data / f"f{j}.jsonl") for j in range(1, 8))
     assert all("duplicate id" in r["reason"] and r["row"] == 20 for r in rejects), rejects
     manifest = read_manifest(tmp_path / "skip")
     assert manifest["complete"] and manifest["rows_written"] == 161 and manifest["rejected_rows"] == 7

@@ -15,9 +15,15 @@ log = logging.getLogger("hpcembed")
 
 
 def resolve_device(device: str) -> str:
-    """'auto' is cuda when there is a GPU, else cpu."""
+    """'auto' is cuda when there is a GPU, else cpu; a CUDA device asked for must exist."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} usable CUDA device(s); use --device "
+                              "auto or cpu")
     return device
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import gzip
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,6 +94,10 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
                 raise ConfigError(f"input directory {pattern} holds no Parquet, JSONL, CSV or text files")
             paths.extend(found)
         elif os.path.exists(pattern):
+            if not os.path.isfile(pattern):
+                # A FIFO or device would block the planner's line count forever, silently.
+                raise ConfigError(f"input {pattern} is not a regular file ({_file_kind(pattern)}); give files, "
+                                  "directories or globs")
             paths.append(pattern)
         else:
             matches = sorted(m for m in glob.glob(pattern, recursive=True) if os.path.isfile(m))
@@ -110,6 +115,30 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
             raise ConfigError(f"input {path}: unknown format; expected one of {', '.join(sorted(FORMATS))}")
         files.append(InputFile(len(files), os.path.abspath(path), fmt))
     return files
+
+
+def _file_kind(path: str) -> str:
+    mode = os.stat(path).st_mode
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a file"
+
+
+def check_output_outside_inputs(output: str, files: list[InputFile], patterns: list[str]) -> None:
+    """The output must never feed back into the input: refuse an output directory that is an input directory,
+    lies inside one, or holds an input file."""
+    out = os.path.realpath(output)
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            root = os.path.realpath(pattern)
+            if out == root or out.startswith(root + os.sep):
+                raise ConfigError(f"output {output} is inside input directory {pattern}: the next run would read "
+                                  "its own shards as input; choose an output outside it")
+    for f in files:
+        if os.path.realpath(f.path).startswith(out + os.sep):
+            raise ConfigError(f"input {f.path} lies inside the output directory {output}; choose another output")
 
 
 def _line_starts(path: str, every: int) -> tuple[int, list[int]]:

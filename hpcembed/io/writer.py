@@ -71,6 +71,13 @@ class OutputDir:
     def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         """Make the directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an
         earlier run of the same job kept, everything else cleared), or 'complete' (nothing to do)."""
+        try:
+            return self._open(fingerprint, header_rejects, overwrite)
+        except PermissionError as exc:
+            raise ConfigError(f"cannot write to output directory {self.path}: {exc.strerror} ({exc.filename})") \
+                from None
+
+    def _open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"output {self.path} exists and is not a directory")
         existing = self.ours()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..config import JobConfig
 from ..engine.model import ModelSpec, default_model_dir
 from ..io.ledger import LedgerState
-from ..io.sources import Plan, plan_job, resolve_inputs
+from ..io.sources import Plan, check_output_outside_inputs, plan_job, resolve_inputs
 from ..io.tokens import tokenizer_identity
 from ..io.writer import OutputDir
 from ..manifest import JobResult, build_manifest
@@ -68,6 +68,7 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
                                    spec.name)
     kind.check_inputs(cfg, tokenizer)
     files = resolve_inputs(cfg.input)
+    check_output_outside_inputs(cfg.output, files, cfg.input)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
     dtype = resolved_dtype(cfg, device)
     output = OutputDir(cfg.output, tokens=kind.tokens_out)
