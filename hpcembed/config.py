@@ -79,9 +79,6 @@ class JobConfig:
             raise ConfigError("no input given: pass --input PATH... or set 'input' in the job file")
         if not self.output:
             raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
-        for name in ("window_batches", "instances_per_gpu", "unit_rows", "chunk_rows", "credits"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         for f in dataclasses.fields(self):
@@ -138,9 +135,10 @@ _ACCEPTS = {
     "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
 }
-# Lower bounds of the numeric options (the rest are checked in validate()).
+# Lower bounds of the numeric options.
 _AT_LEAST = {"max_seq_length": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0, "gpu_tokens_per_s": 0,
-             "progress_interval": 0.001}
+             "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
+             "chunk_rows": 1, "credits": 1}
 
 
 def check_value(name: str, value: Any) -> None:
