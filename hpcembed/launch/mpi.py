@@ -26,7 +26,7 @@ from ..topology import RankInfo, device_for
 from ..transport.base import Transport
 from .build import encoder_rank, tokenizer_rank
 from .kinds import JobKind
-from .planning import job_device, plan_job_roles, choose_data_path, open_transport
+from .planning import choose_data_path, job_device, open_transport, plan_job_roles
 from .setup import JobSetup, RunPlan, already_complete, finish, prepare
 
 log = logging.getLogger("hpcembed")
@@ -81,7 +81,7 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
             return setup, RunPlan("complete")
         roles = plan_job_roles(cfg, kind, setup, ranks)
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
-                              choose_data_path(cfg.transport, transport, roles))
+                              choose_data_path(kind.transport_choice(cfg), transport, roles))
     except HpcEmbedError as exc:
         return None, RunPlan("error", error=str(exc), exit_code=exc.exit_code)
 

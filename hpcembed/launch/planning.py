@@ -31,7 +31,7 @@ def open_transport(choice: str):
 
 def choose_data_path(choice: str, transport, roles: RoleMap) -> str:
     """'ucx' or 'mpi' for the token batches: explicit, or for auto, ucx when any batch crosses a node."""
-    if choice == "mpi" or not roles.encoders:
+    if choice == "mpi":
         return "mpi"
     if transport.name != "ucx":
         if choice == "ucx":
