@@ -43,11 +43,7 @@ class EncoderSink:
 
     checks_ids = True
 
-    def bind(self, rank: "TokenizerRank") -> None:
-        self.rank = rank
-
-    def put(self, unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
-        rank = self.rank
+    def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
         while True:
             while rank.receive(0):          # take every credit already waiting
                 pass
@@ -58,7 +54,7 @@ class EncoderSink:
         rank.transport.send_batch(dest, batch)
         rank.core.sent(dest, batch.num_rows, batch.num_tokens, progress)
 
-    def unit_done(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
+    def unit_done(self, rank: "TokenizerRank", unit: WorkUnit, progress: UnitProgress) -> list[Send]:
         return []
 
     def unit_abandoned(self, unit: WorkUnit) -> None:
@@ -75,26 +71,23 @@ class ShardSink:
         self.output_path = output_path
         self.shards: dict[int, TokenShardWriter] = {}
 
-    def bind(self, rank: "TokenizerRank") -> None:
-        self.rank = rank
-
-    def put(self, unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
+    def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
         start = time.perf_counter()
+        me = rank.transport.rank
         shard = self.shards.get(unit.unit)
         if shard is None:
-            shard = self.shards[unit.unit] = TokenShardWriter(self.output_path,
-                                                              token_shard_name(unit.unit, self.rank.transport.rank))
+            shard = self.shards[unit.unit] = TokenShardWriter(self.output_path, token_shard_name(unit.unit, me))
         shard.write(batch.to_arrow())
-        self.rank.core.sent(self.rank.transport.rank, batch.num_rows, batch.num_tokens, progress)
-        self.rank.busy += time.perf_counter() - start
+        rank.core.sent(me, batch.num_rows, batch.num_tokens, progress)
+        rank.busy += time.perf_counter() - start
 
-    def unit_done(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
+    def unit_done(self, rank: "TokenizerRank", unit: WorkUnit, progress: UnitProgress) -> list[Send]:
         shard = self.shards.pop(unit.unit, None)
         if shard is None:
             return []
         shard.close()
-        return [Send(self.rank.core.roles.conductor, PartWritten(unit.unit, shard.final.name, shard.rows,
-                                                                 progress.tokens))]
+        return [Send(rank.core.roles.conductor, PartWritten(unit.unit, shard.final.name, shard.rows,
+                                                            progress.tokens))]
 
     def unit_abandoned(self, unit: WorkUnit) -> None:
         shard = self.shards.pop(unit.unit, None)
@@ -116,7 +109,6 @@ class TokenizerRank:
         self.committed_shards = list(committed_shards)
         self._stop_forwarded = False
         self.busy = 0.0
-        sink.bind(self)
 
     def receive(self, timeout: float | None) -> bool:
         envelope = self.transport.recv(timeout)
@@ -192,7 +184,7 @@ class TokenizerRank:
             record["rows"] = [unit.row_start, unit.row_stop]
             progress.rejects.append(record)
             progress.rejected = unit.rows - sum(progress.sent.values())
-        deliver(self.transport, self.sink.unit_done(unit, progress) + self.core.unit_read(unit, progress))
+        deliver(self.transport, self.sink.unit_done(self, unit, progress) + self.core.unit_read(unit, progress))
 
     def _send_chunk(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
         start = time.perf_counter()
@@ -214,4 +206,4 @@ class TokenizerRank:
         else:
             batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
         self.busy += time.perf_counter() - start
-        self.sink.put(unit, batch, progress)
+        self.sink.put(self, unit, batch, progress)
