@@ -33,6 +33,31 @@ def build_documents(n_docs: int, paragraphs: Path = DEFAULT_PARAGRAPHS, seed: in
     return docs
 
 
+def build_queries(n_queries: int, paragraphs: Path = DEFAULT_PARAGRAPHS, seed: int = 7) -> list[str]:
+    """The short-query corpus: seed 7; each query is 8 to 20 consecutive words (uniform) cut from a random place
+    in the next paragraph of the same file (the whole paragraph when it is shorter), wrapping around the file."""
+    rng = random.Random(seed)
+    queries: list[str] = []
+    while len(queries) < n_queries:
+        before = len(queries)
+        with gzip.open(paragraphs, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                words = line.split()
+                if not words:
+                    continue
+                n = rng.randint(8, 20)
+                start = rng.randrange(max(1, len(words) - n + 1))
+                queries.append(" ".join(words[start: start + n]))
+                if len(queries) == n_queries:
+                    break
+        if len(queries) == before:
+            raise ValueError(f"{paragraphs} holds no paragraphs")
+    return queries
+
+
+CORPORA = {"standard": build_documents, "short": build_queries}
+
+
 def write_parquet(docs: list[str], path: Path, files: int = 1, row_group_size: int = 10_000) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -24,8 +24,9 @@ from bench.corpus import DEFAULT_PARAGRAPHS, build_documents
 
 
 def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_rows: int = 1024):
-    """Batches as an encoder rank forms them: tokenizer chunks arrive, the batcher cuts by budget longest-first
-    whenever the window is full."""
+    """Batches re-batched longest-first: tokenizer chunks arrive, the encoder rank's batcher cuts by budget
+    whenever the window is full (how every batch was formed before batches came encoder-ready, and still how a
+    padding engine's are)."""
     from hpcembed.batching import TokenBudgetBatcher
     from hpcembed.tokenize.batch import TokenBatch
     batcher = TokenBudgetBatcher(budget, cost)
@@ -38,6 +39,24 @@ def make_batches(token_lists, budget: int, cost, window_batches: int = 8, chunk_
             out.append(batcher.pop())
     while batcher.rows:
         out.append(batcher.pop())
+    return out
+
+
+def assembled_batches(token_lists, budget: int, unit_rows: int = 20_000, chunk_rows: int = 1024):
+    """Batches as a job's tokenizer ranks send them and a non-padding encoder rank encodes them: each unit's rows
+    in input order, cut to the token budget (batching.BatchAssembler), one smaller batch at each unit's end."""
+    from hpcembed.batching import BatchAssembler
+    from hpcembed.tokenize.batch import TokenBatch
+    out = []
+    for unit_start in range(0, len(token_lists), unit_rows):
+        assembler = BatchAssembler(budget)
+        for start in range(unit_start, min(unit_start + unit_rows, len(token_lists)), chunk_rows):
+            part = token_lists[start: min(start + chunk_rows, unit_start + unit_rows)]
+            out += assembler.add(TokenBatch.build(part, [f"doc-{start + k:09d}" for k in range(len(part))],
+                                                  np.arange(start, start + len(part)), unit_start // unit_rows))
+        rest = assembler.flush()
+        if rest is not None:
+            out.append(rest)
     return out
 
 

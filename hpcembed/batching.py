@@ -1,8 +1,11 @@
-"""Token-budget batch assembly: rows wait and leave longest-first, in batches whose cost (padding counted where the
-encoder pads) stays within the budget. How much may wait is the encoder core's window rule
-(protocol/encoder.py)."""
+"""Token-budget batch assembly, on both sides of the transport. A tokenizer rank cuts its rows into batches of the
+encoder's token budget (BatchAssembler), so that an encoder which does not pad takes each as it is; the encoder
+rank's TokenBudgetBatcher passes such batches through and re-batches the rest, longest-first, in batches whose
+cost (padding counted where the encoder pads) stays within the budget. How much may wait is the encoder core's
+window rule (protocol/encoder.py)."""
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -15,9 +18,16 @@ class TokenBudgetBatcher:
     A pop copies the tokens of the rows it takes and nothing else. (Re-sorting the whole window's tokens on every
     pop measured 27M tokens/s on one core of the CPU box: no faster than the H100 it feeds.)"""
 
-    def __init__(self, max_batch_tokens: int, cost: Callable[[np.ndarray], int]):
+    READY_FRACTION = 0.5        # a batch this full (and within the budget) passes through as it is
+
+    def __init__(self, max_batch_tokens: int, cost: Callable[[np.ndarray], int], pass_through: bool = False):
+        """pass_through: take arriving batches that fit the budget and fill at least READY_FRACTION of it as
+        they are (for an encoder that does not pad, where sorting by length buys next to nothing)."""
         self.max_batch_tokens = max_batch_tokens
         self._cost = cost
+        self.pass_through = pass_through
+        self._ready: deque[TokenBatch] = deque()
+        self._sorted_tokens = 0                      # tokens waiting in the sorted index (not in _ready)
         self._batches: dict[int, TokenBatch] = {}
         self._left: dict[int, int] = {}              # rows of each source batch still waiting
         self._next_id = 0
@@ -30,7 +40,13 @@ class TokenBudgetBatcher:
         self.rows = 0
 
     def add(self, batch: TokenBatch) -> None:
-        if batch.num_rows:
+        if batch.num_rows and self.pass_through and \
+                self.READY_FRACTION * self.max_batch_tokens <= self._cost(batch.lengths) <= self.max_batch_tokens:
+            self._ready.append(batch)
+            self.tokens += batch.num_tokens
+            self.rows += batch.num_rows
+        elif batch.num_rows:
+            self._sorted_tokens += batch.num_tokens
             self._batches[self._next_id] = batch
             self._left[self._next_id] = batch.num_rows
             self._incoming.append(self._next_id)
@@ -52,9 +68,16 @@ class TokenBudgetBatcher:
         self._src, self._row, self._len = src[order], row[order], length[order]
 
     def pop(self) -> TokenBatch | None:
-        """The next batch: the longest rows waiting, as many as fit the budget (at least one), longest first."""
+        """The next batch: a ready batch as it arrived, or the longest rows waiting, as many as fit the budget (at
+        least one), longest first."""
         if not self.rows:
             return None
+        # Ready batches go first, in arrival order, unless the re-batched rows already make up a full batch.
+        if self._ready and self._sorted_tokens < self.max_batch_tokens:
+            out = self._ready.popleft()
+            self.tokens -= out.num_tokens
+            self.rows -= out.num_rows
+            return out
         if self._incoming:
             self._merge_incoming()
         lengths = self._len
@@ -81,6 +104,47 @@ class TokenBudgetBatcher:
         where = np.empty(lo, np.int64)
         where[np.concatenate(positions)] = np.arange(lo)
         out = grouped.take(where) if len(parts) > 1 else grouped
+        self._sorted_tokens -= out.num_tokens
         self.tokens -= out.num_tokens
         self.rows -= out.num_rows
         return out
+
+
+class BatchAssembler:
+    """The tokenizer's side of encoder-ready batches. The rows of one unit, tokenized chunk by chunk, leave in
+    batches of at most `batch_tokens` real tokens (at least one row), cut at row boundaries in input order, so an
+    encoder that does not pad encodes each batch as it arrives instead of re-batching it (the encoder's batcher
+    passes such batches through). The rest of a unit leaves as one smaller batch when the unit is read.
+    batch_tokens 0: every chunk is a batch (a tokenize job's token shards)."""
+
+    def __init__(self, batch_tokens: int):
+        self.batch_tokens = batch_tokens
+        self._pending: list[TokenBatch] = []
+        self._tokens = 0
+
+    def add(self, batch: TokenBatch) -> list[TokenBatch]:
+        """Take a chunk's batch; return the batches now full."""
+        if not self.batch_tokens:
+            return [batch] if batch.num_rows else []
+        if batch.num_rows:
+            self._pending.append(batch)
+            self._tokens += batch.num_tokens
+        out = []
+        while self._tokens >= self.batch_tokens:
+            joined = TokenBatch.concat(self._pending)
+            ends = np.cumsum(joined.lengths)
+            cut = max(1, int(np.searchsorted(ends, self.batch_tokens, side="right")))
+            out.append(joined.slice(0, cut))
+            rest = joined.slice(cut, joined.num_rows)
+            self._pending = [rest] if rest.num_rows else []
+            self._tokens = rest.num_tokens
+        return out
+
+    def flush(self) -> TokenBatch | None:
+        """What is left of the unit, as one batch (None if nothing is)."""
+        rest = TokenBatch.concat(self._pending) if self._pending else None
+        self.clear()
+        return rest
+
+    def clear(self) -> None:
+        self._pending, self._tokens = [], 0

@@ -47,6 +47,8 @@ class JobConfig:
     cuda_graphs: bool | None = _opt(None, "varlen encoder on CUDA: capture the forward as CUDA graphs over token "
                                           "and row buckets at start-up and pad each batch to its bucket (default: "
                                           "on; see bench/notes/gpu_stage.md for what it measured)")
+    cache_dir: str = _opt("", "where compiled kernels are kept between runs, shared safely by ranks and jobs "
+                              "(default: $HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed or ~/.cache/hpcembed)")
     exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
                                    "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")
     tokenizer_backend: str = _opt("auto", "tokenizer: 'budtiktok' is the fast Rust backend with HF fallbacks, ids "
@@ -56,9 +58,11 @@ class JobConfig:
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "
                                     "(default: 2048 on CPU, where small padded batches measured fastest; "
                                     "262144 on CUDA, fastest on an H100 with 2 instances)")
-    window_batches: int = _opt(8, "rows are sorted longest-first within a window of this many batches")
+    window_batches: int = _opt(8, "an encoder rank takes token batches in while fewer than this many batches' "
+                                  "tokens wait to be encoded")
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
-    chunk_rows: int = _opt(1024, "rows per token batch sent from a tokenizer to an encoder")
+    chunk_rows: int = _opt(1024, "rows a tokenizer reads and tokenizes at a time (the batches it sends are cut to "
+                                 "the encoder's token budget)")
     tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one encoder rank per GPU, the rest "
                                    "tokenize; without GPUs, half of the ranks after the conductor)")
     gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one encoder rank encodes, for planning how many tokenizer "

@@ -48,11 +48,24 @@ class EncoderStats(RankStats):
     ready_at: float = 0.0                       # epoch seconds the encoders were built and the rank took work
     stage_busy_seconds: float = 0.0             # time at least one instance was encoding
     loop_seconds: dict[str, float] = field(default_factory=dict)    # where the role loop's time went
+    # Start-up: epoch seconds at which the rank reached each step (process_started, plan_received, ready,
+    # first_batch), and where building the encoders went (weights, compile, graphs; summed over instances).
+    startup: dict[str, float] = field(default_factory=dict)
+    build_seconds: dict[str, float] = field(default_factory=dict)
+    # Host cost: CPU seconds of the rank's process (every thread: loop, instances, shard writer) from ready to
+    # the end, and the batches it encoded in that time.
+    host_cpu_seconds: float = 0.0
+    batches: int = 0
 
     def as_manifest(self) -> dict:
         out = super().as_manifest()
         out["stage_busy_seconds"] = round(self.stage_busy_seconds, 3)
         out["loop_seconds"] = {k: round(v, 3) for k, v in self.loop_seconds.items()}
+        out["startup"] = {k: round(v, 3) for k, v in self.startup.items()}
+        out["build_seconds"] = {k: round(v, 3) for k, v in self.build_seconds.items()}
+        out["host_cpu_seconds"] = round(self.host_cpu_seconds, 3)
+        out["host_ms_per_batch"] = round(1e3 * self.host_cpu_seconds / self.batches, 3) if self.batches else None
+        out["host_us_per_row"] = round(1e6 * self.host_cpu_seconds / self.rows, 3) if self.rows else None
         return out
 
 
@@ -105,6 +118,21 @@ def steady_state(result: JobResult, ranks: list[dict]) -> dict:
             "gpu_busy": round(sum(busy) / len(busy), 4) if busy else None}
 
 
+def startup_summary(ranks: list[dict]) -> dict:
+    """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
+    figure is the job's): the plan received, encoders built, ready, and the first batch handed to an encoder."""
+    marks = [r["startup"] for r in ranks if r.get("startup", {}).get("process_started")]
+    if not marks:
+        return {}
+    launch = min(m["process_started"] for m in marks)
+    out = {}
+    for step in ("plan_received", "built", "ready", "first_batch"):
+        times = [m[step] for m in marks if step in m]
+        if times:
+            out[step] = round(max(times) - launch, 3)
+    return {"startup_seconds": out}
+
+
 def build_manifest(*, started: float, what: dict, config: dict, settings: dict, plan, result: JobResult,
                    ranks: list[dict], transport: str) -> dict:
     """`what`: the job kind's section (kind, model, ...); `config`: the columns and --on-invalid; `plan`: the
@@ -134,5 +162,6 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,
         "tokens_per_s": round(result.tokens / wall, 1) if wall else None,
         **steady_state(result, ranks),
+        **startup_summary(ranks),
         "ranks": ranks,
     }

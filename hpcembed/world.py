@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 
 from .errors import ConfigError
 from .topology import RankInfo
@@ -24,6 +25,20 @@ def cores_here() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def process_started_at() -> float | None:
+    """When this process started (epoch seconds, to the kernel's clock tick), from /proc: start-up is measured
+    from here, since imports and MPI initialisation come before any code of ours runs. None off Linux."""
+    try:
+        with open("/proc/self/stat") as fh:
+            # Field 22 is the start time in clock ticks after boot; the command name (field 2) may hold spaces.
+            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+        # The kernel counts it on the boot-time clock (its btime is whole seconds only).
+        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def find_mpiexec() -> str | None:

@@ -86,3 +86,64 @@ def test_writer_shards_read_as_one_dataset(tmp_path):
     got = table["embedding"].combine_chunks().flatten().to_numpy().reshape(4, 6)
     np.testing.assert_array_equal(got, emb)
     assert not list((tmp_path / "o").glob(".*tmp"))
+
+
+def test_assembler_cuts_unit_to_token_budget_in_input_order():
+    from hpcembed.batching import BatchAssembler
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(0, 40, size=500)
+    assembler = BatchAssembler(batch_tokens=300)
+    sent = []
+    for start in range(0, 500, 64):                     # chunks as a tokenizer reads them
+        sent += assembler.add(make_batch(lengths[start:start + 64], first_row=start)[0])
+    assert all(b.num_tokens <= 300 for b in sent)
+    # Full batches leave only once the next row would not fit.
+    assert all(b.num_tokens + lengths[b.rows[-1] + 1] > 300 for b in sent)
+    rest = assembler.flush()
+    assert rest is not None and rest.num_tokens <= 300 and assembler.flush() is None
+    every = sent + [rest]
+    assert np.concatenate([b.rows for b in every]).tolist() == list(range(500))
+    got = [row for b in every for row in b.to_arrow().column("input_ids").to_pylist()]
+    assert got == [list(range(100 * (k % 64), 100 * (k % 64) + n)) for k, n in enumerate(lengths)]
+    assert [i for b in every for i in b.ids()] == [f"id{r}" for r in range(500)]
+
+
+def test_assembler_row_longer_than_budget_leaves_alone():
+    from hpcembed.batching import BatchAssembler
+    assembler = BatchAssembler(batch_tokens=10)
+    out = assembler.add(make_batch([3, 25, 4])[0])
+    assert [b.lengths.tolist() for b in out] == [[3], [25]]
+    assert assembler.flush().lengths.tolist() == [4]
+
+
+def test_batcher_passes_ready_batches_through_and_rebatches_the_rest():
+    batcher = TokenBudgetBatcher(100, lambda lengths: int(lengths.sum()), pass_through=True)
+    ready = make_batch([30, 10, 20], unit=1)[0]                   # 60 tokens: at least half the budget
+    small = [make_batch([5, 9], unit=u, first_row=10)[0] for u in (2, 3)]
+    batcher.add(small[0])
+    batcher.add(ready)
+    batcher.add(small[1])
+    assert batcher.pop() is ready                                   # as it arrived, not copied or sorted
+    rest = batcher.pop()
+    assert rest.lengths.tolist() == [9, 9, 5, 5] and batcher.pop() is None and batcher.tokens == 0
+
+
+def test_batcher_prefers_rebatched_rows_once_they_fill_a_batch():
+    batcher = TokenBudgetBatcher(20, lambda lengths: int(lengths.sum()), pass_through=True)
+    small = [make_batch([4, 4], first_row=2 * k)[0] for k in range(3)]     # 24 tokens in all, each not ready
+    for b in small:
+        batcher.add(b)
+    ready = make_batch([12])[0]
+    batcher.add(ready)
+    first = batcher.pop()
+    assert first is not ready and first.num_tokens == 20
+    assert batcher.pop() is ready
+    assert batcher.pop().num_tokens == 4 and batcher.pop() is None
+
+
+def test_padding_batcher_never_passes_through():
+    batcher = TokenBudgetBatcher(100, padded_cost, pass_through=False)
+    batch = make_batch([30, 10, 20])[0]
+    batcher.add(batch)
+    out = batcher.pop()
+    assert out is not batch and out.lengths.tolist() == [30, 20, 10]

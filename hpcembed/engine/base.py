@@ -21,6 +21,7 @@ class Encoder(abc.ABC):
     dtype_name: str
     device_name: str
     busy_seconds: float = 0.0
+    build_seconds: dict[str, float]     # where building it went: weights, compile, graphs
 
     @abc.abstractmethod
     def encode(self, batch: TokenBatch) -> np.ndarray: ...

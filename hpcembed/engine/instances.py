@@ -63,8 +63,12 @@ class InstancePool:
 
     def describe(self) -> dict:
         first = self.encoders[0]
+        build: dict[str, float] = {}
+        for encoder in self.encoders:
+            for step, seconds in encoder.build_seconds.items():
+                build[step] = build.get(step, 0.0) + seconds
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
-                "instances": len(self.encoders)}
+                "instances": len(self.encoders), "build_seconds": build}
 
     def submit(self, batch: TokenBatch) -> None:
         slot = {"batch": batch, "done": threading.Event()}

@@ -24,7 +24,9 @@ class TorchEncoder(Encoder):
         transformers.utils.logging.disable_progress_bar()
         self.spec, self.device_name, self.dtype_name = spec, device, dtype
         self.device = torch.device(device)
+        started = time.perf_counter()
         self.model = AutoModel.from_pretrained(spec.path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.build_seconds = {"weights": time.perf_counter() - started}
         config = self.model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..config import JobConfig
 from ..engine import ModelSpec, build_encoder, resolve_device
+from ..engine.base import Encoder
+from ..engine.cache import use_cache_dir
 from ..engine.instances import InstancePool
 from ..io.readers import Columns
 from ..io.writer import OutputDir
@@ -18,25 +20,34 @@ from .kinds import JobKind
 
 
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
-                   committed_shards: list[tuple[int, str, int]], peers=None) -> TokenizerRank:
+                   committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None) -> TokenizerRank:
+    """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job)."""
     backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
     return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
                          Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows, cfg.on_invalid == "skip",
-                         kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share)
+                         kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share,
+                         batch_tokens if kind.has_encoders else 0)
 
 
-def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, spec: ModelSpec, device: str) -> EncoderRank:
+def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:
+    """An encoder rank's model instances, built (weights loaded, kernels compiled, CUDA graphs captured)."""
     device = resolve_device(device)
+    if device.startswith("cuda"):
+        use_cache_dir(cfg.cache_dir)
     graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
     def build():
         return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu, graph_tokens)
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
-    encoders = [first] + [build() for _ in range(count - 1)]
-    core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(first.device_name),
+    return [first] + [build() for _ in range(count - 1)]
+
+
+def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder],
+                 startup: dict[str, float] | None = None) -> EncoderRank:
+    core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
-    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output))
+    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output), startup)

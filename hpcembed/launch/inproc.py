@@ -16,7 +16,7 @@ from ..roles.conductor import run_conductor
 from ..signals import STOP
 from ..topology import RoleMap
 from ..transport.inproc import InprocNetwork
-from .build import encoder_rank, tokenizer_rank
+from .build import build_encoders, encoder_rank, tokenizer_rank
 from .kinds import JobKind
 from .setup import already_complete, finish, prepare
 
@@ -24,16 +24,18 @@ _JOIN_SECONDS = 30
 
 
 def run_in_process(cfg: JobConfig, kind: JobKind) -> dict:
-    setup = prepare(cfg, kind, resolve_device(cfg.device) if kind.has_encoders else "cpu")
+    device = resolve_device(cfg.device) if kind.has_encoders else "cpu"
+    setup = prepare(cfg, kind, device)
     if setup.status == "complete":
         return already_complete(setup)
     STOP.install()
     roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
     network = InprocNetwork(3)
     ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
-                                          setup.committed_shards()))]
+                                          setup.committed_shards(), cfg.batch_tokens_for(device)))]
     if kind.has_encoders:
-        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, setup.spec, cfg.device)))
+        encoders = build_encoders(cfg, setup.spec, device)
+        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders)))
     threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:
@@ -59,5 +61,4 @@ def run_in_process(cfg: JobConfig, kind: JobKind) -> dict:
     if len(reports) > 1:
         entry["tokenizer_busy_seconds"] = round(result.reports[1].busy_seconds, 3)
     entry.update(rank=0, role="+".join(["conductor"] + [s.role for s in reports]), host=platform.node())
-    device = entry.get("device", "cpu")
-    return finish(cfg, setup, result, [entry], "inproc", device)
+    return finish(cfg, setup, result, [entry], "inproc", entry.get("device", "cpu"))

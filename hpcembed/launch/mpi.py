@@ -11,10 +11,14 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import JobConfig
+from ..engine.model import ModelSpec
 from ..errors import HpcEmbedError
 from ..io.ledger import Ledger
+from ..io.writer import SUCCESS
 from ..manifest import RankStats
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
@@ -22,12 +26,12 @@ from ..roles.common import run_role
 from ..roles.conductor import run_conductor
 from ..signals import STOP
 from ..slurm import SlurmTask
-from ..topology import RankInfo, device_for
+from ..topology import RankInfo, device_for, plan_roles
 from ..transport.base import Transport
-from .build import encoder_rank, tokenizer_rank
+from .build import build_encoders, encoder_rank, tokenizer_rank
 from .kinds import JobKind
 from .planning import choose_data_path, job_device, open_transport, plan_job_roles
-from .setup import JobSetup, RunPlan, already_complete, finish, prepare
+from .setup import JobSetup, RunPlan, already_complete, finish, model_spec, prepare
 
 log = logging.getLogger("hpcembed")
 
@@ -42,7 +46,7 @@ class _Reported(HpcEmbedError):
 
 def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere."""
-    from ..world import gather_ranks
+    from ..world import gather_ranks, process_started_at
     transport = open_transport(kind.transport_choice(cfg))
     comm, rank = transport.comm, transport.rank
     slurm = SlurmTask.from_environ()
@@ -50,8 +54,11 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
         slurm.check_world(transport.size)
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
+    startup = {"process_started": process_started_at() or time.time()}
+    early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     setup, plan = _plan(cfg, kind, transport, ranks) if rank == 0 else (None, None)
     plan = comm.bcast(plan, root=0)
+    startup["plan_received"] = time.time()
     if plan.status == "error":
         if rank == 0:
             raise _Reported(plan.error, plan.exit_code)
@@ -66,7 +73,7 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)
     elif role != "idle":
-        _run_worker(cfg, kind, transport, plan, ranks, role, tokenizer_comm)
+        _run_worker(cfg, kind, transport, plan, ranks, role, tokenizer_comm, early, startup)
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
     _quiet_barrier(comm)
@@ -80,8 +87,9 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         if setup.status == "complete":
             return setup, RunPlan("complete")
         roles = plan_job_roles(cfg, kind, setup, ranks)
+        batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
-                              choose_data_path(kind.transport_choice(cfg), transport, roles))
+                              choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens)
     except HpcEmbedError as exc:
         return None, RunPlan("error", error=str(exc), exit_code=exc.exit_code)
 
@@ -101,13 +109,43 @@ def _connect(transport: Transport, plan: RunPlan) -> Transport:
     return transport
 
 
+@dataclass
+class _EarlyBuild:
+    spec: ModelSpec
+    device: str
+    encoders: list | None
+    error: Exception | None
+    built_at: float
+
+
+def _build_early(cfg: JobConfig, kind: JobKind, ranks: list[RankInfo], rank: int) -> _EarlyBuild | None:
+    """A rank that will be an encoder rank builds its encoders (weights, compiled kernels, CUDA graphs: most of
+    start-up) while rank 0 plans the job, which does not need them. The roles' encoder ranks follow from the world
+    alone (the rate plan only trims tokenizers), so each rank knows its own. Not when the output already holds a
+    complete job, which a rerun is most often told there is nothing to do in."""
+    if not kind.has_encoders or ((Path(cfg.output) / SUCCESS).exists() and not cfg.overwrite):
+        return None
+    try:
+        roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
+        if rank not in roles.encoders:
+            return None
+        spec = model_spec(cfg)
+        device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
+    except HpcEmbedError:
+        return None             # rank 0's planning finds the same mistake and reports it
+    try:
+        return _EarlyBuild(spec, device, build_encoders(cfg, spec, device), None, time.time())
+    except Exception as exc:    # noqa: BLE001 - raised again in the role, once the plan says the job runs
+        return _EarlyBuild(spec, device, None, exc, time.time())
+
+
 def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
-                role: str, tokenizer_comm) -> None:
+                role: str, tokenizer_comm, early: _EarlyBuild | None, startup: dict[str, float]) -> None:
     from ..transport.mpi import MpiAlltoall
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
-            tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards,
+            tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards, plan.batch_tokens,
                            MpiAlltoall(tokenizer_comm)).run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
@@ -115,7 +153,13 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             import torch
             torch.set_num_threads(1)                        # CPU encoder ranks share the cores with tokenizers
         def body():
-            encoder_rank(cfg, transport, plan.roles, plan.spec, device).run()
+            if early is not None and early.spec == plan.spec and early.device == device:
+                if early.error is not None:
+                    raise early.error
+                encoders, startup["built"] = early.encoders, early.built_at
+            else:
+                encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
+            encoder_rank(cfg, transport, plan.roles, encoders, startup).run()
     run_role(role, transport, plan.roles.conductor, body)
     transport.flush()
 

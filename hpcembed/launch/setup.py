@@ -50,6 +50,7 @@ class RunPlan:
     spec: ModelSpec | None = None
     committed_shards: list[tuple[int, str, int]] = field(default_factory=list)
     data_path: str = "mpi"                      # how token batches travel: 'mpi' or 'ucx'
+    batch_tokens: int = 0                       # the encoder ranks' token budget, which tokenizers cut batches to
     error: str = ""
     exit_code: int = 0
 
@@ -58,12 +59,17 @@ def resolved_dtype(cfg: JobConfig, device: str) -> str:
     return cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
 
 
+def model_spec(cfg: JobConfig) -> ModelSpec:
+    """The model as the job's options describe it (the conductor's, and an encoder rank's that builds early)."""
+    return ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
+                          max_seq_length=cfg.max_seq_length)
+
+
 def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     """Load the model's description, plan the units, open the output directory. Raises HpcEmbedError for the
     user."""
     started = time.time()
-    spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
-                          max_seq_length=cfg.max_seq_length)
+    spec = model_spec(cfg)
     tokenizer = tokenizer_identity(HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase),
                                    spec.name)
     kind.check_inputs(cfg, tokenizer)

@@ -38,10 +38,14 @@ class _UnitRows:
 
 
 class EncoderRank:
-    def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir):
+    def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir,
+                 startup: dict[str, float] | None = None):
+        """`startup`: the epoch seconds at which the launcher saw this rank reach each step of start-up."""
         self.transport, self.core, self.pool, self.output = transport, core, instances, output
-        cost = instances.encoders[0].batch_cost
-        self.batcher = TokenBudgetBatcher(core.max_batch_tokens, cost)
+        self.startup = dict(startup or {})
+        self.batches = 0
+        first = instances.encoders[0]
+        self.batcher = TokenBudgetBatcher(core.max_batch_tokens, first.batch_cost, pass_through=not first.pads)
         self.parts: dict[int, _UnitRows] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._writes: deque[tuple[Future, Send]] = deque()
@@ -49,7 +53,8 @@ class EncoderRank:
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
 
     def run(self) -> None:
-        ready_at = time.time()          # encoders built (and compiled): from here the rank can take work
+        ready_at = self.startup["ready"] = time.time()     # encoders built: from here the rank can take work
+        cpu_at_ready = time.process_time()
         deliver(self.transport, self.core.start())
         try:
             self._loop()
@@ -60,7 +65,8 @@ class EncoderRank:
         rank = self.transport.rank
         stats = EncoderStats(rank, "encoder", core.roles.host_of(rank), core.rows, core.tokens, self.pool.busy_seconds,
                              **self.pool.describe(), ready_at=ready_at, stage_busy_seconds=self.pool.stage_busy_seconds,
-                             loop_seconds=dict(self.loop_time))
+                             loop_seconds=dict(self.loop_time), startup=self.startup,
+                             host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches)
         deliver(self.transport, core.finish(stats))
 
     def _idle(self) -> bool:
@@ -81,6 +87,9 @@ class EncoderRank:
             while self.batcher.rows and self.pool.capacity > 0:
                 batch = self.batcher.pop()
                 self.pool.submit(batch)
+                self.batches += 1
+                if "first_batch" not in self.startup:
+                    self.startup["first_batch"] = time.time()
                 deliver(self.transport, core.submitted(batch.num_tokens, window_empty=not self.batcher.rows))
             t2 = clock()
             # Wait a little for the oldest batch only when there is nothing else to do.
@@ -117,23 +126,37 @@ class EncoderRank:
                 self._write_part(unit)
 
     def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
-        ids = batch.id_array()
-        lengths = batch.lengths
-        for unit in np.unique(batch.units):
-            sel = np.flatnonzero(batch.units == unit)
-            part = self.parts.setdefault(int(unit), _UnitRows())
-            part.rows.append(batch.rows[sel])
-            part.ids.append(ids.take(pa.array(sel)))
-            part.embeddings.append(embeddings[sel])
-            if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
-                self._write_part(int(unit))
+        units = batch.units
+        if units[0] == units[-1] and (units == units[0]).all():
+            # A tokenizer's batch holds rows of one unit: keep its arrays as they are.
+            self._keep(int(units[0]), batch.rows, batch.id_array(), embeddings, batch.num_tokens)
+            return
+        ids, lengths = batch.id_array(), batch.lengths
+        for unit in np.unique(units):
+            sel = np.flatnonzero(units == unit)
+            self._keep(int(unit), batch.rows[sel], ids.take(pa.array(sel)), embeddings[sel], int(lengths[sel].sum()))
+
+    def _keep(self, unit: int, rows: np.ndarray, ids: pa.Array, embeddings: np.ndarray, tokens: int) -> None:
+        part = self.parts.setdefault(unit, _UnitRows())
+        part.rows.append(rows)
+        part.ids.append(ids)
+        part.embeddings.append(embeddings)
+        if self.core.embedded(unit, len(rows), tokens):
+            self._write_part(unit)
 
     def _write_part(self, unit: int) -> None:
+        """The shard is assembled and written on the writer thread, off the loop."""
         part = self.parts.pop(unit)
-        rows = np.concatenate(part.rows)
-        order = np.argsort(rows, kind="stable")       # input order within the shard
-        ids = pa.concat_arrays(part.ids).take(pa.array(order))
-        embeddings = np.concatenate(part.embeddings)[order]
         name = shard_name(unit, self.transport.rank)
-        future = self._writer.submit(self.output.write_shard, name, ids, embeddings)
+        future = self._writer.submit(_write_shard, self.output, name, part)
         self._writes.append((future, self.core.written(unit, name)))
+
+
+def _write_shard(output: OutputDir, name: str, part: _UnitRows) -> None:
+    rows = np.concatenate(part.rows)
+    ids = pa.concat_arrays(part.ids)
+    embeddings = np.concatenate(part.embeddings)
+    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+        order = np.argsort(rows, kind="stable")       # input order within the shard
+        ids, embeddings = ids.take(pa.array(order)), embeddings[order]
+    output.write_shard(name, ids, embeddings)

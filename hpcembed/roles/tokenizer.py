@@ -18,6 +18,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..batching import BatchAssembler
 from ..errors import InputError
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
@@ -97,13 +98,16 @@ class ShardSink:
 
 class TokenizerRank:
     def __init__(self, transport: Transport, core: TokenizerCore, backend, columns: Columns, chunk_rows: int,
-                 skip_invalid: bool, sink, peers=None, committed_shards: list[tuple[int, str, int]] = ()):
+                 skip_invalid: bool, sink, peers=None, committed_shards: list[tuple[int, str, int]] = (),
+                 batch_tokens: int = 0):
         """`sink`: EncoderSink or ShardSink. `peers`: an all-to-all over the tokenizer ranks (see io.ids), or None
         when this is the only one. `committed_shards`: (unit, path, position) of this rank's share of the shards
         an earlier run of the job committed; their ids join the duplicate check, so a resumed job still has each
-        id once."""
+        id once. `batch_tokens`: the encoder's token budget, which the batches sent are cut to (0: a batch per
+        chunk of `chunk_rows` rows)."""
         self.transport, self.core, self.backend, self.columns = transport, core, backend, columns
         self.chunk_rows, self.skip_invalid, self.sink = chunk_rows, skip_invalid, sink
+        self.assembler = BatchAssembler(batch_tokens)
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -171,15 +175,19 @@ class TokenizerRank:
             for chunk in read_unit(unit, self.columns, self.chunk_rows):
                 self._check_stop()
                 self._send_chunk(unit, chunk, progress)
+            self._send_rest(unit, progress)
         except _Abandoned:
             log.debug("rank %d: abandoned unit %d (graceful stop)", self.transport.rank, unit.unit)
+            self.assembler.clear()
             self.sink.unit_abandoned(unit)
             return
         except InputError as exc:
-            # The file itself is bad (corrupt, missing column): the rows not yet sent are rejected together.
+            # The file itself is bad (corrupt, missing column): the rows not yet read are rejected together.
             if not self.skip_invalid:
+                self.assembler.clear()
                 self.sink.unit_abandoned(unit)
                 raise
+            self._send_rest(unit, progress)
             record = exc.as_reject()
             record["rows"] = [unit.row_start, unit.row_stop]
             progress.rejects.append(record)
@@ -205,5 +213,12 @@ class TokenizerRank:
             batch = TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit.unit)
         else:
             batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
+        full = self.assembler.add(batch)
         self.busy += time.perf_counter() - start
-        self.sink.put(self, unit, batch, progress)
+        for batch in full:
+            self.sink.put(self, unit, batch, progress)
+
+    def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
+        rest = self.assembler.flush()
+        if rest is not None:
+            self.sink.put(self, unit, rest, progress)

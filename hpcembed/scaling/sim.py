@@ -178,23 +178,36 @@ class Simulation:
                     self.all_started = env.now
             self._post(rank, sends)
             progress = UnitProgress()
+            # Rows are tokenized chunk_rows at a time and leave in batches of the encoder's token budget, the
+            # rest of the unit as one smaller batch (batching.BatchAssembler).
+            batch_rows = max(1, int(job.max_batch_tokens // r.tokens_per_text))
+            pending = 0
             for start in range(unit.row_start, unit.row_stop, job.chunk_rows):
                 rows = min(job.chunk_rows, unit.row_stop - start)
-                tokens = int(round(rows * r.tokens_per_text))
-                busy = tokens / r.tokenizer_tokens_per_s
+                busy = rows * r.tokens_per_text / r.tokenizer_tokens_per_s
                 self.tok_time["tokenizing"] += busy
                 yield env.timeout(busy)
-                t0 = env.now
-                self._take_all(rank, core)
-                while (dest := core.route(progress)) is None:
-                    yield net.wait(rank)
-                    self._take_all(rank, core)
-                landed = self._send_batch(rank, dest, SimBatch(unit.unit, rows, tokens,
-                                                               int(tokens * r.bytes_per_token)))
-                core.sent(dest, rows, tokens, progress)
-                yield landed
-                self.tok_time["waiting_for_credit"] += env.now - t0
+                pending += rows
+                last = start + rows >= unit.row_stop
+                while pending >= batch_rows or (last and pending):
+                    size = min(pending, batch_rows)
+                    pending -= size
+                    yield from self._send_rows(rank, core, unit, size, progress)
             self._post(rank, core.unit_read(unit, progress))
+
+    def _send_rows(self, rank: int, core: TokenizerCore, unit: WorkUnit, rows: int, progress: UnitProgress):
+        """One batch of `rows`, once a linked encoder rank has credit; returns when it has landed."""
+        env, net, r = self.env, self.net, self.rates
+        tokens = int(round(rows * r.tokens_per_text))
+        t0 = env.now
+        self._take_all(rank, core)
+        while (dest := core.route(progress)) is None:
+            yield net.wait(rank)
+            self._take_all(rank, core)
+        landed = self._send_batch(rank, dest, SimBatch(unit.unit, rows, tokens, int(tokens * r.bytes_per_token)))
+        core.sent(dest, rows, tokens, progress)
+        yield landed
+        self.tok_time["waiting_for_credit"] += env.now - t0
 
     def _send_batch(self, rank: int, dest: int, batch: SimBatch) -> simpy.Event:
         """A blocking MPI Send of a batch (transport/mpi.py): far above the eager limit, it moves by rendezvous, so

@@ -83,6 +83,14 @@ class TokenBatch:
         return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
                                                self.units[index])
 
+    def slice(self, start: int, stop: int) -> "TokenBatch":
+        """Rows [start, stop), as views of this batch's buffers (the offsets are rebased, a small copy)."""
+        offsets = self.offsets[start: stop + 1]
+        id_offsets = self.id_offsets[start: stop + 1]
+        return TokenBatch(self.token_ids[offsets[0]: offsets[-1]], offsets - offsets[0], id_offsets - id_offsets[0],
+                          self.id_bytes[id_offsets[0]: id_offsets[-1]],
+                          self.rows[start:stop], self.units[start:stop])
+
     @classmethod
     def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units) -> "TokenBatch":
         ids = pa.concat_arrays([ids]) if ids.offset else ids   # normalise a sliced array

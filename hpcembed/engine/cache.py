@@ -1,0 +1,50 @@
+"""The directory where compiled kernels are kept between runs, so that a warm start-up skips compiling.
+
+torch.compile's Inductor caches its compiled graphs and Triton its kernels under directories named by
+TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR. hpcembed points both into one directory of its own: --cache-dir,
+else HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed (~/.cache/hpcembed). Variables the user set themselves win.
+Both libraries write an entry to a temporary file and rename it into place, and key entries by the torch,
+Triton and CUDA versions and the GPU, so ranks and jobs on shared storage may use one directory at once, and a
+cache from another machine or version is never taken for this one. CUDA graphs live in GPU memory and cannot be
+kept across processes; each run captures them again (engine/varlen.py keeps that short).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from ..errors import ConfigError
+
+log = logging.getLogger("hpcembed")
+
+ENV = "HPCEMBED_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hpcembed"
+
+
+def use_cache_dir(option: str = "") -> Path:
+    """Point the compilers' caches at the cache directory (creating it) and return it. A directory named by
+    --cache-dir or HPCEMBED_CACHE_DIR that cannot be written is the user's mistake; an unwritable default
+    (a read-only home on compute nodes) falls back to a fresh temporary directory, so nothing is kept."""
+    named = bool(option or os.environ.get(ENV))
+    path = Path(option) if option else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as exc:
+        if named:
+            where = "--cache-dir" if option else ENV
+            raise ConfigError(f"{where} {path}: cannot use it as the kernel cache ({exc})") from None
+        path = Path(tempfile.mkdtemp(prefix="hpcembed-cache-"))
+        log.warning("kernel cache: %s; compiling into %s instead, which is not kept", exc, path)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
+    return path
