@@ -99,6 +99,8 @@ def stage(args, texts: list[str]) -> dict:
     from bench.gpu_stage import assembled_batches, make_batches, run_config
     from hpcembed.config import default_batch_tokens
     from hpcembed.engine import ModelSpec
+    from hpcembed.engine.cache import use_cache_dir
+    use_cache_dir(str(Path(args.workdir or tempfile.gettempdir()) / "kernel-cache"))   # the jobs' kernels
     from hpcembed.tokenize import HFTokenizer
     spec = ModelSpec.load(args.model)
     tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
