@@ -87,6 +87,8 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
         "gpu_loop_seconds": [r.get("loop_seconds") for r in gpu],
         "encoder_host": [{k: r.get(k) for k in ("host_cpu_seconds", "batches", "host_ms_per_batch",
                                                 "host_us_per_row")} for r in gpu],
+        "tokenizer_other_seconds_mean": {k: round(sum(r.get("other_seconds", {}).get(k, 0.0) for r in tok) / len(tok), 3)
+                                         for k in ("unit_wait", "credit_wait", "send", "read")} if tok else None,
         "tokenizer_backend": tok[0].get("tokenizer_backend") if tok else None,
         "hf_fallback_rows": sum(r.get("rows_hf_fallback", 0) for r in tok),
     }
@@ -178,9 +180,9 @@ def main() -> None:
             print(f"{name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'out'})}", flush=True)
 
     import torch
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.stage_docs:
         stage_result = stage(args, docs[: args.stage_docs])
-    else:                       # trying the script out on CPU: no GPU stage to compare with
+    else:                       # on CPU (trying the script out), or not asked for: no GPU stage to compare with
         stage_result = {k: {"texts_per_s": float("nan"), "tokens_per_s": float("nan")} for k in ("assembled", "sorted")}
     from sentence_transformers import SentenceTransformer
 

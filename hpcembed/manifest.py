@@ -37,6 +37,13 @@ class TokenizerStats(RankStats):
     rows_hf_fallback: int | None = None         # ... and rows it handed to HF (see tokenize/budtiktok_backend.py)
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
+    other_seconds: dict[str, float] = field(default_factory=dict)   # time outside busy: unit_wait, credit_wait,
+                                                                    # send, read (roles/tokenizer.py)
+
+    def as_manifest(self) -> dict:
+        out = super().as_manifest()
+        out["other_seconds"] = {k: round(v, 3) for k, v in self.other_seconds.items()}
+        return out
 
 
 @dataclass

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hpcembed.batching import TokenBudgetBatcher
+from hpcembed.engine.instances import InstancePool
 from hpcembed.engine.pooling import pool
 from hpcembed.io.writer import OutputDir
 from hpcembed.tokenize.batch import TokenBatch
@@ -147,3 +148,63 @@ def test_padding_batcher_never_passes_through():
     batcher.add(batch)
     out = batcher.pop()
     assert out is not batch and out.lengths.tolist() == [30, 20, 10]
+
+
+class _QueueingEncoder:
+    """Stands in for a GPU stream's queue (the CUDA path runs only on the GPU box): `launch` logs and returns at
+    once, `result` logs; embeddings are each row's first token, so order mix-ups show."""
+
+    launch_ahead = 2
+    build_seconds: dict = {}
+
+    def __init__(self, log, fail_row=None):
+        self.log, self.fail_row = log, fail_row
+
+    def launch(self, batch):
+        from hpcembed.engine.base import Pending
+        first = int(batch.rows[0])
+        self.log.append(("launch", first))
+        encoder = self
+
+        class _Later(Pending):
+            def result(self):
+                encoder.log.append(("result", first))
+                if first == encoder.fail_row:
+                    raise RuntimeError(f"row {first} failed")
+                return batch.token_ids[batch.offsets[:-1]].astype(np.float32)[:, None]
+
+        return _Later()
+
+
+def test_pool_launches_ahead_and_returns_in_submission_order():
+    log: list = []
+    pool = InstancePool([_QueueingEncoder(log)], depth=2)
+    batches = [make_batch([2, 3], first_row=2 * k)[0] for k in range(6)]
+    got = []
+    for b in batches:
+        while pool.capacity == 0:
+            got += pool.completed(wait=1.0)
+        pool.submit(b)
+    while pool.in_flight:
+        got += pool.completed(wait=1.0)
+    pool.close()
+    assert [b.rows[0] for b, _ in got] == [2 * k for k in range(6)]
+    assert all((emb[:, 0] == b.token_ids[b.offsets[:-1]]).all() for b, emb in got)
+    # Never more than two launched and not yet taken, and every result taken after the next launch when one came.
+    launched = 0
+    for what, _ in log:
+        launched += 1 if what == "launch" else -1
+        assert 0 <= launched <= 2
+    assert ("launch", 2) in log and log.index(("launch", 2)) < log.index(("result", 0))
+
+
+def test_pool_hands_a_failed_result_to_the_caller():
+    log: list = []
+    pool = InstancePool([_QueueingEncoder(log, fail_row=2)], depth=2)
+    for k in range(2):
+        pool.submit(make_batch([1, 1], first_row=2 * k)[0])
+    with pytest.raises(RuntimeError, match="row 2 failed"):
+        for _ in range(100):
+            pool.completed(wait=0.1)
+    pool.close()
+    assert ("result", 0) in log and pool.in_flight == 0

@@ -1,5 +1,6 @@
 """Several model instances behind one rank: each instance has its own thread (and, on CUDA, its own stream),
-batches go round-robin, and results come back in submission order.
+batches go round-robin, and results come back in submission order. An instance's thread keeps up to its
+encoder's `launch_ahead` batches queued on the GPU, so the GPU does not wait for a thread to wake up.
 
 Small encoders leave an H100 idle between kernels of one stream; a second instance fills those gaps (the
 seed's multi-instance). The role loop stays the only thread that talks to the transport.
@@ -14,7 +15,7 @@ from collections import deque
 import numpy as np
 
 from ..tokenize.batch import TokenBatch
-from .base import Encoder
+from .base import Encoder, Pending
 
 
 class InstancePool:
@@ -24,8 +25,11 @@ class InstancePool:
         self._inboxes = [queue.SimpleQueue() for _ in encoders]
         self._order: deque[tuple[int, dict]] = deque()
         self._next = 0
-        # Time during which at least one instance was encoding: the stage's busy time as a fraction of wall
-        # time (the instances' own busy times overlap, so their sum can exceed the wall clock).
+        # Busy time: an instance is busy while it has a batch launched and not finished; the stage is busy while
+        # any instance is (the instances overlap, so their sum can exceed the wall clock).
+        self._launched = [0] * len(encoders)
+        self._busy = [0.0] * len(encoders)
+        self._since = [0.0] * len(encoders)
         self._active = 0
         self._active_since = 0.0
         self._union_busy = 0.0
@@ -45,21 +49,31 @@ class InstancePool:
 
     @property
     def busy_seconds(self) -> float:
-        return sum(e.busy_seconds for e in self.encoders)
+        """The instances' busy times, summed."""
+        with self._lock:
+            now = time.perf_counter()
+            return sum(b + (now - s if n else 0.0) for b, s, n in zip(self._busy, self._since, self._launched))
 
     @property
     def stage_busy_seconds(self) -> float:
         with self._lock:
             return self._union_busy + (time.perf_counter() - self._active_since if self._active else 0.0)
 
-    def _mark(self, delta: int) -> None:
+    def _mark(self, k: int, delta: int) -> None:
         with self._lock:
             now = time.perf_counter()
-            if self._active and delta < 0 and self._active == 1:
-                self._union_busy += now - self._active_since
-            elif not self._active and delta > 0:
-                self._active_since = now
-            self._active += delta
+            before = self._launched[k]
+            self._launched[k] += delta
+            if before == 0:
+                self._since[k] = now
+                if self._active == 0:
+                    self._active_since = now
+                self._active += 1
+            elif self._launched[k] == 0:
+                self._busy[k] += now - self._since[k]
+                self._active -= 1
+                if self._active == 0:
+                    self._union_busy += now - self._active_since
 
     def describe(self) -> dict:
         first = self.encoders[0]
@@ -91,19 +105,43 @@ class InstancePool:
         return out
 
     def _serve(self, k: int) -> None:
-        encoder = self.encoders[k]
-        while True:
-            slot = self._inboxes[k].get()
-            if slot is None:
-                return
-            self._mark(+1)
+        """Launch batches as they come, up to the encoder's launch_ahead before taking the oldest one's result:
+        the next batch is queued on the GPU while this thread waits for the previous one."""
+        encoder, inbox = self.encoders[k], self._inboxes[k]
+        launched: deque[tuple[dict, Pending]] = deque()
+        closing = False
+        while launched or not closing:
+            if not closing and len(launched) < encoder.launch_ahead:
+                try:
+                    slot = inbox.get(block=not launched)
+                except queue.Empty:
+                    slot = False                    # nothing new: take the oldest result
+                if slot is None:
+                    closing = True
+                    continue
+                if slot:
+                    self._mark(k, +1)
+                    try:
+                        launched.append((slot, encoder.launch(slot["batch"])))
+                    except BaseException as exc:  # noqa: BLE001 - handed to the role loop, which reports it
+                        self._finish(k, slot, error=exc)
+                    continue
+            slot, pending = launched.popleft()
             try:
-                slot["embeddings"] = encoder.encode(slot["batch"])
+                embeddings = pending.result()
             except BaseException as exc:  # noqa: BLE001 - handed to the role loop, which reports it
-                slot["error"] = exc
-            finally:
-                self._mark(-1)
-            slot["done"].set()
+                self._finish(k, slot, error=exc)
+            else:
+                self._finish(k, slot, embeddings=embeddings)
+
+    def _finish(self, k: int, slot: dict, embeddings: np.ndarray | None = None,
+                error: BaseException | None = None) -> None:
+        if error is not None:
+            slot["error"] = error
+        else:
+            slot["embeddings"] = embeddings
+        self._mark(k, -1)
+        slot["done"].set()
 
     def close(self) -> None:
         for inbox in self._inboxes:

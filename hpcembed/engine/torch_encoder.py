@@ -32,7 +32,6 @@ class TorchEncoder(Encoder):
 
     @torch.inference_mode()
     def encode(self, batch: TokenBatch) -> np.ndarray:
-        start = time.perf_counter()
         lengths = batch.lengths
         rows, width = batch.num_rows, int(lengths.max()) if batch.num_rows else 0
         ids = np.full((rows, width), self.pad_id, dtype=np.int64)
@@ -44,6 +43,4 @@ class TorchEncoder(Encoder):
         out = pool(hidden.float(), mask_t, self.spec.pooling)
         if self.spec.normalize:
             out = normalize(out)
-        result = out.cpu().numpy().astype(np.float32, copy=False)
-        self.busy_seconds += time.perf_counter() - start
-        return result
+        return out.cpu().numpy().astype(np.float32, copy=False)

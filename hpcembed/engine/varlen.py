@@ -7,9 +7,9 @@ back per batch is [rows, dim].
 
 Feeding: the host packs ids and sequence offsets into one pinned int32 buffer and copies it with a single
 asynchronous H2D copy on this instance's own stream; each token's row and position are derived on the GPU from
-the offsets. The pooled result comes back by one asynchronous D2H copy into pinned memory. The only wait is the
-instance thread waiting on its own stream's event for that result, while the other instance's stream keeps the
-GPU busy.
+the offsets. The pooled result comes back by one asynchronous D2H copy into pinned memory. `launch` queues all of
+that and returns; the instance thread launches the next batch behind it before it waits (asleep) for the first
+one's result, so the stream never runs dry while the thread wakes up (engine/instances.py).
 
 CUDA graphs: with graph_tokens set, the forward is captured once per (token, row) bucket at start-up, and a
 batch is padded up to its bucket and replayed as one graph launch instead of ~80 kernel launches from Python.
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
 from .model import ModelSpec
-from .base import DTYPES, Encoder
+from .base import DTYPES, Encoder, Pending
 
 SUPPORTED = ("bert", "roberta", "xlm-roberta", "camembert")
 _ROBERTA_LIKE = ("roberta", "xlm-roberta", "camembert")
@@ -234,6 +234,18 @@ class _Graph:
         self.static_out: torch.Tensor | None = None
 
 
+class _InFlight(Pending):
+    """A batch queued on an instance's stream: its result is in pinned host memory once `done` has fired."""
+
+    def __init__(self, done: torch.cuda.Event, host: torch.Tensor, staged: torch.Tensor):
+        self._done, self._host, self._staged = done, host, staged
+
+    def result(self) -> np.ndarray:
+        self._done.synchronize()
+        self._staged = None             # its copy to the GPU is done: back to the host allocator's cache
+        return self._host.numpy()       # this batch's own buffer: no copy
+
+
 class VarlenEncoder(Encoder):
     engine = "varlen"
     pads = False
@@ -270,8 +282,7 @@ class VarlenEncoder(Encoder):
             self.ops = _Compiled
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        self._host_in = torch.empty(0, dtype=torch.int32)
-        self._host_out = torch.empty(0, dtype=torch.float32)
+        self.launch_ahead = 2 if self.cuda else 1
         # (tokens, rows) bucket -> captured graph; on CPU the buckets are kept (padded layout, run eagerly), so
         # tests check the padding against transformers without a GPU.
         self.graph_tokens = graph_tokens
@@ -287,7 +298,6 @@ class VarlenEncoder(Encoder):
         if graph_tokens:
             self._capture_all()
         self.build_seconds["graphs"] = time.perf_counter() - started - sum(self.build_seconds.values())
-        self.busy_seconds = 0.0
 
     # -- buckets and graphs --------------------------------------------------------------------------------------
 
@@ -337,61 +347,51 @@ class VarlenEncoder(Encoder):
 
     # -- encoding ------------------------------------------------------------------------------------------------
 
-    def _staging(self, ints: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # Pinned buffers, grown geometrically and reused: the previous batch's copies have finished by the time
-        # encode() returns, so reuse is safe.
-        if self._host_in.numel() < ints:
-            self._host_in = torch.empty(int(ints * 1.5), dtype=torch.int32, pin_memory=self.cuda)
-        need = rows * self.weights.hidden
-        if self._host_out.numel() < need:
-            self._host_out = torch.empty(int(need * 1.5), dtype=torch.float32, pin_memory=self.cuda)
-        return self._host_in, self._host_out
-
     def encode(self, batch: TokenBatch) -> np.ndarray:
+        return self.launch(batch).result()
+
+    def launch(self, batch: TokenBatch) -> Pending:
         if batch.num_rows > self.MAX_ROWS:
             half = batch.num_rows // 2
-            return np.concatenate([self.encode(batch.take(np.arange(half))),
-                                   self.encode(batch.take(np.arange(half, batch.num_rows)))])
-        return self._encode(batch)
+            return Pending(np.concatenate([self.encode(batch.take(np.arange(half))),
+                                           self.encode(batch.take(np.arange(half, batch.num_rows)))]))
+        return self._launch(batch)
 
     @torch.inference_mode()
-    def _encode(self, batch: TokenBatch) -> np.ndarray:
-        start = time.perf_counter()
+    def _launch(self, batch: TokenBatch) -> Pending:
         rows, total = batch.num_rows, batch.num_tokens
         lengths = batch.lengths
         longest = int(lengths.max())
         key = self.bucket(total, rows, longest)
         t_b, r_b = key if key else (total, rows)
-        host_in, host_out = self._staging(t_b + r_b + 1, rows)
-        packed = host_in.numpy()
+        # Each batch stages in its own pinned buffers, from torch's caching host allocator (cheap after the first
+        # batches); they live until its result is taken, so a batch launched behind it cannot overwrite them.
+        staged = torch.empty(t_b + r_b + 1, dtype=torch.int32, pin_memory=self.cuda)
+        packed = staged.numpy()
         packed[:total] = batch.token_ids[batch.offsets[0]: batch.offsets[-1]]
         packed[total: t_b] = 0
         cu = packed[t_b: t_b + r_b + 1]
         cu[0] = 0
         np.cumsum(lengths, out=cu[1: rows + 1])
         cu[rows + 1:] = total                       # padding rows: empty sequences
-        staged = host_in[: t_b + r_b + 1]
+        if not self.cuda:
+            return Pending(self._run(staged, t_b, r_b, self.max_len if key else longest)[:rows].numpy())
         graph = self.graphs.get(key) if key else None
-        if self.cuda:
-            with torch.cuda.stream(self.stream):
-                if graph is not None:
-                    graph.static_in.copy_(staged, non_blocking=True)
-                    graph.graph.replay()
-                    self.graph_batches += 1
-                    out = graph.static_out
-                else:
-                    out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b,
-                                    self.max_len if key else longest)
-                host = host_out[: rows * out.shape[1]].view(rows, out.shape[1])
-                host.copy_(out[:rows], non_blocking=True)
-                done = torch.cuda.Event(blocking=True)     # wait asleep: a spinning wait takes a core from a tokenizer
-                done.record(self.stream)
-            done.synchronize()
-            result = host.numpy().copy()
-        else:
-            result = self._run(staged, t_b, r_b, self.max_len if key else longest)[:rows].numpy()
-        self.busy_seconds += time.perf_counter() - start
-        return result
+        with torch.cuda.stream(self.stream):
+            if graph is not None:
+                graph.static_in.copy_(staged, non_blocking=True)
+                graph.graph.replay()
+                self.graph_batches += 1
+                out = graph.static_out
+            else:
+                out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b, self.max_len if key else longest)
+            host = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=True)
+            host.copy_(out[:rows], non_blocking=True)
+            # Waited for asleep: with the next batch already launched behind it, the GPU has work while this
+            # thread wakes up, and a spinning wait would take a core from a tokenizer rank.
+            done = torch.cuda.Event(blocking=True)
+            done.record(self.stream)
+        return _InFlight(done, host, staged)
 
     def _run(self, dev: torch.Tensor, total: int, rows: int, max_len: int) -> torch.Tensor:
         ids, cu = dev[:total], dev[total: total + rows + 1]

@@ -67,8 +67,9 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
         return already_complete(setup) if rank == 0 else None
     transport = _connect(transport, plan)
     role = plan.roles.role_of(rank)
-    # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange (collective: all call it).
-    tokenizer_comm = comm.Split(0 if role == "tokenizer" else 1, rank)
+    # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange. Made by the tokenizer ranks
+    # alone (MPI_Comm_create_group), so that they start reading while an encoder rank is still building.
+    tokenizer_comm = (comm.Create_group(comm.group.Incl(plan.roles.tokenizers)) if role == "tokenizer" else None)
     manifest = None
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)

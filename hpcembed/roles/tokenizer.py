@@ -45,6 +45,8 @@ class EncoderSink:
     checks_ids = True
 
     def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
+        clock = time.perf_counter
+        start = clock()
         while True:
             while rank.receive(0):          # take every credit already waiting
                 pass
@@ -52,8 +54,11 @@ class EncoderSink:
             if dest is not None:
                 break
             rank.receive(None)
+        sending = clock()
         rank.transport.send_batch(dest, batch)
         rank.core.sent(dest, batch.num_rows, batch.num_tokens, progress)
+        rank.other["credit_wait"] += sending - start
+        rank.other["send"] += clock() - sending
 
     def unit_done(self, rank: "TokenizerRank", unit: WorkUnit, progress: UnitProgress) -> list[Send]:
         return []
@@ -113,6 +118,9 @@ class TokenizerRank:
         self.committed_shards = list(committed_shards)
         self._stop_forwarded = False
         self.busy = 0.0
+        # Where the time outside `busy` goes: waiting for a unit, for an encoder rank's credit, inside a batch's
+        # send (a blocking send lasts until the encoder rank takes the batch in), and reading input.
+        self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0}
 
     def receive(self, timeout: float | None) -> bool:
         envelope = self.transport.recv(timeout)
@@ -126,8 +134,10 @@ class TokenizerRank:
         core = self.core
         deliver(self.transport, core.start())
         while True:
+            waiting = time.perf_counter()
             while core.waiting_for_unit:
                 self.receive(None)
+            self.other["unit_wait"] += time.perf_counter() - waiting
             unit, sends = core.next_unit()
             if unit is None:
                 break
@@ -138,7 +148,7 @@ class TokenizerRank:
             self.receive(None)
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
-                               started_at=started_at, **self.backend.describe())
+                               started_at=started_at, other_seconds=dict(self.other), **self.backend.describe())
         deliver(self.transport, core.report(stats))
         while not core.released:
             self.receive(None)
@@ -172,7 +182,13 @@ class TokenizerRank:
     def _process(self, unit: WorkUnit) -> None:
         progress = UnitProgress()
         try:
-            for chunk in read_unit(unit, self.columns, self.chunk_rows):
+            chunks = read_unit(unit, self.columns, self.chunk_rows)
+            while True:
+                reading = time.perf_counter()
+                chunk = next(chunks, None)
+                self.other["read"] += time.perf_counter() - reading
+                if chunk is None:
+                    break
                 self._check_stop()
                 self._send_chunk(unit, chunk, progress)
             self._send_rest(unit, progress)
