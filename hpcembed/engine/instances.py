@@ -19,9 +19,11 @@ from .base import Encoder, Pending
 
 
 class InstancePool:
-    def __init__(self, encoders: list[Encoder], depth: int = 2):
+    def __init__(self, encoders: list[Encoder], depth: int | None = None):
+        """`depth`: batches handed to each instance at a time; by default one more than it launches ahead, so
+        that when a result comes back the next batch is already waiting to be launched behind the running one."""
         self.encoders = encoders
-        self.depth = depth                    # batches queued per instance
+        self.depth = depth or max(2, max(e.launch_ahead for e in encoders) + 1)
         self._inboxes = [queue.SimpleQueue() for _ in encoders]
         self._order: deque[tuple[int, dict]] = deque()
         self._next = 0
