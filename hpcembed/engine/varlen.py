@@ -8,8 +8,8 @@ back per batch is [rows, dim].
 Feeding: the host packs ids and sequence offsets into one pinned int32 buffer and copies it with a single
 asynchronous H2D copy on this instance's own stream; each token's row and position are derived on the GPU from
 the offsets. The pooled result comes back by one asynchronous D2H copy into pinned memory. `launch` queues all of
-that and returns; the instance thread launches the next batch behind it before it waits (asleep) for the first
-one's result, so the stream never runs dry while the thread wakes up (engine/instances.py).
+that and returns; the instance thread launches the next batch behind it before it waits for the first one's
+result, so the stream does not run dry while the thread comes back (engine/instances.py).
 
 CUDA graphs: with graph_tokens set, the forward is captured once per (token, row) bucket at start-up, and a
 batch is padded up to its bucket and replayed as one graph launch instead of ~80 kernel launches from Python.
@@ -21,6 +21,7 @@ attention kernel is checked against transformers without a GPU.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -211,6 +212,20 @@ def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows:
     raise ValueError(f"unknown pooling mode {mode!r}")
 
 
+@functools.cache
+def _compiled_ops() -> type[_Ops]:
+    """The memory-bound pieces compiled, once per process: every instance shares them, so a second instance does
+    not trace and compile them again. Only these pieces: compiling the whole forward took minutes on the H100 box
+    and had not finished when the run ended. Not dynamic=True: that makes the hidden size symbolic too, and the
+    fused add+LayerNorm then ran at 1 TB/s (592 µs per [262k, 384] call, no faster than eager). The default
+    recompiles once with only the token count dynamic, which the first instance's warm-up triggers."""
+    class _Compiled(_Ops):
+        add_layer_norm = staticmethod(torch.compile(add_layer_norm))
+        embed = staticmethod(torch.compile(embed))
+        mean_pool = staticmethod(torch.compile(mean_pool))
+    return _Compiled
+
+
 def token_layout(ids: torch.Tensor, cu: torch.Tensor, rows: int, position_offset: int, positions: int):
     """Each token's row and position-embedding index, from the offsets alone (on the GPU: no host work, no sync).
     Tokens past cu[-1] (a bucket's padding) land in the last row, at position 0."""
@@ -271,15 +286,7 @@ class VarlenEncoder(Encoder):
         self.max_len = spec.max_seq_length
         self.ops = _Ops
         if compile:
-            # Only the memory-bound pieces: compiling the whole forward took minutes on the H100 box and had not
-            # finished when the run ended. Not dynamic=True: that makes the hidden size symbolic too, and the
-            # fused add+LayerNorm then ran at 1 TB/s (592 µs per [262k, 384] call, no faster than eager). The
-            # default recompiles once with only the token count dynamic, which the warm-up below triggers.
-            class _Compiled(_Ops):
-                add_layer_norm = staticmethod(torch.compile(add_layer_norm))
-                embed = staticmethod(torch.compile(embed))
-                mean_pool = staticmethod(torch.compile(mean_pool))
-            self.ops = _Compiled
+            self.ops = _compiled_ops()
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.launch_ahead = 2 if self.cuda else 1
@@ -387,9 +394,10 @@ class VarlenEncoder(Encoder):
                 out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b, self.max_len if key else longest)
             host = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=True)
             host.copy_(out[:rows], non_blocking=True)
-            # Waited for asleep: with the next batch already launched behind it, the GPU has work while this
-            # thread wakes up, and a spinning wait would take a core from a tokenizer rank.
-            done = torch.cuda.Event(blocking=True)
+            # A spinning wait (the default event), though it holds a core: waiting asleep (blocking=True) made the
+            # node 20-25% slower on the H200 box, even with the next batch launched behind this one
+            # (bench/notes/feed_the_gpu.md).
+            done = torch.cuda.Event()
             done.record(self.stream)
         return _InFlight(done, host, staged)
 

@@ -57,13 +57,15 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     startup = {"process_started": process_started_at() or time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     setup, plan = _plan(cfg, kind, transport, ranks) if rank == 0 else (None, None)
-    plan = comm.bcast(plan, root=0)
+    plan, plan_sends = _share_plan(comm, plan)
     startup["plan_received"] = time.time()
     if plan.status == "error":
         if rank == 0:
+            _settle(plan_sends)
             raise _Reported(plan.error, plan.exit_code)
         return None
     if plan.status == "complete":
+        _settle(plan_sends)
         return already_complete(setup) if rank == 0 else None
     transport = _connect(transport, plan)
     role = plan.roles.role_of(rank)
@@ -75,11 +77,32 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)
     elif role != "idle":
         _run_worker(cfg, kind, transport, plan, ranks, role, tokenizer_comm, early, startup)
+    _settle(plan_sends)
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
     _quiet_barrier(comm)
     transport.close()
     return manifest
+
+
+_PLAN_TAG = 10          # apart from the transport's tags (transport/mpi.py)
+
+
+def _share_plan(comm, plan: RunPlan | None) -> tuple[RunPlan, list]:
+    """Rank 0 sends the plan to every rank without waiting for any of them, and goes on to conduct; the others
+    receive it. Not a broadcast: in a broadcast's tree rank 0 (and the ranks below an encoder rank) waited until an
+    encoder rank building its encoders early joined, so no tokenizer had a unit before the encoders were built.
+    Returns the plan and rank 0's pending sends, completed before the world ends (_settle)."""
+    if comm.Get_rank() == 0:
+        return plan, [comm.isend(plan, dest=r, tag=_PLAN_TAG) for r in range(1, comm.Get_size())]
+    return comm.recv(source=0, tag=_PLAN_TAG), []
+
+
+def _settle(sends: list) -> None:
+    """Complete rank 0's plan sends, sleeping between looks like _quiet_barrier."""
+    while sends and not all(request.Test() for request in sends):
+        time.sleep(0.005)
+    sends.clear()
 
 
 def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tuple[JobSetup | None, RunPlan]:
