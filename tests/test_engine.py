@@ -3,13 +3,17 @@ the generic transformers fallback on a random architecture it alone serves, and 
 with two instances against sentence-transformers."""
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 import pytest
 import torch
 
 from hpcembed.engine import ModelSpec, TorchEncoder, build_encoder
 from hpcembed.engine.instances import InstancePool
-from hpcembed.engine.varlen import VarlenEncoder, supports
+from hpcembed.engine.bert import supports
+from hpcembed.engine.varlen import VarlenEncoder
 from hpcembed.tokenize import HFTokenizer
 from hpcembed.tokenize.batch import TokenBatch
 
@@ -165,3 +169,32 @@ def test_cuda_batch_of_more_rows_than_one_attention_launch(model_dir, st_model):
     ref = reference(st_model, words)
     cos = np.sum(got * ref[np.arange(rows) % len(words)], axis=1)
     assert got.shape == (rows, spec.dim) and cos.min() >= 0.999, cos.min()
+
+
+def test_kernel_cache_directory(tmp_path, monkeypatch):
+    """--cache-dir, else HPCEMBED_CACHE_DIR, else the XDG default; the compilers' own variables win; a named
+    directory that cannot be made is a clear error, an unusable default falls back to a temporary one."""
+    from hpcembed.engine.cache import use_cache_dir
+    from hpcembed.errors import ConfigError
+    for name in ("HPCEMBED_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert use_cache_dir() == tmp_path / "xdg" / "hpcembed"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "hpcembed" / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    monkeypatch.setenv("HPCEMBED_CACHE_DIR", str(tmp_path / "env"))
+    assert use_cache_dir() == tmp_path / "env" and (tmp_path / "env").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"            # the user's own setting stays
+    assert use_cache_dir(str(tmp_path / "opt")) == tmp_path / "opt"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="--cache-dir .*a-file"):
+        use_cache_dir(str(blocker / "cache"))
+    monkeypatch.setenv("HPCEMBED_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(ConfigError, match="HPCEMBED_CACHE_DIR"):
+        use_cache_dir()
+    monkeypatch.delenv("HPCEMBED_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    fallback = use_cache_dir()
+    assert fallback.is_dir() and blocker not in fallback.parents
+    shutil.rmtree(fallback)

@@ -30,6 +30,19 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     assert [roles[r]["role"] for r in sorted(roles)] == ["conductor", "encoder", "encoder", "tokenizer", "tokenizer"]
     assert all(r["rows"] > 0 for r in manifest["ranks"] if r["role"] != "conductor"), manifest["ranks"]
     assert manifest["transport"] == "mpi" and (tmp_path / "out" / "_SUCCESS").exists()
+    # Where the time went: each encoder rank's start-up steps in order, its build and its host cost; each
+    # tokenizer rank's time outside tokenizing.
+    for r in manifest["ranks"]:
+        if r["role"] == "encoder":
+            steps = r["startup"]
+            assert steps["process_started"] <= steps["plan_received"] <= steps["ready"] <= steps["first_batch"]
+            assert steps["process_started"] <= steps["built"] <= steps["ready"]
+            assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
+            assert r["build_seconds"]["weights"] > 0
+        elif r["role"] == "tokenizer":
+            assert set(r["other_seconds"]) == {"unit_wait", "credit_wait", "send", "read"}
+    job_steps = manifest["startup_seconds"]
+    assert 0 < job_steps["plan_received"] <= job_steps["ready"] <= job_steps["first_batch"]
 
 
 def test_failing_rank_ends_the_job(tmp_path):

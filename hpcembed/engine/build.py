@@ -9,7 +9,8 @@ from ..errors import ConfigError
 from .base import Encoder
 from .model import ModelSpec
 from .torch_encoder import TorchEncoder
-from .varlen import VarlenEncoder, supports
+from .bert import supports
+from .varlen import VarlenEncoder
 
 log = logging.getLogger("hpcembed")
 
