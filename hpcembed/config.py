@@ -29,7 +29,8 @@ class JobConfig:
     output: str = _opt("", "output directory for Parquet shards, _manifest.json and _SUCCESS")
     model: str = _opt("", "sentence-transformers or Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
     text_column: str = _opt("text", "column (Parquet/CSV) or key (JSONL) holding the text")
-    id_column: str = _opt("", "column holding row ids (default: 'id' if present, else '<file stem>:<row>')")
+    id_column: str = _opt("", "column holding row ids (default: 'id' if present, else '<file>:<row>', the file's "
+                               "path within its input without extension)")
     on_invalid: str = _opt("fail", "invalid rows: 'fail' stops the job, 'skip' records them in OUTPUT/_rejects.jsonl",
                            choices=("fail", "skip"))
     overwrite: bool = _opt(False, "replace the output of an earlier job in --output")

@@ -2,11 +2,14 @@
 starts `hpcembed` as a subprocess under a timeout."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +21,10 @@ from hpcembed.world import find_mpiexec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
+# Jobs the tests start keep their kernel and digest caches here, not in the user's ~/.cache.
+if "HPCEMBED_CACHE_DIR" not in os.environ:
+    os.environ["HPCEMBED_CACHE_DIR"] = tempfile.mkdtemp(prefix="hpcembed-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["HPCEMBED_CACHE_DIR"], True)
 
 # Texts that have broken embedding pipelines before: every one must match sentence-transformers.
 EDGE_TEXTS = [

@@ -144,6 +144,7 @@ def test_resume_hands_out_only_uncommitted_units(tmp_path):
     first.handle(1, UnitRead(1, {4: 2}, tokens=4))
     first.handle(4, PartWritten(1, write_shard(tmp_path, 1, 4, ["x", "y"]), 2, 4))
     first.ledger.close()
+    first.output.lock.release()                 # the job ends (the launcher releases its output's lock)
     again = conductor(tmp_path, plan_of(2, 2, 2), fingerprint={"job": 1})
     assert again.rows_resumed == 2 and again.units_resumed == 1
     handed = [again.handle(1, RequestUnit())[0].message for _ in range(3)]
@@ -173,12 +174,16 @@ def test_duplicate_ids_are_dropped_from_their_shard_under_skip(tmp_path):
     assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
     report(core, 1), report(core, 2)
     assert core.poll() == []                            # no Stop while a rewrite is pending
-    removed = OutputDir(str(tmp_path / "out")).drop_ids(shard_name(1, 3), {id_digest("a")})
-    core.handle(3, PartRewritten(1, shard_name(1, 3), removed))
+    removed, rewritten = OutputDir(str(tmp_path / "out")).drop_ids(shard_name(1, 3), {id_digest("a")})
+    core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
     assert [dest for dest, _ in core.poll()] == [3, 4]
     assert core.rows_written == 3 and core.rejected_rows == 1
     core.ledger.close()
-    assert ledger_units(tmp_path)[1].shards == {shard_name(1, 3): 1}
+    unit = ledger_units(tmp_path)[1]
+    assert unit.shards == {shard_name(1, 3): 1}
+    # The ledger holds the rewritten shard's size and checksum, as a rerun's verification needs.
+    assert unit.files[shard_name(1, 3)] == [rewritten.size, rewritten.digest]
+    assert rewritten.size == (tmp_path / "out" / shard_name(1, 3)).stat().st_size
     reject = json.loads((tmp_path / "out" / "_rejects.jsonl").read_text())
     assert reject["id"] == "a" and reject["row"] == 3 and "first seen in corpus.jsonl at row 0" in reject["reason"]
 

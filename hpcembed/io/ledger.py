@@ -2,8 +2,11 @@
 
 `_ledger.jsonl` is append-only. Its first line is the job's fingerprint (inputs, model, pooling, dtype, max
 length, columns, unit size), then one record per event:
-    {"kind": "unit", "unit": 7, "shards": {"part-00000007-r00002.parquet": 4096}, "tokens": ..., "rejects": [...]}
-    {"kind": "drop", "unit": 7, "shard": "part-...", "removed": 1, "rejects": [...]}   (ids repeated across ranks)
+    {"kind": "unit", "unit": 7, "shards": {"part-00000007-r00002.parquet": 4096}, "tokens": ..., "rejects": [...],
+     "files": {"part-00000007-r00002.parquet": [6340123, "<BLAKE2b-128 hex>"]}}
+    {"kind": "drop", "unit": 7, "shard": "part-...", "removed": 1, "rejects": [...], "file": [bytes, checksum]}
+    (a drop: ids repeated across ranks removed from a committed shard, which was rewritten)
+The shards' sizes and checksums let a rerun verify the output before trusting it (io/writer.py).
 A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
 written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
 deleted and the unit redone) or a torn last line (ignored). Writes are flushed at once and fsynced at most once a
@@ -35,6 +38,7 @@ class CommittedUnit:
     tokens: int
     rejected: int = 0               # rows rejected (a record can stand for many: a file that broke mid-unit)
     rejects: list[dict] = field(default_factory=list)
+    files: dict[str, list] = field(default_factory=dict)   # shard name -> [bytes, checksum] (none before 0.3)
 
     @property
     def rows(self) -> int:
@@ -63,13 +67,15 @@ class LedgerState:
         return out
 
 
-def model_identity(model_dir: str) -> str:
-    """A short digest of the model's config and weight files' sizes: same name, different weights differ."""
+def model_identity(model_dir: str, cache: Path | None = None) -> str:
+    """A digest of the model's configuration files and weights, by content: two models that differ in one
+    weight differ here. Weight digests are cached in `cache` (io/digest.py), so only the first run reads them."""
+    from .digest import file_content_digest
     h = hashlib.sha256()
     root = Path(model_dir)
     for p in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
         h.update(p.name.encode())
-        h.update(p.read_bytes() if p.suffix == ".json" else str(p.stat().st_size).encode())
+        h.update(p.read_bytes() if p.suffix == ".json" else file_content_digest(p, cache).encode())
     return h.hexdigest()[:16]
 
 
@@ -115,13 +121,16 @@ class Ledger:
         for rec in records[1:]:
             if rec["kind"] == "unit":
                 state.units[rec["unit"]] = CommittedUnit(rec["unit"], dict(rec["shards"]), rec["tokens"],
-                                                         rec.get("rejected", 0), list(rec.get("rejects", [])))
+                                                         rec.get("rejected", 0), list(rec.get("rejects", [])),
+                                                         dict(rec.get("files", {})))
             elif rec["kind"] == "drop":
                 unit = state.units.get(rec["unit"])
                 if unit is not None and rec["shard"] in unit.shards:
                     unit.shards[rec["shard"]] -= rec["removed"]
                     unit.rejected += rec["removed"]
                     unit.rejects.extend(rec.get("rejects", []))
+                    if "file" in rec:
+                        unit.files[rec["shard"]] = rec["file"]
         return state
 
     def write_fresh(self, state: LedgerState) -> None:
@@ -140,14 +149,18 @@ class Ledger:
     @staticmethod
     def _unit_line(unit: CommittedUnit) -> str:
         return json.dumps({"kind": "unit", "unit": unit.unit, "shards": unit.shards, "tokens": unit.tokens,
-                           "rejected": unit.rejected, "rejects": unit.rejects}, ensure_ascii=False) + "\n"
+                           "rejected": unit.rejected, "rejects": unit.rejects, "files": unit.files},
+                          ensure_ascii=False) + "\n"
 
     def commit_unit(self, unit: CommittedUnit) -> None:
         self._append(self._unit_line(unit))
 
-    def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict]) -> None:
-        self._append(json.dumps({"kind": "drop", "unit": unit, "shard": shard, "removed": removed,
-                                 "rejects": rejects}, ensure_ascii=False) + "\n")
+    def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict], file: list | None = None) -> None:
+        """`file`: the rewritten shard's [bytes, checksum]."""
+        record = {"kind": "drop", "unit": unit, "shard": shard, "removed": removed, "rejects": rejects}
+        if file is not None:
+            record["file"] = file
+        self._append(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _append(self, line: str) -> None:
         if self._fh is None:

@@ -25,19 +25,23 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson"
 SCAN_BLOCK = 16 << 20
 
 
+def _strip_format(name: str) -> str:
+    for ext in sorted(FORMATS, key=len, reverse=True):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 @dataclass(frozen=True)
 class InputFile:
     index: int
     path: str
     format: str
+    id_prefix: str = ""         # generated ids are '<id_prefix>:<row>' (resolve_inputs makes them unique)
 
     @property
     def stem(self) -> str:
-        name = os.path.basename(self.path)
-        for ext in sorted(FORMATS, key=len, reverse=True):
-            if name.lower().endswith(ext):
-                return name[: -len(ext)]
-        return name
+        return self.id_prefix or _strip_format(os.path.basename(self.path))
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
     from .tokens import read_token_manifest, token_directory_files
     paths: list[str] = []
     token_files: set[str] = set()
+    under: dict[str, str] = {}          # a file found in a directory input -> that directory
     for pattern in patterns:
         manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
         if manifest is not None:
@@ -93,6 +98,7 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
             if not found:
                 raise ConfigError(f"input directory {pattern} holds no Parquet, JSONL, CSV or text files")
             paths.extend(found)
+            under.update((os.path.abspath(p), os.path.abspath(pattern)) for p in found)
         elif os.path.exists(pattern):
             if not os.path.isfile(pattern):
                 # A FIFO or device would block the planner's line count forever, silently.
@@ -114,7 +120,27 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
         if fmt is None:
             raise ConfigError(f"input {path}: unknown format; expected one of {', '.join(sorted(FORMATS))}")
         files.append(InputFile(len(files), os.path.abspath(path), fmt))
-    return files
+    return _with_id_prefixes(files, under)
+
+
+def _with_id_prefixes(files: list[InputFile], under: dict[str, str]) -> list[InputFile]:
+    """Each file's prefix for generated ids: its path within the directory input it was found in (a file given
+    by name: its name), without the format's extension. Files that would still share a prefix (same-named files
+    of two inputs) take their paths from the deepest directory the colliding files have in common, so no two
+    files of a job can give the same id."""
+    def relative(f: InputFile) -> str:
+        directory = under.get(f.path)
+        return os.path.relpath(f.path, directory) if directory else os.path.basename(f.path)
+    prefixes = [_strip_format(relative(f)) for f in files]
+    groups: dict[str, list[int]] = {}
+    for k, prefix in enumerate(prefixes):
+        groups.setdefault(prefix, []).append(k)
+    for members in groups.values():
+        if len(members) > 1:
+            common = os.path.commonpath([os.path.dirname(files[k].path) for k in members])
+            for k in members:
+                prefixes[k] = _strip_format(os.path.relpath(files[k].path, common))
+    return [InputFile(f.index, f.path, f.format, prefix) for f, prefix in zip(files, prefixes)]
 
 
 def _file_kind(path: str) -> str:

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from ..errors import ConfigError
 from ..tokenize.batch import SCHEMA as TOKEN_SCHEMA
+from .mark import WRITTEN_BY
 
 TOKENS_KIND = "tokens"
 
@@ -43,7 +44,7 @@ class TokenShardWriter:
         self.final = directory / name
         self.tmp = directory / f".{name}.tmp"
         self._sink = pa.OSFile(str(self.tmp), "wb")
-        self._writer = pa.ipc.new_file(self._sink, TOKEN_SCHEMA)
+        self._writer = pa.ipc.new_file(self._sink, TOKEN_SCHEMA.with_metadata(WRITTEN_BY))
         self.rows = 0
 
     def write(self, batch: pa.RecordBatch) -> None:

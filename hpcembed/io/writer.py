@@ -6,10 +6,13 @@ Shards are written to a temporary name, fsynced and renamed, so a shard that exi
 it. _SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +20,8 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 from .ledger import LEDGER, Ledger, LedgerState, describe_difference
+from .lock import OutputLock
+from .mark import WRITTEN_BY, written_by_hpcembed
 
 log = logging.getLogger("hpcembed")
 
@@ -29,7 +34,7 @@ def shard_name(unit: int, rank: int) -> str:
 
 
 def output_schema(dim: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))], metadata=WRITTEN_BY)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -45,12 +50,31 @@ def parquet_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
 
+class ShardFile(NamedTuple):
+    """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits)."""
+    size: int
+    digest: str
+
+
+def checksum(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)            # releases the GIL for large buffers: shards verify in parallel threads
+    return h.hexdigest()
+
+
 class OutputDir:
     """An embedding job's output (Parquet shards `part-*.parquet`), or with `tokens=True` a tokenize job's
     (Arrow IPC shards `tokens-*.arrow`, io/tokens.py). Everything else is the same."""
 
     def __init__(self, path: str, tokens: bool = False):
         self.path = Path(path)
+        self.lock = OutputLock(self.path)
         if tokens:
             from .tokens import token_shard_rows
             self.shard_prefix, self.shard_suffix, self.shard_rows = "tokens-", ".arrow", token_shard_rows
@@ -69,20 +93,39 @@ class OutputDir:
                 or self._is_shard(p.name)]
 
     def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
-        """Make the directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an
-        earlier run of the same job kept, everything else cleared), or 'complete' (nothing to do)."""
+        """Take the directory's lock (io/lock.py; the caller releases it when the job ends) and make the
+        directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an earlier run of
+        the same job kept, everything else cleared), or 'complete' (nothing to do)."""
         try:
-            return self._open(fingerprint, header_rejects, overwrite)
+            if self.path.exists() and not self.path.is_dir():
+                raise ConfigError(f"output {self.path} exists and is not a directory")
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if isinstance(exc, PermissionError):
+                    raise                   # named below, with the file
+                raise ConfigError(f"cannot create output directory {self.path}: {exc.strerror}") from None
+            self.lock.acquire()
+            try:
+                return self._open(fingerprint, header_rejects, overwrite)
+            except BaseException:
+                self.lock.release()
+                raise
         except PermissionError as exc:
             raise ConfigError(f"cannot write to output directory {self.path}: {exc.strerror} ({exc.filename})") \
                 from None
 
     def _open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
-        if self.path.exists() and not self.path.is_dir():
-            raise ConfigError(f"output {self.path} exists and is not a directory")
         existing = self.ours()
         ledger = Ledger(self.path)
         if existing and overwrite:
+            listed = self._ledger_shards(ledger)
+            foreign = [p for p in existing
+                       if self._is_shard(p.name) and p.name not in listed and not written_by_hpcembed(p)]
+            if foreign:
+                raise ConfigError(f"--overwrite: output directory {self.path} holds {len(foreign)} files named like "
+                                  f"shards that no hpcembed job wrote (e.g. {foreign[0].name}); nothing was "
+                                  "removed. Move them away, or choose another --output")
             for p in existing:
                 p.unlink()
         elif existing:
@@ -94,33 +137,69 @@ class OutputDir:
                 raise ConfigError(f"output directory {self.path} holds the output of a different job (it differs "
                                   f"in {describe_difference(state.fingerprint, fingerprint)}); pass --overwrite "
                                   "to replace it, or choose another --output")
+            damaged = self._damaged(state)
             if (self.path / SUCCESS).exists():
-                return "complete", state
+                if not damaged:
+                    return "complete", state
+                (self.path / SUCCESS).unlink()
+                log.warning("output %s: the output of this complete job is damaged (%d units); they are redone",
+                            self.path, len(damaged))
+            for number, why in sorted(damaged.items()):
+                log.warning("output %s: unit %d is redone: %s", self.path, number, why)
+                del state.units[number]
             self._keep_committed(state)
             ledger.write_fresh(state)
             self.rewrite_rejects(state.all_rejects())
             return "resume", state
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create output directory {self.path}: {exc.strerror}") from None
         state = LedgerState(fingerprint, header_rejects, {})
         ledger.write_fresh(state)
         self.rewrite_rejects(header_rejects)
         return "fresh", state
 
+    @staticmethod
+    def _ledger_shards(ledger: Ledger) -> set[str]:
+        """The shards an existing ledger names (shards from before the mark was written are known this way)."""
+        try:
+            state = ledger.load() if ledger.exists() else None
+        except (ConfigError, OSError, ValueError, KeyError):
+            return set()
+        return {name for unit in state.units.values() for name in unit.shards} if state else set()
+
+    def _damaged(self, state: LedgerState) -> dict[int, str]:
+        """The committed units with a shard that is not as the ledger recorded it at commit (missing, another
+        size, unreadable, other rows, other bytes), each with why. Every shard is read in full for its checksum,
+        on several threads."""
+        checks = [(number, name, rows, unit.files.get(name))
+                  for number, unit in state.units.items() for name, rows in unit.shards.items()]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            found = list(pool.map(lambda check: self._check_shard(*check[1:]), checks))
+        damaged: dict[int, str] = {}
+        for (number, name, _, _), why in zip(checks, found):
+            if why is not None and number not in damaged:
+                damaged[number] = f"shard {name} {why}"
+        return damaged
+
+    def _check_shard(self, name: str, rows: int, file: list | None) -> str | None:
+        path = self.path / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "is missing"
+        if file is not None and size != file[0]:
+            return f"has {size} bytes, the ledger says {file[0]}"
+        try:
+            found = self.shard_rows(path)
+        except (OSError, pa.ArrowException) as exc:
+            return f"cannot be read ({exc})"
+        if found != rows:
+            return f"has {found} rows, the ledger says {rows}"
+        if file is not None and file_digest(path) != file[1]:
+            return "is not what was written (its checksum differs)"
+        return None
+
     def _keep_committed(self, state: LedgerState) -> None:
-        """Drop units whose shards do not match their ledger record (a crash mid-rewrite), then delete every
-        shard and temporary file no committed unit names: the uncommitted units are redone from scratch."""
-        for number, unit in sorted(state.units.items()):
-            for name, rows in unit.shards.items():
-                path = self.path / name
-                found = self.shard_rows(path) if path.exists() else None
-                if found != rows:
-                    log.warning("output %s: unit %d is redone: shard %s has %s rows, the ledger says %d",
-                                self.path, number, name, found, rows)
-                    del state.units[number]
-                    break
+        """Delete every shard and temporary file no committed unit names: the uncommitted units are redone from
+        scratch."""
         keep = {name for unit in state.units.values() for name in unit.shards}
         stray = [p for p in self.ours() if p.name.startswith(("." + self.shard_prefix, "._"))
                  or (self._is_shard(p.name) and p.name not in keep)]
@@ -129,32 +208,41 @@ class OutputDir:
         if stray:
             log.info("output %s: removed %d files of uncommitted units", self.path, len(stray))
 
-    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray) -> None:
+    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray) -> ShardFile:
+        """Write a shard (temporary name, fsync, rename) and return its size and checksum for the ledger."""
         rows, dim = embeddings.shape
         values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
         table = pa.Table.from_arrays([ids, pa.FixedSizeListArray.from_arrays(values, dim)], schema=output_schema(dim))
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
-        # Float embeddings barely compress (zstd saves ~7%), so only the ids are compressed.
-        pq.write_table(table, tmp, compression={"id": "zstd", "embedding": "none"},
-                       use_dictionary=["id"], row_group_size=64 * 1024)
-        with open(tmp, "rb+") as fh:
+        # Built in memory, so the checksum is of the bytes written, without reading them back. Float embeddings
+        # barely compress (zstd saves ~7%), so only the ids are compressed; they are all distinct, so no
+        # dictionary.
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression={"id": "zstd", "embedding": "none"}, use_dictionary=False,
+                       row_group_size=64 * 1024)
+        data = sink.getvalue()
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, final)
+        return ShardFile(data.size, checksum(data))
 
-    def drop_ids(self, name: str, digests: set[bytes]) -> list[str]:
-        """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed."""
+    def drop_ids(self, name: str, digests: set[bytes]) -> tuple[list[str], ShardFile | None]:
+        """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed and the
+        rewritten shard's size and checksum (None if nothing was removed)."""
         from .ids import id_digest
         table = pq.read_table(self.path / name)
         ids = table.column("id").to_pylist()
         keep = [id_digest(i) not in digests for i in ids]
         removed = [i for i, k in zip(ids, keep) if not k]
-        if removed:
-            kept = table.filter(pa.array(keep))
-            self.write_shard(name, kept.column("id").combine_chunks(),
-                             kept.column("embedding").combine_chunks().flatten().to_numpy()
-                             .reshape(kept.num_rows, table.schema.field("embedding").type.list_size))
-        return removed
+        if not removed:
+            return removed, None
+        kept = table.filter(pa.array(keep))
+        return removed, self.write_shard(name, kept.column("id").combine_chunks(),
+                                         kept.column("embedding").combine_chunks().flatten().to_numpy()
+                                         .reshape(kept.num_rows, table.schema.field("embedding").type.list_size))
 
     def rewrite_rejects(self, rejects: list[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()

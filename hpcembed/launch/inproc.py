@@ -26,6 +26,13 @@ _JOIN_SECONDS = 30
 def run_in_process(cfg: JobConfig, kind: JobKind) -> dict:
     device = resolve_device(cfg.device) if kind.has_encoders else "cpu"
     setup = prepare(cfg, kind, device)
+    try:
+        return _run(cfg, kind, setup, device)
+    finally:
+        setup.output.lock.release()
+
+
+def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     if setup.status == "complete":
         return already_complete(setup)
     STOP.install()

@@ -9,10 +9,12 @@ launchers knows which kind it runs.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..config import JobConfig
 from ..engine.model import ModelSpec
 from ..errors import ConfigError
+from ..engine.cache import default_cache_dir
 from ..io.ledger import model_identity
 from ..io.sources import Plan
 from ..io.tokens import check_tokenizer_matches, read_token_manifest
@@ -45,13 +47,24 @@ class JobKind:
 
 
 def input_identity(cfg: JobConfig, plan: Plan) -> list:
-    """Each input's absolute path, size and planned rows."""
+    """Each input's absolute path, size, modification time (ns) and planned rows: an input edited in place, even
+    to the same size, is another job."""
     inputs = []
     for f in plan.files:
         path = os.path.abspath(f.path)
-        size = os.path.getsize(path) if os.path.exists(path) else None
-        inputs.append([path, size, plan.file_rows.get(f.index)])
+        st = os.stat(path) if os.path.exists(path) else None
+        inputs.append([path, st.st_size if st else None, plan.file_rows.get(f.index), st.st_mtime_ns if st else None])
     return inputs
+
+
+def digest_cache(cfg: JobConfig) -> Path | None:
+    """Where model digests are cached: the kernel cache directory, if it can be made."""
+    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return path
 
 
 class EmbedJob(JobKind):
@@ -64,10 +77,13 @@ class EmbedJob(JobKind):
                 check_tokenizer_matches(pattern, manifest.get("tokenizer", {}), tokenizer)
 
     def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
-        """Same inputs (path, size, rows), same model and embedding settings, same work units."""
-        return {"inputs": input_identity(cfg, plan), "model": spec.name, "model_id": model_identity(spec.path),
+        """Same inputs (path, size, modification time, rows), same model (by content) and embedding settings,
+        same work units."""
+        return {"inputs": input_identity(cfg, plan), "model": spec.name,
+                "model_id": model_identity(spec.path, digest_cache(cfg)),
                 "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
+                "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
                 "unit_rows": cfg.unit_rows}
 
     def sink(self, output_path):

@@ -57,6 +57,16 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     startup = {"process_started": process_started_at() or time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     setup, plan = _plan(cfg, kind, transport, ranks) if rank == 0 else (None, None)
+    try:
+        return _run_plan(cfg, kind, transport, ranks, setup, plan, early, startup)
+    finally:
+        if setup is not None:
+            setup.output.lock.release()
+
+
+def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], setup: JobSetup | None,
+              plan: RunPlan | None, early, startup: dict[str, float]) -> dict | None:
+    comm, rank = transport.comm, transport.rank
     plan, plan_sends = _share_plan(comm, plan)
     startup["plan_received"] = time.time()
     if plan.status == "error":
@@ -106,6 +116,7 @@ def _settle(sends: list) -> None:
 
 
 def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tuple[JobSetup | None, RunPlan]:
+    setup = None
     try:
         setup = prepare(cfg, kind, job_device(cfg, ranks) if kind.has_encoders else "cpu")
         if setup.status == "complete":
@@ -115,6 +126,8 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens)
     except HpcEmbedError as exc:
+        if setup is not None:
+            setup.output.lock.release()
         return None, RunPlan("error", error=str(exc), exit_code=exc.exit_code)
 
 
@@ -217,9 +230,11 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
         return finish(cfg, setup, result, entries, transport.name, device)
     except HpcEmbedError as exc:
         print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
+        setup.output.lock.release()         # MPI_Abort ends this process: no finally runs after it
         transport.abort(str(exc), exc.exit_code)
         raise
     except BaseException as exc:
         print(f"hpcembed: internal error on the conductor: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        setup.output.lock.release()
         transport.abort(str(exc), 1)
         raise

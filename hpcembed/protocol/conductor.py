@@ -155,9 +155,10 @@ class ConductorCore:
         parts = self.units.get(unit)
         if parts is not None and unit not in self.done and parts.complete:
             read = parts.read
-            committed = CommittedUnit(unit, {p.shard: p.rows for p in parts.written.values()},
-                                      sum(p.tokens for p in parts.written.values()), read.rejected_rows,
-                                      read.rejects)
+            written = parts.written.values()
+            committed = CommittedUnit(unit, {p.shard: p.rows for p in written}, sum(p.tokens for p in written),
+                                      read.rejected_rows, read.rejects,
+                                      {p.shard: [p.size, p.digest] for p in written if p.size >= 0})
             # Ledger first: a reject line without its ledger record is rebuilt away on resume.
             self.ledger.commit_unit(committed)
             self.output.append_rejects(read.rejects)
@@ -205,5 +206,8 @@ class ConductorCore:
             error.row_id = row_id
             records.append(error.as_reject())
         unit.rejects.extend(records)
-        self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records)
+        file = [message.size, message.digest] if message.size >= 0 else None
+        if file is not None:
+            unit.files[message.shard] = file
+        self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records, file)
         self.output.append_rejects(records)

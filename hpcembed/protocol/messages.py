@@ -70,6 +70,8 @@ class PartWritten:
     shard: str
     rows: int
     tokens: int
+    size: int = -1                  # the shard's bytes and checksum (io/writer.ShardFile), for the ledger;
+    digest: str = ""                # -1 and "" where no file was written (the simulation)
 
 
 @dataclass
@@ -91,6 +93,8 @@ class PartRewritten:
     unit: int
     shard: str
     removed_ids: list[str]
+    size: int = -1                  # the rewritten shard's, as in PartWritten
+    digest: str = ""
 
 
 @dataclass

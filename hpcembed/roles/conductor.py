@@ -19,6 +19,7 @@ def run_conductor(core: ConductorCore, transport: Transport, progress, stop: Sto
         while not core.finished:
             envelope = transport.recv(timeout=_QUIET_POLL)
             progress.tick()
+            core.output.lock.refresh()
             if envelope is not None:
                 deliver(transport, core.handle(envelope.source, envelope.message))
             deliver(transport, core.poll(stop.signal_name if stop.requested else ""))

@@ -20,10 +20,10 @@ import pyarrow as pa
 
 from ..batching import TokenBudgetBatcher
 from ..engine.instances import InstancePool
-from ..io.writer import OutputDir, shard_name
+from ..io.writer import OutputDir, ShardFile, shard_name
 from ..manifest import EncoderStats
 from ..protocol.encoder import EncoderCore
-from ..protocol.messages import DropIds, PartRewritten, Send
+from ..protocol.messages import DropIds, PartRewritten
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import deliver
@@ -48,7 +48,7 @@ class EncoderRank:
         self.batcher = TokenBudgetBatcher(core.max_batch_tokens, first.batch_cost, pass_through=not first.pads)
         self.parts: dict[int, _UnitRows] = {}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._writes: deque[tuple[Future, Send]] = deque()
+        self._writes: deque[tuple[Future, int, str]] = deque()      # (write, unit, shard name)
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
 
@@ -110,17 +110,19 @@ class EncoderRank:
     def _report_writes(self, wait: bool) -> None:
         """PartWritten for every shard whose write has finished, in order (a failed write raises here)."""
         while self._writes and (wait or self._writes[0][0].done()):
-            future, send = self._writes.popleft()
-            future.result()
-            deliver(self.transport, [send])
+            future, unit, name = self._writes.popleft()
+            shard = future.result()
+            deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest)])
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
             self.batcher.add(message)
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, DropIds):
-            removed = self.output.drop_ids(message.shard, set(message.digests))
-            self.transport.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed))
+            removed, shard = self.output.drop_ids(message.shard, set(message.digests))
+            size, digest = shard if shard is not None else (-1, "")
+            self.transport.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed, size,
+                                                                         digest))
         else:
             for unit in self.core.handle(source, message):
                 self._write_part(unit)
@@ -148,15 +150,14 @@ class EncoderRank:
         """The shard is assembled and written on the writer thread, off the loop."""
         part = self.parts.pop(unit)
         name = shard_name(unit, self.transport.rank)
-        future = self._writer.submit(_write_shard, self.output, name, part)
-        self._writes.append((future, self.core.written(unit, name)))
+        self._writes.append((self._writer.submit(_write_shard, self.output, name, part), unit, name))
 
 
-def _write_shard(output: OutputDir, name: str, part: _UnitRows) -> None:
+def _write_shard(output: OutputDir, name: str, part: _UnitRows) -> ShardFile:
     rows = np.concatenate(part.rows)
     ids = pa.concat_arrays(part.ids)
     embeddings = np.concatenate(part.embeddings)
     if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
         order = np.argsort(rows, kind="stable")       # input order within the shard
         ids, embeddings = ids.take(pa.array(order)), embeddings[order]
-    output.write_shard(name, ids, embeddings)
+    return output.write_shard(name, ids, embeddings)

@@ -24,6 +24,7 @@ from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
 from ..io.tokens import TokenShardWriter, token_shard_name
+from ..io.writer import file_digest
 from ..manifest import TokenizerStats
 from ..protocol.messages import DuplicateRows, PartWritten, Send, StopRequested
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
@@ -92,8 +93,8 @@ class ShardSink:
         if shard is None:
             return []
         shard.close()
-        return [Send(rank.core.roles.conductor, PartWritten(unit.unit, shard.final.name, shard.rows,
-                                                            progress.tokens))]
+        return [Send(rank.core.roles.conductor, PartWritten(unit.unit, shard.final.name, shard.rows, progress.tokens,
+                                                            shard.final.stat().st_size, file_digest(shard.final)))]
 
     def unit_abandoned(self, unit: WorkUnit) -> None:
         shard = self.shards.pop(unit.unit, None)

@@ -1,0 +1,46 @@
+"""Content digests of large files (model weights), cached so that a file costs one full read, not one per run.
+
+A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
+digest; any change to those and the file is read again. Entries live in the kernel cache directory
+(engine/cache.py) under digests/, written under a temporary name and renamed, so ranks and jobs may share it. An
+unwritable cache only costs the read."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def file_content_digest(path: Path, cache: Path | None) -> str:
+    """BLAKE2b-128 of the file's bytes (hex)."""
+    path = Path(path).resolve()
+    stamp = _stamp(path)
+    entry = None
+    if cache is not None:
+        entry = cache / "digests" / (hashlib.blake2b(str(path).encode(), digest_size=16).hexdigest() + ".json")
+        try:
+            cached = json.loads(entry.read_text())
+            if cached.get("path") == str(path) and cached.get("stamp") == stamp:
+                return cached["digest"]
+        except (OSError, ValueError, AttributeError):
+            pass
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if entry is not None:
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "digest": digest}))
+            os.replace(tmp, entry)
+        except OSError:
+            pass
+    return digest
