@@ -231,3 +231,19 @@ def test_usage_errors(tmp_path):
     assert proc.returncode == 2 and "normalize must be true or false, got 'false'" in proc.stderr, proc.stderr
     assert "--text-column" in run_cli("run", "--help").stdout
     assert "run" in run_cli("--help").stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not safetensors"])
+def test_damaged_model_weights_are_named(tmp_path, model_dir, damage):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"<html>not found</html>" * 100)
+    write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "text": "a row"}])
+    proc = run_cli("run", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"),
+                   "--model", str(model))
+    assert proc.returncode == 2 and f"model weights {weights} are" in proc.stderr, proc.stderr[-2000:]
+    assert ("truncated" if damage == "truncated" else "not safetensors") in proc.stderr
+    assert "Traceback" not in proc.stderr

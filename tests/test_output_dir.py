@@ -90,12 +90,12 @@ def test_second_job_on_the_same_output_is_refused_and_the_first_completes(tmp_pa
     texts = {f"lock-{k}": f"row {k} of a job that holds its output " * (1 + k % 9) for k in range(1500)}
     src, expected = write_corpus(_corpus_dir(tmp_path / "in"), texts, 2, st_model)
     out = tmp_path / "out"
-    first = BackgroundJob([sys.executable, "-m", "hpcembed", "run", "--input", str(src), "--output", str(out),
-                           "--unit-rows", "100", "--progress", "log", "--progress-interval", "0.5"],
+    args = ["run", "--input", str(src), "--output", str(out), "--unit-rows", "100"]
+    first = BackgroundJob([sys.executable, "-m", "hpcembed", *args, "--progress", "log", "--progress-interval", "0.5"],
                           tmp_path / "first.log", {"HF_HUB_OFFLINE": "1"})
     try:
         first.wait_for(r"\d+/1,500 rows", timeout=180)             # under way: it holds the lock
-        second = run_cli("run", "--input", str(src), "--output", str(out), "--progress", "off")
+        second = run_cli(*args, "--progress", "off")
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"pid {first.proc.pid} on {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -105,7 +105,7 @@ def test_second_job_on_the_same_output_is_refused_and_the_first_completes(tmp_pa
     assert_complete_output(out, expected)
     assert not (out / LOCK).exists()
     # A finished job left no lock: a rerun is told there is nothing to do.
-    again = run_cli("run", "--input", str(src), "--output", str(out), "--progress", "off")
+    again = run_cli(*args, "--progress", "off")
     assert again.returncode == 0 and "nothing to do" in again.stderr and not (out / LOCK).exists()
 
 
@@ -219,3 +219,28 @@ def test_overwrite_never_removes_a_users_own_files(tmp_path):
     mine.unlink()
     replaced = run_cli(*args, "--overwrite")
     assert replaced.returncode == 0 and len(list(out.glob("part-*.parquet"))) == 1
+
+
+def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes(tmp_path, st_model):
+    """The file-size limit stands in for a full disk: a shard write fails with EFBIG instead of ENOSPC."""
+    import resource
+    import signal
+    texts = {f"d-{k}": f"disk row {k} " * (2 + k % 5) for k in range(600)}
+    src, expected = write_corpus(_corpus_dir(tmp_path / "in"), texts, 1, st_model)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "hpcembed", "run", "--input", str(src), "--output", str(out), "--unit-rows", "300",
+            "--progress", "off"]
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)                 # write() fails instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a 300-row shard is ~460 kB
+
+    full = subprocess.run(args, capture_output=True, text=True, timeout=300, preexec_fn=small_files,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert "cannot write shard part-" in full.stderr and "run the job again" in full.stderr
+    assert "Traceback" not in full.stderr and not (out / "_SUCCESS").exists()
+    assert not list(out.glob(".part-*"))                                # no temporary file left behind
+    again = run_cli(*args[3:])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_complete_output(out, expected)

@@ -139,3 +139,37 @@ def test_tokenize_job_resumes_after_a_stop(tmp_path, corpus):
     assert manifest["units_resumed"] == len(ledger) - 2 and manifest["rows_written"] == len(corpus)
     assert len(read_token_dir(tok)) == len(corpus)
     np.testing.assert_equal(sorted(read_token_dir(tok)), sorted(corpus))
+
+
+def test_token_directory_rows_and_manifest_are_validated(tmp_path, model_dir, st_model):
+    """A token directory is input like any other: rows no encoder may take are rejectable rows naming the shard
+    and row, and its manifest may not name files outside it."""
+    tok = tmp_path / "tok"
+    rows = [{"id": f"t{k}", "text": f"token row {k}"} for k in range(6)]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    assert run_cli("tokenize", "--input", str(tmp_path / "in.jsonl"), "--output", str(tok)).returncode == 0
+    shard = sorted(tok.glob("tokens-*.arrow"))[0]
+    table = pa.ipc.open_file(pa.BufferReader(shard.read_bytes())).read_all()     # not mapped: rewritten below
+    good = table.column("input_ids").to_pylist()
+    tokens = [good[0], [101, 40000, 102], [], None, [101] + [2000] * 300 + [102], good[5]]
+    schema = table.schema
+    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(pa.table({"id": table.column("id"), "input_ids": pa.array(tokens, pa.list_(pa.int32()))},
+                                    schema=schema))
+    failed = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out"))
+    assert failed.returncode == 3 and f"{shard} row 1 (id 't1')" in failed.stderr
+    assert "token id 40000 is outside the model's vocabulary" in failed.stderr and "Traceback" not in failed.stderr
+    skipped = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out"), "--on-invalid", "skip",
+                      "--overwrite")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    reasons = {r["row"]: r["reason"] for r in map(json.loads, (tmp_path / "out" / "_rejects.jsonl").open())}
+    assert set(reasons) == {1, 2, 3, 4}
+    assert "empty" in reasons[2] and "null" in reasons[3] and "more than the model's maximum of 256" in reasons[4]
+    got = read_manifest(tmp_path / "out")
+    assert got["rows_written"] == 2 and got["rejected_rows"] == 4
+    # A manifest that names a file outside its directory is refused before anything is read.
+    manifest = json.loads((tok / "_manifest.json").read_text())
+    manifest["shards"][0]["path"] = "../in.jsonl"
+    (tok / "_manifest.json").write_text(json.dumps(manifest))
+    outside = run_cli("run", "--input", str(tok), "--output", str(tmp_path / "out3"))
+    assert outside.returncode == 2 and "'../in.jsonl', which is not a shard inside the directory" in outside.stderr

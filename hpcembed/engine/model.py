@@ -39,6 +39,7 @@ class ModelSpec:
     lowercase: bool
     dim: int
     architecture: str
+    vocab_size: int = 0       # rows of the token embedding (config.json), 0 when it does not say
 
     @classmethod
     def load(cls, model_dir: str, pooling: str = "", normalize: bool | None = None,
@@ -87,10 +88,32 @@ class ModelSpec:
         dim = int(pool_cfg.get("word_embedding_dimension") or dim or 0)
         if not dim:
             raise ConfigError(f"model {model_dir}: config.json names no hidden size (hidden_size, d_model or dim)")
+        for weights in sorted(transformer_dir.glob("*.safetensors")):
+            _check_safetensors(weights)
         return cls(path=str(transformer_dir), name=_model_name(root), pooling=pooling or model_pooling,
                    normalize=has_normalize if normalize is None else normalize, max_seq_length=seq,
                    lowercase=bool(st_cfg.get("do_lower_case", False)), dim=dim,
-                   architecture=(config.get("architectures") or [config.get("model_type", "?")])[0])
+                   architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
+                   vocab_size=int(config.get("vocab_size") or 0))
+
+
+def _check_safetensors(path: Path) -> None:
+    """A weight file cut short or not safetensors at all is the user's to fix, named here, before any rank loads
+    it (loading it fails deep inside a library with no file name). Reads only the header."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= length <= size - 8:
+                raise ValueError(f"its header length ({length}) does not fit a file of {size} bytes")
+            header = json.loads(fh.read(length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"model weights {path} are corrupt or not safetensors ({exc})") from None
+    if 8 + length + end > size:
+        raise ConfigError(f"model weights {path} are truncated: {size} bytes, the header describes "
+                          f"{8 + length + end}; copy or download the model again")
 
 
 def _model_name(root: Path) -> str:

@@ -41,6 +41,8 @@ class RowChunk:
 class Columns:
     text: str
     id: str             # "" means: 'id' when present, else generated
+    # Token directories: the model's maximum length and vocabulary size, which every token row must respect.
+    token_limits: tuple[int, int] | None = None
 
 
 def read_unit(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
@@ -299,11 +301,34 @@ def _read_tokens(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[
             for start in range(0, batch.num_rows, chunk_rows):
                 part = batch.slice(start, chunk_rows)
                 ids = part.column(0).to_pylist()
-                good = np.asarray([k for k, i in enumerate(ids) if i is not None], dtype=np.int64)
+                bad = {k: "id is null" for k, i in enumerate(ids) if i is None}
+                for k, why in _token_row_problems(part.column(1), columns.token_limits).items():
+                    bad.setdefault(k, why)
+                good = np.asarray([k for k in range(len(ids)) if k not in bad], dtype=np.int64)
                 chunk = RowChunk(first + start + good, [ids[k] for k in good], [],
-                                 [InputError(unit.file.path, "id is null", first + start + k)
-                                  for k, i in enumerate(ids) if i is None],
-                                 part.column(1).take(pa.array(good, pa.int64())) if len(good) < len(ids)
-                                 else part.column(1))
+                                 [InputError(unit.file.path, why, first + start + k, ids[k])
+                                  for k, why in sorted(bad.items())],
+                                 part.column(1).take(pa.array(good, pa.int64())) if bad else part.column(1))
                 yield chunk
             first += batch.num_rows
+
+
+def _token_row_problems(tokens: pa.ListArray, limits: tuple[int, int] | None) -> dict[int, str]:
+    """Rows of a token shard that no encoder may take: null or empty, longer than the model's maximum, or holding
+    an id outside its vocabulary (each would be an internal error or a meaningless embedding downstream)."""
+    offsets = tokens.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    nulls = tokens.is_null().to_numpy(zero_copy_only=False)
+    bad = {int(k): "input_ids is null" for k in np.flatnonzero(nulls)}
+    bad.update((int(k), "input_ids is empty: no tokens to embed") for k in np.flatnonzero((lengths == 0) & ~nulls))
+    if limits is None:
+        return bad
+    max_len, vocab = limits
+    for k in np.flatnonzero(lengths > max_len):
+        bad.setdefault(int(k), f"{lengths[k]} tokens, more than the model's maximum of {max_len}")
+    values = tokens.values.to_numpy()[offsets[0]: offsets[-1]]
+    outside = np.flatnonzero((values < 0) | (values >= vocab))
+    for position in outside:
+        k = int(np.searchsorted(offsets[1:] - offsets[0], position, side="right"))
+        bad.setdefault(k, f"token id {values[position]} is outside the model's vocabulary (0 to {vocab - 1})")
+    return bad

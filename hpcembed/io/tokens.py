@@ -97,7 +97,15 @@ def token_directory_files(directory: str | Path, manifest: dict) -> list[str]:
     if not (directory / "_SUCCESS").exists():
         raise ConfigError(f"token directory {directory} is incomplete (no _SUCCESS): rerun its `hpcembed tokenize` "
                           "job to finish it")
-    files = [str(directory / s["path"]) for s in manifest.get("shards", [])]
+    inside = directory.resolve()
+    files = []
+    for shard in manifest.get("shards", []):
+        path = directory / str(shard.get("path", ""))
+        # A manifest is input too: it names shards of this directory, never files elsewhere.
+        if not path.resolve().is_relative_to(inside) or path.resolve() == inside:
+            raise ConfigError(f"token directory {directory}: its manifest names {shard.get('path')!r}, which is not "
+                              "a shard inside the directory")
+        files.append(str(path))
     missing = [f for f in files if not os.path.exists(f)]
     if missing:
         raise ConfigError(f"token directory {directory} is missing {len(missing)} shards its manifest lists, "

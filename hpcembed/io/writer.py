@@ -222,11 +222,16 @@ class OutputDir:
         pq.write_table(table, sink, compression={"id": "zstd", "embedding": "none"}, use_dictionary=False,
                        row_group_size=64 * 1024)
         data = sink.getvalue()
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ConfigError(f"cannot write shard {name} in {self.path}: {exc.strerror or exc}. Free space (or "
+                              "raise the quota) and run the job again: it resumes") from None
         return ShardFile(data.size, checksum(data))
 
     def drop_ids(self, name: str, digests: set[bytes]) -> tuple[list[str], ShardFile | None]:

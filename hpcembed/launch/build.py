@@ -27,7 +27,9 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
     return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
-                         Columns(cfg.text_column, cfg.id_column), cfg.chunk_rows, cfg.on_invalid == "skip",
+                         Columns(cfg.text_column, cfg.id_column,
+                                 (spec.max_seq_length, spec.vocab_size) if spec.vocab_size else None),
+                         cfg.chunk_rows, cfg.on_invalid == "skip",
                          kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share,
                          batch_tokens if kind.has_encoders else 0)
 
