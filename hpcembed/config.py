@@ -34,6 +34,9 @@ class JobConfig:
     on_invalid: str = _opt("fail", "invalid rows: 'fail' stops the job, 'skip' records them in OUTPUT/_rejects.jsonl",
                            choices=("fail", "skip"))
     overwrite: bool = _opt(False, "replace the output of an earlier job in --output")
+    input_fingerprint: str = _opt("stat", "how a rerun tells that inputs changed: 'stat' (path, size, modification "
+                                          "time, rows) or 'content' (also a checksum of every input file, each "
+                                          "read in full once per run)", choices=("stat", "content"))
     max_seq_length: int = _opt(0, "truncate texts to this many tokens (default: the model's max_seq_length)")
     pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
     normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
@@ -105,7 +108,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
 # The options `hpcembed tokenize` takes; the rest concern the encoder. Its job file may still hold them all, so
 # one TOML can drive both steps of a tokenize-then-embed pipeline.
 TOKENIZE_FIELDS = ("input", "output", "model", "text_column", "id_column", "on_invalid", "overwrite",
-                   "max_seq_length", "tokenizer_backend", "unit_rows", "chunk_rows", "progress", "progress_interval")
+                   "input_fingerprint", "max_seq_length", "tokenizer_backend", "unit_rows", "chunk_rows", "progress",
+                   "progress_interval")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -244,3 +244,19 @@ def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes(tmp_path, st_model):
     again = run_cli(*args[3:])
     assert again.returncode == 0, again.stderr[-3000:]
     assert_complete_output(out, expected)
+
+
+def test_input_fingerprint_by_content_catches_an_edit_that_keeps_size_and_time(tmp_path):
+    src = _corpus_dir(tmp_path / "in")
+    rows = src / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"id": f"c{k}", "text": f"content row {k}"}) + "\n" for k in range(10)))
+    out = tmp_path / "out"
+    def run(mode):
+        return run_cli("run", "--input", str(src), "--output", str(out), "--input-fingerprint", mode,
+                       "--progress", "off")
+    assert run("content").returncode == 0
+    stat = rows.stat()
+    rows.write_text(rows.read_text().replace("content row 3", "content row Z"))
+    os.utime(rows, ns=(stat.st_atime_ns, stat.st_mtime_ns))         # same size, same modification time
+    edited = run("content")
+    assert edited.returncode == 2 and "inputs (1 files differ" in edited.stderr

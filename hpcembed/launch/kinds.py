@@ -15,6 +15,7 @@ from ..config import JobConfig
 from ..engine.model import ModelSpec
 from ..errors import ConfigError
 from ..engine.cache import default_cache_dir
+from ..io.digest import file_content_digest
 from ..io.ledger import model_identity
 from ..io.sources import Plan
 from ..io.tokens import check_tokenizer_matches, read_token_manifest
@@ -48,12 +49,16 @@ class JobKind:
 
 def input_identity(cfg: JobConfig, plan: Plan) -> list:
     """Each input's absolute path, size, modification time (ns) and planned rows: an input edited in place, even
-    to the same size, is another job."""
+    to the same size, is another job. With --input-fingerprint content, also a checksum of its bytes (not
+    cached: it is asked for to catch an edit that kept the size and time)."""
     inputs = []
     for f in plan.files:
         path = os.path.abspath(f.path)
         st = os.stat(path) if os.path.exists(path) else None
-        inputs.append([path, st.st_size if st else None, plan.file_rows.get(f.index), st.st_mtime_ns if st else None])
+        entry = [path, st.st_size if st else None, plan.file_rows.get(f.index), st.st_mtime_ns if st else None]
+        if cfg.input_fingerprint == "content" and st is not None:
+            entry.append(file_content_digest(Path(path), None))
+        inputs.append(entry)
     return inputs
 
 

@@ -103,7 +103,9 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid},
         settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                   "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
-                  "max_batch_tokens": cfg.max_batch_tokens or None},
+                  "max_batch_tokens": cfg.max_batch_tokens or None,
+                  # What tokenizer batches were cut to (scaling/sim.py replays a run with it).
+                  "tokenizer_batch_tokens": cfg.batch_tokens_for(device) if setup.kind.has_encoders else 0},
         plan=setup.plan, result=result, ranks=ranks, transport=transport)
     setup.output.write_manifest(manifest)
     if manifest["complete"]:

@@ -89,6 +89,7 @@ def build(bench_dir: Path) -> dict:
                  "how": "the H100 box the single-node run used: 16 cores, 1 GPU; the rate plan chose its roles"},
         "job": {"unit_rows": data["e2e_node"]["unit_rows"], "chunk_rows": 1024, "credits": 4,
                 "max_batch_tokens": 262144, "window_batches": 8, "instances": 2,
+                "tokenizer_batch_tokens": 262144,      # projections: tokenizers cut batches to the budget (0.3)
                 "source": src["e2e_node"]},
         "measured_node": {"texts_per_s": e2e["texts_per_s"], "tokens_per_s": e2e["tokens_per_s"],
                           "startup_seconds": e2e["startup_seconds"], "docs": data["e2e_node"]["docs"],

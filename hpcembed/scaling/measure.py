@@ -66,6 +66,7 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
             "max_batch_tokens": settings.get("max_batch_tokens") or default_batch_tokens(gpus[0].get("device", "")
                                                                                         if gpus else "cuda"),
             "window_batches": settings.get("window_batches", 8),
+            "tokenizer_batch_tokens": settings.get("tokenizer_batch_tokens", 0),     # 0: a run from before 0.3
             "instances": gpus[0].get("instances", 2) if gpus else 2,
             "network": network, "start_offsets_s": starts,
             "gpu_rows": [r["rows"] for r in gpus],

@@ -51,6 +51,9 @@ class JobShape:
     unit_rows: int = 50_000
     unit_sizes: list[list[int]] | None = None  # a measured run's units, [rows, count] runs (manifest settings)
     chunk_rows: int = 1024
+    # Tokenizer batches: cut to this many tokens (batching.BatchAssembler, as jobs send them since 0.3), or 0 for
+    # one batch per chunk of chunk_rows rows (as runs measured before 0.3 sent them).
+    tokenizer_batch_tokens: int = 0
     credits: int = 4
     max_batch_tokens: int = 262144          # one encoder batch (config.default_batch_tokens: cuda 262144, cpu 2048)
     window_batches: int = 8                 # the encoder rank's window, in encoder batches (protocol/encoder.py)

@@ -35,7 +35,8 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
         shape = NodeShape(**sim_in["node"])
         job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], unit_sizes=sim_in.get("unit_sizes"),
                        chunk_rows=sim_in["chunk_rows"], credits=sim_in["credits"],
-                       **{k: sim_in[k] for k in ("max_batch_tokens", "window_batches", "instances") if k in sim_in})
+                       **{k: sim_in[k] for k in ("max_batch_tokens", "window_batches", "instances",
+                                                  "tokenizer_batch_tokens") if k in sim_in})
         result = simulate(m["nodes"], shape, job, rates, start_offsets=sim_in.get("start_offsets_s"))
         simulated = result.throughput_texts_per_s
         error = simulated / m["throughput_texts_per_s"] - 1
@@ -58,8 +59,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
                    chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
-                   **{k: calibration["job"][k] for k in ("max_batch_tokens", "window_batches", "instances")
-                      if k in calibration["job"]})
+                   **{k: calibration["job"][k] for k in ("max_batch_tokens", "window_batches", "instances",
+                                                         "tokenizer_batch_tokens") if k in calibration["job"]})
     out, base = [], None
     for n in nodes:
         result = simulate(n, shape, job, rates)

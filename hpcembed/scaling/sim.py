@@ -178,9 +178,11 @@ class Simulation:
                     self.all_started = env.now
             self._post(rank, sends)
             progress = UnitProgress()
-            # Rows are tokenized chunk_rows at a time and leave in batches of the encoder's token budget, the
-            # rest of the unit as one smaller batch (batching.BatchAssembler).
-            batch_rows = max(1, int(job.max_batch_tokens // r.tokens_per_text))
+            # Rows are tokenized chunk_rows at a time and leave in batches of the token budget, the rest of the
+            # unit as one smaller batch (batching.BatchAssembler); or, replaying a run from before 0.3, a chunk
+            # at a time.
+            batch_rows = (max(1, int(job.tokenizer_batch_tokens // r.tokens_per_text)) if job.tokenizer_batch_tokens
+                          else job.chunk_rows)
             pending = 0
             for start in range(unit.row_start, unit.row_stop, job.chunk_rows):
                 rows = min(job.chunk_rows, unit.row_stop - start)
