@@ -13,7 +13,7 @@ import sys
 
 from . import __version__
 from .config import FIELDS, TOKENIZE_FIELDS, build_config, load_toml
-from .errors import EXIT_FAILED, EXIT_STOPPED, EXIT_USAGE, HpcEmbedError
+from .errors import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_STOPPED, EXIT_USAGE, HpcEmbedError
 
 log = logging.getLogger("hpcembed")
 
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--no-requeue", dest="requeue", action="store_false", help="pass exit 75 on instead")
     launch.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     launch.add_argument("step", nargs=argparse.REMAINDER, metavar="COMMAND", help="the job step to run")
+    verify = sub.add_parser("verify", help="check an output directory before loading it anywhere",
+                            description="Check an embedding output directory: every shard against the ledger "
+                            "(size, rows, checksum), no stray shards, no id twice, dimensions, finite values and "
+                            "norms. Prints a summary; exit 3 if there is any problem, naming the shard.")
+    verify.add_argument("output", metavar="OUTPUT")
     from .scaling.cli import add_parser as add_scaling
     add_scaling(sub)
     return parser
@@ -108,6 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         except HpcEmbedError as exc:
             print(f"hpcembed: error: {exc}", file=sys.stderr)
             return exc.exit_code
+    if args.command == "verify":
+        from .verify import print_report, verify
+        try:
+            problems, summary = verify(args.output)
+        except HpcEmbedError as exc:
+            print(f"hpcembed: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        print_report(problems, summary, sys.stderr)
+        return EXIT_INVALID_INPUT if problems else 0
     if args.command == "launch":
         from .slurm import launch
         step = args.step[1:] if args.step[:1] == ["--"] else args.step

@@ -260,3 +260,42 @@ def test_input_fingerprint_by_content_catches_an_edit_that_keeps_size_and_time(t
     os.utime(rows, ns=(stat.st_atime_ns, stat.st_mtime_ns))         # same size, same modification time
     edited = run("content")
     assert edited.returncode == 2 and "inputs (1 files differ" in edited.stderr
+
+
+def test_verify_names_what_is_wrong_with_an_output(tmp_path, st_model):
+    import shutil
+    texts = {f"vf-{k}": f"verify row {k} " * (1 + k % 4) for k in range(200)}
+    src, expected = write_corpus(_corpus_dir(tmp_path / "in"), texts, 1, st_model)
+    out = tmp_path / "out"
+    assert run_cli("run", "--input", str(src), "--output", str(out), "--unit-rows", "50",
+                   "--progress", "off").returncode == 0
+    good = run_cli("verify", str(out))
+    assert good.returncode == 0 and "4 shards, 200 rows, dim 384" in good.stderr and "OK" in good.stderr
+    shards = sorted(out.glob("part-*.parquet"))
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:-64])
+    stray = out / "part-00000099-r00001.parquet"            # a copy the ledger does not name: its ids twice
+    shutil.copy(shards[2], stray)
+    bad = run_cli("verify", str(out))
+    assert bad.returncode == 3 and "Traceback" not in bad.stderr, bad.stderr
+    assert f"shard {shards[0].name} is missing" in bad.stderr
+    assert f"shard {shards[1].name} has" in bad.stderr
+    assert f"shard {stray.name} is not in the ledger" in bad.stderr
+    assert f"50 ids are held twice, e.g. in {shards[2].name} and {stray.name}" in bad.stderr
+    assert run_cli("verify", str(tmp_path / "in")).returncode == 2             # not an output directory
+
+
+def test_verify_checks_dimensions_values_and_norms():
+    import numpy as np
+    import pyarrow as pa
+    from hpcembed.verify import _check_embeddings
+    emb = np.eye(4, 8, dtype=np.float32)
+    emb[1, 0] = np.nan
+    emb[2] *= 2.0
+    table = pa.table({"id": ["a", "b", "c", "d"],
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), 8)})
+    found = _check_embeddings("part-x.parquet", table, {"dim": 8, "normalize": True})
+    assert found == ["shard part-x.parquet row 1: a value that is not finite (1 rows)",
+                     "shard part-x.parquet row 2: norm 2.0000, the model normalizes (1 rows)"]
+    assert _check_embeddings("part-x.parquet", table, {"dim": 384})[0].endswith("the manifest says 384 floats")
+    assert len(_check_embeddings("part-x.parquet", table, {"dim": 8, "normalize": False})) == 1

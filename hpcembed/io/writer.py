@@ -137,7 +137,7 @@ class OutputDir:
                 raise ConfigError(f"output directory {self.path} holds the output of a different job (it differs "
                                   f"in {describe_difference(state.fingerprint, fingerprint)}); pass --overwrite "
                                   "to replace it, or choose another --output")
-            damaged = self._damaged(state)
+            damaged = self.damaged(state)
             if (self.path / SUCCESS).exists():
                 if not damaged:
                     return "complete", state
@@ -165,7 +165,7 @@ class OutputDir:
             return set()
         return {name for unit in state.units.values() for name in unit.shards} if state else set()
 
-    def _damaged(self, state: LedgerState) -> dict[int, str]:
+    def damaged(self, state: LedgerState) -> dict[int, str]:
         """The committed units with a shard that is not as the ledger recorded it at commit (missing, another
         size, unreadable, other rows, other bytes), each with why. Every shard is read in full for its checksum,
         on several threads."""

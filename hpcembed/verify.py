@@ -1,0 +1,104 @@
+"""`hpcembed verify OUTPUT`: check an embedding output directory before loading it into a vector store.
+
+It reads the ledger and the manifest and opens every shard. These are problems:
+- the job is not complete (no `_SUCCESS`);
+- a committed shard is missing, has another size, rows or checksum than the ledger recorded, or cannot be read
+  (the checks a rerun makes, io/writer.py);
+- a shard-named file that the ledger does not name (a dataset reader would read it with the output);
+- an id held twice, across every shard in the directory;
+- an embedding of another dimension than the manifest's, a value that is not finite, or, for a model that
+  normalizes, a row whose norm is not 1;
+- rows that do not add up to the manifest's.
+Ids are compared by their 128-bit digests (16 bytes a row in memory).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError
+from .io.ids import id_digest
+from .io.ledger import Ledger
+from .io.writer import SUCCESS, OutputDir
+
+NORM_TOLERANCE = 1e-3
+
+
+def verify(path: str) -> tuple[list[str], dict]:
+    """(problems, summary) of the output directory `path`; raises ConfigError if it is not one."""
+    output = OutputDir(path)
+    ledger = Ledger(output.path)
+    if not output.path.is_dir() or not ledger.exists():
+        raise ConfigError(f"{path} is not an hpcembed output directory (no {ledger.path.name})")
+    if (output.path / "_manifest.json").exists() and output.read_manifest().get("kind") == "tokens":
+        raise ConfigError(f"{path} is a token directory; verify checks embedding outputs")
+    state = ledger.load()
+    problems = [] if (output.path / SUCCESS).exists() else [f"no {SUCCESS}: the job is not complete"]
+    damaged = output.damaged(state)
+    problems += [f"unit {unit}: {why}" for unit, why in sorted(damaged.items())]
+    committed = {name: unit for unit, record in state.units.items() for name in record.shards}
+    present = sorted(p.name for p in output.path.glob("part-*.parquet"))
+    problems += [f"shard {name} is not in the ledger: a reader of the directory would take its rows as output"
+                 for name in present if name not in committed]
+    manifest = output.read_manifest() if (output.path / "_manifest.json").exists() else {}
+    readable = [name for name in present if committed.get(name) not in damaged]
+    rows, digests, owners = 0, [], []
+    for k, name in enumerate(readable):
+        table = pq.read_table(output.path / name)
+        rows += table.num_rows
+        problems += _check_embeddings(name, table, manifest)
+        digests.append(np.frombuffer(b"".join(id_digest(i) for i in table.column("id").to_pylist()), "V16"))
+        owners.append(np.full(table.num_rows, k, np.int32))
+    problems += _duplicates(np.concatenate(digests) if digests else np.empty(0, "V16"),
+                            np.concatenate(owners) if owners else np.empty(0, np.int32), readable)
+    if manifest and not damaged and rows != manifest.get("rows_written"):
+        problems.append(f"the shards hold {rows:,} rows, the manifest says {manifest.get('rows_written'):,}")
+    summary = {"output": str(output.path), "shards": len(present), "rows": rows, "dim": manifest.get("dim"),
+               "units": len(state.units), "problems": len(problems)}
+    return problems, summary
+
+
+def _check_embeddings(name: str, table: pa.Table, manifest: dict) -> list[str]:
+    out = []
+    kind = table.schema.field("embedding").type
+    dim = manifest.get("dim")
+    if not pa.types.is_fixed_size_list(kind) or (dim and kind.list_size != dim):
+        return [f"shard {name}: embeddings are {kind}, the manifest says {dim} floats"]
+    values = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, kind.list_size)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        out.append(f"shard {name} row {int(np.flatnonzero(~finite)[0])}: a value that is not finite "
+                   f"({int((~finite).sum())} rows)")
+    if manifest.get("normalize"):
+        norms = np.linalg.norm(values.astype(np.float64), axis=1)
+        off = np.flatnonzero(finite & (np.abs(norms - 1.0) > NORM_TOLERANCE))
+        if len(off):
+            out.append(f"shard {name} row {int(off[0])}: norm {norms[off[0]]:.4f}, the model normalizes "
+                       f"({len(off)} rows)")
+    if table.column("id").null_count:
+        out.append(f"shard {name}: {table.column('id').null_count} null ids")
+    return out
+
+
+def _duplicates(digests: np.ndarray, owners: np.ndarray, names: list[str]) -> list[str]:
+    if not len(digests):
+        return []
+    order = np.argsort(digests.view(np.dtype([("hi", "<u8"), ("lo", "<u8")])), order=("hi", "lo"), kind="stable")
+    ordered = digests[order]
+    repeated = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if not len(repeated):
+        return []
+    first = repeated[0]
+    where = sorted({names[owners[order[first]]], names[owners[order[first + 1]]]})
+    return [f"{len(repeated)} ids are held twice, e.g. in {' and '.join(where)}"]
+
+
+def print_report(problems: list[str], summary: dict, out) -> None:
+    dim = f", dim {summary['dim']}" if summary.get("dim") else ""
+    print(f"hpcembed: verify {summary['output']}: {summary['shards']} shards, {summary['rows']:,} rows{dim}, "
+          f"{summary['units']} committed units", file=out)
+    for problem in problems:
+        print(f"hpcembed: problem: {problem}", file=out)
+    print(f"hpcembed: {'OK' if not problems else f'{len(problems)} problems'}", file=out)
+
