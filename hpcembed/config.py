@@ -39,6 +39,9 @@ class JobConfig:
                                           "read in full once per run)", choices=("stat", "content"))
     max_seq_length: int = _opt(0, "truncate texts to this many tokens (default: the model's max_seq_length)")
     pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
+    output_dtype: str = _opt("float32", "how embeddings are stored: float32, float16, or the signs packed 8 to a "
+                                        "byte as sentence-transformers' quantize_embeddings packs them (binary: "
+                                        "int8, ubinary: uint8)", choices=("float32", "float16", "binary", "ubinary"))
     normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
     device: str = _opt("auto", "torch device for the encoder: auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU", choices=("auto", "fp32", "fp16", "bf16"))

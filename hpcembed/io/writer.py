@@ -33,8 +33,30 @@ def shard_name(unit: int, rank: int) -> str:
     return f"part-{unit:08d}-r{rank:05d}.parquet"
 
 
-def output_schema(dim: int) -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(pa.float32(), dim))], metadata=WRITTEN_BY)
+# --output-dtype: how embeddings are stored. binary and ubinary are the signs packed 8 to a byte, as
+# sentence-transformers' quantize_embeddings packs them (binary: the packed byte minus 128, as int8).
+OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "binary": pa.int8(), "ubinary": pa.uint8()}
+
+
+def stored_width(dim: int, dtype: str) -> int:
+    """Values per stored embedding: the dimension, or its bytes of packed signs."""
+    return (dim + 7) // 8 if dtype.endswith("binary") else dim
+
+
+def convert(embeddings: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 embeddings [rows, dim] as `dtype` stores them."""
+    if dtype == "float16":
+        return embeddings.astype(np.float16)
+    if dtype == "binary":
+        return (np.packbits(embeddings > 0, axis=-1) - 128).astype(np.int8)
+    if dtype == "ubinary":
+        return np.packbits(embeddings > 0, axis=-1)
+    return np.ascontiguousarray(embeddings, dtype=np.float32)
+
+
+def output_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    return pa.schema([("id", pa.string()), ("embedding", pa.list_(OUTPUT_DTYPES[dtype], stored_width(dim, dtype)))],
+                     metadata=WRITTEN_BY)
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -72,8 +94,9 @@ class OutputDir:
     """An embedding job's output (Parquet shards `part-*.parquet`), or with `tokens=True` a tokenize job's
     (Arrow IPC shards `tokens-*.arrow`, io/tokens.py). Everything else is the same."""
 
-    def __init__(self, path: str, tokens: bool = False):
+    def __init__(self, path: str, tokens: bool = False, output_dtype: str = "float32"):
         self.path = Path(path)
+        self.output_dtype = output_dtype
         self.lock = OutputLock(self.path)
         if tokens:
             from .tokens import token_shard_rows
@@ -209,10 +232,16 @@ class OutputDir:
             log.info("output %s: removed %d files of uncommitted units", self.path, len(stray))
 
     def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray) -> ShardFile:
-        """Write a shard (temporary name, fsync, rename) and return its size and checksum for the ledger."""
-        rows, dim = embeddings.shape
-        values = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
-        table = pa.Table.from_arrays([ids, pa.FixedSizeListArray.from_arrays(values, dim)], schema=output_schema(dim))
+        """Write float32 embeddings [rows, dim] as a shard of this output's dtype (temporary name, fsync, rename)
+        and return its size and checksum for the ledger."""
+        dim = embeddings.shape[1]
+        stored = convert(embeddings, self.output_dtype)
+        values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
+        return self._write_table(name, pa.Table.from_arrays(
+            [ids, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])],
+            schema=output_schema(dim, self.output_dtype)))
+
+    def _write_table(self, name: str, table: pa.Table) -> ShardFile:
         final = self.path / name
         tmp = self.path / f".{name}.tmp"
         # Built in memory, so the checksum is of the bytes written, without reading them back. Float embeddings
@@ -244,10 +273,7 @@ class OutputDir:
         removed = [i for i, k in zip(ids, keep) if not k]
         if not removed:
             return removed, None
-        kept = table.filter(pa.array(keep))
-        return removed, self.write_shard(name, kept.column("id").combine_chunks(),
-                                         kept.column("embedding").combine_chunks().flatten().to_numpy()
-                                         .reshape(kept.num_rows, table.schema.field("embedding").type.list_size))
+        return removed, self._write_table(name, table.filter(pa.array(keep)))     # already stored as it is
 
     def rewrite_rejects(self, rejects: list[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()

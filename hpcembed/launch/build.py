@@ -52,4 +52,5 @@ def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders:
                  startup: dict[str, float] | None = None) -> EncoderRank:
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
-    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output), startup)
+    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output, output_dtype=cfg.output_dtype),
+                       startup)

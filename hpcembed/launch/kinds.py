@@ -88,8 +88,8 @@ class EmbedJob(JobKind):
                 "model_id": model_identity(spec.path, digest_cache(cfg)),
                 "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
-                "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
-                "unit_rows": cfg.unit_rows}
+                "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
+                "generated_ids": "path-in-input"}     # '<path within its input, no extension>:<row>'
 
     def sink(self, output_path):
         return EncoderSink()
