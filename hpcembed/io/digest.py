@@ -1,4 +1,5 @@
-"""Content digests of large files (model weights), cached so that a file costs one full read, not one per run.
+"""Content digests: BLAKE2b-128 of bytes and of files (shards, inputs), and of large files (model weights) cached
+so that a file costs one full read, not one per run.
 
 A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
 digest; any change to those and the file is read again. Entries live in the kernel cache directory
@@ -12,13 +13,25 @@ import os
 from pathlib import Path
 
 
+def checksum(data) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)            # releases the GIL for large buffers: files are digested in parallel threads
+    return h.hexdigest()
+
+
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def file_content_digest(path: Path, cache: Path | None) -> str:
-    """BLAKE2b-128 of the file's bytes (hex)."""
+    """file_digest, from `cache` where the file has not changed since (None: no cache)."""
     path = Path(path).resolve()
     stamp = _stamp(path)
     entry = None
@@ -30,11 +43,7 @@ def file_content_digest(path: Path, cache: Path | None) -> str:
                 return cached["digest"]
         except (OSError, ValueError, AttributeError):
             pass
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_digest(path)
     if entry is not None:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)

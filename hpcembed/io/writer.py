@@ -2,11 +2,11 @@
 _SUCCESS.
 
 Shards are written to a temporary name, fsynced and renamed, so a shard that exists is complete. The ledger
-(io/ledger.py) says which units are committed; opening a directory that holds a ledger of the same job resumes
-it. _SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject."""
+(io/ledger.py) says which units are committed, with each shard's size and checksum; opening a directory that holds
+a ledger of the same job verifies its shards and resumes it (`_lock`, io/lock.py, keeps a second job out).
+_SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
+from .digest import checksum, file_digest
 from .ledger import LEDGER, Ledger, LedgerState, describe_difference
 from .lock import OutputLock
 from .mark import WRITTEN_BY, written_by_hpcembed
@@ -76,18 +77,6 @@ class ShardFile(NamedTuple):
     """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits)."""
     size: int
     digest: str
-
-
-def checksum(data) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)            # releases the GIL for large buffers: shards verify in parallel threads
-    return h.hexdigest()
 
 
 class OutputDir:

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 
 from ..batching import BatchAssembler
 from ..errors import InputError
+from ..io.digest import file_digest
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
 from ..io.tokens import TokenShardWriter, token_shard_name
-from ..io.writer import file_digest
 from ..manifest import TokenizerStats
 from ..protocol.messages import DuplicateRows, PartWritten, Send, StopRequested
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
