@@ -27,18 +27,25 @@ def cores_here() -> int:
         return os.cpu_count() or 1
 
 
-def process_started_at() -> float | None:
-    """When this process started (epoch seconds, to the kernel's clock tick), from /proc: start-up is measured
-    from here, since imports and MPI initialisation come before any code of ours runs. None off Linux."""
+def process_start_ticks(pid: int | str = "self") -> int | None:
+    """A process's start, in clock ticks after boot, from /proc (None if it is gone, or off Linux)."""
     try:
-        with open("/proc/self/stat") as fh:
-            # Field 22 is the start time in clock ticks after boot; the command name (field 2) may hold spaces.
-            ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        # The kernel counts it on the boot-time clock (its btime is whole seconds only).
-        boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
+        with open(f"/proc/{pid}/stat") as fh:
+            # Field 22 is the start time; the command name (field 2) may hold spaces and parentheses.
+            return int(fh.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
         return None
+
+
+def process_started_at() -> float | None:
+    """When this process started (epoch seconds, to the kernel's clock tick): start-up is measured from here,
+    since imports and MPI initialisation come before any code of ours runs. None off Linux."""
+    ticks = process_start_ticks()
+    if ticks is None or not hasattr(time, "CLOCK_BOOTTIME"):
+        return None
+    # The kernel counts it on the boot-time clock (its btime is whole seconds only).
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def find_mpiexec() -> str | None:

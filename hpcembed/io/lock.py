@@ -19,21 +19,13 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..world import process_start_ticks
 
 log = logging.getLogger("hpcembed")
 
 LOCK = "_lock"
 HEARTBEAT_SECONDS = 10.0
 STALE_SECONDS = 120.0
-
-
-def _process_started(pid: int) -> float | None:
-    """A process's start, in clock ticks after boot (enough to tell a reused pid apart); None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return float(fh.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _alive(pid: int) -> bool:
@@ -58,7 +50,7 @@ class OutputLock:
         self.path = self.directory / LOCK
         self.held = False
         self._touched = 0.0
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_started(os.getpid()),
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": process_start_ticks(os.getpid()),
                    "slurm_job": os.environ.get("SLURM_JOB_ID"), "acquired": time.time()}
 
     def acquire(self) -> None:
@@ -118,7 +110,7 @@ class OutputLock:
             pid = holder["pid"]
             if not _alive(pid):
                 return f"pid {pid} is not running"
-            started = _process_started(pid)
+            started = process_start_ticks(pid)      # tells a reused pid apart
             if holder.get("started") is not None and started is not None and started != holder["started"]:
                 return f"pid {pid} is now another process"
             return None
