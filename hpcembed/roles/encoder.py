@@ -128,23 +128,21 @@ class EncoderRank:
                 self._write_part(unit)
 
     def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
-        units = batch.units
-        if units[0] == units[-1] and (units == units[0]).all():
-            # A tokenizer's batch holds rows of one unit: keep its arrays as they are.
-            self._keep(int(units[0]), batch.rows, batch.id_array(), embeddings, batch.num_tokens)
-            return
         ids, lengths = batch.id_array(), batch.lengths
-        for unit in np.unique(units):
-            sel = np.flatnonzero(units == unit)
-            self._keep(int(unit), batch.rows[sel], ids.take(pa.array(sel)), embeddings[sel], int(lengths[sel].sum()))
-
-    def _keep(self, unit: int, rows: np.ndarray, ids: pa.Array, embeddings: np.ndarray, tokens: int) -> None:
-        part = self.parts.setdefault(unit, _UnitRows())
-        part.rows.append(rows)
-        part.ids.append(ids)
-        part.embeddings.append(embeddings)
-        if self.core.embedded(unit, len(rows), tokens):
-            self._write_part(unit)
+        for unit in np.unique(batch.units):
+            sel = np.flatnonzero(batch.units == unit)
+            part = self.parts.setdefault(int(unit), _UnitRows())
+            if len(sel) == batch.num_rows:
+                # The whole batch (a tokenizer's batch holds one unit): its arrays are kept as they are.
+                part.rows.append(batch.rows)
+                part.ids.append(ids)
+                part.embeddings.append(embeddings)
+            else:
+                part.rows.append(batch.rows[sel])
+                part.ids.append(ids.take(pa.array(sel)))
+                part.embeddings.append(embeddings[sel])
+            if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
+                self._write_part(int(unit))
 
     def _write_part(self, unit: int) -> None:
         """The shard is assembled and written on the writer thread, off the loop."""
