@@ -22,7 +22,10 @@ log = logging.getLogger("hpcembed")
 ENV = "HPCEMBED_CACHE_DIR"
 
 
-def default_cache_dir() -> Path:
+def cache_dir(option: str = "") -> Path:
+    """--cache-dir, else HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed (~/.cache/hpcembed)."""
+    if option:
+        return Path(option)
     if os.environ.get(ENV):
         return Path(os.environ[ENV])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -34,7 +37,7 @@ def use_cache_dir(option: str = "") -> Path:
     --cache-dir or HPCEMBED_CACHE_DIR that cannot be written is the user's mistake; an unwritable default
     (a read-only home on compute nodes) falls back to a fresh temporary directory, so nothing is kept."""
     named = bool(option or os.environ.get(ENV))
-    path = Path(option) if option else default_cache_dir()
+    path = cache_dir(option)
     try:
         path.mkdir(parents=True, exist_ok=True)
         if not os.access(path, os.W_OK | os.X_OK):

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from ..config import JobConfig
+from ..engine.cache import cache_dir
 from ..engine.model import ModelSpec
 from ..errors import ConfigError
-from ..engine.cache import default_cache_dir
 from ..io.digest import file_content_digest
 from ..io.ledger import model_identity
 from ..io.sources import Plan
@@ -64,7 +64,7 @@ def input_identity(cfg: JobConfig, plan: Plan) -> list:
 
 def digest_cache(cfg: JobConfig) -> Path | None:
     """Where model digests are cached: the kernel cache directory, if it can be made."""
-    path = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    path = cache_dir(cfg.cache_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
