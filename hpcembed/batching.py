@@ -115,7 +115,11 @@ class BatchAssembler:
     batches of at most `batch_tokens` real tokens (at least one row), cut at row boundaries in input order, so an
     encoder that does not pad encodes each batch as it arrives instead of re-batching it (the encoder's batcher
     passes such batches through). The rest of a unit leaves as one smaller batch when the unit is read.
-    batch_tokens 0: every chunk is a batch (a tokenize job's token shards)."""
+    batch_tokens 0: every chunk is a batch (a tokenize job's token shards).
+
+    A chunked job's windows of one text stay in one batch (so one encoder rank, which pools them, has them all):
+    cuts fall only where a text's first window starts, and a text with more windows than the budget holds leaves
+    as one batch of its own, which the encoder rank re-batches."""
 
     def __init__(self, batch_tokens: int):
         self.batch_tokens = batch_tokens
@@ -134,6 +138,8 @@ class BatchAssembler:
             joined = TokenBatch.concat(self._pending)
             ends = np.cumsum(joined.lengths)
             cut = max(1, int(np.searchsorted(ends, self.batch_tokens, side="right")))
+            if joined.chunks is not None:
+                cut = _text_boundary(joined.chunks[:, 0], cut)
             out.append(joined.slice(0, cut))
             rest = joined.slice(cut, joined.num_rows)
             self._pending = [rest] if rest.num_rows else []
@@ -148,3 +154,12 @@ class BatchAssembler:
 
     def clear(self) -> None:
         self._pending, self._tokens = [], 0
+
+
+def _text_boundary(chunk_numbers: np.ndarray, cut: int) -> int:
+    """The last cut at or before `cut` that starts a text (a row whose window number is 0), else the first one
+    after it (or the end)."""
+    starts = np.flatnonzero(chunk_numbers == 0)
+    starts = np.append(starts[starts > 0], len(chunk_numbers))
+    at_or_before = starts[starts <= cut]
+    return int(at_or_before[-1]) if len(at_or_before) else int(starts[0])

@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                  "(exit %d)", manifest["stopped_early"], f"{manifest['rows_written']:,}", f"{manifest['rows']:,}",
                  f"{manifest['rows_written_this_run']:,}", EXIT_STOPPED)
         return EXIT_STOPPED
+    if manifest.get("texts_truncated"):
+        log.warning("%s texts were longer than %s tokens and were truncated; --chunk-tokens N embeds them whole, "
+                    "in windows", f"{manifest['texts_truncated']:,}", manifest.get("max_seq_length"))
     status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
     log.info("%s: %s rows %s, %s rejected, %s texts/s, %s tokens/s -> %s", status,
              f"{manifest['rows_written']:,}", "tokenized" if manifest.get("kind") == "tokens" else "embedded",

@@ -38,6 +38,13 @@ class JobConfig:
                                           "time, rows) or 'content' (also a checksum of every input file, each "
                                           "read in full once per run)", choices=("stat", "content"))
     max_seq_length: int = _opt(0, "truncate texts to this many tokens (default: the model's max_seq_length)")
+    chunk_tokens: int = _opt(0, "split each text into windows of this many tokens (special tokens included, at "
+                                "most max-seq-length) instead of truncating it, and write one row per window: "
+                                "id, chunk, start_char, end_char, embedding (default: 0, truncate)")
+    chunk_overlap: int = _opt(0, "with --chunk-tokens: text tokens each window shares with the one before")
+    chunk_pooling: str = _opt("none", "with --chunk-tokens: 'mean' writes one row per id instead, the mean of its "
+                                      "windows' embeddings (renormalized where the model normalizes)",
+                              choices=("none", "mean"))
     pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
     output_dtype: str = _opt("float32", "how embeddings are stored: float32, float16, or the signs packed 8 to a "
                                         "byte as sentence-transformers' quantize_embeddings packs them (binary: "
@@ -92,6 +99,8 @@ class JobConfig:
             raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if not self.chunk_tokens and (self.chunk_overlap or self.chunk_pooling != "none"):
+            raise ConfigError("chunk-overlap and chunk-pooling need --chunk-tokens N")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -148,7 +157,7 @@ _ACCEPTS = {
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
 }
 # Lower bounds of the numeric options.
-_AT_LEAST = {"max_seq_length": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0, "gpu_tokens_per_s": 0,
+_AT_LEAST = {"max_seq_length": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0, "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
              "chunk_rows": 1, "credits": 1}
 

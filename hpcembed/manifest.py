@@ -35,6 +35,9 @@ class TokenizerStats(RankStats):
     tokenizer_backend: str = ""
     rows_budtiktok: int | None = None           # budtiktok backend: rows it tokenized itself
     rows_hf_fallback: int | None = None         # ... and rows it handed to HF (see tokenize/budtiktok_backend.py)
+    texts_truncated: int | None = None          # texts cut at max_seq_length (None: a token directory's rows)
+    texts_chunked: int | None = None            # --chunk-tokens: texts split into windows, and the windows
+    chunks: int | None = None
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
     other_seconds: dict[str, float] = field(default_factory=dict)   # time outside busy: unit_wait, credit_wait,
@@ -78,7 +81,7 @@ class EncoderStats(RankStats):
 
 @dataclass
 class JobResult:
-    rows_written: int               # in the output now, resumed rows included
+    rows_written: int               # input rows in the output now, resumed rows included
     tokens: int                     # embedded by this run
     rejected_rows: int              # resumed rejects included
     rows_resumed: int               # committed by earlier runs of this job
@@ -88,6 +91,7 @@ class JobResult:
     reports: dict[int, RankStats]
     wall_seconds: float
     ended_at: float                 # epoch seconds
+    output_rows: int = -1           # rows the shards hold, where not rows_written (a chunked job's windows)
 
 
 def ranks_by_role(manifest: dict) -> dict[str, list[dict]]:
@@ -140,6 +144,16 @@ def startup_summary(ranks: list[dict]) -> dict:
     return {"startup_seconds": out}
 
 
+def _summed(ranks: list[dict], *keys: str) -> dict:
+    """Each key summed over the ranks that report it (absent where none does)."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in ranks if r.get(key) is not None]
+        if values:
+            out[key] = sum(values)
+    return out
+
+
 def build_manifest(*, started: float, what: dict, config: dict, settings: dict, plan, result: JobResult,
                    ranks: list[dict], transport: str) -> dict:
     """`what`: the job kind's section (kind, model, ...); `config`: the columns and --on-invalid; `plan`: the
@@ -159,11 +173,14 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
+        "output_rows": result.output_rows if result.output_rows >= 0 else result.rows_written,
         "rows_resumed": result.rows_resumed, "units_resumed": result.units_resumed,
         "rows_written_this_run": result.rows_written - result.rows_resumed,
         "stopped_early": result.stopped_early or None,
         "unreadable_files": [e.path for e in plan.unreadable],
         "tokens": result.tokens,
+        # This run's texts cut at max_seq_length (--chunk-tokens embeds them whole), and a chunked run's windows.
+        **_summed(ranks, "texts_truncated", "texts_chunked", "chunks"),
         "wall_seconds": round(wall, 3),
         "job_seconds": round(time.time() - started, 3),
         "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,

@@ -5,7 +5,7 @@ It reads the ledger and the manifest and opens every shard. These are problems:
 - a committed shard is missing, has another size, rows or checksum than the ledger recorded, or cannot be read
   (the checks a rerun makes, io/writer.py);
 - a shard-named file that the ledger does not name (a dataset reader would read it with the output);
-- an id held twice, across every shard in the directory;
+- an id held twice, across every shard in the directory (in a chunked output, an id and window number);
 - an embedding of another dimension than the manifest's, a value that is not finite, or, for a model that
   normalizes, a row whose norm is not 1;
 - rows that do not add up to the manifest's.
@@ -48,12 +48,16 @@ def verify(path: str) -> tuple[list[str], dict]:
         table = pq.read_table(output.path / name)
         rows += table.num_rows
         problems += _check_embeddings(name, table, manifest)
-        digests.append(np.frombuffer(b"".join(id_digest(i) for i in table.column("id").to_pylist()), "V16"))
+        keys = table.column("id").to_pylist()
+        if "chunk" in table.column_names:   # a chunked output holds each (id, window) once
+            keys = [f"{i}\x00{c}" for i, c in zip(keys, table.column("chunk").to_pylist())]
+        digests.append(np.frombuffer(b"".join(id_digest(k) for k in keys), "V16"))
         owners.append(np.full(table.num_rows, k, np.int32))
     problems += _duplicates(np.concatenate(digests) if digests else np.empty(0, "V16"),
                             np.concatenate(owners) if owners else np.empty(0, np.int32), readable)
-    if manifest and not damaged and rows != manifest.get("rows_written"):
-        problems.append(f"the shards hold {rows:,} rows, the manifest says {manifest.get('rows_written'):,}")
+    expected = manifest.get("output_rows", manifest.get("rows_written"))
+    if manifest and not damaged and rows != expected:
+        problems.append(f"the shards hold {rows:,} rows, the manifest says {expected:,}")
     summary = {"output": str(output.path), "shards": len(present), "rows": rows, "dim": manifest.get("dim"),
                "units": len(state.units), "problems": len(problems)}
     return problems, summary

@@ -117,6 +117,25 @@ def test_assembler_row_longer_than_budget_leaves_alone():
     assert assembler.flush().lengths.tolist() == [4]
 
 
+def test_assembler_keeps_a_texts_windows_in_one_batch_and_they_survive_the_wire():
+    from hpcembed.batching import BatchAssembler
+    # Texts of 1, 3, 2 and 4 windows of 10 tokens; the budget (25) would cut inside the second and the fourth.
+    windows = [1, 3, 2, 4]
+    numbers = np.concatenate([np.arange(n) for n in windows])
+    chunks = np.stack([numbers, 5 * numbers, 5 * numbers + 9], axis=1).astype(np.int64)
+    batch, _ = make_batch([10] * len(numbers))
+    batch.chunks = chunks
+    assembler = BatchAssembler(batch_tokens=25)
+    sent = assembler.add(batch)
+    rest = assembler.flush()
+    every = sent + ([rest] if rest is not None else [])
+    assert [b.num_rows for b in every] == [1, 3, 2, 4]          # cut only where a text starts
+    assert all(b.chunks[0, 0] == 0 for b in every)
+    back = [TokenBatch.from_wire(b.to_wire()) for b in every]
+    assert np.concatenate([b.chunks for b in back]).tolist() == chunks.tolist()
+    assert TokenBatch.concat(back).take(np.array([3, 1])).chunks.tolist() == chunks[[3, 1]].tolist()
+
+
 def test_batcher_passes_ready_batches_through_and_rebatches_the_rest():
     batcher = TokenBudgetBatcher(100, lambda lengths: int(lengths.sum()), pass_through=True)
     ready = make_batch([30, 10, 20], unit=1)[0]                   # 60 tokens: at least half the budget

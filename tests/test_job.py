@@ -25,7 +25,7 @@ def assert_matches(out_dir, expected: dict[str, str], st_model, min_cos=0.9999):
     return got
 
 
-def test_edge_cases_match_sentence_transformers(tmp_path, st_model):
+def test_edge_cases_match_sentence_transformers(tmp_path, st_model, model_dir):
     texts = {f"e{k}": t for k, t in enumerate(EDGE_TEXTS)}
     write_jsonl(tmp_path / "edge.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
     proc = run_cli("run", "--input", str(tmp_path / "edge.jsonl"), "--output", str(tmp_path / "out"),
@@ -39,6 +39,14 @@ def test_edge_cases_match_sentence_transformers(tmp_path, st_model):
     assert manifest["dim"] == 384 and manifest["pooling"] == "mean" and manifest["normalize"] is True
     assert manifest["max_seq_length"] == 256 and len(manifest["ranks"]) == 1
     assert sum(s["rows"] for s in manifest["shards"]) == len(texts) and manifest["tokens_per_s"] > 0
+    # Truncation is counted, and said once at the end.
+    from hpcembed.tokenize.hf import load_tokenizer
+    tok = load_tokenizer(model_dir)
+    tok.no_truncation()
+    tok.no_padding()
+    longer = sum(len(e.ids) > 256 for e in tok.encode_batch(EDGE_TEXTS))
+    assert longer >= 2 and manifest["texts_truncated"] == longer
+    assert proc.stderr.count("were truncated; --chunk-tokens") == 1
 
 
 def test_all_formats_in_one_job_with_toml_and_overrides(tmp_path, st_model):

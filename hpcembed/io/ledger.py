@@ -4,8 +4,10 @@
 length, columns, unit size), then one record per event:
     {"kind": "unit", "unit": 7, "shards": {"part-00000007-r00002.parquet": 4096}, "tokens": ..., "rejects": [...],
      "files": {"part-00000007-r00002.parquet": [6340123, "<BLAKE2b-128 hex>"]}}
-    {"kind": "drop", "unit": 7, "shard": "part-...", "removed": 1, "rejects": [...], "file": [bytes, checksum]}
-    (a drop: ids repeated across ranks removed from a committed shard, which was rewritten)
+    {"kind": "drop", "unit": 7, "shard": "part-...", "removed": 1, "rejects": [...], "file": [bytes, checksum],
+     "rows": 4095}
+    (a drop: ids repeated across ranks removed from a committed shard, which was rewritten; "rows" is what the
+    shard holds now, which a chunked shard's removed ids took several rows each from)
 The shards' sizes and checksums let a rerun verify the output before trusting it (io/writer.py).
 A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
 written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
@@ -126,7 +128,7 @@ class Ledger:
             elif rec["kind"] == "drop":
                 unit = state.units.get(rec["unit"])
                 if unit is not None and rec["shard"] in unit.shards:
-                    unit.shards[rec["shard"]] -= rec["removed"]
+                    unit.shards[rec["shard"]] = rec.get("rows", unit.shards[rec["shard"]] - rec["removed"])
                     unit.rejected += rec["removed"]
                     unit.rejects.extend(rec.get("rejects", []))
                     if "file" in rec:
@@ -155,9 +157,12 @@ class Ledger:
     def commit_unit(self, unit: CommittedUnit) -> None:
         self._append(self._unit_line(unit))
 
-    def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict], file: list | None = None) -> None:
-        """`file`: the rewritten shard's [bytes, checksum]."""
+    def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict], file: list | None = None,
+                    rows: int = -1) -> None:
+        """`removed`: ids; `file`: the rewritten shard's [bytes, checksum]; `rows`: the rows it holds now."""
         record = {"kind": "drop", "unit": unit, "shard": shard, "removed": removed, "rejects": rejects}
+        if rows >= 0:
+            record["rows"] = rows
         if file is not None:
             record["file"] = file
         self._append(json.dumps(record, ensure_ascii=False) + "\n")

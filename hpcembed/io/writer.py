@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError
@@ -55,9 +56,22 @@ def convert(embeddings: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
-def output_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    return pa.schema([("id", pa.string()), ("embedding", pa.list_(OUTPUT_DTYPES[dtype], stored_width(dim, dtype)))],
-                     metadata=WRITTEN_BY)
+# A chunked job's rows (--chunk-tokens) say which window of the text they are and which characters it covers.
+CHUNK_FIELDS = [("chunk", pa.int32()), ("start_char", pa.int64()), ("end_char", pa.int64())]
+
+
+def output_schema(dim: int, dtype: str = "float32", chunked: bool = False) -> pa.Schema:
+    return pa.schema([("id", pa.string()), *(CHUNK_FIELDS if chunked else []),
+                      ("embedding", pa.list_(OUTPUT_DTYPES[dtype], stored_width(dim, dtype)))], metadata=WRITTEN_BY)
+
+
+def shard_ids(path) -> list[str]:
+    """The ids a shard holds, each once: a chunked shard's first window of each text stands for it."""
+    names = pq.ParquetFile(path).schema_arrow.names
+    table = pq.read_table(path, columns=["id", "chunk"] if "chunk" in names else ["id"])
+    if "chunk" in names:
+        table = table.filter(pc.equal(table.column("chunk"), 0))
+    return table.column("id").to_pylist()
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -74,9 +88,10 @@ def parquet_rows(path: Path) -> int:
 
 
 class ShardFile(NamedTuple):
-    """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits)."""
+    """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits), and rows."""
     size: int
     digest: str
+    rows: int = -1
 
 
 class OutputDir:
@@ -220,15 +235,19 @@ class OutputDir:
         if stray:
             log.info("output %s: removed %d files of uncommitted units", self.path, len(stray))
 
-    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray) -> ShardFile:
+    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray,
+                    chunks: np.ndarray | None = None) -> ShardFile:
         """Write float32 embeddings [rows, dim] as a shard of this output's dtype (temporary name, fsync, rename)
-        and return its size and checksum for the ledger."""
+        and return its size and checksum for the ledger. `chunks`: [rows, 3] chunk number and character span of
+        a chunked job's rows."""
         dim = embeddings.shape[1]
         stored = convert(embeddings, self.output_dtype)
         values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
+        extra = [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
+                                           pa.array(chunks[:, 2])]
         return self._write_table(name, pa.Table.from_arrays(
-            [ids, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])],
-            schema=output_schema(dim, self.output_dtype)))
+            [ids, *extra, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])],
+            schema=output_schema(dim, self.output_dtype, chunks is not None)))
 
     def _write_table(self, name: str, table: pa.Table) -> ShardFile:
         final = self.path / name
@@ -250,16 +269,16 @@ class OutputDir:
             tmp.unlink(missing_ok=True)
             raise ConfigError(f"cannot write shard {name} in {self.path}: {exc.strerror or exc}. Free space (or "
                               "raise the quota) and run the job again: it resumes") from None
-        return ShardFile(data.size, checksum(data))
+        return ShardFile(data.size, checksum(data), table.num_rows)
 
     def drop_ids(self, name: str, digests: set[bytes]) -> tuple[list[str], ShardFile | None]:
-        """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed and the
-        rewritten shard's size and checksum (None if nothing was removed)."""
+        """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed (each once,
+        though a chunked shard holds several rows of it) and the rewritten shard (None if nothing was removed)."""
         from .ids import id_digest
         table = pq.read_table(self.path / name)
         ids = table.column("id").to_pylist()
         keep = [id_digest(i) not in digests for i in ids]
-        removed = [i for i, k in zip(ids, keep) if not k]
+        removed = list(dict.fromkeys(i for i, k in zip(ids, keep) if not k))
         if not removed:
             return removed, None
         return removed, self._write_table(name, table.filter(pa.array(keep)))     # already stored as it is

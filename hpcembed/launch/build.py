@@ -14,6 +14,7 @@ from ..protocol.tokenizer import TokenizerCore
 from ..roles.encoder import EncoderRank
 from ..roles.tokenizer import TokenizerRank
 from ..tokenize import make_tokenizer
+from ..tokenize.chunk import Chunker
 from ..topology import RoleMap
 from ..transport.base import Transport
 from .kinds import JobKind
@@ -22,7 +23,10 @@ from .kinds import JobKind
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
                    committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None) -> TokenizerRank:
     """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job)."""
-    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    if cfg.chunk_tokens and kind.has_encoders:
+        backend = Chunker.from_model_dir(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
+    else:
+        backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
@@ -48,9 +52,9 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder
     return [first] + [build() for _ in range(count - 1)]
 
 
-def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder],
+def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
                  startup: dict[str, float] | None = None) -> EncoderRank:
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
     return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output, output_dtype=cfg.output_dtype),
-                       startup)
+                       startup, pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize)

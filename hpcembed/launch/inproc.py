@@ -42,13 +42,13 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
                                           setup.committed_shards(), cfg.batch_tokens_for(device)))]
     if kind.has_encoders:
         encoders = build_encoders(cfg, setup.spec, device)
-        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders)))
+        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders, setup.spec)))
     threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:
         th.start()
     conductor_t = network.endpoint(0)
-    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
     core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
                          skip_invalid=cfg.on_invalid == "skip", progress=progress)
     try:

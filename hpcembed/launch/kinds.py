@@ -20,6 +20,7 @@ from ..io.ledger import model_identity
 from ..io.sources import Plan
 from ..io.tokens import check_tokenizer_matches, read_token_manifest
 from ..roles.tokenizer import EncoderSink, ShardSink
+from ..tokenize.chunk import Chunker
 
 
 class JobKind:
@@ -30,6 +31,9 @@ class JobKind:
 
     def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
         raise NotImplementedError
+
+    def check_model(self, cfg: JobConfig, spec: ModelSpec) -> None:
+        """Options that the model rules out."""
 
     def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
         raise NotImplementedError
@@ -62,6 +66,13 @@ def input_identity(cfg: JobConfig, plan: Plan) -> list:
     return inputs
 
 
+def chunking(cfg: JobConfig) -> dict:
+    """The chunk settings of a chunked job (none otherwise, so unchunked jobs keep the fingerprint they had)."""
+    if not cfg.chunk_tokens:
+        return {}
+    return {"chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap, "chunk_pooling": cfg.chunk_pooling}
+
+
 def digest_cache(cfg: JobConfig) -> Path | None:
     """Where model digests are cached: the kernel cache directory, if it can be made."""
     path = cache_dir(cfg.cache_dir)
@@ -79,7 +90,17 @@ class EmbedJob(JobKind):
         for pattern in cfg.input:
             manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
             if manifest is not None:
+                if cfg.chunk_tokens:
+                    raise ConfigError(f"--chunk-tokens needs the texts, and input {pattern} is a token directory "
+                                      "(its texts were truncated when it was tokenized)")
                 check_tokenizer_matches(pattern, manifest.get("tokenizer", {}), tokenizer)
+
+    def check_model(self, cfg: JobConfig, spec: ModelSpec) -> None:
+        if cfg.chunk_tokens > spec.max_seq_length:
+            raise ConfigError(f"chunk-tokens {cfg.chunk_tokens} is more than the {spec.max_seq_length} tokens "
+                              f"{spec.name} takes (max_seq_length)")
+        if cfg.chunk_tokens:
+            Chunker.from_model_dir(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)  # checks K, N
 
     def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
         """Same inputs (path, size, modification time, rows), same model (by content) and embedding settings,
@@ -89,7 +110,8 @@ class EmbedJob(JobKind):
                 "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
-                "generated_ids": "path-in-input"}     # '<path within its input, no extension>:<row>'
+                "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
+                **chunking(cfg)}
 
     def sink(self, output_path):
         return EncoderSink()

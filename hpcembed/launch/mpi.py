@@ -196,7 +196,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
                 encoders, startup["built"] = early.encoders, early.built_at
             else:
                 encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
-            encoder_rank(cfg, transport, plan.roles, encoders, startup).run()
+            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup).run()
     run_role(role, transport, plan.roles.conductor, body)
     transport.flush()
 
@@ -218,7 +218,7 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
     idle = transport.size - 1 - len(roles.tokenizers) - len(roles.encoders)
     log.info("role map: 1 conductor, %d tokenizer, %d encoder ranks%s", len(roles.tokenizers), len(roles.encoders),
              f", {idle} idle" if idle else "")
-    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.resumed.rows)
+    progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
     start = time.process_time()
     core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
                          skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress)

@@ -15,7 +15,7 @@ from ..io.writer import OutputDir
 from ..manifest import JobResult, build_manifest
 from ..tokenize import HFTokenizer
 from ..topology import RoleMap
-from .kinds import JobKind
+from .kinds import JobKind, chunking
 
 log = logging.getLogger("hpcembed")
 
@@ -31,6 +31,12 @@ class JobSetup:
     resumed: LedgerState
     dtype: str
     tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
+
+    @property
+    def rows_resumed(self) -> int:
+        """Input rows earlier runs committed (output rows or rejected, a chunked text's windows once)."""
+        rows = {u.unit: u.rows for u in self.plan.units}
+        return sum(rows[n] - u.rejected for n, u in self.resumed.units.items())
 
     def committed_shards(self) -> list[tuple[int, str, int]]:
         """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the
@@ -73,6 +79,7 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     tokenizer = tokenizer_identity(HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase),
                                    spec.name)
     kind.check_inputs(cfg, tokenizer)
+    kind.check_model(cfg, spec)
     files = resolve_inputs(cfg.input)
     check_output_outside_inputs(cfg.output, files, cfg.input)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
@@ -83,8 +90,8 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
              kind.describe(spec, tokenizer))
     if status == "resume":
-        log.info("resuming %s: %d of %d units (%s rows) already committed", output.path, len(resumed.units),
-                 len(plan.units), f"{resumed.rows:,}")
+        log.info("resuming %s: %d of %d units (%s output rows) already committed", output.path,
+                 len(resumed.units), len(plan.units), f"{resumed.rows:,}")
     return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer)
 
 
@@ -101,7 +108,7 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
     manifest = build_manifest(
         started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
-                **({"output_dtype": cfg.output_dtype} if setup.kind.has_encoders else {})},
+                **({"output_dtype": cfg.output_dtype, **chunking(cfg)} if setup.kind.has_encoders else {})},
         settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                   "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
                   "max_batch_tokens": cfg.max_batch_tokens or None,

@@ -57,15 +57,16 @@ class UnitParts:
 class ConductorCore:
     def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
                  skip_invalid: bool = False, name_ranks: bool = False, progress=None):
-        """`progress`: anything with update(rows, tokens), told of each written part; `name_ranks`: failures
+        """`progress`: anything with update(rows, tokens), told of each written part's tokens and each committed
+        unit's rows; `name_ranks`: failures
         name the rank they came from (an MPI job; one process has no ranks to name)."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
         self.done: dict[int, CommittedUnit] = dict(resumed.units)
-        self.rows_resumed, self.units_resumed = resumed.rows, len(resumed.units)
         self.pending = deque(u for u in plan.units if u.unit not in self.done)
         self.units = {u.unit: UnitParts() for u in self.pending}
         self.plan_units = {u.unit: u for u in plan.units}
+        self.rows_resumed, self.units_resumed = self._texts(resumed.units), len(resumed.units)
         self.paths = {f.index: f.path for f in plan.files}
         self.tokens = 0
         self.reports: dict[int, RankStats] = {}
@@ -88,8 +89,18 @@ class ConductorCore:
         """Every encoder rank has reported after its Stop: the job is over."""
         return self.stop_sent and all(e in self.reports for e in self.roles.encoders)
 
+    def _texts(self, units: dict[int, CommittedUnit]) -> int:
+        """Input rows of committed units that are in the output: every row of a unit is there or rejected."""
+        return sum(self.plan_units[n].rows - u.rejected for n, u in units.items())
+
     @property
     def rows_written(self) -> int:
+        """Input rows in the output (a chunked text's windows count once)."""
+        return self._texts(self.done)
+
+    @property
+    def output_rows(self) -> int:
+        """Rows the committed shards hold."""
         return sum(u.rows for u in self.done.values())
 
     @property
@@ -100,7 +111,7 @@ class ConductorCore:
         stopped = self.stop_reason if self.draining and not self.all_committed else ""
         shards = [{"path": name, "rows": rows} for u in self.done.values() for name, rows in u.shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
-                         stopped, shards, self.reports, wall_seconds, ended_at)
+                         stopped, shards, self.reports, wall_seconds, ended_at, self.output_rows)
 
     # --- entry points -----------------------------------------------------------------------------------------
     def handle(self, source: int, message) -> list[Send]:
@@ -113,7 +124,7 @@ class ConductorCore:
             self.units[message.unit].written[source] = message
             self.tokens += message.tokens
             if self.progress is not None:
-                self.progress.update(message.rows, message.tokens)
+                self.progress.update(0, message.tokens)
             return self._commit_if_done(message.unit)
         if isinstance(message, DuplicateRows):
             return self._duplicates(message)
@@ -156,7 +167,7 @@ class ConductorCore:
         if parts is not None and unit not in self.done and parts.complete:
             read = parts.read
             written = parts.written.values()
-            committed = CommittedUnit(unit, {p.shard: p.rows for p in written}, sum(p.tokens for p in written),
+            committed = CommittedUnit(unit, {p.shard: p.shard_rows for p in written}, sum(p.tokens for p in written),
                                       read.rejected_rows, read.rejects,
                                       {p.shard: [p.size, p.digest] for p in written if p.size >= 0})
             # Ledger first: a reject line without its ledger record is rebuilt away on resume.
@@ -164,6 +175,8 @@ class ConductorCore:
             self.output.append_rejects(read.rejects)
             self.done[unit] = committed
             del self.units[unit]
+            if self.progress is not None:       # input rows, counted once their unit is committed
+                self.progress.update(self.plan_units[unit].rows - committed.rejected, 0)
         out: list[Send] = []
         if unit in self.done and unit in self.drops:
             errors = self.drops.pop(unit)
@@ -197,7 +210,8 @@ class ConductorCore:
     def _rewritten(self, message: PartRewritten) -> None:
         self.rewrites_pending -= 1
         unit = self.done[message.unit]
-        unit.shards[message.shard] -= len(message.removed_ids)
+        rows = message.rows if message.rows >= 0 else unit.shards[message.shard] - len(message.removed_ids)
+        unit.shards[message.shard] = rows
         unit.rejected += len(message.removed_ids)
         errors = self.dropping[message.unit]
         records = []
@@ -209,5 +223,5 @@ class ConductorCore:
         file = [message.size, message.digest] if message.size >= 0 else None
         if file is not None:
             unit.files[message.shard] = file
-        self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records, file)
+        self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records, file, rows)
         self.output.append_rejects(records)

@@ -90,11 +90,12 @@ class EncoderCore:
         part = self.parts[unit]
         return part.expected is not None and part.embedded >= part.expected
 
-    def written(self, unit: int, shard: str, size: int = -1, digest: str = "") -> Send:
-        """The complete part is in its shard (of `size` bytes, checksum `digest`): the PartWritten the conductor
-        commits on."""
+    def written(self, unit: int, shard: str, size: int = -1, digest: str = "", stored: int = -1) -> Send:
+        """The complete part is in its shard (of `size` bytes, checksum `digest`, `stored` rows where that is
+        not the rows embedded): the PartWritten the conductor commits on."""
         part = self.parts.pop(unit)
-        return Send(self.roles.conductor, PartWritten(unit, shard, part.embedded, part.tokens, size, digest))
+        stored = -1 if stored == part.embedded else stored
+        return Send(self.roles.conductor, PartWritten(unit, shard, part.embedded, part.tokens, size, digest, stored))
 
     def finish(self, stats) -> list[Send]:
         """The rank's last report. Parts still open are an error, unless a drain abandoned their units (the next

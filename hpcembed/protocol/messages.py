@@ -68,10 +68,15 @@ class UnitRead:
 class PartWritten:
     unit: int
     shard: str
-    rows: int
+    rows: int                       # batch rows of the unit this rank was sent and embedded
     tokens: int
     size: int = -1                  # the shard's bytes and checksum (io/writer.ShardFile), for the ledger;
     digest: str = ""                # -1 and "" where no file was written (the simulation)
+    stored: int = -1                # rows the shard holds, where not `rows` (chunks pooled into one row per id)
+
+    @property
+    def shard_rows(self) -> int:
+        return self.rows if self.stored < 0 else self.stored
 
 
 @dataclass
@@ -92,9 +97,10 @@ class DropIds:
 class PartRewritten:
     unit: int
     shard: str
-    removed_ids: list[str]
+    removed_ids: list[str]          # each once (a chunked shard held several rows of one)
     size: int = -1                  # the rewritten shard's, as in PartWritten
     digest: str = ""
+    rows: int = -1                  # rows it holds now (-1: one fewer per removed id)
 
 
 @dataclass

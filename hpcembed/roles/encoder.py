@@ -35,13 +35,17 @@ class _UnitRows:
     rows: list[np.ndarray] = field(default_factory=list)
     ids: list[pa.Array] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
+    chunks: list[np.ndarray] = field(default_factory=list)      # a chunked job's (chunk, start, end) per row
 
 
 class EncoderRank:
     def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir,
-                 startup: dict[str, float] | None = None):
-        """`startup`: the epoch seconds at which the launcher saw this rank reach each step of start-up."""
+                 startup: dict[str, float] | None = None, pool_chunks: bool = False, normalize: bool = False):
+        """`startup`: the epoch seconds at which the launcher saw this rank reach each step of start-up.
+        `pool_chunks`: a chunked job's windows are stored as one row per id, their mean (`normalize`: made unit
+        length again, for a model that normalizes)."""
         self.transport, self.core, self.pool, self.output = transport, core, instances, output
+        self.pool_chunks, self.normalize = pool_chunks, normalize
         self.startup = dict(startup or {})
         self.batches = 0
         first = instances.encoders[0]
@@ -112,7 +116,7 @@ class EncoderRank:
         while self._writes and (wait or self._writes[0][0].done()):
             future, unit, name = self._writes.popleft()
             shard = future.result()
-            deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest)])
+            deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest, shard.rows)])
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
@@ -120,9 +124,9 @@ class EncoderRank:
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, DropIds):
             removed, shard = self.output.drop_ids(message.shard, set(message.digests))
-            size, digest = shard if shard is not None else (-1, "")
+            size, digest, rows = shard if shard is not None else (-1, "", -1)
             self.transport.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed, size,
-                                                                         digest))
+                                                                         digest, rows))
         else:
             for unit in self.core.handle(source, message):
                 self._write_part(unit)
@@ -137,10 +141,14 @@ class EncoderRank:
                 part.rows.append(batch.rows)
                 part.ids.append(ids)
                 part.embeddings.append(embeddings)
+                if batch.chunks is not None:
+                    part.chunks.append(batch.chunks)
             else:
                 part.rows.append(batch.rows[sel])
                 part.ids.append(ids.take(pa.array(sel)))
                 part.embeddings.append(embeddings[sel])
+                if batch.chunks is not None:
+                    part.chunks.append(batch.chunks[sel])
             if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
                 self._write_part(int(unit))
 
@@ -148,14 +156,33 @@ class EncoderRank:
         """The shard is assembled and written on the writer thread, off the loop."""
         part = self.parts.pop(unit)
         name = shard_name(unit, self.transport.rank)
-        self._writes.append((self._writer.submit(_write_shard, self.output, name, part), unit, name))
+        self._writes.append((self._writer.submit(_write_shard, self.output, name, part, self.pool_chunks,
+                                                 self.normalize), unit, name))
 
 
-def _write_shard(output: OutputDir, name: str, part: _UnitRows) -> ShardFile:
+def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: bool, normalize: bool) -> ShardFile:
     rows = np.concatenate(part.rows)
     ids = pa.concat_arrays(part.ids)
     embeddings = np.concatenate(part.embeddings)
-    if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
-        order = np.argsort(rows, kind="stable")       # input order within the shard
+    chunks = np.concatenate(part.chunks) if part.chunks else None
+    # Input order within the shard (a unit is rows of one file), a text's windows in order.
+    if chunks is not None:
+        order = np.lexsort((chunks[:, 0], rows))
+        ids, embeddings, chunks = ids.take(pa.array(order)), embeddings[order], chunks[order]
+    elif len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+        order = np.argsort(rows, kind="stable")
         ids, embeddings = ids.take(pa.array(order)), embeddings[order]
-    return output.write_shard(name, ids, embeddings)
+    if chunks is not None and pool_chunks:
+        ids, embeddings = _mean_per_text(ids, embeddings, chunks, normalize)
+        chunks = None
+    return output.write_shard(name, ids, embeddings, chunks)
+
+
+def _mean_per_text(ids: pa.Array, embeddings: np.ndarray, chunks: np.ndarray, normalize: bool):
+    """One row per text, the mean of its windows (rows in text order, windows in order)."""
+    starts = np.flatnonzero(chunks[:, 0] == 0)
+    counts = np.diff(np.append(starts, len(chunks)))
+    mean = np.add.reduceat(embeddings.astype(np.float64), starts, axis=0) / counts[:, None]
+    if normalize:
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return ids.take(pa.array(starts)), mean.astype(np.float32)

@@ -16,7 +16,6 @@ import logging
 import time
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ..batching import BatchAssembler
 from ..errors import InputError
@@ -25,11 +24,13 @@ from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
 from ..io.tokens import TokenShardWriter, token_shard_name
+from ..io.writer import shard_ids
 from ..manifest import TokenizerStats
 from ..protocol.messages import DuplicateRows, PartWritten, Send, StopRequested
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..signals import STOP
 from ..tokenize.batch import TokenBatch
+from ..tokenize.chunk import Chunker
 from ..transport.base import Transport
 from .common import deliver
 
@@ -162,7 +163,7 @@ class TokenizerRank:
             return
         start = time.perf_counter()
         for unit, path, position in self.committed_shards:
-            self.ids.add_committed(pq.read_table(path, columns=["id"]).column("id").to_pylist(), unit, position)
+            self.ids.add_committed(shard_ids(path), unit, position)
         dups = find_cross_duplicates(self.ids, self.peers)
         self.busy += time.perf_counter() - start
         if dups:
@@ -228,6 +229,10 @@ class TokenizerRank:
             return
         if chunk.tokens is not None:        # a token directory: tokenized by an earlier job
             batch = TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit.unit)
+        elif isinstance(self.backend, Chunker):
+            tokens, owners, spans = self.backend.split(chunk.texts)
+            batch = TokenBatch.build(tokens, [chunk.ids[k] for k in owners], np.asarray(chunk.rows)[owners],
+                                     unit.unit, spans)
         else:
             batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
         full = self.assembler.add(batch)

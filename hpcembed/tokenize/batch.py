@@ -3,6 +3,9 @@
 Arrow layout: token ids are one flat int32 buffer with int32 offsets (a list<int32> column), and row ids are a
 string column (flat UTF-8 bytes plus offsets). Every field is a numpy array, so a transport can send the
 buffers as they are, and `to_arrow` views them as an Arrow record batch without copying.
+
+A chunked job (--chunk-tokens) sends one batch row per token window of a text: the rows of one text share its id
+and input row, and `chunks` says which window each is and which characters of the text it covers.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, (reserved) x2
+_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, whether `chunks` follows, (reserved)
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 
 
@@ -24,6 +27,9 @@ class TokenBatch:
     id_bytes: np.ndarray     # uint8 UTF-8 of all row ids, concatenated
     rows: np.ndarray         # int64 row number within the input file
     units: np.ndarray        # int64 work unit of each row
+    # int64 [rows, 3] in a chunked job: the window's number within its text (0-based), and the first and
+    # one-past-last character of the text it covers; None otherwise.
+    chunks: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -44,7 +50,8 @@ class TokenBatch:
         return pa.StringArray.from_buffers(self.num_rows, pa.py_buffer(self.id_offsets), pa.py_buffer(self.id_bytes))
 
     @classmethod
-    def build(cls, token_lists: list, ids: list[str], rows: np.ndarray, unit: int) -> "TokenBatch":
+    def build(cls, token_lists: list, ids: list[str], rows: np.ndarray, unit: int,
+              chunks: np.ndarray | None = None) -> "TokenBatch":
         lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
         offsets = np.zeros(len(token_lists) + 1, dtype=np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -58,7 +65,7 @@ class TokenBatch:
         id_bytes = (np.frombuffer(id_data, dtype=np.uint8, count=int(id_offsets[-1])).copy()
                     if id_data is not None else np.empty(0, np.uint8))
         return cls(flat, offsets, id_offsets, id_bytes, np.asarray(rows, dtype=np.int64),
-                   np.full(len(token_lists), unit, dtype=np.int64))
+                   np.full(len(token_lists), unit, dtype=np.int64), chunks)
 
     @classmethod
     def from_token_lists(cls, tokens: pa.ListArray, ids: list[str], rows: np.ndarray, unit: int) -> "TokenBatch":
@@ -81,7 +88,7 @@ class TokenBatch:
         gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
         ids = self.id_array().take(pa.array(index))
         return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
-                                               self.units[index])
+                                               self.units[index], None if self.chunks is None else self.chunks[index])
 
     def slice(self, start: int, stop: int) -> "TokenBatch":
         """Rows [start, stop), as views of this batch's buffers (the offsets are rebased, a small copy)."""
@@ -89,10 +96,11 @@ class TokenBatch:
         id_offsets = self.id_offsets[start: stop + 1]
         return TokenBatch(self.token_ids[offsets[0]: offsets[-1]], offsets - offsets[0], id_offsets - id_offsets[0],
                           self.id_bytes[id_offsets[0]: id_offsets[-1]],
-                          self.rows[start:stop], self.units[start:stop])
+                          self.rows[start:stop], self.units[start:stop],
+                          None if self.chunks is None else self.chunks[start:stop])
 
     @classmethod
-    def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units) -> "TokenBatch":
+    def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units, chunks=None) -> "TokenBatch":
         ids = pa.concat_arrays([ids]) if ids.offset else ids   # normalise a sliced array
         _, id_off, id_data = ids.buffers()
         id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1)
@@ -101,7 +109,8 @@ class TokenBatch:
         id_bytes = (np.frombuffer(id_data, dtype=np.uint8)[base: base + int(id_offsets[-1])].copy()
                     if id_data is not None else np.empty(0, np.uint8))
         return cls(np.ascontiguousarray(token_ids, dtype=np.int32), offsets.astype(np.int32, copy=False),
-                   id_offsets.astype(np.int32), id_bytes, np.asarray(rows, np.int64), np.asarray(units, np.int64))
+                   id_offsets.astype(np.int32), id_bytes, np.asarray(rows, np.int64), np.asarray(units, np.int64),
+                   chunks)
 
     @staticmethod
     def concat(batches: list["TokenBatch"]) -> "TokenBatch":
@@ -113,7 +122,8 @@ class TokenBatch:
         ids = pa.concat_arrays([b.id_array() for b in batches])
         return TokenBatch.build_from_arrow_ids(
             np.concatenate([b.token_ids[b.offsets[0]: b.offsets[-1]] for b in batches]), offsets, ids,
-            np.concatenate([b.rows for b in batches]), np.concatenate([b.units for b in batches]))
+            np.concatenate([b.rows for b in batches]), np.concatenate([b.units for b in batches]),
+            None if batches[0].chunks is None else np.concatenate([b.chunks for b in batches]))
 
     def to_arrow(self) -> pa.RecordBatch:
         token_list = pa.ListArray.from_buffers(pa.list_(pa.int32()), self.num_rows,
@@ -122,20 +132,22 @@ class TokenBatch:
         return pa.RecordBatch.from_arrays([self.id_array(), token_list], schema=SCHEMA)
 
     def to_wire(self) -> np.ndarray:
-        """One contiguous byte buffer for a transport: header, then rows, units, token ids, offsets, id offsets,
-        id bytes."""
+        """One contiguous byte buffer for a transport: header, then rows, units, (chunks,) token ids, offsets, id
+        offsets, id bytes."""
         n, t, b = self.num_rows, self.num_tokens, len(self.id_bytes)
-        header = np.array([n, t, b, 0, 0], dtype=np.int64)
+        chunked = self.chunks is not None
+        header = np.array([n, t, b, int(chunked), 0], dtype=np.int64)
         tokens = self.token_ids[self.offsets[0]: self.offsets[-1]]
         offsets = self.offsets - self.offsets[0]
         parts = [header.view(np.uint8), self.rows.view(np.uint8), self.units.view(np.uint8),
+                 *([np.ascontiguousarray(self.chunks, np.int64).reshape(-1).view(np.uint8)] if chunked else []),
                  tokens.view(np.uint8), offsets.view(np.uint8), self.id_offsets.view(np.uint8), self.id_bytes]
         return np.concatenate(parts)
 
     @classmethod
     def from_wire(cls, buf: np.ndarray) -> "TokenBatch":
         """The batch `to_wire` packed, as views into `buf` (no copy)."""
-        n, t, b = (int(v) for v in buf[: 8 * _WIRE_HEADER].view(np.int64)[:3])
+        n, t, b, chunked = (int(v) for v in buf[: 8 * _WIRE_HEADER].view(np.int64)[:4])
         pos = 8 * _WIRE_HEADER
 
         def take(count: int, dtype) -> np.ndarray:
@@ -146,5 +158,6 @@ class TokenBatch:
             return out
 
         rows, units = take(n, np.int64), take(n, np.int64)
+        chunks = take(3 * n, np.int64).reshape(n, 3) if chunked else None
         tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
-        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units)
+        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks)

@@ -127,9 +127,11 @@ class BudTikTokTokenizer:
         # A substring test per first character is far cheaper than the regex, and most texts hold none of them.
         self._special_starts = sorted({c for s in specials for c in (s[:1].lower(), s[:1].upper())})
         self.rows_fast = self.rows_fallback = 0
+        self.truncated = 0          # by this backend; the HF fallback counts its own
 
     def describe(self) -> dict:
-        return {"tokenizer_backend": self.name, "rows_budtiktok": self.rows_fast, "rows_hf_fallback": self.rows_fallback}
+        return {"tokenizer_backend": self.name, "rows_budtiktok": self.rows_fast, "rows_hf_fallback": self.rows_fallback,
+                "texts_truncated": self.truncated + self.hf.truncated}
 
     def needs_hf(self, text: str) -> bool:
         if not text.isascii() and self._unsafe.search(text):
@@ -142,6 +144,7 @@ class BudTikTokTokenizer:
         limit = self.max_seq_length
         if len(ids) <= limit:
             return ids
+        self.truncated += 1
         return np.concatenate((ids[: limit - self._tail], ids[len(ids) - self._tail:]))
 
     def encode(self, texts: list[str]) -> list:

@@ -13,6 +13,15 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 
+def load_tokenizer(model_dir: str | Path) -> Tokenizer:
+    path = Path(model_dir) / "tokenizer.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    # Only a slow tokenizer's vocab ships: let transformers convert it to a fast one.
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir), use_fast=True).backend_tokenizer
+
+
 class HFTokenizer:
     name = "hf"
 
@@ -25,17 +34,11 @@ class HFTokenizer:
         self._tok.enable_truncation(max_seq_length)
         # Generous: English averages about 4-5 characters per token.
         self.long_text_chars = long_text_chars or max(4096, 16 * max_seq_length)
+        self.truncated = 0          # texts cut at max_seq_length (the manifest counts them)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, max_seq_length: int, lowercase: bool = False) -> "HFTokenizer":
-        path = Path(model_dir) / "tokenizer.json"
-        if path.exists():
-            tok = Tokenizer.from_file(str(path))
-        else:
-            # Only a slow tokenizer's vocab ships: let transformers convert it to a fast one.
-            from transformers import AutoTokenizer
-            tok = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True).backend_tokenizer
-        return cls(tok, max_seq_length, lowercase)
+        return cls(load_tokenizer(model_dir), max_seq_length, lowercase)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self.lowercase:
@@ -46,14 +49,16 @@ class HFTokenizer:
         """`encode` for texts already lowercased where the model asks for it."""
         limit = self.long_text_chars
         long_rows = [k for k, t in enumerate(texts) if len(t) > limit]
-        if not long_rows:
-            return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=True)]
-        short = list(texts)
-        for k in long_rows:
-            short[k] = ""          # placeholder; long texts are encoded below
-        out = [e.ids for e in self._tok.encode_batch(short, add_special_tokens=True)]
-        for k in long_rows:
-            out[k] = self._encode_long(texts[k])
+        if long_rows:
+            texts = list(texts)
+            long_texts = [texts[k] for k in long_rows]
+            for k in long_rows:
+                texts[k] = ""          # placeholder; long texts are encoded below
+        encodings = self._tok.encode_batch(texts, add_special_tokens=True)
+        self.truncated += sum(1 for e in encodings if e.overflowing)
+        out = [e.ids for e in encodings]
+        for k, text in zip(long_rows, long_texts if long_rows else ()):
+            out[k] = self._encode_long(text)
         return out
 
     def _encode_long(self, text: str) -> list[int]:
@@ -68,12 +73,15 @@ class HFTokenizer:
                     self._tok.enable_truncation(self.max_seq_length)
                 # More tokens than truncation keeps: every kept token came from whole words before the cut.
                 if len(ids) > self.max_seq_length:
+                    self.truncated += 1
                     return self._tok.encode(text[:cut]).ids
             window *= 4
-        return self._tok.encode(text).ids
+        encoding = self._tok.encode(text)
+        self.truncated += bool(encoding.overflowing)
+        return encoding.ids
 
     def describe(self) -> dict:
-        return {"tokenizer_backend": self.name}
+        return {"tokenizer_backend": self.name, "texts_truncated": self.truncated}
 
     def fingerprint(self) -> str:
         """Identifies the vocabulary and rules (not the padding and truncation settings, which this backend
