@@ -36,7 +36,8 @@ class TokenizerStats(RankStats):
     rows_budtiktok: int | None = None           # budtiktok backend: rows it tokenized itself
     rows_hf_fallback: int | None = None         # ... and rows it handed to HF (see tokenize/budtiktok_backend.py)
     texts_truncated: int | None = None          # texts cut at max_seq_length (None: a token directory's rows)
-    texts_chunked: int | None = None            # --chunk-tokens: texts split into windows, and the windows
+    texts_chunked: int | None = None            # --chunk-tokens: texts read, those longer than one window,
+    texts_split: int | None = None              # and the windows embedded
     chunks: int | None = None
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
@@ -180,7 +181,7 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "unreadable_files": [e.path for e in plan.unreadable],
         "tokens": result.tokens,
         # This run's texts cut at max_seq_length (--chunk-tokens embeds them whole), and a chunked run's windows.
-        **_summed(ranks, "texts_truncated", "texts_chunked", "chunks"),
+        **_summed(ranks, "texts_truncated", "texts_chunked", "texts_split", "chunks"),
         "wall_seconds": round(wall, 3),
         "job_seconds": round(time.time() - started, 3),
         "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,

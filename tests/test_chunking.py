@@ -28,8 +28,9 @@ def _content(model_dir, text: str):
     return enc.ids, enc.offsets
 
 
-def test_windows_cover_each_text_with_the_overlap(model_dir):
-    chunker = Chunker.from_model_dir(model_dir, WINDOW, OVERLAP, lowercase=False)
+@pytest.mark.parametrize("backend", ["hf", "budtiktok"])
+def test_windows_cover_each_text_with_the_overlap(model_dir, backend):
+    chunker = Chunker.for_model(model_dir, WINDOW, OVERLAP, lowercase=False, backend=backend)
     assert chunker.content == WINDOW - 2            # [CLS] ... [SEP]
     windows, owners, spans = chunker.split(TEXTS)
     assert len(windows) == len(owners) == len(spans)
@@ -40,8 +41,9 @@ def test_windows_cover_each_text_with_the_overlap(model_dir):
         content = [list(windows[w][1:-1]) for w in mine]
         assert all(len(windows[w]) <= WINDOW for w in mine)
         assert all(windows[w][0] == chunker.prefix[0] and windows[w][-1] == chunker.suffix[-1] for w in mine)
+        assert spans[mine[0], 1] == 0 and spans[mine[-1], 2] == len(text)     # together they cover the text
         if not ids:
-            assert content == [[]] and list(spans[mine[0], 1:]) == [0, 0]
+            assert content == [[]]
             continue
         # Window j starts at j * (content - overlap); together they hold every token, in order, once past the
         # overlap, and the last one ends at the text's last token.
@@ -50,17 +52,19 @@ def test_windows_cover_each_text_with_the_overlap(model_dir):
             assert window == ids[j * step: j * step + chunker.content]
         rebuilt = content[0] + [t for w in content[1:] for t in w[OVERLAP:]]
         assert rebuilt == ids
-        assert spans[mine[0], 1] == offsets[0][0] and spans[mine[-1], 2] == offsets[-1][1]
         for j in range(1, len(mine)):
             assert spans[mine[j], 1] == offsets[j * step][0] and spans[mine[j - 1], 1] < spans[mine[j], 1]
             assert spans[mine[j], 1] < spans[mine[j - 1], 2]       # the overlap: characters shared
+            if j < len(mine) - 1:
+                assert spans[mine[j], 2] == offsets[j * step + chunker.content - 1][1]
     assert len(np.flatnonzero(owners == len(TEXTS) - 1)) > 5
+    assert chunker.describe()["texts_split"] == sum(len(_content(model_dir, t)[0]) >= chunker.content for t in TEXTS)
 
 
 @pytest.mark.parametrize("window, overlap", [(2, 0), (48, 46), (48, -1)])
 def test_impossible_windows_are_refused(model_dir, window, overlap):
     with pytest.raises(ConfigError, match="chunk-"):
-        Chunker.from_model_dir(model_dir, window, overlap, lowercase=False)
+        Chunker.for_model(model_dir, window, overlap, lowercase=False)
 
 
 def _st_window(st_model, ids) -> np.ndarray:
@@ -73,7 +77,7 @@ def _st_window(st_model, ids) -> np.ndarray:
 def test_chunked_job_matches_sentence_transformers_per_window_and_pooled(tmp_path, st_model, model_dir):
     texts = {f"c{k}": t for k, t in enumerate(TEXTS)}
     write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
-    chunker = Chunker.from_model_dir(model_dir, WINDOW, OVERLAP, lowercase=False)
+    chunker = Chunker.for_model(model_dir, WINDOW, OVERLAP, lowercase=False)
     windows, owners, spans = chunker.split(list(texts.values()))
     expected = np.stack([_st_window(st_model, w) for w in windows])
     common = ["--input", str(tmp_path / "in.jsonl"), "--chunk-tokens", str(WINDOW), "--chunk-overlap", str(OVERLAP),

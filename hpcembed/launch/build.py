@@ -24,7 +24,8 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
                    committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None) -> TokenizerRank:
     """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job)."""
     if cfg.chunk_tokens and kind.has_encoders:
-        backend = Chunker.from_model_dir(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
+        backend = Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase,
+                                    cfg.tokenizer_backend)
     else:
         backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.

@@ -100,7 +100,7 @@ class EmbedJob(JobKind):
             raise ConfigError(f"chunk-tokens {cfg.chunk_tokens} is more than the {spec.max_seq_length} tokens "
                               f"{spec.name} takes (max_seq_length)")
         if cfg.chunk_tokens:
-            Chunker.from_model_dir(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)  # checks K, N
+            Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)   # checks N and K
 
     def fingerprint(self, cfg: JobConfig, spec: ModelSpec, plan: Plan, dtype: str, tokenizer: dict) -> dict:
         """Same inputs (path, size, modification time, rows), same model (by content) and embedding settings,
