@@ -46,9 +46,15 @@ class JobConfig:
                                       "windows' embeddings (renormalized where the model normalizes)",
                               choices=("none", "mean"))
     pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
-    output_dtype: str = _opt("float32", "how embeddings are stored: float32, float16, or the signs packed 8 to a "
-                                        "byte as sentence-transformers' quantize_embeddings packs them (binary: "
-                                        "int8, ubinary: uint8)", choices=("float32", "float16", "binary", "ubinary"))
+    output_dtype: str = _opt("float32", "how embeddings are stored, as sentence-transformers' quantize_embeddings "
+                                        "stores them: float32, float16; int8 or uint8, 256 buckets per dimension "
+                                        "between ranges calibrated on the job's own embeddings (see "
+                                        "--calibration-rows; recorded in the manifest); or the signs packed 8 to a "
+                                        "byte (binary: int8, ubinary: uint8)",
+                             choices=("float32", "float16", "int8", "uint8", "binary", "ubinary"))
+    calibration_rows: int = _opt(10_000, "int8/uint8 output: rows whose embeddings set each dimension's range, "
+                                         "taken from up to 16 work units spread over the input; every encoder "
+                                         "rank embeds them at start and they agree on one range")
     normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
     device: str = _opt("auto", "torch device for the encoder: auto picks cuda when available, else cpu")
     dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU", choices=("auto", "fp32", "fp16", "bf16"))
@@ -159,7 +165,7 @@ _ACCEPTS = {
 # Lower bounds of the numeric options.
 _AT_LEAST = {"max_seq_length": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0, "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
-             "chunk_rows": 1, "credits": 1}
+             "chunk_rows": 1, "credits": 1, "calibration_rows": 2}
 
 
 def check_value(name: str, value: Any) -> None:

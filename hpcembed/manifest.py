@@ -93,6 +93,7 @@ class JobResult:
     wall_seconds: float
     ended_at: float                 # epoch seconds
     output_rows: int = -1           # rows the shards hold, where not rows_written (a chunked job's windows)
+    ranges: list | None = None      # int8/uint8 output's calibration ranges [2][dim]
 
 
 def ranks_by_role(manifest: dict) -> dict[str, list[dict]]:
@@ -175,6 +176,7 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,
         "output_rows": result.output_rows if result.output_rows >= 0 else result.rows_written,
+        **({"int8_ranges": result.ranges} if result.ranges is not None else {}),
         "rows_resumed": result.rows_resumed, "units_resumed": result.units_resumed,
         "rows_written_this_run": result.rows_written - result.rows_resumed,
         "stopped_early": result.stopped_early or None,

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from .errors import ConfigError
 from .io.ids import id_digest
 from .io.ledger import Ledger
-from .io.writer import SUCCESS, OutputDir, stored_width
+from .io.writer import CALIBRATED, SUCCESS, OutputDir, stored_width
 
 NORM_TOLERANCE = 1e-3          # float16 storage rounds norms by about 3e-4
 
@@ -70,8 +70,8 @@ def _check_embeddings(name: str, table: pa.Table, manifest: dict) -> list[str]:
     width = stored_width(dim, dtype) if dim else None
     if not pa.types.is_fixed_size_list(kind) or (width and kind.list_size != width):
         return out + [f"shard {name}: embeddings are {kind}, the manifest says {dim} dimensions as {dtype}"]
-    if dtype.endswith("binary"):
-        return out                  # packed signs: any byte is valid
+    if dtype.endswith("binary") or dtype in CALIBRATED:
+        return out                  # packed signs or buckets: any byte is valid
     values = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, kind.list_size)
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():

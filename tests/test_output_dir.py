@@ -299,29 +299,3 @@ def test_verify_checks_dimensions_values_and_norms():
                      "shard part-x.parquet row 2: norm 2.0000, the model normalizes (1 rows)"]
     assert _check_embeddings("part-x.parquet", table, {"dim": 384})[0].endswith("384 dimensions as float32")
     assert len(_check_embeddings("part-x.parquet", table, {"dim": 8, "normalize": False})) == 1
-
-
-def test_output_dtypes_match_sentence_transformers_quantization(tmp_path):
-    import numpy as np
-    from sentence_transformers.util.quantization import quantize_embeddings
-    from .conftest import read_manifest
-    src = _corpus_dir(tmp_path / "in")
-    (src / "rows.jsonl").write_text("".join(json.dumps({"id": f"q{k}", "text": f"quantized row {k} " * (1 + k % 3)})
-                                            + "\n" for k in range(40)))
-    stored = {}
-    for dtype in ("float32", "float16", "binary", "ubinary"):
-        out = tmp_path / dtype
-        proc = run_cli("run", "--input", str(src), "--output", str(out), "--output-dtype", dtype, "--progress", "off")
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        import pyarrow.dataset as ds
-        table = ds.dataset(str(out), format="parquet").to_table().sort_by("id")
-        width = table.schema.field("embedding").type.list_size
-        stored[dtype] = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, width)
-        assert read_manifest(out)["output_dtype"] == dtype
-        assert run_cli("verify", str(out)).returncode == 0
-    floats = stored["float32"]
-    assert stored["float16"].dtype == np.float16 and (stored["float16"] == floats.astype(np.float16)).all()
-    for precision in ("binary", "ubinary"):
-        expected = quantize_embeddings(floats, precision)
-        assert stored[precision].dtype == expected.dtype and (stored[precision] == expected).all()
-        assert stored[precision].shape == (40, 48)

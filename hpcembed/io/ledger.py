@@ -8,6 +8,8 @@ length, columns, unit size), then one record per event:
      "rows": 4095}
     (a drop: ids repeated across ranks removed from a committed shard, which was rewritten; "rows" is what the
     shard holds now, which a chunked shard's removed ids took several rows each from)
+    {"kind": "calibration", "ranges": [[min, ...], [max, ...]]}
+    (int8/uint8 output: the ranges its shards are quantized with, recorded before the first commit)
 The shards' sizes and checksums let a rerun verify the output before trusting it (io/writer.py).
 A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
 written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
@@ -52,6 +54,7 @@ class LedgerState:
     fingerprint: dict
     header_rejects: list[dict]      # files found unreadable when the job was planned (--on-invalid skip)
     units: dict[int, CommittedUnit]
+    ranges: list | None = None      # int8/uint8 output's calibration ranges [2][dim]
 
     @property
     def rows(self) -> int:
@@ -125,6 +128,8 @@ class Ledger:
                 state.units[rec["unit"]] = CommittedUnit(rec["unit"], dict(rec["shards"]), rec["tokens"],
                                                          rec.get("rejected", 0), list(rec.get("rejects", [])),
                                                          dict(rec.get("files", {})))
+            elif rec["kind"] == "calibration":
+                state.ranges = rec["ranges"]
             elif rec["kind"] == "drop":
                 unit = state.units.get(rec["unit"])
                 if unit is not None and rec["shard"] in unit.shards:
@@ -142,6 +147,8 @@ class Ledger:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({"kind": "job", "fingerprint": state.fingerprint, "rejects": state.header_rejects},
                                 ensure_ascii=False) + "\n")
+            if state.ranges is not None:
+                fh.write(self._calibration_line(state.ranges))
             for unit in sorted(state.units):
                 fh.write(self._unit_line(state.units[unit]))
             fh.flush()
@@ -153,6 +160,13 @@ class Ledger:
         return json.dumps({"kind": "unit", "unit": unit.unit, "shards": unit.shards, "tokens": unit.tokens,
                            "rejected": unit.rejected, "rejects": unit.rejects, "files": unit.files},
                           ensure_ascii=False) + "\n"
+
+    @staticmethod
+    def _calibration_line(ranges: list) -> str:
+        return json.dumps({"kind": "calibration", "ranges": ranges}) + "\n"
+
+    def record_calibration(self, ranges: list) -> None:
+        self._append(self._calibration_line(ranges))
 
     def commit_unit(self, unit: CommittedUnit) -> None:
         self._append(self._unit_line(unit))

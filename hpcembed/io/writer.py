@@ -35,9 +35,12 @@ def shard_name(unit: int, rank: int) -> str:
     return f"part-{unit:08d}-r{rank:05d}.parquet"
 
 
-# --output-dtype: how embeddings are stored. binary and ubinary are the signs packed 8 to a byte, as
-# sentence-transformers' quantize_embeddings packs them (binary: the packed byte minus 128, as int8).
-OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "binary": pa.int8(), "ubinary": pa.uint8()}
+# --output-dtype: how embeddings are stored, each as sentence-transformers' quantize_embeddings stores it. binary
+# and ubinary are the signs packed 8 to a byte (binary: the packed byte minus 128, as int8); int8 and uint8 are
+# 256 buckets per dimension between the calibration ranges (io/calibrate.py).
+OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
+                 "binary": pa.int8(), "ubinary": pa.uint8()}
+CALIBRATED = ("int8", "uint8")
 
 
 def stored_width(dim: int, dtype: str) -> int:
@@ -45,14 +48,24 @@ def stored_width(dim: int, dtype: str) -> int:
     return (dim + 7) // 8 if dtype.endswith("binary") else dim
 
 
-def convert(embeddings: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 embeddings [rows, dim] as `dtype` stores them."""
+def convert(embeddings: np.ndarray, dtype: str, ranges: np.ndarray | None = None) -> np.ndarray:
+    """float32 embeddings [rows, dim] as `dtype` stores them; `ranges` [2, dim]: each dimension's minimum and
+    maximum, for int8 and uint8 (the same arithmetic as quantize_embeddings, so the same bytes)."""
     if dtype == "float16":
         return embeddings.astype(np.float16)
     if dtype == "binary":
         return (np.packbits(embeddings > 0, axis=-1) - 128).astype(np.int8)
     if dtype == "ubinary":
         return np.packbits(embeddings > 0, axis=-1)
+    if dtype in CALIBRATED:
+        if ranges is None:
+            raise ValueError(f"{dtype} output needs calibration ranges")
+        ranges = np.asarray(ranges, np.float32)
+        starts = ranges[0]
+        steps = (ranges[1] - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.clip(np.floor((np.asarray(embeddings, np.float32) - starts) / steps), 0, 255)
+        return buckets.astype(np.uint8) if dtype == "uint8" else (buckets - 128).astype(np.int8)
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 
@@ -98,9 +111,11 @@ class OutputDir:
     """An embedding job's output (Parquet shards `part-*.parquet`), or with `tokens=True` a tokenize job's
     (Arrow IPC shards `tokens-*.arrow`, io/tokens.py). Everything else is the same."""
 
-    def __init__(self, path: str, tokens: bool = False, output_dtype: str = "float32"):
+    def __init__(self, path: str, tokens: bool = False, output_dtype: str = "float32",
+                 ranges: np.ndarray | None = None):
+        """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (io/calibrate.py)."""
         self.path = Path(path)
-        self.output_dtype = output_dtype
+        self.output_dtype, self.ranges = output_dtype, ranges
         self.lock = OutputLock(self.path)
         if tokens:
             from .tokens import token_shard_rows
@@ -241,7 +256,7 @@ class OutputDir:
         and return its size and checksum for the ledger. `chunks`: [rows, 3] chunk number and character span of
         a chunked job's rows."""
         dim = embeddings.shape[1]
-        stored = convert(embeddings, self.output_dtype)
+        stored = convert(embeddings, self.output_dtype, self.ranges)
         values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
         extra = [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
                                            pa.array(chunks[:, 2])]

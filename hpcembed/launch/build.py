@@ -20,20 +20,23 @@ from ..transport.base import Transport
 from .kinds import JobKind
 
 
+def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
+    """What tokenizes the job's texts: the backend --tokenizer-backend names, in windows under --chunk-tokens."""
+    if cfg.chunk_tokens and chunking:
+        return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase,
+                                 cfg.tokenizer_backend)
+    return make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+
+
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
                    committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None) -> TokenizerRank:
     """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job)."""
-    if cfg.chunk_tokens and kind.has_encoders:
-        backend = Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase,
-                                    cfg.tokenizer_backend)
-    else:
-        backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    backend = tokenizer_backend(cfg, spec, chunking=kind.has_encoders)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
     return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
-                         Columns(cfg.text_column, cfg.id_column,
-                                 (spec.max_seq_length, spec.vocab_size) if spec.vocab_size else None),
+                         _columns(cfg, spec),
                          cfg.chunk_rows, cfg.on_invalid == "skip",
                          kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share,
                          batch_tokens if kind.has_encoders else 0)
@@ -53,9 +56,22 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder
     return [first] + [build() for _ in range(count - 1)]
 
 
+def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder):
+    """int8/uint8 calibration ranges [2, dim] from `units` (launch/calibrate.py), tokenized as this job tokenizes."""
+    from .calibrate import calibrate
+    return calibrate(units, _columns(cfg, spec), tokenizer_backend(cfg, spec), encoder,
+                     cfg.batch_tokens_for(encoder.device_name))
+
+
+def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:
+    return Columns(cfg.text_column, cfg.id_column, (spec.max_seq_length, spec.vocab_size) if spec.vocab_size else None)
+
+
 def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
-                 startup: dict[str, float] | None = None) -> EncoderRank:
+                 startup: dict[str, float] | None = None, ranges=None) -> EncoderRank:
+    """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py)."""
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
-    return EncoderRank(transport, core, InstancePool(encoders), OutputDir(cfg.output, output_dtype=cfg.output_dtype),
-                       startup, pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize)
+    return EncoderRank(transport, core, InstancePool(encoders),
+                       OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges), startup,
+                       pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize)

@@ -16,7 +16,7 @@ from ..roles.conductor import run_conductor
 from ..signals import STOP
 from ..topology import RoleMap
 from ..transport.inproc import InprocNetwork
-from .build import build_encoders, encoder_rank, tokenizer_rank
+from .build import build_encoders, calibrate_for, encoder_rank, tokenizer_rank
 from .kinds import JobKind
 from .setup import already_complete, finish, prepare
 
@@ -42,7 +42,11 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
                                           setup.committed_shards(), cfg.batch_tokens_for(device)))]
     if kind.has_encoders:
         encoders = build_encoders(cfg, setup.spec, device)
-        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders, setup.spec)))
+        units, ranges = setup.calibration(cfg)
+        if units:
+            ranges = calibrate_for(cfg, setup.spec, units, encoders[0])
+        ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders, setup.spec,
+                                              ranges=ranges)))
     threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:

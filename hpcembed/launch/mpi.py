@@ -28,7 +28,8 @@ from ..signals import STOP
 from ..slurm import SlurmTask
 from ..topology import RankInfo, device_for, plan_roles
 from ..transport.base import Transport
-from .build import build_encoders, encoder_rank, tokenizer_rank
+from .build import build_encoders, calibrate_for, encoder_rank, tokenizer_rank
+from .calibrate import agree
 from .kinds import JobKind
 from .planning import choose_data_path, job_device, open_transport, plan_job_roles
 from .setup import JobSetup, RunPlan, already_complete, finish, model_spec, prepare
@@ -81,12 +82,15 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
     role = plan.roles.role_of(rank)
     # The tokenizer ranks' own communicator, for the cross-rank duplicate-id exchange. Made by the tokenizer ranks
     # alone (MPI_Comm_create_group), so that they start reading while an encoder rank is still building.
-    tokenizer_comm = (comm.Create_group(comm.group.Incl(plan.roles.tokenizers)) if role == "tokenizer" else None)
+    # The encoder ranks' own, likewise, to agree on int8 calibration ranges.
+    role_comm = (comm.Create_group(comm.group.Incl(plan.roles.tokenizers)) if role == "tokenizer" else
+                 comm.Create_group(comm.group.Incl(plan.roles.encoders)) if role == "encoder" and plan.calibration
+                 else None)
     manifest = None
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)
     elif role != "idle":
-        _run_worker(cfg, kind, transport, plan, ranks, role, tokenizer_comm, early, startup)
+        _run_worker(cfg, kind, transport, plan, ranks, role, role_comm, early, startup)
     _settle(plan_sends)
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
@@ -124,7 +128,8 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         roles = plan_job_roles(cfg, kind, setup, ranks)
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
-                              choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens)
+                              choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
+                              *setup.calibration(cfg))
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()
@@ -177,13 +182,14 @@ def _build_early(cfg: JobConfig, kind: JobKind, ranks: list[RankInfo], rank: int
 
 
 def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
-                role: str, tokenizer_comm, early: _EarlyBuild | None, startup: dict[str, float]) -> None:
+                role: str, role_comm, early: _EarlyBuild | None, startup: dict[str, float]) -> None:
+    """`role_comm`: the communicator of the ranks of this rank's role (None where it needs none)."""
     from ..transport.mpi import MpiAlltoall
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
             tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards, plan.batch_tokens,
-                           MpiAlltoall(tokenizer_comm)).run()
+                           MpiAlltoall(role_comm)).run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":
@@ -196,7 +202,11 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
                 encoders, startup["built"] = early.encoders, early.built_at
             else:
                 encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
-            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup).run()
+            ranges = plan.ranges
+            if plan.calibration:
+                ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
+                startup["calibrated"] = time.time()
+            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges).run()
     run_role(role, transport, plan.roles.conductor, body)
     transport.flush()
 

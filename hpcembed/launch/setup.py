@@ -11,10 +11,11 @@ from ..engine.model import ModelSpec, default_model_dir
 from ..io.ledger import LedgerState
 from ..io.sources import Plan, check_output_outside_inputs, plan_job, resolve_inputs
 from ..io.tokens import tokenizer_identity
-from ..io.writer import OutputDir
+from ..io.writer import CALIBRATED, OutputDir
 from ..manifest import JobResult, build_manifest
 from ..tokenize import HFTokenizer
 from ..topology import RoleMap
+from .calibrate import calibration_units
 from .kinds import JobKind, chunking
 
 log = logging.getLogger("hpcembed")
@@ -38,6 +39,14 @@ class JobSetup:
         rows = {u.unit: u.rows for u in self.plan.units}
         return sum(rows[n] - u.rejected for n, u in self.resumed.units.items())
 
+    def calibration(self, cfg: JobConfig) -> tuple[list, list | None]:
+        """(units and rows to calibrate int8/uint8 output on, or the ranges already recorded) for RunPlan."""
+        if cfg.output_dtype not in CALIBRATED or not self.kind.has_encoders:
+            return [], None
+        if self.resumed.ranges is not None:
+            return [], self.resumed.ranges
+        return calibration_units(self.plan.units, cfg.calibration_rows), None
+
     def committed_shards(self) -> list[tuple[int, str, int]]:
         """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the
         kinds whose tokenizers check new ids against them."""
@@ -57,6 +66,9 @@ class RunPlan:
     committed_shards: list[tuple[int, str, int]] = field(default_factory=list)
     data_path: str = "mpi"                      # how token batches travel: 'mpi' or 'ucx'
     batch_tokens: int = 0                       # the encoder ranks' token budget, which tokenizers cut batches to
+    # int8/uint8 output: the rows encoder ranks calibrate on, or the ranges an earlier run of the job recorded.
+    calibration: list = field(default_factory=list)
+    ranges: list | None = None
     error: str = ""
     exit_code: int = 0
 

@@ -28,7 +28,7 @@ from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
 from ..topology import RoleMap
-from .messages import (AssignUnit, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten, PartWritten,
+from .messages import (AssignUnit, Calibrated, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten, PartWritten,
                        RankReport, Release, RequestUnit, Send, Stop, StopRequested, UnitRead)
 
 log = logging.getLogger("hpcembed")
@@ -67,6 +67,7 @@ class ConductorCore:
         self.units = {u.unit: UnitParts() for u in self.pending}
         self.plan_units = {u.unit: u for u in plan.units}
         self.rows_resumed, self.units_resumed = self._texts(resumed.units), len(resumed.units)
+        self.ranges = resumed.ranges        # int8/uint8 output's calibration ranges, once known
         self.paths = {f.index: f.path for f in plan.files}
         self.tokens = 0
         self.reports: dict[int, RankStats] = {}
@@ -111,7 +112,7 @@ class ConductorCore:
         stopped = self.stop_reason if self.draining and not self.all_committed else ""
         shards = [{"path": name, "rows": rows} for u in self.done.values() for name, rows in u.shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
-                         stopped, shards, self.reports, wall_seconds, ended_at, self.output_rows)
+                         stopped, shards, self.reports, wall_seconds, ended_at, self.output_rows, self.ranges)
 
     # --- entry points -----------------------------------------------------------------------------------------
     def handle(self, source: int, message) -> list[Send]:
@@ -126,6 +127,12 @@ class ConductorCore:
             if self.progress is not None:
                 self.progress.update(0, message.tokens)
             return self._commit_if_done(message.unit)
+        if isinstance(message, Calibrated):
+            # Every encoder rank sends the same ranges; the first is recorded before any shard is committed.
+            if self.ranges is None:
+                self.ranges = message.ranges
+                self.ledger.record_calibration(message.ranges)
+            return []
         if isinstance(message, DuplicateRows):
             return self._duplicates(message)
         if isinstance(message, PartRewritten):

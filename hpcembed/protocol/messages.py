@@ -6,7 +6,8 @@
                              tokenizer gets, so none is left unreceived when MPI finalizes)
     encoder   -> tokenizer   Credit                (flow control: one credit = one batch in flight)
     tokenizer -> encoder     TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this encoder was sent)
-    encoder   -> conductor   PartWritten, PartRewritten, RankReport, Failure
+    encoder   -> conductor   Calibrated, PartWritten, PartRewritten, RankReport, Failure
+                             (Calibrated: int8 output's ranges, sent before any shard quantized with them)
     conductor -> encoder     DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks;
                                                     Stop(drain): also discard units a Drain abandoned)
 
@@ -62,6 +63,11 @@ class UnitRead:
     tokens: int
     rejects: list[dict] = field(default_factory=list)
     rejected_rows: int = 0
+
+
+@dataclass
+class Calibrated:
+    ranges: list[list[float]]       # [2][dim]: each dimension's minimum and maximum (launch/calibrate.py)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..engine.instances import InstancePool
 from ..io.writer import OutputDir, ShardFile, shard_name
 from ..manifest import EncoderStats
 from ..protocol.encoder import EncoderCore
-from ..protocol.messages import DropIds, PartRewritten
+from ..protocol.messages import Calibrated, DropIds, PartRewritten
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import deliver
@@ -59,6 +59,8 @@ class EncoderRank:
     def run(self) -> None:
         ready_at = self.startup["ready"] = time.time()     # encoders built: from here the rank can take work
         cpu_at_ready = time.process_time()
+        if self.output.ranges is not None:     # before any shard quantized with them (launch/calibrate.py)
+            self.transport.send(self.core.roles.conductor, Calibrated(np.asarray(self.output.ranges).tolist()))
         deliver(self.transport, self.core.start())
         try:
             self._loop()

@@ -103,6 +103,17 @@ class ShardSink:
             shard.discard()
 
 
+def tokenize_chunk(backend, chunk: RowChunk, unit: int) -> TokenBatch:
+    """The valid rows of a chunk as a TokenBatch: tokenized by `backend` (a Chunker: one row per window), or as
+    a token directory holds them."""
+    if chunk.tokens is not None:        # a token directory: tokenized by an earlier job
+        return TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit)
+    if isinstance(backend, Chunker):
+        tokens, owners, spans = backend.split(chunk.texts)
+        return TokenBatch.build(tokens, [chunk.ids[k] for k in owners], np.asarray(chunk.rows)[owners], unit, spans)
+    return TokenBatch.build(backend.encode(chunk.texts), chunk.ids, chunk.rows, unit)
+
+
 class TokenizerRank:
     def __init__(self, transport: Transport, core: TokenizerCore, backend, columns: Columns, chunk_rows: int,
                  skip_invalid: bool, sink, peers=None, committed_shards: list[tuple[int, str, int]] = (),
@@ -227,15 +238,7 @@ class TokenizerRank:
             progress.rejected += len(bad)
         if not chunk.ids:
             return
-        if chunk.tokens is not None:        # a token directory: tokenized by an earlier job
-            batch = TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit.unit)
-        elif isinstance(self.backend, Chunker):
-            tokens, owners, spans = self.backend.split(chunk.texts)
-            batch = TokenBatch.build(tokens, [chunk.ids[k] for k in owners], np.asarray(chunk.rows)[owners],
-                                     unit.unit, spans)
-        else:
-            batch = TokenBatch.build(self.backend.encode(chunk.texts), chunk.ids, chunk.rows, unit.unit)
-        full = self.assembler.add(batch)
+        full = self.assembler.add(tokenize_chunk(self.backend, chunk, unit.unit))
         self.busy += time.perf_counter() - start
         for batch in full:
             self.sink.put(self, unit, batch, progress)
