@@ -40,7 +40,8 @@ class JobConfig:
     max_seq_length: int = _opt(0, "truncate texts to this many tokens (default: the model's max_seq_length)")
     chunk_tokens: int = _opt(0, "split each text into windows of this many tokens (special tokens included, at "
                                 "most max-seq-length) instead of truncating it, and write one row per window: "
-                                "id, chunk, start_char, end_char, embedding (default: 0, truncate)")
+                                "id, chunk, start_char, end_char, embedding; tokenizes with HF tokenizers, whose "
+                                "offsets give the spans (default: 0, truncate)")
     chunk_overlap: int = _opt(0, "with --chunk-tokens: text tokens each window shares with the one before")
     chunk_pooling: str = _opt("none", "with --chunk-tokens: 'mean' writes one row per id instead, the mean of its "
                                       "windows' embeddings (renormalized where the model normalizes)",

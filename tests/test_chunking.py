@@ -28,9 +28,8 @@ def _content(model_dir, text: str):
     return enc.ids, enc.offsets
 
 
-@pytest.mark.parametrize("backend", ["hf", "budtiktok"])
-def test_windows_cover_each_text_with_the_overlap(model_dir, backend):
-    chunker = Chunker.for_model(model_dir, WINDOW, OVERLAP, lowercase=False, backend=backend)
+def test_windows_cover_each_text_with_the_overlap(model_dir):
+    chunker = Chunker.for_model(model_dir, WINDOW, OVERLAP, lowercase=False)
     assert chunker.content == WINDOW - 2            # [CLS] ... [SEP]
     windows, owners, spans = chunker.split(TEXTS)
     assert len(windows) == len(owners) == len(spans)
@@ -58,7 +57,7 @@ def test_windows_cover_each_text_with_the_overlap(model_dir, backend):
             if j < len(mine) - 1:
                 assert spans[mine[j], 2] == offsets[j * step + chunker.content - 1][1]
     assert len(np.flatnonzero(owners == len(TEXTS) - 1)) > 5
-    assert chunker.describe()["texts_split"] == sum(len(_content(model_dir, t)[0]) >= chunker.content for t in TEXTS)
+    assert chunker.describe()["texts_split"] == sum(len(_content(model_dir, t)[0]) > chunker.content for t in TEXTS)
 
 
 @pytest.mark.parametrize("window, overlap", [(2, 0), (48, 46), (48, -1)])

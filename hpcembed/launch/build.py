@@ -21,10 +21,10 @@ from .kinds import JobKind
 
 
 def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
-    """What tokenizes the job's texts: the backend --tokenizer-backend names, in windows under --chunk-tokens."""
+    """What tokenizes the job's texts: the backend --tokenizer-backend names, or under --chunk-tokens HF in
+    windows (tokenize/chunk.py)."""
     if cfg.chunk_tokens and chunking:
-        return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase,
-                                 cfg.tokenizer_backend)
+        return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
     return make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
 
 
