@@ -53,6 +53,9 @@ class JobConfig:
                                         "--calibration-rows; recorded in the manifest); or the signs packed 8 to a "
                                         "byte (binary: int8, ubinary: uint8)",
                              choices=("float32", "float16", "int8", "uint8", "binary", "ubinary"))
+    output_format: str = _opt("parquet", "'parquet': shards of id and embedding columns; 'npy': each shard's "
+                                         "embeddings in a little-endian .npy beside a Parquet file of its ids "
+                                         "(memory-mappable, for FAISS)", choices=("parquet", "npy"))
     calibration_rows: int = _opt(10_000, "int8/uint8 output: rows whose embeddings set each dimension's range, "
                                          "taken from up to 16 work units spread over the input; every encoder "
                                          "rank embeds them at start and they agree on one range")

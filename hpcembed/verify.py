@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 from .errors import ConfigError
 from .io.ids import id_digest
 from .io.ledger import Ledger
-from .io.writer import CALIBRATED, SUCCESS, OutputDir, stored_width
+from .io import npy
+from .io.writer import CALIBRATED, OUTPUT_DTYPES, SUCCESS, OutputDir, stored_width
 
 NORM_TOLERANCE = 1e-3          # float16 storage rounds norms by about 3e-4
 
@@ -41,13 +42,15 @@ def verify(path: str) -> tuple[list[str], dict]:
     present = sorted(p.name for p in output.path.glob("part-*.parquet"))
     problems += [f"shard {name} is not in the ledger: a reader of the directory would take its rows as output"
                  for name in present if name not in committed]
+    problems += [f"{p.name} is no committed shard's embeddings" for p in sorted(output.path.glob("part-*.npy"))
+                 if p.with_suffix(".parquet").name not in committed]
     manifest = output.read_manifest() if (output.path / "_manifest.json").exists() else {}
     readable = [name for name in present if committed.get(name) not in damaged]
     rows, digests, owners = 0, [], []
     for k, name in enumerate(readable):
         table = pq.read_table(output.path / name)
         rows += table.num_rows
-        problems += _check_embeddings(name, table, manifest)
+        problems += _check_embeddings(name, _embeddings(output.path / name, table, manifest), manifest)
         keys = table.column("id").to_pylist()
         if "chunk" in table.column_names:   # a chunked output holds each (id, window) once
             keys = [f"{i}\x00{c}" for i, c in zip(keys, table.column("chunk").to_pylist())]
@@ -63,12 +66,29 @@ def verify(path: str) -> tuple[list[str], dict]:
     return problems, summary
 
 
+def _embeddings(path, table: pa.Table, manifest: dict) -> pa.Table:
+    """The shard's ids and embeddings as one table: from a `.npy` beside it in an npy output."""
+    if manifest.get("output_format") != "npy":
+        return table
+    try:
+        array = np.asarray(npy.read(npy.companion(path)))
+    except (OSError, ValueError):
+        return table                # damaged() names it
+    values = pa.array(array.reshape(-1))
+    if len(array) != table.num_rows or array.ndim != 2:
+        return table.append_column("embedding", pa.array([None] * table.num_rows, pa.float32()))
+    return table.append_column("embedding", pa.FixedSizeListArray.from_arrays(values, array.shape[1]))
+
+
 def _check_embeddings(name: str, table: pa.Table, manifest: dict) -> list[str]:
     out = [f"shard {name}: {table.column('id').null_count} null ids"] if table.column("id").null_count else []
+    if "embedding" not in table.column_names:
+        return out + [f"shard {name}: no embeddings"]
     kind = table.schema.field("embedding").type
     dim, dtype = manifest.get("dim"), manifest.get("output_dtype", "float32")
     width = stored_width(dim, dtype) if dim else None
-    if not pa.types.is_fixed_size_list(kind) or (width and kind.list_size != width):
+    if not pa.types.is_fixed_size_list(kind) or (width and kind.list_size != width) or \
+            (dim and kind.value_type != OUTPUT_DTYPES[dtype]):
         return out + [f"shard {name}: embeddings are {kind}, the manifest says {dim} dimensions as {dtype}"]
     if dtype.endswith("binary") or dtype in CALIBRATED:
         return out                  # packed signs or buckets: any byte is valid

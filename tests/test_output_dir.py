@@ -217,6 +217,11 @@ def test_overwrite_never_removes_a_users_own_files(tmp_path):
     assert refused.returncode == 2 and mine.name in refused.stderr and "nothing was removed" in refused.stderr
     assert mine.exists() and (out / "_SUCCESS").exists() and len(list(out.glob("part-*.parquet"))) == 2
     mine.unlink()
+    array = out / "part-99999999-r00001.npy"                        # an array of the user's, no shard beside it
+    array.write_bytes(b"\x93NUMPY")
+    refused = run_cli(*args, "--overwrite")
+    assert refused.returncode == 2 and array.name in refused.stderr and array.exists()
+    array.unlink()
     replaced = run_cli(*args, "--overwrite")
     assert replaced.returncode == 0 and len(list(out.glob("part-*.parquet"))) == 1
 

@@ -1,12 +1,13 @@
 """Output types (--output-dtype): each stores what sentence-transformers' quantize_embeddings makes of the same
 float embeddings; int8 and uint8 with ranges calibrated on the job's own embeddings, agreed by every encoder rank,
-recorded in the ledger and the manifest, and kept by a resumed job."""
+recorded in the ledger and the manifest, and kept by a resumed job; and the npy format (--output-format)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from sentence_transformers.util.quantization import quantize_embeddings
 
 from .conftest import mpirun, needs_mpi, read_manifest, run_cli, write_jsonl
@@ -83,3 +84,45 @@ def test_encoder_ranks_agree_on_one_range(tmp_path):
     assert all(r["startup"]["built"] <= r["startup"]["calibrated"] <= r["startup"]["ready"] for r in encoders)
     assert len(manifest["int8_ranges"][0]) == 384
     assert run_cli("verify", str(tmp_path / "out")).returncode == 0
+
+
+def test_npy_output_is_the_same_embeddings_beside_parquet_ids(tmp_path):
+    src = _corpus(tmp_path / "rows.jsonl", 50)
+    common = ["run", "--input", str(src), "--unit-rows", "20", "--progress", "off", "--output-dtype", "float16"]
+    assert run_cli(*common, "--output", str(tmp_path / "parquet")).returncode == 0
+    out = tmp_path / "npy"
+    assert run_cli(*common, "--output", str(out), "--output-format", "npy").returncode == 0
+    shards = sorted(out.glob("part-*.parquet"))
+    assert len(shards) == 3 and all(s.with_suffix(".npy").exists() for s in shards)
+    ids = [i for s in shards for i in pq.read_table(s).column("id").to_pylist()]
+    arrays = [np.load(s.with_suffix(".npy"), mmap_mode="r") for s in shards]
+    assert all(a.dtype == np.dtype("<f2") and a.shape[1] == 384 for a in arrays)
+    expected = ds.dataset(str(tmp_path / "parquet"), format="parquet").to_table()
+    by_id = dict(zip(expected["id"].to_pylist(), expected["embedding"].to_numpy(zero_copy_only=False)))
+    assert (np.concatenate(arrays) == np.stack([by_id[i] for i in ids])).all()
+    assert read_manifest(out)["output_format"] == "npy" and run_cli("verify", str(out)).returncode == 0
+    # A lost .npy is named by verify, and a rerun redoes its unit.
+    shards[1].with_suffix(".npy").unlink()
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 3 and f"shard {shards[1].name} has no {shards[1].with_suffix('.npy').name}" in proc.stderr
+    proc = run_cli(*common, "--output", str(out), "--output-format", "npy")
+    assert proc.returncode == 0 and "unit 1 is redone" in proc.stderr, proc.stderr[-2000:]
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_dropping_ids_rewrites_the_npy_with_its_shard(tmp_path):
+    import pyarrow as pa
+    from hpcembed.io.ids import id_digest
+    from hpcembed.io.writer import OutputDir
+    out = OutputDir(str(tmp_path), output_format="npy")
+    name = "part-00000000-r00001.parquet"
+    embeddings = np.arange(12, dtype=np.float32).reshape(3, 4)
+    written = out.write_shard(name, pa.array(["a", "b", "c"]), embeddings)
+    assert len(written.record) == 4 and out._check_shard(name, 3, written.record) is None
+    removed, rewritten = out.drop_ids(name, {id_digest("b")})
+    assert removed == ["b"] and rewritten.rows == 2
+    assert (np.load(tmp_path / "part-00000000-r00001.npy") == embeddings[[0, 2]]).all()
+    assert pq.read_table(tmp_path / name).column("id").to_pylist() == ["a", "c"]
+    assert out._check_shard(name, 2, rewritten.record) is None
+    # The ledger's record of the .npy is checked too: the old one no longer matches.
+    assert "part-00000000-r00001.npy of" in out._check_shard(name, 2, rewritten.record[:2] + list(written.companion))

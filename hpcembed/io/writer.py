@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from ..errors import ConfigError
 from .digest import checksum, file_digest
 from .ledger import LEDGER, Ledger, LedgerState, describe_difference
+from . import npy
 from .lock import OutputLock
 from .mark import WRITTEN_BY, written_by_hpcembed
 
@@ -101,10 +102,17 @@ def parquet_rows(path: Path) -> int:
 
 
 class ShardFile(NamedTuple):
-    """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits), and rows."""
+    """A shard as the ledger records it: its size and a checksum of its bytes (BLAKE2b, 128 bits), and rows;
+    `companion`: its `.npy`'s size and checksum (--output-format npy, io/npy.py)."""
     size: int
     digest: str
     rows: int = -1
+    companion: tuple = ()
+
+    @property
+    def record(self) -> list:
+        """The ledger's `files` entry: [bytes, checksum], then the .npy's where there is one."""
+        return [self.size, self.digest, *self.companion]
 
 
 class OutputDir:
@@ -112,10 +120,11 @@ class OutputDir:
     (Arrow IPC shards `tokens-*.arrow`, io/tokens.py). Everything else is the same."""
 
     def __init__(self, path: str, tokens: bool = False, output_dtype: str = "float32",
-                 ranges: np.ndarray | None = None):
-        """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (io/calibrate.py)."""
+                 ranges: np.ndarray | None = None, output_format: str = "parquet"):
+        """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (io/calibrate.py); `output_format` npy:
+        embeddings in a `.npy` beside each shard (io/npy.py)."""
         self.path = Path(path)
-        self.output_dtype, self.ranges = output_dtype, ranges
+        self.output_dtype, self.ranges, self.output_format = output_dtype, ranges, output_format
         self.lock = OutputLock(self.path)
         if tokens:
             from .tokens import token_shard_rows
@@ -126,13 +135,16 @@ class OutputDir:
     def _is_shard(self, name: str) -> bool:
         return name.startswith(self.shard_prefix) and name.endswith(self.shard_suffix)
 
+    def _is_companion(self, name: str) -> bool:
+        return name.startswith(self.shard_prefix) and name.endswith(".npy")
+
     def ours(self) -> list[Path]:
         """Files an hpcembed job leaves here."""
         if not self.path.is_dir():
             return []
         return [p for p in self.path.iterdir()
                 if p.name in (MANIFEST, SUCCESS, REJECTS, LEDGER) or p.name.startswith(("." + self.shard_prefix, "._"))
-                or self._is_shard(p.name)]
+                or self._is_shard(p.name) or self._is_companion(p.name)]
 
     def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         """Take the directory's lock (io/lock.py; the caller releases it when the job ends) and make the
@@ -164,6 +176,10 @@ class OutputDir:
             listed = self._ledger_shards(ledger)
             foreign = [p for p in existing
                        if self._is_shard(p.name) and p.name not in listed and not written_by_hpcembed(p)]
+            # A .npy is ours beside a shard of ours (an npy header has no room for a mark).
+            kept = {p.name for p in existing if self._is_shard(p.name) and p not in foreign}
+            foreign += [p for p in existing if self._is_companion(p.name)
+                        and p.with_suffix(self.shard_suffix).name not in kept]
             if foreign:
                 raise ConfigError(f"--overwrite: output directory {self.path} holds {len(foreign)} files named like "
                                   f"shards that no hpcembed job wrote (e.g. {foreign[0].name}); nothing was "
@@ -237,14 +253,32 @@ class OutputDir:
             return f"has {found} rows, the ledger says {rows}"
         if file is not None and file_digest(path) != file[1]:
             return "is not what was written (its checksum differs)"
+        if file is not None and len(file) == 4:
+            return self._check_companion(npy.companion(path), rows, file[2:])
+        return None
+
+    @staticmethod
+    def _check_companion(path: Path, rows: int, file: list) -> str | None:
+        try:
+            size = path.stat().st_size
+            found = len(npy.read(path))
+        except FileNotFoundError:
+            return f"has no {path.name}"
+        except (OSError, ValueError) as exc:
+            return f"has a {path.name} that cannot be read ({exc})"
+        if size != file[0] or found != rows:
+            return f"has a {path.name} of {size} bytes and {found} rows, the ledger says {file[0]} and {rows}"
+        if file_digest(path) != file[1]:
+            return f"has a {path.name} that is not what was written (its checksum differs)"
         return None
 
     def _keep_committed(self, state: LedgerState) -> None:
         """Delete every shard and temporary file no committed unit names: the uncommitted units are redone from
         scratch."""
         keep = {name for unit in state.units.values() for name in unit.shards}
+        keep |= {npy.companion(name).name for name in keep}
         stray = [p for p in self.ours() if p.name.startswith(("." + self.shard_prefix, "._"))
-                 or (self._is_shard(p.name) and p.name not in keep)]
+                 or ((self._is_shard(p.name) or self._is_companion(p.name)) and p.name not in keep)]
         for p in stray:
             p.unlink()
         if stray:
@@ -257,16 +291,23 @@ class OutputDir:
         a chunked job's rows."""
         dim = embeddings.shape[1]
         stored = convert(embeddings, self.output_dtype, self.ranges)
-        values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
         extra = [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
                                            pa.array(chunks[:, 2])]
+        schema = output_schema(dim, self.output_dtype, chunks is not None)
+        if self.output_format == "npy":
+            return self._write_table(name, pa.Table.from_arrays([ids, *extra], schema=pa.schema(
+                list(schema)[:-1], metadata=schema.metadata)), stored)
+        values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
         return self._write_table(name, pa.Table.from_arrays(
-            [ids, *extra, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])],
-            schema=output_schema(dim, self.output_dtype, chunks is not None)))
+            [ids, *extra, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])], schema=schema))
 
-    def _write_table(self, name: str, table: pa.Table) -> ShardFile:
-        final = self.path / name
-        tmp = self.path / f".{name}.tmp"
+    def _write_table(self, name: str, table: pa.Table, array: np.ndarray | None = None) -> ShardFile:
+        """The shard, and first its .npy where `array` is given (its rows are the table's)."""
+        companion = ()
+        if array is not None:
+            data = npy.encode(array)
+            self._write_file(npy.companion(name).name, data)
+            companion = (len(data), checksum(data))
         # Built in memory, so the checksum is of the bytes written, without reading them back. Float embeddings
         # barely compress (zstd saves ~7%), so only the ids are compressed; they are all distinct, so no
         # dictionary.
@@ -274,6 +315,12 @@ class OutputDir:
         pq.write_table(table, sink, compression={"id": "zstd", "embedding": "none"}, use_dictionary=False,
                        row_group_size=64 * 1024)
         data = sink.getvalue()
+        self._write_file(name, data)
+        return ShardFile(data.size, checksum(data), table.num_rows, companion)
+
+    def _write_file(self, name: str, data) -> None:
+        final = self.path / name
+        tmp = self.path / f".{name}.tmp"
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
@@ -284,7 +331,6 @@ class OutputDir:
             tmp.unlink(missing_ok=True)
             raise ConfigError(f"cannot write shard {name} in {self.path}: {exc.strerror or exc}. Free space (or "
                               "raise the quota) and run the job again: it resumes") from None
-        return ShardFile(data.size, checksum(data), table.num_rows)
 
     def drop_ids(self, name: str, digests: set[bytes]) -> tuple[list[str], ShardFile | None]:
         """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed (each once,
@@ -296,7 +342,9 @@ class OutputDir:
         removed = list(dict.fromkeys(i for i, k in zip(ids, keep) if not k))
         if not removed:
             return removed, None
-        return removed, self._write_table(name, table.filter(pa.array(keep)))     # already stored as it is
+        companion = npy.companion(self.path / name)
+        array = np.array(npy.read(companion)[np.array(keep)]) if companion.exists() else None
+        return removed, self._write_table(name, table.filter(pa.array(keep)), array)    # already stored as it is
 
     def rewrite_rejects(self, rejects: list[dict]) -> None:
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()

@@ -73,5 +73,6 @@ def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders:
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
     return EncoderRank(transport, core, InstancePool(encoders),
-                       OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges), startup,
+                       OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges,
+                                 output_format=cfg.output_format), startup,
                        pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize)

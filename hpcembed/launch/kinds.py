@@ -111,7 +111,7 @@ class EmbedJob(JobKind):
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
                 "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
-                **chunking(cfg)}
+                **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {})}
 
     def sink(self, output_path):
         return EncoderSink()

@@ -120,7 +120,8 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
     manifest = build_manifest(
         started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
-                **({"output_dtype": cfg.output_dtype, **chunking(cfg)} if setup.kind.has_encoders else {})},
+                **({"output_dtype": cfg.output_dtype, "output_format": cfg.output_format, **chunking(cfg)}
+                   if setup.kind.has_encoders else {})},
         settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                   "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
                   "max_batch_tokens": cfg.max_batch_tokens or None,

@@ -176,7 +176,7 @@ class ConductorCore:
             written = parts.written.values()
             committed = CommittedUnit(unit, {p.shard: p.shard_rows for p in written}, sum(p.tokens for p in written),
                                       read.rejected_rows, read.rejects,
-                                      {p.shard: [p.size, p.digest] for p in written if p.size >= 0})
+                                      {p.shard: [p.size, p.digest, *p.companion] for p in written if p.size >= 0})
             # Ledger first: a reject line without its ledger record is rebuilt away on resume.
             self.ledger.commit_unit(committed)
             self.output.append_rejects(read.rejects)
@@ -227,7 +227,7 @@ class ConductorCore:
             error.row_id = row_id
             records.append(error.as_reject())
         unit.rejects.extend(records)
-        file = [message.size, message.digest] if message.size >= 0 else None
+        file = [message.size, message.digest, *message.companion] if message.size >= 0 else None
         if file is not None:
             unit.files[message.shard] = file
         self.ledger.record_drop(message.unit, message.shard, len(message.removed_ids), records, file, rows)

@@ -90,12 +90,15 @@ class EncoderCore:
         part = self.parts[unit]
         return part.expected is not None and part.embedded >= part.expected
 
-    def written(self, unit: int, shard: str, size: int = -1, digest: str = "", stored: int = -1) -> Send:
+    def written(self, unit: int, shard: str, size: int = -1, digest: str = "", stored: int = -1,
+                companion: tuple = ()) -> Send:
         """The complete part is in its shard (of `size` bytes, checksum `digest`, `stored` rows where that is
-        not the rows embedded): the PartWritten the conductor commits on."""
+        not the rows embedded, `companion` its .npy's size and checksum): the PartWritten the conductor commits
+        on."""
         part = self.parts.pop(unit)
         stored = -1 if stored == part.embedded else stored
-        return Send(self.roles.conductor, PartWritten(unit, shard, part.embedded, part.tokens, size, digest, stored))
+        return Send(self.roles.conductor, PartWritten(unit, shard, part.embedded, part.tokens, size, digest, stored,
+                                                      list(companion)))
 
     def finish(self, stats) -> list[Send]:
         """The rank's last report. Parts still open are an error, unless a drain abandoned their units (the next

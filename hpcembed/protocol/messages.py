@@ -79,6 +79,7 @@ class PartWritten:
     size: int = -1                  # the shard's bytes and checksum (io/writer.ShardFile), for the ledger;
     digest: str = ""                # -1 and "" where no file was written (the simulation)
     stored: int = -1                # rows the shard holds, where not `rows` (chunks pooled into one row per id)
+    companion: list = field(default_factory=list)      # its .npy's [bytes, checksum] (io/npy.py), if any
 
     @property
     def shard_rows(self) -> int:
@@ -107,6 +108,7 @@ class PartRewritten:
     size: int = -1                  # the rewritten shard's, as in PartWritten
     digest: str = ""
     rows: int = -1                  # rows it holds now (-1: one fewer per removed id)
+    companion: list = field(default_factory=list)      # its rewritten .npy's [bytes, checksum], if any
 
 
 @dataclass

@@ -118,7 +118,8 @@ class EncoderRank:
         while self._writes and (wait or self._writes[0][0].done()):
             future, unit, name = self._writes.popleft()
             shard = future.result()
-            deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest, shard.rows)])
+            deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest, shard.rows,
+                                                       shard.companion)])
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
@@ -126,9 +127,9 @@ class EncoderRank:
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, DropIds):
             removed, shard = self.output.drop_ids(message.shard, set(message.digests))
-            size, digest, rows = shard if shard is not None else (-1, "", -1)
+            size, digest, rows, companion = shard if shard is not None else (-1, "", -1, ())
             self.transport.send(self.core.roles.conductor, PartRewritten(message.unit, message.shard, removed, size,
-                                                                         digest, rows))
+                                                                         digest, rows, list(companion)))
         else:
             for unit in self.core.handle(source, message):
                 self._write_part(unit)
