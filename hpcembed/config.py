@@ -25,7 +25,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **extra: Any) ->
 
 @dataclass
 class JobConfig:
-    input: list[str] = _opt([], "input files, directories or globs (Parquet, .jsonl, .jsonl.gz, .csv, .txt)", nargs="+")
+    input: list[str] = _opt([], "input files, directories or globs (Parquet, .jsonl, .jsonl.gz, .csv, .txt), or URLs "
+                                "such as s3://bucket/prefix/ (endpoint: AWS_ENDPOINT_URL)", nargs="+")
     output: str = _opt("", "output directory for Parquet shards, _manifest.json and _SUCCESS")
     model: str = _opt("", "sentence-transformers or Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
     text_column: str = _opt("text", "column (Parquet/CSV) or key (JSONL) holding the text")

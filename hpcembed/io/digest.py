@@ -17,9 +17,11 @@ def checksum(data) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path | str) -> str:
+    """Of a file's bytes (a path, or an input's URL: io/location.py)."""
+    from .location import open_input
     h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as fh:
+    with open_input(str(path)) as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)            # releases the GIL for large buffers: files are digested in parallel threads
     return h.hexdigest()

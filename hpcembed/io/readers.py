@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from . import location
 from .sources import WorkUnit, _short
 
 STRING_TYPES = (pa.string(), pa.large_string(), pa.string_view())
@@ -66,9 +67,9 @@ def generated_id(unit: WorkUnit, row: int) -> str:
 def _lines(unit: WorkUnit, chunk_rows: int) -> Iterator[tuple[int, list[bytes]]]:
     """Yield (first row, raw lines without newline) for the unit's rows."""
     if unit.file.format == "jsonl.gz":
-        fh = gzip.open(unit.file.path, "rb")
+        fh = location.open_input(unit.file.path, gzipped=True)
     else:
-        fh = open(unit.file.path, "rb")
+        fh = location.open_input(unit.file.path)
         fh.seek(unit.byte_start)
     with fh:
         row = unit.row_start
@@ -247,7 +248,7 @@ def _pick_id_column(unit: WorkUnit, names: list[str], columns: Columns) -> str |
 
 
 def _read_parquet(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
-    pf = pq.ParquetFile(unit.file.path)
+    pf = pq.ParquetFile(location.open_arrow(unit.file.path))
     schema = pf.schema_arrow
     if columns.text not in schema.names:
         raise InputError(unit.file.path, f"no text column {columns.text!r} (columns: {', '.join(schema.names)})")
@@ -267,7 +268,7 @@ def _read_parquet(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator
 def _read_csv(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
     import pyarrow.csv as pcsv
 
-    names = pcsv.open_csv(unit.file.path).schema.names
+    names = pcsv.open_csv(location.open_arrow(unit.file.path)).schema.names
     if columns.text not in names:
         raise InputError(unit.file.path, f"no text column {columns.text!r} (columns: {', '.join(names)})")
     id_name = _pick_id_column(unit, names, columns)
@@ -276,7 +277,7 @@ def _read_csv(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[Row
     types = {columns.text: pa.binary(), **({id_name: pa.string()} if id_name else {})}
     convert = pcsv.ConvertOptions(include_columns=wanted, column_types=types,
                                   strings_can_be_null=False)
-    reader = pcsv.open_csv(unit.file.path, parse_options=pcsv.ParseOptions(newlines_in_values=True),
+    reader = pcsv.open_csv(location.open_arrow(unit.file.path), parse_options=pcsv.ParseOptions(newlines_in_values=True),
                            convert_options=convert, read_options=pcsv.ReadOptions(block_size=1 << 20))
     first = 0
     for batch in reader:

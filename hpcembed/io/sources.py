@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..errors import ConfigError, InputError
+from . import location
 
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz", ".csv": "csv", ".txt": "text", ".text": "text"}
@@ -41,7 +42,7 @@ class InputFile:
 
     @property
     def stem(self) -> str:
-        return self.id_prefix or _strip_format(os.path.basename(self.path))
+        return self.id_prefix or _strip_format(os.path.basename(location.display(self.path)))
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,11 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
     token_files: set[str] = set()
     under: dict[str, str] = {}          # a file found in a directory input -> that directory
     for pattern in patterns:
+        if location.is_url(pattern):
+            found = _resolve_url(pattern)
+            paths.extend(found)
+            under.update((p, pattern) for p in found if p != pattern)
+            continue
         manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
         if manifest is not None:
             found = token_directory_files(pattern, manifest)
@@ -112,15 +118,32 @@ def resolve_inputs(patterns: list[str]) -> list[InputFile]:
             paths.extend(matches)
     files, seen = [], set()
     for path in paths:
-        real = os.path.realpath(path)
+        url = location.is_url(path)
+        real = path if url else os.path.realpath(path)
         if real in seen:
             continue
         seen.add(real)
-        fmt = "tokens" if path in token_files else format_of(path)
+        fmt = "tokens" if path in token_files else format_of(location.display(path))
         if fmt is None:
             raise ConfigError(f"input {path}: unknown format; expected one of {', '.join(sorted(FORMATS))}")
-        files.append(InputFile(len(files), os.path.abspath(path), fmt))
+        files.append(InputFile(len(files), path if url else os.path.abspath(path), fmt))
     return _with_id_prefixes(files, under)
+
+
+def _resolve_url(pattern: str) -> list[str]:
+    """A URL input: one file, or every file of a known format under a directory (a prefix of an object store)."""
+    try:
+        if location.is_dir(pattern):
+            found = [u for u in location.list_files(pattern) if format_of(location.display(u))
+                     and not os.path.basename(location.display(u)).startswith(("_", "."))]
+            if not found:
+                raise ConfigError(f"input {pattern} holds no Parquet, JSONL, CSV or text files")
+            return found
+        if location.exists(pattern):
+            return [pattern]
+    except OSError as exc:
+        raise ConfigError(f"input {pattern} cannot be listed: {_short(exc)}") from None
+    raise ConfigError(f"input {pattern} does not exist (URLs take no globs: give a file or a directory)")
 
 
 def _with_id_prefixes(files: list[InputFile], under: dict[str, str]) -> list[InputFile]:
@@ -128,18 +151,22 @@ def _with_id_prefixes(files: list[InputFile], under: dict[str, str]) -> list[Inp
     by name: its name), without the format's extension. Files that would still share a prefix (same-named files
     of two inputs) take their paths from the deepest directory the colliding files have in common, so no two
     files of a job can give the same id."""
+    def plain(path: str) -> str:
+        """A URL as a path (its query and scheme dropped), so path arithmetic applies."""
+        return location.display(path).split("://", 1)[1] if location.is_url(path) else path
+
     def relative(f: InputFile) -> str:
         directory = under.get(f.path)
-        return os.path.relpath(f.path, directory) if directory else os.path.basename(f.path)
+        return os.path.relpath(plain(f.path), plain(directory)) if directory else os.path.basename(plain(f.path))
     prefixes = [_strip_format(relative(f)) for f in files]
     groups: dict[str, list[int]] = {}
     for k, prefix in enumerate(prefixes):
         groups.setdefault(prefix, []).append(k)
     for members in groups.values():
         if len(members) > 1:
-            common = os.path.commonpath([os.path.dirname(files[k].path) for k in members])
+            common = os.path.commonpath([os.path.dirname(plain(files[k].path)) for k in members])
             for k in members:
-                prefixes[k] = _strip_format(os.path.relpath(files[k].path, common))
+                prefixes[k] = _strip_format(os.path.relpath(plain(files[k].path), common))
     return [InputFile(f.index, f.path, f.format, prefix) for f, prefix in zip(files, prefixes)]
 
 
@@ -157,13 +184,13 @@ def check_output_outside_inputs(output: str, files: list[InputFile], patterns: l
     lies inside one, or holds an input file."""
     out = os.path.realpath(output)
     for pattern in patterns:
-        if os.path.isdir(pattern):
+        if not location.is_url(pattern) and os.path.isdir(pattern):
             root = os.path.realpath(pattern)
             if out == root or out.startswith(root + os.sep):
                 raise ConfigError(f"output {output} is inside input directory {pattern}: the next run would read "
                                   "its own shards as input; choose an output outside it")
     for f in files:
-        if os.path.realpath(f.path).startswith(out + os.sep):
+        if not location.is_url(f.path) and os.path.realpath(f.path).startswith(out + os.sep):
             raise ConfigError(f"input {f.path} lies inside the output directory {output}; choose another output")
 
 
@@ -171,7 +198,7 @@ def _line_starts(path: str, every: int) -> tuple[int, list[int]]:
     """Count the lines of a file and return the byte offset of every `every`-th line start (0 included)."""
     starts, rows, pos, last_byte = [0], 0, 0, b"\n"
     next_cut = every
-    with open(path, "rb") as fh:
+    with location.open_input(path) as fh:
         while block := fh.read(SCAN_BLOCK):
             newlines = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
             # Line k starts right after newline k-1; record the starts that are unit boundaries.
@@ -190,7 +217,7 @@ def _line_starts(path: str, every: int) -> tuple[int, list[int]]:
 
 def _count_gzip_lines(path: str) -> int:
     rows, last = 0, b"\n"
-    with gzip.open(path, "rb") as fh:
+    with location.open_input(path, gzipped=True) as fh:
         while block := fh.read(SCAN_BLOCK):
             rows += block.count(b"\n")
             last = block[-1:]
@@ -200,16 +227,16 @@ def _count_gzip_lines(path: str) -> int:
 def _count_csv_rows(path: str) -> int:
     import pyarrow.csv as pcsv
     # All columns read as binary so the count never fails on a value; validation happens when the unit is read.
-    names = pcsv.open_csv(path).schema.names
+    names = pcsv.open_csv(location.open_arrow(path)).schema.names
     opts = pcsv.ConvertOptions(column_types={n: "binary" for n in names})
-    reader = pcsv.open_csv(path, parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=opts)
+    reader = pcsv.open_csv(location.open_arrow(path), parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=opts)
     return sum(b.num_rows for b in reader)
 
 
 def plan_file(f: InputFile, unit_rows: int, first_unit: int) -> tuple[int, list[WorkUnit]]:
     units: list[WorkUnit] = []
     if f.format == "parquet":
-        meta = pq.ParquetFile(f.path).metadata
+        meta = pq.ParquetFile(location.open_arrow(f.path)).metadata
         start, groups, rows_in = 0, [], 0
         for g in range(meta.num_row_groups):
             groups.append(g)

@@ -15,7 +15,8 @@ from ..config import JobConfig
 from ..engine.cache import cache_dir
 from ..engine.model import ModelSpec
 from ..errors import ConfigError
-from ..io.digest import file_content_digest
+from ..io import location
+from ..io.digest import file_content_digest, file_digest
 from ..io.ledger import model_identity
 from ..io.sources import Plan
 from ..io.tokens import check_tokenizer_matches, read_token_manifest
@@ -57,13 +58,14 @@ def input_identity(cfg: JobConfig, plan: Plan) -> list:
     cached: it is asked for to catch an edit that kept the size and time)."""
     inputs = []
     for f in plan.files:
-        path = os.path.abspath(f.path)
-        st = os.stat(path) if os.path.exists(path) else None
-        entry = [path, st.st_size if st else None, plan.file_rows.get(f.index), st.st_mtime_ns if st else None]
+        path = f.path if location.is_url(f.path) else os.path.abspath(f.path)
+        st = location.stat(path)
+        entry = [path, st[0] if st else None, plan.file_rows.get(f.index), st[1] if st else None]
         if cfg.input_fingerprint == "content" and st is not None:
-            entry.append(file_content_digest(Path(path), None))
+            entry.append(file_digest(path) if location.is_url(path) else file_content_digest(Path(path), None))
         inputs.append(entry)
     return inputs
+
 
 
 def chunking(cfg: JobConfig) -> dict:
