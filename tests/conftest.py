@@ -110,11 +110,12 @@ needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not installed (p
 MPI_ENV = {"HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1"}
 
 
-def mpirun(n: int, *args: str, timeout: float = 240, command: str = "run") -> subprocess.CompletedProcess:
+def mpirun(n: int, *args: str, timeout: float = 240, command: str = "run",
+           env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = ["timeout", str(int(timeout)), MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", command, *args,
            "--progress", "off"]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 30,
-                          env={**os.environ, **MPI_ENV})
+                          env={**os.environ, **MPI_ENV, **(env or {})})
 
 
 def _children(pid: int) -> list[int]:

@@ -12,7 +12,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import read_manifest, run_cli, write_jsonl
+from .conftest import MPIEXEC, mpirun, read_manifest, run_cli, write_jsonl
 from .s3_server import S3Server
 
 
@@ -47,7 +47,9 @@ def test_an_s3_prefix_is_the_same_job_as_the_local_directory(tmp_path, s3):
     args = ["--unit-rows", "20", "--progress", "off"]
     assert run_cli("run", "--input", str(local), "--output", str(tmp_path / "local"), *args).returncode == 0
     url = "s3://bucket/corpus/"
-    proc = run_cli("run", "--input", url, "--output", str(tmp_path / "s3"), *args, env=s3.env)
+    # As an MPI job: the conductor plans from the store, each tokenizer rank reads its units from it.
+    proc = mpirun(4, "--input", url, "--output", str(tmp_path / "s3"), "--tokenizer-ranks", "2", *args, env=s3.env) \
+        if MPIEXEC else run_cli("run", "--input", url, "--output", str(tmp_path / "s3"), *args, env=s3.env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = _embeddings(tmp_path / "local"), _embeddings(tmp_path / "s3")
     assert set(got) == set(want) and len(got) == 45 + 12 + 7 + 6 + 5
