@@ -9,8 +9,8 @@ import os
 from ..config import JobConfig
 from ..errors import ConfigError, InputError
 from ..io.readers import Columns, read_unit
-from ..tokenize import make_tokenizer
 from ..topology import RankInfo, RoleMap, plan_roles, plan_tokenizers
+from .build import tokenizer_backend
 from .kinds import JobKind
 
 log = logging.getLogger("hpcembed")
@@ -76,8 +76,7 @@ def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo])
     except InputError:
         pass            # the unit's tokenizer reports it; plan on what was read, or on a stand-in text
     os.environ.setdefault("RAYON_NUM_THREADS", "1")      # measure what one tokenizer rank (one core) does
-    backend = make_tokenizer(setup.spec.path, setup.spec.max_seq_length, setup.spec.lowercase,
-                             cfg.tokenizer_backend)
+    backend = tokenizer_backend(cfg, setup.spec)           # as the tokenizer ranks will tokenize (chunks too)
     rate = measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0)
     planned, plan = plan_tokenizers(roles, ranks, rate, cfg.gpu_tokens_per_s)
     log.info("%s (%s backend)", plan.describe(), backend.name)
