@@ -1,10 +1,12 @@
 """Inputs on object storage: the same job from a local directory and from s3:// on a real S3-compatible server
 (moto in server mode, tests/s3_server.py) gives the same ids and the same embeddings, resumes and refuses
-changed inputs like a local one, and names what is wrong."""
+changed inputs like a local one, survives kill -9 exactly once, and names what is wrong."""
 from __future__ import annotations
 
 import gzip
 import json
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -12,7 +14,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from .conftest import MPIEXEC, mpirun, read_manifest, run_cli, write_jsonl
+from .conftest import (MPI_ENV, MPIEXEC, BackgroundJob, assert_complete_output, mpirun, needs_mpi, read_manifest,
+                       run_cli, write_corpus, write_jsonl)
 from .s3_server import S3Server
 
 
@@ -76,3 +79,40 @@ def test_bad_urls_are_named(tmp_path, s3, url, message):
     proc = run_cli("run", "--input", url, "--output", str(tmp_path / "out"), "--progress", "off", env=s3.env)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "secret_key=x" not in proc.stderr
+
+
+@needs_mpi
+def test_kill_9_and_resume_from_the_store(tmp_path, s3, st_model):
+    texts = {f"k{k:03d}": f"killed and resumed from the object store, row {k} " * (1 + k % 5) for k in range(160)}
+    (tmp_path / "corpus").mkdir()
+    root, expected = write_corpus(tmp_path / "corpus", texts, 4, st_model)
+    s3.upload(root, "bucket", "kill")
+    out = tmp_path / "out"
+    # A small batch window, so the kill lands mid-corpus (as in test_resume.py).
+    args = ["--input", "s3://bucket/kill/", "--output", str(out), "--tokenizer-ranks", "2", "--unit-rows", "10",
+            "--chunk-rows", "5", "--max-batch-tokens", "256", "--window-batches", "2"]
+    job = BackgroundJob([MPIEXEC, "-n", "4", sys.executable, "-m", "hpcembed", "run", *args, "--progress", "log"],
+                        tmp_path / "killed.log", {**MPI_ENV, **s3.env})
+    try:
+        deadline = time.monotonic() + 120
+        while _committed(out) < 3:
+            assert job.proc.poll() is None, job.text()[-3000:]
+            assert time.monotonic() < deadline, "no 3 units committed in 120 s"
+            time.sleep(0.02)
+        job.kill_tree()
+        job.wait(30)
+    finally:
+        job.stop()
+    killed_at = _committed(out)
+    assert killed_at < 16 and not (out / "_SUCCESS").exists()
+    again = mpirun(4, *args, env=s3.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = assert_complete_output(out, expected)
+    assert 3 <= manifest["units_resumed"] <= killed_at
+
+
+def _committed(out) -> int:
+    try:
+        return sum('"kind": "unit"' in line for line in (out / "_ledger.jsonl").read_text().splitlines())
+    except OSError:
+        return 0
