@@ -126,3 +126,17 @@ def test_dropping_ids_rewrites_the_npy_with_its_shard(tmp_path):
     assert out._check_shard(name, 2, rewritten.record) is None
     # The ledger's record of the .npy is checked too: the old one no longer matches.
     assert "part-00000000-r00001.npy of" in out._check_shard(name, 2, rewritten.record[:2] + list(written.companion))
+
+
+def test_int8_of_pooled_windows_is_calibrated_on_what_is_stored(tmp_path):
+    # Long texts, so most are several windows; calibrated on every row, the ranges are the stored means' range.
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": f"w{k}", "text": f"pooled window text number {k} " * 12}
+                                                for k in range(24)])
+    common = ["run", "--input", str(src), "--chunk-tokens", "32", "--chunk-overlap", "4", "--chunk-pooling", "mean",
+              "--calibration-rows", "24", "--progress", "off"]
+    assert run_cli(*common, "--output", str(tmp_path / "f32")).returncode == 0
+    assert run_cli(*common, "--output", str(tmp_path / "i8"), "--output-dtype", "int8").returncode == 0
+    floats = _stored(tmp_path / "f32")
+    ranges = np.array(read_manifest(tmp_path / "i8")["int8_ranges"], np.float32)
+    np.testing.assert_allclose(ranges, np.vstack((floats.min(axis=0), floats.max(axis=0))), atol=1e-5)
+    assert (_stored(tmp_path / "i8") == quantize_embeddings(floats, "int8", ranges=ranges)).all()

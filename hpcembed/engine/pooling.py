@@ -1,6 +1,8 @@
-"""Pooling over padded token states, as sentence-transformers' Pooling module defines each mode."""
+"""Pooling over padded token states, as sentence-transformers' Pooling module defines each mode; and the mean of
+a chunked text's window embeddings (--chunk-pooling mean)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -21,3 +23,16 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, p=2, dim=1)
+
+
+def mean_of_windows(embeddings: np.ndarray, chunk_numbers: np.ndarray, normalize: bool) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """(first row of each text, the mean of its windows' embeddings) for rows in text order with each text's
+    windows in order (chunk number 0 starts a text); `normalize`: made unit length again, for a model that
+    normalizes."""
+    starts = np.flatnonzero(chunk_numbers == 0)
+    counts = np.diff(np.append(starts, len(chunk_numbers)))
+    mean = np.add.reduceat(embeddings.astype(np.float64), starts, axis=0) / counts[:, None]
+    if normalize:
+        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return starts, mean.astype(np.float32)

@@ -60,7 +60,7 @@ def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder
     """int8/uint8 calibration ranges [2, dim] from `units` (launch/calibrate.py), tokenized as this job tokenizes."""
     from .calibrate import calibrate
     return calibrate(units, _columns(cfg, spec), tokenizer_backend(cfg, spec), encoder,
-                     cfg.batch_tokens_for(encoder.device_name))
+                     cfg.batch_tokens_for(encoder.device_name), cfg.chunk_pooling == "mean", spec.normalize)
 
 
 def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:

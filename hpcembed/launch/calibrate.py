@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from ..batching import BatchAssembler
+from ..engine.pooling import mean_of_windows
 from ..errors import InputError
 from ..io.readers import Columns, read_unit
 from ..io.sources import WorkUnit
@@ -38,9 +39,11 @@ def calibration_units(units: list[WorkUnit], rows: int) -> list[tuple[WorkUnit, 
     return [(unit, min(each, unit.rows)) for unit in picked]
 
 
-def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, encoder, batch_tokens: int) -> np.ndarray:
-    """Ranges [2, dim] float32 from the embeddings of those rows (rows that are not valid input are left out; a
-    unit that cannot be read is skipped, its error is the job's to report)."""
+def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, encoder, batch_tokens: int,
+              pool_windows: bool = False, normalize: bool = False) -> np.ndarray:
+    """Ranges [2, dim] float32 from the embeddings of those rows, as they will be stored (`pool_windows`: a
+    chunked text's windows averaged, as --chunk-pooling mean stores them). Rows that are not valid input are left
+    out; a unit that cannot be read is skipped, its error is the job's to report."""
     start = time.perf_counter()
     assembler = BatchAssembler(batch_tokens)
     batches = []
@@ -55,7 +58,12 @@ def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, enco
     batches += [rest] if rest is not None else []
     if not batches:
         raise InputError(units[0][0].file.path if units else "input", "no valid rows to calibrate int8 output on")
-    embeddings = np.concatenate([encoder.encode(batch) for batch in batches])
+    stored = []
+    for batch in batches:           # a text's windows are in one batch (BatchAssembler)
+        embeddings = encoder.encode(batch)
+        stored.append(mean_of_windows(embeddings, batch.chunks[:, 0], normalize)[1]
+                      if pool_windows and batch.chunks is not None else embeddings)
+    embeddings = np.concatenate(stored)
     log.debug("calibrated on %d embeddings in %.1f s", len(embeddings), time.perf_counter() - start)
     return np.vstack((embeddings.min(axis=0), embeddings.max(axis=0))).astype(np.float32)
 

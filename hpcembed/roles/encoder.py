@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from ..batching import TokenBudgetBatcher
 from ..engine.instances import InstancePool
+from ..engine.pooling import mean_of_windows
 from ..io.writer import OutputDir, ShardFile, shard_name
 from ..manifest import EncoderStats
 from ..protocol.encoder import EncoderCore
@@ -176,16 +177,8 @@ def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: boo
         order = np.argsort(rows, kind="stable")
         ids, embeddings = ids.take(pa.array(order)), embeddings[order]
     if chunks is not None and pool_chunks:
-        ids, embeddings = _mean_per_text(ids, embeddings, chunks, normalize)
+        starts, embeddings = mean_of_windows(embeddings, chunks[:, 0], normalize)
+        ids = ids.take(pa.array(starts))
         chunks = None
     return output.write_shard(name, ids, embeddings, chunks)
 
-
-def _mean_per_text(ids: pa.Array, embeddings: np.ndarray, chunks: np.ndarray, normalize: bool):
-    """One row per text, the mean of its windows (rows in text order, windows in order)."""
-    starts = np.flatnonzero(chunks[:, 0] == 0)
-    counts = np.diff(np.append(starts, len(chunks)))
-    mean = np.add.reduceat(embeddings.astype(np.float64), starts, axis=0) / counts[:, None]
-    if normalize:
-        mean /= np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
-    return ids.take(pa.array(starts)), mean.astype(np.float32)
