@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(size, rows, checksum), no stray shards, no id twice, dimensions, finite values and "
                             "norms. Prints a summary; exit 3 if there is any problem, naming the shard.")
     verify.add_argument("output", metavar="OUTPUT")
+    verify.add_argument("--input", nargs="+", metavar="PATH", dest="inputs",
+                        help="also check the ids against the job's inputs (give its --input): every valid input row "
+                        "is in the output or in _rejects.jsonl, and the output holds no other id")
     from .scaling.cli import add_parser as add_scaling
     add_scaling(sub)
     return parser
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from .verify import print_report, verify
         try:
-            problems, summary = verify(args.output)
+            problems, summary = verify(args.output, args.inputs)
         except HpcEmbedError as exc:
             print(f"hpcembed: error: {exc}", file=sys.stderr)
             return exc.exit_code

@@ -8,10 +8,14 @@ It reads the ledger and the manifest and opens every shard. These are problems:
 - an id held twice, across every shard in the directory (in a chunked output, an id and window number);
 - an embedding of another dimension than the manifest's, a value that is not finite, or, for a model that
   normalizes, a row whose norm is not 1;
-- rows that do not add up to the manifest's.
+- rows that do not add up to the manifest's;
+- with `--input` (the job's inputs): an input row whose id is in neither the output nor `_rejects.jsonl`, or an
+  id in the output that no input row has.
 Ids are compared by their 128-bit digests (16 bytes a row in memory).
 """
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -21,13 +25,14 @@ from .errors import ConfigError
 from .io.ids import id_digest
 from .io.ledger import Ledger
 from .io import npy
-from .io.writer import CALIBRATED, OUTPUT_DTYPES, SUCCESS, OutputDir, stored_width
+from .io.writer import CALIBRATED, OUTPUT_DTYPES, REJECTS, SUCCESS, OutputDir, shard_ids, stored_width
 
 NORM_TOLERANCE = 1e-3          # float16 storage rounds norms by about 3e-4
 
 
-def verify(path: str) -> tuple[list[str], dict]:
-    """(problems, summary) of the output directory `path`; raises ConfigError if it is not one."""
+def verify(path: str, inputs: list[str] | None = None) -> tuple[list[str], dict]:
+    """(problems, summary) of the output directory `path`; raises ConfigError if it is not one. `inputs`: the
+    job's --input, to check the output's ids against (check_against_input)."""
     output = OutputDir(path)
     ledger = Ledger(output.path)
     if not output.path.is_dir() or not ledger.exists():
@@ -61,9 +66,46 @@ def verify(path: str) -> tuple[list[str], dict]:
     expected = manifest.get("output_rows", manifest.get("rows_written"))
     if manifest and not damaged and rows != expected:
         problems.append(f"the shards hold {rows:,} rows, the manifest says {expected:,}")
+    if inputs:
+        problems += check_against_input(output, readable, manifest, inputs)
     summary = {"output": str(output.path), "shards": len(present), "rows": rows, "dim": manifest.get("dim"),
                "units": len(state.units), "problems": len(problems)}
     return problems, summary
+
+
+def check_against_input(output: OutputDir, shards: list[str], manifest: dict, patterns: list[str]) -> list[str]:
+    """Every valid row of the inputs has its id in the output or in _rejects.jsonl, and the output holds no id
+    that is not in the inputs. `patterns` must be the job's --input: generated ids name a file by its path within
+    the input it was found in. Ids are compared by digest (16 bytes each in memory)."""
+    from .errors import InputError
+    from .io.readers import Columns, read_unit
+    from .io.sources import plan_job, resolve_inputs
+    written = {id_digest(i) for name in shards for i in shard_ids(output.path / name)}
+    rejects = output.path / REJECTS
+    rejected = {id_digest(r["id"]) for r in map(json.loads, rejects.read_text().splitlines() if rejects.exists()
+                                                  else []) if r.get("id") is not None}
+    plan = plan_job(resolve_inputs(patterns), manifest.get("settings", {}).get("unit_rows", 50_000), True)
+    columns = Columns(manifest.get("text_column") or "text", manifest.get("id_column") or "")
+    seen: set[bytes] = set()
+    missing, example = 0, None
+    for unit in plan.units:
+        try:
+            for chunk in read_unit(unit, columns, 8192):
+                for row_id in chunk.ids:
+                    key = id_digest(row_id)
+                    seen.add(key)
+                    if key not in written and key not in rejected:
+                        missing += 1
+                        example = example or row_id
+        except InputError:
+            continue                # a file the job could not read either: its rows are the job's rejects
+    problems = [f"{missing:,} ids of the input are in neither the output nor {REJECTS}, e.g. {example!r}"] \
+        if missing else []
+    extra = written - seen
+    if extra:
+        first = next(i for name in shards for i in shard_ids(output.path / name) if id_digest(i) in extra)
+        problems.append(f"{len(extra):,} ids of the output are not in the input, e.g. {first!r}")
+    return problems
 
 
 def _embeddings(path, table: pa.Table, manifest: dict) -> pa.Table:

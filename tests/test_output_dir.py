@@ -274,8 +274,17 @@ def test_verify_names_what_is_wrong_with_an_output(tmp_path, st_model):
     out = tmp_path / "out"
     assert run_cli("run", "--input", str(src), "--output", str(out), "--unit-rows", "50",
                    "--progress", "off").returncode == 0
-    good = run_cli("verify", str(out))
+    good = run_cli("verify", str(out), "--input", str(src))
     assert good.returncode == 0 and "4 shards, 200 rows, dim 384" in good.stderr and "OK" in good.stderr
+    # Against the input: a row added since is in neither the output nor the rejects; rows gone are extra.
+    with open(src / "part0.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "vf-new", "text": "added after the job"}) + "\n")
+    other = _corpus_dir(tmp_path / "other")
+    (other / "part0.jsonl").write_text("".join(json.dumps({"id": f"vf-{k}", "text": "x"}) + "\n" for k in range(150)))
+    for source, problem in ((src, "1 ids of the input are in neither the output nor _rejects.jsonl, e.g. 'vf-new'"),
+                            (other, "50 ids of the output are not in the input, e.g. 'vf-150'")):
+        proc = run_cli("verify", str(out), "--input", str(source))
+        assert proc.returncode == 3 and problem in proc.stderr, proc.stderr
     shards = sorted(out.glob("part-*.parquet"))
     shards[0].unlink()
     shards[1].write_bytes(shards[1].read_bytes()[:-64])
