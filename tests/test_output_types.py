@@ -10,6 +10,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from sentence_transformers.util.quantization import quantize_embeddings
 
+from hpcembed.io.writer import convert
+
 from .conftest import mpirun, needs_mpi, read_manifest, run_cli, write_jsonl
 
 
@@ -36,17 +38,25 @@ def test_output_dtypes_match_sentence_transformers_quantization(tmp_path):
         manifest = read_manifest(out)
         assert manifest["output_dtype"] == dtype and ("int8_ranges" in manifest) == dtype.endswith("int8")
         assert run_cli("verify", str(out)).returncode == 0
+    # Each dtype's arithmetic is quantize_embeddings', byte for byte, on the same floats; each job's bytes are
+    # that of its own floats, another run's, which CPU threads may round differently in the last bit: a value on
+    # a bucket boundary (or a sign near zero, or a float16 rounding tie) may land one step over.
     floats = stored["float32"]
-    assert stored["float16"].dtype == np.float16 and (stored["float16"] == floats.astype(np.float16)).all()
+    assert stored["float16"].dtype == np.float16
+    assert (convert(floats, "float16") == floats.astype(np.float16)).all()
+    assert _buckets_apart(stored["float16"].view(np.int16), floats.astype(np.float16).view(np.int16)) <= 1
     for precision in ("binary", "ubinary"):
         expected = quantize_embeddings(floats, precision)
-        assert stored[precision].dtype == expected.dtype and (stored[precision] == expected).all()
-        assert stored[precision].shape == (40, 48)
+        assert (convert(floats, precision) == expected).all()
+        assert stored[precision].dtype == expected.dtype and stored[precision].shape == (40, 48)
+        differ = np.unpackbits(stored[precision].view(np.uint8) ^ expected.view(np.uint8))
+        assert differ.mean() <= 1e-3
     for precision in ("int8", "uint8"):
         ranges = np.array(read_manifest(tmp_path / precision)["int8_ranges"], np.float32)
         np.testing.assert_allclose(ranges, np.vstack((floats.min(axis=0), floats.max(axis=0))), atol=1e-6)
         expected = quantize_embeddings(floats, precision, ranges=ranges)
-        assert stored[precision].dtype == expected.dtype and (stored[precision] == expected).all()
+        assert (convert(floats, precision, ranges) == expected).all()
+        assert stored[precision].dtype == expected.dtype and _buckets_apart(stored[precision], expected) <= 1
         assert len(np.unique(stored[precision])) > 200         # the buckets are used, not one value
 
 
@@ -69,7 +79,7 @@ def test_a_resumed_int8_job_keeps_the_ranges_it_recorded(tmp_path):
     assert proc.returncode == 0 and "resuming" in proc.stderr, proc.stderr[-2000:]
     manifest = read_manifest(out)
     assert manifest["int8_ranges"] == first and manifest["units_resumed"] == 1
-    assert (_stored(out) == full).all()
+    assert _buckets_apart(_stored(out), full) <= 1
 
 
 @needs_mpi
@@ -99,7 +109,8 @@ def test_npy_output_is_the_same_embeddings_beside_parquet_ids(tmp_path):
     assert all(a.dtype == np.dtype("<f2") and a.shape[1] == 384 for a in arrays)
     expected = ds.dataset(str(tmp_path / "parquet"), format="parquet").to_table()
     by_id = dict(zip(expected["id"].to_pylist(), expected["embedding"].to_numpy(zero_copy_only=False)))
-    assert (np.concatenate(arrays) == np.stack([by_id[i] for i in ids])).all()
+    # Two runs' float16: equal but for a last-bit rounding of another run's floats.
+    assert _buckets_apart(np.concatenate(arrays).view(np.int16), np.stack([by_id[i] for i in ids]).view(np.int16)) <= 1
     assert read_manifest(out)["output_format"] == "npy" and run_cli("verify", str(out)).returncode == 0
     # A lost .npy is named by verify, and a rerun redoes its unit.
     shards[1].with_suffix(".npy").unlink()
@@ -139,4 +150,12 @@ def test_int8_of_pooled_windows_is_calibrated_on_what_is_stored(tmp_path):
     floats = _stored(tmp_path / "f32")
     ranges = np.array(read_manifest(tmp_path / "i8")["int8_ranges"], np.float32)
     np.testing.assert_allclose(ranges, np.vstack((floats.min(axis=0), floats.max(axis=0))), atol=1e-5)
-    assert (_stored(tmp_path / "i8") == quantize_embeddings(floats, "int8", ranges=ranges)).all()
+    assert _buckets_apart(_stored(tmp_path / "i8"), quantize_embeddings(floats, "int8", ranges=ranges)) <= 1
+
+
+def _buckets_apart(got: np.ndarray, want: np.ndarray) -> int:
+    """The largest difference in steps (buckets, or float16 bit patterns); at most one value in a thousand may
+    differ at all."""
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    assert (diff > 0).mean() <= 1e-3, f"{int((diff > 0).sum())} of {diff.size} values differ"
+    return int(diff.max())
