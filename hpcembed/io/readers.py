@@ -277,7 +277,8 @@ def _read_csv(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[Row
     types = {columns.text: pa.binary(), **({id_name: pa.string()} if id_name else {})}
     convert = pcsv.ConvertOptions(include_columns=wanted, column_types=types,
                                   strings_can_be_null=False)
-    reader = pcsv.open_csv(location.open_arrow(unit.file.path), parse_options=pcsv.ParseOptions(newlines_in_values=True),
+    reader = pcsv.open_csv(location.open_arrow(unit.file.path),
+                           parse_options=pcsv.ParseOptions(newlines_in_values=True),
                            convert_options=convert, read_options=pcsv.ReadOptions(block_size=1 << 20))
     first = 0
     for batch in reader:

@@ -229,7 +229,8 @@ def _count_csv_rows(path: str) -> int:
     # All columns read as binary so the count never fails on a value; validation happens when the unit is read.
     names = pcsv.open_csv(location.open_arrow(path)).schema.names
     opts = pcsv.ConvertOptions(column_types={n: "binary" for n in names})
-    reader = pcsv.open_csv(location.open_arrow(path), parse_options=pcsv.ParseOptions(newlines_in_values=True), convert_options=opts)
+    reader = pcsv.open_csv(location.open_arrow(path), parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                           convert_options=opts)
     return sum(b.num_rows for b in reader)
 
 

@@ -28,8 +28,8 @@ from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
 from ..topology import RoleMap
-from .messages import (AssignUnit, Calibrated, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten, PartWritten,
-                       RankReport, Release, RequestUnit, Send, Stop, StopRequested, UnitRead)
+from .messages import (AssignUnit, Calibrated, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten,
+                       PartWritten, RankReport, Release, RequestUnit, Send, Stop, StopRequested, UnitRead)
 
 log = logging.getLogger("hpcembed")
 
@@ -58,8 +58,8 @@ class ConductorCore:
     def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
                  skip_invalid: bool = False, name_ranks: bool = False, progress=None):
         """`progress`: anything with update(rows, tokens), told of each written part's tokens and each committed
-        unit's rows; `name_ranks`: failures
-        name the rank they came from (an MPI job; one process has no ranks to name)."""
+        unit's rows; `name_ranks`: failures name the rank they came from (an MPI job; one process has no ranks to
+        name)."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
         self.done: dict[int, CommittedUnit] = dict(resumed.units)

@@ -130,8 +130,8 @@ class BudTikTokTokenizer:
         self.truncated = 0          # by this backend; the HF fallback counts its own
 
     def describe(self) -> dict:
-        return {"tokenizer_backend": self.name, "rows_budtiktok": self.rows_fast, "rows_hf_fallback": self.rows_fallback,
-                "texts_truncated": self.truncated + self.hf.truncated}
+        return {"tokenizer_backend": self.name, "rows_budtiktok": self.rows_fast,
+                "rows_hf_fallback": self.rows_fallback, "texts_truncated": self.truncated + self.hf.truncated}
 
     def needs_hf(self, text: str) -> bool:
         if not text.isascii() and self._unsafe.search(text):
