@@ -72,7 +72,6 @@ def worker_pingpong(args) -> dict:
 
 
 def worker_conductor(args) -> dict:
-    from hpcembed.io.ledger import Ledger
     from hpcembed.io.sources import plan_job, resolve_inputs
     from hpcembed.io.writer import OutputDir
     from hpcembed.protocol.conductor import ConductorCore
@@ -87,7 +86,7 @@ def worker_conductor(args) -> dict:
         out = OutputDir(args.scratch)
         _, state = out.open({"benchmark": "mpi_overhead"}, [], overwrite=True)
         roles = RoleMap(0, list(range(1, t.size)), [])
-        conductor = ConductorCore(roles, plan, out, Ledger(out.path), state)
+        conductor = ConductorCore(roles, plan, out, out.ledger(), state)
         finished = 0
         t.comm.Barrier()
         start = time.perf_counter()

@@ -27,7 +27,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None, **extra: Any) ->
 class JobConfig:
     input: list[str] = _opt([], "input files, directories or globs (Parquet, .jsonl, .jsonl.gz, .csv, .txt), or URLs "
                                 "such as s3://bucket/prefix/ (endpoint: AWS_ENDPOINT_URL)", nargs="+")
-    output: str = _opt("", "output directory for Parquet shards, _manifest.json and _SUCCESS")
+    output: str = _opt("", "output directory for Parquet shards, _manifest.json and _SUCCESS (or an object-store "
+                            "prefix, s3://bucket/prefix)")
     model: str = _opt("", "sentence-transformers or Hugging Face model directory (default: bundled all-MiniLM-L6-v2)")
     text_column: str = _opt("text", "column (Parquet/CSV) or key (JSONL) holding the text")
     id_column: str = _opt("", "column holding row ids (default: 'id' if present, else '<file>:<row>', the file's "

@@ -15,7 +15,6 @@ Ids are compared by their 128-bit digests (16 bytes a row in memory).
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -23,8 +22,8 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError
 from .io.ids import id_digest
-from .io.ledger import Ledger
-from .io import npy
+from .io.ledger import LEDGER
+from .io import location, npy
 from .io.writer import CALIBRATED, OUTPUT_DTYPES, REJECTS, SUCCESS, OutputDir, shard_ids, stored_width
 
 NORM_TOLERANCE = 1e-3          # float16 storage rounds norms by about 3e-4
@@ -34,28 +33,29 @@ def verify(path: str, inputs: list[str] | None = None) -> tuple[list[str], dict]
     """(problems, summary) of the output directory `path`; raises ConfigError if it is not one. `inputs`: the
     job's --input, to check the output's ids against (check_against_input)."""
     output = OutputDir(path)
-    ledger = Ledger(output.path)
-    if not output.path.is_dir() or not ledger.exists():
-        raise ConfigError(f"{path} is not an hpcembed output directory (no {ledger.path.name})")
-    if (output.path / "_manifest.json").exists() and output.read_manifest().get("kind") == "tokens":
+    ledger = output.ledger()
+    if not output.dir.is_dir() or not ledger.exists():
+        raise ConfigError(f"{path} is not an hpcembed output directory (no {LEDGER})")
+    manifest = output.read_manifest() if output.has_manifest() else {}
+    if manifest.get("kind") == "tokens":
         raise ConfigError(f"{path} is a token directory; verify checks embedding outputs")
     state = ledger.load()
-    problems = [] if (output.path / SUCCESS).exists() else [f"no {SUCCESS}: the job is not complete"]
+    problems = [] if output.complete() else [f"no {SUCCESS}: the job is not complete"]
     damaged = output.damaged(state)
     problems += [f"unit {unit}: {why}" for unit, why in sorted(damaged.items())]
     committed = {name: unit for unit, record in state.units.items() for name in record.shards}
-    present = sorted(p.name for p in output.path.glob("part-*.parquet"))
+    names = output.dir.names()
+    present = [n for n in names if n.startswith("part-") and n.endswith(".parquet")]
     problems += [f"shard {name} is not in the ledger: a reader of the directory would take its rows as output"
                  for name in present if name not in committed]
-    problems += [f"{p.name} is no committed shard's embeddings" for p in sorted(output.path.glob("part-*.npy"))
-                 if p.with_suffix(".parquet").name not in committed]
-    manifest = output.read_manifest() if (output.path / "_manifest.json").exists() else {}
+    problems += [f"{n} is no committed shard's embeddings" for n in names
+                 if n.startswith("part-") and n.endswith(".npy") and n[:-4] + ".parquet" not in committed]
     readable = [name for name in present if committed.get(name) not in damaged]
     rows, digests, owners = 0, [], []
     for k, name in enumerate(readable):
-        table = pq.read_table(output.path / name)
+        table = pq.read_table(location.open_arrow(output.file(name)))
         rows += table.num_rows
-        problems += _check_embeddings(name, _embeddings(output.path / name, table, manifest), manifest)
+        problems += _check_embeddings(name, _embeddings(output.file(npy.companion(name)), table, manifest), manifest)
         keys = table.column("id").to_pylist()
         if "chunk" in table.column_names:   # a chunked output holds each (id, window) once
             keys = [f"{i}\x00{c}" for i, c in zip(keys, table.column("chunk").to_pylist())]
@@ -68,7 +68,7 @@ def verify(path: str, inputs: list[str] | None = None) -> tuple[list[str], dict]
         problems.append(f"the shards hold {rows:,} rows, the manifest says {expected:,}")
     if inputs:
         problems += check_against_input(output, readable, manifest, inputs)
-    summary = {"output": str(output.path), "shards": len(present), "rows": rows, "dim": manifest.get("dim"),
+    summary = {"output": output.location, "shards": len(present), "rows": rows, "dim": manifest.get("dim"),
                "units": len(state.units), "problems": len(problems)}
     return problems, summary
 
@@ -80,10 +80,8 @@ def check_against_input(output: OutputDir, shards: list[str], manifest: dict, pa
     from .errors import InputError
     from .io.readers import Columns, read_unit
     from .io.sources import plan_job, resolve_inputs
-    written = {id_digest(i) for name in shards for i in shard_ids(output.path / name)}
-    rejects = output.path / REJECTS
-    rejected = {id_digest(r["id"]) for r in map(json.loads, rejects.read_text().splitlines() if rejects.exists()
-                                                  else []) if r.get("id") is not None}
+    written = {id_digest(i) for name in shards for i in shard_ids(output.file(name))}
+    rejected = {id_digest(r["id"]) for r in output.read_rejects() if r.get("id") is not None}
     plan = plan_job(resolve_inputs(patterns), manifest.get("settings", {}).get("unit_rows", 50_000), True)
     columns = Columns(manifest.get("text_column") or "text", manifest.get("id_column") or "")
     seen: set[bytes] = set()
@@ -103,17 +101,17 @@ def check_against_input(output: OutputDir, shards: list[str], manifest: dict, pa
         if missing else []
     extra = written - seen
     if extra:
-        first = next(i for name in shards for i in shard_ids(output.path / name) if id_digest(i) in extra)
+        first = next(i for name in shards for i in shard_ids(output.file(name)) if id_digest(i) in extra)
         problems.append(f"{len(extra):,} ids of the output are not in the input, e.g. {first!r}")
     return problems
 
 
-def _embeddings(path, table: pa.Table, manifest: dict) -> pa.Table:
-    """The shard's ids and embeddings as one table: from a `.npy` beside it in an npy output."""
+def _embeddings(companion: str, table: pa.Table, manifest: dict) -> pa.Table:
+    """The shard's ids and embeddings as one table: from its `.npy` (`companion`) in an npy output."""
     if manifest.get("output_format") != "npy":
         return table
     try:
-        array = np.asarray(npy.read(npy.companion(path)))
+        array = np.asarray(npy.read(companion))
     except (OSError, ValueError):
         return table                # damaged() names it
     values = pa.array(array.reshape(-1))

@@ -68,6 +68,26 @@ class S3Server:
             if path.is_file():
                 self.put(bucket, f"{prefix}/{path.relative_to(local)}", path.read_bytes())
 
+    def objects(self, bucket: str, prefix: str, starting: str = "") -> dict[str, bytes]:
+        """Every object under s3://bucket/prefix/ whose name starts with `starting`, by its name within the prefix
+        (not the empty "directory" objects that pyarrow leaves when it deletes a prefix's last object)."""
+        client, found = self.client(), {}
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix.rstrip('/')}/{starting}")
+        for page in pages:
+            for item in page.get("Contents", []):
+                if item["Key"].endswith("/"):
+                    continue
+                name = item["Key"][len(prefix.rstrip("/")) + 1:]
+                found[name] = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+        return found
+
+    def download(self, bucket: str, prefix: str, local: Path) -> Path:
+        """An output prefix copied to a local directory, as `aws s3 sync` would, for the local assertions."""
+        local.mkdir(parents=True, exist_ok=True)
+        for name, data in self.objects(bucket, prefix).items():
+            (local / name).write_bytes(data)
+        return local
+
     def stop(self) -> None:
         """`timeout` and the server under it: its own session, so the group is exactly those two."""
         if self.proc.poll() is None:

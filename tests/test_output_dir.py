@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -87,15 +88,20 @@ def test_refresh_touches_the_lock(tmp_path, monkeypatch):
 
 
 def test_second_job_on_the_same_output_is_refused_and_the_first_completes(tmp_path, st_model):
-    texts = {f"lock-{k}": f"row {k} of a job that holds its output " * (1 + k % 9) for k in range(1500)}
+    texts = {f"lock-{k}": f"row {k} of a job that holds its output " * (1 + k % 9) for k in range(300)}
     src, expected = write_corpus(_corpus_dir(tmp_path / "in"), texts, 2, st_model)
     out = tmp_path / "out"
-    args = ["run", "--input", str(src), "--output", str(out), "--unit-rows", "100"]
+    args = ["run", "--input", str(src), "--output", str(out), "--unit-rows", "50"]
     first = BackgroundJob([sys.executable, "-m", "hpcembed", *args, "--progress", "log", "--progress-interval", "0.5"],
                           tmp_path / "first.log", {"HF_HUB_OFFLINE": "1"})
     try:
-        first.wait_for(r"\d+/1,500 rows", timeout=180)             # under way: it holds the lock
-        second = run_cli(*args, "--progress", "off")
+        first.wait_for(r"\d+/300 rows", timeout=180)               # under way: it holds the lock
+        # Paused (a live process all the same), so the second job surely comes while the first holds the lock.
+        os.kill(first.proc.pid, signal.SIGSTOP)
+        try:
+            second = run_cli(*args, "--progress", "off")
+        finally:
+            os.kill(first.proc.pid, signal.SIGCONT)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"pid {first.proc.pid} on {socket.gethostname()}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -111,13 +117,13 @@ def test_second_job_on_the_same_output_is_refused_and_the_first_completes(tmp_pa
 
 @needs_mpi
 def test_a_killed_jobs_lock_is_taken_over_by_the_rerun(tmp_path, st_model):
-    texts = {f"k-{k}": f"killed job row {k} " * (1 + k % 7) for k in range(1200)}
+    texts = {f"k-{k}": f"killed job row {k} " * (1 + k % 7) for k in range(400)}
     src, expected = write_corpus(_corpus_dir(tmp_path / "in"), texts, 2, st_model)
     out = tmp_path / "out"
-    args = ["--input", str(src), "--output", str(out), "--unit-rows", "100", "--tokenizer-ranks", "1"]
+    args = ["--input", str(src), "--output", str(out), "--unit-rows", "50", "--tokenizer-ranks", "1"]
     job = BackgroundJob.mpi(3, args, tmp_path / "killed.log")
     try:
-        job.wait_for(r"[1-9]\d*/1,200 rows", timeout=180)
+        job.wait_for(r"[1-9]\d*/400 rows", timeout=180)
         holder = json.loads((out / LOCK).read_text())
         assert holder["pid"] == job.rank_pid(0)
         job.kill_tree()

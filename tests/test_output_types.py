@@ -56,7 +56,8 @@ def test_output_dtypes_match_sentence_transformers_quantization(tmp_path):
         np.testing.assert_allclose(ranges, np.vstack((floats.min(axis=0), floats.max(axis=0))), atol=1e-6)
         expected = quantize_embeddings(floats, precision, ranges=ranges)
         assert (convert(floats, precision, ranges) == expected).all()
-        assert stored[precision].dtype == expected.dtype and _buckets_apart(stored[precision], expected) <= 1
+        assert stored[precision].dtype == expected.dtype
+        _assert_buckets_of(stored[precision], floats, ranges, precision)
         assert len(np.unique(stored[precision])) > 200         # the buckets are used, not one value
 
 
@@ -150,7 +151,7 @@ def test_int8_of_pooled_windows_is_calibrated_on_what_is_stored(tmp_path):
     floats = _stored(tmp_path / "f32")
     ranges = np.array(read_manifest(tmp_path / "i8")["int8_ranges"], np.float32)
     np.testing.assert_allclose(ranges, np.vstack((floats.min(axis=0), floats.max(axis=0))), atol=1e-5)
-    assert _buckets_apart(_stored(tmp_path / "i8"), quantize_embeddings(floats, "int8", ranges=ranges)) <= 1
+    _assert_buckets_of(_stored(tmp_path / "i8"), floats, ranges, "int8")
 
 
 def _buckets_apart(got: np.ndarray, want: np.ndarray) -> int:
@@ -159,3 +160,19 @@ def _buckets_apart(got: np.ndarray, want: np.ndarray) -> int:
     diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
     assert (diff > 0).mean() <= 1e-3, f"{int((diff > 0).sum())} of {diff.size} values differ"
     return int(diff.max())
+
+
+# How far apart two CPU runs' floats may be: batches are padded to their longest row and cut by timing, so the same
+# text is computed in other shapes (the ranges above agree to 1e-5).
+RUN_TO_RUN = 5e-5
+
+
+def _assert_buckets_of(got: np.ndarray, floats: np.ndarray, ranges: np.ndarray, precision: str) -> None:
+    """`got`, a job's int8/uint8 bytes, is quantize_embeddings of another run's `floats`, except one step over
+    where a float lies within RUN_TO_RUN of a bucket's edge."""
+    want = quantize_embeddings(floats, precision, ranges=ranges)
+    diff = np.abs(got.astype(np.int32) - want.astype(np.int32))
+    steps = (ranges[1] - ranges[0]) / 255
+    edge_distance = np.abs((floats - ranges[0]) / steps - np.round((floats - ranges[0]) / steps)) * steps
+    assert diff.max() <= 1 and (edge_distance[diff > 0] <= RUN_TO_RUN).all(), \
+        f"{int((diff > 0).sum())} values differ, {int((edge_distance[diff > 0] > RUN_TO_RUN).sum())} away from an edge"

@@ -41,7 +41,7 @@ def plan_of(*sizes: int) -> Plan:
 def conductor(tmp_path, plan: Plan, skip_invalid: bool = False, fingerprint: dict | None = None) -> ConductorCore:
     output = OutputDir(str(tmp_path / "out"))
     _, state = output.open(fingerprint or {"test": True}, [], overwrite=False)
-    return ConductorCore(ROLES, plan, output, Ledger(output.path), state, skip_invalid=skip_invalid,
+    return ConductorCore(ROLES, plan, output, output.ledger(), state, skip_invalid=skip_invalid,
                          name_ranks=True)
 
 

@@ -11,11 +11,15 @@ length, columns, unit size), then one record per event:
     {"kind": "calibration", "ranges": [[min, ...], [max, ...]]}
     (int8/uint8 output: the ranges its shards are quantized with, recorded before the first commit)
 The shards' sizes and checksums let a rerun verify the output before trusting it (io/writer.py).
+On an object store, which cannot append, `_ledger.jsonl` holds the header and the records of the last compaction,
+and later records go to segment objects `_ledger.jsonl.<generation>.<n>`, one per flush, read in order of n up to
+the first gap; a compaction writes the next generation's `_ledger.jsonl` whole and deletes the older segments
+(the header names its generation, so a segment a crash left behind is never read into another generation).
 A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
 written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
 deleted and the unit redone) or a torn last line (ignored). Writes are flushed at once and fsynced at most once a
-second: a record lost to a crash costs only the redo of its unit, and a per-record fsync would make a
-parallel file system the bottleneck at thousands of commits per second.
+second (an object store's segments: every SEGMENT_SECONDS): a record lost to a crash costs only the redo of its
+unit, and a per-record fsync would make a parallel file system the bottleneck at thousands of commits per second.
 
 Rejects live in the ledger with the unit that produced them, so `_rejects.jsonl` can always be rebuilt to match
 exactly the committed units, whatever a crash left in it.
@@ -26,13 +30,20 @@ import hashlib
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from .store import open_dir
 
 LEDGER = "_ledger.jsonl"
 FSYNC_INTERVAL = 1.0
+SEGMENT_SECONDS = 2.0
+
+
+def is_segment(name: str) -> bool:
+    return name.startswith(LEDGER + ".")
 
 
 @dataclass
@@ -99,16 +110,39 @@ def describe_difference(old: dict, new: dict) -> str:
 
 
 class Ledger:
-    def __init__(self, directory: Path):
-        self.path = Path(directory) / LEDGER
+    def __init__(self, directory):
+        """`directory`: a path or URL, or the store (io/store.py) of one."""
+        self.dir = directory if hasattr(directory, "appendable") else open_dir(directory)
+        self.location = self.dir.file(LEDGER)
+        self.generation = 0                 # an object store's: the segments that belong to the header
         self._fh = None
         self._last_sync = 0.0
+        self._segment: list[str] = []       # records not yet in a segment
+        self._segments = 0
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.dir.exists(LEDGER)
+
+    def _read(self) -> list[bytes]:
+        lines = self.dir.read(LEDGER).split(b"\n")
+        if self.dir.appendable:
+            return lines
+        try:
+            self.generation = json.loads(lines[0]).get("generation", 0)
+        except (ValueError, AttributeError):
+            return lines
+        prefix = f"{LEDGER}.{self.generation}."
+        numbers = sorted(int(n[len(prefix):]) for n in self.dir.names()
+                         if n.startswith(prefix) and n[len(prefix):].isdigit())
+        numbers = [n for k, n in enumerate(numbers) if n == k + 1]     # up to the first gap
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for data in pool.map(lambda n: self.dir.read(f"{prefix}{n:08d}"), numbers):
+                lines += data.split(b"\n")
+        self._segments = len(numbers)
+        return lines
 
     def load(self) -> LedgerState:
-        lines = self.path.read_bytes().split(b"\n")
+        lines = self._read()
         records = []
         for k, line in enumerate(lines):
             if not line.strip():
@@ -117,11 +151,11 @@ class Ledger:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 if any(rest.strip() for rest in lines[k + 1:]):
-                    raise ConfigError(f"{self.path} line {k + 1} is corrupt; the output directory cannot be "
+                    raise ConfigError(f"{self.location} line {k + 1} is corrupt; the output directory cannot be "
                                       "resumed (pass --overwrite to start again)") from None
                 break                      # a torn last line: the write a crash interrupted
         if not records or records[0].get("kind") != "job":
-            raise ConfigError(f"{self.path} has no job header; pass --overwrite to start again")
+            raise ConfigError(f"{self.location} has no job header; pass --overwrite to start again")
         state = LedgerState(records[0]["fingerprint"], records[0].get("rejects", []), {})
         for rec in records[1:]:
             if rec["kind"] == "unit":
@@ -141,19 +175,23 @@ class Ledger:
         return state
 
     def write_fresh(self, state: LedgerState) -> None:
-        """Start the ledger over (a new job, or a resumed one compacted to its valid records): temp + rename."""
+        """Start the ledger over (a new job, or a resumed one compacted to its valid records), written whole."""
         self.close()
-        tmp = self.path.with_name(f".{LEDGER}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps({"kind": "job", "fingerprint": state.fingerprint, "rejects": state.header_rejects},
-                                ensure_ascii=False) + "\n")
-            if state.ranges is not None:
-                fh.write(self._calibration_line(state.ranges))
-            for unit in sorted(state.units):
-                fh.write(self._unit_line(state.units[unit]))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        header = {"kind": "job", "fingerprint": state.fingerprint, "rejects": state.header_rejects}
+        if not self.dir.appendable:
+            older = [n for n in self.dir.names() if is_segment(n)]
+            self.generation = 1 + max([self.generation] + [int(n.split(".")[2]) for n in older
+                                                           if n.split(".")[2].isdigit()])
+            header["generation"] = self.generation
+        lines = [json.dumps(header, ensure_ascii=False) + "\n"]
+        if state.ranges is not None:
+            lines.append(self._calibration_line(state.ranges))
+        lines += [self._unit_line(state.units[unit]) for unit in sorted(state.units)]
+        self.dir.write(LEDGER, "".join(lines).encode())
+        if not self.dir.appendable:
+            for name in older:
+                self.dir.delete(name)
+            self._segments = 0
 
     @staticmethod
     def _unit_line(unit: CommittedUnit) -> str:
@@ -182,16 +220,34 @@ class Ledger:
         self._append(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _append(self, line: str) -> None:
-        if self._fh is None:
-            self._fh = open(self.path, "a", encoding="utf-8")
-        self._fh.write(line)
-        self._fh.flush()
+        if not self.dir.appendable:
+            self._segment.append(line)
+        else:
+            if self._fh is None:
+                self._fh = open(self.dir.path / LEDGER, "a", encoding="utf-8")
+            self._fh.write(line)
+            self._fh.flush()
+        self.tick()
+
+    def tick(self) -> None:
+        """Make the records so far durable if it is time: fsync the file, or write an object store's segment."""
         now = time.monotonic()
-        if now - self._last_sync >= FSYNC_INTERVAL:
+        if not self.dir.appendable:
+            if self._segment and now - self._last_sync >= SEGMENT_SECONDS:
+                self._write_segment()
+                self._last_sync = now
+        elif self._fh is not None and now - self._last_sync >= FSYNC_INTERVAL:
             os.fsync(self._fh.fileno())
             self._last_sync = now
 
+    def _write_segment(self) -> None:
+        self._segments += 1
+        self.dir.write(f"{LEDGER}.{self.generation}.{self._segments:08d}", "".join(self._segment).encode())
+        self._segment.clear()
+
     def close(self) -> None:
+        if self._segment:
+            self._write_segment()
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())

@@ -9,14 +9,15 @@ the two leaves files of an uncommitted unit, which a rerun deletes.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 
+from . import location
 
-def companion(shard: Path | str) -> Path:
-    """The `.npy` of a shard's embeddings."""
-    return Path(shard).with_suffix(".npy")
+
+def companion(shard: str) -> str:
+    """The name of a shard's `.npy` (of its embeddings), from the shard's name."""
+    return shard.rsplit(".", 1)[0] + ".npy"
 
 
 def encode(array: np.ndarray) -> bytes:
@@ -26,6 +27,9 @@ def encode(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def read(path: Path | str) -> np.ndarray:
-    """The embeddings of a shard, memory-mapped."""
+def read(path: str) -> np.ndarray:
+    """The embeddings of a shard: memory-mapped from a path, read whole from a URL."""
+    if location.is_url(path):
+        with location.open_input(path) as fh:
+            return np.load(io.BytesIO(fh.read()), allow_pickle=False)
     return np.load(path, mmap_mode="r", allow_pickle=False)

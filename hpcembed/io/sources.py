@@ -182,6 +182,17 @@ def _file_kind(path: str) -> str:
 def check_output_outside_inputs(output: str, files: list[InputFile], patterns: list[str]) -> None:
     """The output must never feed back into the input: refuse an output directory that is an input directory,
     lies inside one, or holds an input file."""
+    if location.is_url(output):
+        out = location.display(output).rstrip("/")
+        for pattern in patterns:
+            root = location.display(pattern).rstrip("/")
+            if location.is_url(pattern) and (out == root or out.startswith(root + "/")):
+                raise ConfigError(f"output {output} is inside input {pattern}: the next run would read its own "
+                                  "shards as input; choose an output outside it")
+        for f in files:
+            if location.display(f.path).startswith(out + "/"):
+                raise ConfigError(f"input {f.path} lies inside the output {output}; choose another output")
+        return
     out = os.path.realpath(output)
     for pattern in patterns:
         if not location.is_url(pattern) and os.path.isdir(pattern):

@@ -4,14 +4,15 @@ _SUCCESS.
 Shards are written to a temporary name, fsynced and renamed, so a shard that exists is complete. The ledger
 (io/ledger.py) says which units are committed, with each shard's size and checksum; opening a directory that holds
 a ledger of the same job verifies its shards and resumes it (`_lock`, io/lock.py, keeps a second job out).
-_SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject."""
+_SUCCESS is written last, and only by a job in which every input row has an output row or a recorded reject.
+The directory may be a prefix of an object store (io/store.py): the same files, each written whole as one object.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -21,10 +22,11 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 from .digest import checksum, file_digest
-from .ledger import LEDGER, Ledger, LedgerState, describe_difference
-from . import npy
-from .lock import OutputLock
+from .ledger import LEDGER, Ledger, LedgerState, describe_difference, is_segment
+from . import location, npy
+from .lock import output_lock
 from .mark import WRITTEN_BY, written_by_hpcembed
+from .store import open_dir
 
 log = logging.getLogger("hpcembed")
 
@@ -79,26 +81,18 @@ def output_schema(dim: int, dtype: str = "float32", chunked: bool = False) -> pa
                       ("embedding", pa.list_(OUTPUT_DTYPES[dtype], stored_width(dim, dtype)))], metadata=WRITTEN_BY)
 
 
-def shard_ids(path) -> list[str]:
-    """The ids a shard holds, each once: a chunked shard's first window of each text stands for it."""
-    names = pq.ParquetFile(path).schema_arrow.names
-    table = pq.read_table(path, columns=["id", "chunk"] if "chunk" in names else ["id"])
+def shard_ids(path: str) -> list[str]:
+    """The ids a shard (a path or URL) holds, each once: a chunked shard's first window of each text stands for
+    it."""
+    names = pq.ParquetFile(location.open_arrow(path)).schema_arrow.names
+    table = pq.read_table(location.open_arrow(path), columns=["id", "chunk"] if "chunk" in names else ["id"])
     if "chunk" in names:
         table = table.filter(pc.equal(table.column("chunk"), 0))
     return table.column("id").to_pylist()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def parquet_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+def parquet_rows(path: str) -> int:
+    return pq.ParquetFile(location.open_arrow(path)).metadata.num_rows
 
 
 class ShardFile(NamedTuple):
@@ -123,10 +117,16 @@ class OutputDir:
                  ranges: np.ndarray | None = None, output_format: str = "parquet"):
         """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (io/calibrate.py); `output_format` npy:
         embeddings in a `.npy` beside each shard (io/npy.py)."""
-        self.path = Path(path)
+        self.dir = open_dir(path)
+        self.location = self.dir.location
         self.output_dtype, self.ranges, self.output_format = output_dtype, ranges, output_format
-        self.lock = OutputLock(self.path)
+        self.lock = output_lock(self.dir)
+        self._rejects: list[str] = []        # an object store's _rejects.jsonl, rewritten whole (flush)
+        self._rejects_dirty = False
+        self._ledger: Ledger | None = None
         if tokens:
+            if not self.dir.appendable:
+                raise ConfigError(f"output {path}: token shards are written to a local directory only")
             from .tokens import token_shard_rows
             self.shard_prefix, self.shard_suffix, self.shard_rows = "tokens-", ".arrow", token_shard_rows
         else:
@@ -138,27 +138,28 @@ class OutputDir:
     def _is_companion(self, name: str) -> bool:
         return name.startswith(self.shard_prefix) and name.endswith(".npy")
 
-    def ours(self) -> list[Path]:
+    def ours(self) -> list[str]:
         """Files an hpcembed job leaves here."""
-        if not self.path.is_dir():
-            return []
-        return [p for p in self.path.iterdir()
-                if p.name in (MANIFEST, SUCCESS, REJECTS, LEDGER) or p.name.startswith(("." + self.shard_prefix, "._"))
-                or self._is_shard(p.name) or self._is_companion(p.name)]
+        temporary = ("." + self.shard_prefix, "._")
+        return [n for n in self.dir.names() if n in (MANIFEST, SUCCESS, REJECTS, LEDGER) or is_segment(n)
+                or n.startswith(temporary) or self._is_shard(n) or self._is_companion(n)]
+
+    def file(self, name: str) -> str:
+        """A file of the directory, as a path or URL (io/location.py opens either)."""
+        return self.dir.file(name)
+
+    def ledger(self) -> Ledger:
+        """The directory's ledger: one object, which knows the generation its segments belong to."""
+        if self._ledger is None:
+            self._ledger = Ledger(self.dir)
+        return self._ledger
 
     def open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         """Take the directory's lock (io/lock.py; the caller releases it when the job ends) and make the
         directory ready for this job: 'fresh' (new ledger), 'resume' (the committed units of an earlier run of
         the same job kept, everything else cleared), or 'complete' (nothing to do)."""
         try:
-            if self.path.exists() and not self.path.is_dir():
-                raise ConfigError(f"output {self.path} exists and is not a directory")
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                if isinstance(exc, PermissionError):
-                    raise                   # named below, with the file
-                raise ConfigError(f"cannot create output directory {self.path}: {exc.strerror}") from None
+            self.dir.make()
             self.lock.acquire()
             try:
                 return self._open(fingerprint, header_rejects, overwrite)
@@ -166,44 +167,45 @@ class OutputDir:
                 self.lock.release()
                 raise
         except PermissionError as exc:
-            raise ConfigError(f"cannot write to output directory {self.path}: {exc.strerror} ({exc.filename})") \
+            raise ConfigError(f"cannot write to output directory {self.location}: {exc.strerror} ({exc.filename})") \
                 from None
+        except OSError as exc:
+            raise ConfigError(f"output directory {self.location}: {exc}") from None
 
     def _open(self, fingerprint: dict, header_rejects: list[dict], overwrite: bool) -> tuple[str, LedgerState]:
         existing = self.ours()
-        ledger = Ledger(self.path)
+        ledger = self.ledger()
         if existing and overwrite:
             listed = self._ledger_shards(ledger)
-            foreign = [p for p in existing
-                       if self._is_shard(p.name) and p.name not in listed and not written_by_hpcembed(p)]
+            foreign = [n for n in existing
+                       if self._is_shard(n) and n not in listed and not written_by_hpcembed(self.file(n))]
             # A .npy is ours beside a shard of ours (an npy header has no room for a mark).
-            kept = {p.name for p in existing if self._is_shard(p.name) and p not in foreign}
-            foreign += [p for p in existing if self._is_companion(p.name)
-                        and p.with_suffix(self.shard_suffix).name not in kept]
+            kept = {n for n in existing if self._is_shard(n) and n not in foreign}
+            foreign += [n for n in existing if self._is_companion(n) and self._shard_of(n) not in kept]
             if foreign:
-                raise ConfigError(f"--overwrite: output directory {self.path} holds {len(foreign)} files named like "
-                                  f"shards that no hpcembed job wrote (e.g. {foreign[0].name}); nothing was "
+                raise ConfigError(f"--overwrite: output directory {self.location} holds {len(foreign)} files named "
+                                  f"like shards that no hpcembed job wrote (e.g. {foreign[0]}); nothing was "
                                   "removed. Move them away, or choose another --output")
-            for p in existing:
-                p.unlink()
+            for n in existing:
+                self.dir.delete(n)
         elif existing:
             if not ledger.exists():
-                raise ConfigError(f"output directory {self.path} holds files of an earlier job but no {LEDGER}, so "
-                                  "it cannot be resumed; pass --overwrite to replace them")
+                raise ConfigError(f"output directory {self.location} holds files of an earlier job but no {LEDGER}, "
+                                  "so it cannot be resumed; pass --overwrite to replace them")
             state = ledger.load()
             if state.fingerprint != fingerprint:
-                raise ConfigError(f"output directory {self.path} holds the output of a different job (it differs "
-                                  f"in {describe_difference(state.fingerprint, fingerprint)}); pass --overwrite "
-                                  "to replace it, or choose another --output")
+                raise ConfigError(f"output directory {self.location} holds the output of a different job (it "
+                                  f"differs in {describe_difference(state.fingerprint, fingerprint)}); pass "
+                                  "--overwrite to replace it, or choose another --output")
             damaged = self.damaged(state)
-            if (self.path / SUCCESS).exists():
+            if self.dir.exists(SUCCESS):
                 if not damaged:
                     return "complete", state
-                (self.path / SUCCESS).unlink()
+                self.dir.delete(SUCCESS)
                 log.warning("output %s: the output of this complete job is damaged (%d units); they are redone",
-                            self.path, len(damaged))
+                            self.location, len(damaged))
             for number, why in sorted(damaged.items()):
-                log.warning("output %s: unit %d is redone: %s", self.path, number, why)
+                log.warning("output %s: unit %d is redone: %s", self.location, number, why)
                 del state.units[number]
             self._keep_committed(state)
             ledger.write_fresh(state)
@@ -213,6 +215,9 @@ class OutputDir:
         ledger.write_fresh(state)
         self.rewrite_rejects(header_rejects)
         return "fresh", state
+
+    def _shard_of(self, companion: str) -> str:
+        return companion[: -len(".npy")] + self.shard_suffix
 
     @staticmethod
     def _ledger_shards(ledger: Ledger) -> set[str]:
@@ -238,10 +243,9 @@ class OutputDir:
         return damaged
 
     def _check_shard(self, name: str, rows: int, file: list | None) -> str | None:
-        path = self.path / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
+        path = self.file(name)
+        size = self.dir.size(name)
+        if size is None:
             return "is missing"
         if file is not None and size != file[0]:
             return f"has {size} bytes, the ledger says {file[0]}"
@@ -254,35 +258,34 @@ class OutputDir:
         if file is not None and file_digest(path) != file[1]:
             return "is not what was written (its checksum differs)"
         if file is not None and len(file) == 4:
-            return self._check_companion(npy.companion(path), rows, file[2:])
+            return self._check_companion(npy.companion(name), rows, file[2:])
         return None
 
-    @staticmethod
-    def _check_companion(path: Path, rows: int, file: list) -> str | None:
+    def _check_companion(self, name: str, rows: int, file: list) -> str | None:
+        size = self.dir.size(name)
+        if size is None:
+            return f"has no {name}"
         try:
-            size = path.stat().st_size
-            found = len(npy.read(path))
-        except FileNotFoundError:
-            return f"has no {path.name}"
+            found = len(npy.read(self.file(name)))
         except (OSError, ValueError) as exc:
-            return f"has a {path.name} that cannot be read ({exc})"
+            return f"has a {name} that cannot be read ({exc})"
         if size != file[0] or found != rows:
-            return f"has a {path.name} of {size} bytes and {found} rows, the ledger says {file[0]} and {rows}"
-        if file_digest(path) != file[1]:
-            return f"has a {path.name} that is not what was written (its checksum differs)"
+            return f"has a {name} of {size} bytes and {found} rows, the ledger says {file[0]} and {rows}"
+        if file_digest(self.file(name)) != file[1]:
+            return f"has a {name} that is not what was written (its checksum differs)"
         return None
 
     def _keep_committed(self, state: LedgerState) -> None:
         """Delete every shard and temporary file no committed unit names: the uncommitted units are redone from
         scratch."""
         keep = {name for unit in state.units.values() for name in unit.shards}
-        keep |= {npy.companion(name).name for name in keep}
-        stray = [p for p in self.ours() if p.name.startswith(("." + self.shard_prefix, "._"))
-                 or ((self._is_shard(p.name) or self._is_companion(p.name)) and p.name not in keep)]
-        for p in stray:
-            p.unlink()
+        keep |= {npy.companion(name) for name in keep}
+        stray = [n for n in self.ours() if n.startswith(("." + self.shard_prefix, "._"))
+                 or ((self._is_shard(n) or self._is_companion(n)) and n not in keep)]
+        for n in stray:
+            self.dir.delete(n)
         if stray:
-            log.info("output %s: removed %d files of uncommitted units", self.path, len(stray))
+            log.info("output %s: removed %d files of uncommitted units", self.location, len(stray))
 
     def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray,
                     chunks: np.ndarray | None = None) -> ShardFile:
@@ -306,7 +309,7 @@ class OutputDir:
         companion = ()
         if array is not None:
             data = npy.encode(array)
-            self._write_file(npy.companion(name).name, data)
+            self._write_file(npy.companion(name), data)
             companion = (len(data), checksum(data))
         # Built in memory, so the checksum is of the bytes written, without reading them back. Float embeddings
         # barely compress (zstd saves ~7%), so only the ids are compressed; they are all distinct, so no
@@ -319,53 +322,78 @@ class OutputDir:
         return ShardFile(data.size, checksum(data), table.num_rows, companion)
 
     def _write_file(self, name: str, data) -> None:
-        final = self.path / name
-        tmp = self.path / f".{name}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            self.dir.write(name, data)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ConfigError(f"cannot write shard {name} in {self.path}: {exc.strerror or exc}. Free space (or "
-                              "raise the quota) and run the job again: it resumes") from None
+            fix = "Free space (or raise the quota)" if self.dir.appendable else "Check the store and its credentials"
+            raise ConfigError(f"cannot write shard {name} in {self.location}: {exc.strerror or exc}. {fix} and run "
+                              "the job again: it resumes") from None
 
     def drop_ids(self, name: str, digests: set[bytes]) -> tuple[list[str], ShardFile | None]:
         """Rewrite a shard without the rows whose id digest is in `digests`; return the ids removed (each once,
         though a chunked shard holds several rows of it) and the rewritten shard (None if nothing was removed)."""
         from .ids import id_digest
-        table = pq.read_table(self.path / name)
+        table = pq.read_table(location.open_arrow(self.file(name)))
         ids = table.column("id").to_pylist()
         keep = [id_digest(i) not in digests for i in ids]
         removed = list(dict.fromkeys(i for i, k in zip(ids, keep) if not k))
         if not removed:
             return removed, None
-        companion = npy.companion(self.path / name)
-        array = np.array(npy.read(companion)[np.array(keep)]) if companion.exists() else None
+        companion = npy.companion(name)
+        array = np.array(npy.read(self.file(companion))[np.array(keep)]) if self.dir.exists(companion) else None
         return removed, self._write_table(name, table.filter(pa.array(keep)), array)    # already stored as it is
 
     def rewrite_rejects(self, rejects: list[dict]) -> None:
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode()
-        if data or (self.path / REJECTS).exists():
-            _fsync_write(self.path / REJECTS, data)
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rejects]
+        if not self.dir.appendable:
+            self._rejects, self._rejects_dirty = lines, True
+            self.flush()
+        elif lines or self.dir.exists(REJECTS):
+            self.dir.write(REJECTS, "".join(lines).encode())
 
     def append_rejects(self, rejects: list[dict]) -> None:
-        if rejects:
-            with open(self.path / REJECTS, "a", encoding="utf-8") as fh:
-                for r in rejects:
-                    fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        """Rejects of a committed unit: appended to the file, or on an object store kept for the next flush."""
+        if not rejects:
+            return
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rejects]
+        if not self.dir.appendable:
+            self._rejects += lines
+            self._rejects_dirty = True
+            return
+        with open(self.dir.path / REJECTS, "a", encoding="utf-8") as fh:
+            fh.writelines(lines)
+
+    def flush(self) -> None:
+        """An object store's _rejects.jsonl, rewritten whole if it changed (the ledger keeps every reject with its
+        unit, so one lost to a crash is rebuilt on resume)."""
+        if self._rejects_dirty:
+            if self._rejects or self.dir.exists(REJECTS):
+                self.dir.write(REJECTS, "".join(self._rejects).encode())
+            self._rejects_dirty = False
+
+    def read_rejects(self) -> list[dict]:
+        try:
+            return [json.loads(line) for line in self.dir.read(REJECTS).decode().splitlines() if line]
+        except FileNotFoundError:
+            return []
 
     def write_manifest(self, manifest: dict) -> None:
-        _fsync_write(self.path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        self.flush()
+        self.dir.write(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+    def has_manifest(self) -> bool:
+        return self.dir.exists(MANIFEST)
 
     def read_manifest(self) -> dict:
         try:
-            return json.loads((self.path / MANIFEST).read_text())
+            return json.loads(self.dir.read(MANIFEST))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{self.path} has {SUCCESS} but its {MANIFEST} cannot be read ({exc}); pass "
+            raise ConfigError(f"{self.location} has {SUCCESS} but its {MANIFEST} cannot be read ({exc}); pass "
                               "--overwrite to redo the job") from None
 
+    def complete(self) -> bool:
+        """Whether _SUCCESS is there."""
+        return self.dir.exists(SUCCESS)
+
     def write_success(self) -> None:
-        _fsync_write(self.path / SUCCESS, b"")
+        self.dir.write(SUCCESS, b"")

@@ -38,7 +38,7 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
     return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
                          _columns(cfg, spec),
                          cfg.chunk_rows, cfg.on_invalid == "skip",
-                         kind.sink(OutputDir(cfg.output, tokens=kind.tokens_out).path), peers, share,
+                         kind.sink(cfg.output), peers, share,
                          batch_tokens if kind.has_encoders else 0)
 
 

@@ -8,7 +8,6 @@ import threading
 
 from ..config import JobConfig
 from ..engine import resolve_device
-from ..io.ledger import Ledger
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
 from ..roles.common import run_role
@@ -53,7 +52,7 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
         th.start()
     conductor_t = network.endpoint(0)
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
-    core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
+    core = ConductorCore(roles, setup.plan, setup.output, setup.output.ledger(), setup.resumed,
                          skip_invalid=cfg.on_invalid == "skip", progress=progress)
     try:
         result = run_conductor(core, conductor_t, progress)

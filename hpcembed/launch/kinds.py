@@ -145,7 +145,7 @@ class TokenizeJob(JobKind):
         return "mpi"                # no batch leaves its rank: nothing for UCX to carry
 
     def sink(self, output_path):
-        return ShardSink(output_path)
+        return ShardSink(Path(output_path))
 
     def manifest_section(self, spec: ModelSpec, dtype: str, device: str, tokenizer: dict) -> dict:
         return {"kind": "tokens", "tokenizer": tokenizer, "model": spec.name, "model_path": spec.path}

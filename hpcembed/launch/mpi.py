@@ -12,13 +12,11 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..config import JobConfig
 from ..engine.model import ModelSpec
 from ..errors import HpcEmbedError
-from ..io.ledger import Ledger
-from ..io.writer import SUCCESS
+from ..io.writer import OutputDir
 from ..manifest import RankStats
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
@@ -165,7 +163,7 @@ def _build_early(cfg: JobConfig, kind: JobKind, ranks: list[RankInfo], rank: int
     start-up) while rank 0 plans the job, which does not need them. The roles' encoder ranks follow from the world
     alone (the rate plan only trims tokenizers), so each rank knows its own. Not when the output already holds a
     complete job, which a rerun is most often told there is nothing to do in."""
-    if not kind.has_encoders or ((Path(cfg.output) / SUCCESS).exists() and not cfg.overwrite):
+    if not kind.has_encoders or (OutputDir(cfg.output).complete() and not cfg.overwrite):
         return None
     try:
         roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
@@ -230,7 +228,7 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
              f", {idle} idle" if idle else "")
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
     start = time.process_time()
-    core = ConductorCore(roles, setup.plan, setup.output, Ledger(setup.output.path), setup.resumed,
+    core = ConductorCore(roles, setup.plan, setup.output, setup.output.ledger(), setup.resumed,
                          skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress)
     try:
         result = run_conductor(core, transport, progress)

@@ -53,7 +53,7 @@ class JobSetup:
         if not self.kind.checks_committed_ids:
             return []
         names = sorted((u.unit, name) for u in self.resumed.units.values() for name in u.shards)
-        return [(unit, str(self.output.path / name), k << 32) for k, (unit, name) in enumerate(names)]
+        return [(unit, self.output.file(name), k << 32) for k, (unit, name) in enumerate(names)]
 
 
 @dataclass
@@ -102,13 +102,13 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
              kind.describe(spec, tokenizer))
     if status == "resume":
-        log.info("resuming %s: %d of %d units (%s output rows) already committed", output.path,
+        log.info("resuming %s: %d of %d units (%s output rows) already committed", output.location,
                  len(resumed.units), len(plan.units), f"{resumed.rows:,}")
     return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer)
 
 
 def already_complete(setup: JobSetup) -> dict:
-    log.info("%s already holds the complete output of this job (_SUCCESS); nothing to do", setup.output.path)
+    log.info("%s already holds the complete output of this job (_SUCCESS); nothing to do", setup.output.location)
     manifest = setup.output.read_manifest()
     manifest["already_complete"] = True
     return manifest

@@ -20,10 +20,12 @@ def run_conductor(core: ConductorCore, transport: Transport, progress, stop: Sto
             envelope = transport.recv(timeout=_QUIET_POLL)
             progress.tick()
             core.output.lock.refresh()
+            core.ledger.tick()
             if envelope is not None:
                 deliver(transport, core.handle(envelope.source, envelope.message))
             deliver(transport, core.poll(stop.signal_name if stop.requested else ""))
     finally:
         core.ledger.close()
+        core.output.flush()
         progress.close()
     return core.result(time.monotonic() - start, time.time())

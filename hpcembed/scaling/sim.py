@@ -22,11 +22,10 @@ import tempfile
 import time
 from collections import deque
 from itertools import accumulate
-from pathlib import Path
 
 import simpy
 
-from ..io.ledger import Ledger, LedgerState
+from ..io.ledger import LedgerState
 from ..io.sources import InputFile, Plan, WorkUnit
 from ..io.writer import OutputDir, shard_name
 from ..protocol.conductor import ConductorCore
@@ -87,8 +86,8 @@ class Simulation:
         self.net = SimNetwork(self.env, rates, self.host_of, ideal=ideal_network)
         self.plan = _unit_plan(job, job.rows or job.rows_per_node * nodes)
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
-        self.conductor = ConductorCore(self.roles, self.plan, OutputDir(self._tmp.name), Ledger(Path(self._tmp.name)),
-                                       LedgerState({}, [], {}))
+        output = OutputDir(self._tmp.name)
+        self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}))
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
