@@ -69,7 +69,9 @@ def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: i
     t0 = time.perf_counter()             # start-up counts compiling and graph capture
     if engine == "varlen":
         encoders = [VarlenEncoder(spec, "cuda", dtype, compile="compile" in flags, gelu_epilogue="epilogue" in flags,
-                                  graph_tokens=budget if "graphs" in flags else 0) for _ in range(instances)]
+                                  graph_tokens=budget if "graphs" in flags else 0,
+                                  attention=next((a for a in ("triton", "flash") if a in flags), "auto"))
+                    for _ in range(instances)]
     else:
         encoders = [build_encoder(spec, "cuda", dtype, engine) for _ in range(instances)]
     for enc in encoders:                  # warm-up one at a time (compilation happens here)
@@ -115,7 +117,8 @@ def main() -> None:
         "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
         "varlen:fp16:262144:2:epilogue", "varlen:fp16:262144:2:compile", "varlen:fp16:262144:2:compile+epilogue"],
         help="engine:dtype:budget:instances[:flag+flag], flags: compile (torch.compile), epilogue (GELU in the "
-             "matmul epilogue), graphs (CUDA graphs over token/row buckets)")
+             "matmul epilogue), graphs (CUDA graphs over token/row buckets), triton or flash (the attention kernel; "
+             "default: the engine's choice)")
     ap.add_argument("--passes", type=int, default=1, help="timed passes over the corpus per configuration")
     ap.add_argument("--slug", default="")
     ap.add_argument("--profile", action="store_true", help="print where GPU time goes for one eager config first")
@@ -155,8 +158,9 @@ def main() -> None:
     original = np.load(args.reference) if args.reference else None
 
     rows, table_rows, batch_sets = [], [], {}
-    if args.profile:
-        profile(spec, token_lists)
+    profiled = profile(spec, token_lists) if args.profile else None
+    if profiled:
+        print(f"kernels alone: {profiled['kernel_tokens_per_s'] / 1e6:.2f}M tokens/s", flush=True)
     for config in args.configs:
         parts = config.split(":")
         engine, dtype, budget, instances = parts[0], parts[1], int(parts[2]), int(parts[3])
@@ -177,7 +181,8 @@ def main() -> None:
         cos = np.sum(emb * ref, axis=1)
         entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
                  "instances": instances, "compile": "compile" in flags, "gelu_epilogue": "epilogue" in flags,
-                 "cuda_graphs": "graphs" in flags, "passes": args.passes,
+                 "cuda_graphs": "graphs" in flags, "attention": next((a for a in ("triton", "flash") if a in flags), "auto"),
+                 "passes": args.passes,
                  "graph_batch_fraction": round(graphed, 3),
                  "batches": len(batches),
                  "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
@@ -191,15 +196,16 @@ def main() -> None:
         table_rows.append((config, f"{entry['texts_per_s']:,.0f}", f"{entry['tokens_per_s'] / 1e6:.2f}M",
                            entry["speedup_vs_baseline"], f"{entry['min_cosine']:.5f}", entry["warmup_seconds"]))
         print(table_rows[-1], flush=True)
-        save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds)
+        save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds, profiled)
     table_rows.append(("sentence-transformers fp16 bs256", f"{st_rate:,.0f}", f"{st_tokens_rate / 1e6:.2f}M", 1.0,
                        "", ""))
     print(table(table_rows, ("config", "texts/s", "tokens/s", "x ST fp16", "min cos", "warm-up s")))
-    print(f"wrote {save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds)}")
+    print(f"wrote {save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds, profiled)}")
 
 
-def profile(spec, token_lists, budget: int = 262144) -> None:
-    """Where the GPU time of the fastest configuration (compile + GELU epilogue) goes, by kernel."""
+def profile(spec, token_lists, budget: int = 262144) -> dict:
+    """Where the GPU time of the fastest configuration (compile + GELU epilogue, the default attention) goes, by
+    kernel; returns the kernel-only rate and the largest kernels for the JSON."""
     import torch
     from torch.profiler import ProfilerActivity
     from hpcembed.engine.varlen import VarlenEncoder
@@ -211,11 +217,19 @@ def profile(spec, token_lists, budget: int = 262144) -> None:
         for b in batches[2:6]:
             enc.encode(b)
     tokens = sum(b.num_tokens for b in batches[2:6])
-    print(f"profile (compile+epilogue): {tokens:,} tokens in 4 batches of budget {budget}")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print(f"profile (compile+epilogue, {enc.attention_name} attention): {tokens:,} tokens in 4 batches of budget "
+          f"{budget}")
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    kernels = sorted(((e.key, e.self_device_time_total) for e in events if e.self_device_time_total > 0),
+                     key=lambda kv: -kv[1])
+    kernel_us = sum(us for _, us in kernels)
+    return {"attention": enc.attention_name, "tokens": tokens, "kernel_seconds": round(kernel_us / 1e6, 6),
+            "kernel_tokens_per_s": round(tokens / (kernel_us / 1e6)),
+            "top_kernels": [{"name": name[:120], "share": round(us / kernel_us, 4)} for name, us in kernels[:10]]}
 
 
-def save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds):
+def save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds, profiled=None):
     """Written after every configuration, so a run cut short still leaves its figures."""
     import torch
     ok = [r for r in rows if "error" not in r]
@@ -231,7 +245,8 @@ def save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds):
         "speedup_vs_baseline": best["speedup_vs_baseline"],
         "reference": "sentence-transformers fp32 on the carried fp16-rounded weights, every row; "
                      "min_cosine_vs_original_fp32 compares the first rows with the original fp32 weights",
-        "tokenizer_texts_per_s": round(len(docs) / tok_seconds, 1), "configs": rows})
+        "tokenizer_texts_per_s": round(len(docs) / tok_seconds, 1), "configs": rows,
+        **({"kernel_tokens_per_s": profiled["kernel_tokens_per_s"], "profile": profiled} if profiled else {})})
 
 
 if __name__ == "__main__":

@@ -130,15 +130,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run
 
 
 @cuda
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_model, dtype):
+@pytest.mark.parametrize("dtype, attention", [("fp16", "flash"), ("bf16", "flash"), ("fp16", "triton")])
+def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_model, dtype, attention):
     spec = ModelSpec.load(model_dir)
     tok = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
     texts = EDGE_TEXTS * 3
     # The default CUDA path (GELU in the matmul epilogue, compiled, CUDA graphs) for fp16, eager for bf16.
     fast = dtype == "fp16"
-    encoders = [VarlenEncoder(spec, "cuda", dtype, compile=fast, gelu_epilogue=True, graph_tokens=1024 if fast else 0)
-                for _ in range(2)]
+    encoders = [VarlenEncoder(spec, "cuda", dtype, compile=fast, gelu_epilogue=True, graph_tokens=1024 if fast else 0,
+                              attention=attention) for _ in range(2)]
     pool = InstancePool(encoders)
     try:
         batches = [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)]
@@ -154,6 +154,30 @@ def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_mod
     assert cos.min() >= 0.999, cos.min()
     if fast:
         assert sum(e.graph_batches for e in encoders) > 0        # the graphs were replayed, not bypassed
+
+
+@cuda
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_triton_attention_matches_fp32_attention_text_by_text(dtype):
+    from hpcembed.engine.triton_attention import varlen_attention
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    # Lengths at and around the tiles' edges, one text of 1 token, the longest MiniLM takes, and two empty rows
+    # then 40 padding tokens as a CUDA-graph bucket lays them out.
+    lengths = [1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 256, 17, 0, 0]
+    tokens = sum(lengths) + 40
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    qkv = torch.randn((tokens, 3, 12, 32), device="cuda", dtype=torch_dtype, generator=gen) * 2
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device="cuda", dtype=torch.int32)
+    out = varlen_attention(qkv, cu, 256)
+    tolerance = {"fp16": 4e-3, "bf16": 3.2e-2}[dtype]          # a few units in the last place of outputs up to 4
+    for k, n in enumerate(lengths):
+        if n == 0:
+            continue
+        a = int(cu[k])
+        q, key, v = (qkv[a: a + n, j].float().transpose(0, 1)[None] for j in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(q, key, v)[0].transpose(0, 1)
+        err = float((out[a: a + n].float() - want).abs().max())
+        assert err <= tolerance, (n, err)
 
 
 @cuda

@@ -35,14 +35,33 @@ from .bert import BertWeights, supports
 from .model import ModelSpec
 
 
-def _attention_varlen(q, k, v, cu, max_len):
+def _attention_varlen(qkv, cu, max_len):
     from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+    return varlen_attn(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max_len, max_len)
 
 
-def _attention_padded(q, k, v, cu, max_len):
+def _attention_triton(qkv, cu, max_len):
+    from .triton_attention import varlen_attention
+    return varlen_attention(qkv, cu, max_len)
+
+
+ATTENTION = {"flash": _attention_varlen, "triton": _attention_triton}
+
+
+def default_attention(head_dim: int) -> str:
+    """The Triton kernel where it runs (1.9x flash attention's at MiniLM's shapes, bench/notes/gpu_stage.md),
+    else flash attention."""
+    try:
+        from .triton_attention import supported
+    except ImportError:             # no Triton in this install
+        return "flash"
+    return "triton" if supported(head_dim) else "flash"
+
+
+def _attention_padded(qkv, cu, max_len):
     """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather.
     Tokens past the last offset (a graph bucket's padding) belong to no sequence and come out as zeros."""
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
     t, h, d = q.shape
     rows, real = cu.numel() - 1, int(cu[-1])
     seg = torch.searchsorted(cu[1:], torch.arange(real, device=q.device, dtype=cu.dtype), right=True).long()
@@ -95,7 +114,7 @@ def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
     heads, d = w.heads, h // w.heads
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
-        att = attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len)
+        att = attention(qkv, cu, max_len)
         x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
                                layer.ln1_b, eps)
         if gelu_epilogue:
@@ -185,7 +204,9 @@ class VarlenEncoder(Encoder):
     MAX_ROWS = 65535
 
     def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", compile: bool = False,
-                 gelu_epilogue: bool = False, graph_tokens: int = 0):
+                 gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto"):
+        """`attention` (CUDA): 'flash', torch's varlen flash attention, 'triton' (engine/triton_attention.py), or
+        'auto' (default_attention)."""
         why = supports(spec)
         if why:
             raise ConfigError(f"the padding-free encoder does not serve this model: {why}")
@@ -195,7 +216,10 @@ class VarlenEncoder(Encoder):
         started = time.perf_counter()
         self.weights = BertWeights(spec.path, DTYPES[dtype], self.device)
         self.build_seconds = {"weights": time.perf_counter() - started}
-        self.attention = _attention_varlen if self.cuda else _attention_padded
+        if attention == "auto":
+            attention = default_attention(self.weights.hidden // self.weights.heads)
+        self.attention_name = attention if self.cuda else "padded"
+        self.attention = ATTENTION[attention] if self.cuda else _attention_padded
         self.max_len = spec.max_seq_length
         self.ops = _Ops
         if compile:

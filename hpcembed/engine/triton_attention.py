@@ -1,0 +1,103 @@
+"""Varlen attention for small heads (MiniLM's 32 dimensions), in Triton: the GPU fast path's attention kernel.
+
+Flash attention's varlen kernel tiles 128 queries by 128 keys whatever the head size; at head_dim 32 a tile's
+matmuls are short, and a text of 150 tokens fills a 2x2 grid of those tiles to 35%. Here a program takes one
+text, one head and BLOCK_M of its queries, and walks its keys BLOCK_N at a time with the online softmax: smaller
+tiles waste less of a short text, and a text's keys and values (256 x 32 fp16 = 16 KB each at most) stay in L2
+for all of its query blocks. Scores accumulate in fp32 and are scaled in fp32, as flash attention does; only the
+probabilities are rounded to fp16/bf16 for the second matmul.
+
+It reads Q, K and V straight from the fused projection's output [tokens, 3, heads, head_dim] and writes
+[tokens, heads, head_dim], so no copy sits on either side. Tokens past the last offset (a graph bucket's padding)
+belong to no text and are not written. bench/notes/gpu_stage.md has the measurements.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# The fastest of 11 shapes on the H200 box (bench/attention.py).
+BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 32, 4, 3
+
+
+@triton.jit
+def _key_block(q, acc, running_max, running_sum, k_base, v_base, key_start, length, stride_token, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """One block of keys through the online softmax; MASKED only for a text's last, partial block."""
+    key_rows = key_start + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    offsets = key_rows[:, None] * stride_token + cols[None, :]
+    if MASKED:
+        inside = key_rows < length
+        k = tl.load(k_base + offsets, mask=inside[:, None], other=0.0)
+        v = tl.load(v_base + offsets, mask=inside[:, None], other=0.0)
+    else:
+        k = tl.load(k_base + offsets)
+        v = tl.load(v_base + offsets)
+    raw = tl.dot(q, tl.trans(k))
+    if MASKED:
+        raw = tl.where(inside[None, :], raw, float("-inf"))
+    # The scale rides in one fused multiply-add with the max (qk_scale > 0, so the max of the scaled scores is
+    # the scaled max).
+    new_max = tl.maximum(running_max, tl.max(raw, 1) * qk_scale)
+    p = tl.math.exp2(raw * qk_scale - new_max[:, None])
+    correction = tl.math.exp2(running_max - new_max)
+    running_sum = running_sum * correction + tl.sum(p, 1)
+    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, new_max, running_sum
+
+
+@triton.jit
+def _varlen_forward(qkv, out, cu, stride_token, out_stride_token, qk_scale,
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    text = tl.program_id(0)
+    block = tl.program_id(1)
+    head = tl.program_id(2)
+    start = tl.load(cu + text)
+    length = tl.load(cu + text + 1) - start
+    first = block * BLOCK_M
+    if first >= length:
+        return
+    rows = first + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    base = qkv + start.to(tl.int64) * stride_token + head * HEAD_DIM
+    q = tl.load(base + rows[:, None] * stride_token + cols[None, :], mask=rows[:, None] < length, other=0.0)
+    k_base = base + HEADS * HEAD_DIM
+    v_base = base + 2 * HEADS * HEAD_DIM
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    whole = length - length % BLOCK_N
+    for key_start in range(0, whole, BLOCK_N):
+        acc, running_max, running_sum = _key_block(q, acc, running_max, running_sum, k_base, v_base, key_start,
+                                                   length, stride_token, qk_scale, HEAD_DIM, BLOCK_N, False)
+    if whole < length:
+        acc, running_max, running_sum = _key_block(q, acc, running_max, running_sum, k_base, v_base, whole,
+                                                   length, stride_token, qk_scale, HEAD_DIM, BLOCK_N, True)
+    acc = acc / running_sum[:, None]
+    target = out + start.to(tl.int64) * out_stride_token + head * HEAD_DIM
+    tl.store(target + rows[:, None] * out_stride_token + cols[None, :], acc.to(out.dtype.element_ty),
+             mask=rows[:, None] < length)
+
+
+def supported(head_dim: int) -> bool:
+    """tl.dot needs a power of two of at least 16 on the reduced dimension."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Bidirectional attention of each text (rows of `cu`, int32 offsets) over itself. `qkv`: [tokens, 3, heads,
+    head_dim], contiguous. Returns [tokens, heads, head_dim]; rows past cu[-1] are left unwritten."""
+    tokens, _, heads, head_dim = qkv.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    texts = cu.numel() - 1
+    if texts == 0 or max_len == 0:
+        return out
+    grid = (texts, triton.cdiv(max_len, BLOCK_M), heads)
+    _varlen_forward[grid](qkv, out, cu, qkv.stride(0), out.stride(0), math.log2(math.e) / math.sqrt(head_dim),
+                          HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+                          num_stages=NUM_STAGES)
+    return out
