@@ -49,6 +49,12 @@ class JobConfig:
                                       "windows' embeddings (renormalized where the model normalizes)",
                               choices=("none", "mean"))
     pooling: str = _opt("", "override the model's pooling", choices=("", "mean", "cls", "max", "lasttoken"))
+    prompt_name: str = _opt("", "prefix every text with the model's prompt of this name (config_sentence_transformers"
+                                ".json; default: its default_prompt_name, if it has one)")
+    prompt: str | None = _opt(None, "prefix every text with this prompt instead (\"\" for none, even where the model "
+                                    "has a default prompt)")
+    dimensions: int = _opt(0, "keep the first N dimensions of each embedding (Matryoshka models), cut before "
+                              "normalizing (default: all)")
     output_dtype: str = _opt("float32", "how embeddings are stored, as sentence-transformers' quantize_embeddings "
                                         "stores them: float32, float16; int8 or uint8, 256 buckets per dimension "
                                         "between ranges calibrated on the job's own embeddings (see "
@@ -166,10 +172,11 @@ _ACCEPTS = {
     "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "bool | None": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string"),
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
 }
 # Lower bounds of the numeric options.
-_AT_LEAST = {"max_seq_length": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0,
+_AT_LEAST = {"max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0,
              "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
              "chunk_rows": 1, "credits": 1, "calibration_rows": 2}

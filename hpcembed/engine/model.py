@@ -2,8 +2,9 @@
 config, sentence_bert_config.json, or the defaults sentence-transformers applies to a plain Hugging Face dir."""
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -40,6 +41,16 @@ class ModelSpec:
     dim: int
     architecture: str
     vocab_size: int = 0       # rows of the token embedding (config.json), 0 when it does not say
+    # config_sentence_transformers.json's prompts; the pooling's include_prompt (False: prompt tokens are left out)
+    prompts: dict = field(default_factory=dict)
+    default_prompt_name: str = ""
+    include_prompt: bool = True
+    # What a job chose (with_options): the prompt every text is prefixed with, the leading tokens pooling leaves
+    # out (a prompt's, where include_prompt is False), and the width embeddings are cut to before normalizing
+    # (--dimensions; `dim` is then that width).
+    prompt: str = ""
+    pool_skip: int = 0
+    truncate_dim: int = 0
 
     @classmethod
     def load(cls, model_dir: str, pooling: str = "", normalize: bool | None = None,
@@ -90,11 +101,42 @@ class ModelSpec:
             raise ConfigError(f"model {model_dir}: config.json names no hidden size (hidden_size, d_model or dim)")
         for weights in sorted(transformer_dir.glob("*.safetensors")):
             _check_safetensors(weights)
+        st_model = _read_json(root / "config_sentence_transformers.json") \
+            if (root / "config_sentence_transformers.json").exists() else {}
         return cls(path=str(transformer_dir), name=_model_name(root), pooling=pooling or model_pooling,
                    normalize=has_normalize if normalize is None else normalize, max_seq_length=seq,
                    lowercase=bool(st_cfg.get("do_lower_case", False)), dim=dim,
                    architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
-                   vocab_size=int(config.get("vocab_size") or 0))
+                   vocab_size=int(config.get("vocab_size") or 0), prompts=dict(st_model.get("prompts") or {}),
+                   default_prompt_name=st_model.get("default_prompt_name") or "",
+                   include_prompt=bool(pool_cfg.get("include_prompt", True)))
+
+    def with_options(self, prompt_name: str = "", prompt: str | None = None, dimensions: int = 0,
+                     prompt_tokens=None) -> "ModelSpec":
+        """The spec with a job's prompt and --dimensions, checked. The prompt is chosen as sentence-transformers
+        chooses it: `prompt` as given (\"\" for none), else the prompt named, else the model's default prompt.
+        `prompt_tokens(prompt)`: its token count without a trailing special token, for a model whose pooling
+        leaves the prompt out."""
+        if prompt is not None and prompt_name:
+            raise ConfigError("give --prompt or --prompt-name, not both")
+        if prompt is None:
+            name = prompt_name or self.default_prompt_name
+            if name and name not in self.prompts:
+                known = ", ".join(repr(k) for k in self.prompts) or "none"
+                raise ConfigError(f"model {self.name} has no prompt named {name!r} (its prompts: {known})")
+            prompt = self.prompts.get(name, "") if name else ""
+        skip = 0
+        if prompt and not self.include_prompt:
+            if self.pooling != "mean":
+                raise ConfigError(f"model {self.name}: a prompt left out of {self.pooling} pooling "
+                                  "(include_prompt false) is supported with mean pooling only")
+            skip = prompt_tokens(prompt)
+        if dimensions > self.dim:
+            raise ConfigError(f"--dimensions {dimensions} is more than the {self.dim} dimensions {self.name} "
+                              "gives")
+        truncate = dimensions if 0 < dimensions < self.dim else 0
+        return dataclasses.replace(self, prompt=prompt, pool_skip=skip, truncate_dim=truncate,
+                                   dim=truncate or self.dim)
 
 
 def _check_safetensors(path: Path) -> None:

@@ -40,7 +40,13 @@ class TorchEncoder(Encoder):
         ids_t = torch.from_numpy(ids).to(self.device)
         mask_t = torch.from_numpy(mask.astype(np.int64)).to(self.device)
         hidden = self.model(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
-        out = pool(hidden.float(), mask_t, self.spec.pooling)
+        pooled = mask_t
+        if self.spec.pool_skip:           # a prompt the model's pooling leaves out (mean pooling only)
+            pooled = mask_t.clone()
+            pooled[:, : self.spec.pool_skip] = 0
+        out = pool(hidden.float(), pooled, self.spec.pooling)
+        if self.spec.truncate_dim:
+            out = out[:, : self.spec.truncate_dim]
         if self.spec.normalize:
             out = normalize(out)
         return out.cpu().numpy().astype(np.float32, copy=False)

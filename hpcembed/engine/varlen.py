@@ -126,15 +126,21 @@ def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
 
 
 def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str,
-                ops=None) -> torch.Tensor:
-    """[T, hidden] token states -> [rows, hidden] float32, per sentence-transformers' pooling modes."""
+                ops=None, skip: int = 0, within: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, hidden] token states -> [rows, hidden] float32, per sentence-transformers' pooling modes. `skip`: mean
+    pooling leaves out each row's first `skip` tokens (a prompt the model's pooling excludes), by `within`, each
+    token's place in its row."""
     if mode == "cls":
         # Clamped: a bucket's empty padding rows start at the token count when the bucket has no padding tokens.
         return states[cu[:-1].long().clamp(max=states.shape[0] - 1)].float()
     if mode == "lasttoken":
         return states[cu[1:].long() - 1].float()
     if mode == "mean":
-        inv = 1.0 / (cu[1:] - cu[:-1]).clamp(min=1).to(torch.float32)
+        lengths = cu[1:] - cu[:-1]
+        if skip:
+            states = states * (within >= skip)[:, None].to(states.dtype)
+            lengths = lengths - skip
+        inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
         return (ops or _Ops).mean_pool(states, seg, inv)
     x = states.float()
     index = seg.long()
@@ -343,5 +349,8 @@ class VarlenEncoder(Encoder):
         w = self.weights
         seg, positions = token_layout(ids, cu, rows, w.position_offset, w.position.shape[0])
         states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
-        out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops)
+        out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops, self.spec.pool_skip,
+                          positions - w.position_offset)
+        if self.spec.truncate_dim:
+            out = out[:, : self.spec.truncate_dim]
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out

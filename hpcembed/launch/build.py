@@ -13,7 +13,7 @@ from ..protocol.encoder import EncoderCore
 from ..protocol.tokenizer import TokenizerCore
 from ..roles.encoder import EncoderRank
 from ..roles.tokenizer import TokenizerRank
-from ..tokenize import make_tokenizer
+from ..tokenize import Prompted, make_tokenizer
 from ..tokenize.chunk import Chunker
 from ..topology import RoleMap
 from ..transport.base import Transport
@@ -25,7 +25,8 @@ def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
     windows (tokenize/chunk.py)."""
     if cfg.chunk_tokens and chunking:
         return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
-    return make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    return Prompted(backend, spec.prompt) if spec.prompt else backend
 
 
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,

@@ -30,7 +30,7 @@ class JobKind:
     has_encoders: bool
     checks_committed_ids: bool      # tokenizer ranks check new ids against the shards earlier runs committed
 
-    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+    def check_inputs(self, cfg: JobConfig, spec: ModelSpec, tokenizer: dict) -> None:
         raise NotImplementedError
 
     def check_model(self, cfg: JobConfig, spec: ModelSpec) -> None:
@@ -75,6 +75,12 @@ def chunking(cfg: JobConfig) -> dict:
     return {"chunk_tokens": cfg.chunk_tokens, "chunk_overlap": cfg.chunk_overlap, "chunk_pooling": cfg.chunk_pooling}
 
 
+def prompting(spec: ModelSpec) -> dict:
+    """The prompt and --dimensions where a job has them (none otherwise, so other jobs keep their fingerprint)."""
+    return {**({"prompt": spec.prompt, "prompt_tokens_pooled": not spec.pool_skip} if spec.prompt else {}),
+            **({"dimensions": spec.truncate_dim} if spec.truncate_dim else {})}
+
+
 def digest_cache(cfg: JobConfig) -> Path | None:
     """Where model digests are cached: the kernel cache directory, if it can be made."""
     path = cache_dir(cfg.cache_dir)
@@ -88,16 +94,23 @@ def digest_cache(cfg: JobConfig) -> Path | None:
 class EmbedJob(JobKind):
     name, tokens_out, has_encoders, checks_committed_ids = "embed", False, True, True
 
-    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+    def check_inputs(self, cfg: JobConfig, spec: ModelSpec, tokenizer: dict) -> None:
         for pattern in cfg.input:
             manifest = read_token_manifest(pattern) if os.path.isdir(pattern) else None
             if manifest is not None:
                 if cfg.chunk_tokens:
                     raise ConfigError(f"--chunk-tokens needs the texts, and input {pattern} is a token directory "
                                       "(its texts were truncated when it was tokenized)")
+                if spec.prompt:
+                    raise ConfigError(f"input {pattern} is a token directory, tokenized without a prompt, and this "
+                                      f"job would prefix texts with {spec.prompt!r}; embed the texts instead, or "
+                                      "pass --prompt '' to embed the ids as they are")
                 check_tokenizer_matches(pattern, manifest.get("tokenizer", {}), tokenizer)
 
     def check_model(self, cfg: JobConfig, spec: ModelSpec) -> None:
+        if cfg.chunk_tokens and spec.prompt:
+            raise ConfigError(f"a prompt ({spec.prompt!r}) with --chunk-tokens is not supported: each window would "
+                              "need it; pass --prompt '' or embed without chunks")
         if cfg.chunk_tokens > spec.max_seq_length:
             raise ConfigError(f"chunk-tokens {cfg.chunk_tokens} is more than the {spec.max_seq_length} tokens "
                               f"{spec.name} takes (max_seq_length)")
@@ -113,7 +126,8 @@ class EmbedJob(JobKind):
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
                 "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
-                **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {})}
+                **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {}),
+                **prompting(spec)}
 
     def sink(self, output_path):
         return EncoderSink()
@@ -121,7 +135,8 @@ class EmbedJob(JobKind):
     def manifest_section(self, spec: ModelSpec, dtype: str, device: str, tokenizer: dict) -> dict:
         return {"kind": "embeddings", "model": spec.name, "model_path": spec.path, "architecture": spec.architecture,
                 "dim": spec.dim, "dtype": dtype, "device": device, "pooling": spec.pooling,
-                "normalize": spec.normalize, "max_seq_length": spec.max_seq_length, "tokenizer": tokenizer}
+                "normalize": spec.normalize, "max_seq_length": spec.max_seq_length, "tokenizer": tokenizer,
+                **prompting(spec)}
 
     def describe(self, spec: ModelSpec, tokenizer: dict) -> str:
         return f"model {spec.name} ({spec.pooling} pooling, max {spec.max_seq_length} tokens)"
@@ -130,7 +145,7 @@ class EmbedJob(JobKind):
 class TokenizeJob(JobKind):
     name, tokens_out, has_encoders, checks_committed_ids = "tokenize", True, False, False
 
-    def check_inputs(self, cfg: JobConfig, tokenizer: dict) -> None:
+    def check_inputs(self, cfg: JobConfig, spec: ModelSpec, tokenizer: dict) -> None:
         for pattern in cfg.input:
             if os.path.isdir(pattern) and read_token_manifest(pattern) is not None:
                 raise ConfigError(f"input {pattern} is already a token directory; embed it with `hpcembed run "

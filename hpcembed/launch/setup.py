@@ -77,20 +77,34 @@ def resolved_dtype(cfg: JobConfig, device: str) -> str:
     return cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
 
 
-def model_spec(cfg: JobConfig) -> ModelSpec:
-    """The model as the job's options describe it (the conductor's, and an encoder rank's that builds early)."""
-    return ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
+def model_spec(cfg: JobConfig, embedding: bool = True) -> ModelSpec:
+    """The model as the job's options describe it (the conductor's, and an encoder rank's that builds early);
+    `embedding`: with the job's prompt and --dimensions (a tokenize job takes neither)."""
+    spec = ModelSpec.load(cfg.model or default_model_dir(), pooling=cfg.pooling, normalize=cfg.normalize,
                           max_seq_length=cfg.max_seq_length)
+    return spec.with_options(cfg.prompt_name, cfg.prompt, cfg.dimensions, _prompt_tokens(spec)) if embedding else spec
+
+
+def _prompt_tokens(spec: ModelSpec):
+    """A prompt's tokens as sentence-transformers counts them: special tokens included, but not a trailing one."""
+    def count(prompt: str) -> int:
+        from ..tokenize.hf import load_tokenizer
+        tokenizer = load_tokenizer(spec.path)
+        tokenizer.no_padding()          # tokenizer.json may pad (the bundled one pads to 128)
+        tokenizer.no_truncation()
+        encoding = tokenizer.encode(prompt.lower() if spec.lowercase else prompt)
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask and encoding.special_tokens_mask[-1] else 0)
+    return count
 
 
 def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     """Load the model's description, plan the units, open the output directory. Raises HpcEmbedError for the
     user."""
     started = time.time()
-    spec = model_spec(cfg)
+    spec = model_spec(cfg, kind.has_encoders)
     tokenizer = tokenizer_identity(HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase),
                                    spec.name)
-    kind.check_inputs(cfg, tokenizer)
+    kind.check_inputs(cfg, spec, tokenizer)
     kind.check_model(cfg, spec)
     files = resolve_inputs(cfg.input)
     check_output_outside_inputs(cfg.output, files, cfg.input)

@@ -7,7 +7,7 @@ import logging
 from .batch import TokenBatch
 from .hf import HFTokenizer
 
-__all__ = ["TokenBatch", "HFTokenizer", "make_tokenizer"]
+__all__ = ["TokenBatch", "HFTokenizer", "Prompted", "make_tokenizer"]
 
 log = logging.getLogger("hpcembed")
 
@@ -28,3 +28,17 @@ def make_tokenizer(model_dir, max_seq_length: int, lowercase: bool, backend: str
                           "use --tokenizer-backend hf")
     log.debug("tokenizer backend hf: budtiktok not used because %s", reason)
     return hf
+
+
+class Prompted:
+    """A backend whose texts all start with the job's prompt, prefixed as sentence-transformers prefixes it (the
+    whole string before the text, then tokenized and truncated together), so every backend gives the same ids."""
+
+    def __init__(self, backend, prompt: str):
+        self.backend, self.prompt = backend, prompt
+
+    def encode(self, texts: list[str]) -> list:
+        return self.backend.encode([self.prompt + t for t in texts])
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
