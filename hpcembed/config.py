@@ -81,6 +81,10 @@ class JobConfig:
                                           "on; see bench/notes/gpu_stage.md for what it measured)")
     cache_dir: str = _opt("", "where compiled kernels are kept between runs, shared safely by ranks and jobs "
                               "(default: $HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed or ~/.cache/hpcembed)")
+    attention: str = _opt("auto", "varlen encoder on CUDA: the attention kernel, 'triton' (hpcembed's kernel for small "
+                                  "heads, 1.9x flash attention at MiniLM's shapes on an H200) or 'flash' (torch's "
+                                  "varlen flash attention); auto takes triton where Triton imports",
+                          choices=("auto", "triton", "flash"))
     exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
                                    "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")
     tokenizer_backend: str = _opt("auto", "tokenizer: 'budtiktok' is the fast Rust backend with HF fallbacks, ids "

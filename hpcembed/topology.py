@@ -31,9 +31,10 @@ class RankInfo:
 
 
 # GPU-stage throughput of one encoder rank (2 instances, fp16, CUDA graphs), measured by bench/gpu_stage.py; see
-# bench/results/gpu_stage-NVIDIA_H100_80GB_HBM3.json. A GPU not listed is assumed to be as fast as an H100, which
-# errs towards more tokenizer ranks. --gpu-tokens-per-s overrides it.
-GPU_STAGE_TOKENS_PER_S = {"NVIDIA H100 80GB HBM3": 12.34e6}
+# bench/results/gpu_stage-NVIDIA_H100_80GB_HBM3.json (before the Triton attention kernel) and gpu_stage-h200.json.
+# A GPU not listed is assumed to be as fast as an H100, which errs towards more tokenizer ranks.
+# --gpu-tokens-per-s overrides it.
+GPU_STAGE_TOKENS_PER_S = {"NVIDIA H100 80GB HBM3": 12.34e6, "NVIDIA H200": 14.22e6}
 DEFAULT_GPU_TOKENS_PER_S = 12.34e6
 CORES_PER_ENCODER_RANK = 2              # its role loop and the host side of its instances' launches
 TOKENIZER_HEADROOM = 1.15           # reading, batching and sending cost beyond the measured tokenizing

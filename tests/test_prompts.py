@@ -60,6 +60,9 @@ def test_prompts_and_dimensions_match_sentence_transformers(tmp_path, model_dir,
         manifest = read_manifest(out)
         assert manifest["prompt"] == PROMPTS[name] and manifest["dim"] == dim
         assert manifest.get("dimensions") == (dim if dim != 384 else None)
+        encoder = next(r for r in manifest["ranks"] if "encoder" in r["role"])
+        assert encoder["attention"] == ("" if engine == "torch" else "triton" if torch.cuda.is_available() else
+                                        "padded")           # which attention kernel ran is in the manifest
     # The prompt is part of the job: another prompt into the same output is another job.
     again = run_cli("run", "--input", str(src), "--output", str(tmp_path / "out-0"), "--model", str(model),
                     "--engine", engine, "--dimensions", "128", "--prompt", "", "--progress", "off")

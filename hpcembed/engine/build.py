@@ -29,9 +29,10 @@ def resolve_device(device: str) -> str:
 
 
 def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
-                  exact_gelu: bool = False, graph_tokens: int = 0) -> Encoder:
+                  exact_gelu: bool = False, graph_tokens: int = 0, attention: str = "auto") -> Encoder:
     """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise.
-    graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens."""
+    graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens;
+    `attention`: its attention kernel (engine/varlen.py)."""
     device = resolve_device(device)
     if dtype == "auto":
         dtype = "fp16" if device.startswith("cuda") else "fp32"
@@ -48,5 +49,5 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
             compile = device.startswith("cuda")
         cuda = device.startswith("cuda")
         return VarlenEncoder(spec, device, dtype, compile=compile, gelu_epilogue=cuda and not exact_gelu,
-                             graph_tokens=graph_tokens if cuda else 0)
+                             graph_tokens=graph_tokens if cuda else 0, attention=attention)
     return TorchEncoder(spec, device, dtype)

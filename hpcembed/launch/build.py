@@ -50,7 +50,8 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder
         use_cache_dir(cfg.cache_dir)
     graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
     def build():
-        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu, graph_tokens)
+        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu, graph_tokens,
+                             cfg.attention)
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
