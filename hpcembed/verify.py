@@ -24,7 +24,8 @@ from .errors import ConfigError
 from .io.ids import id_digest
 from .io.ledger import LEDGER
 from .io import location, npy
-from .io.writer import CALIBRATED, OUTPUT_DTYPES, REJECTS, SUCCESS, OutputDir, shard_ids, stored_width
+from .io.quantize import CALIBRATED, OUTPUT_DTYPES, stored_width
+from .io.writer import REJECTS, SUCCESS, OutputDir, shard_ids
 
 NORM_TOLERANCE = 1e-3          # float16 storage rounds norms by about 3e-4
 

@@ -119,12 +119,15 @@ def test_assembler_row_longer_than_budget_leaves_alone():
 
 def test_assembler_keeps_a_texts_windows_in_one_batch_and_they_survive_the_wire():
     from hpcembed.batching import BatchAssembler
+    from hpcembed.io.digest import row_digests
     # Texts of 1, 3, 2 and 4 windows of 10 tokens; the budget (25) would cut inside the second and the fourth.
     windows = [1, 3, 2, 4]
     numbers = np.concatenate([np.arange(n) for n in windows])
     chunks = np.stack([numbers, 5 * numbers, 5 * numbers + 9], axis=1).astype(np.int64)
     batch, _ = make_batch([10] * len(numbers))
     batch.chunks = chunks
+    batch.digests = digests = row_digests(batch.token_ids, batch.offsets, seed=7)
+    assert len({d.tobytes() for d in digests}) == len(digests)      # make_batch's rows differ
     assembler = BatchAssembler(batch_tokens=25)
     sent = assembler.add(batch)
     rest = assembler.flush()
@@ -133,7 +136,9 @@ def test_assembler_keeps_a_texts_windows_in_one_batch_and_they_survive_the_wire(
     assert all(b.chunks[0, 0] == 0 for b in every)
     back = [TokenBatch.from_wire(b.to_wire()) for b in every]
     assert np.concatenate([b.chunks for b in back]).tolist() == chunks.tolist()
-    assert TokenBatch.concat(back).take(np.array([3, 1])).chunks.tolist() == chunks[[3, 1]].tolist()
+    assert (np.concatenate([b.digests for b in back]) == digests).all()         # and each row's digest with it
+    joined = TokenBatch.concat(back).take(np.array([3, 1]))
+    assert joined.chunks.tolist() == chunks[[3, 1]].tolist() and (joined.digests == digests[[3, 1]]).all()
 
 
 def test_batcher_passes_ready_batches_through_and_rebatches_the_rest():

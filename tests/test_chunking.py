@@ -85,7 +85,7 @@ def test_chunked_job_matches_sentence_transformers_per_window_and_pooled(tmp_pat
     proc = run_cli("run", "--output", str(tmp_path / "windows"), *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = ds.dataset(str(tmp_path / "windows"), format="parquet").to_table()
-    assert table.column_names == ["id", "chunk", "start_char", "end_char", "embedding"]
+    assert table.column_names == ["id", "digest", "chunk", "start_char", "end_char", "embedding"]
     ids = list(texts)
     got = {(i, c): (s, e, v) for i, c, s, e, v in zip(
         table["id"].to_pylist(), table["chunk"].to_pylist(), table["start_char"].to_pylist(),
@@ -103,7 +103,7 @@ def test_chunked_job_matches_sentence_transformers_per_window_and_pooled(tmp_pat
     proc = run_cli("run", "--output", str(tmp_path / "pooled"), "--chunk-pooling", "mean", *common)
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = ds.dataset(str(tmp_path / "pooled"), format="parquet").to_table()
-    assert table.column_names == ["id", "embedding"] and table.num_rows == len(texts)
+    assert table.column_names == ["id", "digest", "embedding"] and table.num_rows == len(texts)
     pooled = dict(zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False)))
     for k, i in enumerate(ids):
         mean = expected[owners == k].mean(axis=0)

@@ -10,7 +10,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from hpcembed.io.writer import convert
+from hpcembed.io.quantize import convert
 
 from .conftest import mpirun, needs_mpi, read_manifest, run_cli, write_jsonl
 

@@ -1,5 +1,5 @@
 """Content digests: BLAKE2b-128 of bytes and of files (shards, inputs), and of large files (model weights) cached
-so that a file costs one full read, not one per run.
+so that a file costs one full read, not one per run; and each row's digest (xxh3-128) over what the encoder sees.
 
 A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
 digest; any change to those and the file is read again. Entries live in the kernel cache directory
@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 def checksum(data) -> str:
@@ -55,3 +57,30 @@ def file_content_digest(path: Path, cache: Path | None) -> str:
         except OSError:
             pass
     return digest
+
+
+def digest_seed(identity: dict) -> int:
+    """The 64-bit seed of a job's row digests: what, besides a row's token ids, shapes its embedding (model by
+    content, pooling, normalization, compute dtype, dimensions, pooled prompt tokens)."""
+    import xxhash
+    return xxhash.xxh3_64_intdigest(json.dumps(identity, sort_keys=True).encode())
+
+
+def row_digests(token_ids: np.ndarray, offsets: np.ndarray, seed: int) -> np.ndarray:
+    """uint8 [rows, 16]: xxh3-128, seeded with the job's digest_seed, of each row's token ids (int32,
+    little-endian; truncated, prompt included: exactly what the encoder sees). About 0.4 µs a row."""
+    import xxhash
+    data = memoryview(np.ascontiguousarray(token_ids, dtype="<i4").view(np.uint8))
+    starts = (offsets - offsets[0]) * 4
+    out = b"".join(xxhash.xxh3_128_digest(data[a:b], seed=seed) for a, b in zip(starts[:-1].tolist(),
+                                                                                 starts[1:].tolist()))
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16)
+
+
+def combined_digests(digests: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """uint8 [texts, 16]: for a chunked text stored as the mean of its windows, the xxh3-128 of its windows'
+    digests in order (`starts`: each text's first window)."""
+    import xxhash
+    ends = np.append(starts[1:], len(digests))
+    out = b"".join(xxhash.xxh3_128_digest(digests[a:b].tobytes()) for a, b in zip(starts.tolist(), ends.tolist()))
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16)

@@ -26,6 +26,7 @@ from .ledger import LEDGER, Ledger, LedgerState, describe_difference, is_segment
 from . import location, npy
 from .lock import output_lock
 from .mark import WRITTEN_BY, written_by_hpcembed
+from .quantize import OUTPUT_DTYPES, convert, stored_width
 from .store import open_dir
 
 log = logging.getLogger("hpcembed")
@@ -38,46 +39,16 @@ def shard_name(unit: int, rank: int) -> str:
     return f"part-{unit:08d}-r{rank:05d}.parquet"
 
 
-# --output-dtype: how embeddings are stored, each as sentence-transformers' quantize_embeddings stores it. binary
-# and ubinary are the signs packed 8 to a byte (binary: the packed byte minus 128, as int8); int8 and uint8 are
-# 256 buckets per dimension between the calibration ranges (io/calibrate.py).
-OUTPUT_DTYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
-                 "binary": pa.int8(), "ubinary": pa.uint8()}
-CALIBRATED = ("int8", "uint8")
-
-
-def stored_width(dim: int, dtype: str) -> int:
-    """Values per stored embedding: the dimension, or its bytes of packed signs."""
-    return (dim + 7) // 8 if dtype.endswith("binary") else dim
-
-
-def convert(embeddings: np.ndarray, dtype: str, ranges: np.ndarray | None = None) -> np.ndarray:
-    """float32 embeddings [rows, dim] as `dtype` stores them; `ranges` [2, dim]: each dimension's minimum and
-    maximum, for int8 and uint8 (the same arithmetic as quantize_embeddings, so the same bytes)."""
-    if dtype == "float16":
-        return embeddings.astype(np.float16)
-    if dtype == "binary":
-        return (np.packbits(embeddings > 0, axis=-1) - 128).astype(np.int8)
-    if dtype == "ubinary":
-        return np.packbits(embeddings > 0, axis=-1)
-    if dtype in CALIBRATED:
-        if ranges is None:
-            raise ValueError(f"{dtype} output needs calibration ranges")
-        ranges = np.asarray(ranges, np.float32)
-        starts = ranges[0]
-        steps = (ranges[1] - starts) / 255
-        steps = np.where(steps == 0, 1, steps)
-        buckets = np.clip(np.floor((np.asarray(embeddings, np.float32) - starts) / steps), 0, 255)
-        return buckets.astype(np.uint8) if dtype == "uint8" else (buckets - 128).astype(np.int8)
-    return np.ascontiguousarray(embeddings, dtype=np.float32)
-
-
 # A chunked job's rows (--chunk-tokens) say which window of the text they are and which characters it covers.
 CHUNK_FIELDS = [("chunk", pa.int32()), ("start_char", pa.int64()), ("end_char", pa.int64())]
 
 
-def output_schema(dim: int, dtype: str = "float32", chunked: bool = False) -> pa.Schema:
-    return pa.schema([("id", pa.string()), *(CHUNK_FIELDS if chunked else []),
+# Each row's content digest (io/digest.py row_digests), where the job digests rows.
+DIGEST_FIELD = ("digest", pa.binary(16))
+
+
+def output_schema(dim: int, dtype: str = "float32", chunked: bool = False, digests: bool = False) -> pa.Schema:
+    return pa.schema([("id", pa.string()), *([DIGEST_FIELD] if digests else []), *(CHUNK_FIELDS if chunked else []),
                       ("embedding", pa.list_(OUTPUT_DTYPES[dtype], stored_width(dim, dtype)))], metadata=WRITTEN_BY)
 
 
@@ -287,16 +258,18 @@ class OutputDir:
         if stray:
             log.info("output %s: removed %d files of uncommitted units", self.location, len(stray))
 
-    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray,
-                    chunks: np.ndarray | None = None) -> ShardFile:
+    def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray, chunks: np.ndarray | None = None,
+                    digests: np.ndarray | None = None) -> ShardFile:
         """Write float32 embeddings [rows, dim] as a shard of this output's dtype (temporary name, fsync, rename)
         and return its size and checksum for the ledger. `chunks`: [rows, 3] chunk number and character span of
-        a chunked job's rows."""
+        a chunked job's rows; `digests`: [rows, 16] their content digests."""
         dim = embeddings.shape[1]
         stored = convert(embeddings, self.output_dtype, self.ranges)
-        extra = [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
-                                           pa.array(chunks[:, 2])]
-        schema = output_schema(dim, self.output_dtype, chunks is not None)
+        extra = [] if digests is None else [pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(16), len(digests), [None, pa.py_buffer(np.ascontiguousarray(digests, np.uint8))])]
+        extra += [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
+                                            pa.array(chunks[:, 2])]
+        schema = output_schema(dim, self.output_dtype, chunks is not None, digests is not None)
         if self.output_format == "npy":
             return self._write_table(name, pa.Table.from_arrays([ids, *extra], schema=pa.schema(
                 list(schema)[:-1], metadata=schema.metadata)), stored)

@@ -30,8 +30,10 @@ def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
 
 
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
-                   committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None) -> TokenizerRank:
-    """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job)."""
+                   committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None,
+                   digest_seed: int | None = None) -> TokenizerRank:
+    """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job);
+    `digest_seed`: each row is digested with it (an embedding job's, io/digest.py)."""
     backend = tokenizer_backend(cfg, spec, chunking=kind.has_encoders)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
@@ -40,7 +42,7 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
                          _columns(cfg, spec),
                          cfg.chunk_rows, cfg.on_invalid == "skip",
                          kind.sink(cfg.output), peers, share,
-                         batch_tokens if kind.has_encoders else 0)
+                         batch_tokens if kind.has_encoders else 0, digest_seed)
 
 
 def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:

@@ -38,7 +38,8 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
     network = InprocNetwork(3)
     ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
-                                          setup.committed_shards(), cfg.batch_tokens_for(device)))]
+                                          setup.committed_shards(), cfg.batch_tokens_for(device),
+                                          digest_seed=setup.digest_seed))]
     if kind.has_encoders:
         encoders = build_encoders(cfg, setup.spec, device)
         units, ranges = setup.calibration(cfg)

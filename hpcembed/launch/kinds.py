@@ -126,6 +126,7 @@ class EmbedJob(JobKind):
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
                 "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
+                "row_digest": "xxh3-128",             # shards carry each row's digest (io/digest.py)
                 **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {}),
                 **prompting(spec)}
 

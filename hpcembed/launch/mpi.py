@@ -127,7 +127,7 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
-                              *setup.calibration(cfg))
+                              *setup.calibration(cfg), digest_seed=setup.digest_seed)
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()
@@ -187,7 +187,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
             tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards, plan.batch_tokens,
-                           MpiAlltoall(role_comm)).run()
+                           MpiAlltoall(role_comm), plan.digest_seed).run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":

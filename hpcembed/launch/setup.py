@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 from ..config import JobConfig
 from ..engine.model import ModelSpec, default_model_dir
+from ..io.digest import digest_seed
 from ..io.ledger import LedgerState
 from ..io.sources import Plan, check_output_outside_inputs, plan_job, resolve_inputs
 from ..io.tokens import tokenizer_identity
-from ..io.writer import CALIBRATED, OutputDir
+from ..io.quantize import CALIBRATED
+from ..io.writer import OutputDir
 from ..manifest import JobResult, build_manifest
 from ..tokenize import HFTokenizer
 from ..topology import RoleMap
@@ -32,6 +34,7 @@ class JobSetup:
     resumed: LedgerState
     dtype: str
     tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
+    digest_seed: int | None = None  # an embedding job's row-digest seed (io/digest.py); None: no digests
 
     @property
     def rows_resumed(self) -> int:
@@ -69,8 +72,13 @@ class RunPlan:
     # int8/uint8 output: the rows encoder ranks calibrate on, or the ranges an earlier run of the job recorded.
     calibration: list = field(default_factory=list)
     ranges: list | None = None
+    digest_seed: int | None = None              # tokenizers digest each row with it (io/digest.py)
     error: str = ""
     exit_code: int = 0
+
+
+# What shapes an embedding besides its token ids: the row digests' seed is made of these fingerprint entries.
+RESULT_KEYS = ("model_id", "pooling", "normalize", "dtype", "prompt_tokens_pooled", "dimensions")
 
 
 def resolved_dtype(cfg: JobConfig, device: str) -> str:
@@ -111,14 +119,15 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
     dtype = resolved_dtype(cfg, device)
     output = OutputDir(cfg.output, tokens=kind.tokens_out)
-    status, resumed = output.open(kind.fingerprint(cfg, spec, plan, dtype, tokenizer),
-                                  [e.as_reject() for e in plan.unreadable], cfg.overwrite)
+    fingerprint = kind.fingerprint(cfg, spec, plan, dtype, tokenizer)
+    status, resumed = output.open(fingerprint, [e.as_reject() for e in plan.unreadable], cfg.overwrite)
     log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
              kind.describe(spec, tokenizer))
     if status == "resume":
         log.info("resuming %s: %d of %d units (%s output rows) already committed", output.location,
                  len(resumed.units), len(plan.units), f"{resumed.rows:,}")
-    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer)
+    seed = digest_seed({k: fingerprint[k] for k in RESULT_KEYS if k in fingerprint}) if kind.has_encoders else None
+    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer, seed)
 
 
 def already_complete(setup: JobSetup) -> dict:
@@ -134,7 +143,8 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
     manifest = build_manifest(
         started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
-                **({"output_dtype": cfg.output_dtype, "output_format": cfg.output_format, **chunking(cfg)}
+                **({"output_dtype": cfg.output_dtype, "output_format": cfg.output_format, **chunking(cfg),
+                    "row_digest": {"algorithm": "xxh3-128", "seed": setup.digest_seed}}
                    if setup.kind.has_encoders else {})},
         settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                   "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,

@@ -21,6 +21,7 @@ import pyarrow as pa
 from ..batching import TokenBudgetBatcher
 from ..engine.instances import InstancePool
 from ..engine.pooling import mean_of_windows
+from ..io.digest import combined_digests
 from ..io.writer import OutputDir, ShardFile, shard_name
 from ..manifest import EncoderStats
 from ..protocol.encoder import EncoderCore
@@ -37,6 +38,7 @@ class _UnitRows:
     ids: list[pa.Array] = field(default_factory=list)
     embeddings: list[np.ndarray] = field(default_factory=list)
     chunks: list[np.ndarray] = field(default_factory=list)      # a chunked job's (chunk, start, end) per row
+    digests: list[np.ndarray] = field(default_factory=list)     # each row's content digest, [rows, 16]
 
 
 class EncoderRank:
@@ -147,12 +149,16 @@ class EncoderRank:
                 part.embeddings.append(embeddings)
                 if batch.chunks is not None:
                     part.chunks.append(batch.chunks)
+                if batch.digests is not None:
+                    part.digests.append(batch.digests)
             else:
                 part.rows.append(batch.rows[sel])
                 part.ids.append(ids.take(pa.array(sel)))
                 part.embeddings.append(embeddings[sel])
                 if batch.chunks is not None:
                     part.chunks.append(batch.chunks[sel])
+                if batch.digests is not None:
+                    part.digests.append(batch.digests[sel])
             if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
                 self._write_part(int(unit))
 
@@ -169,16 +175,21 @@ def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: boo
     ids = pa.concat_arrays(part.ids)
     embeddings = np.concatenate(part.embeddings)
     chunks = np.concatenate(part.chunks) if part.chunks else None
+    digests = np.concatenate(part.digests) if part.digests else None
     # Input order within the shard (a unit is rows of one file), a text's windows in order.
+    order = None
     if chunks is not None:
         order = np.lexsort((chunks[:, 0], rows))
-        ids, embeddings, chunks = ids.take(pa.array(order)), embeddings[order], chunks[order]
     elif len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
         order = np.argsort(rows, kind="stable")
+    if order is not None:
         ids, embeddings = ids.take(pa.array(order)), embeddings[order]
+        chunks = None if chunks is None else chunks[order]
+        digests = None if digests is None else digests[order]
     if chunks is not None and pool_chunks:
         starts, embeddings = mean_of_windows(embeddings, chunks[:, 0], normalize)
         ids = ids.take(pa.array(starts))
+        digests = None if digests is None else combined_digests(digests, starts)
         chunks = None
-    return output.write_shard(name, ids, embeddings, chunks)
+    return output.write_shard(name, ids, embeddings, chunks, digests)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..batching import BatchAssembler
 from ..errors import InputError
-from ..io.digest import file_digest
+from ..io.digest import file_digest, row_digests
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
@@ -117,15 +117,16 @@ def tokenize_chunk(backend, chunk: RowChunk, unit: int) -> TokenBatch:
 class TokenizerRank:
     def __init__(self, transport: Transport, core: TokenizerCore, backend, columns: Columns, chunk_rows: int,
                  skip_invalid: bool, sink, peers=None, committed_shards: list[tuple[int, str, int]] = (),
-                 batch_tokens: int = 0):
+                 batch_tokens: int = 0, digest_seed: int | None = None):
         """`sink`: EncoderSink or ShardSink. `peers`: an all-to-all over the tokenizer ranks (see io.ids), or None
         when this is the only one. `committed_shards`: (unit, path, position) of this rank's share of the shards
         an earlier run of the job committed; their ids join the duplicate check, so a resumed job still has each
         id once. `batch_tokens`: the encoder's token budget, which the batches sent are cut to (0: a batch per
-        chunk of `chunk_rows` rows)."""
+        chunk of `chunk_rows` rows). `digest_seed`: each row's content digest goes with it (io/digest.py)."""
         self.transport, self.core, self.backend, self.columns = transport, core, backend, columns
         self.chunk_rows, self.skip_invalid, self.sink = chunk_rows, skip_invalid, sink
         self.assembler = BatchAssembler(batch_tokens)
+        self.digest_seed = digest_seed
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -238,7 +239,10 @@ class TokenizerRank:
             progress.rejected += len(bad)
         if not chunk.ids:
             return
-        full = self.assembler.add(tokenize_chunk(self.backend, chunk, unit.unit))
+        batch = tokenize_chunk(self.backend, chunk, unit.unit)
+        if self.digest_seed is not None:
+            batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
+        full = self.assembler.add(batch)
         self.busy += time.perf_counter() - start
         for batch in full:
             self.sink.put(self, unit, batch, progress)

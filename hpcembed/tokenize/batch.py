@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, whether `chunks` follows, (reserved)
+_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, whether `chunks` follows, whether `digests` follows
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 
 
@@ -30,6 +30,8 @@ class TokenBatch:
     # int64 [rows, 3] in a chunked job: the window's number within its text (0-based), and the first and
     # one-past-last character of the text it covers; None otherwise.
     chunks: np.ndarray | None = None
+    # uint8 [rows, 16] in an embedding job: each row's content digest (io/digest.py row_digests); None otherwise.
+    digests: np.ndarray | None = None
 
     @property
     def num_rows(self) -> int:
@@ -88,7 +90,8 @@ class TokenBatch:
         gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
         ids = self.id_array().take(pa.array(index))
         return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
-                                               self.units[index], None if self.chunks is None else self.chunks[index])
+                                               self.units[index], None if self.chunks is None else self.chunks[index],
+                                               None if self.digests is None else self.digests[index])
 
     def slice(self, start: int, stop: int) -> "TokenBatch":
         """Rows [start, stop), as views of this batch's buffers (the offsets are rebased, a small copy)."""
@@ -97,10 +100,12 @@ class TokenBatch:
         return TokenBatch(self.token_ids[offsets[0]: offsets[-1]], offsets - offsets[0], id_offsets - id_offsets[0],
                           self.id_bytes[id_offsets[0]: id_offsets[-1]],
                           self.rows[start:stop], self.units[start:stop],
-                          None if self.chunks is None else self.chunks[start:stop])
+                          None if self.chunks is None else self.chunks[start:stop],
+                          None if self.digests is None else self.digests[start:stop])
 
     @classmethod
-    def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units, chunks=None) -> "TokenBatch":
+    def build_from_arrow_ids(cls, token_ids, offsets, ids: pa.Array, rows, units, chunks=None,
+                             digests=None) -> "TokenBatch":
         ids = pa.concat_arrays([ids]) if ids.offset else ids   # normalise a sliced array
         _, id_off, id_data = ids.buffers()
         id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1)
@@ -110,7 +115,7 @@ class TokenBatch:
                     if id_data is not None else np.empty(0, np.uint8))
         return cls(np.ascontiguousarray(token_ids, dtype=np.int32), offsets.astype(np.int32, copy=False),
                    id_offsets.astype(np.int32), id_bytes, np.asarray(rows, np.int64), np.asarray(units, np.int64),
-                   chunks)
+                   chunks, digests)
 
     @staticmethod
     def concat(batches: list["TokenBatch"]) -> "TokenBatch":
@@ -123,7 +128,8 @@ class TokenBatch:
         return TokenBatch.build_from_arrow_ids(
             np.concatenate([b.token_ids[b.offsets[0]: b.offsets[-1]] for b in batches]), offsets, ids,
             np.concatenate([b.rows for b in batches]), np.concatenate([b.units for b in batches]),
-            None if batches[0].chunks is None else np.concatenate([b.chunks for b in batches]))
+            None if batches[0].chunks is None else np.concatenate([b.chunks for b in batches]),
+            None if batches[0].digests is None else np.concatenate([b.digests for b in batches]))
 
     def to_arrow(self) -> pa.RecordBatch:
         token_list = pa.ListArray.from_buffers(pa.list_(pa.int32()), self.num_rows,
@@ -132,22 +138,23 @@ class TokenBatch:
         return pa.RecordBatch.from_arrays([self.id_array(), token_list], schema=SCHEMA)
 
     def to_wire(self) -> np.ndarray:
-        """One contiguous byte buffer for a transport: header, then rows, units, (chunks,) token ids, offsets, id
-        offsets, id bytes."""
+        """One contiguous byte buffer for a transport: header, then rows, units, (chunks,) (digests,) token ids,
+        offsets, id offsets, id bytes."""
         n, t, b = self.num_rows, self.num_tokens, len(self.id_bytes)
-        chunked = self.chunks is not None
-        header = np.array([n, t, b, int(chunked), 0], dtype=np.int64)
+        chunked, digested = self.chunks is not None, self.digests is not None
+        header = np.array([n, t, b, int(chunked), int(digested)], dtype=np.int64)
         tokens = self.token_ids[self.offsets[0]: self.offsets[-1]]
         offsets = self.offsets - self.offsets[0]
         parts = [header.view(np.uint8), self.rows.view(np.uint8), self.units.view(np.uint8),
                  *([np.ascontiguousarray(self.chunks, np.int64).reshape(-1).view(np.uint8)] if chunked else []),
+                 *([np.ascontiguousarray(self.digests, np.uint8).reshape(-1)] if digested else []),
                  tokens.view(np.uint8), offsets.view(np.uint8), self.id_offsets.view(np.uint8), self.id_bytes]
         return np.concatenate(parts)
 
     @classmethod
     def from_wire(cls, buf: np.ndarray) -> "TokenBatch":
         """The batch `to_wire` packed, as views into `buf` (no copy)."""
-        n, t, b, chunked = (int(v) for v in buf[: 8 * _WIRE_HEADER].view(np.int64)[:4])
+        n, t, b, chunked, digested = (int(v) for v in buf[: 8 * _WIRE_HEADER].view(np.int64))
         pos = 8 * _WIRE_HEADER
 
         def take(count: int, dtype) -> np.ndarray:
@@ -159,5 +166,6 @@ class TokenBatch:
 
         rows, units = take(n, np.int64), take(n, np.int64)
         chunks = take(3 * n, np.int64).reshape(n, 3) if chunked else None
+        digests = take(16 * n, np.uint8).reshape(n, 16) if digested else None
         tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
-        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks)
+        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks, digests)

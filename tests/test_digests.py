@@ -1,0 +1,69 @@
+"""Each output row carries its content digest (issue 21, the first step): xxh3-128 of exactly the token ids the
+encoder saw, seeded with what else shapes the embedding; equal texts get equal digests under any id, and a job
+that would embed them differently (here, fewer dimensions) gets other digests."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.dataset as ds
+import xxhash
+
+from hpcembed.engine import ModelSpec
+from hpcembed.tokenize import HFTokenizer
+
+from .conftest import EDGE_TEXTS, mpirun, needs_mpi, read_manifest, run_cli, write_jsonl
+
+
+def _digests(out) -> dict[str, bytes]:
+    table = ds.dataset(str(out), format="parquet").to_table()
+    assert str(table.schema.field("digest").type) == "fixed_size_binary[16]"
+    return dict(zip(table["id"].to_pylist(), table["digest"].to_pylist()))
+
+
+def _texts() -> dict[str, str]:
+    texts = {f"d{k:03d}": t for k, t in enumerate(EDGE_TEXTS)}
+    texts.update({f"copy{k}": EDGE_TEXTS[k] for k in (4, 5, 6)})        # the same texts under other ids
+    return texts
+
+
+def test_digests_are_of_the_token_ids_and_of_what_shapes_the_embedding(tmp_path, model_dir):
+    texts = _texts()
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    outs = {}
+    for name, options in (("full", []), ("dims", ["--dimensions", "128"])):
+        outs[name] = tmp_path / name
+        proc = run_cli("run", "--input", str(src), "--output", str(outs[name]), "--progress", "off", *options)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    got = _digests(outs["full"])
+    manifest = read_manifest(outs["full"])
+    assert manifest["row_digest"]["algorithm"] == "xxh3-128"
+    # Recomputed here from the model's tokenizer: each row's ids, truncated as the encoder got them.
+    spec = ModelSpec.load(model_dir)
+    ids = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase).encode(list(texts.values()))
+    seed = manifest["row_digest"]["seed"]
+    want = {i: xxhash.xxh3_128_digest(np.asarray(t, "<i4").tobytes(), seed=seed) for i, t in zip(texts, ids)}
+    assert got == want
+    assert all(got[f"copy{k}"] == got[f"d{k:03d}"] for k in (4, 5, 6))
+    # Texts the tokenizer makes the same ids of (empty and whitespace-only: [CLS] [SEP]) share one digest, as
+    # they share one embedding; distinct ids, distinct digests.
+    assert len(set(got.values())) == len({tuple(t) for t in ids}) < len(set(texts.values()))
+    other = _digests(outs["dims"])
+    assert read_manifest(outs["dims"])["row_digest"]["seed"] != seed and not set(other.values()) & set(got.values())
+
+
+@needs_mpi
+def test_a_pooled_texts_digest_is_of_its_windows_in_order(tmp_path):
+    texts = {f"w{k}": f"window digest text {k} " * (3 + 7 * k) for k in range(12)}
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    common = ["--input", str(src), "--chunk-tokens", "32", "--chunk-overlap", "4", "--tokenizer-ranks", "2",
+              "--unit-rows", "4"]
+    for name, extra in (("windows", []), ("pooled", ["--chunk-pooling", "mean"])):
+        proc = mpirun(4, *common, "--output", str(tmp_path / name), *extra)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    windows = ds.dataset(str(tmp_path / "windows"), format="parquet").to_table().sort_by([("id", "ascending"),
+                                                                                          ("chunk", "ascending")])
+    pooled = _digests(tmp_path / "pooled")
+    by_text: dict[str, bytes] = {}
+    for row_id, digest in zip(windows["id"].to_pylist(), windows["digest"].to_pylist()):
+        by_text[row_id] = by_text.get(row_id, b"") + digest
+    assert max(len(v) for v in by_text.values()) > 16                  # some texts are several windows
+    assert pooled == {i: xxhash.xxh3_128_digest(v) for i, v in by_text.items()}
