@@ -31,7 +31,8 @@ def test_digests_are_of_the_token_ids_and_of_what_shapes_the_embedding(tmp_path,
     outs = {}
     for name, options in (("full", []), ("dims", ["--dimensions", "128"])):
         outs[name] = tmp_path / name
-        proc = run_cli("run", "--input", str(src), "--output", str(outs[name]), "--progress", "off", *options)
+        proc = run_cli("run", "--input", str(src), "--output", str(outs[name]), "--model", model_dir, "--progress",
+                       "off", *options)
         assert proc.returncode == 0, proc.stderr[-2000:]
     got = _digests(outs["full"])
     manifest = read_manifest(outs["full"])
@@ -51,10 +52,10 @@ def test_digests_are_of_the_token_ids_and_of_what_shapes_the_embedding(tmp_path,
 
 
 @needs_mpi
-def test_a_pooled_texts_digest_is_of_its_windows_in_order(tmp_path):
+def test_a_pooled_texts_digest_is_of_its_windows_in_order(tmp_path, model_dir):
     texts = {f"w{k}": f"window digest text {k} " * (3 + 7 * k) for k in range(12)}
     src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
-    common = ["--input", str(src), "--chunk-tokens", "32", "--chunk-overlap", "4", "--tokenizer-ranks", "2",
+    common = ["--input", str(src), "--model", model_dir, "--chunk-tokens", "32", "--chunk-overlap", "4", "--tokenizer-ranks", "2",
               "--unit-rows", "4"]
     for name, extra in (("windows", []), ("pooled", ["--chunk-pooling", "mean"])):
         proc = mpirun(4, *common, "--output", str(tmp_path / name), *extra)
