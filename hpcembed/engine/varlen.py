@@ -349,8 +349,9 @@ class VarlenEncoder(Encoder):
         w = self.weights
         seg, positions = token_layout(ids, cu, rows, w.position_offset, w.position.shape[0])
         states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
-        out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops, self.spec.pool_skip,
-                          positions - w.position_offset)
+        skip = self.spec.pool_skip
+        out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops, skip,
+                          positions - w.position_offset if skip else None)
         if self.spec.truncate_dim:
             out = out[:, : self.spec.truncate_dim]
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out
