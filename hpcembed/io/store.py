@@ -55,13 +55,6 @@ class LocalDir:
         except FileNotFoundError:
             return None
 
-    def age(self, name: str) -> float | None:
-        """Seconds since the file was last written; None where there is none."""
-        try:
-            return time.time() - (self.path / name).stat().st_mtime
-        except FileNotFoundError:
-            return None
-
     def exists(self, name: str) -> bool:
         return (self.path / name).exists()
 
@@ -131,6 +124,7 @@ class ObjectDir:
         return None if info is None else info.size
 
     def age(self, name: str) -> float | None:
+        """Seconds since the object was last written (for ObjectLock); None where there is none."""
         info = self._info(name)
         return None if info is None else time.time() - info.mtime_ns / 1e9
 
