@@ -86,7 +86,7 @@ class OutputDir:
 
     def __init__(self, path: str, tokens: bool = False, output_dtype: str = "float32",
                  ranges: np.ndarray | None = None, output_format: str = "parquet"):
-        """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (io/calibrate.py); `output_format` npy:
+        """`ranges`: int8 and uint8 output's calibration ranges [2, dim] (launch/calibrate.py); `output_format` npy:
         embeddings in a `.npy` beside each shard (io/npy.py)."""
         self.dir = open_dir(path)
         self.location = self.dir.location
@@ -260,7 +260,7 @@ class OutputDir:
 
     def write_shard(self, name: str, ids: pa.Array, embeddings: np.ndarray, chunks: np.ndarray | None = None,
                     digests: np.ndarray | None = None) -> ShardFile:
-        """Write float32 embeddings [rows, dim] as a shard of this output's dtype (temporary name, fsync, rename)
+        """Write float32 embeddings [rows, dim] as a shard of this output's dtype (whole, io/store.py)
         and return its size and checksum for the ledger. `chunks`: [rows, 3] chunk number and character span of
         a chunked job's rows; `digests`: [rows, 16] their content digests."""
         dim = embeddings.shape[1]
