@@ -94,6 +94,13 @@ class JobConfig:
     max_batch_tokens: int = _opt(0, "token budget of one encoder batch, padding counted where the engine pads "
                                     "(default: 2048 on CPU, where small padded batches measured fastest; "
                                     "262144 on CUDA, fastest on an H100 with 2 instances)")
+    dedup: str = _opt("auto", "embed each distinct text once per job: a row whose text (under the same model and "
+                               "settings) was already claimed anywhere in the job is not tokenized or encoded "
+                               "again, and gets a copy of that embedding under its own id. auto: on where it can "
+                               "run (text input, not chunked, at most 64 encoder ranks)",
+                      choices=("auto", "on", "off"))
+    dedup_memory: float = _opt(4.0, "--dedup: GiB each encoder rank may hold of digests and their embeddings; "
+                                    "beyond it new texts are encoded without being recorded")
     window_batches: int = _opt(8, "an encoder rank takes token batches in while fewer than this many batches' "
                                   "tokens wait to be encoded")
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
@@ -180,7 +187,7 @@ _ACCEPTS = {
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
 }
 # Lower bounds of the numeric options.
-_AT_LEAST = {"max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0,
+_AT_LEAST = {"dedup_memory": 0, "max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0,
              "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
              "chunk_rows": 1, "credits": 1, "calibration_rows": 2}

@@ -68,6 +68,8 @@ class EncoderStats(RankStats):
     # the end, and the batches it encoded in that time.
     host_cpu_seconds: float = 0.0
     batches: int = 0
+    rows_deduplicated: int | None = None        # --dedup: rows written with the embedding of an earlier repeat,
+    rows_reused: int | None = None              # and with one from an earlier output (--reuse)
 
     def as_manifest(self) -> dict:
         out = super().as_manifest()
@@ -184,7 +186,8 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "unreadable_files": [e.path for e in plan.unreadable],
         "tokens": result.tokens,
         # This run's texts cut at max_seq_length (--chunk-tokens embeds them whole), and a chunked run's windows.
-        **_summed(ranks, "texts_truncated", "texts_chunked", "texts_split", "chunks"),
+        **_summed(ranks, "texts_truncated", "texts_chunked", "texts_split", "chunks", "rows_deduplicated",
+                  "rows_reused"),
         "wall_seconds": round(wall, 3),
         "job_seconds": round(time.time() - started, 3),
         "texts_per_s": round((result.rows_written - result.rows_resumed) / wall, 1) if wall else None,

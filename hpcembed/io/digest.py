@@ -1,5 +1,6 @@
 """Content digests: BLAKE2b-128 of bytes and of files (shards, inputs), and of large files (model weights) cached
-so that a file costs one full read, not one per run; and each row's digest (xxh3-128) over what the encoder sees.
+so that a file costs one full read, not one per run; and each row's digest (xxh3-128): of its text where the input
+is text, of its token ids where it is a token directory or a chunked text's window.
 
 A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
 digest; any change to those and the file is read again. Entries live in the kernel cache directory
@@ -60,10 +61,21 @@ def file_content_digest(path: Path, cache: Path | None) -> str:
 
 
 def digest_seed(identity: dict) -> int:
-    """The 64-bit seed of a job's row digests: what, besides a row's token ids, shapes its embedding (model by
-    content, pooling, normalization, compute dtype, dimensions, pooled prompt tokens)."""
+    """The 64-bit seed of a job's row digests: what, besides a row's text or token ids, shapes its embedding
+    (model and tokenizer by content, pooling, normalization, compute dtype, dimensions, the prompt, and for text
+    digests max_seq_length; launch/setup.py)."""
     import xxhash
     return xxhash.xxh3_64_intdigest(json.dumps(identity, sort_keys=True).encode())
+
+
+def text_digests(texts: list[str], seed: int) -> np.ndarray:
+    """uint8 [rows, 16]: xxh3-128, seeded with the job's digest_seed, of each text's UTF-8 bytes. The seed holds
+    everything between the text and what the encoder sees (the tokenizer by content, max_seq_length, the prompt),
+    so equal digests mean equal token ids, and the digest is known before tokenizing (--dedup skips repeats)."""
+    import xxhash
+    h = xxhash.xxh3_128_digest
+    out = b"".join([h(t.encode("utf-8", "surrogatepass"), seed=seed) for t in texts])
+    return np.frombuffer(out, dtype=np.uint8).reshape(-1, 16)
 
 
 def row_digests(token_ids: np.ndarray, offsets: np.ndarray, seed: int) -> np.ndarray:

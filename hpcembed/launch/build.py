@@ -11,6 +11,7 @@ from ..io.readers import Columns
 from ..io.writer import OutputDir
 from ..protocol.encoder import EncoderCore
 from ..protocol.tokenizer import TokenizerCore
+from ..roles.dedup import Claims, DigestTable
 from ..roles.encoder import EncoderRank
 from ..roles.tokenizer import TokenizerRank
 from ..tokenize import Prompted, make_tokenizer
@@ -31,9 +32,10 @@ def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
 
 def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: RoleMap, spec: ModelSpec,
                    committed_shards: list[tuple[int, str, int]], batch_tokens: int, peers=None,
-                   digest_seed: int | None = None) -> TokenizerRank:
+                   digest_seed: int | None = None, dedup: bool = False) -> TokenizerRank:
     """`batch_tokens`: the encoder ranks' token budget, which batches are cut to (0 for a tokenize job);
-    `digest_seed`: each row is digested with it (an embedding job's, io/digest.py)."""
+    `digest_seed`: each row is digested with it (an embedding job's, io/digest.py); `dedup`: rows are claimed
+    from the encoder ranks that own their digests (roles/dedup.py)."""
     backend = tokenizer_backend(cfg, spec, chunking=kind.has_encoders)
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
@@ -42,7 +44,8 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
                          _columns(cfg, spec),
                          cfg.chunk_rows, cfg.on_invalid == "skip",
                          kind.sink(cfg.output), peers, share,
-                         batch_tokens if kind.has_encoders else 0, digest_seed)
+                         batch_tokens if kind.has_encoders else 0, digest_seed,
+                         Claims(roles.encoders) if dedup else None)
 
 
 def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:
@@ -72,11 +75,13 @@ def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:
 
 
 def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
-                 startup: dict[str, float] | None = None, ranges=None) -> EncoderRank:
-    """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py)."""
+                 startup: dict[str, float] | None = None, ranges=None, dedup: bool = False) -> EncoderRank:
+    """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py); `dedup`: this rank owns a share
+    of the job's digests (roles/dedup.py)."""
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
     return EncoderRank(transport, core, InstancePool(encoders),
                        OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges,
                                  output_format=cfg.output_format), startup,
-                       pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize)
+                       pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize,
+                       dedup=DigestTable(int(cfg.dedup_memory * 2**30)) if dedup else None)

@@ -37,16 +37,17 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     STOP.install()
     roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
     network = InprocNetwork(3)
+    dedup = setup.dedup(cfg, roles)
     ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
                                           setup.committed_shards(), cfg.batch_tokens_for(device),
-                                          digest_seed=setup.digest_seed))]
+                                          digest_seed=setup.digest_seed, dedup=dedup[0]))]
     if kind.has_encoders:
         encoders = build_encoders(cfg, setup.spec, device)
         units, ranges = setup.calibration(cfg)
         if units:
             ranges = calibrate_for(cfg, setup.spec, units, encoders[0])
         ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders, setup.spec,
-                                              ranges=ranges)))
+                                              ranges=ranges, dedup=dedup[0])))
     threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:
@@ -72,4 +73,4 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     if len(reports) > 1:
         entry["tokenizer_busy_seconds"] = round(result.reports[1].busy_seconds, 3)
     entry.update(rank=0, role="+".join(["conductor"] + [s.role for s in reports]), host=platform.node())
-    return finish(cfg, setup, result, [entry], "inproc", entry.get("device", "cpu"))
+    return finish(cfg, setup, result, [entry], "inproc", entry.get("device", "cpu"), dedup)

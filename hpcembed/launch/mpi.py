@@ -124,10 +124,15 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         if setup.status == "complete":
             return setup, RunPlan("complete")
         roles = plan_job_roles(cfg, kind, setup, ranks)
+        dedup, why_not = setup.dedup(cfg, roles)
+        if dedup:           # every row may belong to any encoder rank
+            roles.fanout = max(roles.fanout, len(roles.encoders))
+        elif why_not and cfg.dedup == "auto" and kind.has_encoders:
+            log.info("deduplication off: %s", why_not)
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
-                              *setup.calibration(cfg), digest_seed=setup.digest_seed)
+                              *setup.calibration(cfg), digest_seed=setup.digest_seed, dedup=dedup)
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()
@@ -187,7 +192,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
             tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards, plan.batch_tokens,
-                           MpiAlltoall(role_comm), plan.digest_seed).run()
+                           MpiAlltoall(role_comm), plan.digest_seed, plan.dedup).run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu":
@@ -204,7 +209,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if plan.calibration:
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
                 startup["calibrated"] = time.time()
-            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges).run()
+            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup).run()
     run_role(role, transport, plan.roles.conductor, body)
     transport.flush()
 
@@ -235,7 +240,7 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
         me = RankStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start)
         entries = [me.as_manifest()] + [result.reports[r].as_manifest() for r in sorted(result.reports)]
         device = job_device(cfg, ranks) if setup.kind.has_encoders else "cpu"
-        return finish(cfg, setup, result, entries, transport.name, device)
+        return finish(cfg, setup, result, entries, transport.name, device, setup.dedup(cfg, roles))
     except HpcEmbedError as exc:
         print(f"hpcembed: error: {exc}", file=sys.stderr, flush=True)
         setup.output.lock.release()         # MPI_Abort ends this process: no finally runs after it

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..config import JobConfig
 from ..engine.model import ModelSpec, default_model_dir
+from ..errors import ConfigError
 from ..io.digest import digest_seed
 from ..io.ledger import LedgerState
 from ..io.sources import Plan, check_output_outside_inputs, plan_job, resolve_inputs
@@ -35,6 +36,7 @@ class JobSetup:
     dtype: str
     tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
     digest_seed: int | None = None  # an embedding job's row-digest seed (io/digest.py); None: no digests
+    digest_of: str = ""             # what rows are digested by: 'text' or 'token ids'
 
     @property
     def rows_resumed(self) -> int:
@@ -49,6 +51,24 @@ class JobSetup:
         if self.resumed.ranges is not None:
             return [], self.resumed.ranges
         return calibration_units(self.plan.units, cfg.calibration_rows), None
+
+    def dedup(self, cfg: JobConfig, roles: RoleMap) -> tuple[bool, str]:
+        """(whether this job deduplicates, why not where it does not). --dedup auto leaves it off where it cannot
+        run; --dedup on makes that an error."""
+        why = ""
+        if cfg.dedup == "off":
+            return False, "--dedup off"
+        if not self.kind.has_encoders:
+            return False, "not an embedding job"
+        if self.digest_of != "text":
+            why = ("rows are windows of chunked texts (--chunk-tokens)" if cfg.chunk_tokens else
+                   "the input is a token directory")
+        elif len(roles.encoders) > MAX_DEDUP_OWNERS:
+            why = (f"{len(roles.encoders)} encoder ranks: every tokenizer rank links to every encoder rank, which "
+                   f"this release allows up to {MAX_DEDUP_OWNERS}")
+        if why and cfg.dedup == "on":
+            raise ConfigError(f"--dedup on cannot run: {why}")
+        return not why, why
 
     def committed_shards(self) -> list[tuple[int, str, int]]:
         """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the
@@ -73,12 +93,16 @@ class RunPlan:
     calibration: list = field(default_factory=list)
     ranges: list | None = None
     digest_seed: int | None = None              # tokenizers digest each row with it (io/digest.py)
+    dedup: bool = False                         # rows are claimed from their digests' owners (roles/dedup.py)
     error: str = ""
     exit_code: int = 0
 
 
-# What shapes an embedding besides its token ids: the row digests' seed is made of these fingerprint entries.
-RESULT_KEYS = ("model_id", "pooling", "normalize", "dtype", "prompt_tokens_pooled", "dimensions")
+# What shapes an embedding besides its token ids: the row digests' seed is made of these fingerprint entries,
+# and of max_seq_length where rows are digested by their text.
+RESULT_KEYS = ("model_id", "pooling", "normalize", "dtype", "prompt", "prompt_tokens_pooled", "dimensions")
+# Encoder ranks a deduplicating job may have: each links to every tokenizer rank (bench/notes/dedup.md).
+MAX_DEDUP_OWNERS = 64
 
 
 def resolved_dtype(cfg: JobConfig, device: str) -> str:
@@ -126,8 +150,11 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     if status == "resume":
         log.info("resuming %s: %d of %d units (%s output rows) already committed", output.location,
                  len(resumed.units), len(plan.units), f"{resumed.rows:,}")
-    seed = digest_seed({k: fingerprint[k] for k in RESULT_KEYS if k in fingerprint}) if kind.has_encoders else None
-    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer, seed)
+    of = "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
+    identity = {"of": of, **{k: fingerprint[k] for k in RESULT_KEYS if k in fingerprint},
+                **({"max_seq_length": spec.max_seq_length} if of == "text" else {})}
+    seed = digest_seed(identity) if kind.has_encoders else None
+    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer, seed, of)
 
 
 def already_complete(setup: JobSetup) -> dict:
@@ -138,13 +165,16 @@ def already_complete(setup: JobSetup) -> dict:
 
 
 def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict], transport: str,
-           device: str) -> dict:
-    """Write the manifest, then _SUCCESS if every row is accounted for."""
+           device: str, dedup: tuple[bool, str] = (False, "")) -> dict:
+    """Write the manifest, then _SUCCESS if every row is accounted for. `dedup`: JobSetup.dedup's answer."""
+    dedup = {"on": dedup[0], **({"why_off": dedup[1]} if not dedup[0] else {}),
+             **({"memory_gib": cfg.dedup_memory} if dedup[0] else {})}
     manifest = build_manifest(
         started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,
                 **({"output_dtype": cfg.output_dtype, "output_format": cfg.output_format, **chunking(cfg),
-                    "row_digest": {"algorithm": "xxh3-128", "seed": setup.digest_seed}}
+                    "row_digest": {"algorithm": "xxh3-128", "seed": setup.digest_seed, "of": setup.digest_of},
+                    "dedup": dedup}
                    if setup.kind.has_encoders else {})},
         settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
                   "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,

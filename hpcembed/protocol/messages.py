@@ -6,6 +6,8 @@
                              tokenizer gets, so none is left unreceived when MPI finalizes)
     encoder   -> tokenizer   Credit                (flow control: one credit = one batch in flight)
     tokenizer -> encoder     TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this encoder was sent)
+    tokenizer -> encoder     Claim, References     (--dedup, roles/dedup.py: which of these digests are new;
+    encoder   -> tokenizer   Claimed                rows whose digest the owner already has, to copy)
     encoder   -> conductor   Calibrated, PartWritten, PartRewritten, RankReport, Failure
                              (Calibrated: int8 output's ranges, sent before any shard quantized with them)
     conductor -> encoder     DropIds, Stop         (DropIds: remove ids found repeated across tokenizer ranks;
@@ -109,6 +111,28 @@ class PartRewritten:
     digest: str = ""
     rows: int = -1                  # rows it holds now (-1: one fewer per removed id)
     companion: list = field(default_factory=list)      # its rewritten .npy's [bytes, checksum], if any
+
+
+@dataclass
+class Claim:
+    seq: int                        # the tokenizer's claim number, echoed in the answer
+    digests: bytes                  # 16 bytes per row, each owned by the rank it is sent to
+
+
+@dataclass
+class Claimed:
+    seq: int
+    first: bytes                    # one byte per digest claimed: 1 = the first claim (encode it), 0 = not
+
+
+@dataclass
+class References:
+    """Rows of `unit` whose digests the receiving owner has (or will have) embedded: it writes each with a copy of
+    that embedding under the row's own id."""
+    unit: int
+    ids: list[str]
+    rows: list[int]
+    digests: bytes
 
 
 @dataclass

@@ -81,8 +81,11 @@ class TokenizerCore:
             return None, []
         return self.assigned.popleft(), [Send(self.roles.conductor, RequestUnit())]
 
-    def route(self, progress: UnitProgress) -> int | None:
-        """The encoder rank for the next batch of this unit; None while no linked rank has free credit."""
+    def route(self, progress: UnitProgress, owner: int | None = None) -> int | None:
+        """The encoder rank for the next batch of this unit; None while no linked rank has free credit. `owner`:
+        the batch's rows belong to that rank (--dedup), which takes it once it has credit."""
+        if owner is not None:
+            return owner if self.credits[owner] > 0 else None
         if not self.credits:
             return None
         best = max(self.credits, key=self.credits.__getitem__)
@@ -101,6 +104,11 @@ class TokenizerCore:
         progress.previous = dest
         progress.sent[dest] = progress.sent.get(dest, 0) + rows
         progress.tokens += tokens
+        self.rows += rows
+
+    def referenced(self, dest: int, rows: int, progress: UnitProgress) -> None:
+        """`rows` went to `dest` as references (--dedup): no tokens, no credit, but rows of the unit there."""
+        progress.sent[dest] = progress.sent.get(dest, 0) + rows
         self.rows += rows
 
     def unit_read(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:

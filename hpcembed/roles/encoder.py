@@ -25,10 +25,11 @@ from ..io.digest import combined_digests
 from ..io.writer import OutputDir, ShardFile, shard_name
 from ..manifest import EncoderStats
 from ..protocol.encoder import EncoderCore
-from ..protocol.messages import Calibrated, DropIds, PartRewritten
+from ..protocol.messages import Calibrated, Claim, DropIds, PartRewritten, References
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import deliver
+from .dedup import DigestTable, Filled, answer
 
 
 @dataclass
@@ -43,11 +44,13 @@ class _UnitRows:
 
 class EncoderRank:
     def __init__(self, transport: Transport, core: EncoderCore, instances: InstancePool, output: OutputDir,
-                 startup: dict[str, float] | None = None, pool_chunks: bool = False, normalize: bool = False):
+                 startup: dict[str, float] | None = None, pool_chunks: bool = False, normalize: bool = False,
+                 dedup: DigestTable | None = None):
         """`startup`: the epoch seconds at which the launcher saw this rank reach each step of start-up.
         `pool_chunks`: a chunked job's windows are stored as one row per id, their mean (`normalize`: made unit
-        length again, for a model that normalizes)."""
+        length again, for a model that normalizes). `dedup`: the digests this rank owns (roles/dedup.py)."""
         self.transport, self.core, self.pool, self.output = transport, core, instances, output
+        self.dedup = dedup
         self.pool_chunks, self.normalize = pool_chunks, normalize
         self.startup = dict(startup or {})
         self.batches = 0
@@ -75,7 +78,9 @@ class EncoderRank:
         stats = EncoderStats(rank, "encoder", core.roles.host_of(rank), core.rows, core.tokens, self.pool.busy_seconds,
                              **self.pool.describe(), ready_at=ready_at, stage_busy_seconds=self.pool.stage_busy_seconds,
                              loop_seconds=dict(self.loop_time), startup=self.startup,
-                             host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches)
+                             host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches,
+                             **({"rows_deduplicated": self.dedup.rows_deduplicated,
+                                 "rows_reused": self.dedup.rows_reused} if self.dedup is not None else {}))
         deliver(self.transport, core.finish(stats))
 
     def _idle(self) -> bool:
@@ -128,6 +133,10 @@ class EncoderRank:
         if isinstance(message, TokenBatch):
             self.batcher.add(message)
             self.core.batch_taken(source, message.num_tokens)
+        elif isinstance(message, Claim):
+            deliver(self.transport, [answer(self.dedup, source, message)])
+        elif isinstance(message, References):
+            self._store_filled(self.dedup.references(message.unit, message.ids, message.rows, message.digests))
         elif isinstance(message, DropIds):
             removed, shard = self.output.drop_ids(message.shard, set(message.digests))
             size, digest, rows, companion = shard if shard is not None else (-1, "", -1, ())
@@ -161,6 +170,21 @@ class EncoderRank:
                     part.digests.append(batch.digests[sel])
             if self.core.embedded(int(unit), len(sel), int(lengths[sel].sum())):
                 self._write_part(int(unit))
+        if self.dedup is not None and batch.digests is not None:
+            for filled in self.dedup.encoded(batch.digests, embeddings):
+                self._store_filled(filled)
+
+    def _store_filled(self, filled: Filled) -> None:
+        """Referenced rows with a copy of their digest's embedding, stored as embedded rows of their unit."""
+        if not filled.ids:
+            return
+        part = self.parts.setdefault(filled.unit, _UnitRows())
+        part.rows.append(np.asarray(filled.rows, dtype=np.int64))
+        part.ids.append(pa.array(filled.ids, type=pa.string()))
+        part.embeddings.append(self.dedup.embeddings(filled.slots))
+        part.digests.append(np.frombuffer(b"".join(filled.digests), dtype=np.uint8).reshape(-1, 16))
+        if self.core.embedded(filled.unit, len(filled.ids), 0):
+            self._write_part(filled.unit)
 
     def _write_part(self, unit: int) -> None:
         """The shard is assembled and written on the writer thread, off the loop."""

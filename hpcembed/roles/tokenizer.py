@@ -19,20 +19,21 @@ import numpy as np
 
 from ..batching import BatchAssembler
 from ..errors import InputError
-from ..io.digest import file_digest, row_digests
+from ..io.digest import file_digest, row_digests, text_digests
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
 from ..io.readers import Columns, RowChunk, read_unit
 from ..io.sources import WorkUnit
 from ..io.tokens import TokenShardWriter, token_shard_name
 from ..io.writer import shard_ids
 from ..manifest import TokenizerStats
-from ..protocol.messages import DuplicateRows, PartWritten, Send, StopRequested
+from ..protocol.messages import Claimed, DuplicateRows, PartWritten, References, Send, StopRequested
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..signals import STOP
 from ..tokenize.batch import TokenBatch
 from ..tokenize.chunk import Chunker
 from ..transport.base import Transport
 from .common import deliver
+from .dedup import Claims, PendingChunk
 
 log = logging.getLogger("hpcembed")
 
@@ -46,13 +47,15 @@ class EncoderSink:
 
     checks_ids = True
 
-    def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress) -> None:
+    def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress,
+            owner: int | None = None) -> None:
+        """`owner`: the encoder rank the batch's rows belong to (--dedup); else the core routes by credit."""
         clock = time.perf_counter
         start = clock()
         while True:
             while rank.receive(0):          # take every credit already waiting
                 pass
-            dest = rank.core.route(progress)
+            dest = rank.core.route(progress, owner)
             if dest is not None:
                 break
             rank.receive(None)
@@ -117,16 +120,20 @@ def tokenize_chunk(backend, chunk: RowChunk, unit: int) -> TokenBatch:
 class TokenizerRank:
     def __init__(self, transport: Transport, core: TokenizerCore, backend, columns: Columns, chunk_rows: int,
                  skip_invalid: bool, sink, peers=None, committed_shards: list[tuple[int, str, int]] = (),
-                 batch_tokens: int = 0, digest_seed: int | None = None):
+                 batch_tokens: int = 0, digest_seed: int | None = None, dedup: Claims | None = None):
         """`sink`: EncoderSink or ShardSink. `peers`: an all-to-all over the tokenizer ranks (see io.ids), or None
         when this is the only one. `committed_shards`: (unit, path, position) of this rank's share of the shards
         an earlier run of the job committed; their ids join the duplicate check, so a resumed job still has each
         id once. `batch_tokens`: the encoder's token budget, which the batches sent are cut to (0: a batch per
-        chunk of `chunk_rows` rows). `digest_seed`: each row's content digest goes with it (io/digest.py)."""
+        chunk of `chunk_rows` rows). `digest_seed`: each row's content digest goes with it (io/digest.py). `dedup`:
+        rows are claimed from their digests' owners before tokenizing, and repeats only referenced (dedup.py)."""
         self.transport, self.core, self.backend, self.columns = transport, core, backend, columns
         self.chunk_rows, self.skip_invalid, self.sink = chunk_rows, skip_invalid, sink
         self.assembler = BatchAssembler(batch_tokens)
         self.digest_seed = digest_seed
+        self.dedup = dedup
+        self.owner_assemblers = {r: BatchAssembler(batch_tokens) for r in (dedup.owners if dedup else [])}
+        self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -140,6 +147,9 @@ class TokenizerRank:
         envelope = self.transport.recv(timeout)
         if envelope is None:
             return False
+        if isinstance(envelope.message, Claimed):
+            self.dedup.answered(envelope.source, envelope.message)
+            return True
         deliver(self.transport, self.core.handle(envelope.source, envelope.message))
         return True
 
@@ -158,7 +168,7 @@ class TokenizerRank:
             deliver(self.transport, sends)
             self._process(unit)
         self._check_ids_across_ranks()
-        while not core.credits_settled:
+        while not core.credits_settled or (self.dedup is not None and self.dedup.outstanding):
             self.receive(None)
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
@@ -208,13 +218,13 @@ class TokenizerRank:
             self._send_rest(unit, progress)
         except _Abandoned:
             log.debug("rank %d: abandoned unit %d (graceful stop)", self.transport.rank, unit.unit)
-            self.assembler.clear()
+            self._clear()
             self.sink.unit_abandoned(unit)
             return
         except InputError as exc:
             # The file itself is bad (corrupt, missing column): the rows not yet read are rejected together.
             if not self.skip_invalid:
-                self.assembler.clear()
+                self._clear()
                 self.sink.unit_abandoned(unit)
                 raise
             self._send_rest(unit, progress)
@@ -239,15 +249,83 @@ class TokenizerRank:
             progress.rejected += len(bad)
         if not chunk.ids:
             return
+        if self.dedup is not None:
+            self._claim(unit, chunk, progress)
+            self.busy += time.perf_counter() - start
+            return
         batch = tokenize_chunk(self.backend, chunk, unit.unit)
-        if self.digest_seed is not None:
-            batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
+        self._digest(chunk, batch)
         full = self.assembler.add(batch)
         self.busy += time.perf_counter() - start
         for batch in full:
             self.sink.put(self, unit, batch, progress)
 
+    def _digest(self, chunk: RowChunk, batch: TokenBatch) -> None:
+        """Text rows are digested by their text (before tokenizing, so that --dedup can skip it), a token
+        directory's rows and a chunked text's windows by their token ids."""
+        if self.digest_seed is None:
+            return
+        if chunk.texts and not isinstance(self.backend, Chunker):
+            batch.digests = text_digests(chunk.texts, self.digest_seed)
+        else:
+            batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
+
+    def _claim(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
+        """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
+        this chunk took to read to come back."""
+        pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
+        deliver(self.transport, sends)
+        self._resolve(progress)
+        self._pending = pending
+
+    def _resolve(self, progress: UnitProgress) -> None:
+        """Tokenize the pending chunk's first claims into their owners' batches; its repeats become references."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        waiting = time.perf_counter()
+        while not self.dedup.ready(pending):
+            self.receive(None)
+        start = time.perf_counter()
+        self.other["claim_wait"] = self.other.get("claim_wait", 0.0) + start - waiting
+        first = self.dedup.firsts(pending)
+        self.dedup.refer(pending, np.flatnonzero(~first))
+        keep = np.flatnonzero(first)
+        full = []
+        if len(keep):
+            chunk = pending.chunk.take(keep)
+            batch = tokenize_chunk(self.backend, chunk, pending.unit.unit)
+            batch.digests = pending.digests[keep]
+            owner = pending.owner[keep]
+            for k in np.unique(owner).tolist():
+                dest = self.dedup.owners[k]
+                full += [(dest, b) for b in self.owner_assemblers[dest].add(batch.take(np.flatnonzero(owner == k)))]
+        self.busy += time.perf_counter() - start
+        for dest, batch in full:
+            self.sink.put(self, pending.unit, batch, progress, dest)
+
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
+        if self.dedup is not None:
+            self._resolve(progress)
+            for dest, assembler in self.owner_assemblers.items():
+                rest = assembler.flush()
+                if rest is not None:
+                    self.sink.put(self, unit, rest, progress, dest)
+            # Sent last, just before UnitEnd on the same channel: an abandoned unit sends none.
+            for dest, (ids, rows, digests) in self.dedup.take_references().items():
+                self.transport.send(dest, References(unit.unit, ids, rows, digests))
+                self.core.referenced(dest, len(ids), progress)
+            return
         rest = self.assembler.flush()
         if rest is not None:
             self.sink.put(self, unit, rest, progress)
+
+    def _clear(self) -> None:
+        """The unit is dropped: nothing of it is sent any more."""
+        self.assembler.clear()
+        for assembler in self.owner_assemblers.values():
+            assembler.clear()
+        if self.dedup is not None:
+            self.dedup.forget(self._pending)
+            self._pending = None
+            self.dedup.clear_references()
