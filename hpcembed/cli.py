@@ -46,6 +46,8 @@ def _add_job_options(parser: argparse.ArgumentParser, only: tuple[str, ...] | No
             kwargs["action"] = argparse.BooleanOptionalAction
         elif "nargs" in f.metadata:
             kwargs["nargs"] = f.metadata["nargs"]
+            if f.metadata.get("repeatable"):
+                kwargs["action"] = "extend"
             kwargs["metavar"] = "PATH"
         else:
             default = f.default

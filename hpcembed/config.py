@@ -99,6 +99,9 @@ class JobConfig:
                                "again, and gets a copy of that embedding under its own id. auto: on where it can "
                                "run (text input, not chunked, at most 64 encoder ranks)",
                       choices=("auto", "on", "off"))
+    reuse: list[str] = _opt([], "earlier hpcembed outputs (complete, same model and settings) whose embeddings are "
+                                "copied for rows whose text they already embedded; only the rest is encoded "
+                                "(repeatable; needs --dedup)", nargs="+", repeatable=True)
     dedup_memory: float = _opt(4.0, "--dedup: GiB each encoder rank may hold of digests and their embeddings; "
                                     "beyond it new texts are encoded without being recorded")
     window_batches: int = _opt(8, "an encoder rank takes token batches in while fewer than this many batches' "

@@ -41,7 +41,7 @@ class TokenizerStats(RankStats):
     chunks: int | None = None
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
-    other_seconds: dict[str, float] = field(default_factory=dict)   # time outside busy: unit_wait, credit_wait,
+    other_seconds: dict[str, float] = field(default_factory=dict)   # time outside busy: unit_wait, credit_wait, claim_wait,
                                                                     # send, read (roles/tokenizer.py)
 
     def as_manifest(self) -> dict:
@@ -70,6 +70,8 @@ class EncoderStats(RankStats):
     batches: int = 0
     rows_deduplicated: int | None = None        # --dedup: rows written with the embedding of an earlier repeat,
     rows_reused: int | None = None              # and with one from an earlier output (--reuse)
+    reuse_shards_ignored: int | None = None     # --reuse shards left out as damaged
+    dedup_full: bool | None = None              # --dedup-memory was reached: later texts went unrecorded
 
     def as_manifest(self) -> dict:
         out = super().as_manifest()

@@ -40,7 +40,7 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
             assert r["build_seconds"]["weights"] > 0
         elif r["role"] == "tokenizer":
-            assert set(r["other_seconds"]) == {"unit_wait", "credit_wait", "send", "read"}
+            assert set(r["other_seconds"]) == {"unit_wait", "credit_wait", "send", "read", "claim_wait"}
     job_steps = manifest["startup_seconds"]
     assert 0 < job_steps["plan_received"] <= job_steps["ready"] <= job_steps["first_batch"]
 

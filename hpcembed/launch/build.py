@@ -75,13 +75,22 @@ def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:
 
 
 def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
-                 startup: dict[str, float] | None = None, ranges=None, dedup: bool = False) -> EncoderRank:
+                 startup: dict[str, float] | None = None, ranges=None, dedup: bool = False,
+                 reuse: list = ()) -> EncoderRank:
     """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py); `dedup`: this rank owns a share
-    of the job's digests (roles/dedup.py)."""
+    of the job's digests (roles/dedup.py), and takes its share of `reuse`'s earlier embeddings (io/reuse.py)."""
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
     return EncoderRank(transport, core, InstancePool(encoders),
                        OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges,
                                  output_format=cfg.output_format), startup,
                        pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize,
-                       dedup=DigestTable(int(cfg.dedup_memory * 2**30)) if dedup else None)
+                       dedup=_digest_table(cfg, transport.rank, roles, reuse) if dedup else None)
+
+
+def _digest_table(cfg: JobConfig, rank: int, roles: RoleMap, reuse: list) -> DigestTable:
+    table = DigestTable(int(cfg.dedup_memory * 2**30))
+    if reuse:
+        from ..io.reuse import load_owned
+        table.shards_ignored = load_owned(reuse, table, len(roles.encoders), roles.encoders.index(rank), rank)
+    return table

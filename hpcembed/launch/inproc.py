@@ -38,6 +38,7 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
     network = InprocNetwork(3)
     dedup = setup.dedup(cfg, roles)
+    reuse = setup.reuse(cfg)
     ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
                                           setup.committed_shards(), cfg.batch_tokens_for(device),
                                           digest_seed=setup.digest_seed, dedup=dedup[0]))]
@@ -47,7 +48,7 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
         if units:
             ranges = calibrate_for(cfg, setup.spec, units, encoders[0])
         ranks.append(("encoder", encoder_rank(cfg, network.endpoint(2), roles, encoders, setup.spec,
-                                              ranges=ranges, dedup=dedup[0])))
+                                              ranges=ranges, dedup=dedup[0], reuse=reuse)))
     threads = [threading.Thread(target=run_role, args=(name, rank.transport, 0, rank.run), name=name, daemon=True)
                for name, rank in ranks]
     for th in threads:

@@ -132,7 +132,8 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
-                              *setup.calibration(cfg), digest_seed=setup.digest_seed, dedup=dedup)
+                              *setup.calibration(cfg), digest_seed=setup.digest_seed, dedup=dedup,
+                              reuse=setup.reuse(cfg))
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()
@@ -209,7 +210,8 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if plan.calibration:
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
                 startup["calibrated"] = time.time()
-            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup).run()
+            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
+                         plan.reuse).run()
     run_role(role, transport, plan.roles.conductor, body)
     transport.flush()
 

@@ -10,6 +10,7 @@ from ..config import JobConfig
 from ..engine.model import ModelSpec, default_model_dir
 from ..errors import ConfigError
 from ..io.digest import digest_seed
+from ..io.reuse import digest_identity
 from ..io.ledger import LedgerState
 from ..io.sources import Plan, check_output_outside_inputs, plan_job, resolve_inputs
 from ..io.tokens import tokenizer_identity
@@ -37,6 +38,8 @@ class JobSetup:
     tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
     digest_seed: int | None = None  # an embedding job's row-digest seed (io/digest.py); None: no digests
     digest_of: str = ""             # what rows are digested by: 'text' or 'token ids'
+    digest_identity: dict = field(default_factory=dict)     # what the seed is made of (io/reuse.py)
+    reuse_shards: list = field(default_factory=list)        # --reuse: earlier outputs' shards (io/reuse.py)
 
     @property
     def rows_resumed(self) -> int:
@@ -66,9 +69,13 @@ class JobSetup:
         elif len(roles.encoders) > MAX_DEDUP_OWNERS:
             why = (f"{len(roles.encoders)} encoder ranks: every tokenizer rank links to every encoder rank, which "
                    f"this release allows up to {MAX_DEDUP_OWNERS}")
-        if why and cfg.dedup == "on":
-            raise ConfigError(f"--dedup on cannot run: {why}")
+        if why and (cfg.dedup == "on" or cfg.reuse):
+            raise ConfigError(f"--{'reuse' if cfg.reuse else 'dedup on'} cannot run: {why}")
         return not why, why
+
+    def reuse(self, cfg: JobConfig) -> list:
+        """The shards of --reuse's earlier outputs this job may copy embeddings from (io/reuse.py)."""
+        return self.reuse_shards
 
     def committed_shards(self) -> list[tuple[int, str, int]]:
         """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the
@@ -94,6 +101,7 @@ class RunPlan:
     ranges: list | None = None
     digest_seed: int | None = None              # tokenizers digest each row with it (io/digest.py)
     dedup: bool = False                         # rows are claimed from their digests' owners (roles/dedup.py)
+    reuse: list = field(default_factory=list)   # --reuse: earlier outputs' shards to load (io/reuse.py)
     error: str = ""
     exit_code: int = 0
 
@@ -144,17 +152,30 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     dtype = resolved_dtype(cfg, device)
     output = OutputDir(cfg.output, tokens=kind.tokens_out)
     fingerprint = kind.fingerprint(cfg, spec, plan, dtype, tokenizer)
+    of = "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
+    identity = digest_identity(fingerprint, of, RESULT_KEYS)
+    seed = digest_seed(identity) if kind.has_encoders else None
+    # Before the output is opened: a refused --reuse leaves it as it was, even under --overwrite.
+    reuse = _plan_reuse(cfg, output, identity, seed) if kind.has_encoders else []
     status, resumed = output.open(fingerprint, [e.as_reject() for e in plan.unreadable], cfg.overwrite)
     log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
              kind.describe(spec, tokenizer))
     if status == "resume":
         log.info("resuming %s: %d of %d units (%s output rows) already committed", output.location,
                  len(resumed.units), len(plan.units), f"{resumed.rows:,}")
-    of = "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
-    identity = {"of": of, **{k: fingerprint[k] for k in RESULT_KEYS if k in fingerprint},
-                **({"max_seq_length": spec.max_seq_length} if of == "text" else {})}
-    seed = digest_seed(identity) if kind.has_encoders else None
-    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer, seed, of)
+    return JobSetup(kind, spec, plan, output, started, status, resumed, dtype, tokenizer, seed, of, identity, reuse)
+
+
+def _plan_reuse(cfg: JobConfig, output: OutputDir, identity: dict, seed: int) -> list:
+    if not cfg.reuse:
+        return []
+    if cfg.dedup == "off":
+        raise ConfigError("--reuse finds rows through deduplication's digest tables: drop --dedup off")
+    from ..io.reuse import plan_reuse
+    shards = plan_reuse(cfg.reuse, output, identity, seed, RESULT_KEYS)
+    log.info("--reuse: %d shards, %s rows from %d earlier outputs", len(shards), f"{sum(s.rows for s in shards):,}",
+             len(cfg.reuse))
+    return shards
 
 
 def already_complete(setup: JobSetup) -> dict:
@@ -167,8 +188,10 @@ def already_complete(setup: JobSetup) -> dict:
 def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict], transport: str,
            device: str, dedup: tuple[bool, str] = (False, "")) -> dict:
     """Write the manifest, then _SUCCESS if every row is accounted for. `dedup`: JobSetup.dedup's answer."""
+    ignored = [r["reuse_shards_ignored"] for r in ranks if r.get("reuse_shards_ignored") is not None]
     dedup = {"on": dedup[0], **({"why_off": dedup[1]} if not dedup[0] else {}),
-             **({"memory_gib": cfg.dedup_memory} if dedup[0] else {})}
+             **({"memory_gib": cfg.dedup_memory} if dedup[0] else {}),
+             **({"reuse": list(cfg.reuse), "reuse_shards_ignored": max(ignored, default=0)} if cfg.reuse else {})}
     manifest = build_manifest(
         started=setup.started, what=setup.kind.manifest_section(setup.spec, setup.dtype, device, setup.tokenizer),
         config={"text_column": cfg.text_column, "id_column": cfg.id_column or None, "on_invalid": cfg.on_invalid,

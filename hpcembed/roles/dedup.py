@@ -28,8 +28,8 @@ import numpy as np
 from ..protocol.messages import Claim, Claimed, Send
 
 PENDING = -1                    # claimed, its embedding not yet made
-DIGEST_ENTRY_BYTES = 120        # a 16-byte bytes key and its slot in a dict, measured with tracemalloc
-_BLOCK_ROWS = 1 << 15
+DIGEST_ENTRY_BYTES = 160        # a 16-byte bytes key, its dict entry and slot int: ~157 B by tracemalloc
+_BLOCK_ROWS = 1 << 12         # embeddings are stored in blocks of this many rows
 
 
 def owner_index(digests: np.ndarray, owners: int) -> np.ndarray:
@@ -142,16 +142,15 @@ class DigestTable:
         self.reused_slots = 0           # the first slots: embeddings loaded from earlier outputs (--reuse)
         self.waiting: dict[bytes, list[tuple[int, str, int]]] = {}      # digest -> (unit, id, row)
         self.rows_deduplicated = self.rows_reused = 0
+        self.shards_ignored = 0         # --reuse shards left out as damaged (io/reuse.py)
         self.full = False
 
     # --- memory -----------------------------------------------------------------------------------------------
-    def _bytes(self, width_bytes: int) -> int:
-        return len(self.slots) * DIGEST_ENTRY_BYTES + len(self._blocks) * _BLOCK_ROWS * width_bytes
-
-    def _room(self, width_bytes: int = 0) -> bool:
-        if not self.full and self._bytes(width_bytes or self._width_bytes()) >= self.memory_bytes:
-            self.full = True
-        return not self.full
+    def _capacity(self, width_bytes: int = 0) -> int:
+        """Digests the memory bound allows, each with its embedding (of `width_bytes`, or the width stored so
+        far; 4 KiB, a 1024-dimension float32 row, before any is known)."""
+        width = width_bytes or self._width_bytes() or 4096
+        return self.memory_bytes // (DIGEST_ENTRY_BYTES + width)
 
     def _width_bytes(self) -> int:
         return self._blocks[0].shape[1] * self._blocks[0].itemsize if self._blocks else 0
@@ -182,28 +181,28 @@ class DigestTable:
     # --- the protocol -----------------------------------------------------------------------------------------
     def claim(self, digests: bytes) -> bytes:
         """1 for each digest claimed here first (recorded, where memory allows), 0 for one already claimed."""
-        slots, room = self.slots, self._room()
+        slots, capacity = self.slots, self._capacity()
         flags = bytearray(len(digests) // 16)
         for k in range(len(flags)):
             d = digests[16 * k: 16 * k + 16]
             if d not in slots:
                 flags[k] = 1
-                if room:
+                if len(slots) < capacity:
                     slots[d] = PENDING
+                else:
+                    self.full = True
         return bytes(flags)
 
     def load(self, digests: np.ndarray, embeddings: np.ndarray) -> int:
         """Embeddings of earlier outputs (--reuse), before any claim; returns the rows kept (memory allowing)."""
-        keep = []
-        for k, d in enumerate(digests):
-            key = bytes(d)
-            if key not in self.slots:
-                keep.append((k, key))
-        if not keep or not self._room(embeddings.shape[1] * embeddings.itemsize):
+        raw, slots = np.ascontiguousarray(digests).tobytes(), self.slots
+        keys = [raw[16 * k: 16 * k + 16] for k in range(len(digests))]
+        keep = [(k, key) for k, key in enumerate(keys) if key not in slots]
+        room = max(0, self._capacity(embeddings.shape[1] * embeddings.itemsize) - len(slots))
+        if len(keep) > room:
+            self.full, keep = True, keep[:room]
+        if not keep:
             return 0
-        room = max(0, (self.memory_bytes - self._bytes(embeddings.shape[1] * embeddings.itemsize))
-                   // (DIGEST_ENTRY_BYTES + embeddings.shape[1] * embeddings.itemsize))
-        keep = keep[:room]
         first = self._put(embeddings[[k for k, _ in keep]])
         for n, (_, key) in enumerate(keep):
             self.slots[key] = first + n

@@ -80,7 +80,9 @@ class EncoderRank:
                              loop_seconds=dict(self.loop_time), startup=self.startup,
                              host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches,
                              **({"rows_deduplicated": self.dedup.rows_deduplicated,
-                                 "rows_reused": self.dedup.rows_reused} if self.dedup is not None else {}))
+                                 "rows_reused": self.dedup.rows_reused,
+                                 "reuse_shards_ignored": self.dedup.shards_ignored,
+                                 "dedup_full": self.dedup.full} if self.dedup is not None else {}))
         deliver(self.transport, core.finish(stats))
 
     def _idle(self) -> bool:

@@ -140,8 +140,9 @@ class TokenizerRank:
         self._stop_forwarded = False
         self.busy = 0.0
         # Where the time outside `busy` goes: waiting for a unit, for an encoder rank's credit, inside a batch's
-        # send (a blocking send lasts until the encoder rank takes the batch in), and reading input.
-        self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0}
+        # send (a blocking send lasts until the encoder rank takes the batch in), reading input, and (--dedup)
+        # waiting for owners to answer claims.
+        self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0, "claim_wait": 0.0}
 
     def receive(self, timeout: float | None) -> bool:
         envelope = self.transport.recv(timeout)
@@ -287,7 +288,7 @@ class TokenizerRank:
         while not self.dedup.ready(pending):
             self.receive(None)
         start = time.perf_counter()
-        self.other["claim_wait"] = self.other.get("claim_wait", 0.0) + start - waiting
+        self.other["claim_wait"] += start - waiting
         first = self.dedup.firsts(pending)
         self.dedup.refer(pending, np.flatnonzero(~first))
         keep = np.flatnonzero(first)
