@@ -84,6 +84,7 @@ def main() -> None:
     warm = work / "warm"
     write_parquet(docs[: args.warmup_docs], warm, files=2)
     job(args, warm, work / "warm-out", cache)                  # fills the kernel cache
+    slug = args.slug or device_name().replace(" ", "_")
     result: dict = {"docs": args.docs, "ranks": args.ranks, "backend": args.backend, "unit_rows": args.unit_rows}
     rows = []
     if "repeats" in args.parts:
@@ -98,6 +99,8 @@ def main() -> None:
             result["repeats"][str(fraction)] = entry
             rows.append((f"{fraction:.0%} repeats", f"{off['texts_per_s']:,.0f}", f"{on['texts_per_s']:,.0f}",
                          f"{entry['speedup']:.3f}x", f"{off['wall_seconds']:.1f} / {on['wall_seconds']:.1f}"))
+            record("dedup", slug, result)           # kept as each corpus finishes: a cut-off run keeps its part
+            print(rows[-1], flush=True)
             shutil.rmtree(corpus)
     if "incremental" in args.parts:
         v1, v2 = work / "v1", work / "v2"
@@ -111,7 +114,6 @@ def main() -> None:
         rows.append(("5% changed, +2%: full / --reuse", "", "", f"{result['incremental']['wall_speedup']:.2f}x",
                      f"{full['wall_seconds']:.1f} / {reuse['wall_seconds']:.1f}"))
     print(table(rows, ("corpus", "off texts/s", "on texts/s", "speedup", "wall s off / on")))
-    slug = args.slug or device_name().replace(" ", "_")
     print("wrote", record("dedup", slug, result))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
