@@ -122,7 +122,7 @@ class Claim:
 @dataclass
 class Claimed:
     seq: int
-    first: bytes                    # one byte per digest claimed: 1 = the first claim (encode it), 0 = not
+    first: bytes                    # one bit per digest claimed (np.packbits): 1 = the first claim (encode it)
 
 
 @dataclass

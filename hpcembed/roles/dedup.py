@@ -94,8 +94,9 @@ class Claims:
     def firsts(self, pending: PendingChunk) -> np.ndarray:
         """bool per row of the chunk: the first claim of its digest in the job."""
         first = np.zeros(len(pending.owner), dtype=bool)
-        for k, flags in pending.answers.items():
-            first[pending.owner == k] = np.frombuffer(flags, dtype=np.uint8).astype(bool)
+        for k, bits in pending.answers.items():
+            mine = pending.owner == k
+            first[mine] = np.unpackbits(np.frombuffer(bits, dtype=np.uint8), count=int(mine.sum())).astype(bool)
         return first
 
     def refer(self, pending: PendingChunk, rows: np.ndarray) -> None:
@@ -248,5 +249,7 @@ class DigestTable:
         return list(by_unit.values())
 
 
-def answer(table: DigestTable, source: int, message: Claim) -> Send:
-    return Send(source, Claimed(message.seq, table.claim(message.digests)))
+def answer(table: DigestTable, message: Claim) -> Claimed:
+    """The owner's answer to a claim: one bit per digest, packed (np.packbits order)."""
+    flags = np.frombuffer(table.claim(message.digests), dtype=np.uint8)
+    return Claimed(message.seq, np.packbits(flags).tobytes())

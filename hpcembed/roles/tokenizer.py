@@ -251,8 +251,8 @@ class TokenizerRank:
         if not chunk.ids:
             return
         if self.dedup is not None:
-            self._claim(unit, chunk, progress)
             self.busy += time.perf_counter() - start
+            self._claim(unit, chunk, progress)          # counts its own busy time
             return
         batch = tokenize_chunk(self.backend, chunk, unit.unit)
         self._digest(chunk, batch)
@@ -274,7 +274,9 @@ class TokenizerRank:
     def _claim(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
         """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
         this chunk took to read to come back."""
+        start = time.perf_counter()
         pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
+        self.busy += time.perf_counter() - start
         deliver(self.transport, sends)
         self._resolve(progress)
         self._pending = pending

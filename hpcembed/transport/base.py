@@ -24,6 +24,11 @@ class Transport(abc.ABC):
     def send(self, dest: int, message: Any) -> None:
         """Send a small control message (pickled where it crosses processes)."""
 
+    def send_nowait(self, dest: int, message: Any) -> None:
+        """Send a control message without waiting for `dest` to take it (it may be busy for a while): for a rank
+        that serves many peers and must not stall on one. Completed by later receives and by flush()."""
+        self.send(dest, message)
+
     @abc.abstractmethod
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
         """Send a token batch on the data path: raw buffers, never pickled."""

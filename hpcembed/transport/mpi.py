@@ -33,9 +33,27 @@ class MpiTransport(Transport):
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._status = MPI.Status()
+        self._unfinished: list = []         # send_nowait's requests not yet complete
 
     def send(self, dest: int, message: Any) -> None:
         self.comm.send(message, dest=dest, tag=CONTROL)
+
+    def send_nowait(self, dest: int, message: Any) -> None:
+        # A blocking send of a message past the eager limit lasts until the receiver takes it: an encoder rank
+        # answering claims that way waited for each tokenizer to finish tokenizing a chunk (bench/notes/dedup.md).
+        self._unfinished.append(self.comm.isend(message, dest=dest, tag=CONTROL))
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._unfinished:
+            self._unfinished = [r for r in self._unfinished if not r.Test()]
+
+    def flush(self) -> None:
+        """Wait until every control message sent with send_nowait has been taken."""
+        while self._unfinished:
+            self._reap()
+            if self._unfinished:
+                time.sleep(_IDLE_SLEEP)
 
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
         buf = batch.to_wire()
@@ -51,6 +69,7 @@ class MpiTransport(Transport):
         deadline = None if timeout is None else now + timeout
         spin_until = now + _SPIN_SECONDS
         status = self._status
+        self._reap()
         while True:
             data = self._poll_data()
             if data is not None:

@@ -157,8 +157,9 @@ class UcxTransport(MpiTransport):
         return None
 
     def flush(self) -> None:
-        """Wait until every batch this rank sent has left its buffers."""
+        """Wait until every batch this rank sent has left its buffers (and every control message has gone)."""
         self._reap_sends(wait=True)
+        super().flush()
 
     def close(self) -> None:
         """After the final barrier: peers closing their endpoints from here on is the job ending, not a death."""
