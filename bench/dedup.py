@@ -52,13 +52,15 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
             "tokens": manifest["tokens"], "rows": manifest["rows_written"],
             "rows_deduplicated": manifest.get("rows_deduplicated"), "rows_reused": manifest.get("rows_reused"),
             "startup_seconds": manifest.get("startup_seconds"),
-            "tokenizer_claim_wait_mean": _mean_other(manifest, "claim_wait"),
+            "tokenizer_seconds_mean": {k: _mean_other(manifest, k) for k in
+                                       ("busy", "unit_wait", "credit_wait", "send", "read", "claim_wait")},
             "encoder_loop_seconds": [r.get("loop_seconds") for r in manifest["ranks"] if r["role"] == "encoder"]}
 
 
 def _mean_other(manifest: dict, key: str) -> float | None:
     tok = [r for r in manifest["ranks"] if r["role"] == "tokenizer"]
-    return round(sum(r.get("other_seconds", {}).get(key, 0.0) for r in tok) / len(tok), 3) if tok else None
+    seconds = [r["busy_seconds"] if key == "busy" else r.get("other_seconds", {}).get(key, 0.0) for r in tok]
+    return round(sum(seconds) / len(seconds), 3) if tok else None
 
 
 def main() -> None:

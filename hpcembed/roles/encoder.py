@@ -3,8 +3,9 @@
 unit, encoder rank), written as soon as every row of that unit sent here has been embedded. When to take a batch
 in, when credits go back and when a part is complete are the EncoderCore's (protocol/encoder.py).
 
-Shards are written by one background thread, so the loop keeps feeding the encoders while a shard is encoded,
-written and fsynced (pyarrow and fsync release the GIL); PartWritten goes out once the file is in place.
+Shards are written by background threads (WRITER_THREADS), so the loop keeps feeding the encoders while a shard is
+encoded, written and fsynced (pyarrow and fsync release the GIL); PartWritten goes out once the file is in place, in
+the order the parts completed.
 
 On a machine without CUDA the same role runs the encoder on CPU; that is how CI exercises it.
 """
@@ -32,6 +33,12 @@ from .common import deliver
 from .dedup import DigestTable, Filled, answer
 
 
+# Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
+# release the GIL); one writer measured about 143k rows/s of 384-dimension float32 on the CPU box
+# (bench/notes/dedup.md), near what a node with --dedup or --reuse commits.
+WRITER_THREADS = 2
+
+
 @dataclass
 class _UnitRows:
     """The embedded rows of one unit's part, until it is complete."""
@@ -57,7 +64,7 @@ class EncoderRank:
         first = instances.encoders[0]
         self.batcher = TokenBudgetBatcher(core.max_batch_tokens, first.batch_cost, pass_through=not first.pads)
         self.parts: dict[int, _UnitRows] = {}
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="shard-writer")
         self._writes: deque[tuple[Future, int, str]] = deque()      # (write, unit, shard name)
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
@@ -181,10 +188,10 @@ class EncoderRank:
         if not filled.ids:
             return
         part = self.parts.setdefault(filled.unit, _UnitRows())
-        part.rows.append(np.asarray(filled.rows, dtype=np.int64))
+        part.rows.append(filled.rows)
         part.ids.append(pa.array(filled.ids, type=pa.string()))
         part.embeddings.append(self.dedup.embeddings(filled.slots))
-        part.digests.append(np.frombuffer(b"".join(filled.digests), dtype=np.uint8).reshape(-1, 16))
+        part.digests.append(filled.digests)
         if self.core.embedded(filled.unit, len(filled.ids), 0):
             self._write_part(filled.unit)
 

@@ -1,0 +1,110 @@
+"""The owner's host cost per row under --dedup: claims, embeddings kept, references filled (roles/dedup.py
+DigestTable on io/digest_index.py), against a Python dict doing the same lookups (the first version's table) in the
+same run. One thread; these run on an encoder rank's loop thread, which sets a node's pace.
+
+    python -m bench.dedup_host [--rows 1000000] [--repeats 0.3]
+
+Rows arrive as the job sends them: claims of 1,024 digests, encoded batches of 1,450 rows (262k tokens at the
+standard corpus' mean), and each repeat referenced once at the end of its unit. JSON: bench/results/
+dedup_host-<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from bench.common import device_name, record, table
+from hpcembed.roles.dedup import DigestTable
+
+
+def _dict_table(claims, batches, refs, embeddings) -> dict[str, float]:
+    """The same three steps on a dict of bytes -> slot (the baseline)."""
+    slots: dict[bytes, int] = {}
+    store, spent = [], {}
+    start = time.perf_counter()
+    for digests in claims:
+        raw = digests.tobytes()
+        for k in range(len(digests)):
+            d = raw[16 * k: 16 * k + 16]
+            if d not in slots:
+                slots[d] = -1
+    spent["claim"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for digests, batch in batches:
+        raw = digests.tobytes()
+        for k in range(len(digests)):
+            d = raw[16 * k: 16 * k + 16]
+            if slots.get(d) == -1:
+                slots[d] = len(store)
+                store.append(batch[k])          # a view: the floor, where the table copies each row once
+    spent["encoded"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for digests in refs:
+        raw = digests.tobytes()
+        picks = [slots[raw[16 * k: 16 * k + 16]] for k in range(len(digests))]
+        np.stack([store[p] for p in picks])
+    spent["references"] = time.perf_counter() - start
+    return spent
+
+
+def _digest_table(claims, batches, refs, embeddings) -> dict[str, float]:
+    owner = DigestTable(memory_bytes=1 << 34)
+    spent = {}
+    start = time.perf_counter()
+    for digests in claims:
+        owner.claim(digests.tobytes())
+    spent["claim"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for digests, batch in batches:
+        owner.encoded(digests, batch)
+    spent["encoded"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for digests in refs:
+        filled = owner.references(0, [""] * len(digests), list(range(len(digests))), digests.tobytes())
+        owner.embeddings(filled.slots)
+    spent["references"] = time.perf_counter() - start
+    return spent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--repeats", type=float, default=0.3)
+    ap.add_argument("--dim", type=int, default=384)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    distinct = rng.integers(0, 256, size=(int(args.rows * (1 - args.repeats)), 16), dtype=np.uint8)
+    rows = np.concatenate([np.arange(len(distinct)), rng.integers(0, len(distinct), args.rows - len(distinct))])
+    rng.shuffle(rows)
+    digests = distinct[rows]
+    seen, first = set(), np.zeros(len(rows), dtype=bool)
+    for k, r in enumerate(rows.tolist()):
+        if r not in seen:
+            seen.add(r)
+            first[k] = True
+    claims = [digests[k: k + 1024] for k in range(0, len(rows), 1024)]
+    firsts = np.flatnonzero(first)
+    embeddings = rng.random((len(distinct), args.dim), dtype=np.float32)
+    # Each encoded batch's embeddings, as the encoder hands them over (made before the clock starts).
+    batches = [(distinct[rows[firsts[k: k + 1450]]], embeddings[rows[firsts[k: k + 1450]]])
+               for k in range(0, len(firsts), 1450)]
+    repeats = digests[~first]
+    refs = [repeats[k: k + 1400] for k in range(0, len(repeats), 1400)]
+    results = {}
+    for name, run in (("dict (baseline)", _dict_table), ("DigestTable", _digest_table)):
+        spent = run(claims, batches, refs, embeddings)
+        results[name] = {"claim_us_per_row": round(1e6 * spent["claim"] / len(rows), 3),
+                         "encoded_us_per_first": round(1e6 * spent["encoded"] / len(firsts), 3),
+                         "references_us_per_repeat": round(1e6 * spent["references"] / max(1, len(repeats)), 3),
+                         "us_per_row": round(1e6 * sum(spent.values()) / len(rows), 3)}
+    print(table([(n, r["claim_us_per_row"], r["encoded_us_per_first"], r["references_us_per_repeat"],
+                  r["us_per_row"]) for n, r in results.items()],
+                ("table", "claim µs/row", "encoded µs/first", "references µs/repeat", "all µs/row")))
+    print("wrote", record("dedup_host", device_name().split(" (")[0].replace(" ", "_"),
+                          {"rows": args.rows, "repeats": args.repeats, "dim": args.dim, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""The owner's digest table (roles/dedup.py) on random digests: claims with repeats inside them, references that
+wait for an embedding and are filled when it is made, and the memory bound."""
+from __future__ import annotations
+
+import numpy as np
+
+from hpcembed.roles.dedup import PENDING, DigestTable
+
+
+def _digests(rng, n: int) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
+
+
+def test_owner_table_claims_references_and_fills():
+    rng = np.random.default_rng(9)
+    table = DigestTable(memory_bytes=1 << 30)
+    digests = _digests(rng, 100)
+    claim = np.concatenate([digests[:60], digests[:10]])          # ten repeated inside the claim
+    flags = table.claim(claim.tobytes())
+    assert flags.tolist() == [1] * 60 + [0] * 10
+    assert table.claim(digests[50:100].tobytes()).tolist() == [0] * 10 + [1] * 40
+    # References to digests not yet embedded wait; embedding them fills the references.
+    filled = table.references(3, ["a", "b"], [7, 8], digests[[5, 6]].tobytes())
+    assert filled.ids == [] and len(table.waiting) == 2
+    embeddings = rng.random((100, 4)).astype(np.float32)
+    done = table.encoded(digests, embeddings)
+    assert [(f.unit, f.ids, f.rows.tolist()) for f in done] == [(3, ["a", "b"], [7, 8])]
+    np.testing.assert_array_equal(table.embeddings(done[0].slots), embeddings[[5, 6]])
+    later = table.references(4, ["c"], [1], digests[[99]].tobytes())
+    np.testing.assert_array_equal(table.embeddings(later.slots), embeddings[[99]])
+    assert table.rows_deduplicated == 3 and table.slots[digests[0].tobytes()] != PENDING
+
+
+def test_a_full_table_answers_first_for_every_unrecorded_digest():
+    rng = np.random.default_rng(11)
+    table = DigestTable(memory_bytes=10 * (160 + 4096))           # ten digests before the width is known
+    digests = _digests(rng, 30)
+    flags = table.claim(np.concatenate([digests, digests]).tobytes())
+    assert table.full and flags[:30].all() and flags[30:40].sum() == 0 and flags[40:].all()
