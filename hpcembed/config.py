@@ -96,8 +96,9 @@ class JobConfig:
                                     "262144 on CUDA, fastest on an H100 with 2 instances)")
     dedup: str = _opt("auto", "embed each distinct text once per job: a row whose text (under the same model and "
                                "settings) was already claimed anywhere in the job is not tokenized or encoded "
-                               "again, and gets a copy of that embedding under its own id. auto: on where it can "
-                               "run (text input, not chunked, at most 64 encoder ranks)",
+                               "again, and gets a copy of that embedding under its own id (text input, not chunked, "
+                               "at most 64 encoder ranks). auto: on with --reuse, which needs it; off otherwise, "
+                               "since on an H200 node it paid only with many repeats (bench/notes/dedup.md)",
                       choices=("auto", "on", "off"))
     reuse: list[str] = _opt([], "earlier hpcembed outputs (complete, same model and settings) whose embeddings are "
                                 "copied for rows whose text they already embedded; only the rest is encoded "

@@ -18,7 +18,7 @@ pytestmark = needs_mpi
 
 # 5 ranks: the conductor, 2 tokenizer ranks, 2 encoder ranks (CPU); small units and chunks, so that a repeat's
 # first claim is often in flight on another rank when the repeat is claimed.
-ARGS = ["--tokenizer-ranks", "2", "--unit-rows", "40", "--chunk-rows", "16"]
+ARGS = ["--tokenizer-ranks", "2", "--unit-rows", "40", "--chunk-rows", "16", "--dedup", "on"]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +58,10 @@ def test_each_distinct_text_is_encoded_once_and_every_id_gets_its_own_row(corpus
     assert all((got[ids[0]] == got[i]).all() for ids in by_text.values() for i in ids[1:])
     # Only distinct texts reached an encoder: the tokens encoded are those of the distinct texts.
     off = tmp_path / "off"
-    proc = run_cli("run", "--input", str(root), "--output", str(off), "--dedup", "off", "--progress", "off")
+    proc = run_cli("run", "--input", str(root), "--output", str(off), "--progress", "off")
     assert proc.returncode == 0, proc.stderr[-2000:]
     plain = assert_complete_output(off, expected)
-    assert plain["dedup"] == {"on": False, "why_off": "--dedup off"} and "rows_deduplicated" not in plain
+    assert not plain["dedup"]["on"] and "rows_deduplicated" not in plain       # off by default
     assert manifest["tokens"] < 0.6 * plain["tokens"]
 
 
@@ -102,7 +102,7 @@ def test_reuse_encodes_only_what_changed(corpus, tmp_path, st_model):
     (tmp_path / "v2").mkdir()
     new_root, changed, expected = _changed(root, texts, tmp_path, st_model)
     out = tmp_path / "v2-out"
-    proc = mpirun(5, "--input", str(new_root), "--output", str(out), "--reuse", str(first), *ARGS)
+    proc = mpirun(5, "--input", str(new_root), "--output", str(out), "--reuse", str(first), *ARGS[:-2])
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = assert_complete_output(out, expected)
     old = set(texts.values())
@@ -140,7 +140,7 @@ def test_reuse_refuses_outputs_it_cannot_trust(corpus, tmp_path, model_dir):
     shutil.copytree(outputs["ok"], incomplete)
     (incomplete / "_SUCCESS").unlink()
     manifest = json.loads((outputs["ok"] / "_manifest.json").read_text())
-    assert manifest["dedup"]["on"]
+    assert manifest["row_digest"]["of"] == "text"           # any output can be reused later
     cases = {"dims": "dimensions", "int8": "stored as int8", "incomplete": "not complete",
              "tokens": "not an hpcembed output"}
     for name, why in cases.items():
@@ -152,6 +152,9 @@ def test_reuse_refuses_outputs_it_cannot_trust(corpus, tmp_path, model_dir):
     proc = run_cli("run", "--input", str(small), "--output", str(outputs["ok"]), "--model", model_dir,
                    "--progress", "off", "--overwrite", "--reuse", str(outputs["ok"]))
     assert proc.returncode == 2 and "own output" in proc.stderr, proc.stderr
+    proc = run_cli("run", "--input", str(small), "--output", str(tmp_path / "no-dedup"), "--model", model_dir,
+                   "--progress", "off", "--dedup", "off", "--reuse", str(outputs["ok"]))
+    assert proc.returncode == 2 and "drop --dedup off" in proc.stderr, proc.stderr
     proc = run_cli("run", "--input", str(small), "--output", str(tmp_path / "chunked"), "--model", model_dir,
                    "--progress", "off", "--chunk-tokens", "64", "--dedup", "on")
     assert proc.returncode == 2 and "chunked" in proc.stderr, proc.stderr
@@ -161,7 +164,7 @@ def test_a_full_digest_table_only_stops_deduplicating(corpus, tmp_path, st_model
     root, texts, expected = corpus
     out = tmp_path / "out"
     # About 40 digests' worth: once reached, later texts are encoded without being recorded.
-    proc = run_cli("run", "--input", str(root), "--output", str(out), "--dedup-memory", "0.000005",
+    proc = run_cli("run", "--input", str(root), "--output", str(out), "--dedup", "on", "--dedup-memory", "0.000005",
                    "--progress", "off")
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = assert_complete_output(out, expected)

@@ -127,8 +127,6 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         dedup, why_not = setup.dedup(cfg, roles)
         if dedup:           # every row may belong to any encoder rank
             roles.fanout = max(roles.fanout, len(roles.encoders))
-        elif why_not and cfg.dedup == "auto" and kind.has_encoders:
-            log.info("deduplication off: %s", why_not)
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,

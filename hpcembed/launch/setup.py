@@ -63,6 +63,8 @@ class JobSetup:
             return False, "--dedup off"
         if not self.kind.has_encoders:
             return False, "not an embedding job"
+        if cfg.dedup == "auto" and not cfg.reuse:
+            return False, "off unless asked for (--dedup on) or needed (--reuse)"
         if self.digest_of != "text":
             why = ("rows are windows of chunked texts (--chunk-tokens)" if cfg.chunk_tokens else
                    "the input is a token directory")
