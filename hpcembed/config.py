@@ -191,7 +191,8 @@ _ACCEPTS = {
     "list[str]": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
 }
 # Lower bounds of the numeric options.
-_AT_LEAST = {"dedup_memory": 0, "max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0, "max_batch_tokens": 0, "tokenizer_ranks": 0,
+_AT_LEAST = {"dedup_memory": 0, "max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0,
+             "max_batch_tokens": 0, "tokenizer_ranks": 0,
              "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
              "chunk_rows": 1, "credits": 1, "calibration_rows": 2}
