@@ -10,6 +10,7 @@ encoder ranks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import socket
 from dataclasses import dataclass, field
@@ -51,6 +52,10 @@ class RoleMap:
     # that credit grants do not grow as encoders x tokenizers.
     fanout: int = 8
     _links: tuple | None = field(default=None, repr=False, compare=False)
+
+    def linked_to_all(self) -> "RoleMap":
+        """This map with every tokenizer rank linked to every encoder rank (--dedup routes rows by digest)."""
+        return dataclasses.replace(self, fanout=max(self.fanout, len(self.encoders)), _links=None)
 
     def role_of(self, rank: int) -> str:
         """'idle' is a rank the plan did not need (more tokenizers than the GPUs can take, see world.py)."""

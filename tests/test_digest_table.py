@@ -37,3 +37,12 @@ def test_a_full_table_answers_first_for_every_unrecorded_digest():
     digests = _digests(rng, 30)
     flags = table.claim(np.concatenate([digests, digests]).tobytes())
     assert table.full and flags[:30].all() and flags[30:40].sum() == 0 and flags[40:].all()
+
+
+def test_dedup_links_every_tokenizer_to_every_owner():
+    from hpcembed.topology import RoleMap
+    roles = RoleMap(0, [1, 2, 3], list(range(4, 24)), {r: f"host{r % 3}" for r in range(24)})
+    assert max(len(roles.encoders_of(t)) for t in roles.tokenizers) == roles.fanout < 20
+    linked = roles.linked_to_all()
+    assert all(sorted(linked.encoders_of(t)) == linked.encoders for t in linked.tokenizers)
+    assert all(sorted(linked.tokenizers_of(e)) == [1, 2, 3] for e in linked.encoders)

@@ -126,7 +126,7 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         roles = plan_job_roles(cfg, kind, setup, ranks)
         dedup, why_not = setup.dedup(cfg, roles)
         if dedup:           # every row may belong to any encoder rank
-            roles.fanout = max(roles.fanout, len(roles.encoders))
+            roles = roles.linked_to_all()
         batch_tokens = cfg.batch_tokens_for(job_device(cfg, ranks)) if kind.has_encoders else 0
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
