@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from .conftest import (EDGE_TEXTS, BackgroundJob, assert_complete_output, mpirun, needs_mpi,
+from .conftest import (EDGE_TEXTS, assert_complete_output, mpirun, needs_mpi,
                        read_output, reference, run_cli, write_corpus)
-from .test_resume import committed_units, wait_for_commits
+from .test_resume import kill_after_commits
 
 pytestmark = needs_mpi
 
@@ -69,15 +69,8 @@ def test_kill_9_and_resume_with_dedup_stay_exactly_once(corpus, tmp_path):
     root, texts, expected = corpus
     out = tmp_path / "out"
     small = [*ARGS, "--max-batch-tokens", "256", "--window-batches", "2"]
-    job = BackgroundJob.mpi(5, ["--input", str(root), "--output", str(out), *small], tmp_path / "kill.log")
-    try:
-        job.wait_for(r"role map")
-        wait_for_commits(job, out, 5)
-        job.kill_tree()
-        job.wait(30)
-    finally:
-        job.stop()
-    killed_at = committed_units(out)
+    killed_at = kill_after_commits(5, ["--input", str(root), "--output", str(out), *small], out,
+                                   tmp_path / "kill.log", 5)
     again = mpirun(5, "--input", str(root), "--output", str(out), *small)
     assert again.returncode == 0, again.stderr[-3000:]
     manifest = assert_complete_output(out, expected)

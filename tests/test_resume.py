@@ -50,6 +50,20 @@ def wait_for_commits(job: BackgroundJob, out: Path, count: int, timeout: float =
         time.sleep(0.02)
 
 
+def kill_after_commits(ranks: int, args: list[str], out: Path, log: Path, count: int) -> int:
+    """Start the job and kill -9 every process of it once `count` units are committed; returns the units committed
+    by then."""
+    job = BackgroundJob.mpi(ranks, args, log)
+    try:
+        job.wait_for(r"role map")
+        wait_for_commits(job, out, count)
+        job.kill_tree()                     # every process of the job, at once: a node lost, scancel -9
+        job.wait(30)
+    finally:
+        job.stop()
+    return committed_units(out)
+
+
 def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     root, texts, expected = corpus
     rng = np.random.default_rng(2026)
@@ -58,15 +72,8 @@ def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     resumed = []
     for point in points:
         out = tmp_path / f"out-{point}"
-        job = BackgroundJob.mpi(4, ["--input", str(root), "--output", str(out), *ARGS], tmp_path / f"kill-{point}.log")
-        try:
-            job.wait_for(r"role map")
-            wait_for_commits(job, out, point)
-            job.kill_tree()                     # every process of the job, at once: a node lost, scancel -9
-            job.wait(30)
-        finally:
-            job.stop()
-        killed_at = committed_units(out)
+        killed_at = kill_after_commits(4, ["--input", str(root), "--output", str(out), *ARGS], out,
+                                       tmp_path / f"kill-{point}.log", point)
         again = mpirun(4, "--input", str(root), "--output", str(out), *ARGS)
         assert again.returncode == 0, again.stderr[-3000:]
         manifest = assert_complete_output(out, expected)
