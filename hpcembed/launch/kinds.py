@@ -68,6 +68,12 @@ def input_identity(cfg: JobConfig, plan: Plan) -> list:
 
 
 
+def digest_of(cfg: JobConfig, plan: Plan) -> str:
+    """What an embedding job's rows are digested by (io/digest.py): their text, or the token ids of a token
+    directory's rows and of a chunked text's windows."""
+    return "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
+
+
 def chunking(cfg: JobConfig) -> dict:
     """The chunk settings of a chunked job (none otherwise, so unchunked jobs keep the fingerprint they had)."""
     if not cfg.chunk_tokens:
@@ -126,7 +132,9 @@ class EmbedJob(JobKind):
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
                 "generated_ids": "path-in-input",     # '<path within its input, no extension>:<row>'
-                "row_digest": "xxh3-128",             # shards carry each row's digest (io/digest.py)
+                # Shards carry each row's digest (io/digest.py); outputs of versions that digested text rows by
+                # their token ids resume only with --overwrite.
+                "row_digest": f"xxh3-128 of {digest_of(cfg, plan)}",
                 **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {}),
                 **prompting(spec)}
 

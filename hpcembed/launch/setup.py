@@ -20,7 +20,7 @@ from ..manifest import JobResult, build_manifest
 from ..tokenize import HFTokenizer
 from ..topology import RoleMap
 from .calibrate import calibration_units
-from .kinds import JobKind, chunking
+from .kinds import JobKind, chunking, digest_of
 
 log = logging.getLogger("hpcembed")
 
@@ -154,7 +154,7 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     dtype = resolved_dtype(cfg, device)
     output = OutputDir(cfg.output, tokens=kind.tokens_out)
     fingerprint = kind.fingerprint(cfg, spec, plan, dtype, tokenizer)
-    of = "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
+    of = digest_of(cfg, plan)
     identity = digest_identity(fingerprint, of, RESULT_KEYS)
     seed = digest_seed(identity) if kind.has_encoders else None
     # Before the output is opened: a refused --reuse leaves it as it was, even under --overwrite.
