@@ -10,6 +10,7 @@ missing or not as its ledger recorded it is left out with a warning, never half-
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -111,8 +112,8 @@ def read_shard(shard: ReuseShard) -> tuple[np.ndarray, np.ndarray]:
     digests = np.frombuffer(table.column("digest").combine_chunks().buffers()[1], np.uint8,
                             count=16 * table.num_rows).reshape(-1, 16)
     if shard.companion:
-        import io
-        embeddings = np.load(io.BytesIO(_read_checked(shard.companion, shard.file[2], shard.file[3])))
+        embeddings = np.load(io.BytesIO(_read_checked(shard.companion, shard.file[2], shard.file[3])),
+                             allow_pickle=False)
     else:
         column = table.column("embedding").combine_chunks()
         embeddings = column.flatten().to_numpy().reshape(table.num_rows, column.type.list_size)

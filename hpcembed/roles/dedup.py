@@ -10,7 +10,7 @@ shard of the referencing row's unit. So the commit rule is unchanged: the rows o
 in batches or as references, are the rows its shard of the unit holds; a resumed job starts with empty tables and
 only re-encodes.
 
-Cost: one Claim and one Claimed per chunk and owner (16 bytes and 1 byte a row); memory on the owner, about
+Cost: one Claim and one Claimed per chunk and owner (16 bytes and 1 bit a row); memory on the owner, about
 DIGEST_ENTRY_BYTES per digest plus its embedding, bounded by --dedup-memory: once full, new digests are encoded
 without being recorded (their repeats are encoded again). Rows of a batch go to their owners, not to the rank
 with the most free credit, so every tokenizer rank links to every encoder rank (bench/notes/dedup.md: why this
@@ -44,7 +44,7 @@ class PendingChunk:
     digests: np.ndarray                 # [rows, 16]
     owner: np.ndarray                   # owner index per row
     seq: int
-    answers: dict[int, bytes] = field(default_factory=dict)       # owner index -> flags
+    answers: dict[int, bytes] = field(default_factory=dict)       # owner index -> packed answer bits
 
 
 class Claims:
@@ -57,7 +57,6 @@ class Claims:
         self.waiting: dict[int, PendingChunk] = {}          # seq -> chunk whose answers are not all in
         self.expected: dict[int, set[int]] = {}             # seq -> owner indices still to answer
         self.references: dict[int, list] = {}               # owner index -> [(ids, rows, digests)] of this unit
-        self.rows_referenced = 0
 
     @property
     def outstanding(self) -> bool:
@@ -112,7 +111,6 @@ class Claims:
         for k, parts in self.references.items():
             out[self.owners[k]] = ([i for p in parts for i in p[0]], [r for p in parts for r in p[1]],
                                    b"".join(p[2] for p in parts))
-            self.rows_referenced += len(out[self.owners[k]][0])
         self.references.clear()
         return out
 
