@@ -46,3 +46,16 @@ def test_dedup_links_every_tokenizer_to_every_owner():
     linked = roles.linked_to_all()
     assert all(sorted(linked.encoders_of(t)) == linked.encoders for t in linked.tokenizers)
     assert all(sorted(linked.tokenizers_of(e)) == [1, 2, 3] for e in linked.encoders)
+
+
+def test_reused_float16_beside_float32_keeps_float32_exact():
+    rng = np.random.default_rng(3)
+    table = DigestTable(memory_bytes=1 << 30)
+    old, new = _digests(rng, 5), _digests(rng, 5)
+    table.load(old, rng.random((5, 4)).astype(np.float16))
+    assert table.claim(new.tobytes()).all()
+    made = rng.random((5, 4)).astype(np.float32)
+    table.encoded(new, made)
+    filled = table.references(1, list("abcde"), [0, 1, 2, 3, 4], new.tobytes())
+    np.testing.assert_array_equal(table.embeddings(filled.slots), made)
+    assert table.rows_deduplicated == 5 and table.rows_reused == 0

@@ -138,6 +138,7 @@ class DigestTable:
         self.slots: dict[bytes, int] = {}
         self._arrays: list[np.ndarray] = []        # embeddings kept, in slot order
         self._starts: list[int] = []                # the first slot of each
+        self._dtype = None                          # what they all fit in (--reuse of float16 beside float32)
         self._used = 0                  # slots holding an embedding
         self.reused_slots = 0           # the first slots: embeddings loaded from earlier outputs (--reuse)
         self.waiting: dict[bytes, list[tuple[int, str, int]]] = {}      # digest -> (unit, id, row)
@@ -159,6 +160,7 @@ class DigestTable:
         """Keep rows (the array itself where it is a whole batch's, which nothing writes to again: copying each
         row measured 1.1 µs of the loop's time); the first of the consecutive slots they got."""
         first = self._used
+        self._dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
         self._arrays.append(embeddings)
         self._starts.append(first)
         self._used += len(embeddings)
@@ -167,7 +169,7 @@ class DigestTable:
     def embeddings(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, dtype=np.int64)
         which = np.searchsorted(np.asarray(self._starts), slots, side="right") - 1
-        out = np.empty((len(slots), self._arrays[0].shape[1]), dtype=self._arrays[0].dtype)
+        out = np.empty((len(slots), self._arrays[0].shape[1]), dtype=self._dtype)
         arrays = np.unique(which)
         if 4 * len(arrays) < len(slots):        # rows grouped in few arrays (--reuse's shards): a gather each
             for a in arrays.tolist():
