@@ -42,7 +42,7 @@ class ReuseShard:
 def digest_identity(fingerprint: dict, of: str, keys: tuple[str, ...]) -> dict:
     """What a job's row-digest seed is made of (launch/setup.py), from its fingerprint."""
     return {"of": of, **{k: fingerprint[k] for k in keys if k in fingerprint},
-            **({"max_seq_length": fingerprint.get("max_seq_length")} if of == "text" else {})}
+            **({"max_seq_length": fingerprint.get("max_seq_length")} if "text" in of else {})}
 
 
 def plan_reuse(paths: list[str], output, identity: dict, seed: int, keys: tuple[str, ...]) -> list[ReuseShard]:

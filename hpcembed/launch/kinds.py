@@ -69,9 +69,12 @@ def input_identity(cfg: JobConfig, plan: Plan) -> list:
 
 
 def digest_of(cfg: JobConfig, plan: Plan) -> str:
-    """What an embedding job's rows are digested by (io/digest.py): their text, or the token ids of a token
-    directory's rows and of a chunked text's windows."""
-    return "token ids" if cfg.chunk_tokens or any(f.format == "tokens" for f in plan.files) else "text"
+    """What an embedding job's rows are digested by (io/digest.py, as roles/tokenizer.py does it): their text, or
+    the token ids of a token directory's rows and of a chunked text's windows; a job may mix the first two."""
+    if cfg.chunk_tokens:
+        return "token ids"
+    tokens = {f.format == "tokens" for f in plan.files}
+    return "token ids" if tokens == {True} else "text" if True not in tokens else "text, token ids"
 
 
 def chunking(cfg: JobConfig) -> dict:

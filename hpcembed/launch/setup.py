@@ -67,7 +67,7 @@ class JobSetup:
             return False, "off unless asked for (--dedup on) or needed (--reuse)"
         if self.digest_of != "text":
             why = ("rows are windows of chunked texts (--chunk-tokens)" if cfg.chunk_tokens else
-                   "the input is a token directory")
+                   "the input includes a token directory, whose rows are digested by their token ids")
         elif len(roles.encoders) > MAX_DEDUP_OWNERS:
             why = (f"{len(roles.encoders)} encoder ranks: every tokenizer rank links to every encoder rank, which "
                    f"this release allows up to {MAX_DEDUP_OWNERS}")
