@@ -38,7 +38,7 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     roles = RoleMap(conductor=0, tokenizers=[1], encoders=[2] if kind.has_encoders else [])
     network = InprocNetwork(3)
     dedup = setup.dedup(cfg, roles)
-    reuse = setup.reuse(cfg)
+    reuse = setup.reuse_shards
     ranks = [("tokenizer", tokenizer_rank(cfg, kind, network.endpoint(1), roles, setup.spec,
                                           setup.committed_shards(), cfg.batch_tokens_for(device),
                                           digest_seed=setup.digest_seed, dedup=dedup[0]))]

@@ -131,7 +131,7 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
                               *setup.calibration(cfg), digest_seed=setup.digest_seed, dedup=dedup,
-                              reuse=setup.reuse(cfg))
+                              reuse=setup.reuse_shards)
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()

@@ -37,7 +37,7 @@ class JobSetup:
     dtype: str
     tokenizer: dict                 # io/tokens.py tokenizer_identity of the model's tokenizer
     digest_seed: int | None = None  # an embedding job's row-digest seed (io/digest.py); None: no digests
-    digest_of: str = ""             # what rows are digested by: 'text' or 'token ids'
+    digest_of: str = ""             # what rows are digested by (launch/kinds.py digest_of)
     digest_identity: dict = field(default_factory=dict)     # what the seed is made of (io/reuse.py)
     reuse_shards: list = field(default_factory=list)        # --reuse: earlier outputs' shards (io/reuse.py)
 
@@ -56,8 +56,8 @@ class JobSetup:
         return calibration_units(self.plan.units, cfg.calibration_rows), None
 
     def dedup(self, cfg: JobConfig, roles: RoleMap) -> tuple[bool, str]:
-        """(whether this job deduplicates, why not where it does not). --dedup auto leaves it off where it cannot
-        run; --dedup on makes that an error."""
+        """(whether this job deduplicates, why not where it does not). --dedup auto is on only with --reuse; where
+        deduplication cannot run, --dedup on and --reuse are errors."""
         why = ""
         if cfg.dedup == "off":
             return False, "--dedup off"
@@ -74,10 +74,6 @@ class JobSetup:
         if why and (cfg.dedup == "on" or cfg.reuse):
             raise ConfigError(f"--{'reuse' if cfg.reuse else 'dedup on'} cannot run: {why}")
         return not why, why
-
-    def reuse(self, cfg: JobConfig) -> list:
-        """The shards of --reuse's earlier outputs this job may copy embeddings from (io/reuse.py)."""
-        return self.reuse_shards
 
     def committed_shards(self) -> list[tuple[int, str, int]]:
         """(unit, path, position) of every shard earlier runs committed, positions ordering their rows, for the

@@ -34,8 +34,7 @@ from .dedup import DigestTable, Filled, answer
 
 
 # Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
-# release the GIL); one writer measured about 143k rows/s of 384-dimension float32 on the CPU box
-# (bench/notes/dedup.md), near what a node with --dedup or --reuse commits.
+# release the GIL). With one, writing was what held back --reuse reruns on the H200 box (bench/notes/dedup.md).
 WRITER_THREADS = 2
 
 
