@@ -34,7 +34,7 @@ from .dedup import DigestTable, Filled, answer
 
 
 # Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
-# release the GIL, and two overlap their fsyncs: 131k rows/s with one, 274k with two, on the CPU box
+# release the GIL): 131k rows/s with one, 274k with two, on the CPU box
 # (bench/writer.py). With one, writing held back --reuse reruns on the H200 box (bench/notes/dedup.md).
 WRITER_THREADS = 2
 
