@@ -96,13 +96,13 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
 
 
 def stage(args, texts: list[str]) -> dict:
-    """The GPU stage alone on the first rows of the corpus, in the job's engine configuration (fp16, compile,
+    """The GPU stage alone on the first rows of the corpus, in the job's engine configuration (fp16, fused ops,
     GELU epilogue, CUDA graphs, 2 instances, the CUDA token budget): batches cut as the job's tokenizers cut them,
     and the same rows re-batched longest-first, to see what sorting still gives."""
     from bench.gpu_stage import assembled_batches, make_batches, run_config
     from hpcembed.config import default_batch_tokens
     from hpcembed.engine import ModelSpec
-    from hpcembed.engine.cache import use_cache_dir
+    from hpcembed.cache import use_cache_dir
     use_cache_dir(str(Path(args.workdir or tempfile.gettempdir()) / "kernel-cache"))   # the jobs' kernels
     from hpcembed.tokenize import HFTokenizer
     spec = ModelSpec.load(args.model)
@@ -111,8 +111,8 @@ def stage(args, texts: list[str]) -> dict:
     budget = default_batch_tokens("cuda")
     n_tokens = sum(len(t) for t in token_lists)
     out = {"rows": len(texts), "tokens": n_tokens, "passes": args.stage_passes,
-           "config": f"varlen:fp16:{budget}:2:compile+epilogue+graphs"}
-    flags = {"compile", "epilogue", "graphs"}
+           "config": f"varlen:fp16:{budget}:2:fused+epilogue+graphs"}
+    flags = {"fused", "epilogue", "graphs"}
     for name, batches in (("assembled", assembled_batches(token_lists, budget, args.unit_rows)),
                           ("sorted", make_batches(token_lists, budget, lambda lengths: int(lengths.sum())))):
         _, seconds, warmup, busy, graphed = run_config(spec, batches, len(texts), "varlen", "fp16", 2, flags, budget,

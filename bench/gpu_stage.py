@@ -4,7 +4,7 @@
     python -m bench.gpu_stage --model bench/work/carry/all-MiniLM-L6-v2-fp16 \
         --paragraphs bench/work/carry/paragraphs.txt.gz --reference bench/work/carry/reference-fp32.npy
 
-Each configuration (engine, dtype, token budget, instances, torch.compile) encodes every row through the same
+Each configuration (engine, dtype, token budget, instances, fused ops) encodes every row through the same
 InstancePool the encoder rank uses, with batches cut by the encoder rank's TokenBudgetBatcher. Timing starts after a
 warm-up of each instance and ends when the last embedding is on the host. sentence-transformers fp16 (bs 256) is
 timed in the same run as the baseline; every row is compared with sentence-transformers fp32.
@@ -68,7 +68,8 @@ def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: i
     from hpcembed.engine.varlen import VarlenEncoder
     t0 = time.perf_counter()             # start-up counts compiling and graph capture
     if engine == "varlen":
-        encoders = [VarlenEncoder(spec, "cuda", dtype, compile="compile" in flags, gelu_epilogue="epilogue" in flags,
+        fused_ops = "compile" if "compile" in flags else "triton" if "fused" in flags else "eager"
+        encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops=fused_ops, gelu_epilogue="epilogue" in flags,
                                   graph_tokens=budget if "graphs" in flags else 0,
                                   attention=next((a for a in ("triton", "flash") if a in flags), "auto"))
                     for _ in range(instances)]
@@ -116,7 +117,8 @@ def main() -> None:
         "varlen:fp16:16384:1", "varlen:fp16:65536:1", "varlen:fp16:262144:1",
         "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
         "varlen:fp16:262144:2:epilogue", "varlen:fp16:262144:2:compile", "varlen:fp16:262144:2:compile+epilogue"],
-        help="engine:dtype:budget:instances[:flag+flag], flags: compile (torch.compile), epilogue (GELU in the "
+        help="engine:dtype:budget:instances[:flag+flag], flags: fused (hpcembed's Triton kernels between the "
+             "matmuls) or compile (torch.compile's), epilogue (GELU in the "
              "matmul epilogue), graphs (CUDA graphs over token/row buckets), triton or flash (the attention kernel; "
              "default: the engine's choice)")
     ap.add_argument("--passes", type=int, default=1, help="timed passes over the corpus per configuration")
@@ -180,7 +182,8 @@ def main() -> None:
             continue
         cos = np.sum(emb * ref, axis=1)
         entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
-                 "instances": instances, "compile": "compile" in flags, "gelu_epilogue": "epilogue" in flags,
+                 "instances": instances, "compile": "compile" in flags, "fused": "fused" in flags,
+                 "gelu_epilogue": "epilogue" in flags,
                  "cuda_graphs": "graphs" in flags, "attention": next((a for a in ("triton", "flash") if a in flags), "auto"),
                  "passes": args.passes,
                  "graph_batch_fraction": round(graphed, 3),
@@ -204,12 +207,12 @@ def main() -> None:
 
 
 def profile(spec, token_lists, budget: int = 262144) -> dict:
-    """Where the GPU time of the fastest configuration (compile + GELU epilogue, the default attention) goes, by
-    kernel; returns the kernel-only rate and the largest kernels for the JSON."""
+    """Where the GPU time of the job's configuration (its fused ops, GELU epilogue, its attention) goes, by kernel;
+    returns the kernel-only rate and the largest kernels for the JSON."""
     import torch
     from torch.profiler import ProfilerActivity
     from hpcembed.engine.varlen import VarlenEncoder
-    enc = VarlenEncoder(spec, "cuda", "fp16", compile=True, gelu_epilogue=True)
+    enc = VarlenEncoder(spec, "cuda", "fp16", fused_ops="auto", gelu_epilogue=True)
     batches = make_batches(token_lists[:20000], budget, enc.batch_cost)
     for b in batches[:2]:
         enc.encode(b)
@@ -217,14 +220,15 @@ def profile(spec, token_lists, budget: int = 262144) -> dict:
         for b in batches[2:6]:
             enc.encode(b)
     tokens = sum(b.num_tokens for b in batches[2:6])
-    print(f"profile (compile+epilogue, {enc.attention_name} attention): {tokens:,} tokens in 4 batches of budget "
-          f"{budget}")
+    print(f"profile ({enc.fused_ops} fused ops, epilogue, {enc.attention_name} attention): {tokens:,} tokens in 4 "
+          f"batches of budget {budget}")
     events = prof.key_averages()
     print(events.table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
     kernels = sorted(((e.key, e.self_device_time_total) for e in events if e.self_device_time_total > 0),
                      key=lambda kv: -kv[1])
     kernel_us = sum(us for _, us in kernels)
-    return {"attention": enc.attention_name, "tokens": tokens, "kernel_seconds": round(kernel_us / 1e6, 6),
+    return {"attention": enc.attention_name, "fused_ops": enc.fused_ops, "tokens": tokens,
+            "kernel_seconds": round(kernel_us / 1e6, 6),
             "kernel_tokens_per_s": round(tokens / (kernel_us / 1e6)),
             "top_kernels": [{"name": name[:120], "share": round(us / kernel_us, 4)} for name, us in kernels[:10]]}
 

@@ -73,9 +73,11 @@ class JobConfig:
     engine: str = _opt("auto", "encoder: 'varlen' is the padding-free BERT-family fast path, 'torch' the generic "
                                "transformers AutoModel; auto uses varlen on CUDA where the model allows",
                        choices=("auto", "varlen", "torch"))
-    compile: bool | None = _opt(None, "varlen encoder: fuse residual-add+LayerNorm, the embedding sum and mean "
-                                      "pooling with torch.compile (default: on CUDA, where it measured 8.8M -> "
-                                      "10.6M tokens/s on an H100; costs ~30 s of compiling at start)")
+    fused_ops: str = _opt("auto", "varlen encoder: how the embedding sum, residual-add+LayerNorm and mean pooling "
+                                  "run: 'triton' (hpcembed's fused kernels), 'compile' (torch.compile's, which "
+                                  "costs 10-13 s of tracing at every start), 'eager'; auto takes triton on CUDA "
+                                  "where Triton imports, eager on CPU",
+                          choices=("auto", "triton", "compile", "eager"))
     cuda_graphs: bool | None = _opt(None, "varlen encoder on CUDA: capture the forward as CUDA graphs over token "
                                           "and row buckets at start-up and pad each batch to its bucket (default: "
                                           "on; see bench/notes/gpu_stage.md for what it measured)")

@@ -60,8 +60,9 @@ class EncoderStats(RankStats):
     ready_at: float = 0.0                       # epoch seconds the encoders were built and the rank took work
     stage_busy_seconds: float = 0.0             # time at least one instance was encoding
     loop_seconds: dict[str, float] = field(default_factory=dict)    # where the role loop's time went
-    # Start-up: epoch seconds at which the rank reached each step (process_started, plan_received, ready,
-    # first_batch), and where building the encoders went (weights, compile, graphs; summed over instances).
+    # Start-up: epoch seconds at which the rank reached each step (process_started, building, plan_received,
+    # built, ready, first_batch), and where building the encoders went (weights, compile, graphs; summed over
+    # instances).
     startup: dict[str, float] = field(default_factory=dict)
     build_seconds: dict[str, float] = field(default_factory=dict)
     # Host cost: CPU seconds of the rank's process (every thread: loop, instances, shard writer) from ready to
@@ -138,13 +139,14 @@ def steady_state(result: JobResult, ranks: list[dict]) -> dict:
 
 def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
-    figure is the job's): the plan received, encoders built, ready, and the first batch handed to an encoder."""
+    figure is the job's): building the encoders begun (imports and MPI start-up done), the plan received, encoders
+    built, ready, and the first batch handed to an encoder."""
     marks = [r["startup"] for r in ranks if r.get("startup", {}).get("process_started")]
     if not marks:
         return {}
     launch = min(m["process_started"] for m in marks)
     out = {}
-    for step in ("plan_received", "built", "ready", "first_batch"):
+    for step in ("building", "plan_received", "built", "ready", "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)

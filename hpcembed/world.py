@@ -94,20 +94,26 @@ def virtual_host(rank: int, size: int, nodes: int) -> str:
 
 
 def gather_ranks(comm) -> list[RankInfo]:
+    """Every rank's host, GPUs, cores and pid, on every rank. Of the ranks of a machine that see the same GPUs
+    (the same CUDA_VISIBLE_DEVICES), one asks torch what they are: importing torch and initialising CUDA takes
+    seconds, more when all of a node's ranks do it at once, and only the encoder ranks need torch after that.
+    Ranks that Slurm binds to GPUs of their own each ask for themselves. Not rank 0 where another rank can ask:
+    the conductor needs no torch, and its machine's first other rank is most often an encoder rank (plan_roles)."""
     from .slurm import SlurmTask
     slurm = SlurmTask.from_environ()
-    cuda = visible_gpus()
-    name = ""
-    if cuda:
-        import torch
-        name = torch.cuda.get_device_name(0)
+    machine = socket.gethostname()
+    sees = (machine, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    alike = [r for r, other in enumerate(comm.allgather(sees)) if other == sees]
+    asker = next((r for r in alike if r != 0), 0)
+    answers = comm.allgather(_gpus_here() if asker == comm.Get_rank() else None)
+    cuda, name = answers[asker]
     virtual = os.environ.get("HPCEMBED_VIRTUAL_NODES", "")
     if virtual:
         me = (virtual_host(comm.Get_rank(), comm.Get_size(), int(virtual)), cuda, cuda, None)
     elif slurm is not None and slurm.node:
         me = (slurm.node, slurm.gpus_on_node or cuda, cuda, slurm.het_group)
     else:
-        me = (socket.gethostname(), cuda, cuda, None)
+        me = (machine, cuda, cuda, None)
     everyone = comm.allgather(me + (cores_here(), name, os.getpid()))
     seen: dict[str, int] = {}
     ranks = []
@@ -115,6 +121,15 @@ def gather_ranks(comm) -> list[RankInfo]:
         ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus, devices, group, cores, gpu_name, pid))
         seen[h] = seen.get(h, 0) + 1
     return ranks
+
+
+def _gpus_here() -> tuple[int, str]:
+    """The CUDA devices torch sees on this machine, and the first one's name."""
+    cuda = visible_gpus()
+    if not cuda:
+        return 0, ""
+    import torch
+    return cuda, torch.cuda.get_device_name(0)
 
 
 def measure_tokenizer_rate(backend, texts: list[str], seconds: float = 1.0) -> float:

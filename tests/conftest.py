@@ -16,10 +16,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as ds
 import pytest
+import torch
 
 from hpcembed.world import find_mpiexec
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, hpcembed's Triton kernels run in Triton's interpreter on CPU tensors, so CI checks them too. Set
+# before anything imports Triton: kernels are made interpreted or compiled when they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 REPO = Path(__file__).resolve().parent.parent
 # Jobs the tests start keep their kernel and digest caches here, not in the user's ~/.cache.
 if "HPCEMBED_CACHE_DIR" not in os.environ:

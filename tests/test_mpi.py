@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
-from .conftest import mpirun, needs_mpi, read_manifest, read_output, reference, write_jsonl
+from .conftest import MPI_ENV, MPIEXEC, REPO, mpirun, needs_mpi, read_manifest, read_output, reference, write_jsonl
 
 pytestmark = needs_mpi
 
@@ -36,13 +39,38 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
         if r["role"] == "encoder":
             steps = r["startup"]
             assert steps["process_started"] <= steps["plan_received"] <= steps["ready"] <= steps["first_batch"]
-            assert steps["process_started"] <= steps["built"] <= steps["ready"]
+            assert steps["process_started"] <= steps["building"] <= steps["built"] <= steps["ready"]
             assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
             assert r["build_seconds"]["weights"] > 0
         elif r["role"] == "tokenizer":
             assert set(r["other_seconds"]) == {"unit_wait", "credit_wait", "send", "read", "claim_wait"}
     job_steps = manifest["startup_seconds"]
     assert 0 < job_steps["plan_received"] <= job_steps["ready"] <= job_steps["first_batch"]
+    assert 0 < job_steps["building"] <= job_steps["ready"]
+
+
+def test_only_encoder_ranks_import_torch(tmp_path):
+    """Tokenizer ranks and the conductor never import torch: importing it (and initialising CUDA) costs seconds of
+    start-up when a node's ranks all do it at once, and memory in every rank. Each rank writes at exit whether
+    torch was imported."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": f"text {k}"} for k in range(200)])
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "import atexit, os, runpy, sys\n"
+        "rank = os.environ['PMI_RANK']\n"
+        f"where = {str(tmp_path)!r}\n"
+        "def record():\n"
+        "    with open(os.path.join(where, 'torch-' + rank), 'w') as fh:\n"
+        "        fh.write(str('torch' in sys.modules))\n"
+        "atexit.register(record)\n"
+        "runpy.run_module('hpcembed', run_name='__main__')\n")
+    cmd = ["timeout", "240", MPIEXEC, "-n", "4", sys.executable, str(probe), "run", "--input",
+           str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--tokenizer-ranks", "2", "--progress", "off"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=270, env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    roles = {r["rank"]: r["role"] for r in read_manifest(tmp_path / "out")["ranks"]}
+    imported = {r: (tmp_path / f"torch-{r}").read_text() for r in range(4)}
+    assert {r: imported[r] == "True" for r in roles} == {r: role == "encoder" for r, role in roles.items()}, imported
 
 
 def test_failing_rank_ends_the_job(tmp_path):

@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -169,3 +170,26 @@ def test_backend_choice_follows_the_tokenizer_pipeline(model_dir, tmp_path):
     assert isinstance(make_tokenizer(other, 256, False, "auto"), HFTokenizer)
     with pytest.raises(ConfigError, match="not one budtiktok was proven identical"):
         make_tokenizer(other, 256, False, "budtiktok")
+
+
+def test_budtiktok_probe_is_kept_in_the_cache(model_dir, tmp_path):
+    """The code-point probe runs once per tokenizer and library versions: later starts read it from the cache
+    directory; a damaged entry is probed again; another tokenizer file is another entry."""
+    pytest.importorskip("budtiktok")
+    from hpcembed.tokenize.budtiktok_backend import unsafe_codepoints
+    path = str(Path(ModelSpec.load(model_dir).path) / "tokenizer.json")
+    cache = tmp_path / "cache"
+    probed = unsafe_codepoints(path, cache)
+    assert probed, "the probe found no code point budtiktok tokenizes differently: FACTS.md says it should"
+    [entry] = (cache / "budtiktok").glob("unsafe-*.json")
+    assert json.loads(entry.read_text())["unsafe"] == list(probed)
+    entry.write_text(json.dumps({"unsafe": [0x3A3]}))           # edited in place: read, not probed again
+    assert unsafe_codepoints(path, cache) == (0x3A3,)
+    entry.write_text('{"unsafe": [1, 2')                        # cut short
+    assert unsafe_codepoints(path, cache) == probed
+    assert json.loads(entry.read_text())["unsafe"] == list(probed)
+    other = tmp_path / "other" / "tokenizer.json"
+    other.parent.mkdir()
+    other.write_text(json.dumps(json.loads(Path(path).read_text(encoding="utf-8")), indent=1), encoding="utf-8")
+    unsafe_codepoints(str(other), cache)
+    assert len(list((cache / "budtiktok").glob("unsafe-*.json"))) == 2

@@ -4,12 +4,15 @@ from __future__ import annotations
 import abc
 
 import numpy as np
-import torch
 
 from ..tokenize.batch import TokenBatch
 from .model import ModelSpec
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+def torch_dtype(name: str):
+    """The torch dtype of --dtype's name (torch imported here, not with this module: see engine/__init__.py)."""
+    import torch
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 class Pending:

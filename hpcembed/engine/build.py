@@ -28,7 +28,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", compile: bool | None = False,
+def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", fused_ops: str = "auto",
                   exact_gelu: bool = False, graph_tokens: int = 0, attention: str = "auto") -> Encoder:
     """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise.
     graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens;
@@ -45,9 +45,7 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
                         spec.name, why)
         engine = "torch" if why else "varlen"
     if engine == "varlen":
-        if compile is None:
-            compile = device.startswith("cuda")
         cuda = device.startswith("cuda")
-        return VarlenEncoder(spec, device, dtype, compile=compile, gelu_epilogue=cuda and not exact_gelu,
+        return VarlenEncoder(spec, device, dtype, fused_ops=fused_ops, gelu_epilogue=cuda and not exact_gelu,
                              graph_tokens=graph_tokens if cuda else 0, attention=attention)
     return TorchEncoder(spec, device, dtype)

@@ -2,12 +2,17 @@
 a chunked text's window embeddings (--chunk-pooling mean)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:       # torch is imported where it is used: tokenizer ranks import mean_of_windows alone
+    import torch
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """hidden [rows, seq, dim], mask [rows, seq] of 0/1 -> [rows, dim]."""
+    import torch
     m = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "mean":
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -22,7 +27,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x, p=2, dim=1)
+    import torch.nn.functional as F
+    return F.normalize(x, p=2, dim=1)
 
 
 def mean_of_windows(embeddings: np.ndarray, chunk_numbers: np.ndarray, normalize: bool) -> tuple[np.ndarray,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..tokenize.batch import TokenBatch
-from .base import DTYPES, Encoder
+from .base import Encoder, torch_dtype
 from .model import ModelSpec
 from .pooling import normalize, pool
 
@@ -25,7 +25,7 @@ class TorchEncoder(Encoder):
         self.spec, self.device_name, self.dtype_name = spec, device, dtype
         self.device = torch.device(device)
         started = time.perf_counter()
-        self.model = AutoModel.from_pretrained(spec.path, dtype=DTYPES[dtype]).to(self.device).eval()
+        self.model = AutoModel.from_pretrained(spec.path, dtype=torch_dtype(dtype)).to(self.device).eval()
         self.build_seconds = {"weights": time.perf_counter() - started}
         config = self.model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0

@@ -22,6 +22,7 @@ attention kernel is checked against transformers without a GPU.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import time
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
-from .base import DTYPES, Encoder, Pending
+from .base import Encoder, Pending, torch_dtype
 from .bert import BertWeights, supports
 from .model import ModelSpec
 
@@ -89,13 +90,22 @@ def embed(word, position, type_row, ids, positions, weight, bias, eps: float):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def mean_pool(states: torch.Tensor, seg: torch.Tensor, inv_lengths: torch.Tensor) -> torch.Tensor:
+def mean_pool(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, skip: int = 0,
+              within: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's mean token state as float32 [rows, hidden], leaving out its first `skip` tokens (a prompt the
+    model's pooling excludes), by `within`, each token's place in its row; `seg` maps tokens to rows."""
+    lengths = cu[1:] - cu[:-1]
+    if skip:
+        states = states * (within >= skip)[:, None].to(states.dtype)
+        lengths = lengths - skip
+    inv_lengths = 1.0 / lengths.clamp(min=1).to(torch.float32)
     sums = torch.zeros(inv_lengths.shape[0], states.shape[1], device=states.device, dtype=torch.float32)
     return sums.index_add_(0, seg, states.float()) * inv_lengths[:, None]
 
 
 class _Ops:
-    """The memory-bound pieces between matmuls; torch.compile fuses each into one kernel (see VarlenEncoder)."""
+    """The memory-bound pieces between matmuls, eager: each is several kernels (the CPU path). `fused_ops` swaps
+    in one kernel each: hpcembed's Triton kernels, or torch.compile's (see VarlenEncoder)."""
     add_layer_norm = staticmethod(add_layer_norm)
     embed = staticmethod(embed)
     mean_pool = staticmethod(mean_pool)
@@ -136,12 +146,7 @@ def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows:
     if mode == "lasttoken":
         return states[cu[1:].long() - 1].float()
     if mode == "mean":
-        lengths = cu[1:] - cu[:-1]
-        if skip:
-            states = states * (within >= skip)[:, None].to(states.dtype)
-            lengths = lengths - skip
-        inv = 1.0 / lengths.clamp(min=1).to(torch.float32)
-        return (ops or _Ops).mean_pool(states, seg, inv)
+        return (ops or _Ops).mean_pool(states, seg, cu, skip, within)
     x = states.float()
     index = seg.long()
     if mode == "max":
@@ -152,16 +157,36 @@ def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows:
 
 @functools.cache
 def _compiled_ops() -> type[_Ops]:
-    """The memory-bound pieces compiled, once per process: every instance shares them, so a second instance does
-    not trace and compile them again. Only these pieces: compiling the whole forward took minutes on the H100 box
-    and had not finished when the run ended. Not dynamic=True: that makes the hidden size symbolic too, and the
-    fused add+LayerNorm then ran at 1 TB/s (592 µs per [262k, 384] call, no faster than eager). The default
-    recompiles once with only the token count dynamic, which the first instance's warm-up triggers."""
+    """The memory-bound pieces compiled by torch.compile, once per process: every instance shares them, so a second
+    instance does not trace and compile them again. Only these pieces: compiling the whole forward took minutes on
+    the H100 box and had not finished when the run ended. Not dynamic=True: that makes the hidden size symbolic
+    too, and the fused add+LayerNorm then ran at 1 TB/s (592 µs per [262k, 384] call, no faster than eager). The
+    default recompiles once with only the token count dynamic, which the first instance's warm-up triggers."""
     class _Compiled(_Ops):
         add_layer_norm = staticmethod(torch.compile(add_layer_norm))
         embed = staticmethod(torch.compile(embed))
         mean_pool = staticmethod(torch.compile(mean_pool))
     return _Compiled
+
+
+@functools.cache
+def _triton_ops() -> type[_Ops]:
+    from . import triton_fused
+
+    class _Triton(_Ops):
+        add_layer_norm = staticmethod(triton_fused.add_layer_norm)
+        embed = staticmethod(triton_fused.embed)
+        mean_pool = staticmethod(triton_fused.mean_pool)
+    return _Triton
+
+
+FUSED_OPS = {"eager": lambda: _Ops, "compile": _compiled_ops, "triton": _triton_ops}
+
+
+def default_fused_ops(cuda: bool) -> str:
+    """On CUDA, hpcembed's Triton kernels where Triton imports: as fast as torch.compile's and no tracing at
+    start-up (bench/notes/feed_the_gpu.md); eager elsewhere."""
+    return "triton" if cuda and importlib.util.find_spec("triton") is not None else "eager"
 
 
 def token_layout(ids: torch.Tensor, cu: torch.Tensor, rows: int, position_offset: int, positions: int):
@@ -209,10 +234,12 @@ class VarlenEncoder(Encoder):
     # of more rows (short texts under a large budget) is split. It failed as "invalid argument" on the H100.
     MAX_ROWS = 65535
 
-    def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", compile: bool = False,
+    def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", fused_ops: str = "eager",
                  gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto"):
         """`attention` (CUDA): 'flash', torch's varlen flash attention, 'triton' (engine/triton_attention.py), or
-        'auto' (default_attention)."""
+        'auto' (default_attention). `fused_ops`: how the pieces between matmuls run, 'eager', 'triton'
+        (engine/triton_fused.py; on CPU tensors only in Triton's interpreter) or 'compile' (torch.compile), or
+        'auto' (default_fused_ops)."""
         why = supports(spec)
         if why:
             raise ConfigError(f"the padding-free encoder does not serve this model: {why}")
@@ -220,16 +247,19 @@ class VarlenEncoder(Encoder):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         started = time.perf_counter()
-        self.weights = BertWeights(spec.path, DTYPES[dtype], self.device)
+        self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
         self.build_seconds = {"weights": time.perf_counter() - started}
-        if attention == "auto":
+        if attention == "auto" and self.cuda:
             attention = default_attention(self.weights.hidden // self.weights.heads)
         self.attention_name = attention if self.cuda else "padded"
         self.attention = ATTENTION[attention] if self.cuda else _attention_padded
         self.max_len = spec.max_seq_length
-        self.ops = _Ops
-        if compile:
-            self.ops = _compiled_ops()
+        if fused_ops == "auto":
+            fused_ops = default_fused_ops(self.cuda)
+        if fused_ops not in FUSED_OPS:
+            raise ConfigError(f"fused ops {fused_ops!r}: expected one of {', '.join(FUSED_OPS)} or auto")
+        self.fused_ops = fused_ops
+        self.ops = FUSED_OPS[fused_ops]()
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.launch_ahead = 2 if self.cuda else 1
@@ -238,9 +268,10 @@ class VarlenEncoder(Encoder):
         self.graph_tokens = graph_tokens
         self.graphs: dict[tuple[int, int], _Graph | None] = {}
         self.graph_batches = 0                 # batches served by a graph replay
-        if compile or self.cuda:
+        if fused_ops == "compile" or self.cuda:
             # Compile and warm up now, on the constructing thread, not in the first batches of two instance
-            # threads at once. Two batches of different token counts, so the token dimension turns dynamic.
+            # threads at once. Two batches of different token counts, so torch.compile's token dimension turns
+            # dynamic.
             for lengths in ((5, 9), (7, 12, 3)):
                 self.encode(TokenBatch.build([[1] * n for n in lengths], [str(n) for n in lengths],
                                              np.arange(len(lengths)), 0))

@@ -4,16 +4,17 @@ is text, of its token ids where it is a token directory or a chunked text's wind
 
 A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
 digest; any change to those and the file is read again. Entries live in the kernel cache directory
-(engine/cache.py) under digests/, written under a temporary name and renamed, so ranks and jobs may share it. An
+(hpcembed/cache.py) under digests/, written under a temporary name and renamed, so ranks and jobs may share it. An
 unwritable cache only costs the read."""
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from ..cache import read_entry, write_entry
 
 
 def checksum(data) -> str:
@@ -42,21 +43,12 @@ def file_content_digest(path: Path, cache: Path | None) -> str:
     entry = None
     if cache is not None:
         entry = cache / "digests" / (hashlib.blake2b(str(path).encode(), digest_size=16).hexdigest() + ".json")
-        try:
-            cached = json.loads(entry.read_text())
-            if cached.get("path") == str(path) and cached.get("stamp") == stamp:
-                return cached["digest"]
-        except (OSError, ValueError, AttributeError):
-            pass
+        cached = read_entry(entry)
+        if cached is not None and cached.get("path") == str(path) and cached.get("stamp") == stamp:
+            return cached["digest"]
     digest = file_digest(path)
     if entry is not None:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"path": str(path), "stamp": stamp, "digest": digest}))
-            os.replace(tmp, entry)
-        except OSError:
-            pass
+        write_entry(entry, {"path": str(path), "stamp": stamp, "digest": digest})
     return digest
 
 

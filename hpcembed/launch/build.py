@@ -2,10 +2,11 @@
 ranks here, so a role is the same whether it runs as a thread or as an MPI rank."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..cache import cache_dir, use_cache_dir
 from ..config import JobConfig
-from ..engine import ModelSpec, build_encoder, resolve_device
-from ..engine.base import Encoder
-from ..engine.cache import use_cache_dir
+from ..engine import ModelSpec
 from ..engine.instances import InstancePool
 from ..io.readers import Columns
 from ..io.writer import OutputDir
@@ -18,6 +19,9 @@ from ..tokenize import Prompted, make_tokenizer
 from ..tokenize.chunk import Chunker
 from ..topology import RoleMap
 from ..transport.base import Transport
+
+if TYPE_CHECKING:
+    from ..engine.base import Encoder
 from .kinds import JobKind
 
 
@@ -26,7 +30,8 @@ def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
     windows (tokenize/chunk.py)."""
     if cfg.chunk_tokens and chunking:
         return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
-    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend)
+    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend,
+                             cache_dir(cfg.cache_dir))
     return Prompted(backend, spec.prompt) if spec.prompt else backend
 
 
@@ -50,12 +55,13 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
 
 def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:
     """An encoder rank's model instances, built (weights loaded, kernels compiled, CUDA graphs captured)."""
+    from ..engine.build import build_encoder, resolve_device      # torch: encoder ranks only
     device = resolve_device(device)
     if device.startswith("cuda"):
         use_cache_dir(cfg.cache_dir)
     graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
     def build():
-        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.compile, cfg.exact_gelu, graph_tokens,
+        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.fused_ops, cfg.exact_gelu, graph_tokens,
                              cfg.attention)
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.

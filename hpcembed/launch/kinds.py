@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from ..config import JobConfig
-from ..engine.cache import cache_dir
+from ..cache import cache_dir
 from ..engine.model import ModelSpec
 from ..errors import ConfigError
 from ..io import location

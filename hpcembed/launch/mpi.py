@@ -159,6 +159,7 @@ class _EarlyBuild:
     device: str
     encoders: list | None
     error: Exception | None
+    building_at: float          # imports and MPI done: building starts
     built_at: float
 
 
@@ -177,10 +178,11 @@ def _build_early(cfg: JobConfig, kind: JobKind, ranks: list[RankInfo], rank: int
         device = device_for(rank, roles, ranks) if cfg.device == "auto" else cfg.device
     except HpcEmbedError:
         return None             # rank 0's planning finds the same mistake and reports it
+    building_at = time.time()
     try:
-        return _EarlyBuild(spec, device, build_encoders(cfg, spec, device), None, time.time())
+        return _EarlyBuild(spec, device, build_encoders(cfg, spec, device), None, building_at, time.time())
     except Exception as exc:    # noqa: BLE001 - raised again in the role, once the plan says the job runs
-        return _EarlyBuild(spec, device, None, exc, time.time())
+        return _EarlyBuild(spec, device, None, exc, building_at, time.time())
 
 
 def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
@@ -201,8 +203,9 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if early is not None and early.spec == plan.spec and early.device == device:
                 if early.error is not None:
                     raise early.error
-                encoders, startup["built"] = early.encoders, early.built_at
+                encoders, startup["building"], startup["built"] = early.encoders, early.building_at, early.built_at
             else:
+                startup["building"] = time.time()
                 encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
             ranges = plan.ranges
             if plan.calibration:

@@ -12,9 +12,10 @@ __all__ = ["TokenBatch", "HFTokenizer", "Prompted", "make_tokenizer"]
 log = logging.getLogger("hpcembed")
 
 
-def make_tokenizer(model_dir, max_seq_length: int, lowercase: bool, backend: str = "auto"):
+def make_tokenizer(model_dir, max_seq_length: int, lowercase: bool, backend: str = "auto", probe_cache=None):
     """The tokenizer backend for a model. 'auto' takes budtiktok where it is installed and proven identical to
-    HF for this tokenizer's pipeline, else HF; asking for budtiktok where it is not is an error."""
+    HF for this tokenizer's pipeline, else HF; asking for budtiktok where it is not is an error. `probe_cache`:
+    where budtiktok's start-up probe is kept between runs (hpcembed/cache.py)."""
     from ..errors import ConfigError
     from .budtiktok_backend import BudTikTokTokenizer, unsupported_reason
     hf = HFTokenizer.from_model_dir(model_dir, max_seq_length, lowercase)
@@ -22,7 +23,7 @@ def make_tokenizer(model_dir, max_seq_length: int, lowercase: bool, backend: str
         return hf
     reason = unsupported_reason(model_dir)
     if reason is None:
-        return BudTikTokTokenizer(model_dir, hf)
+        return BudTikTokTokenizer(model_dir, hf, probe_cache)
     if backend == "budtiktok":
         raise ConfigError(f"--tokenizer-backend budtiktok cannot be used for {model_dir}: {reason}; "
                           "use --tokenizer-backend hf")

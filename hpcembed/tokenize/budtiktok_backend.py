@@ -10,13 +10,16 @@ differently. So this backend:
 - bounds the work on giant texts the way the HF backend does (a prefix cut at a space, used only when it already
   yields more tokens than truncation keeps);
 - sends to HF every text that holds a special-token literal (compared case-insensitively, to be safe) or any code
-  point that BudTikTok was not found to tokenize identically. Those code points are found at start-up by probing
-  every code point of the BMP and SMP against HF, in groups that are split only when a group differs;
+  point that BudTikTok was not found to tokenize identically. Those code points are found by probing every code
+  point of the BMP and SMP against HF, in groups that are split only when a group differs (about 2 s). The
+  result is kept in the cache directory (hpcembed/cache.py), keyed by the tokenizer file's content and both
+  libraries' versions, so only the first start on a machine pays it;
 - is only offered for tokenizer pipelines it was proven identical on (`supported`): the BERT WordPiece family.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import json
 import re
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import read_entry, write_entry
 from .hf import HFTokenizer
 
 # Tokenizer pipelines on which BudTikTok plus the fallbacks above gave ids identical to HF for every row of the
@@ -36,6 +40,7 @@ PROVEN_PIPELINES = [
 ]
 PROBE_LIMIT = 0x20000          # code points from U+0080 up to here are probed; everything above falls back
 PROBE_GROUP = 64
+PROBE_VERSION = 1              # part of the cache key: change it when the probe itself changes
 
 
 def pipeline_of(tokenizer_json: dict) -> dict:
@@ -66,9 +71,32 @@ def _probe_text(codepoints: list[int]) -> str:
     return " ".join(f"a{chr(c)}b {chr(c)} y{chr(c)}{chr(c)}z \u00c9{chr(c)}" for c in codepoints)
 
 
+def _probe_key(tokenizer_path: str) -> str:
+    from importlib.metadata import version
+    key = hashlib.blake2b(Path(tokenizer_path).read_bytes(), digest_size=16)
+    key.update(json.dumps([version("budtiktok"), version("tokenizers"), PROBE_LIMIT, PROBE_GROUP,
+                           PROBE_VERSION]).encode())
+    return key.hexdigest()
+
+
+def unsafe_codepoints(tokenizer_path: str, cache: Path | None = None) -> tuple[int, ...]:
+    """Code points in U+0080..PROBE_LIMIT for which BudTikTok and HF disagree: from `cache` (a directory) where an
+    earlier run probed the same tokenizer with the same libraries, else probed now and kept there."""
+    entry = cache / "budtiktok" / f"unsafe-{_probe_key(tokenizer_path)}.json" if cache is not None else None
+    if entry is not None:
+        found = read_entry(entry)
+        codepoints = found.get("unsafe") if found else None
+        if isinstance(codepoints, list) and all(isinstance(c, int) for c in codepoints):
+            return tuple(codepoints)
+    unsafe = _probe(tokenizer_path)
+    if entry is not None:
+        write_entry(entry, {"tokenizer": tokenizer_path, "unsafe": list(unsafe)})
+    return unsafe
+
+
 @functools.lru_cache(maxsize=4)
-def unsafe_codepoints(tokenizer_path: str) -> tuple[int, ...]:
-    """Code points in U+0080..PROBE_LIMIT for which BudTikTok and HF disagree, found by probing in groups."""
+def _probe(tokenizer_path: str) -> tuple[int, ...]:
+    """Probe every candidate code point in groups, splitting a group only where the two disagree."""
     import budtiktok
     from tokenizers import Tokenizer
     hf = Tokenizer.from_file(tokenizer_path)
@@ -105,7 +133,8 @@ def _char_class(codepoints: list[int]) -> str:
 class BudTikTokTokenizer:
     name = "budtiktok"
 
-    def __init__(self, model_dir: str | Path, hf: HFTokenizer):
+    def __init__(self, model_dir: str | Path, hf: HFTokenizer, probe_cache: Path | None = None):
+        """`probe_cache`: the directory the code-point probe is kept in (None: probe every time)."""
         import budtiktok
         path = str(Path(model_dir) / "tokenizer.json")
         reason = unsupported_reason(model_dir)
@@ -118,7 +147,7 @@ class BudTikTokTokenizer:
         probe = hf._tok.encode("a")
         self._tail = len(probe.special_tokens_mask) - 1 - max(
             k for k, special in enumerate(probe.special_tokens_mask) if not special)
-        unsafe = list(unsafe_codepoints(path))
+        unsafe = list(unsafe_codepoints(path, probe_cache))
         # Everything above the probed range (mostly unassigned and private-use planes) falls back too.
         self._unsafe = re.compile(f"[{_char_class(unsafe)}\ud800-\udfff{re.escape(chr(PROBE_LIMIT))}-\U0010ffff]")
         specials = sorted({t["content"] for t in json.loads(Path(path).read_text(encoding="utf-8"))["added_tokens"]},

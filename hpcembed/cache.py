@@ -1,7 +1,8 @@
-"""The directory where compiled kernels are kept between runs, so that a warm start-up skips compiling.
+"""The directory where what start-up computes is kept between runs, so that a warm start-up skips it: compiled
+kernels, digests of large files (io/digest.py) and the budtiktok probe (tokenize/budtiktok_backend.py).
 
-torch.compile's Inductor caches its compiled graphs and Triton its kernels under directories named by
-TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR. hpcembed points both into one directory of its own: --cache-dir,
+Triton caches its kernels, and torch.compile's Inductor its compiled graphs, under directories named by
+TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR. hpcembed points both into one directory of its own: --cache-dir,
 else HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed (~/.cache/hpcembed). Variables the user set themselves win.
 Both libraries write an entry to a temporary file and rename it into place, and key entries by the torch,
 Triton and CUDA versions and the GPU, so ranks and jobs on shared storage may use one directory at once, and a
@@ -10,12 +11,13 @@ kept across processes; each run captures them again (engine/varlen.py keeps that
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 from pathlib import Path
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("hpcembed")
 
@@ -51,3 +53,24 @@ def use_cache_dir(option: str = "") -> Path:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(path / "triton"))
     return path
+
+
+def read_entry(path: Path) -> dict | None:
+    """A JSON entry of the cache, or None where it is missing or unreadable (then it is computed again)."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
+def write_entry(path: Path, entry: dict) -> None:
+    """Write an entry under a temporary name and rename it into place, so a rank or job reading it at the same
+    time sees all of it or none. An unwritable cache is not an error: the entry is computed again next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(entry))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.debug("cache entry %s not written: %s", path, exc)

@@ -1,0 +1,127 @@
+"""The memory-bound pieces between the encoder's matmuls as Triton kernels: the embedding sum with its LayerNorm,
+the residual add with LayerNorm, and mean pooling by sequence offsets.
+
+These are the pieces torch.compile used to fuse (engine/varlen.py, fused_ops="compile"). The kernels are the same
+fusion written out: each reads its inputs once and writes its output once, in fp32 inside. What they save is
+start-up: Dynamo tracing and Inductor's compiling took 10-13 s of every encoder rank's start, cache warm or not
+(bench/notes/feed_the_gpu.md), where a Triton kernel found in Triton's cache loads in milliseconds.
+
+A LayerNorm row is one hidden vector (384 values for MiniLM): a program normalizes BLOCK_ROWS rows at once, the
+hidden size padded to a power of two and masked. Mean pooling takes one text per program and walks its tokens
+between two offsets, so it needs neither a token->row map nor atomics, and a CUDA-graph bucket's padding tokens
+(past the last offset) are read by no one. Row counts are not specialized on (do_not_specialize), so batches of
+every size share one compiled kernel.
+
+On a machine without a GPU the same kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by the tests), on
+CPU tensors, which is how CI checks them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Chosen on the H200 box (bench/fused_ops.py).
+LN_BLOCK_ROWS, LN_WARPS = 8, 4
+POOL_BLOCK_TOKENS, POOL_WARPS = 64, 4
+
+
+@triton.jit
+def _normalize_and_store(total, inside, offsets, cols, out, weight, bias, eps, HIDDEN: tl.constexpr):
+    """LayerNorm of each row of `total` ([rows, BLOCK_H] fp32, zero where not `inside`), stored at `offsets`."""
+    mean = tl.sum(total, 1) / HIDDEN
+    centered = tl.where(inside, total - mean[:, None], 0.0)
+    variance = tl.sum(centered * centered, 1) / HIDDEN
+    scale = 1.0 / tl.sqrt(variance + eps)
+    in_hidden = cols < HIDDEN
+    w = tl.load(weight + cols, mask=in_hidden, other=0.0).to(tl.float32)
+    b = tl.load(bias + cols, mask=in_hidden, other=0.0).to(tl.float32)
+    normalized = centered * scale[:, None] * w[None, :] + b[None, :]
+    tl.store(out + offsets, normalized.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _add_layer_norm(x, residual, out, weight, bias, rows, eps,
+                    HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    inside = (row[:, None] < rows) & (cols[None, :] < HIDDEN)
+    offsets = row[:, None].to(tl.int64) * HIDDEN + cols[None, :]
+    total = (tl.load(x + offsets, mask=inside, other=0.0).to(tl.float32)
+             + tl.load(residual + offsets, mask=inside, other=0.0).to(tl.float32))
+    _normalize_and_store(total, inside, offsets, cols, out, weight, bias, eps, HIDDEN)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _embed_layer_norm(word, position, type_row, ids, positions, out, weight, bias, rows, eps,
+                      HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    in_rows = row < rows
+    in_hidden = cols < HIDDEN
+    inside = in_rows[:, None] & in_hidden[None, :]
+    token = tl.load(ids + row, mask=in_rows, other=0).to(tl.int64)
+    place = tl.load(positions + row, mask=in_rows, other=0).to(tl.int64)
+    total = (tl.load(word + token[:, None] * HIDDEN + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+             + tl.load(position + place[:, None] * HIDDEN + cols[None, :], mask=inside, other=0.0).to(tl.float32)
+             + tl.load(type_row + cols, mask=in_hidden, other=0.0).to(tl.float32)[None, :])
+    total = tl.where(inside, total, 0.0)
+    offsets = row[:, None].to(tl.int64) * HIDDEN + cols[None, :]
+    _normalize_and_store(total, inside, offsets, cols, out, weight, bias, eps, HIDDEN)
+
+
+@triton.jit(do_not_specialize=["skip"])
+def _mean_pool(states, cu, out, skip, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    text = tl.program_id(0)
+    first = tl.load(cu + text) + skip
+    end = tl.load(cu + text + 1)
+    cols = tl.arange(0, BLOCK_H)
+    in_hidden = cols < HIDDEN
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for start in range(first, end, BLOCK_T):
+        token = start + tl.arange(0, BLOCK_T)
+        inside = (token < end)[:, None] & in_hidden[None, :]
+        block = tl.load(states + token[:, None].to(tl.int64) * HIDDEN + cols[None, :], mask=inside, other=0.0)
+        acc += tl.sum(block.to(tl.float32), 0)
+    count = tl.maximum(end - first, 1).to(tl.float32)
+    tl.store(out + text.to(tl.int64) * HIDDEN + cols, acc / count, mask=in_hidden)
+
+
+def _hidden_block(hidden: int) -> int:
+    return triton.next_power_of_2(hidden)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm(x + residual) over the last dimension; x and residual [tokens, hidden], contiguous."""
+    rows, hidden = x.shape
+    out = torch.empty_like(x)
+    if rows:
+        _add_layer_norm[(triton.cdiv(rows, LN_BLOCK_ROWS),)](
+            x.contiguous(), residual.contiguous(), out, weight, bias, rows, eps, HIDDEN=hidden,
+            BLOCK_H=_hidden_block(hidden), BLOCK_ROWS=LN_BLOCK_ROWS, num_warps=LN_WARPS)
+    return out
+
+
+def embed(word: torch.Tensor, position: torch.Tensor, type_row: torch.Tensor, ids: torch.Tensor,
+          positions: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm(word[ids] + position[positions] + type_row): [tokens, hidden] in the weights' dtype."""
+    rows, hidden = ids.shape[0], word.shape[1]
+    out = torch.empty((rows, hidden), dtype=word.dtype, device=word.device)
+    if rows:
+        _embed_layer_norm[(triton.cdiv(rows, LN_BLOCK_ROWS),)](
+            word, position, type_row, ids, positions, out, weight, bias, rows, eps, HIDDEN=hidden,
+            BLOCK_H=_hidden_block(hidden), BLOCK_ROWS=LN_BLOCK_ROWS, num_warps=LN_WARPS)
+    return out
+
+
+def mean_pool(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, skip: int = 0,
+              within: torch.Tensor | None = None) -> torch.Tensor:
+    """Each row's mean token state, leaving out its first `skip` tokens, as float32 [rows, hidden]; `cu`: int32
+    row offsets into states [tokens, hidden]. (`seg` and `within` are the eager version's; offsets suffice here.)"""
+    rows, hidden = cu.shape[0] - 1, states.shape[1]
+    out = torch.empty((rows, hidden), dtype=torch.float32, device=states.device)
+    if rows:
+        _mean_pool[(rows,)](states.contiguous(), cu, out, skip, HIDDEN=hidden, BLOCK_H=_hidden_block(hidden),
+                            BLOCK_T=POOL_BLOCK_TOKENS, num_warps=POOL_WARPS)
+    return out
