@@ -131,6 +131,13 @@ def test_special_literals_and_unprobed_characters_fall_back(fast_backend, backen
     assert as_lists(fast_backend.encode(texts)) == backend.encode(texts)
     assert fast_backend.rows_fallback - before == 4
     assert not fast_backend.needs_hf("plain ascii words")
+    # A chunk's texts are checked together, in one array: each answer must be its own text's, next to empty,
+    # ASCII, unsafe-at-the-edge and lone-surrogate texts.
+    chunk = ["", "\u03a3", "safe é", "ends unsafe \u03a3", "", "é starts", "lone \ud800 surrogate", "x" * 3,
+             "\U000f0001", "[SEP] literal", "naïve"]
+    assert list(fast_backend._needs_hf(chunk)) == [fast_backend.needs_hf(t) for t in chunk]
+    assert [fast_backend.needs_hf(t) for t in chunk] == [False, True, False, True, False, False, True, False, True,
+                                                         True, False]
 
 
 def test_fast_backend_bounds_work_on_giant_texts(fast_backend, monkeypatch):
