@@ -14,6 +14,7 @@ from hpcembed.engine import ModelSpec, TorchEncoder, build_encoder
 from hpcembed.engine.instances import InstancePool
 from hpcembed.engine.bert import supports
 from hpcembed.engine.varlen import VarlenEncoder
+from hpcembed.errors import ConfigError
 from hpcembed.tokenize import HFTokenizer
 from hpcembed.tokenize.batch import TokenBatch
 
@@ -103,6 +104,12 @@ def test_fused_ops_match_transformers(model_dir, fused_ops):
     fast = VarlenEncoder(spec, "cpu", "fp32", fused_ops=fused_ops).encode(batch)
     ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
     assert np.abs(fast - ref).max() < 1e-5
+
+
+def test_fused_triton_ops_on_cpu_is_a_clear_error(model_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="--fused-ops triton needs Triton and a CUDA device"):
+        VarlenEncoder(ModelSpec.load(model_dir), "cpu", "fp32", fused_ops="triton")
 
 
 @pytest.mark.parametrize("kind", ["bert", "xlm-roberta"])

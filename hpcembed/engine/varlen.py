@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import time
 
 import numpy as np
@@ -258,6 +259,10 @@ class VarlenEncoder(Encoder):
             fused_ops = default_fused_ops(self.cuda)
         if fused_ops not in FUSED_OPS:
             raise ConfigError(f"fused ops {fused_ops!r}: expected one of {', '.join(FUSED_OPS)} or auto")
+        if fused_ops == "triton" and (importlib.util.find_spec("triton") is None or
+                                      not self.cuda and os.environ.get("TRITON_INTERPRET") != "1"):
+            raise ConfigError("--fused-ops triton needs Triton and a CUDA device (on CPU only Triton's interpreter "
+                              "runs it, TRITON_INTERPRET=1); use --fused-ops eager")
         self.fused_ops = fused_ops
         self.ops = FUSED_OPS[fused_ops]()
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
