@@ -1,6 +1,6 @@
 """The owner's host cost per row under --dedup: claims, embeddings kept, references filled (roles/dedup.py
-DigestTable on io/digest_index.py), against a Python dict doing the same lookups (the first version's table) in the
-same run. One thread; these run on an encoder rank's loop thread, which sets a node's pace.
+DigestTable), against a plain Python dict doing the same lookups in the same run. One thread; these run on an
+encoder rank's loop thread, which sets a node's pace.
 
     python -m bench.dedup_host [--rows 1000000] [--repeats 0.3]
 
