@@ -56,6 +56,7 @@ class EncoderStats(RankStats):
     device: str = ""
     dtype: str = ""
     attention: str = ""                         # the varlen engine's attention kernel (triton, flash, padded)
+    fused_ops: str = ""                         # and its ops between the matmuls (triton, compile, eager)
     instances: int = 0
     ready_at: float = 0.0                       # epoch seconds the encoders were built and the rank took work
     stage_busy_seconds: float = 0.0             # time at least one instance was encoding

@@ -84,7 +84,8 @@ class InstancePool:
             for step, seconds in encoder.build_seconds.items():
                 build[step] = build.get(step, 0.0) + seconds
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
-                "attention": getattr(first, "attention_name", ""), "instances": len(self.encoders),
+                "attention": getattr(first, "attention_name", ""), "fused_ops": getattr(first, "fused_ops", ""),
+                "instances": len(self.encoders),
                 "build_seconds": build}
 
     def submit(self, batch: TokenBatch) -> None:
