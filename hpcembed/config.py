@@ -81,8 +81,9 @@ class JobConfig:
     cuda_graphs: bool | None = _opt(None, "varlen encoder on CUDA: capture the forward as CUDA graphs over token "
                                           "and row buckets at start-up and pad each batch to its bucket (default: "
                                           "on; see bench/notes/gpu_stage.md for what it measured)")
-    cache_dir: str = _opt("", "where compiled kernels are kept between runs, shared safely by ranks and jobs "
-                              "(default: $HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed or ~/.cache/hpcembed)")
+    cache_dir: str = _opt("", "where what start-up computes (compiled kernels, the budtiktok tokenizer's probe, "
+                              "model file digests) is kept between runs, shared safely by ranks and jobs (default: "
+                              "$HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed or ~/.cache/hpcembed)")
     attention: str = _opt("auto", "varlen encoder on CUDA: the attention kernel, 'triton' (hpcembed's kernel for small "
                                   "heads, 1.9x flash attention at MiniLM's shapes on an H200) or 'flash' (torch's "
                                   "varlen flash attention); auto takes triton where Triton imports",

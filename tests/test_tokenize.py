@@ -192,8 +192,9 @@ def test_budtiktok_probe_is_kept_in_the_cache(model_dir, tmp_path):
     assert json.loads(entry.read_text())["unsafe"] == list(probed)
     entry.write_text(json.dumps({"unsafe": [0x3A3]}))           # edited in place: read, not probed again
     assert unsafe_codepoints(path, cache) == (0x3A3,)
-    entry.write_text('{"unsafe": [1, 2')                        # cut short
-    assert unsafe_codepoints(path, cache) == probed
+    for damaged in ('{"unsafe": [1, 2', '{"unsafe": [1, 1114111]}', '["not", "an", "entry"]'):
+        entry.write_text(damaged)                               # cut short, out of range, not an entry
+        assert unsafe_codepoints(path, cache) == probed
     assert json.loads(entry.read_text())["unsafe"] == list(probed)
     other = tmp_path / "other" / "tokenizer.json"
     other.parent.mkdir()

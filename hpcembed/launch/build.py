@@ -19,10 +19,10 @@ from ..tokenize import Prompted, make_tokenizer
 from ..tokenize.chunk import Chunker
 from ..topology import RoleMap
 from ..transport.base import Transport
+from .kinds import JobKind
 
 if TYPE_CHECKING:
     from ..engine.base import Encoder
-from .kinds import JobKind
 
 
 def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):

@@ -86,7 +86,7 @@ def unsafe_codepoints(tokenizer_path: str, cache: Path | None = None) -> tuple[i
     if entry is not None:
         found = read_entry(entry)
         codepoints = found.get("unsafe") if found else None
-        if isinstance(codepoints, list) and all(isinstance(c, int) for c in codepoints):
+        if isinstance(codepoints, list) and all(isinstance(c, int) and 0 <= c < PROBE_LIMIT for c in codepoints):
             return tuple(codepoints)
     unsafe = _probe(tokenizer_path)
     if entry is not None:
