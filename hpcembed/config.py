@@ -69,7 +69,15 @@ class JobConfig:
                                          "rank embeds them at start and they agree on one range")
     normalize: bool | None = _opt(None, "L2-normalize embeddings (default: as the model's modules.json says)")
     device: str = _opt("auto", "torch device for the encoder: auto picks cuda when available, else cpu")
-    dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU", choices=("auto", "fp32", "fp16", "bf16"))
+    dtype: str = _opt("auto", "encoder dtype: auto is fp32 on CPU, and on CUDA bf16 for decoder (LLM-based) models, "
+                              "fp16 for the others; fp8: a decoder's matmuls in e4m3 (the rest bf16), after a "
+                              "check against bf16 on the job's own texts (--fp8-min-cosine)",
+                      choices=("auto", "fp32", "fp16", "bf16", "fp8"))
+    fp8_min_cosine: float = _opt(0.999, "--dtype fp8: before embedding, every encoder rank embeds --fp8-check-rows "
+                                        "rows of the job's input in bf16 and in FP8, and the job refuses to run "
+                                        "(exit 2) when their minimum cosine is below this; the manifest records it")
+    fp8_check_rows: int = _opt(2000, "--dtype fp8: rows the fidelity check embeds, from up to 16 work units spread "
+                                     "over the input")
     engine: str = _opt("auto", "encoder: 'varlen' is the padding-free BERT-family fast path, 'torch' the generic "
                                "transformers AutoModel; auto uses varlen on CUDA where the model allows",
                        choices=("auto", "varlen", "torch"))
@@ -198,7 +206,7 @@ _AT_LEAST = {"dedup_memory": 0, "max_seq_length": 0, "dimensions": 0, "chunk_tok
              "max_batch_tokens": 0, "tokenizer_ranks": 0,
              "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 1, "unit_rows": 1,
-             "chunk_rows": 1, "credits": 1, "calibration_rows": 2}
+             "chunk_rows": 1, "credits": 1, "calibration_rows": 2, "fp8_min_cosine": -1, "fp8_check_rows": 1}
 
 
 def check_value(name: str, value: Any) -> None:

@@ -84,6 +84,7 @@ class BertWeights:
         self.type_row = (types[0].to(device=device, dtype=dtype) if types is not None
                          else torch.zeros(self.hidden, device=device, dtype=dtype))
         self.emb_ln = (get("embeddings.LayerNorm.weight"), get("embeddings.LayerNorm.bias"))
+        self.max_positions = self.position.shape[0]
         self.layers = []
         for i in range(int(config["num_hidden_layers"])):
             p = f"encoder.layer.{i}."

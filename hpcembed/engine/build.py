@@ -7,10 +7,9 @@ import torch
 
 from ..errors import ConfigError
 from .base import Encoder
-from .model import ModelSpec
+from .model import ModelSpec, default_dtype
 from .torch_encoder import TorchEncoder
-from .bert import supports
-from .varlen import VarlenEncoder
+from .varlen import VarlenEncoder, supports
 
 log = logging.getLogger("hpcembed")
 
@@ -35,15 +34,21 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
     `attention`: its attention kernel (engine/varlen.py)."""
     device = resolve_device(device)
     if dtype == "auto":
-        dtype = "fp16" if device.startswith("cuda") else "fp32"
+        dtype = default_dtype(spec, device)
     if device == "cpu" and dtype == "fp16":
         raise ConfigError("dtype fp16 is not supported on CPU; use fp32 or bf16")
     if engine == "auto":
-        why = supports(spec) if device.startswith("cuda") else "CPU (padded SDPA is the CPU path)"
-        if why and device.startswith("cuda"):
+        # FP8 exists on the padding-free path alone, so it takes that path on CPU too (tests).
+        fast_here = device.startswith("cuda") or dtype == "fp8"
+        why = supports(spec) if fast_here else "CPU (padded SDPA is the CPU path)"
+        if why and fast_here:
             log.warning("model %s: using the generic transformers encoder, not the padding-free one: %s",
                         spec.name, why)
         engine = "torch" if why else "varlen"
+    if dtype == "fp8" and engine != "varlen":
+        why = supports(spec) or "--engine torch was asked for"
+        raise ConfigError(f"--dtype fp8 runs on the padding-free decoder path only, which {spec.name} cannot take: "
+                          f"{why}")
     if engine == "varlen":
         cuda = device.startswith("cuda")
         return VarlenEncoder(spec, device, dtype, fused_ops=fused_ops, gelu_epilogue=cuda and not exact_gelu,

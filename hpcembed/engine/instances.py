@@ -85,7 +85,7 @@ class InstancePool:
                 build[step] = build.get(step, 0.0) + seconds
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
                 "attention": getattr(first, "attention_name", ""), "fused_ops": getattr(first, "fused_ops", ""),
-                "instances": len(self.encoders),
+                "instances": len(self.encoders), "fp8_min_cosine": getattr(first, "fp8_min_cosine", None),
                 "build_seconds": build}
 
     def submit(self, batch: TokenBatch) -> None:

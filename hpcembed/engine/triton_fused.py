@@ -125,3 +125,96 @@ def mean_pool(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, skip: i
         _mean_pool[(rows,)](states.contiguous(), cu, out, skip, HIDDEN=hidden, BLOCK_H=_hidden_block(hidden),
                             BLOCK_T=POOL_BLOCK_TOKENS, num_warps=POOL_WARPS)
     return out
+
+
+# -- the decoder path's pieces (engine/decoder.py) ---------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["rows"])
+def _rms_norm(x, residual, out, total_out, weight, rows, eps, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_ROWS: tl.constexpr, ADD: tl.constexpr):
+    """RMSNorm of x (+ residual, stored to total_out where ADD) as transformers computes it: normalized in fp32,
+    rounded to the input dtype, then scaled by the weight."""
+    row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    inside = (row[:, None] < rows) & (cols[None, :] < HIDDEN)
+    offsets = row[:, None].to(tl.int64) * HIDDEN + cols[None, :]
+    total = tl.load(x + offsets, mask=inside, other=0.0)
+    if ADD:
+        total = total + tl.load(residual + offsets, mask=inside, other=0.0)
+        tl.store(total_out + offsets, total, mask=inside)
+    h = total.to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.sum(h * h, 1) / HIDDEN + eps)
+    w = tl.load(weight + cols, mask=cols < HIDDEN, other=0.0)
+    normalized = (h * scale[:, None]).to(out.dtype.element_ty)
+    tl.store(out + offsets, w[None, :] * normalized, mask=inside)
+
+
+@triton.jit(do_not_specialize=["tokens"])
+def _silu_mul(gate_up, out, tokens, INTER: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < INTER
+    gate = tl.load(gate_up + token * 2 * INTER + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + token * 2 * INTER + INTER + cols, mask=inside, other=0.0)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
+    tl.store(out + token * INTER + cols, silu * up, mask=inside)
+
+
+@triton.jit(do_not_specialize=["rows"])
+def _quantize_rows(x, out, scales, rows, COLS: tl.constexpr, BLOCK_C: tl.constexpr, FP8_MAX: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    inside = cols < COLS
+    v = tl.load(x + row * COLS + cols, mask=inside, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(v), 0), 1e-12) / FP8_MAX
+    q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
+    tl.store(out + row * COLS + cols, q.to(out.dtype.element_ty), mask=inside)
+    tl.store(scales + row, scale)
+
+
+def _rms_launch(x, residual, weight, eps, add: bool):
+    hidden = x.shape[-1]
+    flat = x.reshape(-1, hidden)
+    rows = flat.shape[0]
+    out = torch.empty_like(flat)
+    total = torch.empty_like(flat) if add else out
+    if rows:
+        _rms_norm[(triton.cdiv(rows, LN_BLOCK_ROWS),)](
+            flat, residual.reshape(-1, hidden) if add else flat, out, total, weight, rows, eps, HIDDEN=hidden,
+            BLOCK_H=_hidden_block(hidden), BLOCK_ROWS=LN_BLOCK_ROWS, ADD=add, num_warps=LN_WARPS)
+    return out.view(x.shape), total.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension of x (contiguous: [tokens, hidden] or [tokens, heads, head_dim])."""
+    return _rms_launch(x.contiguous(), None, weight, eps, add=False)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) in one pass."""
+    return _rms_launch(x.contiguous(), residual.contiguous(), weight, eps, add=True)
+
+
+SILU_BLOCK = 1024
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the fused [tokens, 2 * inter] projection, gate first."""
+    tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty((tokens, inter), dtype=gate_up.dtype, device=gate_up.device)
+    if tokens:
+        _silu_mul[(tokens, triton.cdiv(inter, SILU_BLOCK))](gate_up.contiguous(), out, tokens, INTER=inter,
+                                                            BLOCK=SILU_BLOCK, num_warps=4)
+    return out
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / scale in e4m3, scale [rows, 1] fp32) with one scale per row: engine/fp8.py's quantize_rows_eager."""
+    rows, cols = x.shape
+    out = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    if rows:
+        _quantize_rows[(rows,)](x.contiguous(), out, scales, rows, COLS=cols, BLOCK_C=triton.next_power_of_2(cols),
+                                FP8_MAX=448.0, num_warps=8)
+    return out, scales

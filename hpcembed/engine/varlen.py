@@ -1,4 +1,4 @@
-"""The padding-free encoder for the BERT family (BERT, RoBERTa, XLM-R, CamemBERT): the GPU fast path.
+"""The padding-free encoder, the GPU fast path: for the BERT family, and for LLM decoders (engine/decoder.py).
 
 A batch is its real tokens only: flat ids [T] with cumulative sequence offsets, as a TokenBatch already holds
 them, so no pad token is ever embedded, multiplied or attended. Q, K and V come from one fused projection, and
@@ -32,9 +32,16 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
+from . import decoder
 from .base import Encoder, Pending, torch_dtype
-from .bert import BertWeights, supports
+from .bert import BertWeights, supports as bert_supports
 from .model import ModelSpec
+from .padded_attention import attention_padded
+
+
+def supports(spec: ModelSpec) -> str | None:
+    """None when the padding-free path serves this model (the BERT family or a decoder), else why not."""
+    return decoder.supports(spec) if spec.is_decoder else bert_supports(spec)
 
 
 def _attention_varlen(qkv, cu, max_len):
@@ -61,25 +68,7 @@ def default_attention(head_dim: int) -> str:
 
 
 def _attention_padded(qkv, cu, max_len):
-    """CPU stand-in for the varlen kernel: scatter into [rows, heads, max_len, d], SDPA with a key mask, gather.
-    Tokens past the last offset (a graph bucket's padding) belong to no sequence and come out as zeros."""
-    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
-    t, h, d = q.shape
-    rows, real = cu.numel() - 1, int(cu[-1])
-    seg = torch.searchsorted(cu[1:], torch.arange(real, device=q.device, dtype=cu.dtype), right=True).long()
-    pos = torch.arange(real, device=q.device) - cu.long()[seg]      # place within its row
-
-    def pad(x):
-        out = x.new_zeros(rows, max_len, h, d)
-        out[seg, pos] = x[:real]
-        return out.transpose(1, 2)
-
-    lengths = cu[1:] - cu[:-1]
-    mask = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None, None, :])
-    result = q.new_zeros(t, h, d)
-    result[:real] = out.transpose(1, 2)[seg, pos]
-    return result
+    return attention_padded(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
@@ -247,13 +236,27 @@ class VarlenEncoder(Encoder):
         self.spec, self.device_name, self.dtype_name = spec, device, dtype
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
+        self.decoder = spec.is_decoder
+        if dtype == "fp8" and not self.decoder:
+            raise ConfigError("--dtype fp8 is for decoder (LLM-based) models; at BERT sizes its matmuls gain "
+                              "little (engine/fp8.py); use fp16 or bf16")
         started = time.perf_counter()
-        self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
+        if self.decoder:
+            from .fp8 import Fp8Linear
+            self.weights = decoder.DecoderWeights(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
+                                                  self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
+        else:
+            self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
         self.build_seconds = {"weights": time.perf_counter() - started}
-        if attention == "auto" and self.cuda:
+        if self.decoder:            # grouped heads of 64-128: torch's flash attention
+            if attention not in ("auto", "flash"):
+                raise ConfigError(f"--attention {attention}: decoder models take flash attention (or auto)")
+            attention = "flash"
+        elif attention == "auto" and self.cuda:
             attention = default_attention(self.weights.hidden // self.weights.heads)
         self.attention_name = attention if self.cuda else "padded"
-        self.attention = ATTENTION[attention] if self.cuda else _attention_padded
+        self.attention = ((decoder.attention_flash if self.decoder else ATTENTION[attention]) if self.cuda else
+                          attention_padded if self.decoder else _attention_padded)
         self.max_len = spec.max_seq_length
         if fused_ops == "auto":
             fused_ops = default_fused_ops(self.cuda)
@@ -265,6 +268,7 @@ class VarlenEncoder(Encoder):
                               "runs it, TRITON_INTERPRET=1); use --fused-ops eager")
         self.fused_ops = fused_ops
         self.ops = FUSED_OPS[fused_ops]()
+        self.decoder_ops = decoder.ops_for(fused_ops) if self.decoder else None
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.launch_ahead = 2 if self.cuda else 1
@@ -383,8 +387,11 @@ class VarlenEncoder(Encoder):
     def _run(self, dev: torch.Tensor, total: int, rows: int, max_len: int) -> torch.Tensor:
         ids, cu = dev[:total], dev[total: total + rows + 1]
         w = self.weights
-        seg, positions = token_layout(ids, cu, rows, w.position_offset, w.position.shape[0])
-        states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
+        seg, positions = token_layout(ids, cu, rows, w.position_offset, w.max_positions)
+        if self.decoder:
+            states = decoder.decoder_forward(w, ids, positions, cu, max_len, self.attention, self.decoder_ops)
+        else:
+            states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
         skip = self.spec.pool_skip
         out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops, skip,
                           positions - w.position_offset if skip else None)

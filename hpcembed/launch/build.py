@@ -2,12 +2,14 @@
 ranks here, so a role is the same whether it runs as a thread or as an MPI rank."""
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from ..cache import cache_dir, use_cache_dir
 from ..config import JobConfig
 from ..engine import ModelSpec
 from ..engine.instances import InstancePool
+from ..errors import ConfigError
 from ..io.readers import Columns
 from ..io.writer import OutputDir
 from ..protocol.encoder import EncoderCore
@@ -20,6 +22,8 @@ from ..tokenize.chunk import Chunker
 from ..topology import RoleMap
 from ..transport.base import Transport
 from .kinds import JobKind
+
+log = logging.getLogger("hpcembed")
 
 if TYPE_CHECKING:
     from ..engine.base import Encoder
@@ -74,6 +78,27 @@ def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder
     from .calibrate import calibrate
     return calibrate(units, _columns(cfg, spec), tokenizer_backend(cfg, spec), encoder,
                      cfg.batch_tokens_for(encoder.device_name), cfg.chunk_pooling == "mean", spec.normalize)
+
+
+def check_fp8(cfg: JobConfig, spec: ModelSpec, units: list, encoders: list[Encoder]) -> float:
+    """--dtype fp8's fidelity check (engine/fp8.py) on `units`' rows of the job's own input, by the first encoder;
+    then every encoder's bf16 weights are dropped. Raises ConfigError (the job ends, exit 2, nothing written) when
+    the minimum cosine is below --fp8-min-cosine."""
+    from ..engine.fp8 import drop_references, fidelity
+    from .calibrate import sample_batches
+    batches = sample_batches(units, _columns(cfg, spec), tokenizer_backend(cfg, spec),
+                             cfg.batch_tokens_for(encoders[0].device_name), "check FP8 fidelity")
+    cosine = fidelity(encoders[0], batches)
+    drop_references(encoders)
+    rows = sum(b.num_rows for b in batches)
+    log.info("--dtype fp8: minimum cosine against bf16 %.6f on %d rows of the input", cosine, rows)
+    if cosine < cfg.fp8_min_cosine:
+        raise ConfigError(f"--dtype fp8 is not faithful enough for this model and input: on {rows} rows of the "
+                          f"job's own texts the minimum cosine between FP8 and bf16 embeddings is {cosine:.6f}, "
+                          f"below --fp8-min-cosine {cfg.fp8_min_cosine}; run with --dtype bf16, or lower the bound")
+    for encoder in encoders:
+        encoder.fp8_min_cosine = cosine
+    return cosine
 
 
 def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:

@@ -39,12 +39,10 @@ def calibration_units(units: list[WorkUnit], rows: int) -> list[tuple[WorkUnit, 
     return [(unit, min(each, unit.rows)) for unit in picked]
 
 
-def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, encoder, batch_tokens: int,
-              pool_windows: bool = False, normalize: bool = False) -> np.ndarray:
-    """Ranges [2, dim] float32 from the embeddings of those rows, as they will be stored (`pool_windows`: a
-    chunked text's windows averaged, as --chunk-pooling mean stores them). Rows that are not valid input are left
-    out; a unit that cannot be read is skipped, its error is the job's to report."""
-    start = time.perf_counter()
+def sample_batches(units: list[tuple[WorkUnit, int]], columns: Columns, backend, batch_tokens: int,
+                   purpose: str) -> list:
+    """Token batches of those rows, tokenized as the job tokenizes them (windows under --chunk-tokens). Rows that
+    are not valid input are left out; a unit that cannot be read is skipped, its error is the job's to report."""
     assembler = BatchAssembler(batch_tokens)
     batches = []
     for unit, rows in units:
@@ -57,7 +55,16 @@ def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, enco
     rest = assembler.flush()
     batches += [rest] if rest is not None else []
     if not batches:
-        raise InputError(units[0][0].file.path if units else "input", "no valid rows to calibrate int8 output on")
+        raise InputError(units[0][0].file.path if units else "input", f"no valid rows to {purpose} on")
+    return batches
+
+
+def calibrate(units: list[tuple[WorkUnit, int]], columns: Columns, backend, encoder, batch_tokens: int,
+              pool_windows: bool = False, normalize: bool = False) -> np.ndarray:
+    """Ranges [2, dim] float32 from the embeddings of those rows, as they will be stored (`pool_windows`: a
+    chunked text's windows averaged, as --chunk-pooling mean stores them)."""
+    start = time.perf_counter()
+    batches = sample_batches(units, columns, backend, batch_tokens, "calibrate int8 output")
     stored = []
     for batch in batches:           # a text's windows are in one batch (BatchAssembler)
         embeddings = encoder.encode(batch)

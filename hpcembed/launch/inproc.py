@@ -15,7 +15,7 @@ from ..roles.conductor import run_conductor
 from ..signals import STOP
 from ..topology import RoleMap
 from ..transport.inproc import InprocNetwork
-from .build import build_encoders, calibrate_for, encoder_rank, tokenizer_rank
+from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, tokenizer_rank
 from .kinds import JobKind
 from .setup import already_complete, finish, prepare
 
@@ -44,6 +44,8 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
                                           digest_seed=setup.digest_seed, dedup=dedup[0]))]
     if kind.has_encoders:
         encoders = build_encoders(cfg, setup.spec, device)
+        if setup.fp8_sample(cfg):
+            check_fp8(cfg, setup.spec, setup.fp8_sample(cfg), encoders)
         units, ranges = setup.calibration(cfg)
         if units:
             ranges = calibrate_for(cfg, setup.spec, units, encoders[0])

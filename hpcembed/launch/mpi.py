@@ -26,7 +26,7 @@ from ..signals import STOP
 from ..slurm import SlurmTask
 from ..topology import RankInfo, device_for, plan_roles
 from ..transport.base import Transport
-from .build import build_encoders, calibrate_for, encoder_rank, tokenizer_rank
+from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, tokenizer_rank
 from .calibrate import agree
 from .kinds import JobKind
 from .planning import choose_data_path, job_device, open_transport, plan_job_roles
@@ -131,7 +131,7 @@ def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tu
         return setup, RunPlan("run", roles, setup.spec, setup.committed_shards(),
                               choose_data_path(kind.transport_choice(cfg), transport, roles), batch_tokens,
                               *setup.calibration(cfg), digest_seed=setup.digest_seed, dedup=dedup,
-                              reuse=setup.reuse_shards)
+                              reuse=setup.reuse_shards, fp8_sample=setup.fp8_sample(cfg))
     except HpcEmbedError as exc:
         if setup is not None:
             setup.output.lock.release()
@@ -207,6 +207,9 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             else:
                 startup["building"] = time.time()
                 encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
+            if plan.fp8_sample:
+                check_fp8(cfg, plan.spec, plan.fp8_sample, encoders)
+                startup["fp8_checked"] = time.time()
             ranges = plan.ranges
             if plan.calibration:
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import JobConfig
-from ..engine.model import ModelSpec, default_model_dir
+from ..engine.model import ModelSpec, default_dtype, default_model_dir
 from ..errors import ConfigError
 from ..io.digest import digest_seed
 from ..io.reuse import digest_identity
@@ -55,6 +55,12 @@ class JobSetup:
             return [], self.resumed.ranges
         return calibration_units(self.plan.units, cfg.calibration_rows), None
 
+    def fp8_sample(self, cfg: JobConfig) -> list:
+        """--dtype fp8: the units and rows every encoder rank's fidelity check embeds (launch/build.py)."""
+        if cfg.dtype != "fp8" or not self.kind.has_encoders:
+            return []
+        return calibration_units(self.plan.units, cfg.fp8_check_rows)
+
     def dedup(self, cfg: JobConfig, roles: RoleMap) -> tuple[bool, str]:
         """(whether this job deduplicates, why not where it does not). --dedup auto is on only with --reuse; where
         deduplication cannot run, --dedup on and --reuse are errors."""
@@ -100,6 +106,7 @@ class RunPlan:
     digest_seed: int | None = None              # tokenizers digest each row with it (io/digest.py)
     dedup: bool = False                         # rows are claimed from their digests' owners (roles/dedup.py)
     reuse: list = field(default_factory=list)   # --reuse: earlier outputs' shards to load (io/reuse.py)
+    fp8_sample: list = field(default_factory=list)  # --dtype fp8: the rows the fidelity check embeds
     error: str = ""
     exit_code: int = 0
 
@@ -111,8 +118,8 @@ RESULT_KEYS = ("model_id", "pooling", "normalize", "dtype", "prompt", "prompt_to
 MAX_DEDUP_OWNERS = 64
 
 
-def resolved_dtype(cfg: JobConfig, device: str) -> str:
-    return cfg.dtype if cfg.dtype != "auto" else ("fp16" if device.startswith("cuda") else "fp32")
+def resolved_dtype(cfg: JobConfig, device: str, spec: ModelSpec) -> str:
+    return cfg.dtype if cfg.dtype != "auto" else default_dtype(spec, device)
 
 
 def model_spec(cfg: JobConfig, embedding: bool = True) -> ModelSpec:
@@ -147,7 +154,7 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     files = resolve_inputs(cfg.input)
     check_output_outside_inputs(cfg.output, files, cfg.input)
     plan = plan_job(files, cfg.unit_rows, skip_unreadable=cfg.on_invalid == "skip")
-    dtype = resolved_dtype(cfg, device)
+    dtype = resolved_dtype(cfg, device, spec)
     output = OutputDir(cfg.output, tokens=kind.tokens_out)
     fingerprint = kind.fingerprint(cfg, spec, plan, dtype, tokenizer)
     of = digest_of(cfg, plan)

@@ -1,0 +1,261 @@
+"""The padding-free path for LLM-based embedders: Llama, Mistral, Qwen2 and Qwen3 decoders.
+
+The same packed layout as the BERT path (flat token ids, cumulative sequence offsets; engine/varlen.py runs both):
+per layer RMSNorm, one fused Q/K/V projection, Qwen3's per-head q/k RMSNorm, rotary embeddings by each token's
+place in its own text, grouped-query attention over the offsets (causal, or bidirectional where config.json says
+`is_causal: false`, as transformers reads it), then a SwiGLU MLP with gate and up fused into one matmul. The final
+norm's states go to the pooling the model's sentence-transformers config names (last token for Qwen3-Embedding and
+e5-mistral: the tokenizer's template appends the end-of-sequence token, so the last token is that one).
+
+Positions restart at 0 in every text. A padded transformers batch numbers them differently (from the left pad
+when the tokenizer pads left), which does not change the result: rotary attention depends on distances only.
+
+FP8 (engine/fp8.py) swaps the four matmuls of each layer for e4m3 ones; embeddings, norms, attention and pooling
+stay in bf16.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .model import ModelSpec
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def _config(spec_or_path) -> dict:
+    path = spec_or_path.path if isinstance(spec_or_path, ModelSpec) else spec_or_path
+    return json.loads((Path(path) / "config.json").read_text())
+
+
+def _rope(config: dict) -> tuple[str, float]:
+    """(rope type, theta), from transformers 5's rope_parameters or the older rope_theta and rope_scaling."""
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    return kind, float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def is_decoder(spec: ModelSpec) -> bool:
+    return _config(spec).get("model_type") in SUPPORTED
+
+
+def supports(spec: ModelSpec) -> str | None:
+    """None when the padding-free decoder path serves this model, else why not."""
+    config = _config(spec)
+    kind = config.get("model_type")
+    if kind not in SUPPORTED:
+        return f"model type {kind!r} (the decoder path serves {', '.join(SUPPORTED)})"
+    rope_type, _ = _rope(config)
+    if rope_type != "default":
+        return f"rotary embedding type {rope_type!r} (the decoder path computes the default one)"
+    if float(config.get("partial_rotary_factor", 1.0)) != 1.0:
+        return "partial rotary embeddings"
+    if config.get("hidden_act", "silu") != "silu":
+        return f"activation {config['hidden_act']!r} (the decoder path's MLP is SwiGLU)"
+    window = config.get("sliding_window")
+    if window and (config.get("use_sliding_window", kind == "mistral")) and window < spec.max_seq_length:
+        return f"a sliding attention window ({window}) shorter than max_seq_length {spec.max_seq_length}"
+    if not sorted(Path(spec.path).glob("*.safetensors")):
+        return "no .safetensors weights"
+    return None
+
+
+@dataclass
+class DecoderLayer:
+    in_norm: torch.Tensor
+    qkv: object                 # a Linear (below) or an Fp8Linear (engine/fp8.py): x -> x @ W.T + b
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    out: object
+    post_norm: torch.Tensor
+    gate_up: object
+    down: object
+
+
+class Linear:
+    """x @ W.T (+ b) in the weights' dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class DecoderWeights:
+    """A decoder's weights from its .safetensors files (one or sharded), with Q/K/V and gate/up fused."""
+
+    position_offset = 0
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
+        """`linear(weight, bias)`: how each fused matmul is held (Linear, or engine/fp8.py's quantizing one)."""
+        from safetensors.torch import load_file
+        root = Path(model_dir)
+        config = _config(model_dir)
+        self.config = config
+        self.heads = int(config["num_attention_heads"])
+        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
+        self.hidden = int(config["hidden_size"])
+        self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
+        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        self.causal = bool(config.get("is_causal", True))
+        self.max_positions = int(config.get("max_position_embeddings", 32768))
+        _, theta = _rope(config)
+        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device)
+                                         .float() / self.head_dim))
+        raw: dict[str, torch.Tensor] = {}
+        for path in sorted(root.glob("*.safetensors")):
+            raw.update(load_file(str(path)))
+        raw = {k[len("model."):] if k.startswith("model.") else k: v for k, v in raw.items()}
+
+        def get(name: str) -> torch.Tensor:
+            if name not in raw:
+                raise ConfigError(f"model {model_dir}: weight {name!r} missing from its .safetensors files")
+            return raw[name].to(device=device, dtype=dtype).contiguous()
+
+        def fused(names: list[str]):
+            weight = torch.cat([get(n + ".weight") for n in names])
+            biases = [raw.get(n + ".bias") for n in names]
+            if all(b is None for b in biases):
+                return linear(weight, None)
+            bias = torch.cat([get(n + ".bias") if b is not None else
+                              torch.zeros(get(n + ".weight").shape[0], dtype=dtype, device=device)
+                              for n, b in zip(names, biases)])
+            return linear(weight, bias)
+
+        self.embed = get("embed_tokens.weight")
+        self.norm = get("norm.weight")
+        self.layers = []
+        for i in range(int(config["num_hidden_layers"])):
+            p = f"layers.{i}."
+            att = p + "self_attn."
+            qk_norm = att + "q_norm.weight" in raw
+            self.layers.append(DecoderLayer(
+                in_norm=get(p + "input_layernorm.weight"),
+                qkv=fused([att + "q_proj", att + "k_proj", att + "v_proj"]),
+                q_norm=get(att + "q_norm.weight") if qk_norm else None,
+                k_norm=get(att + "k_norm.weight") if qk_norm else None,
+                out=fused([att + "o_proj"]), post_norm=get(p + "post_attention_layernorm.weight"),
+                gate_up=fused([p + "mlp.gate_proj", p + "mlp.up_proj"]), down=fused([p + "mlp.down_proj"])))
+            for key in [k for k in raw if k.startswith(p)]:
+                del raw[key]        # the host copy of each layer goes as soon as it is on the device
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, head_dim] for each token's position, as transformers computes them (in fp32)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+# -- the pieces between matmuls, eager ----------------------------------------------------------------------------
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalized in fp32, cast back, then scaled by the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual): the normalized input of the next block and the new residual."""
+    total = x + residual
+    return rms_norm(total, weight, eps), total
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up, from the fused [T, 2 * intermediate] projection."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, head_dim] rotated by each token's cos and sin [T, head_dim] (the rotate-half layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class DecoderOps:
+    rms_norm = staticmethod(rms_norm)
+    add_rms_norm = staticmethod(add_rms_norm)
+    silu_mul = staticmethod(silu_mul)
+
+
+# -- attention ----------------------------------------------------------------------------------------------------
+
+@functools.cache
+def _varlen_attn():
+    from torch.nn.attention.varlen import varlen_attn
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def attention_flash(q, k, v, cu, max_len: int, causal: bool):
+    """torch's varlen flash attention; grouped K/V passed as they are where this torch takes them (enable_gqa),
+    else repeated per query head. Causality is a (-1, 0) window from torch 2.11 on, is_causal before."""
+    varlen_attn, params = _varlen_attn()
+    kwargs = {}
+    if causal:
+        kwargs.update(window_size=(-1, 0)) if "window_size" in params else kwargs.update(is_causal=True)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def decoder_forward(w: DecoderWeights, ids, positions, cu, max_len: int, attention, ops=DecoderOps) -> torch.Tensor:
+    """Token states [T, hidden] after the final norm, for flat ids [T] at `positions` (0 at each text's start)."""
+    eps, heads, kv_heads, d = w.eps, w.heads, w.kv_heads, w.head_dim
+    cos, sin = w.rotary(positions, w.embed.dtype)
+    x = w.embed[ids]
+    residual = None
+    for layer in w.layers:
+        if residual is None:
+            h, residual = ops.rms_norm(x, layer.in_norm, eps), x
+        else:
+            h, residual = ops.add_rms_norm(x, residual, layer.in_norm, eps)
+        q, k, v = layer.qkv(h).split([heads * d, kv_heads * d, kv_heads * d], dim=1)
+        q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.reshape(-1, kv_heads, d)
+        if layer.q_norm is not None:
+            q, k = ops.rms_norm(q, layer.q_norm, eps), ops.rms_norm(k, layer.k_norm, eps)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        att = attention(q, k, v, cu, max_len, w.causal)
+        h, residual = ops.add_rms_norm(layer.out(att.reshape(-1, heads * d)), residual, layer.post_norm, eps)
+        x = layer.down(ops.silu_mul(layer.gate_up(h)))
+    return ops.add_rms_norm(x, residual, w.norm, eps)[0]
+
+
+def ops_for(fused_ops: str) -> type[DecoderOps]:
+    """The decoder's pieces between matmuls for --fused-ops (already checked by the caller): eager, compiled by
+    torch.compile, or hpcembed's Triton kernels (engine/triton_fused.py)."""
+    if fused_ops == "eager":
+        return DecoderOps
+    if fused_ops == "compile":
+        return _compiled_ops()
+    from . import triton_fused
+
+    class _Triton(DecoderOps):
+        rms_norm = staticmethod(triton_fused.rms_norm)
+        add_rms_norm = staticmethod(triton_fused.add_rms_norm)
+        silu_mul = staticmethod(triton_fused.silu_mul)
+    return _Triton
+
+
+@functools.cache
+def _compiled_ops() -> type[DecoderOps]:
+    class _Compiled(DecoderOps):
+        rms_norm = staticmethod(torch.compile(rms_norm))
+        add_rms_norm = staticmethod(torch.compile(add_rms_norm))
+        silu_mul = staticmethod(torch.compile(silu_mul))
+    return _Compiled

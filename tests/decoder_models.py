@@ -1,0 +1,67 @@
+"""Tiny random-weight decoder embedders in sentence-transformers layout (Qwen3, Llama, Mistral, and a bidirectional
+Qwen2 as gte-Qwen2 runs it), with a byte-level BPE tokenizer whose template appends the end-of-sequence token, as
+Qwen3-Embedding's does. There is no model hub here: these stand in for the real ones, which differ in size only."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+EOS = "<|endoftext|>"
+KINDS = ("qwen3", "llama", "mistral", "qwen2-bidirectional")
+# Every dimension a multiple of 16, as FP8 matmuls need; two query heads per key/value head.
+SHAPE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, max_position_embeddings=256)
+TRAINING_TEXT = ["The quick brown fox jumps over the lazy dog.", "Embedding models turn text into vectors.",
+                 "日本語のテキスト", "emoji 😀🎉", "query: passage: instruct"] * 20
+
+
+def _config(kind: str):
+    import transformers
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**SHAPE, head_dim=16, rope_theta=1_000_000.0)
+    if kind == "llama":
+        return transformers.LlamaConfig(**SHAPE, rope_theta=500_000.0)
+    if kind == "mistral":
+        return transformers.MistralConfig(**SHAPE, sliding_window=None)
+    config = transformers.Qwen2Config(**SHAPE)
+    config.is_causal = False        # gte-Qwen2's bidirectional attention, as transformers >= 5.2 reads it
+    return config
+
+
+def _tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TRAINING_TEXT, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, tok.token_to_id(EOS))])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS).save_pretrained(path)
+
+
+def make_decoder_model(root: Path, kind: str, pooling: str = "lasttoken", prompts: dict | None = None,
+                       include_prompt: bool = True, seed: int = 0) -> str:
+    """A model directory: weights, tokenizer, modules.json (Transformer, Pooling, Normalize) and prompts."""
+    import transformers
+    path = Path(root) / f"{kind}-{pooling}"
+    torch.manual_seed(seed)
+    model = transformers.AutoModel.from_config(_config(kind))
+    model.save_pretrained(path, safe_serialization=True)
+    _tokenizer(path)
+    (path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    (path / "1_Pooling").mkdir()
+    (path / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": SHAPE["hidden_size"], "include_prompt": include_prompt,
+        "pooling_mode_cls_token": False, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_lasttoken": pooling == "lasttoken"}))
+    (path / "2_Normalize").mkdir()
+    (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {},
+                                                                          "default_prompt_name": None}))
+    return str(path)

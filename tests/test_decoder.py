@@ -1,0 +1,182 @@
+"""The padding-free decoder path (issue 20): tiny random-weight Qwen3, Llama, Mistral and bidirectional Qwen2 models
+against transformers (fp32 on CPU, where attention is padded SDPA), its Triton pieces in Triton's interpreter,
+FP8 matmuls and their fidelity check, and whole jobs against sentence-transformers with prompts and --dimensions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hpcembed.engine import ModelSpec, TorchEncoder, build_encoder
+from hpcembed.engine.varlen import VarlenEncoder, supports
+from hpcembed.errors import ConfigError
+
+from .conftest import EDGE_TEXTS, read_manifest, read_output, run_cli, write_jsonl
+from .decoder_models import KINDS, make_decoder_model
+from .test_engine import _interpreted_triton, batch_of
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("decoders")
+    return {(kind, pooling): make_decoder_model(root, kind, pooling)
+            for kind in KINDS for pooling in ("lasttoken", "mean")}
+
+
+def _batch(rows: int = 9, seed: int = 1, eos: int = 0):
+    """Mixed lengths (1 to 60 tokens), each ending in the end-of-sequence token as the tokenizer's template adds."""
+    rng = np.random.default_rng(seed)
+    return batch_of([list(rng.integers(3, 300, size=int(n))) + [eos] for n in rng.integers(0, 60, size=rows)])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("pooling", ["lasttoken", "mean"])
+def test_decoders_padding_free_match_transformers(models, kind, pooling):
+    spec = ModelSpec.load(models[kind, pooling])
+    assert spec.is_decoder and supports(spec) is None
+    batch = _batch()
+    fast = VarlenEncoder(spec, "cpu", "fp32").encode(batch)
+    ref = TorchEncoder(spec, "cpu", "fp32").encode(batch)
+    assert fast.shape == ref.shape == (batch.num_rows, 64)
+    assert np.abs(fast - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2-bidirectional"])
+def test_each_row_matches_transformers_alone_and_causality_is_the_configs(models, kind):
+    """Row by row against transformers with no padding at all; and the attention's direction is config.json's
+    (is_causal), which changes every embedding."""
+    import transformers
+    spec = ModelSpec.load(models[kind, "lasttoken"])
+    batch = _batch(rows=5, seed=3)
+    encoder = VarlenEncoder(spec, "cpu", "fp32")
+    got = encoder.encode(batch)
+    model = transformers.AutoModel.from_pretrained(spec.path).eval()
+    with torch.no_grad():
+        for k in range(batch.num_rows):
+            ids = torch.from_numpy(batch.token_ids[batch.offsets[k]: batch.offsets[k + 1]].astype(np.int64))[None]
+            want = torch.nn.functional.normalize(model(input_ids=ids).last_hidden_state[0, -1], dim=0).numpy()
+            assert np.abs(got[k] - want).max() < 1e-4
+    assert encoder.weights.causal is (kind == "qwen3")
+    encoder.weights.causal = not encoder.weights.causal
+    assert np.abs(encoder.encode(batch) - got).max() > 1e-2
+
+
+def test_decoder_graph_bucket_padding_changes_nothing(models):
+    spec = ModelSpec.load(models["llama", "mean"])
+    batch = _batch(rows=12)
+    bucketed = VarlenEncoder(spec, "cpu", "fp32", graph_tokens=1024)
+    key = bucketed.bucket(batch.num_tokens, batch.num_rows, int(batch.lengths.max()))
+    assert key is not None and key[0] > batch.num_tokens and key[1] > batch.num_rows
+    assert np.abs(bucketed.encode(batch) - TorchEncoder(spec, "cpu", "fp32").encode(batch)).max() < 1e-4
+
+
+def test_decoder_triton_ops_match_eager(models):
+    _interpreted_triton()
+    from hpcembed.engine import decoder, triton_fused
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(13, 48), torch.randn(13, 48), torch.randn(48)
+    assert torch.allclose(triton_fused.rms_norm(x, weight, 1e-6), decoder.rms_norm(x, weight, 1e-6), atol=1e-5)
+    heads = torch.randn(13, 4, 16)
+    assert torch.allclose(triton_fused.rms_norm(heads, weight[:16], 1e-6), decoder.rms_norm(heads, weight[:16], 1e-6),
+                          atol=1e-5)
+    for got, want in zip(triton_fused.add_rms_norm(x, residual, weight, 1e-6),
+                         decoder.add_rms_norm(x, residual, weight, 1e-6)):
+        assert torch.allclose(got, want, atol=1e-5)
+    gate_up = torch.randn(13, 2 * 40)
+    assert torch.allclose(triton_fused.silu_mul(gate_up), decoder.silu_mul(gate_up), atol=1e-5)
+    assert triton_fused.rms_norm(x[:0], weight, 1e-6).shape == (0, 48)
+    spec = ModelSpec.load(models["qwen3", "lasttoken"])
+    batch = _batch()
+    fused = VarlenEncoder(spec, "cpu", "fp32", fused_ops="triton").encode(batch)
+    assert np.abs(fused - VarlenEncoder(spec, "cpu", "fp32").encode(batch)).max() < 1e-4
+
+
+def test_fp8_matmuls_and_their_fidelity(models):
+    from hpcembed.engine.fp8 import Fp8Linear, drop_references, fidelity, quantize_rows_eager
+    torch.manual_seed(0)
+    x = torch.randn(7, 64) * torch.logspace(-3, 3, 7)[:, None]          # rows of very different magnitude
+    q, scale = quantize_rows_eager(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (7, 1)
+    assert torch.allclose(q.float() * scale, x, rtol=0.07, atol=0)       # e4m3 keeps 3 mantissa bits per row
+    weight, bias = torch.randn(32, 64), torch.randn(32)
+    lin = Fp8Linear(weight.bfloat16(), bias.bfloat16())
+    want = x @ weight.T + bias
+    got = lin(x.bfloat16()).float()
+    cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
+    assert cos.min() > 0.99
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Fp8Linear(torch.randn(10, 64), None)
+    spec = ModelSpec.load(models["qwen3", "lasttoken"])
+    encoder = build_encoder(spec, "cpu", "fp8")                          # FP8 takes the padding-free path on CPU
+    assert encoder.engine == "varlen" and encoder.dtype_name == "fp8"
+    batch = _batch()
+    fp8_cos = fidelity(encoder, [batch])
+    assert 0.99 < fp8_cos < 1.0
+    fp8 = encoder.encode(batch)
+    exact = VarlenEncoder(spec, "cpu", "fp32").encode(batch)
+    assert np.sum(fp8 * exact, axis=1).min() > 0.99
+    drop_references([encoder])
+    with pytest.raises(ValueError, match="no FP8 matmuls with their bf16 weights"):
+        fidelity(encoder, [batch])
+    assert np.array_equal(encoder.encode(batch), fp8)                     # still encodes, in FP8
+
+
+def test_fp8_and_attention_choices_that_cannot_work_are_refused(model_dir, models):
+    with pytest.raises(ConfigError, match="--dtype fp8 is for decoder"):
+        VarlenEncoder(ModelSpec.load(model_dir), "cpu", "fp8")
+    with pytest.raises(ConfigError, match="decoder models take flash attention"):
+        VarlenEncoder(ModelSpec.load(models["llama", "mean"]), "cpu", "fp32", attention="triton")
+
+
+def _texts() -> dict[str, str]:
+    texts = [t for t in EDGE_TEXTS if len(t) < 10_000] + ["x" * 60_000] + [f"decoder row {k} " * (1 + k % 9)
+                                                                              for k in range(30)]
+    return {f"d{k:03d}": t for k, t in enumerate(texts)}
+
+
+def _cosines(out, want: np.ndarray, texts: dict[str, str]) -> np.ndarray:
+    got = read_output(out)
+    assert set(got) == set(texts)
+    return np.array([float(got[i] @ want[k]) for k, i in enumerate(texts)])
+
+
+def test_decoder_job_with_prompt_and_dimensions_matches_sentence_transformers(tmp_path):
+    """The whole job on a Qwen3-style model with the padding-free path (forced on CPU) against
+    sentence-transformers, the job's prompt and --dimensions applied as sentence-transformers applies them."""
+    from sentence_transformers import SentenceTransformer
+    model = make_decoder_model(tmp_path, "qwen3", prompts={"query": "Instruct: find the passage\nQuery: "})
+    texts = _texts()
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    out = tmp_path / "out"
+    proc = run_cli("run", "--input", str(src), "--output", str(out), "--model", model, "--engine", "varlen",
+                   "--prompt-name", "query", "--dimensions", "32", "--progress", "off")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    st = SentenceTransformer(model, device="cpu")
+    want = st.encode(list(texts.values()), prompt_name="query", normalize_embeddings=True, batch_size=8,
+                     truncate_dim=32)
+    assert _cosines(out, want, texts).min() >= 0.9999
+    manifest = read_manifest(out)
+    assert manifest["complete"] and manifest["prompt"].startswith("Instruct:") and manifest["dim"] == 32
+    assert [e["engine"] for e in manifest["ranks"] if "engine" in e] == ["varlen"]     # one process: one entry
+
+
+def test_fp8_job_records_its_fidelity_and_refuses_below_the_bound(tmp_path):
+    from sentence_transformers import SentenceTransformer
+    model = make_decoder_model(tmp_path, "llama")
+    texts = _texts()
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
+    out = tmp_path / "fp8"
+    # Random weights at 64 wide: 0.998 measured, under the default bound of 0.999, which the refusal below meets.
+    proc = run_cli("run", "--input", str(src), "--output", str(out), "--model", model, "--dtype", "fp8",
+                   "--fp8-min-cosine", "0.99", "--progress", "off")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoder = next(e for e in read_manifest(out)["ranks"] if "engine" in e)
+    assert encoder["dtype"] == "fp8" and 0.99 < encoder["fp8_min_cosine"] < 0.999       # below the default bound
+    want = SentenceTransformer(model, device="cpu").encode(list(texts.values()), normalize_embeddings=True)
+    assert _cosines(out, want, texts).min() > 0.99
+    refused = tmp_path / "refused"
+    proc = run_cli("run", "--input", str(src), "--output", str(refused), "--model", model, "--dtype", "fp8",
+                   "--progress", "off")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "minimum cosine between FP8 and bf16 embeddings" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (refused / "_SUCCESS").exists() and not list(refused.glob("**/*.parquet"))
