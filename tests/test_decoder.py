@@ -180,3 +180,40 @@ def test_fp8_job_records_its_fidelity_and_refuses_below_the_bound(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "minimum cosine between FP8 and bf16 embeddings" in proc.stderr and "Traceback" not in proc.stderr
     assert not (refused / "_SUCCESS").exists() and not list(refused.glob("**/*.parquet"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU box)")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2-bidirectional"])
+def test_cuda_decoder_two_instances_match_transformers(models, kind):
+    """The CUDA path as jobs run it (flash attention, Triton ops, CUDA graphs, two instances) in bf16 and FP8
+    against transformers fp32 on CPU; the Triton FP8 quantization against the eager one."""
+    from hpcembed.engine.fp8 import fidelity, quantize_rows_eager
+    from hpcembed.engine.instances import InstancePool
+    from hpcembed.engine.triton_fused import quantize_rows
+    spec = ModelSpec.load(models[kind, "lasttoken"])
+    batches = [_batch(rows=40, seed=s) for s in range(4)]
+    want = np.concatenate([TorchEncoder(spec, "cpu", "fp32").encode(b) for b in batches])
+    for dtype in ("bf16", "fp8"):
+        encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops="auto", graph_tokens=2048) for _ in range(2)]
+        if dtype == "fp8":
+            assert fidelity(encoders[0], batches) > 0.99
+        pool = InstancePool(encoders)
+        try:
+            for b in batches:
+                pool.submit(b)
+            got = []
+            while len(got) < len(batches):
+                got.extend(e for _, e in pool.completed(wait=5.0))
+        finally:
+            pool.close()
+        cos = np.sum(np.concatenate(got) * want, axis=1)
+        assert cos.min() >= (0.999 if dtype == "bf16" else 0.99), (dtype, cos.min())
+        assert sum(e.graph_batches for e in encoders) > 0
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16) * 3
+    q, scale = quantize_rows(x)
+    q_ref, scale_ref = quantize_rows_eager(x)
+    assert torch.allclose(scale, scale_ref, rtol=1e-6)
+    assert torch.allclose(q.float() * scale, q_ref.float() * scale_ref, rtol=0.07, atol=1e-6)
