@@ -107,6 +107,34 @@ def transformers_padded(model, token_lists, budget: int) -> tuple[np.ndarray, fl
     return out, time.perf_counter() - began
 
 
+def profile(spec, batches, dtype: str, top: int = 25) -> dict:
+    """Where GPU time goes in a few eager batches (no CUDA graph, one instance): the top kernels by total time."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from hpcembed.engine.varlen import VarlenEncoder
+    encoder = VarlenEncoder(spec, "cuda", dtype, fused_ops="triton")
+    for b in batches[:2]:
+        encoder.encode(b)
+    with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for b in batches[2:6]:
+            encoder.encode(b)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    total = sum(e.device_time_total for e in events)
+    events.sort(key=lambda e: -e.device_time_total)
+    tokens = sum(b.num_tokens for b in batches[2:6])
+    print(f"profile ({dtype}, eager, {tokens:,} tokens): {total / 1e3:.1f} ms of kernels, "
+          f"{tokens / (total / 1e6) / 1e6:.3f}M tokens/s on kernels alone", flush=True)
+    kernels = []
+    for e in events[:top]:
+        kernels.append({"kernel": e.key[:90], "share": round(e.device_time_total / total, 4),
+                        "calls": e.count, "us_per_call": round(e.device_time_total / e.count, 1)})
+        print(f"  {kernels[-1]['share']:6.1%} {e.count:5d} x {kernels[-1]['us_per_call']:9.1f} us  {e.key[:90]}")
+    del encoder
+    torch.cuda.empty_cache()
+    return {"dtype": dtype, "kernel_tokens_per_s": round(tokens / (total / 1e6), 1), "top_kernels": kernels}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer-model", required=True, help="a BERT-family model dir whose tokenizer cuts texts")
@@ -119,6 +147,8 @@ def main() -> None:
                     help="dtype:instances of the varlen engine (Triton ops, CUDA graphs)")
     ap.add_argument("--scratch", default="/dev/shm/hpcembed-llm-stage")
     ap.add_argument("--slug", default="")
+    ap.add_argument("--profile", action="store_true", help="print where GPU time goes (eager bf16 and FP8) first")
+    ap.add_argument("--skip-baseline", action="store_true", help="with --profile only: no timed runs")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -134,6 +164,11 @@ def main() -> None:
           flush=True)
     for size in args.models:
         path, model, config = make_model(size, Path(args.scratch), args.max_seq_length)
+        if args.profile:
+            profiles = [profile(ModelSpec.load(str(path)), assembled_batches(token_lists, args.budget), dtype)
+                        for dtype in ("bf16", "fp8")]
+            if args.skip_baseline:
+                continue
         total_flops = flops(lengths, config)
         transformers_padded(model, token_lists[:256], args.budget)                # warm-up
         baseline, base_seconds = transformers_padded(model, token_lists, args.budget)
@@ -187,7 +222,8 @@ def main() -> None:
             "fp8_tokens_per_s": fp8["tokens_per_s"] if fp8 else None,
             "fp8_speedup_vs_bf16": round(fp8["tokens_per_s"] / bf16["tokens_per_s"], 3) if fp8 and bf16 else None,
             "fp8_min_cosine": fp8.get("min_cosine_vs_bf16") if fp8 else None,
-            "flops_per_token": round(total_flops / lengths.sum()), "configs": results})
+            "flops_per_token": round(total_flops / lengths.sum()), "configs": results,
+            **({"profiles": profiles} if args.profile else {})})
         print(f"wrote {out}", flush=True)
 
 

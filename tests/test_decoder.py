@@ -85,6 +85,12 @@ def test_decoder_triton_ops_match_eager(models):
     gate_up = torch.randn(13, 2 * 40)
     assert torch.allclose(triton_fused.silu_mul(gate_up), decoder.silu_mul(gate_up), atol=1e-5)
     assert triton_fused.rms_norm(x[:0], weight, 1e-6).shape == (0, 48)
+    qkv, positions = torch.randn(13, (4 + 2 * 2) * 16), torch.arange(13, dtype=torch.int32) * 7
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    for norms in ((None, None), (torch.randn(16), torch.randn(16))):       # Llama's heads, Qwen3's normed heads
+        for got, want in zip(triton_fused.qk_norm_rotary(qkv, positions, inv_freq, *norms, 1e-6, 4, 2, 16),
+                             decoder.qk_norm_rotary(qkv, positions, inv_freq, *norms, 1e-6, 4, 2, 16)):
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4)
     spec = ModelSpec.load(models["qwen3", "lasttoken"])
     batch = _batch()
     fused = VarlenEncoder(spec, "cpu", "fp32", fused_ops="triton").encode(batch)

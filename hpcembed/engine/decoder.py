@@ -148,12 +148,6 @@ class DecoderWeights:
             for key in [k for k in raw if k.startswith(p)]:
                 del raw[key]        # the host copy of each layer goes as soon as it is on the device
 
-    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, head_dim] for each token's position, as transformers computes them (in fp32)."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
 
 # -- the pieces between matmuls, eager ----------------------------------------------------------------------------
 
@@ -184,10 +178,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def qk_norm_rotary(qkv, positions, inv_freq, q_weight, k_weight, eps: float, heads: int, kv_heads: int,
+                   head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, heads, d], k [T, kv_heads, d]) from the fused projection: each head RMS-normalized where weights are
+    given (Qwen3's q/k norms), then rotated by the token's position, cos and sin computed as transformers computes
+    them (fp32 angles, rounded to the activations' dtype)."""
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    q, k = q.reshape(-1, heads, head_dim), k.reshape(-1, kv_heads, head_dim)
+    if q_weight is not None:
+        q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(qkv.dtype), angles.sin().to(qkv.dtype)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 class DecoderOps:
     rms_norm = staticmethod(rms_norm)
     add_rms_norm = staticmethod(add_rms_norm)
     silu_mul = staticmethod(silu_mul)
+    qk_norm_rotary = staticmethod(qk_norm_rotary)
 
 
 # -- attention ----------------------------------------------------------------------------------------------------
@@ -217,7 +227,6 @@ def attention_flash(q, k, v, cu, max_len: int, causal: bool):
 def decoder_forward(w: DecoderWeights, ids, positions, cu, max_len: int, attention, ops=DecoderOps) -> torch.Tensor:
     """Token states [T, hidden] after the final norm, for flat ids [T] at `positions` (0 at each text's start)."""
     eps, heads, kv_heads, d = w.eps, w.heads, w.kv_heads, w.head_dim
-    cos, sin = w.rotary(positions, w.embed.dtype)
     x = w.embed[ids]
     residual = None
     for layer in w.layers:
@@ -225,11 +234,9 @@ def decoder_forward(w: DecoderWeights, ids, positions, cu, max_len: int, attenti
             h, residual = ops.rms_norm(x, layer.in_norm, eps), x
         else:
             h, residual = ops.add_rms_norm(x, residual, layer.in_norm, eps)
-        q, k, v = layer.qkv(h).split([heads * d, kv_heads * d, kv_heads * d], dim=1)
-        q, k, v = q.view(-1, heads, d), k.view(-1, kv_heads, d), v.reshape(-1, kv_heads, d)
-        if layer.q_norm is not None:
-            q, k = ops.rms_norm(q, layer.q_norm, eps), ops.rms_norm(k, layer.k_norm, eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = layer.qkv(h)
+        q, k = ops.qk_norm_rotary(qkv, positions, w.inv_freq, layer.q_norm, layer.k_norm, eps, heads, kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d:].view(-1, kv_heads, d)
         att = attention(q, k, v, cu, max_len, w.causal)
         h, residual = ops.add_rms_norm(layer.out(att.reshape(-1, heads * d)), residual, layer.post_norm, eps)
         x = layer.down(ops.silu_mul(layer.gate_up(h)))
@@ -249,6 +256,7 @@ def ops_for(fused_ops: str) -> type[DecoderOps]:
         rms_norm = staticmethod(triton_fused.rms_norm)
         add_rms_norm = staticmethod(triton_fused.add_rms_norm)
         silu_mul = staticmethod(triton_fused.silu_mul)
+        qk_norm_rotary = staticmethod(triton_fused.qk_norm_rotary)
     return _Triton
 
 
@@ -258,4 +266,5 @@ def _compiled_ops() -> type[DecoderOps]:
         rms_norm = staticmethod(torch.compile(rms_norm))
         add_rms_norm = staticmethod(torch.compile(add_rms_norm))
         silu_mul = staticmethod(torch.compile(silu_mul))
+        qk_norm_rotary = staticmethod(torch.compile(qk_norm_rotary))
     return _Compiled

@@ -218,3 +218,54 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _quantize_rows[(rows,)](x.contiguous(), out, scales, rows, COLS=cols, BLOCK_C=triton.next_power_of_2(cols),
                                 FP8_MAX=448.0, num_warps=8)
     return out, scales
+
+
+@triton.jit(do_not_specialize=["tokens"])
+def _qk_norm_rotary(qkv, positions, inv_freq, q_weight, k_weight, q_out, k_out, tokens, eps, HEADS: tl.constexpr,
+                    KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, NORM: tl.constexpr):
+    """One head of BLOCK_T tokens, read from the fused projection's output: RMSNorm over the head (Qwen3's q/k
+    norms, where NORM), then rotated by the token's position (the rotate-half layout), stored to q_out or k_out."""
+    head = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inside = (t < tokens)[:, None]
+    half = tl.arange(0, D // 2)
+    base = qkv + t[:, None].to(tl.int64) * ((HEADS + 2 * KV_HEADS) * D) + head * D + half[None, :]
+    x1 = tl.load(base, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(base + D // 2, mask=inside, other=0.0).to(tl.float32)
+    if NORM:
+        scale = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / D + eps)
+        if head < HEADS:
+            w1, w2 = tl.load(q_weight + half).to(tl.float32), tl.load(q_weight + D // 2 + half).to(tl.float32)
+        else:
+            w1, w2 = tl.load(k_weight + half).to(tl.float32), tl.load(k_weight + D // 2 + half).to(tl.float32)
+        x1 = x1 * scale[:, None] * w1[None, :]
+        x2 = x2 * scale[:, None] * w2[None, :]
+    angle = tl.load(positions + t, mask=t < tokens, other=0).to(tl.float32)[:, None] * tl.load(inv_freq + half)[None, :]
+    cos, sin = tl.cos(angle), tl.sin(angle)
+    out1, out2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if head < HEADS:
+        dest = q_out + t[:, None].to(tl.int64) * (HEADS * D) + head * D + half[None, :]
+    else:
+        dest = k_out + t[:, None].to(tl.int64) * (KV_HEADS * D) + (head - HEADS) * D + half[None, :]
+    tl.store(dest, out1.to(q_out.dtype.element_ty), mask=inside)
+    tl.store(dest + D // 2, out2.to(q_out.dtype.element_ty), mask=inside)
+
+
+ROTARY_BLOCK_TOKENS = 16
+
+
+def qk_norm_rotary(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, q_weight, k_weight,
+                   eps: float, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, heads, d], k [T, kv_heads, d]) from the fused Q/K/V projection [T, (heads + 2 kv_heads) d] in one
+    pass: each head RMS-normalized where weights are given (Qwen3), then rotated; engine/decoder.py's eager
+    rms_norm and apply_rotary, with cos and sin computed in fp32 and rounded once."""
+    tokens = qkv.shape[0]
+    q = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty((tokens, kv_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    if tokens:
+        norm = q_weight is not None
+        _qk_norm_rotary[(triton.cdiv(tokens, ROTARY_BLOCK_TOKENS), heads + kv_heads)](
+            qkv.contiguous(), positions, inv_freq, q_weight if norm else inv_freq, k_weight if norm else inv_freq,
+            q, k, tokens, eps, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, BLOCK_T=ROTARY_BLOCK_TOKENS, NORM=norm,
+            num_warps=4)
+    return q, k
