@@ -209,18 +209,16 @@ def _varlen_attn():
 
 
 def attention_flash(q, k, v, cu, max_len: int, causal: bool):
-    """torch's varlen flash attention; grouped K/V passed as they are where this torch takes them (enable_gqa),
-    else repeated per query head. Causality is a (-1, 0) window from torch 2.11 on, is_causal before."""
+    """torch's varlen flash attention. Grouped K/V go in as they are: the flash kernel shares each K/V head among
+    its group of query heads (torch 2.11 passes them through, identical to repeating them on the H200 box, and
+    repeating cost 12% of the 0.6B stage: bench/notes/llm_stage.md); later torch asks for enable_gqa. Causality
+    is a (-1, 0) window from torch 2.11 on, is_causal before."""
     varlen_attn, params = _varlen_attn()
     kwargs = {}
     if causal:
         kwargs.update(window_size=(-1, 0)) if "window_size" in params else kwargs.update(is_causal=True)
-    if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            kwargs["enable_gqa"] = True
-        else:
-            group = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if k.shape[1] != q.shape[1] and "enable_gqa" in params:
+        kwargs["enable_gqa"] = True
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
