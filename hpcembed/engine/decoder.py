@@ -82,6 +82,7 @@ class DecoderLayer:
 
 class Linear:
     """x @ W.T (+ b) in the weights' dtype."""
+    takes_fp8 = False           # its input is a tensor, not FP8 values and scales (engine/fp8.py)
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.weight, self.bias = weight, bias
@@ -151,24 +152,31 @@ class DecoderWeights:
 
 # -- the pieces between matmuls, eager ----------------------------------------------------------------------------
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _maybe_quantized(y: torch.Tensor, quantize: bool):
+    """y, or (quantize) y as an FP8 matmul takes its input: e4m3 values and per-row scales (engine/fp8.py)."""
+    if not quantize:
+        return y
+    from .fp8 import quantize_rows_eager
+    return quantize_rows_eager(y)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """transformers' RMSNorm: normalized in fp32, cast back, then scaled by the weight."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    return _maybe_quantized(weight * h.to(x.dtype), quantize)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
     """(RMSNorm(x + residual), x + residual): the normalized input of the next block and the new residual."""
     total = x + residual
-    return rms_norm(total, weight, eps), total
+    return rms_norm(total, weight, eps, quantize), total
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
     """SwiGLU's silu(gate) * up, from the fused [T, 2 * intermediate] projection."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _maybe_quantized(F.silu(gate) * up, quantize)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -227,17 +235,20 @@ def decoder_forward(w: DecoderWeights, ids, positions, cu, max_len: int, attenti
     eps, heads, kv_heads, d = w.eps, w.heads, w.kv_heads, w.head_dim
     x = w.embed[ids]
     residual = None
+    # An FP8 matmul's input is quantized by the op that produces it, in the same pass, where that op is a norm or
+    # SwiGLU: 3 of the 4 quantizations in a layer (not the attention output's).
     for layer in w.layers:
         if residual is None:
-            h, residual = ops.rms_norm(x, layer.in_norm, eps), x
+            h, residual = ops.rms_norm(x, layer.in_norm, eps, layer.qkv.takes_fp8), x
         else:
-            h, residual = ops.add_rms_norm(x, residual, layer.in_norm, eps)
+            h, residual = ops.add_rms_norm(x, residual, layer.in_norm, eps, layer.qkv.takes_fp8)
         qkv = layer.qkv(h)
         q, k = ops.qk_norm_rotary(qkv, positions, w.inv_freq, layer.q_norm, layer.k_norm, eps, heads, kv_heads, d)
         v = qkv[:, (heads + kv_heads) * d:].view(-1, kv_heads, d)
         att = attention(q, k, v, cu, max_len, w.causal)
-        h, residual = ops.add_rms_norm(layer.out(att.reshape(-1, heads * d)), residual, layer.post_norm, eps)
-        x = layer.down(ops.silu_mul(layer.gate_up(h)))
+        h, residual = ops.add_rms_norm(layer.out(att.reshape(-1, heads * d)), residual, layer.post_norm, eps,
+                                       layer.gate_up.takes_fp8)
+        x = layer.down(ops.silu_mul(layer.gate_up(h), layer.down.takes_fp8))
     return ops.add_rms_norm(x, residual, w.norm, eps)[0]
 
 

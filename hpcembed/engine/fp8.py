@@ -53,10 +53,16 @@ class Fp8Linear:
     def drop_reference(self) -> None:
         self.weight, self.reference = None, False
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    @property
+    def takes_fp8(self) -> bool:
+        """Whether the op before may hand this matmul its input already quantized, (e4m3 values, row scales)."""
+        return not self.reference
+
+    def __call__(self, x) -> torch.Tensor:
+        """x: [rows, in] in bf16, or already quantized as (values, scales)."""
         if self.reference:
             return F.linear(x, self.weight, self.bias)
-        qx, sx = quantize_rows(x)
+        qx, sx = x if isinstance(x, tuple) else quantize_rows(x)
         out = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx, scale_b=self.scale, out_dtype=torch.bfloat16)
         return out + self.bias if self.bias is not None else out
 

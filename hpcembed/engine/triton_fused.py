@@ -129,11 +129,24 @@ def mean_pool(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, skip: i
 
 # -- the decoder path's pieces (engine/decoder.py) ---------------------------------------------------------------
 
+@triton.jit
+def _store_rows(out, scales, y, offsets, row, rows, inside, QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
+    """Store rows of y [rows, cols] as they are, or (QUANT) as e4m3 with one scale per row (engine/fp8.py)."""
+    if QUANT:
+        yf = tl.where(inside, y.to(tl.float32), 0.0)
+        scale = tl.maximum(tl.max(tl.abs(yf), 1), 1e-12) / FP8_MAX
+        q = tl.minimum(tl.maximum(yf / scale[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(out + offsets, q.to(out.dtype.element_ty), mask=inside)
+        tl.store(scales + row, scale, mask=row < rows)
+    else:
+        tl.store(out + offsets, y, mask=inside)
+
+
 @triton.jit(do_not_specialize=["rows"])
-def _rms_norm(x, residual, out, total_out, weight, rows, eps, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
-              BLOCK_ROWS: tl.constexpr, ADD: tl.constexpr):
+def _rms_norm(x, residual, out, total_out, scales, weight, rows, eps, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
+              BLOCK_ROWS: tl.constexpr, ADD: tl.constexpr, QUANT: tl.constexpr, FP8_MAX: tl.constexpr):
     """RMSNorm of x (+ residual, stored to total_out where ADD) as transformers computes it: normalized in fp32,
-    rounded to the input dtype, then scaled by the weight."""
+    rounded to the input dtype, then scaled by the weight; stored as it is or quantized for an FP8 matmul."""
     row = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     cols = tl.arange(0, BLOCK_H)
     inside = (row[:, None] < rows) & (cols[None, :] < HIDDEN)
@@ -145,19 +158,23 @@ def _rms_norm(x, residual, out, total_out, weight, rows, eps, HIDDEN: tl.constex
     h = total.to(tl.float32)
     scale = 1.0 / tl.sqrt(tl.sum(h * h, 1) / HIDDEN + eps)
     w = tl.load(weight + cols, mask=cols < HIDDEN, other=0.0)
-    normalized = (h * scale[:, None]).to(out.dtype.element_ty)
-    tl.store(out + offsets, w[None, :] * normalized, mask=inside)
+    normalized = (h * scale[:, None]).to(total.dtype)
+    _store_rows(out, scales, w[None, :] * normalized, offsets, row, rows, inside, QUANT, FP8_MAX)
 
 
 @triton.jit(do_not_specialize=["tokens"])
-def _silu_mul(gate_up, out, tokens, INTER: tl.constexpr, BLOCK: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
+def _silu_mul(gate_up, out, scales, tokens, INTER: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr,
+              FP8_MAX: tl.constexpr):
+    """silu(gate) * up for one token's whole row (QUANT: stored in e4m3 with the row's scale), or one BLOCK of it."""
+    token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inside = cols < INTER
-    gate = tl.load(gate_up + token * 2 * INTER + cols, mask=inside, other=0.0).to(tl.float32)
-    up = tl.load(gate_up + token * 2 * INTER + INTER + cols, mask=inside, other=0.0)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(up.dtype)
-    tl.store(out + token * INTER + cols, silu * up, mask=inside)
+    row = token.to(tl.int64) * 2 * INTER
+    gate = tl.load(gate_up + row + cols, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up + row + INTER + cols, mask=inside, other=0.0)
+    y = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
+    _store_rows(out, scales, y[None, :], token.to(tl.int64) * INTER + cols[None, :], token + tl.zeros([1], tl.int32),
+                tokens, inside[None, :], QUANT, FP8_MAX)
 
 
 @triton.jit(do_not_specialize=["rows"])
@@ -172,41 +189,55 @@ def _quantize_rows(x, out, scales, rows, COLS: tl.constexpr, BLOCK_C: tl.constex
     tl.store(scales + row, scale)
 
 
-def _rms_launch(x, residual, weight, eps, add: bool):
-    hidden = x.shape[-1]
-    flat = x.reshape(-1, hidden)
-    rows = flat.shape[0]
-    out = torch.empty_like(flat)
-    total = torch.empty_like(flat) if add else out
-    if rows:
-        _rms_norm[(triton.cdiv(rows, LN_BLOCK_ROWS),)](
-            flat, residual.reshape(-1, hidden) if add else flat, out, total, weight, rows, eps, HIDDEN=hidden,
-            BLOCK_H=_hidden_block(hidden), BLOCK_ROWS=LN_BLOCK_ROWS, ADD=add, num_warps=LN_WARPS)
-    return out.view(x.shape), total.view(x.shape)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dimension of x (contiguous: [tokens, hidden] or [tokens, heads, head_dim])."""
-    return _rms_launch(x.contiguous(), None, weight, eps, add=False)[0]
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual) in one pass."""
-    return _rms_launch(x.contiguous(), residual.contiguous(), weight, eps, add=True)
-
-
+FP8_MAX = 448.0
 SILU_BLOCK = 1024
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the fused [tokens, 2 * inter] projection, gate first."""
+def _quantized_out(shape, like: torch.Tensor, quantize: bool):
+    """The output (and per-row scales, a dummy where not quantizing) of a kernel that may store e4m3."""
+    if not quantize:
+        return torch.empty(shape, dtype=like.dtype, device=like.device), like
+    return (torch.empty(shape, dtype=torch.float8_e4m3fn, device=like.device),
+            torch.empty((shape[0], 1), dtype=torch.float32, device=like.device))
+
+
+def _rms_launch(x, residual, weight, eps, add: bool, quantize: bool = False):
+    hidden = x.shape[-1]
+    flat = x.reshape(-1, hidden)
+    rows = flat.shape[0]
+    out, scales = _quantized_out(flat.shape, flat, quantize)
+    total = torch.empty_like(flat) if add else flat
+    if rows:
+        _rms_norm[(triton.cdiv(rows, LN_BLOCK_ROWS),)](
+            flat, residual.reshape(-1, hidden) if add else flat, out, total, scales, weight, rows, eps, HIDDEN=hidden,
+            BLOCK_H=_hidden_block(hidden), BLOCK_ROWS=LN_BLOCK_ROWS, ADD=add, QUANT=quantize, FP8_MAX=FP8_MAX,
+            num_warps=LN_WARPS)
+    normed = (out, scales) if quantize else out.view(x.shape)
+    return normed, total.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
+    """RMSNorm over the last dimension of x (contiguous: [tokens, hidden] or [tokens, heads, head_dim]);
+    `quantize`: as (e4m3 values, per-row scales) for an FP8 matmul, x being [tokens, hidden]."""
+    return _rms_launch(x.contiguous(), None, weight, eps, add=False, quantize=quantize)[0]
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, quantize: bool = False):
+    """(RMSNorm(x + residual), x + residual) in one pass; the first quantized where `quantize`, as rms_norm's."""
+    return _rms_launch(x.contiguous(), residual.contiguous(), weight, eps, add=True, quantize=quantize)
+
+
+def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
+    """silu(gate) * up for the fused [tokens, 2 * inter] projection, gate first; `quantize` as rms_norm's (one
+    program then takes a whole row, for its scale)."""
     tokens, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    out = torch.empty((tokens, inter), dtype=gate_up.dtype, device=gate_up.device)
+    out, scales = _quantized_out((tokens, inter), gate_up, quantize)
     if tokens:
-        _silu_mul[(tokens, triton.cdiv(inter, SILU_BLOCK))](gate_up.contiguous(), out, tokens, INTER=inter,
-                                                            BLOCK=SILU_BLOCK, num_warps=4)
-    return out
+        block = triton.next_power_of_2(inter) if quantize else SILU_BLOCK
+        _silu_mul[(tokens, triton.cdiv(inter, block))](gate_up.contiguous(), out, scales, tokens, INTER=inter,
+                                                       BLOCK=block, QUANT=quantize, FP8_MAX=FP8_MAX,
+                                                       num_warps=8 if quantize else 4)
+    return (out, scales) if quantize else out
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +247,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
         _quantize_rows[(rows,)](x.contiguous(), out, scales, rows, COLS=cols, BLOCK_C=triton.next_power_of_2(cols),
-                                FP8_MAX=448.0, num_warps=8)
+                                FP8_MAX=FP8_MAX, num_warps=8)
     return out, scales
 
 
