@@ -11,7 +11,7 @@ from hpcembed.engine import ModelSpec, TorchEncoder, build_encoder
 from hpcembed.engine.varlen import VarlenEncoder, supports
 from hpcembed.errors import ConfigError
 
-from .conftest import EDGE_TEXTS, read_manifest, read_output, run_cli, write_jsonl
+from .conftest import EDGE_TEXTS, MPIEXEC, mpirun, read_manifest, read_output, run_cli, write_jsonl
 from .decoder_models import KINDS, make_decoder_model
 from .test_engine import _interpreted_triton, batch_of
 
@@ -68,6 +68,21 @@ def test_decoder_graph_bucket_padding_changes_nothing(models):
     key = bucketed.bucket(batch.num_tokens, batch.num_rows, int(batch.lengths.max()))
     assert key is not None and key[0] > batch.num_tokens and key[1] > batch.num_rows
     assert np.abs(bucketed.encode(batch) - TorchEncoder(spec, "cpu", "fp32").encode(batch)).max() < 1e-4
+
+
+def test_texts_longer_than_graphs_serve_run_eagerly(models, monkeypatch):
+    """A text longer than GRAPH_MAX_LEN (flash attention's grid grows with the longest text a graph is captured
+    for), or a batch over the graphs' token budget, runs eagerly and embeds as transformers does."""
+    monkeypatch.setattr(VarlenEncoder, "GRAPH_MAX_LEN", 100)
+    spec = ModelSpec.load(models["qwen3", "lasttoken"], max_seq_length=256)
+    encoder = VarlenEncoder(spec, "cpu", "fp32", graph_tokens=2048)
+    assert encoder.graph_max_len == 100
+    short, long = _batch(rows=12), batch_of([list(range(3, 253)), [5, 6, 0]])
+    assert encoder.bucket(short.num_tokens, short.num_rows, int(short.lengths.max())) is not None
+    assert encoder.bucket(long.num_tokens, long.num_rows, 250) is None
+    over_budget = batch_of([list(range(3, 200)) + [0]] * 12)               # 2,376 tokens, over graph_tokens
+    for batch in (short, long, over_budget):
+        assert np.abs(encoder.encode(batch) - TorchEncoder(spec, "cpu", "fp32").encode(batch)).max() < 1e-4
 
 
 def test_decoder_triton_ops_match_eager(models):
@@ -154,8 +169,9 @@ def test_decoder_job_with_prompt_and_dimensions_matches_sentence_transformers(tm
     texts = _texts()
     src = write_jsonl(tmp_path / "rows.jsonl", [{"id": i, "text": t} for i, t in texts.items()])
     out = tmp_path / "out"
+    # A token budget under the longest texts (128 tokens): such a text is a batch of its own.
     proc = run_cli("run", "--input", str(src), "--output", str(out), "--model", model, "--engine", "varlen",
-                   "--prompt-name", "query", "--dimensions", "32", "--progress", "off")
+                   "--prompt-name", "query", "--dimensions", "32", "--max-batch-tokens", "100", "--progress", "off")
     assert proc.returncode == 0, proc.stderr[-2000:]
     st = SentenceTransformer(model, device="cpu")
     want = st.encode(list(texts.values()), prompt_name="query", normalize_embeddings=True, batch_size=8,
@@ -180,11 +196,14 @@ def test_fp8_job_records_its_fidelity_and_refuses_below_the_bound(tmp_path):
     assert encoder["dtype"] == "fp8" and 0.99 < encoder["fp8_min_cosine"] < 0.999       # below the default bound
     want = SentenceTransformer(model, device="cpu").encode(list(texts.values()), normalize_embeddings=True)
     assert _cosines(out, want, texts).min() > 0.99
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not installed (pip install -e '.[test]'): the refusal runs over MPI")
+    # Under MPI, as a cluster job: the encoder rank refuses before it embeds, and the job ends naming it.
     refused = tmp_path / "refused"
-    proc = run_cli("run", "--input", str(src), "--output", str(refused), "--model", model, "--dtype", "fp8",
-                   "--progress", "off")
+    proc = mpirun(3, "--input", str(src), "--output", str(refused), "--model", model, "--dtype", "fp8")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "minimum cosine between FP8 and bf16 embeddings" in proc.stderr and "Traceback" not in proc.stderr
+    assert "minimum cosine between FP8 and bf16 embeddings" in proc.stderr and "encoder]" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not (refused / "_SUCCESS").exists() and not list(refused.glob("**/*.parquet"))
 
 

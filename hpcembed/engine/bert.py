@@ -97,3 +97,27 @@ class BertWeights:
                 up_w=get(p + "intermediate.dense.weight"), up_b=get(p + "intermediate.dense.bias"),
                 down_w=get(p + "output.dense.weight"), down_b=get(p + "output.dense.bias"),
                 ln2_w=get(p + "output.LayerNorm.weight"), ln2_b=get(p + "output.LayerNorm.bias")))
+
+
+def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
+                    gelu_epilogue: bool, ops) -> torch.Tensor:
+    """Token states [T, hidden] for flat ids [T]; `positions` are position-embedding rows (from 0 within each row
+    for BERT, from padding_idx + 1 for RoBERTa: the host adds w.position_offset), `cu` the row offsets.
+
+    gelu_epilogue: apply GELU inside the up-projection's matmul (cuBLASLt's bias+GELU epilogue, which is the
+    tanh approximation on CUDA), so the [T, 4*hidden] intermediate is written and read once instead of 3 times.
+    """
+    h, eps = w.hidden, w.eps
+    x = ops.embed(w.word, w.position, w.type_row, ids, positions, *w.emb_ln, eps)
+    heads, d = w.heads, h // w.heads
+    for layer in w.layers:
+        qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
+        att = attention(qkv, cu, max_len)
+        x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
+                               layer.ln1_b, eps)
+        if gelu_epilogue:
+            up = torch._addmm_activation(layer.up_b, x, layer.up_w.t(), use_gelu=True)
+        else:
+            up = w.act(F.linear(x, layer.up_w, layer.up_b))
+        x = ops.add_layer_norm(F.linear(up, layer.down_w, layer.down_b), x, layer.ln2_w, layer.ln2_b, eps)
+    return x

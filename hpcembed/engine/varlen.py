@@ -14,7 +14,8 @@ result, so the stream does not run dry while the thread comes back (engine/insta
 CUDA graphs: with graph_tokens set, the forward is captured once per (token, row) bucket at start-up, and a
 batch is padded up to its bucket and replayed as one graph launch instead of ~80 kernel launches from Python.
 Padding tokens sit after the last sequence offset, so attention never reads them, and they pool into a spare
-row that is dropped; padding rows are empty sequences. Batches that fit no bucket run eagerly.
+row that is dropped; padding rows are empty sequences. Batches that fit no bucket (or hold a text longer than
+GRAPH_MAX_LEN) run eagerly.
 
 On CPU (tests, CI) the same math runs with padded SDPA in place of the varlen kernel, so everything but the
 attention kernel is checked against transformers without a GPU.
@@ -34,7 +35,7 @@ from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
 from . import decoder
 from .base import Encoder, Pending, torch_dtype
-from .bert import BertWeights, supports as bert_supports
+from .bert import BertWeights, encoder_forward, supports as bert_supports
 from .model import ModelSpec
 from .padded_attention import attention_padded
 
@@ -99,30 +100,6 @@ class _Ops:
     add_layer_norm = staticmethod(add_layer_norm)
     embed = staticmethod(embed)
     mean_pool = staticmethod(mean_pool)
-
-
-def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
-                    gelu_epilogue: bool = False, ops=_Ops) -> torch.Tensor:
-    """Token states [T, hidden] for flat ids [T]; `positions` are position-embedding rows (from 0 within each row
-    for BERT, from padding_idx + 1 for RoBERTa: the host adds w.position_offset), `cu` the row offsets.
-
-    gelu_epilogue: apply GELU inside the up-projection's matmul (cuBLASLt's bias+GELU epilogue, which is the
-    tanh approximation on CUDA), so the [T, 4*hidden] intermediate is written and read once instead of 3 times.
-    """
-    h, eps = w.hidden, w.eps
-    x = ops.embed(w.word, w.position, w.type_row, ids, positions, *w.emb_ln, eps)
-    heads, d = w.heads, h // w.heads
-    for layer in w.layers:
-        qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
-        att = attention(qkv, cu, max_len)
-        x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
-                               layer.ln1_b, eps)
-        if gelu_epilogue:
-            up = torch._addmm_activation(layer.up_b, x, layer.up_w.t(), use_gelu=True)
-        else:
-            up = w.act(F.linear(x, layer.up_w, layer.up_b))
-        x = ops.add_layer_norm(F.linear(up, layer.down_w, layer.down_b), x, layer.ln2_w, layer.ln2_b, eps)
-    return x
 
 
 def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str,
@@ -223,6 +200,9 @@ class VarlenEncoder(Encoder):
     # Flash attention launches one grid row per sequence, and CUDA caps a grid's y dimension at 65535: a batch
     # of more rows (short texts under a large budget) is split. It failed as "invalid argument" on the H100.
     MAX_ROWS = 65535
+    # Graphs serve texts of up to this many tokens; longer ones run eagerly. Flash attention's grid grows with the
+    # longest text it is told of, so a graph captured at a decoder's 32k would launch ~64x the blocks of one at 512.
+    GRAPH_MAX_LEN = 2048
 
     def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", fused_ops: str = "eager",
                  gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto"):
@@ -257,7 +237,7 @@ class VarlenEncoder(Encoder):
         self.attention_name = attention if self.cuda else "padded"
         self.attention = ((decoder.attention_flash if self.decoder else ATTENTION[attention]) if self.cuda else
                           attention_padded if self.decoder else _attention_padded)
-        self.max_len = spec.max_seq_length
+        self.graph_max_len = min(spec.max_seq_length, self.GRAPH_MAX_LEN)
         if fused_ops == "auto":
             fused_ops = default_fused_ops(self.cuda)
         if fused_ops not in FUSED_OPS:
@@ -293,7 +273,8 @@ class VarlenEncoder(Encoder):
 
     def bucket(self, tokens: int, rows: int, longest: int) -> tuple[int, int] | None:
         """The (tokens, rows) bucket a batch is padded to, or None to run it as it is."""
-        if not self.graph_tokens or longest > self.max_len or tokens < self.graph_tokens * self.MIN_GRAPH_FILL:
+        if (not self.graph_tokens or longest > self.graph_max_len
+                or tokens < self.graph_tokens * self.MIN_GRAPH_FILL):
             return None
         fits = [int(self.graph_tokens * f) for f in self.TOKEN_BUCKETS if int(self.graph_tokens * f) >= tokens]
         if not fits:
@@ -328,10 +309,10 @@ class VarlenEncoder(Encoder):
                 # the matmuls' shapes depend on (the row count only sizes the attention grid and the pooling).
                 if t_b not in warmed:
                     warmed.add(t_b)
-                    self._run(static_in, t_b, r_b, self.max_len)
+                    self._run(static_in, t_b, r_b, self.graph_max_len)
                     self.stream.synchronize()
                 with torch.cuda.graph(g.graph, pool=pool, stream=self.stream, capture_error_mode="thread_local"):
-                    g.static_out = self._run(static_in, t_b, r_b, self.max_len)
+                    g.static_out = self._run(static_in, t_b, r_b, self.graph_max_len)
                 self.graphs[(t_b, r_b)] = g
         self.stream.synchronize()
 
@@ -365,7 +346,7 @@ class VarlenEncoder(Encoder):
         np.cumsum(lengths, out=cu[1: rows + 1])
         cu[rows + 1:] = total                       # padding rows: empty sequences
         if not self.cuda:
-            return Pending(self._run(staged, t_b, r_b, self.max_len if key else longest)[:rows].numpy())
+            return Pending(self._run(staged, t_b, r_b, self.graph_max_len if key else longest)[:rows].numpy())
         graph = self.graphs.get(key) if key else None
         with torch.cuda.stream(self.stream):
             if graph is not None:
@@ -374,7 +355,8 @@ class VarlenEncoder(Encoder):
                 self.graph_batches += 1
                 out = graph.static_out
             else:
-                out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b, self.max_len if key else longest)
+                out = self._run(staged.to(self.device, non_blocking=True), t_b, r_b,
+                                self.graph_max_len if key else longest)
             host = torch.empty((rows, out.shape[1]), dtype=torch.float32, pin_memory=True)
             host.copy_(out[:rows], non_blocking=True)
             # A spinning wait (the default event), though it holds a core: waiting asleep (blocking=True) made the
