@@ -69,7 +69,8 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder
                              cfg.attention)
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
-    count = cfg.instances_per_gpu if first.device_name.startswith("cuda") else 1
+    count = cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
+    count = count if first.device_name.startswith("cuda") else 1
     return [first] + [build() for _ in range(count - 1)]
 
 
