@@ -1,5 +1,5 @@
-"""Command line: `hpcembed run|tokenize [--config job.toml] [options]`, and `hpcembed launch` for Slurm batch
-scripts. Parses, builds a JobConfig, runs, reports.
+"""Command line: `hpcembed run|tokenize [--config job.toml] [options]`, `hpcembed serve`, and `hpcembed launch`
+for Slurm batch scripts. Parses, builds a JobConfig, runs, reports.
 
 Errors meant for the user print as one line and exit with a code from hpcembed.errors; set HPCEMBED_DEBUG=1
 for tracebacks."""
@@ -13,7 +13,8 @@ import sys
 
 from . import __version__
 from .config import FIELDS, TOKENIZE_FIELDS, build_config, load_toml
-from .errors import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_STOPPED, EXIT_USAGE, HpcEmbedError
+from .errors import EXIT_FAILED, EXIT_INVALID_INPUT, EXIT_STOPPED, EXIT_USAGE, ConfigError, HpcEmbedError
+from .serve.options import SERVE_FIELDS, SERVE_OPTIONS
 
 log = logging.getLogger("hpcembed")
 
@@ -91,9 +92,38 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--input", nargs="+", metavar="PATH", dest="inputs",
                         help="also check the ids against the job's inputs (give its --input): every valid input row "
                         "is in the output or in _rejects.jsonl, and the output holds no other id")
+    serve = sub.add_parser("serve", help="serve the model over HTTP (OpenAI-compatible embeddings API)",
+                           description="Serve live queries with the same model, tokenizer and engine as `hpcembed "
+                           "run`: POST /v1/embeddings (OpenAI embeddings API), GET /health, GET /metrics "
+                           "(Prometheus). SIGTERM drains: accepted requests are answered, then it exits 0.")
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_serve_options(serve)
+    _add_job_options(serve, SERVE_FIELDS)
     from .scaling.cli import add_parser as add_scaling
     add_scaling(sub)
     return parser
+
+
+def _add_serve_options(parser: argparse.ArgumentParser) -> None:
+    for name, f in SERVE_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest="serve_" + name, type=type(f.default),
+                            default=f.default, metavar=name.split("_")[-1].upper(),
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _serve(args) -> int:
+    from .serve.options import ServeOptions
+    cli_values = {name: getattr(args, name, None) for name in SERVE_FIELDS}
+    cfg = build_config({}, cli_values, serving=True)
+    if cfg.dtype == "fp8":
+        raise ConfigError("--dtype fp8 is not served: its fidelity check needs a job's own texts; serve in bf16")
+    opts = ServeOptions(**{name: getattr(args, "serve_" + name) for name in SERVE_OPTIONS})
+    try:
+        from .serve.server import serve
+    except ImportError as exc:
+        raise ConfigError(f"hpcembed serve needs its HTTP stack ({exc.name} is missing): "
+                          "pip install 'hpcembed[serve]'") from None
+    return serve(cfg, opts)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -137,6 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             return exc.exit_code
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    if args.command == "serve":
+        try:
+            return _serve(args)
+        except HpcEmbedError as exc:
+            print(f"hpcembed: error: {exc}", file=sys.stderr)
+            return exc.exit_code
     try:
         cli_values = {name: getattr(args, name, None) for name in FIELDS}
         cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)

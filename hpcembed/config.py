@@ -138,10 +138,11 @@ class JobConfig:
                          choices=("auto", "bar", "log", "off"))
     progress_interval: float = _opt(10.0, "seconds between progress log lines")
 
-    def validate(self) -> "JobConfig":
-        if not self.input:
+    def validate(self, serving: bool = False) -> "JobConfig":
+        """`serving`: for `hpcembed serve`, which has no input or output."""
+        if not self.input and not serving:
             raise ConfigError("no input given: pass --input PATH... or set 'input' in the job file")
-        if not self.output:
+        if not self.output and not serving:
             raise ConfigError("no output directory given: pass --output DIR or set 'output' in the job file")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
@@ -220,9 +221,9 @@ def check_value(name: str, value: Any) -> None:
         raise ConfigError(f"{name.replace('_', '-')} must be at least {_AT_LEAST[name]}, got {value!r}")
 
 
-def build_config(file_values: dict[str, Any], cli_values: dict[str, Any]) -> JobConfig:
+def build_config(file_values: dict[str, Any], cli_values: dict[str, Any], serving: bool = False) -> JobConfig:
     """Job file values first, then command-line values that were actually given; each checked for its type."""
     merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
     for name, value in merged.items():
         check_value(name, value)
-    return JobConfig(**merged).validate()
+    return JobConfig(**merged).validate(serving)

@@ -19,10 +19,12 @@ from .base import Encoder, Pending
 
 
 class InstancePool:
-    def __init__(self, encoders: list[Encoder], depth: int | None = None):
+    def __init__(self, encoders: list[Encoder], depth: int | None = None, on_done=None):
         """`depth`: batches handed to each instance at a time; by default one more than it launches ahead, so
-        that when a result comes back the next batch is already waiting to be launched behind the running one."""
+        that when a result comes back the next batch is already waiting to be launched behind the running one.
+        `on_done()`: called from an instance thread whenever a batch finishes (a waiting driver's wake-up)."""
         self.encoders = encoders
+        self._on_done = on_done
         self.depth = depth or max(2, max(e.launch_ahead for e in encoders) + 1)
         self._inboxes = [queue.SimpleQueue() for _ in encoders]
         self._order: deque[tuple[int, dict]] = deque()
@@ -30,6 +32,7 @@ class InstancePool:
         # Busy time: an instance is busy while it has a batch launched and not finished; the stage is busy while
         # any instance is (the instances overlap, so their sum can exceed the wall clock).
         self._launched = [0] * len(encoders)
+        self._last_end = [0.0] * len(encoders)
         self._busy = [0.0] * len(encoders)
         self._since = [0.0] * len(encoders)
         self._active = 0
@@ -95,6 +98,16 @@ class InstancePool:
         self._order.append((k, slot))
         self._inboxes[k].put(slot)
 
+    def finished(self) -> list[tuple[TokenBatch, np.ndarray, float]]:
+        """Every batch finished so far, whatever was submitted before it (a server's small batch need not wait
+        for a large one on another instance), with the seconds its instance spent on it alone; no waiting."""
+        done = [entry for entry in self._order if entry[1]["done"].is_set()]
+        for entry in done:
+            self._order.remove(entry)
+            if "error" in entry[1]:
+                raise entry[1]["error"]
+        return [(slot["batch"], slot["embeddings"], slot["seconds"]) for _, slot in done]
+
     def completed(self, wait: float = 0.0) -> list[tuple[TokenBatch, np.ndarray]]:
         """Finished batches, oldest first; waits up to `wait` seconds for the oldest one."""
         out = []
@@ -125,6 +138,7 @@ class InstancePool:
                     continue
                 if slot:
                     self._mark(k, +1)
+                    slot["launched_at"] = time.perf_counter()
                     try:
                         launched.append((slot, encoder.launch(slot["batch"])))
                     except BaseException as exc:  # noqa: BLE001 - handed to the role loop, which reports it
@@ -144,8 +158,14 @@ class InstancePool:
             slot["error"] = error
         else:
             slot["embeddings"] = embeddings
+        # Its own time: from its launch, or from the end of the batch before it on this instance if that ran on.
+        now = time.perf_counter()
+        slot["seconds"] = now - max(slot.get("launched_at", now), self._last_end[k])
+        self._last_end[k] = now
         self._mark(k, -1)
         slot["done"].set()
+        if self._on_done is not None:
+            self._on_done()
 
     def close(self) -> None:
         for inbox in self._inboxes:

@@ -1,0 +1,219 @@
+"""`hpcembed serve` (issue 24): a real server process on loopback, started and stopped by PID, and real clients:
+the openai SDK (its embeddings equal `hpcembed run` on the same texts), aiohttp for raw bodies, concurrent load
+and the two lanes, every bad request, /metrics, and SIGTERM with requests in flight."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from .conftest import EDGE_TEXTS, BackgroundJob, read_output, run_cli, write_jsonl
+
+aiohttp = pytest.importorskip("aiohttp")
+MAX_TEXTS, MAX_CHARS = 64, 20_000
+TEXTS = [t for t in EDGE_TEXTS if t and len(t) <= MAX_CHARS] + ["served text %d about ships and rain" % k
+                                                                   for k in range(12)]
+BULK_TEXT = "a longer passage about the sea, ships, harbours and the weather that comes in from the west " * 3
+
+
+def start_server(tmp_path, model_dir, *options: str) -> tuple[BackgroundJob, str]:
+    job = BackgroundJob([sys.executable, "-m", "hpcembed", "serve", "--port", "0", "--model", model_dir,
+                         "--max-request-texts", str(MAX_TEXTS), "--max-text-chars", str(MAX_CHARS), *options],
+                        tmp_path / "serve.log", {"HF_HUB_OFFLINE": "1"})
+    try:
+        url = job.wait_for(r"http://127\.0\.0\.1:\d+", timeout=120)
+    except BaseException:
+        job.stop()
+        raise
+    return job, url
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir)
+    yield url, json.loads(_get(url + "/health")[1])["model"]
+    job.stop()
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    async def go():
+        async with aiohttp.ClientSession() as session, session.get(url) as resp:
+            return resp.status, await resp.read()
+    return asyncio.run(go())
+
+
+async def _post(session, url: str, body, headers: dict | None = None):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with session.post(url + "/v1/embeddings", data=data, headers=headers or {}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+def _run_reference(tmp_path, model_dir, texts: list[str]) -> np.ndarray:
+    """`hpcembed run` on the same texts: what the service must answer."""
+    src = write_jsonl(tmp_path / "texts.jsonl", [{"id": f"t{k:03d}", "text": t} for k, t in enumerate(texts)])
+    out = tmp_path / "run"
+    proc = run_cli("run", "--input", str(src), "--output", str(out), "--model", model_dir, "--progress", "off")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = read_output(out)
+    return np.stack([got[f"t{k:03d}"] for k in range(len(texts))])
+
+
+def test_openai_client_gets_what_hpcembed_run_writes(server, tmp_path, model_dir):
+    import openai
+    from hpcembed.tokenize import HFTokenizer
+    url, name = server
+    want = _run_reference(tmp_path, model_dir, TEXTS)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    # Asked for floats; asked for base64 (the client hands back the strings: little-endian float32); and left to
+    # the client, which asks for base64 and decodes it itself.
+    for encoding in ("float", "base64", None):
+        options = {"encoding_format": encoding} if encoding else {}
+        resp = client.embeddings.create(model=name, input=TEXTS, **options)
+        data = sorted(resp.data, key=lambda d: d.index)
+        got = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") if encoding == "base64" else
+                        d.embedding for d in data], dtype=np.float32)
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5
+    tok = HFTokenizer.from_model_dir(model_dir, 256)
+    ids = tok.encode(TEXTS)
+    assert resp.usage.prompt_tokens == sum(len(t) for t in ids)
+    # Token ids in, and Matryoshka dimensions: cut, then normalized again, as --dimensions does.
+    by_ids = client.embeddings.create(model=name, input=ids, dimensions=128)
+    cut = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
+    got = np.array([d.embedding for d in by_ids.data], dtype=np.float32)
+    assert got.shape == (len(TEXTS), 128) and np.abs(got - cut).max() < 1e-5
+    single = client.embeddings.create(model=name, input=TEXTS[5])
+    assert np.abs(np.array(single.data[0].embedding) - want[5]).max() < 1e-5
+
+
+def test_raw_float32_body_health_and_metrics(server):
+    url, name = server
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            raw = await _post(session, url, {"model": name, "input": TEXTS[:7]},
+                              {"Accept": "application/octet-stream"})
+            as_json = await _post(session, url, {"model": name, "input": TEXTS[:7]})
+            return raw, as_json
+    (status, headers, body), (_, _, as_json) = asyncio.run(go())
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    rows, dim = int(headers["X-Embedding-Rows"]), int(headers["X-Embedding-Dim"])
+    matrix = np.frombuffer(body, dtype="<f4").reshape(rows, dim)
+    expected = np.array([d["embedding"] for d in json.loads(as_json)["data"]], dtype=np.float32)
+    assert (rows, dim) == (7, 384) and np.array_equal(matrix, expected)
+    status, health = _get(url + "/health")
+    assert status == 200 and json.loads(health)["status"] == "ok"
+    status, metrics = _get(url + "/metrics")
+    text = metrics.decode()
+    assert status == 200 and 'hpcembed_requests_total{code="200"}' in text
+    assert 'hpcembed_request_seconds_count{lane="interactive"}' in text and "hpcembed_queue_tokens" in text
+
+
+BAD_REQUESTS = [
+    (b"{not json", 400, "not JSON"),
+    (b'\xff\xfe{"input": "a"}', 400, "not UTF-8"),
+    (b'["a list"]', 400, "must be a JSON object"),
+    ({"input": "a"}, 400, "'model' is required"),
+    ({"model": "nope", "input": "a"}, 404, "is not served here"),
+    ({"model": "@", "input": []}, 400, "'input' is empty"),
+    ({"model": "@"}, 400, "'input' is required"),
+    ({"model": "@", "input": ""}, 400, "input[0] is an empty string"),
+    ({"model": "@", "input": ["ok"] * (MAX_TEXTS + 1)}, 400, f"over the limit of {MAX_TEXTS}"),
+    ({"model": "@", "input": ["ok", "x" * (MAX_CHARS + 1)]}, 400, "input[1] has 20,001 characters"),
+    ({"model": "@", "input": [1, "a"]}, 400, "not a mix"),
+    ({"model": "@", "input": {"text": "a"}}, 400, "must be a string or a list"),
+    ({"model": "@", "input": [[101, 3]]}, 200, ""),
+    ({"model": "@", "input": [[101, 99_999_999]]}, 400, "outside the model's vocabulary"),
+    ({"model": "@", "input": [list(range(1000, 1300))]}, 400, "this model takes at most 256"),
+    ({"model": "@", "input": "a", "encoding_format": "int8"}, 400, "'encoding_format' must be"),
+    ({"model": "@", "input": "a", "dimensions": 385}, 400, "'dimensions' must be an integer from 1 to 384"),
+    ({"model": "@", "input": "a", "dimensions": True}, 400, "'dimensions' must be"),
+    (b'{"model": "@", "input": "\\ud800 lone"}', 400, "input[0] is not Unicode text"),
+]
+
+
+def test_every_bad_request_gets_a_clear_4xx(server):
+    url, name = server
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            out = []
+            for body, _, _ in BAD_REQUESTS:
+                body = body.replace(b"@", name.encode()) if isinstance(body, bytes) else \
+                    {k: (name if v == "@" else v) for k, v in body.items()}
+                out.append(await _post(session, url, body))
+            out.append(await _post(session, url, {"model": name, "input": "a"}, {"X-Latency-Budget-Ms": "soon"}))
+            return out
+    answers = asyncio.run(go())
+    for (body, status, message), (got, _, text) in zip(BAD_REQUESTS + [(None, 400, "X-Latency-Budget-Ms")],
+                                                        answers):
+        assert got == status, (body, got, text[:300])
+        if status != 200:
+            error = json.loads(text)["error"]
+            assert message in error["message"] and error["type"] == "invalid_request_error", (body, error)
+
+
+def test_interactive_lane_and_admission_control_under_bulk_load(server):
+    """Bulk requests queue up; a one-text query meanwhile is answered before the bulk work is done; a query
+    with a zero latency budget is refused at once with 429 and Retry-After; every bulk answer is what the same
+    texts get alone."""
+    url, name = server
+    bulk = [[f"{BULK_TEXT} {k}-{j}" for j in range(MAX_TEXTS)] for k in range(6)]
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            finished: dict[str, float] = {}
+
+            async def timed(key, body, headers=None):
+                answer = await _post(session, url, body, headers)
+                finished[key] = time.monotonic()
+                return answer
+            loads = [asyncio.create_task(timed(f"bulk{k}", {"model": name, "input": texts}))
+                     for k, texts in enumerate(bulk)]
+            await asyncio.sleep(0.5)
+            refused = await _post(session, url, {"model": name, "input": "now?"}, {"X-Latency-Budget-Ms": "0"})
+            query = await timed("query", {"model": name, "input": "where do the ships go?"})
+            bulk_answers = await asyncio.gather(*loads)
+            alone = await _post(session, url, {"model": name, "input": bulk[3]})
+            return refused, query, bulk_answers, alone, finished
+    refused, query, bulk_answers, alone, finished = asyncio.run(go())
+    assert refused[0] == 429 and int(refused[1]["Retry-After"]) >= 1, refused
+    assert "over the latency budget" in json.loads(refused[2])["error"]["message"]
+    assert query[0] == 200 and finished["query"] < max(v for k, v in finished.items() if k.startswith("bulk"))
+    assert all(status == 200 for status, _, _ in bulk_answers), [(s, b[:200]) for s, _, b in bulk_answers]
+    together = np.array([d["embedding"] for d in json.loads(bulk_answers[3][2])["data"]])
+    by_itself = np.array([d["embedding"] for d in json.loads(alone[2])["data"]])
+    assert together.shape == (MAX_TEXTS, 384) and np.abs(together - by_itself).max() < 1e-5
+
+
+def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir):
+    job, url = start_server(tmp_path, model_dir)
+    try:
+        _, name = url, json.loads(_get(url + "/health")[1])["model"]
+
+        async def go():
+            async with aiohttp.ClientSession() as session:
+                loads = [asyncio.create_task(_post(session, url, {"model": name, "input": [BULK_TEXT] * MAX_TEXTS}))
+                         for _ in range(4)]
+                await asyncio.sleep(0.5)
+                os.kill(job.proc.pid, signal.SIGTERM)
+                await asyncio.sleep(0.05)
+                try:
+                    late = (await _post(session, url, {"model": name, "input": "late"}))[0]
+                except aiohttp.ClientConnectionError:
+                    late = "refused"
+                return await asyncio.gather(*loads), late
+        answers, late = asyncio.run(go())
+        assert [status for status, _, _ in answers] == [200] * 4
+        assert all(len(json.loads(body)["data"]) == MAX_TEXTS for _, _, body in answers)
+        assert late in (503, "refused")
+        assert job.proc.wait(timeout=60) == 0
+        assert "draining" in job.text() and "stopped" in job.text()
+    finally:
+        job.stop()
