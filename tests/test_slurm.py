@@ -173,3 +173,31 @@ def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
     assert [(r["nodes"], r["source"]) for r in rows] == [(1, "measured"), (2, "measured")]
     assert rows[0]["efficiency"] == 1.0 and all(r["throughput_texts_per_s"] > 0 for r in rows)
 
+
+
+def test_serve_sbatch_answers_then_drains_on_scancel(cluster, tmp_path, st_model):
+    """slurm/serve.sbatch: the server comes up on the node, answers a query as sentence-transformers does, and
+    `scancel` (SIGTERM) drains it: it logs that it stopped rather than being killed."""
+    import re
+    import urllib.request
+    submitted = cluster.run("sbatch", "--parsable", str(SCRIPTS / "serve.sbatch"), "--port", "0", cwd=tmp_path)
+    job_id = submitted.stdout.strip()
+    deadline = time.monotonic() + 180
+
+    def logs() -> str:
+        return "".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob(f"*-{job_id}.*")))
+    try:
+        while not (found := re.search(r"http://0\.0\.0\.0:(\d+)", logs())):
+            assert time.monotonic() < deadline and "error" not in logs(), f"no server:\n{logs()[-3000:]}"
+            time.sleep(0.2)
+        body = json.dumps({"model": "all-MiniLM-L6-v2", "input": ["a query from the cluster"]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{found.group(1)}/v1/embeddings", data=body)
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            got = json.loads(resp.read())["data"][0]["embedding"]
+        assert float(sum(a * b for a, b in zip(got, reference(st_model, ["a query from the cluster"])[0]))) > 0.9999
+    finally:
+        cluster.run("scancel", job_id, check=False)
+    while "stopped" not in logs():
+        assert time.monotonic() < deadline, f"the server did not drain:\n{logs()[-3000:]}"
+        time.sleep(0.2)
+    assert "draining" in logs()
