@@ -126,6 +126,22 @@ def _serve(args) -> int:
     return serve(cfg, opts)
 
 
+def _reported(command) -> int:
+    """Run a command; a mistake of the user's is one line and its exit code."""
+    try:
+        return command()
+    except HpcEmbedError as exc:
+        print(f"hpcembed: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _verify(args) -> int:
+    from .verify import print_report, verify
+    problems, summary = verify(args.output, args.inputs)
+    print_report(problems, summary, sys.stderr)
+    return EXIT_INVALID_INPUT if problems else 0
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("hpcembed: %(message)s"))
@@ -143,36 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "verbose", False))
     if args.command == "scaling":
         from .scaling.cli import main as scaling_main
-        try:
-            return scaling_main(args)
-        except HpcEmbedError as exc:
-            print(f"hpcembed: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        return _reported(lambda: scaling_main(args))
     if args.command == "verify":
-        from .verify import print_report, verify
-        try:
-            problems, summary = verify(args.output, args.inputs)
-        except HpcEmbedError as exc:
-            print(f"hpcembed: error: {exc}", file=sys.stderr)
-            return exc.exit_code
-        print_report(problems, summary, sys.stderr)
-        return EXIT_INVALID_INPUT if problems else 0
+        return _reported(lambda: _verify(args))
     if args.command == "launch":
         from .slurm import launch
         step = args.step[1:] if args.step[:1] == ["--"] else args.step
-        try:
-            return launch(step, requeue=args.requeue)
-        except HpcEmbedError as exc:
-            print(f"hpcembed: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        return _reported(lambda: launch(step, requeue=args.requeue))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")        # never reach for a model hub
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if args.command == "serve":
-        try:
-            return _serve(args)
-        except HpcEmbedError as exc:
-            print(f"hpcembed: error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        return _reported(lambda: _serve(args))
     try:
         cli_values = {name: getattr(args, name, None) for name in FIELDS}
         cfg = build_config(load_toml(args.config) if args.config else {}, cli_values)

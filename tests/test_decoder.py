@@ -13,7 +13,7 @@ from hpcembed.errors import ConfigError
 
 from .conftest import EDGE_TEXTS, MPIEXEC, mpirun, read_manifest, read_output, run_cli, write_jsonl
 from .decoder_models import KINDS, make_decoder_model
-from .test_engine import _interpreted_triton, batch_of
+from .test_engine import _interpreted_triton, batch_of, encode_through_pool
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +216,6 @@ def test_cuda_decoder_two_instances_match_transformers(models, kind):
     """The CUDA path as jobs run it (flash attention, Triton ops, CUDA graphs, two instances) in bf16 and FP8
     against transformers fp32 on CPU; the Triton FP8 quantization against the eager one."""
     from hpcembed.engine.fp8 import fidelity, quantize_rows_eager
-    from hpcembed.engine.instances import InstancePool
     from hpcembed.engine.triton_fused import quantize_rows
     spec = ModelSpec.load(models[kind, "lasttoken"])
     batches = [_batch(rows=40, seed=s) for s in range(4)]
@@ -225,16 +224,7 @@ def test_cuda_decoder_two_instances_match_transformers(models, kind):
         encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops="auto", graph_tokens=2048) for _ in range(2)]
         if dtype == "fp8":
             assert fidelity(encoders[0], batches) > 0.99
-        pool = InstancePool(encoders)
-        try:
-            for b in batches:
-                pool.submit(b)
-            got = []
-            while len(got) < len(batches):
-                got.extend(e for _, e in pool.completed(wait=5.0))
-        finally:
-            pool.close()
-        cos = np.sum(np.concatenate(got) * want, axis=1)
+        cos = np.sum(encode_through_pool(encoders, batches) * want, axis=1)
         assert cos.min() >= (0.999 if dtype == "bf16" else 0.99), (dtype, cos.min())
         assert sum(e.graph_batches for e in encoders) > 0
     from hpcembed.engine import decoder, triton_fused

@@ -30,6 +30,20 @@ def edge_batch(spec: ModelSpec) -> TokenBatch:
     return batch_of(tok.encode(EDGE_TEXTS + ["a much longer sentence " * 20, "x"]))
 
 
+def encode_through_pool(encoders: list, batches: list) -> np.ndarray:
+    """The batches' embeddings, in order, through an InstancePool of `encoders` (as an encoder rank runs them)."""
+    pool = InstancePool(encoders)
+    try:
+        for b in batches:
+            pool.submit(b)
+        got = []
+        while len(got) < len(batches):
+            got.extend(e for _, e in pool.completed(wait=5.0))
+    finally:
+        pool.close()
+    return np.concatenate(got)
+
+
 def _interpreted_triton() -> None:
     """Triton kernels take CPU tensors only in Triton's interpreter (tests/conftest.py, machines without a GPU);
     on a GPU the CUDA tests below run them."""
@@ -162,18 +176,9 @@ def test_cuda_varlen_two_instances_match_sentence_transformers(model_dir, st_mod
     fast = dtype == "fp16"
     encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops="auto" if fast else "eager", gelu_epilogue=True,
                               graph_tokens=1024 if fast else 0, attention=attention) for _ in range(2)]
-    pool = InstancePool(encoders)
-    try:
-        batches = [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)]
-        for b in batches:
-            pool.submit(b)
-        got = []
-        while len(got) < len(batches):
-            got.extend(e for _, e in pool.completed(wait=5.0))
-    finally:
-        pool.close()
+    got = encode_through_pool(encoders, [batch_of(tok.encode(texts[k: k + 7])) for k in range(0, len(texts), 7)])
     ref = reference(st_model, texts)
-    cos = np.sum(np.concatenate(got) * ref, axis=1)
+    cos = np.sum(got * ref, axis=1)
     assert cos.min() >= 0.999, cos.min()
     if fast:
         assert sum(e.graph_batches for e in encoders) > 0        # the graphs were replayed, not bypassed

@@ -3,16 +3,14 @@ from the server so that the CLI can list them without importing the HTTP stack."
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..config import _opt
 
 # The options of `hpcembed run` that `hpcembed serve` takes too: the model, its prompt, and the engine.
 SERVE_FIELDS = ("model", "pooling", "normalize", "max_seq_length", "prompt", "prompt_name", "device", "dtype",
                 "engine", "fused_ops", "cuda_graphs", "cache_dir", "attention", "exact_gelu", "tokenizer_backend",
                 "max_batch_tokens", "instances_per_gpu")
-
-
-def _opt(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
