@@ -22,6 +22,8 @@ import base64
 import logging
 import math
 import signal
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,7 +69,11 @@ class Service:
         self.spec = model_spec(cfg)
         device = resolve_device(cfg.device)
         self.encoders = build_encoders(cfg, self.spec, device)
+        self._cfg = cfg
         self.backend = tokenizer_backend(cfg, self.spec, chunking=False)
+        # One backend per tokenizing thread: a backend is not safe to share between threads (HF's long-text path
+        # switches truncation off and on around a call).
+        self._per_thread = threading.local()
         self.metrics = Metrics()
         batch_tokens = cfg.batch_tokens_for(device)
         self.scheduler = Scheduler(self.encoders, self.spec.dim, batch_tokens, opts.interactive_max_tokens,
@@ -81,7 +87,6 @@ class Service:
     def _warm_up(self, batch_tokens: int) -> dict[str, float]:
         """Each lane's first rate, tokens per second: a small batch (the interactive lane's) and one of the bulk
         budget (at most WARM_UP_BULK_TOKENS), each timed on its second run."""
-        import time
         short = self.backend.encode([WARM_UP_TEXT])[0]
         rates = {}
         for lane, rows in (("interactive", 8), ("bulk", min(batch_tokens, WARM_UP_BULK_TOKENS) // len(short))):
@@ -91,6 +96,12 @@ class Service:
             self.encoders[0].encode(batch)
             rates[lane] = batch.num_tokens / max(time.perf_counter() - start, 1e-6)
         return rates
+
+    def _tokenize(self, texts: list[str]) -> list:
+        backend = getattr(self._per_thread, "backend", None)
+        if backend is None:
+            backend = self._per_thread.backend = tokenizer_backend(self._cfg, self.spec, chunking=False)
+        return backend.encode(texts)
 
     @staticmethod
     def _batch(token_lists: list) -> TokenBatch:
@@ -115,7 +126,7 @@ class Service:
                 return _error(exc.status, exc.message, exc.param, exc.code)
             if parsed.texts is not None:
                 loop = asyncio.get_running_loop()
-                token_lists = await loop.run_in_executor(self.tokenizing, self.backend.encode, parsed.texts)
+                token_lists = await loop.run_in_executor(self.tokenizing, self._tokenize, parsed.texts)
             else:
                 token_lists = parsed.token_ids
             batch = self._batch(token_lists)

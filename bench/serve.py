@@ -1,0 +1,154 @@
+"""`hpcembed serve` under load, measured from an async client on the same machine.
+
+    python -m bench.serve [--model DIR] [--paragraphs PATH] [--slug cpu] [-- serve options...]
+
+Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
+(a) one short query per request (the short-query corpus: 8-20 words) sent open-loop at 1, 100 and 1,000
+    requests/s: latency p50/p99 from send to answer;
+(b) bulk: 64 concurrent clients, each posting 256 texts of the standard corpus in a loop: texts/s;
+(c) both at once: queries at 100 requests/s while (b) runs: their p50/p99, and bulk texts/s against (b).
+Refused requests (429) are counted apart, not timed. The peer the issue asks for (infinity-emb on the same
+model) is run where it is installed and recorded as absent otherwise. Latencies are client-side, so they include
+the client's own time on a shared machine. Writes bench/results/serve-<slug>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import record, table
+from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, build_queries
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    log = open(Path("/tmp") / "bench-serve.log", "w")
+    cmd = [sys.executable, "-m", "hpcembed", "serve", "--port", "0", *(["--model", args.model] if args.model else []),
+           *extra]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        found = re.search(r"http://[\d.]+:\d+", Path(log.name).read_text())
+        if found:
+            return proc, found.group(0)
+        if proc.poll() is not None:
+            raise SystemExit(f"hpcembed serve ended:\n{Path(log.name).read_text()[-3000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("hpcembed serve did not come up in 300 s")
+
+
+async def _post(session, url: str, model: str, texts) -> tuple[int, float]:
+    start = time.perf_counter()
+    async with session.post(url + "/v1/embeddings", json={"model": model, "input": texts,
+                                                            "encoding_format": "base64"}) as resp:
+        await resp.read()
+        return resp.status, time.perf_counter() - start
+
+
+async def queries_at(session, url: str, model: str, queries: list[str], rate: float, seconds: float) -> dict:
+    """Open loop: a query every 1/rate seconds for `seconds` (at least 20 queries), each timed."""
+    count = max(20, int(rate * seconds))
+    tasks, start = [], time.perf_counter()
+    for k in range(count):
+        delay = start + k / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(_post(session, url, model, queries[k % len(queries)])))
+    answers = await asyncio.gather(*tasks)
+    ok = np.array([t for status, t in answers if status == 200])
+    return {"rate": rate, "sent": count, "answered": int(len(ok)),
+            "refused_429": sum(status == 429 for status, _ in answers),
+            "p50_ms": round(float(np.percentile(ok, 50)) * 1e3, 2) if len(ok) else None,
+            "p99_ms": round(float(np.percentile(ok, 99)) * 1e3, 2) if len(ok) else None,
+            "achieved_rate": round(count / (time.perf_counter() - start), 1)}
+
+
+async def bulk(session, url: str, model: str, docs: list[str], clients: int, per_request: int,
+               seconds: float) -> dict:
+    done, refused, stop = [0], [0], time.perf_counter() + seconds
+
+    async def client(k: int):
+        offset = k * per_request
+        while time.perf_counter() < stop:
+            texts = [docs[(offset + j) % len(docs)] for j in range(per_request)]
+            status, _ = await _post(session, url, model, texts)
+            if status == 200:
+                done[0] += per_request
+            else:
+                refused[0] += 1
+                await asyncio.sleep(0.05)
+            offset += clients * per_request
+    start = time.perf_counter()
+    await asyncio.gather(*(client(k) for k in range(clients)))
+    return {"clients": clients, "texts_per_request": per_request, "texts": done[0], "refused_429": refused[0],
+            "texts_per_s": round(done[0] / (time.perf_counter() - start), 1)}
+
+
+async def measure(url: str, model: str, queries: list[str], docs: list[str], args) -> dict:
+    import aiohttp
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await _post(session, url, model, queries[:16])                    # warm
+        latency = [await queries_at(session, url, model, queries, rate, args.seconds) for rate in args.rates]
+        solo = await bulk(session, url, model, docs, args.clients, args.per_request, args.seconds)
+        mixed_bulk, mixed_queries = await asyncio.gather(
+            bulk(session, url, model, docs, args.clients, args.per_request, args.seconds),
+            queries_at(session, url, model, queries, args.mixed_rate, args.seconds))
+    return {"latency": latency, "bulk": solo, "mixed": {"bulk": mixed_bulk, "queries": mixed_queries,
+                                                         "bulk_fraction_of_solo": round(
+                                                             mixed_bulk["texts_per_s"] / solo["texts_per_s"], 3)
+                                                         if solo["texts_per_s"] else None}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="", help="model directory (default: the bundled one)")
+    ap.add_argument("--paragraphs", default=str(DEFAULT_PARAGRAPHS))
+    ap.add_argument("--rates", type=float, nargs="+", default=[1, 100, 1000])
+    ap.add_argument("--mixed-rate", type=float, default=100)
+    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--per-request", type=int, default=256)
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
+    ap.add_argument("--slug", default="")
+    ap.add_argument("serve_options", nargs="*", help="options for hpcembed serve (after --)")
+    args = ap.parse_args()
+    queries = build_queries(20_000, Path(args.paragraphs))
+    docs = build_documents(20_000, Path(args.paragraphs))
+    proc, url = start_server(args, args.serve_options)
+    try:
+        import urllib.request
+        with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+            health = json.loads(resp.read())
+        result = asyncio.run(measure(url, health["model"], queries, docs, args))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    peer = "infinity-emb installed but not run by this version" if importlib.util.find_spec("infinity_emb") \
+        else "infinity-emb is not installed here"
+    rows = [(f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "") for q in result["latency"]]
+    rows.append(("bulk", "", "", result["bulk"]["refused_429"], f"{result['bulk']['texts_per_s']:,.0f} texts/s"))
+    mixed = result["mixed"]
+    rows.append((f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
+                 mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
+                 f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
+    print(table(rows, ("load", "p50 ms", "p99 ms", "429s", "throughput")))
+    out = record("serve", args.slug or "cpu", {"server": {k: health[k] for k in ("model", "engine", "device",
+                                                                                 "dtype")},
+                                               "serve_options": args.serve_options, "peer": peer,
+                                               "latency_measured": "client-side, same machine", **result})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
