@@ -7,7 +7,7 @@ Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
     requests/s: latency p50/p99 from send to answer;
 (b) bulk: 64 concurrent clients, each posting 256 texts of the standard corpus in a loop: texts/s;
 (c) both at once: queries at 100 requests/s while (b) runs: their p50/p99, and bulk texts/s against (b).
-Refused requests (429) are counted apart, not timed. The peer the issue asks for (infinity-emb on the same
+Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again. The peer the issue asks for (infinity-emb on the same
 model) is run where it is installed and recorded as absent otherwise. Latencies are client-side, so they include
 the client's own time on a shared machine. Writes bench/results/serve-<slug>.json.
 """
@@ -49,10 +49,13 @@ def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 async def _post(session, url: str, model: str, texts) -> tuple[int, float]:
+    """(status, seconds); for a 429, seconds is the Retry-After the server asked for."""
     start = time.perf_counter()
     async with session.post(url + "/v1/embeddings", json={"model": model, "input": texts,
                                                             "encoding_format": "base64"}) as resp:
         await resp.read()
+        if resp.status == 429:
+            return 429, float(resp.headers.get("Retry-After", 1))
         return resp.status, time.perf_counter() - start
 
 
@@ -82,12 +85,12 @@ async def bulk(session, url: str, model: str, docs: list[str], clients: int, per
         offset = k * per_request
         while time.perf_counter() < stop:
             texts = [docs[(offset + j) % len(docs)] for j in range(per_request)]
-            status, _ = await _post(session, url, model, texts)
+            status, seconds = await _post(session, url, model, texts)
             if status == 200:
                 done[0] += per_request
-            else:
+            else:               # a well-behaved client: it waits as long as Retry-After says
                 refused[0] += 1
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(seconds if status == 429 else 1.0)
             offset += clients * per_request
     start = time.perf_counter()
     await asyncio.gather(*(client(k) for k in range(clients)))

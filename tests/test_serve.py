@@ -164,8 +164,8 @@ def test_interactive_lane_and_admission_control_under_bulk_load(server):
     with a zero latency budget is refused at once with 429 and Retry-After; every bulk answer is what the same
     texts get alone."""
     url, name = server
-    # Every request holds texts long enough (over 4,096 characters) for the tokenizer's long-text path, which
-    # must not leak between requests tokenized at the same time.
+    # Every request holds texts long enough (over 4,096 characters) for the tokenizer's long-text path while
+    # other requests are tokenized at the same time; each answer must still be what its texts get alone.
     bulk = [[f"{BULK_TEXT * (20 if j % 8 == 0 else 1)} {k}-{j}" for j in range(MAX_TEXTS)] for k in range(6)]
 
     async def go():

@@ -102,18 +102,27 @@ class Scheduler:
                  for name in LANES}
         return sum(ahead[name] / self.rates[name] for name in LANES) / self._instances
 
+    def admit(self, lane: str, budget: float | None) -> None:
+        """Raise Overloaded if a request in `lane` would wait longer than `budget` seconds, Unavailable if none
+        is taken; checked before a request is tokenized too, so that refused work costs nothing."""
+        with self._lock:
+            self._admit(lane, budget)
+
+    def _admit(self, lane: str, budget: float | None) -> None:
+        if self.failed or self._closing:
+            raise Unavailable(self.failed or "the server is shutting down")
+        if budget is not None:
+            predicted = self.predicted_wait(lane)
+            if predicted > budget:
+                raise Overloaded(predicted, budget)
+
     def submit(self, batch: TokenBatch, budget: float | None = None) -> Future:
         """Queue a request's rows; its future gets their embeddings [rows, dim] float32, in row order. Raises
         Overloaded (budget in seconds) or Unavailable."""
         lane = self.lane_of(batch)
         future: Future = Future()
         with self._lock:
-            if self.failed or self._closing:
-                raise Unavailable(self.failed or "the server is shutting down")
-            if budget is not None:
-                predicted = self.predicted_wait(lane)
-                if predicted > budget:
-                    raise Overloaded(predicted, budget)
+            self._admit(lane, budget)
             request = _Request(batch, lane, future, np.empty((batch.num_rows, self.dim), np.float32),
                                time.perf_counter(), remaining=batch.num_rows)
             self._lanes[lane].append(request)

@@ -81,7 +81,10 @@ class Service:
         names = [self.spec.name, Path(cfg.model).name if cfg.model else "", Path(self.spec.path).name]
         self.limits = Limits(tuple(dict.fromkeys(n for n in names if n)), self.spec.dim, self.spec.vocab_size,
                              self.spec.max_seq_length, opts.max_request_texts, opts.max_text_chars)
+        # Small requests are tokenized by threads of their own, so a query never waits behind bulk requests'
+        # texts (measured on the CPU box: 6.3 s query p50 under bulk load with one pool for both).
         self.tokenizing = ThreadPoolExecutor(max(1, opts.tokenizer_threads), thread_name_prefix="tokenize")
+        self.tokenizing_small = ThreadPoolExecutor(2, thread_name_prefix="tokenize-small")
         self.state = _State()
 
     def _warm_up(self, batch_tokens: int) -> dict[str, float]:
@@ -124,13 +127,16 @@ class Service:
                 budget = self._budget(request)
             except BadRequest as exc:
                 return _error(exc.status, exc.message, exc.param, exc.code)
-            if parsed.texts is not None:
-                loop = asyncio.get_running_loop()
-                token_lists = await loop.run_in_executor(self.tokenizing, self._tokenize, parsed.texts)
-            else:
-                token_lists = parsed.token_ids
-            batch = self._batch(token_lists)
+            small = parsed.count <= self.opts.interactive_max_texts
             try:
+                self.scheduler.admit("interactive" if small else "bulk", budget)     # before tokenizing it
+                if parsed.texts is not None:
+                    loop = asyncio.get_running_loop()
+                    token_lists = await loop.run_in_executor(self.tokenizing_small if small else self.tokenizing,
+                                                             self._tokenize, parsed.texts)
+                else:
+                    token_lists = parsed.token_ids
+                batch = self._batch(token_lists)
                 embeddings = await asyncio.wrap_future(self.scheduler.submit(batch, budget))
             except Overloaded as exc:
                 retry = max(1, math.ceil(exc.predicted - exc.budget))
@@ -225,6 +231,7 @@ class Service:
         await runner.cleanup()
         self.scheduler.close()
         self.tokenizing.shutdown()
+        self.tokenizing_small.shutdown()
         log.info("stopped")
         return EXIT_FAILED if self.state.failed else 0
 
