@@ -7,9 +7,10 @@ Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
     requests/s: latency p50/p99 from send to answer;
 (b) bulk: 64 concurrent clients, each posting 256 texts of the standard corpus in a loop: texts/s;
 (c) both at once: queries at 100 requests/s while (b) runs: their p50/p99, and bulk texts/s against (b).
-Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again. The peer the issue asks for (infinity-emb on the same
-model) is run where it is installed and recorded as absent otherwise. Latencies are client-side, so they include
-the client's own time on a shared machine. Writes bench/results/serve-<slug>.json.
+Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again.
+The peer the issue asks for (infinity-emb on the same model) is not run by this version: the JSON says whether it
+is installed. Latencies are client-side, so they include the client's own time on a shared machine. Writes
+bench/results/serve-<slug>.json.
 """
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in FIELDS:
-            raise ConfigError(f"job file {path}: unknown key {key!r}; valid keys are the long options of 'hpcembed run'")
+            raise ConfigError(f"job file {path}: unknown key {key!r}; valid keys are the long options of "
+                              "'hpcembed run'")
         if name == "input" and isinstance(value, str):
             value = [value]
         values[name] = value
