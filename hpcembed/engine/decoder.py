@@ -128,7 +128,7 @@ class DecoderWeights:
             if all(b is None for b in biases):
                 return linear(weight, None)
             bias = torch.cat([get(n + ".bias") if b is not None else
-                              torch.zeros(get(n + ".weight").shape[0], dtype=dtype, device=device)
+                              torch.zeros(raw[n + ".weight"].shape[0], dtype=dtype, device=device)
                               for n, b in zip(names, biases)])
             return linear(weight, bias)
 
