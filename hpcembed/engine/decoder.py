@@ -257,8 +257,11 @@ def ops_for(fused_ops: str) -> type[DecoderOps]:
     torch.compile, or hpcembed's Triton kernels (engine/triton_fused.py)."""
     if fused_ops == "eager":
         return DecoderOps
-    if fused_ops == "compile":
-        return _compiled_ops()
+    return _compiled_ops() if fused_ops == "compile" else _triton_ops()
+
+
+@functools.cache
+def _triton_ops() -> type[DecoderOps]:
     from . import triton_fused
 
     class _Triton(DecoderOps):
