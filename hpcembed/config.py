@@ -123,6 +123,11 @@ class JobConfig:
                                  "the encoder's token budget)")
     tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one encoder rank per GPU, the rest "
                                    "tokenize; without GPUs, half of the ranks after the conductor)")
+    sub_conductors: str = _opt("auto", "MPI: a sub-conductor rank on each node hands out the conductor's units to "
+                                       "that node's tokenizer ranks and sends their commits on in batches, so that "
+                                       "rank 0 keeps up at thousands of encoder ranks. auto: from 512 encoder "
+                                       "ranks on (below that a sub-conductor would take a core for nothing)",
+                               choices=("auto", "per-node", "off"))
     gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one encoder rank encodes, for planning how many tokenizer "
                                         "ranks keep it busy (default: the bench/gpu_stage.py figure for its GPU; "
                                         "setting it plans on CPU encoders too)")

@@ -51,6 +51,12 @@ class TokenizerStats(RankStats):
 
 
 @dataclass
+class SubConductorStats(RankStats):
+    units_committed: int = 0                    # units it found complete and sent on to the conductor,
+    commit_batches: int = 0                     # in this many UnitsCommitted messages
+
+
+@dataclass
 class EncoderStats(RankStats):
     engine: str = ""
     device: str = ""

@@ -51,6 +51,9 @@ class RoleMap:
     # scale (UCX's RC transport manages ~256 endpoints per process; 8,000 encoder ranks cannot all be peers), and so
     # that credit grants do not grow as encoders x tokenizers.
     fanout: int = 8
+    # tokenizer rank -> its sub-conductor (assign_subconductors): the rank it asks for units, reports its units
+    # and itself to, and that commits its units. A tokenizer not listed deals with the conductor itself.
+    deputies: dict[int, int] = field(default_factory=dict)
     _links: tuple | None = field(default=None, repr=False, compare=False)
 
     def linked_to_all(self) -> "RoleMap":
@@ -61,7 +64,27 @@ class RoleMap:
         """'idle' is a rank the plan did not need (more tokenizers than the GPUs can take, see world.py)."""
         if rank == self.conductor:
             return "conductor"
-        return "tokenizer" if rank in self.tokenizers else "encoder" if rank in self.encoders else "idle"
+        if rank in self.tokenizers:
+            return "tokenizer"
+        if rank in self.encoders:
+            return "encoder"
+        return "subconductor" if rank in self.subconductors else "idle"
+
+    @property
+    def subconductors(self) -> list[int]:
+        return sorted(set(self.deputies.values()))
+
+    def conductor_of(self, tokenizer: int) -> int:
+        """Where a tokenizer rank asks for units and reports, and where its units' parts are reported."""
+        return self.deputies.get(tokenizer, self.conductor)
+
+    def tokenizers_under(self, subconductor: int) -> list[int]:
+        return [t for t in self.tokenizers if self.deputies.get(t) == subconductor]
+
+    def reporters(self) -> list[int]:
+        """The ranks whose reports the conductor waits for before it stops the encoder ranks: the sub-conductors,
+        and the tokenizer ranks that have none."""
+        return sorted(set(self.subconductors) | {t for t in self.tokenizers if t not in self.deputies})
 
     def host_of(self, rank: int) -> str:
         return self.hosts.get(rank, socket.gethostname())
@@ -220,3 +243,40 @@ def plan_tokenizers(roles: RoleMap, ranks: list[RankInfo], tokenizer_tokens_per_
         chosen = roles.tokenizers[:1]
         plan.chosen = 1
     return RoleMap(roles.conductor, sorted(chosen), gpus, roles.hosts), plan
+
+
+# From this many encoder ranks on, `--sub-conductors auto` puts one on each host with tokenizer ranks. One
+# conductor handles about 3.4 messages per unit at about 25 us each on an H100-box core (the h100-box study), and
+# an encoder rank of that node uses 3.7 units/s of 20,000 rows: 512 encoder ranks keep it about 16% busy. Below
+# that a sub-conductor would take a core from tokenizing for nothing.
+SUBCONDUCTORS_FROM_ENCODER_RANKS = 512
+
+
+def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "auto") -> RoleMap:
+    """One sub-conductor per host that has tokenizer ranks ('per-node'; 'auto' from
+    SUBCONDUCTORS_FROM_ENCODER_RANKS encoder ranks on; 'off'). Each is a rank the rate plan left idle on that host,
+    or else the host's last tokenizer rank; it serves that host's tokenizers (protocol/subconductor.py)."""
+    if mode == "off" or (mode == "auto" and len(roles.encoders) < SUBCONDUCTORS_FROM_ENCODER_RANKS):
+        return roles
+    if mode not in ("auto", "per-node"):
+        raise ConfigError(f"sub-conductors must be auto, per-node or off; got {mode!r}")
+    used = {roles.conductor, *roles.tokenizers, *roles.encoders}
+    by_host: dict[str, list[int]] = {}
+    for t in roles.tokenizers:
+        by_host.setdefault(roles.host_of(t), []).append(t)
+    idle: dict[str, list[int]] = {}
+    for r in ranks:
+        if r.rank not in used:
+            idle.setdefault(r.host, []).append(r.rank)
+    tokenizers, deputies = set(roles.tokenizers), {}
+    for host, ts in by_host.items():
+        if idle.get(host):
+            deputy = idle[host][0]
+        elif len(ts) > 1:
+            deputy = ts[-1]
+            tokenizers.discard(deputy)
+            ts = ts[:-1]
+        else:
+            continue            # a host's only tokenizer rank stays one; it deals with the conductor
+        deputies.update({t: deputy for t in ts})
+    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies, _links=None)

@@ -153,9 +153,9 @@ class BackgroundJob:
                                      env={**os.environ, **(env or {})}, start_new_session=True)
 
     @classmethod
-    def mpi(cls, n: int, args: list[str], log: Path) -> "BackgroundJob":
+    def mpi(cls, n: int, args: list[str], log: Path, env: dict | None = None) -> "BackgroundJob":
         return cls([MPIEXEC, "-n", str(n), sys.executable, "-m", "hpcembed", "run", *args, "--progress", "log",
-                    "--progress-interval", "0.5"], log, MPI_ENV)
+                    "--progress-interval", "0.5"], log, {**MPI_ENV, **(env or {})})
 
     def text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -145,7 +145,7 @@ def test_the_ledger_on_a_store_is_segments_read_in_order_and_compacted(store_env
     ledger = Ledger("s3://bucket/ledger-test")
     ledger.write_fresh(LedgerState({"job": 1}, [], {}))
     for unit in range(3):                # one segment each: the interval is not waited for at close
-        ledger.commit_unit(CommittedUnit(unit, {f"part-{unit}": 10}, 100))
+        ledger.commit_units([CommittedUnit(unit, {f"part-{unit}": 10}, 100)])
         ledger.close()
     names = set(store_env.objects("bucket", "ledger-test"))
     assert names == {"_ledger.jsonl", "_ledger.jsonl.1.00000001", "_ledger.jsonl.1.00000002",

@@ -13,15 +13,17 @@ import pytest
 
 from hpcembed.errors import InputError
 from hpcembed.io.ids import id_digest
-from hpcembed.io.ledger import Ledger
+from hpcembed.io.ledger import CommittedUnit, Ledger
 from hpcembed.io.sources import InputFile, Plan, WorkUnit
 from hpcembed.io.writer import OutputDir, shard_name
-from hpcembed.manifest import EncoderStats, TokenizerStats
+from hpcembed.manifest import EncoderStats, RankStats, TokenizerStats
 from hpcembed.protocol.conductor import ConductorCore, JobFailed
 from hpcembed.protocol.encoder import EncoderCore
-from hpcembed.protocol.messages import (AssignUnit, Credit, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits,
-                                        PartRewritten, PartWritten, RankReport, Release, RequestUnit, Stop,
-                                        StopRequested, UnitEnd, UnitRead)
+from hpcembed.protocol.messages import (AssignUnit, Calibrated, Credit, Drain, DropIds, DuplicateRows, Failure,
+                                        NoMoreUnits, PartRewritten, PartWritten, RankReport, Release, RequestUnit,
+                                        RequestUnits, Stop, StopRequested, UnitEnd, UnitGrant, UnitRead,
+                                        UnitsCommitted)
+from hpcembed.protocol.subconductor import SubConductorCore
 from hpcembed.protocol.tokenizer import TokenizerCore, UnitProgress
 from hpcembed.topology import RoleMap
 
@@ -283,44 +285,61 @@ def test_encoder_refuses_to_finish_with_open_parts_unless_drained():
 
 # --- all three together -----------------------------------------------------------------------------------
 
-def test_the_cores_run_a_job_exactly_once(tmp_path):
-    """A synchronous driver: a message pump between the three cores, with 'tokenizing' and 'encoding' reduced to
-    counting. Every unit is committed once, with every row in exactly one part."""
-    sizes = [7, 3, 11, 5, 9, 2]
+def pump_a_job(tmp_path, roles: RoleMap, sizes: list[int], commit_batch: int = 64):
+    """A synchronous driver: a message pump between the cores, with 'tokenizing' and 'encoding' reduced to
+    counting, and a clock that moves 0.01 s per step. Runs the job to its end: every tokenizer reports and is
+    released, then the encoder ranks are stopped. Returns the conductor, the sub-conductors and the encoders."""
     plan = plan_of(*sizes)
-    ctor = conductor(tmp_path, plan)
-    tokenizers = {t: TokenizerCore(t, ROLES) for t in ROLES.tokenizers}
-    encoders = {e: EncoderCore(e, ROLES, credits=2, max_batch_tokens=30, window_batches=2) for e in ROLES.encoders}
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    ctor = ConductorCore(roles, plan, output, output.ledger(), state, name_ranks=True)
+    tokenizers = {t: TokenizerCore(t, roles) for t in roles.tokenizers}
+    encoders = {e: EncoderCore(e, roles, credits=2, max_batch_tokens=30, window_batches=2) for e in roles.encoders}
+    subs = {s: SubConductorCore(s, roles, commit_batch=commit_batch) for s in roles.subconductors}
     mail: deque = deque()
     post = lambda src, sends: mail.extend((src, d, m) for d, m in sends)     # noqa: E731
-    for t, core in tokenizers.items():
-        post(t, core.start())
-    for e, core in encoders.items():
-        post(e, core.start())
+    for rank, core in [*tokenizers.items(), *encoders.items(), *subs.items()]:
+        post(rank, core.start())
     window = {e: deque() for e in encoders}             # (unit, rows, tokens) waiting to be encoded
     reading = {t: None for t in tokenizers}
-    for _ in range(10_000):
+    reported, stopped = set(), set()
+    for step in range(100_000):
+        now = step * 0.01
+        for rank, sub in subs.items():
+            post(rank, sub.poll(now))
+            if sub.ready_to_report:
+                post(rank, sub.report(RankStats(rank, "subconductor", "h")))
         if mail:
             src, dest, message = mail.popleft()
             if dest == 0:
                 post(0, ctor.handle(src, message))
+                post(0, ctor.poll())
+            elif dest in subs:
+                post(dest, subs[dest].handle(src, message, now))
             elif dest in tokenizers:
                 tokenizers[dest].handle(src, message)
             elif isinstance(message, tuple):            # a token batch
                 window[dest].append(message)
                 encoders[dest].batch_taken(src, message[2])
+            elif isinstance(message, Stop):
+                encoders[dest].handle(src, message)
+                stopped.add(dest)
             else:
                 for unit in encoders[dest].handle(src, message):
                     post(dest, [encoders[dest].written(unit, shard_name(unit, dest))])
             continue
+        if stopped == set(encoders):
+            break
         # No mail: each tokenizer sends one batch of 2 rows if it can, each encoder encodes what it holds.
-        moved = False
         for t, core in tokenizers.items():
             if reading[t] is None:
                 unit, sends = core.next_unit()
                 post(t, sends)
                 if unit is not None:
                     reading[t] = [unit, unit.row_start, UnitProgress()]
+                elif not core.waiting_for_unit and core.credits_settled and t not in reported:
+                    reported.add(t)
+                    post(t, core.report(TokenizerStats(t, "tokenizer", "h")))
             if reading[t] is not None:
                 unit, row, progress = reading[t]
                 dest = core.route(progress)
@@ -332,17 +351,106 @@ def test_the_cores_run_a_job_exactly_once(tmp_path):
                     if reading[t][1] == unit.row_stop:
                         post(t, core.unit_read(unit, progress))
                         reading[t] = None
-                    moved = True
         for e, core in encoders.items():
             while window[e]:
                 unit, rows, tokens = window[e].popleft()
                 post(e, core.submitted(tokens, window_empty=not window[e]))
                 if core.embedded(unit, rows, tokens):
                     post(e, [core.written(unit, shard_name(unit, e))])
-                moved = True
-        if not moved and ctor.all_committed:
-            break
+    assert stopped == set(encoders), "the job did not end"
+    assert all(core.released for core in [*tokenizers.values(), *subs.values()])
     assert ctor.all_committed and ctor.rows_written == sum(sizes)
     assert all(u.rows == size for u, size in zip((ctor.done[k] for k in range(len(sizes))), sizes))
     assert all(core.credits_settled for core in tokenizers.values())
     assert not any(core.parts for core in encoders.values())
+    return ctor, subs, encoders
+
+
+def test_the_cores_run_a_job_exactly_once(tmp_path):
+    """Every unit is committed once, with every row in exactly one part."""
+    ctor, _, _ = pump_a_job(tmp_path, ROLES, [7, 3, 11, 5, 9, 2])
+    assert set(ctor.reports) == {1, 2}
+
+
+# Two hosts: tokenizers 1 and 2 under sub-conductor 5 on h0, tokenizers 6 and 7 under 8 on h1; encoders 3 and 4.
+SUB_ROLES = RoleMap(conductor=0, tokenizers=[1, 2, 6, 7], encoders=[3, 4],
+                    hosts={**{r: "h0" for r in range(6)}, **{r: "h1" for r in range(6, 9)}},
+                    deputies={1: 5, 2: 5, 6: 8, 7: 8})
+
+
+def test_sub_conductors_run_a_job_exactly_once_and_commit_in_batches(tmp_path):
+    sizes = [7, 3, 11, 5, 9, 2, 4, 4, 6, 1, 8, 3]
+    ctor, subs, _ = pump_a_job(tmp_path, SUB_ROLES, sizes, commit_batch=4)
+    assert sum(s.units_committed for s in subs.values()) == len(sizes)
+    # Batched: fewer UnitsCommitted than units, each sub-conductor its fair share of the units.
+    assert sum(s.batches_sent for s in subs.values()) < len(sizes)
+    assert all(s.units_committed >= 2 for s in subs.values())
+    # The conductor heard from each sub-conductor once at the end, with its tokenizers' reports and its own.
+    assert set(ctor.reports) == {1, 2, 5, 6, 7, 8}
+    ctor.ledger.close()
+    assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
+
+
+def test_grants_shrink_towards_the_end(tmp_path):
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    ctor = ConductorCore(SUB_ROLES, plan_of(*[1] * 20), output, output.ledger(), state)
+    sizes = [len(ctor.handle(5, RequestUnits(8))[0].message.units) for _ in range(7)]
+    # 20 left over 2 sub-conductors: at most 5 (half an even share), then fewer as the pending units run out.
+    assert sizes == [5, 4, 3, 2, 2, 1, 1] and sum(sizes) == 18
+    grant = ctor.handle(8, RequestUnits(8))[0].message
+    assert len(grant.units) == 1 and not grant.last
+    assert ctor.handle(8, RequestUnits(8))[0].message.last
+
+
+def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():
+    sub = SubConductorCore(5, SUB_ROLES, commit_batch=3, commit_seconds=0.5)
+    (_, ask), = sub.start()
+    assert ask == RequestUnits(2)
+    units = plan_of(2, 2, 2, 2).units
+    sub.handle(0, UnitGrant(units, last=True), now=0.0)
+    for t in (1, 2, 1, 2):
+        sub.handle(t, RequestUnit(), now=0.0)
+    for unit in units[:2]:
+        sub.handle(1, UnitRead(unit.unit, {3: 2}, tokens=20), now=1.0)
+        sub.handle(3, PartWritten(unit.unit, shard_name(unit.unit, 3), 2, 20), now=1.0)
+    assert sub.poll(1.2) == []                  # 2 complete, 2 still out, the oldest waited 0.2 s
+    (dest, batch), = sub.poll(1.5)              # ... now 0.5 s
+    assert dest == 0 and [u.unit for u in batch.units] == [0, 1] and batch.tokens == 40
+    sub.handle(2, UnitRead(2, {3: 2}, tokens=20), now=2.0)
+    sub.handle(3, PartWritten(2, shard_name(2, 3), 2, 20), now=2.0)
+    sub.handle(2, UnitRead(3, {}, tokens=0, rejected_rows=2), now=2.0)
+    (_, batch), = sub.poll(2.0)                 # nothing else is out: sent at once
+    assert [u.unit for u in batch.units] == [2, 3] and batch.units[1].rejected == 2
+    assert not sub.ready_to_report              # its tokenizers have not reported
+    for t in (1, 2):
+        assert sub.handle(t, RankReport(TokenizerStats(t, "tokenizer", "h")), now=3.0) == [(t, Release())]
+    assert sub.ready_to_report
+
+
+def test_a_sub_conductor_passes_a_drain_on_and_ignores_the_abandoned_units():
+    sub = SubConductorCore(5, SUB_ROLES)
+    sub.start()
+    sub.handle(0, UnitGrant(plan_of(2, 2).units, last=False), now=0.0)
+    sub.handle(1, RequestUnit(), now=0.0)
+    assert sub.handle(0, Drain(), now=0.1) == [(1, Drain()), (2, Drain())]
+    for t in (1, 2):
+        sub.handle(t, RankReport(TokenizerStats(t, "tokenizer", "h")), now=0.2)
+    assert sub.ready_to_report                  # unit 0 was abandoned, not waited for
+    sub.report(RankStats(5, "subconductor", "h"))
+    assert sub.handle(3, PartWritten(0, shard_name(0, 3), 1, 10), now=0.3) == []
+    assert sub.poll(1.0) == []
+
+
+def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
+    ctor.handle(5, RequestUnits(2))
+    record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
+    ctor.handle(5, UnitsCommitted([record], 20))
+    assert not ctor.done
+    ctor.handle(3, Calibrated([[0.0], [1.0]]))
+    assert ctor.all_committed
+    ctor.ledger.close()
+    assert Ledger(tmp_path / "out").load().ranges == [[0.0], [1.0]]

@@ -110,6 +110,48 @@ def test_dead_rank_ends_the_job_and_the_rerun_completes(corpus, tmp_path, role):
     assert manifest["units_resumed"] >= 3
 
 
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory, st_model):
+    """6,000 short rows in 3 files, 24 units of 250: long enough on CPU that the sub-conductors send several
+    batches of commits (every 0.5 s) before the job ends."""
+    rng = np.random.default_rng(11)
+    words = ["grid", "node", "batch", "token", "shard", "rank", "queue", "model", "vector", "commit"]
+    texts = {f"s{k:05d}": " ".join(rng.choice(words, size=int(rng.integers(2, 9)))) for k in range(6000)}
+    root, expected = write_corpus(tmp_path_factory.mktemp("long"), texts, 3, st_model)
+    return root, texts, expected
+
+
+def test_a_dead_sub_conductor_ends_the_job_and_the_rerun_completes(long_corpus, tmp_path):
+    """Two pretend nodes (world.virtual_host) of an encoder rank, tokenizer ranks and a sub-conductor each, as a
+    job of hundreds of nodes runs. A sub-conductor killed mid-job ends the job, the units whose commits it still
+    held are not taken as done, and a rerun through sub-conductors gives every id once."""
+    root, texts, expected = long_corpus
+    out = tmp_path / "out"
+    args = ["--input", str(root), "--output", str(out), "--unit-rows", "250", "--chunk-rows", "50",
+            "--tokenizer-ranks", "4", "--sub-conductors", "per-node"]
+    two_nodes = {"HPCEMBED_VIRTUAL_NODES": "2"}
+    job = BackgroundJob.mpi(7, args, tmp_path / "job.log", env=two_nodes)
+    try:
+        line = job.wait_for(r"rank \d+ on \S+ \(pid \d+\): subconductor")
+        assert "2 sub-conductor, 2 tokenizer, 2 encoder ranks" in job.wait_for(r"role map: .*")
+        wait_for_commits(job, out, 3)
+        killed = time.monotonic()
+        os.kill(job.rank_pid(int(line.split()[1])), signal.SIGKILL)
+        rc = job.wait(45)
+        assert rc != 0 and time.monotonic() - killed < 30, (rc, job.text()[-2000:])
+    finally:
+        job.stop()
+    assert not (out / "_SUCCESS").exists()
+    again = mpirun(7, *args, env=two_nodes)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = assert_complete_output(out, expected)
+    assert 3 <= manifest["units_resumed"] < 24
+    subs = [r for r in manifest["ranks"] if r["role"] == "subconductor"]
+    # The sub-conductors committed the rest of the job between them, in fewer messages than units.
+    assert len(subs) == 2 and sum(s["units_committed"] for s in subs) == 24 - manifest["units_resumed"], subs
+    assert all(0 < s["commit_batches"] <= s["units_committed"] for s in subs), subs
+
+
 def test_sigusr1_stops_gracefully_and_the_rerun_completes(tmp_path, st_model):
     # Larger than the shared corpus: the tokenizers must still be reading when the signal comes (rows embedded
     # early wait in memory until their unit is complete, so commits lag reading).

@@ -206,8 +206,10 @@ class Ledger:
     def record_calibration(self, ranges: list) -> None:
         self._append(self._calibration_line(ranges))
 
-    def commit_unit(self, unit: CommittedUnit) -> None:
-        self._append(self._unit_line(unit))
+    def commit_units(self, units: list[CommittedUnit]) -> None:
+        """One write for one unit, or for a sub-conductor's batch of them."""
+        if units:
+            self._append("".join(self._unit_line(u) for u in units))
 
     def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict], file: list | None = None,
                     rows: int = -1) -> None:

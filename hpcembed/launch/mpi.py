@@ -21,7 +21,9 @@ from ..manifest import RankStats
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
 from ..roles.common import run_role
+from ..protocol.subconductor import SubConductorCore
 from ..roles.conductor import run_conductor
+from ..roles.subconductor import run_subconductor
 from ..signals import STOP
 from ..slurm import SlurmTask
 from ..topology import RankInfo, device_for, plan_roles
@@ -87,6 +89,9 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
     manifest = None
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)
+    elif role == "subconductor":
+        core = SubConductorCore(rank, plan.roles)
+        run_role(role, transport, plan.roles.conductor, lambda: run_subconductor(core, transport))
     elif role != "idle":
         _run_worker(cfg, kind, transport, plan, ranks, role, role_comm, early, startup)
     _settle(plan_sends)
@@ -235,12 +240,15 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
     for r in range(transport.size):
         log.info("rank %d on %s (pid %d): %s", r, ranks[r].host, ranks[r].pid, roles.role_of(r))
     idle = transport.size - 1 - len(roles.tokenizers) - len(roles.encoders)
-    log.info("role map: 1 conductor, %d tokenizer, %d encoder ranks%s", len(roles.tokenizers), len(roles.encoders),
-             f", {idle} idle" if idle else "")
+    subs = len(roles.subconductors)
+    idle = idle - subs
+    log.info("role map: 1 conductor, %s%d tokenizer, %d encoder ranks%s", f"{subs} sub-conductor, " if subs else "",
+             len(roles.tokenizers), len(roles.encoders), f", {idle} idle" if idle else "")
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
     start = time.process_time()
     core = ConductorCore(roles, setup.plan, setup.output, setup.output.ledger(), setup.resumed,
-                         skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress)
+                         skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress,
+                         ranges_due=bool(plan.calibration))
     try:
         result = run_conductor(core, transport, progress)
         me = RankStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start)

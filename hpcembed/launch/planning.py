@@ -9,7 +9,7 @@ import os
 from ..config import JobConfig
 from ..errors import ConfigError, InputError
 from ..io.readers import Columns, read_unit
-from ..topology import RankInfo, RoleMap, plan_roles, plan_tokenizers
+from ..topology import RankInfo, RoleMap, assign_subconductors, plan_roles, plan_tokenizers
 from .build import tokenizer_backend
 from .kinds import JobKind
 
@@ -52,9 +52,10 @@ def job_device(cfg: JobConfig, ranks: list[RankInfo]) -> str:
 def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo]) -> RoleMap:
     hosts = {r.rank: r.host for r in ranks}
     if not kind.has_encoders:
-        return RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), encoders=[], hosts=hosts)
-    roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
-    return _plan_by_rates(cfg, setup, roles, ranks)
+        roles = RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), encoders=[], hosts=hosts)
+    else:
+        roles = _plan_by_rates(cfg, setup, plan_roles(ranks, cfg.tokenizer_ranks or None), ranks)
+    return assign_subconductors(roles, ranks, cfg.sub_conductors)
 
 
 def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo]) -> RoleMap:

@@ -11,6 +11,12 @@ Ids repeated across tokenizer ranks (or across runs of a resumed job) are report
 (DuplicateRows). They fail the job, or under --on-invalid skip the later rows are dropped from their committed
 shards (DropIds) and recorded as rejects before the job may finish.
 
+Sub-conductors (protocol/subconductor.py, for jobs of hundreds of nodes) take the per-unit messages off rank 0:
+each asks for units in blocks (RequestUnits, answered with as many as it asked for while plenty are left, fewer
+towards the end so that no node sits on the last units), applies the commit rule to its own tokenizers' units,
+and sends the complete ones here in batches (UnitsCommitted). This core writes them to the ledger, one write per
+batch: the ledger and the rejects file stay rank 0's alone, so resume is unchanged.
+
 Graceful stop (a signal, or a StopRequested from a rank that got one): no more units are handed out, tokenizers
 are told to abandon the unit they are reading (Drain), and the job ends once what is in flight is committed, with
 the partial units discarded: the next run redoes them.
@@ -29,7 +35,8 @@ from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
 from ..topology import RoleMap
 from .messages import (AssignUnit, Calibrated, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten,
-                       PartWritten, RankReport, Release, RequestUnit, Send, Stop, StopRequested, UnitRead)
+                       PartWritten, RankReport, RankReports, Release, RequestUnit, RequestUnits, Send, Stop,
+                       StopRequested, UnitGrant, UnitRead, UnitsCommitted)
 
 log = logging.getLogger("hpcembed")
 
@@ -53,13 +60,21 @@ class UnitParts:
         return self.read is not None and all(
             rank in self.written and self.written[rank].rows == rows for rank, rows in self.read.sent.items())
 
+    def record(self, unit: int) -> CommittedUnit:
+        """The ledger record of the complete unit."""
+        written = self.written.values()
+        return CommittedUnit(unit, {p.shard: p.shard_rows for p in written}, sum(p.tokens for p in written),
+                             self.read.rejected_rows, self.read.rejects,
+                             {p.shard: [p.size, p.digest, *p.companion] for p in written if p.size >= 0})
+
 
 class ConductorCore:
     def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
-                 skip_invalid: bool = False, name_ranks: bool = False, progress=None):
+                 skip_invalid: bool = False, name_ranks: bool = False, progress=None, ranges_due: bool = False):
         """`progress`: anything with update(rows, tokens), told of each written part's tokens and each committed
         unit's rows; `name_ranks`: failures name the rank they came from (an MPI job; one process has no ranks to
-        name)."""
+        name); `ranges_due`: int8/uint8 output whose ranges the encoder ranks will send (Calibrated). A
+        sub-conductor's commits, which take another path than the encoder ranks' Calibrated, wait for them."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
         self.done: dict[int, CommittedUnit] = dict(resumed.units)
@@ -71,7 +86,10 @@ class ConductorCore:
         self.paths = {f.index: f.path for f in plan.files}
         self.tokens = 0
         self.reports: dict[int, RankStats] = {}
-        self.tokenizers_left = set(roles.tokenizers)
+        self.tokenizers_left = set(roles.reporters())      # tokenizers and sub-conductors yet to report
+        self.subconductors = len(roles.subconductors)
+        self.ranges_due = ranges_due and self.ranges is None
+        self.held: list[UnitsCommitted] = []                 # commits waiting for the ranges
         # unit -> {digest: its reject}: ids to drop once the unit is committed, then while encoders drop them
         self.drops: dict[int, dict[bytes, InputError]] = {}
         self.dropping: dict[int, dict[bytes, InputError]] = {}
@@ -118,6 +136,13 @@ class ConductorCore:
     def handle(self, source: int, message) -> list[Send]:
         if isinstance(message, RequestUnit):
             return [Send(source, AssignUnit(self.pending.popleft()) if self.pending else NoMoreUnits())]
+        if isinstance(message, RequestUnits):
+            return [Send(source, self._grant(message.count))]
+        if isinstance(message, UnitsCommitted):
+            if self.ranges_due and self.ranges is None:
+                self.held.append(message)
+                return []
+            return self._committed(message)
         if isinstance(message, UnitRead):
             self.units[message.unit].read = message
             return self._commit_if_done(message.unit)
@@ -132,7 +157,8 @@ class ConductorCore:
             if self.ranges is None:
                 self.ranges = message.ranges
                 self.ledger.record_calibration(message.ranges)
-            return []
+            held, self.held = self.held, []
+            return [send for batch in held for send in self._committed(batch)]
         if isinstance(message, DuplicateRows):
             return self._duplicates(message)
         if isinstance(message, PartRewritten):
@@ -145,6 +171,10 @@ class ConductorCore:
             self.reports[source] = message.stats
             self.tokenizers_left.discard(source)
             return [Send(source, Release())] if source in self.roles.tokenizers else []
+        if isinstance(message, RankReports):
+            self.reports.update({stats.rank: stats for stats in message.stats})
+            self.tokenizers_left.discard(source)
+            return [Send(source, Release())]
         if isinstance(message, Failure):
             raise JobFailed(message, self.name_ranks)
         raise RuntimeError(f"conductor got unexpected {type(message).__name__} from rank {source}")
@@ -162,28 +192,47 @@ class ConductorCore:
             out += [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
         if self.draining:
             self.drops.clear()          # their units are uncommitted: the next run redoes them
-        settled = not self.drops and not self.rewrites_pending
+            self.held.clear()
+        settled = not self.drops and not self.rewrites_pending and not self.held
         if (self.all_committed or self.draining) and not self.tokenizers_left and not self.stop_sent and settled:
             out += [Send(e, Stop(drain=self.draining)) for e in self.roles.encoders]
             self.stop_sent = True
         return out
 
+    # --- grants and batched commits from sub-conductors ---------------------------------------------------------
+    def _grant(self, count: int) -> UnitGrant:
+        """Up to `count` units, but no more than half of an even share of what is left: the last units are spread
+        over the sub-conductors instead of queueing behind one node's tokenizers."""
+        share = max(1, -(-len(self.pending) // (2 * max(self.subconductors, 1))))
+        units = [self.pending.popleft() for _ in range(min(count, share, len(self.pending)))]
+        return UnitGrant(units, last=not self.pending)
+
+    def _committed(self, message: UnitsCommitted) -> list[Send]:
+        self._record(message.units)
+        self.tokens += message.tokens
+        if self.progress is not None:
+            self.progress.update(0, message.tokens)
+        return [send for u in message.units for send in self._drops(u.unit)]
+
+    def _record(self, committed: list[CommittedUnit]) -> None:
+        # Ledger first: a reject line without its ledger record is rebuilt away on resume.
+        self.ledger.commit_units(committed)
+        for unit in committed:
+            self.output.append_rejects(unit.rejects)
+            self.done[unit.unit] = unit
+            self.units.pop(unit.unit, None)
+            if self.progress is not None:       # input rows, counted once their unit is committed
+                self.progress.update(self.plan_units[unit.unit].rows - unit.rejected, 0)
+
     # --- the commit rule --------------------------------------------------------------------------------------
     def _commit_if_done(self, unit: int) -> list[Send]:
         parts = self.units.get(unit)
         if parts is not None and unit not in self.done and parts.complete:
-            read = parts.read
-            written = parts.written.values()
-            committed = CommittedUnit(unit, {p.shard: p.shard_rows for p in written}, sum(p.tokens for p in written),
-                                      read.rejected_rows, read.rejects,
-                                      {p.shard: [p.size, p.digest, *p.companion] for p in written if p.size >= 0})
-            # Ledger first: a reject line without its ledger record is rebuilt away on resume.
-            self.ledger.commit_unit(committed)
-            self.output.append_rejects(read.rejects)
-            self.done[unit] = committed
-            del self.units[unit]
-            if self.progress is not None:       # input rows, counted once their unit is committed
-                self.progress.update(self.plan_units[unit].rows - committed.rejected, 0)
+            self._record([parts.record(unit)])
+        return self._drops(unit)
+
+    def _drops(self, unit: int) -> list[Send]:
+        """DropIds for a committed unit that holds ids found repeated after it was read."""
         out: list[Send] = []
         if unit in self.done and unit in self.drops:
             errors = self.drops.pop(unit)

@@ -26,6 +26,7 @@ from .messages import Credit, PartWritten, RankReport, Send, Stop, UnitEnd
 @dataclass
 class PartCount:
     expected: int | None = None         # rows of the unit sent here (from UnitEnd)
+    reader: int = -1                    # the tokenizer rank that read the unit (sent the UnitEnd)
     embedded: int = 0
     tokens: int = 0
 
@@ -70,7 +71,8 @@ class EncoderCore:
     def handle(self, source: int, message) -> list[int]:
         """A control message for the core (UnitEnd, Stop); returns the units whose part is now complete."""
         if isinstance(message, UnitEnd):
-            self.parts.setdefault(message.unit, PartCount()).expected = message.rows
+            part = self.parts.setdefault(message.unit, PartCount())
+            part.expected, part.reader = message.rows, source
             return [message.unit] if self._complete(message.unit) else []
         if isinstance(message, Stop):
             self.stopping, self.drained = True, message.drain
@@ -94,11 +96,11 @@ class EncoderCore:
                 companion: tuple = ()) -> Send:
         """The complete part is in its shard (of `size` bytes, checksum `digest`, `stored` rows where that is
         not the rows embedded, `companion` its .npy's size and checksum): the PartWritten the conductor commits
-        on."""
+        on, sent to the sub-conductor of the unit's tokenizer where it has one."""
         part = self.parts.pop(unit)
         stored = -1 if stored == part.embedded else stored
-        return Send(self.roles.conductor, PartWritten(unit, shard, part.embedded, part.tokens, size, digest, stored,
-                                                      list(companion)))
+        return Send(self.roles.conductor_of(part.reader), PartWritten(unit, shard, part.embedded, part.tokens, size,
+                                                                      digest, stored, list(companion)))
 
     def finish(self, stats) -> list[Send]:
         """The rank's last report. Parts still open are an error, unless a drain abandoned their units (the next

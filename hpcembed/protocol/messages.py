@@ -15,6 +15,13 @@
 
 A tokenize job's tokenizer ranks write their own token shards and report them with PartWritten, as an encoder
 rank does.
+
+With sub-conductors (protocol/subconductor.py), a tokenizer rank sends RequestUnit, UnitRead and RankReport to its
+sub-conductor, and an encoder rank a unit's PartWritten to the sub-conductor of the tokenizer that read the unit:
+    sub-conductor -> conductor   RequestUnits, UnitsCommitted, RankReports, Failure
+    conductor -> sub-conductor   UnitGrant, Drain, Release
+    sub-conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release
+Everything else still goes to the conductor (rank 0).
 """
 from __future__ import annotations
 
@@ -45,6 +52,31 @@ class AssignUnit:
 @dataclass
 class NoMoreUnits:
     pass
+
+
+@dataclass
+class RequestUnits:
+    """A sub-conductor's request for up to `count` units for its tokenizer ranks."""
+    count: int
+
+
+@dataclass
+class UnitGrant:
+    units: list[WorkUnit]
+    last: bool                      # the conductor has no more units to hand out
+
+
+@dataclass
+class UnitsCommitted:
+    """Units a sub-conductor found complete (each its ledger record, io/ledger.CommittedUnit), in one message."""
+    units: list                     # [CommittedUnit]
+    tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
+
+
+@dataclass
+class RankReports:
+    """A sub-conductor's last message: its tokenizer ranks' reports and its own."""
+    stats: list                     # [RankStats]
 
 
 @dataclass

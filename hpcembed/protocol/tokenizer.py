@@ -34,6 +34,7 @@ class UnitProgress:
 class TokenizerCore:
     def __init__(self, rank: int, roles: RoleMap):
         self.rank, self.roles = rank, roles
+        self.conductor = roles.conductor_of(rank)           # the conductor, or this host's sub-conductor
         self.encoders = roles.encoders_of(rank)
         self.credits = {e: 0 for e in self.encoders}
         self.credit_messages = {e: 0 for e in self.encoders}
@@ -55,7 +56,7 @@ class TokenizerCore:
 
     # --- entry points -----------------------------------------------------------------------------------------
     def start(self) -> list[Send]:
-        return [Send(self.roles.conductor, RequestUnit())]
+        return [Send(self.conductor, RequestUnit())]
 
     def handle(self, source: int, message) -> list[Send]:
         if isinstance(message, Credit):
@@ -79,7 +80,7 @@ class TokenizerCore:
         when this one is done (hides the round trip)."""
         if not self.assigned:
             return None, []
-        return self.assigned.popleft(), [Send(self.roles.conductor, RequestUnit())]
+        return self.assigned.popleft(), [Send(self.conductor, RequestUnit())]
 
     def route(self, progress: UnitProgress, owner: int | None = None) -> int | None:
         """The encoder rank for the next batch of this unit; None while no linked rank has free credit. `owner`:
@@ -116,10 +117,10 @@ class TokenizerCore:
         conductor where they all went."""
         self.tokens += progress.tokens
         ends = [Send(e, UnitEnd(unit.unit, rows)) for e, rows in progress.sent.items() if e in self.credits]
-        return ends + [Send(self.roles.conductor, UnitRead(unit.unit, progress.sent, progress.tokens,
+        return ends + [Send(self.conductor, UnitRead(unit.unit, progress.sent, progress.tokens,
                                                            progress.rejects, progress.rejected))]
 
     def report(self, stats) -> list[Send]:
         """The rank's last report; it then waits for the conductor's Release (`released`)."""
         stats.batches_sent = {str(e): n for e, n in self.batches_sent.items()}
-        return [Send(self.roles.conductor, RankReport(stats))]
+        return [Send(self.conductor, RankReport(stats))]

@@ -97,7 +97,7 @@ class ShardSink:
         if shard is None:
             return []
         shard.close()
-        return [Send(rank.core.roles.conductor, PartWritten(unit.unit, shard.final.name, shard.rows, progress.tokens,
+        return [Send(rank.core.conductor, PartWritten(unit.unit, shard.final.name, shard.rows, progress.tokens,
                                                             shard.final.stat().st_size, file_digest(shard.final)))]
 
     def unit_abandoned(self, unit: WorkUnit) -> None:

@@ -1,0 +1,141 @@
+"""A sub-conductor's protocol core: one node's share of the conductor's work, for jobs of hundreds of nodes.
+
+One conductor handles every unit's messages (a RequestUnit, a UnitRead and a PartWritten from each encoder rank the
+unit reached) and writes every ledger record; at thousands of encoder ranks and units of 20,000 rows that is more
+than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves the tokenizer ranks of its host:
+  - units: it asks the conductor for a block at a time (RequestUnits) and hands them out one by one as its
+    tokenizers ask (AssignUnit), asking for the next block while it still has a few left;
+  - the commit rule: its tokenizers' UnitRead and the encoder ranks' PartWritten for their units come here (the
+    same rule as the conductor's, protocol/conductor.UnitParts), and each complete unit's ledger record goes to the
+    conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
+    `commit_seconds`, or at once when nothing else is in flight. A unit is committed only when the conductor
+    writes its record, so a sub-conductor that dies loses nothing that was committed;
+  - the end: it releases its tokenizers when they report, and reports them and itself in one message (RankReports)
+    once every unit it knows of is committed and sent on; a Drain from the conductor is passed to its tokenizers.
+It sends nothing itself: `handle` and `poll` return the messages, with the time passed in by the driver
+(roles/subconductor.py in real time, scaling/sim.py in virtual time).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from ..io.ledger import CommittedUnit
+from ..io.sources import WorkUnit
+from ..manifest import RankStats
+from ..topology import RoleMap
+from .conductor import UnitParts
+from .messages import (AssignUnit, Drain, NoMoreUnits, PartWritten, RankReport, RankReports, Release, RequestUnit,
+                       RequestUnits, Send, UnitGrant, UnitRead, UnitsCommitted)
+
+COMMIT_BATCH = 64           # units per UnitsCommitted at most
+COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on
+
+
+class SubConductorCore:
+    def __init__(self, rank: int, roles: RoleMap, commit_batch: int = COMMIT_BATCH,
+                 commit_seconds: float = COMMIT_SECONDS):
+        self.rank, self.roles = rank, roles
+        self.conductor = roles.conductor
+        self.tokenizers = roles.tokenizers_under(rank)
+        self.commit_batch, self.commit_seconds = commit_batch, commit_seconds
+        self.block = max(2, len(self.tokenizers))        # units asked for at a time
+        self.stock: deque[WorkUnit] = deque()
+        self.asking: deque[int] = deque()                # tokenizers whose RequestUnit is not answered yet
+        self.asked = self.no_more = self.draining = self.released = self.reported = False
+        self.units: dict[int, UnitParts] = {}            # units handed out and not yet complete
+        self.complete: list[CommittedUnit] = []          # complete, not yet sent on
+        self.complete_since = 0.0                        # when the oldest of them became complete
+        self.tokens = 0                                  # tokens of parts written since the last UnitsCommitted
+        self.tokenizers_left = set(self.tokenizers)
+        self.reports: list[RankStats] = []
+        self.units_committed = self.batches_sent = 0
+
+    @property
+    def ready_to_report(self) -> bool:
+        """Every tokenizer has reported and every unit handed out is committed and sent on (in a drain, the units
+        not complete are abandoned: the next run redoes them)."""
+        return (not self.tokenizers_left and not self.complete and not self.reported
+                and (not self.units or self.draining))
+
+    def start(self) -> list[Send]:
+        """The first block, asked for before any tokenizer asks."""
+        return self._hand_out()
+
+    def handle(self, source: int, message, now: float) -> list[Send]:
+        if isinstance(message, RequestUnit):
+            self.asking.append(source)
+            return self._hand_out()
+        if isinstance(message, UnitGrant):
+            self.asked = False
+            if not self.draining:
+                self.stock.extend(message.units)
+                self.no_more = message.last
+            return self._hand_out()
+        if isinstance(message, (UnitRead, PartWritten)):
+            parts = self.units.get(message.unit)
+            if parts is None or self.reported:
+                if self.draining:       # a part of a unit abandoned in a drain, after this rank reported
+                    return []
+                raise RuntimeError(f"sub-conductor rank {self.rank} got {type(message).__name__} for unit "
+                                   f"{message.unit}, which it did not hand out")
+            if isinstance(message, UnitRead):
+                parts.read = message
+            else:
+                parts.written[source] = message
+                self.tokens += message.tokens
+            self._complete_if_done(message.unit, now)
+            return []
+        if isinstance(message, RankReport):
+            self.reports.append(message.stats)
+            self.tokenizers_left.discard(source)
+            return [Send(source, Release())]
+        if isinstance(message, Drain):
+            self.draining = self.no_more = True
+            self.stock.clear()
+            self.asking.clear()         # the Drain answers them
+            return [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
+        if isinstance(message, Release):
+            self.released = True
+            return []
+        raise RuntimeError(f"sub-conductor rank {self.rank} got unexpected {type(message).__name__} from rank "
+                           f"{source}")
+
+    def poll(self, now: float) -> list[Send]:
+        """After each message or a quiet interval: send the complete units on when there are enough, when the
+        oldest has waited long enough, or when no other unit is out."""
+        if not self.complete:
+            return []
+        if (len(self.complete) < self.commit_batch and self.units and now - self.complete_since < self.commit_seconds):
+            return []
+        out = [Send(self.conductor, UnitsCommitted(self.complete, self.tokens))]
+        self.units_committed += len(self.complete)
+        self.batches_sent += 1
+        self.complete, self.tokens = [], 0
+        return out
+
+    def report(self, stats: RankStats) -> list[Send]:
+        """The last message (when `ready_to_report`): the tokenizers' reports and this rank's own."""
+        self.reported = True
+        return [Send(self.conductor, RankReports(self.reports + [stats]))]
+
+    def _hand_out(self) -> list[Send]:
+        out: list[Send] = []
+        while self.asking and (self.stock or self.no_more):
+            tokenizer = self.asking.popleft()
+            out.append(Send(tokenizer, AssignUnit(self.stock.popleft()) if self.stock else NoMoreUnits()))
+        # Ask for the next block while a few units are left, so a tokenizer seldom waits for the round trip.
+        if not self.asked and not self.no_more and len(self.stock) < max(1, self.block // 2):
+            self.asked = True
+            out.append(Send(self.conductor, RequestUnits(self.block)))
+        for send in out:
+            if isinstance(send.message, AssignUnit):
+                self.units[send.message.unit.unit] = UnitParts()
+        return out
+
+    def _complete_if_done(self, unit: int, now: float) -> None:
+        parts = self.units[unit]
+        if parts.complete:
+            if not self.complete:
+                self.complete_since = now
+            self.complete.append(parts.record(unit))
+            del self.units[unit]
