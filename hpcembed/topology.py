@@ -112,10 +112,13 @@ class RoleMap:
             for t in tokenizers:
                 host = self.host_of(t)
                 local = by_host.get(host, [])
-                # Where a host has more encoder ranks than the fanout, its tokenizers take turns over them.
+                # Where a host has more encoder ranks than the fanout, its tokenizers take turns over them; where
+                # it has fewer, each tokenizer lists them starting one further on. The order breaks routing ties
+                # (protocol/tokenizer.py): with one order, every tokenizer of an 8-GPU node sent its first batches
+                # to the same encoder rank, and stayed with it (the simulation showed 2 of 8 GPUs working).
                 mine = [local[(host_turn.get(host, 0) + k) % len(local)] for k in range(min(fanout, len(local)))]
                 if local:
-                    host_turn[host] += len(mine)
+                    host_turn[host] += len(mine) if len(local) > fanout else 1
                 picked = list(mine)
                 want = min(fanout, len(gpus))
                 while len(picked) < want:

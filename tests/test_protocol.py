@@ -5,6 +5,7 @@ comes back. The mpiexec and Slurm tests run the same cores for real."""
 from __future__ import annotations
 
 import json
+from array import array
 from collections import deque
 
 import numpy as np
@@ -387,6 +388,8 @@ def test_sub_conductors_run_a_job_exactly_once_and_commit_in_batches(tmp_path):
     assert all(s.units_committed >= 2 for s in subs.values())
     # The conductor heard from each sub-conductor once at the end, with its tokenizers' reports and its own.
     assert set(ctor.reports) == {1, 2, 5, 6, 7, 8}
+    # The manifest's shard list comes from the ledger lines the sub-conductors made.
+    assert sum(s["rows"] for s in ctor.result(1.0, 0.0).shards) == sum(sizes)
     ctor.ledger.close()
     assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
 
@@ -416,12 +419,13 @@ def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():
         sub.handle(3, PartWritten(unit.unit, shard_name(unit.unit, 3), 2, 20), now=1.0)
     assert sub.poll(1.2) == []                  # 2 complete, 2 still out, the oldest waited 0.2 s
     (dest, batch), = sub.poll(1.5)              # ... now 0.5 s
-    assert dest == 0 and [u.unit for u in batch.units] == [0, 1] and batch.tokens == 40
+    assert dest == 0 and list(batch.counts) == [0, 2, 0, 1, 2, 0] and batch.tokens == 40
+    assert [json.loads(line)["unit"] for line in batch.lines] == [0, 1]
     sub.handle(2, UnitRead(2, {3: 2}, tokens=20), now=2.0)
     sub.handle(3, PartWritten(2, shard_name(2, 3), 2, 20), now=2.0)
     sub.handle(2, UnitRead(3, {}, tokens=0, rejected_rows=2), now=2.0)
     (_, batch), = sub.poll(2.0)                 # nothing else is out: sent at once
-    assert [u.unit for u in batch.units] == [2, 3] and batch.units[1].rejected == 2
+    assert list(batch.counts) == [2, 2, 0, 3, 0, 2]
     assert not sub.ready_to_report              # its tokenizers have not reported
     for t in (1, 2):
         assert sub.handle(t, RankReport(TokenizerStats(t, "tokenizer", "h")), now=3.0) == [(t, Release())]
@@ -448,7 +452,7 @@ def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
     ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
     ctor.handle(5, RequestUnits(2))
     record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
-    ctor.handle(5, UnitsCommitted([record], 20))
+    ctor.handle(5, UnitsCommitted([Ledger.unit_line(record)], array("q", [0, 2, 0]), [], 20))
     assert not ctor.done
     ctor.handle(3, Calibrated([[0.0], [1.0]]))
     assert ctor.all_committed

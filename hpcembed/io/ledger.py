@@ -59,6 +59,24 @@ class CommittedUnit:
     def rows(self) -> int:
         return sum(self.shards.values())
 
+    @classmethod
+    def from_record(cls, rec: dict) -> "CommittedUnit":
+        return cls(rec["unit"], dict(rec["shards"]), rec["tokens"], rec.get("rejected", 0),
+                   list(rec.get("rejects", [])), dict(rec.get("files", {})))
+
+
+class RecordedUnit:
+    """A unit a sub-conductor committed: the counts the conductor keeps for every unit, and its ledger line, parsed
+    only where the rest is needed (the manifest's shard list, a drop). Parsing each line on arrival would cost
+    the conductor more than all else it does per unit."""
+    __slots__ = ("unit", "rows", "rejected", "line")
+
+    def __init__(self, unit: int, rows: int, rejected: int, line: str):
+        self.unit, self.rows, self.rejected, self.line = unit, rows, rejected, line
+
+    def parse(self) -> CommittedUnit:
+        return CommittedUnit.from_record(json.loads(self.line))
+
 
 @dataclass
 class LedgerState:
@@ -159,9 +177,7 @@ class Ledger:
         state = LedgerState(records[0]["fingerprint"], records[0].get("rejects", []), {})
         for rec in records[1:]:
             if rec["kind"] == "unit":
-                state.units[rec["unit"]] = CommittedUnit(rec["unit"], dict(rec["shards"]), rec["tokens"],
-                                                         rec.get("rejected", 0), list(rec.get("rejects", [])),
-                                                         dict(rec.get("files", {})))
+                state.units[rec["unit"]] = CommittedUnit.from_record(rec)
             elif rec["kind"] == "calibration":
                 state.ranges = rec["ranges"]
             elif rec["kind"] == "drop":
@@ -186,7 +202,7 @@ class Ledger:
         lines = [json.dumps(header, ensure_ascii=False) + "\n"]
         if state.ranges is not None:
             lines.append(self._calibration_line(state.ranges))
-        lines += [self._unit_line(state.units[unit]) for unit in sorted(state.units)]
+        lines += [self.unit_line(state.units[unit]) for unit in sorted(state.units)]
         self.dir.write(LEDGER, "".join(lines).encode())
         if not self.dir.appendable:
             for name in older:
@@ -194,7 +210,7 @@ class Ledger:
             self._segments = 0
 
     @staticmethod
-    def _unit_line(unit: CommittedUnit) -> str:
+    def unit_line(unit: CommittedUnit) -> str:
         return json.dumps({"kind": "unit", "unit": unit.unit, "shards": unit.shards, "tokens": unit.tokens,
                            "rejected": unit.rejected, "rejects": unit.rejects, "files": unit.files},
                           ensure_ascii=False) + "\n"
@@ -207,9 +223,12 @@ class Ledger:
         self._append(self._calibration_line(ranges))
 
     def commit_units(self, units: list[CommittedUnit]) -> None:
-        """One write for one unit, or for a sub-conductor's batch of them."""
-        if units:
-            self._append("".join(self._unit_line(u) for u in units))
+        self.append_lines([self.unit_line(u) for u in units])
+
+    def append_lines(self, lines: list[str]) -> None:
+        """Unit records (unit_line) in one write: one unit's, or a sub-conductor's batch."""
+        if lines:
+            self._append("".join(lines))
 
     def record_drop(self, unit: int, shard: str, removed: int, rejects: list[dict], file: list | None = None,
                     rows: int = -1) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcEmbedError, InputError
 from ..io.ids import id_digest
-from ..io.ledger import CommittedUnit, Ledger, LedgerState
+from ..io.ledger import CommittedUnit, Ledger, LedgerState, RecordedUnit
 from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
@@ -77,9 +77,9 @@ class ConductorCore:
         sub-conductor's commits, which take another path than the encoder ranks' Calibrated, wait for them."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
-        self.done: dict[int, CommittedUnit] = dict(resumed.units)
+        self.done: dict[int, CommittedUnit | RecordedUnit] = dict(resumed.units)
         self.pending = deque(u for u in plan.units if u.unit not in self.done)
-        self.units = {u.unit: UnitParts() for u in self.pending}
+        self.units: dict[int, UnitParts] = {}        # units read or written in part, not yet committed
         self.plan_units = {u.unit: u for u in plan.units}
         self.rows_resumed, self.units_resumed = self._texts(resumed.units), len(resumed.units)
         self.ranges = resumed.ranges        # int8/uint8 output's calibration ranges, once known
@@ -128,7 +128,7 @@ class ConductorCore:
 
     def result(self, wall_seconds: float, ended_at: float) -> JobResult:
         stopped = self.stop_reason if self.draining and not self.all_committed else ""
-        shards = [{"path": name, "rows": rows} for u in self.done.values() for name, rows in u.shards.items()]
+        shards = [{"path": name, "rows": rows} for n in self.done for name, rows in self.committed(n).shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
                          stopped, shards, self.reports, wall_seconds, ended_at, self.output_rows, self.ranges)
 
@@ -144,10 +144,10 @@ class ConductorCore:
                 return []
             return self._committed(message)
         if isinstance(message, UnitRead):
-            self.units[message.unit].read = message
+            self.units.setdefault(message.unit, UnitParts()).read = message
             return self._commit_if_done(message.unit)
         if isinstance(message, PartWritten):
-            self.units[message.unit].written[source] = message
+            self.units.setdefault(message.unit, UnitParts()).written[source] = message
             self.tokens += message.tokens
             if self.progress is not None:
                 self.progress.update(0, message.tokens)
@@ -207,12 +207,28 @@ class ConductorCore:
         units = [self.pending.popleft() for _ in range(min(count, share, len(self.pending)))]
         return UnitGrant(units, last=not self.pending)
 
+    def committed(self, unit: int) -> CommittedUnit:
+        """A committed unit's whole record (a sub-conductor's is parsed from its ledger line the first time)."""
+        record = self.done[unit]
+        if isinstance(record, RecordedUnit):
+            record = self.done[unit] = record.parse()
+        return record
+
     def _committed(self, message: UnitsCommitted) -> list[Send]:
-        self._record(message.units)
+        # Ledger first: a reject line without its ledger record is rebuilt away on resume.
+        self.ledger.append_lines(message.lines)
+        self.output.append_rejects(message.rejects)
+        counts, rows = message.counts, 0
+        for k in range(0, len(counts), 3):
+            unit, rejected = counts[k], counts[k + 2]
+            self.done[unit] = RecordedUnit(unit, counts[k + 1], rejected, message.lines[k // 3])
+            rows += self.plan_units[unit].rows - rejected
         self.tokens += message.tokens
         if self.progress is not None:
-            self.progress.update(0, message.tokens)
-        return [send for u in message.units for send in self._drops(u.unit)]
+            self.progress.update(rows, message.tokens)
+        if not self.drops:
+            return []
+        return [send for k in range(0, len(counts), 3) for send in self._drops(counts[k])]
 
     def _record(self, committed: list[CommittedUnit]) -> None:
         # Ledger first: a reject line without its ledger record is rebuilt away on resume.
@@ -238,7 +254,7 @@ class ConductorCore:
             errors = self.drops.pop(unit)
             self.dropping.setdefault(unit, {}).update(errors)
             encoders = self.roles.encoders
-            for shard in self.done[unit].shards:
+            for shard in self.committed(unit).shards:
                 out.append(Send(encoders[self._next_encoder % len(encoders)], DropIds(unit, shard, list(errors))))
                 self._next_encoder += 1
                 self.rewrites_pending += 1
@@ -265,7 +281,7 @@ class ConductorCore:
 
     def _rewritten(self, message: PartRewritten) -> None:
         self.rewrites_pending -= 1
-        unit = self.done[message.unit]
+        unit = self.committed(message.unit)
         rows = message.rows if message.rows >= 0 else unit.shards[message.shard] - len(message.removed_ids)
         unit.shards[message.shard] = rows
         unit.rejected += len(message.removed_ids)

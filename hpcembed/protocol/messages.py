@@ -25,6 +25,7 @@ Everything else still goes to the conductor (rank 0).
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass, field
 
 from typing import NamedTuple
@@ -68,8 +69,11 @@ class UnitGrant:
 
 @dataclass
 class UnitsCommitted:
-    """Units a sub-conductor found complete (each its ledger record, io/ledger.CommittedUnit), in one message."""
-    units: list                     # [CommittedUnit]
+    """Units a sub-conductor found complete, in one message: made so that the conductor's work per unit is least
+    (one ledger write for all, no record to decode)."""
+    lines: list[str]                # each unit's ledger record (io/ledger.Ledger.unit_line)
+    counts: array                   # per unit: its number, the rows its shards hold, the rows rejected ('q')
+    rejects: list[dict]             # the units' rejects, for the rejects file
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
 
 

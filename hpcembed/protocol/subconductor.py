@@ -17,9 +17,10 @@ It sends nothing itself: `handle` and `poll` return the messages, with the time 
 """
 from __future__ import annotations
 
+from array import array
 from collections import deque
 
-from ..io.ledger import CommittedUnit
+from ..io.ledger import CommittedUnit, Ledger
 from ..io.sources import WorkUnit
 from ..manifest import RankStats
 from ..topology import RoleMap
@@ -107,7 +108,9 @@ class SubConductorCore:
             return []
         if (len(self.complete) < self.commit_batch and self.units and now - self.complete_since < self.commit_seconds):
             return []
-        out = [Send(self.conductor, UnitsCommitted(self.complete, self.tokens))]
+        counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
+        out = [Send(self.conductor, UnitsCommitted([Ledger.unit_line(u) for u in self.complete], counts,
+                                                   [r for u in self.complete for r in u.rejects], self.tokens))]
         self.units_committed += len(self.complete)
         self.batches_sent += 1
         self.complete, self.tokens = [], 0

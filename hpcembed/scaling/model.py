@@ -27,6 +27,11 @@ class NodeShape:
     gpus: int = 1
     gpu_name: str = "NVIDIA H100 80GB HBM3"
     tokenizers: int = 0         # 0: as the rate plan decides (world.plan_tokenizers); else exactly this many
+    # The seed's disaggregated shape: >0 puts the tokenizer ranks on CPU-only nodes of this many cores (a Slurm het
+    # job's component 0, the conductor on the first), as many as the rate plan needs for the GPU nodes, which
+    # then hold encoder ranks only. `nodes` counts the GPU nodes.
+    cpu_node_cores: int = 0
+    subconductors: str = "auto"     # as --sub-conductors (topology.assign_subconductors)
 
 
 @dataclass
@@ -73,6 +78,10 @@ class SimResult:
     steady_texts_per_s: float               # in the window where every tokenizer has work (no ramp, no tail)
     tail_s: float                           # from the first tokenizer running out of work to the last commit
     conductor_busy: float                   # fraction of the makespan the conductor spent handling messages
+    subconductors: int
+    subconductor_busy_max: float            # the busiest sub-conductor's fraction of the makespan
+    cpu_nodes: int                          # CPU-only tokenizer nodes (the disaggregated shape)
+    ramp_s: float                           # from the start to the window where every tokenizer has work
     conductor_messages: int
     conductor_cpu_us_per_message: float     # measured here, before the slowdown
     conductor_queue_max: int

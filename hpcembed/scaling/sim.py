@@ -18,6 +18,7 @@ one server at its measured in-job rate, fed encoder batches of max_batch_tokens 
 from __future__ import annotations
 
 import math
+import pickle
 import tempfile
 import time
 from collections import deque
@@ -30,32 +31,52 @@ from ..io.sources import InputFile, Plan, WorkUnit
 from ..io.writer import OutputDir, shard_name
 from ..protocol.conductor import ConductorCore
 from ..protocol.encoder import EncoderCore
-from ..protocol.messages import Send
+from ..protocol.messages import RequestUnit, Send
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
-from ..topology import RankInfo, RoleMap, plan_roles, plan_tokenizers
+from ..protocol.subconductor import SubConductorCore
+from ..topology import TOKENIZER_HEADROOM, RankInfo, RoleMap, assign_subconductors, plan_roles, plan_tokenizers
 from .model import (CONTROL_BYTES, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch, SimNetwork,
                     SimResult, StepDone)
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
 
+def cpu_nodes_for(gpu_nodes: int, shape: NodeShape, rates: Rates) -> int:
+    """The disaggregated shape's CPU-only nodes: enough tokenizer ranks for the GPU nodes at the measured rates
+    (the rate plan's own rule, topology.plan_tokenizers), a core each kept for the conductor and the node's
+    sub-conductor."""
+    needed = math.ceil(gpu_nodes * shape.gpus * rates.gpu_tokens_per_s * TOKENIZER_HEADROOM
+                       / rates.tokenizer_tokens_per_s)
+    return max(1, math.ceil((needed + 1) / (shape.cpu_node_cores - 1)))
+
+
 def build_world(nodes: int, shape: NodeShape, rates: Rates) -> tuple[RoleMap, list[int]]:
     """The role map the real planning code makes for `nodes` nodes of `shape`, and each rank's node."""
     ranks, host_of = [], []
-    for n in range(nodes):
-        for local in range(shape.cores):
-            ranks.append(RankInfo(len(ranks), f"node{n}", local, shape.gpus, shape.gpus, None, shape.cores,
-                                  shape.gpu_name))
-            host_of.append(n)
+
+    def add_node(cores: int, gpus: int, group: int | None) -> None:
+        host = len(set(host_of))
+        for local in range(cores):
+            ranks.append(RankInfo(len(ranks), f"node{host}", local, gpus, gpus, group, cores, shape.gpu_name))
+            host_of.append(host)
+
+    if shape.cpu_node_cores:            # a het job: CPU nodes (component 0) first, then GPU nodes of encoders only
+        for _ in range(cpu_nodes_for(nodes, shape, rates)):
+            add_node(shape.cpu_node_cores, 0, 0)
+        for _ in range(nodes):
+            add_node(shape.gpus, shape.gpus, 1)
+    else:
+        for _ in range(nodes):
+            add_node(shape.cores, shape.gpus, None)
     roles = plan_roles(ranks, None)
     if shape.tokenizers:
         keep = []
-        for n in range(nodes):
+        for n in range(max(host_of) + 1):
             keep += [t for t in roles.tokenizers if host_of[t] == n][: shape.tokenizers]
         roles = RoleMap(roles.conductor, sorted(keep), roles.encoders, roles.hosts)
     else:
         roles, _ = plan_tokenizers(roles, ranks, rates.tokenizer_tokens_per_s, rates.gpu_tokens_per_s)
-    return roles, host_of
+    return assign_subconductors(roles, ranks, shape.subconductors), host_of
 
 
 def _unit_plan(job: JobShape, rows: int) -> Plan:
@@ -88,6 +109,9 @@ class Simulation:
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
         output = OutputDir(self._tmp.name)
         self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}))
+        self.subconductors = {s: SubConductorCore(s, self.roles) for s in self.roles.subconductors}
+        self.subconductor_busy = {s: 0.0 for s in self.subconductors}
+        self._small_unpickle = _unpickle_seconds(RequestUnit())
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
@@ -127,9 +151,21 @@ class Simulation:
             envelope = box.popleft()
             self._post(rank, core.handle(envelope.source, envelope.message))
 
-    # --- rank 0 -----------------------------------------------------------------------------------------
+    # --- rank 0 and the sub-conductors ----------------------------------------------------------------
+    def _handled(self, message, handle) -> tuple[list[Send], float]:
+        """A control rank's handler run on `message`: its replies, and the CPU it took here. Unpickling beyond a
+        small message's (which the calibrated conductor_message_s holds) is counted too: a sub-conductor's batch
+        of commits costs its receiver more than a RequestUnit does."""
+        clock = time.perf_counter
+        data = pickle.dumps(message)
+        t0 = clock()
+        pickle.loads(data)
+        t1 = clock()
+        replies = handle()
+        return replies, clock() - t1 + max(0.0, t1 - t0 - self._small_unpickle)
+
     def _conductor(self):
-        net, core, clock = self.net, self.conductor, time.perf_counter
+        net, core = self.net, self.conductor
         box = net.inbox[0]
         while True:
             if not box:
@@ -137,9 +173,7 @@ class Simulation:
                 continue
             self.queue_max = max(self.queue_max, len(box))
             envelope = box.popleft()
-            start = clock()
-            replies = core.handle(envelope.source, envelope.message)
-            spent = clock() - start
+            replies, spent = self._handled(envelope.message, lambda: core.handle(envelope.source, envelope.message))
             self.conductor_messages += 1
             self.conductor_cpu += spent
             charge = 0.0 if self.free_conductor else (spent + self.rates.conductor_message_s) * self.rates.cpu_slowdown
@@ -150,6 +184,31 @@ class Simulation:
             if charge:
                 self.conductor_busy += charge
                 yield self.env.timeout(charge)
+
+    def _subconductor(self, rank: int):
+        """A sub-conductor rank (roles/subconductor.py): its core's handler time charged as the conductor's is, and
+        a wake-up when its oldest complete unit is due to be sent on."""
+        env, net, r = self.env, self.net, self.rates
+        core = self.subconductors[rank]
+        box = net.inbox[rank]
+        self._post(rank, core.start())
+        while True:
+            if not box:
+                mail = net.wait(rank)
+                if core.complete:
+                    due = core.complete_since + core.commit_seconds - env.now
+                    yield env.any_of([mail, env.timeout(max(1e-6, due))])
+                else:
+                    yield mail
+                self._post(rank, core.poll(env.now))
+                continue
+            envelope = box.popleft()
+            replies, spent = self._handled(envelope.message,
+                                           lambda: core.handle(envelope.source, envelope.message, env.now))
+            charge = (spent + r.conductor_message_s) * r.cpu_slowdown
+            self.subconductor_busy[rank] += charge
+            self._post(rank, replies + core.poll(env.now), depart=charge)
+            yield env.timeout(charge)
 
     # --- tokenizer ranks --------------------------------------------------------------------------------
     def _tokenizer(self, rank: int):
@@ -302,6 +361,8 @@ class Simulation:
         wall = time.perf_counter()
         env = self.env
         env.process(self._conductor())
+        for sub in self.subconductors:
+            env.process(self._subconductor(sub))
         for e in self.roles.encoders:
             env.process(self._encoder(e))
         for tk in self.roles.tokenizers:
@@ -325,6 +386,10 @@ class Simulation:
             tokens=int(round(rows * self.rates.tokens_per_text)), units=len(self.plan.units),
             makespan_s=makespan, throughput_texts_per_s=rows / makespan, steady_texts_per_s=steady,
             tail_s=env.now - (self.first_idle or env.now), conductor_busy=self.conductor_busy / makespan,
+            subconductors=len(self.subconductors),
+            subconductor_busy_max=max(self.subconductor_busy.values(), default=0.0) / makespan,
+            cpu_nodes=cpu_nodes_for(self.nodes, self.shape, self.rates) if self.shape.cpu_node_cores else 0,
+            ramp_s=(self.window_rows_at["open"][0] if "open" in self.window_rows_at else env.now) - self.origin,
             conductor_messages=self.conductor_messages,
             conductor_cpu_us_per_message=1e6 * self.conductor_cpu / max(self.conductor_messages, 1),
             conductor_queue_max=self.queue_max, tokenizer_time=tok,
@@ -333,6 +398,14 @@ class Simulation:
             remote_batch_fraction=self.net.remote_batches / max(self.net.batches, 1),
             nic_busy_max=max(self.net.nic_busy) / makespan if self.net.nic_busy else 0.0,
             wall_seconds=time.perf_counter() - wall)
+
+
+def _unpickle_seconds(message, repeats: int = 2000) -> float:
+    data = pickle.dumps(message)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        pickle.loads(data)
+    return (time.perf_counter() - start) / repeats
 
 
 def _cut_step(window: deque, budget: int) -> list:
