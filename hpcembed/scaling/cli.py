@@ -63,6 +63,18 @@ def add_parser(sub) -> None:
                    "results and the report are then marked as not validated")
     s.add_argument("--network-ablation-up-to", type=int, default=1000,
                    help="rerun with an ideal network up to this many nodes, for the network's loss")
+    s.add_argument("--gpus-per-node", type=int, help="GPUs of a simulated node (default: the measured node's)")
+    s.add_argument("--cores-per-node", type=int, help="cores of a simulated node, one rank each (default: the "
+                   "measured node's)")
+    s.add_argument("--cpu-node-cores", type=int, default=0, help="the disaggregated shape: tokenizer ranks on "
+                   "CPU-only nodes of this many cores, as many nodes as the rate plan needs; the GPU nodes hold "
+                   "encoder ranks only")
+    s.add_argument("--sub-conductors", default="auto", choices=("auto", "per-node", "off"),
+                   help="as `hpcembed run --sub-conductors` (default: %(default)s)")
+    s.add_argument("--job-rows", type=int, default=0, help="also simulate a job of this many rows at each scale, "
+                   "for its whole-job efficiency (e.g. 1000000000)")
+    s.add_argument("--tokenizer-batch-tokens", type=int, help="tokenizer batches of this many tokens (default: "
+                   "as the measured job sent them; 0: one batch per chunk, as before 0.3)")
 
     r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
     r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
@@ -98,10 +110,17 @@ def main(args) -> int:
         print(f"hpcembed: {len(rows)} measured row(s) -> {path}")
         return 0
     if cmd == "simulate":
+        import dataclasses
+        from . import read_json
+        from .calibration import node_from
         from .project import run_simulate
+        node = node_from(read_json(Path(args.calibration), "calibration"))
+        node = dataclasses.replace(node, gpus=args.gpus_per_node or node.gpus, cores=args.cores_per_node or node.cores,
+                                   cpu_node_cores=args.cpu_node_cores, subconductors=args.sub_conductors)
         result = run_simulate(Path(args.calibration), Path(args.measured) if args.measured else None, args.nodes,
                               Path(args.output), args.network, args.unit_rows, args.units_per_tokenizer,
-                              args.network_ablation_up_to, args.allow_unvalidated)
+                              args.network_ablation_up_to, args.allow_unvalidated, node, args.job_rows,
+                              args.tokenizer_batch_tokens)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

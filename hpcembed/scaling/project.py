@@ -13,6 +13,7 @@ network costs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -53,17 +54,24 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
-            log=print) -> list[dict]:
+            job_rows: int = 0, tokenizer_batch_tokens: int | None = None, log=print) -> list[dict]:
+    """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
+    `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
+    included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3)."""
     rates = rates_from(calibration, network)
     shape = node or node_from(calibration)
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
+    settings = {k: calibration["job"][k] for k in ("max_batch_tokens", "window_batches", "instances",
+                                                   "tokenizer_batch_tokens") if k in calibration["job"]}
+    if tokenizer_batch_tokens is not None:
+        settings["tokenizer_batch_tokens"] = tokenizer_batch_tokens
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
-                   chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
-                   **{k: calibration["job"][k] for k in ("max_batch_tokens", "window_batches", "instances",
-                                                         "tokenizer_batch_tokens") if k in calibration["job"]})
+                   chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"], **settings)
     out, base = [], None
     for n in nodes:
         result = simulate(n, shape, job, rates)
+        whole = simulate(n, shape, dataclasses.replace(job, rows_per_node=0, rows=job_rows), rates) if job_rows \
+            else None
         ideal_net = simulate(n, shape, job, rates, ideal_network=True) if n <= network_ablation_up_to else None
         if base is None:
             base = result
@@ -73,7 +81,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
                         if ideal_net else None)
         row = {
             "nodes": n, "gpus": result.encoder_ranks, "tokenizer_ranks": result.tokenizer_ranks,
-            "ranks": n * shape.cores, "throughput_texts_per_s": round(result.steady_texts_per_s, 1),
+            "ranks": (n * shape.gpus + result.cpu_nodes * shape.cpu_node_cores if shape.cpu_node_cores
+                      else n * shape.cores), "throughput_texts_per_s": round(result.steady_texts_per_s, 1),
             "tokens_per_s": round(result.steady_texts_per_s * rates.tokens_per_text, 1),
             "efficiency": round(efficiency, 4),
             # The first node gives a core to the conductor, so a bigger job has more tokenizer cores per node
@@ -97,16 +106,41 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             "conductor_queue_max": result.conductor_queue_max,
             "gpu_busy": round(result.gpu_busy, 4), "remote_batch_fraction": round(result.remote_batch_fraction, 4),
             "nic_busy_max": round(result.nic_busy_max, 5), "sim_wall_seconds": round(result.wall_seconds, 2),
+            "gpus_per_node": shape.gpus, "cores_per_node": shape.cores if not shape.cpu_node_cores else shape.gpus,
+            "cpu_nodes": result.cpu_nodes, "cpu_node_cores": shape.cpu_node_cores,
+            "subconductors": result.subconductors, "subconductor_busy_max": round(result.subconductor_busy_max, 4),
+            "ramp_s": round(result.ramp_s, 3),
+            # Time lost to the ramp and the tail against steady state; it hardly grows with the job, so a job of
+            # R rows takes about R / steady + this, and whole-job efficiency reaches 95% from the size below.
+            "lost_s": round(max(0.0, result.makespan_s - result.rows / result.steady_texts_per_s), 3),
         }
+        row["rows_for_95_percent_whole_job"] = _rows_for(0.95, n * x1, result.steady_texts_per_s, row["lost_s"])
+        if whole is not None:
+            row.update({"whole_job_rows": whole.rows, "whole_job_units": whole.units,
+                        "whole_job_efficiency": round(whole.throughput_texts_per_s / (n * x1), 4),
+                        "whole_job_makespan_s": round(whole.makespan_s, 3), "whole_job_tail_s": round(whole.tail_s, 3),
+                        "whole_job_conductor_busy": round(whole.conductor_busy, 4),
+                        "whole_job_subconductor_busy_max": round(whole.subconductor_busy_max, 4),
+                        "whole_job_sim_wall_seconds": round(whole.wall_seconds, 2)})
         out.append(row)
         log(f"project {n} node(s): {row['throughput_texts_per_s']:,.0f} texts/s, efficiency {efficiency:.1%}, "
-            f"conductor busy {result.conductor_busy:.1%}, sim {result.wall_seconds:.1f} s")
+            f"conductor busy {result.conductor_busy:.1%}, sim {result.wall_seconds:.1f} s"
+            + (f"; {whole.rows:,} rows: whole job {row['whole_job_efficiency']:.1%}, tail {whole.tail_s:.1f} s, "
+               f"conductor busy {whole.conductor_busy:.1%}, sim {whole.wall_seconds:.1f} s" if whole else ""))
     return out
+
+
+def _rows_for(target: float, ideal: float, steady: float, lost: float) -> int | None:
+    """The job size R at which R / (R / steady + lost) reaches `target` x `ideal` (None: steady state is below)."""
+    if steady <= target * ideal:
+        return None
+    return int(target * ideal * lost / (1 - target * ideal / steady))
 
 
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
-                 network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, log=print) -> dict:
+                 network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
+                 job_rows: int = 0, tokenizer_batch_tokens: int | None = None, log=print) -> dict:
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
     measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
@@ -122,8 +156,10 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     # No projection from a model that does not reproduce what was measured, unless asked for one explicitly;
     # then results.json and the report say "validated": false beside every projected row.
     if not failed or allow_unvalidated:
-        result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows,
-                                 network_ablation_up_to=network_ablation_up_to, log=log)
+        result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows, node,
+                                 network_ablation_up_to, job_rows, tokenizer_batch_tokens, log=log)
+        for row in result["rows"]:
+            row["validated"] = result["validated"]
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     (output / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
