@@ -121,11 +121,14 @@ class RoleMap:
                     host_turn[host] += len(mine) if len(local) > fanout else 1
                 picked = list(mine)
                 want = min(fanout, len(gpus))
+                first = turn
                 while len(picked) < want:
                     g = gpus[turn % len(gpus)]
                     turn += 1
                     if g not in mine:
                         picked.append(g)
+                if turn - first >= len(gpus):   # it took every encoder rank: the next starts one further on
+                    turn = first + 1
                 to_gpus[t] = picked
             to_tokenizers: dict[int, list[int]] = {}
             for t, gs in to_gpus.items():

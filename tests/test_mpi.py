@@ -169,5 +169,9 @@ def test_links_are_sparse_local_first_and_cover_every_encoder():
                                                                  **{g: f"g{g // 8}" for g in range(100, 420)}})
     assert max(len(het.encoders_of(t)) for t in het.tokenizers) == 8        # 320 gpus / 40 tokenizers: fanout 8
     assert all(len(het.tokenizers_of(g)) == 1 for g in het.encoders)
+    # Tokenizers on CPU nodes that each link to all 8 encoder ranks of one GPU node start from different ones too.
+    het8 = RoleMap(0, list(range(1, 41)), list(range(100, 108)), {**{r: "cpu" for r in range(41)},
+                                                                  **{g: "g0" for g in range(100, 108)}})
+    assert sorted({het8.encoders_of(t)[0] for t in het8.tokenizers}) == het8.encoders
     few = RoleMap(0, [1, 2], list(range(3, 40)), {r: "h" for r in range(40)})
     assert all(few.tokenizers_of(g) for g in few.encoders)                  # the fanout grows past 8 to cover all
