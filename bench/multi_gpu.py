@@ -68,17 +68,21 @@ def main() -> None:
         job_args = argparse.Namespace(ranks=ranks, model=args.model, unit_rows=args.unit_rows, timeout=args.timeout,
                                       extra=extra)
         start = time.perf_counter()
-        manifest, wall, _ = run_job(job_args, work / "corpus", work / f"out-{g}", "auto")
+        manifest, wall, launched, _ = run_job(job_args, work / "corpus", work / f"out-{g}", "auto", work / "cache")
         if env_before is None:
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = env_before
-        s = summarize(manifest, wall, args.docs, ranks)
+        s = summarize(manifest, wall, launched, args.docs, ranks)
         gpu_ranks = ranks_by_role(manifest).get("encoder", [])
         rows.append({"gpus": g, "gpu_ranks": len(gpu_ranks), "ranks": ranks,
                      "devices": sorted({r.get("device", "?") for r in gpu_ranks}),
                      "per_gpu_busy": [round(r["busy_seconds"] / s["steady_seconds"] / r.get("instances", 1), 3)
-                                      for r in gpu_ranks], **s, "seconds": round(time.perf_counter() - start, 1)})
+                                      for r in gpu_ranks],
+                     # Goal 4 of issue 18: each encoder rank's host cost, which should not grow with ranks per node.
+                     "host_us_per_row": [r.get("host_us_per_row") for r in gpu_ranks],
+                     "host_ms_per_batch": [r.get("host_ms_per_batch") for r in gpu_ranks],
+                     **s, "seconds": round(time.perf_counter() - start, 1)})
         print(f"g={g}: {s['texts_per_s']:,.0f} texts/s, gpu busy {s['gpu_busy']}, roles {s['roles']}", flush=True)
     base = rows[0]["texts_per_s"] / rows[0]["gpus"]
     for r in rows:

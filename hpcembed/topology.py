@@ -115,21 +115,21 @@ class RoleMap:
                 # Where a host has more encoder ranks than the fanout, its tokenizers take turns over them; where
                 # it has fewer, each tokenizer lists them starting one further on. The order breaks routing ties
                 # (protocol/tokenizer.py): with one order, every tokenizer of an 8-GPU node sent its first batches
-                # to the same encoder rank, and stayed with it (the simulation showed 2 of 8 GPUs working).
+                # to the same encoder rank and stayed with it (simulated: 2 of 8 GPUs working).
                 mine = [local[(host_turn.get(host, 0) + k) % len(local)] for k in range(min(fanout, len(local)))]
                 if local:
                     host_turn[host] += len(mine) if len(local) > fanout else 1
-                picked = list(mine)
+                remote: list[int] = []
                 want = min(fanout, len(gpus))
-                first = turn
-                while len(picked) < want:
+                while len(mine) + len(remote) < want:
                     g = gpus[turn % len(gpus)]
                     turn += 1
                     if g not in mine:
-                        picked.append(g)
-                if turn - first >= len(gpus):   # it took every encoder rank: the next starts one further on
-                    turn = first + 1
-                to_gpus[t] = picked
+                        remote.append(g)
+                # Tokenizers dealt the same remote encoder ranks (every len(gpus) / want-th one is) list them from
+                # different ones, likewise.
+                k = (len(to_gpus) // -(-len(gpus) // want)) % len(remote) if remote else 0
+                to_gpus[t] = mine + remote[k:] + remote[:k]
             to_tokenizers: dict[int, list[int]] = {}
             for t, gs in to_gpus.items():
                 for g in gs:
