@@ -13,7 +13,7 @@ pytest.importorskip("simpy")
 
 from hpcembed.scaling.calibration import build, node_from, rates_from  # noqa: E402
 from hpcembed.scaling.project import run_simulate  # noqa: E402
-from hpcembed.scaling.sim import JobShape, NodeShape, Simulation, simulate  # noqa: E402
+from hpcembed.scaling.sim import JobShape, NodeShape, Simulation, simulate, units_for  # noqa: E402
 
 BENCH = REPO / "bench" / "results"
 
@@ -80,6 +80,37 @@ def test_replay_follows_the_measured_start_skew_and_gpu_window(calibration):
     assert skewed.throughput_texts_per_s < even.throughput_texts_per_s
     with pytest.raises(ValueError, match="add up to 1100 rows"):
         simulate(2, shape, JobShape(rows=1200, unit_sizes=[[100, 11]]), rates)
+
+
+def test_eight_gpu_nodes_with_sub_conductors_keep_every_gpu_busy(calibration):
+    """The seed's node shape (8 GPUs, 16 cores each, here 2 nodes of 8 GPUs and 64 cores to stay fast), with a
+    sub-conductor per node: the real SubConductorCores hand out the units and commit them in batches; every
+    encoder rank of a node gets work (one routing order for all tokenizers once left 6 of 8 idle)."""
+    rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
+    shape = NodeShape(cores=64, gpus=8, subconductors="per-node")
+    sim = Simulation(2, shape, JobShape(rows=2_000_000, unit_rows=10_000, tokenizer_batch_tokens=262_144), rates)
+    result = sim.run()
+    assert result.subconductors == 2 and result.encoder_ranks == 16
+    assert len(sim.conductor.done) == result.units == 200 and sim.conductor.rows_written == 2_000_000
+    assert sum(s.units_committed for s in sim.subconductors.values()) == 200
+    # Units reach the conductor in batches: fewer messages than units, where without sub-conductors it gets
+    # more than two per unit.
+    assert result.conductor_messages < result.units
+    assert min(result.encoder_rows) > 0.5 * max(result.encoder_rows)       # whole units of 10,000 rows
+    ceiling = result.tokenizer_ranks * rates.tokenizer_tokens_per_s / rates.tokens_per_text
+    assert result.steady_texts_per_s > 0.85 * ceiling
+
+
+def test_the_disaggregated_shape_plans_its_cpu_nodes_from_the_rates(calibration):
+    rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
+    shape = NodeShape(gpus=8, cpu_node_cores=64)
+    job = JobShape(rows_per_node=units_for(1, shape, rates, 2, 10_000), unit_rows=10_000,
+                   tokenizer_batch_tokens=262_144)          # weak scaling: 2 units per tokenizer rank
+    one, three = (simulate(n, shape, job, rates) for n in (1, 3))
+    # 8 GPUs at the calibrated rate need about 136 tokenizer ranks: 3 CPU nodes of 64 cores; 3 GPU nodes, 7.
+    assert (one.cpu_nodes, three.cpu_nodes) == (3, 7) and three.encoder_ranks == 24
+    assert all(rows > 0 for rows in three.encoder_rows)
+    assert three.steady_texts_per_s > 2.8 * one.steady_texts_per_s
 
 
 def test_no_projection_from_a_simulation_that_misses_a_measured_run(calibration, tmp_path):

@@ -127,6 +127,7 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
     lines += _measured_section(measured) + _validation_section(results)
     if projected:
         lines += _losses_section(projected) + [f"![losses]({p})" for p in plots[2:]] + [""]
+        lines += _control_section(projected)
     lines += METHOD
     path = study / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -216,6 +217,33 @@ def _losses_section(projected: list[dict]) -> list[str]:
                      f"{loss['queue_contention_wait_for_credit']:.2%} | {loss['tail_idle_after_last_unit']:.1%} | "
                      f"{net} | {r['conductor_busy']:.1%} | {r['conductor_queue_max']:,} | "
                      f"{r['remote_batch_fraction']:.1%} | {r['nic_busy_max']:.2%} | {r['sim_wall_seconds']} |")
+    return lines + [""]
+
+
+def _control_section(projected: list[dict]) -> list[str]:
+    """The control plane and a whole job of a fixed size, where the projection simulated one (--job-rows)."""
+    if not any("subconductors" in r for r in projected):
+        return []
+    first = projected[0]
+    shape = (f"{first['gpus_per_node']} GPUs per node, " + (
+        f"tokenizer ranks on CPU-only nodes of {first['cpu_node_cores']} cores" if first.get("cpu_node_cores")
+        else f"{first['cores_per_node']} cores per node"))
+    whole = next((r["whole_job_rows"] for r in projected if "whole_job_rows" in r), None)
+    lines = ["## The control plane and the whole job (projected)", "", f"Shape: {shape}. Conductor and "
+             "sub-conductor busy are their simulated handler time (measured here as the real cores run, scaled to "
+             "the target core) over the makespan. Lost time is the weak-scaling job's makespan less its rows at "
+             "the steady rate (ramp and tail); the job size for a 95% whole job follows from it (derived)."
+             + (f" The whole job is a simulated job of {whole:,} rows at each scale." if whole else ""), "",
+             "| nodes | encoder ranks | tokenizer ranks | CPU nodes | sub-conductors | conductor busy | busiest "
+             "sub-conductor | ramp s | lost s | rows for 95% whole job | whole job E | its tail s | its "
+             "conductor busy |", "|" + "---|" * 13]
+    for r in projected:
+        rows95 = r.get("rows_for_95_percent_whole_job")
+        lines.append(f"| {r['nodes']} | {r['gpus']:,} | {r['tokenizer_ranks']:,} | {r.get('cpu_nodes', 0)} | "
+                     f"{r['subconductors']} | {r['conductor_busy']:.1%} | {r['subconductor_busy_max']:.2%} | "
+                     f"{r['ramp_s']} | {r['lost_s']} | {'-' if rows95 is None else f'{rows95:,}'} | "
+                     + (f"{r['whole_job_efficiency']:.1%} | {r['whole_job_tail_s']} | "
+                        f"{r['whole_job_conductor_busy']:.1%} |" if "whole_job_efficiency" in r else "| | |"))
     return lines + [""]
 
 
