@@ -60,7 +60,9 @@ def test_a_slow_network_costs_throughput_and_an_ideal_one_does_not():
     # 1 MB/s NICs: those batches queue at the NICs, and their senders wait in the rendezvous.
     slow = simulate(4, shape, job, rates_from(cal, nic_bytes_per_s=1e6, tokenizer_tokens_per_s=1e7))
     ideal = simulate(4, shape, job, rates_from(cal, tokenizer_tokens_per_s=1e7), ideal_network=True)
-    assert slow.remote_batch_fraction > 0 and slow.nic_busy_max > 0.5
+    # (Since tokenizers list their remote encoder ranks each from a different one, those batches spread over more
+    # NICs: the busiest is under half busy, where with one order for all it was over half.)
+    assert slow.remote_batch_fraction > 0 and slow.nic_busy_max > 0.4
     assert slow.throughput_texts_per_s < 0.8 * ideal.throughput_texts_per_s
 
 
