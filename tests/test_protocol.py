@@ -191,6 +191,25 @@ def test_duplicate_ids_are_dropped_from_their_shard_under_skip(tmp_path):
     assert reject["id"] == "a" and reject["row"] == 3 and "first seen in corpus.jsonl at row 0" in reject["reason"]
 
 
+def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_once_it_does(tmp_path):
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    core = ConductorCore(SUB_ROLES, plan_of(2, 2), output, output.ledger(), state, skip_invalid=True)
+    core.handle(5, RequestUnits(2))
+    names = [write_shard(tmp_path, unit, 3, ids) for unit, ids in ((0, ["a", "b"]), (1, ["c", "a"]))]
+    first = CommittedUnit(0, {names[0]: 2}, 4)
+    core.handle(5, UnitsCommitted([Ledger.unit_line(first)], array("q", [0, 2, 0]), [], 4))
+    # Unit 1 is complete at its sub-conductor but not yet sent on when the repeat is found: nothing to drop yet.
+    assert core.handle(2, DuplicateRows([(1, 0, 3, 0, 0, 0, id_digest("a"))])) == []
+    second = CommittedUnit(1, {names[1]: 2}, 4)
+    sends = core.handle(5, UnitsCommitted([Ledger.unit_line(second)], array("q", [1, 2, 0]), [], 4))
+    assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
+    removed, rewritten = output.drop_ids(shard_name(1, 3), {id_digest("a")})
+    core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
+    assert core.rows_written == 3 and core.rejected_rows == 1
+    assert core.result(1.0, 0.0).shards == [{"path": names[0], "rows": 2}, {"path": names[1], "rows": 1}]
+
+
 # --- the tokenizer ----------------------------------------------------------------------------------------
 
 def test_tokenizer_routes_to_most_credit_and_stays_on_ties():
