@@ -55,10 +55,11 @@ class RoleMap:
     # and itself to, and that commits its units. A tokenizer not listed deals with the conductor itself.
     deputies: dict[int, int] = field(default_factory=dict)
     _links: tuple | None = field(default=None, repr=False, compare=False)
+    _under: dict | None = field(default=None, repr=False, compare=False)
 
     def linked_to_all(self) -> "RoleMap":
         """This map with every tokenizer rank linked to every encoder rank (--dedup routes rows by digest)."""
-        return dataclasses.replace(self, fanout=max(self.fanout, len(self.encoders)), _links=None)
+        return dataclasses.replace(self, fanout=max(self.fanout, len(self.encoders)), _links=None, _under=None)
 
     def role_of(self, rank: int) -> str:
         """'idle' is a rank the plan did not need (more tokenizers than the GPUs can take, see world.py)."""
@@ -79,7 +80,12 @@ class RoleMap:
         return self.deputies.get(tokenizer, self.conductor)
 
     def tokenizers_under(self, subconductor: int) -> list[int]:
-        return [t for t in self.tokenizers if self.deputies.get(t) == subconductor]
+        if self._under is None:         # once for all: a simulation asks for each of 1,000 sub-conductors
+            self._under = {}
+            for t in self.tokenizers:
+                if t in self.deputies:
+                    self._under.setdefault(self.deputies[t], []).append(t)
+        return self._under.get(subconductor, [])
 
     def reporters(self) -> list[int]:
         """The ranks whose reports the conductor waits for before it stops the encoder ranks: the sub-conductors,
@@ -285,4 +291,4 @@ def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "aut
         else:
             continue            # a host's only tokenizer rank stays one; it deals with the conductor
         deputies.update({t: deputy for t in ts})
-    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies, _links=None)
+    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies, _links=None, _under=None)

@@ -20,8 +20,8 @@ from ..io.writer import OutputDir
 from ..manifest import RankStats
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
-from ..roles.common import run_role
 from ..protocol.subconductor import SubConductorCore
+from ..roles.common import run_role
 from ..roles.conductor import run_conductor
 from ..roles.subconductor import run_subconductor
 from ..signals import STOP
