@@ -5,7 +5,6 @@ comes back. The mpiexec and Slurm tests run the same cores for real."""
 from __future__ import annotations
 
 import json
-from array import array
 from collections import deque
 
 import numpy as np
@@ -14,16 +13,15 @@ import pytest
 
 from hpcembed.errors import InputError
 from hpcembed.io.ids import id_digest
-from hpcembed.io.ledger import CommittedUnit, Ledger
+from hpcembed.io.ledger import Ledger
 from hpcembed.io.sources import InputFile, Plan, WorkUnit
 from hpcembed.io.writer import OutputDir, shard_name
 from hpcembed.manifest import EncoderStats, RankStats, TokenizerStats
 from hpcembed.protocol.conductor import ConductorCore, JobFailed
 from hpcembed.protocol.encoder import EncoderCore
-from hpcembed.protocol.messages import (AssignUnit, Calibrated, Credit, Drain, DropIds, DuplicateRows, Failure,
-                                        NoMoreUnits, PartRewritten, PartWritten, RankReport, Release, RequestUnit,
-                                        RequestUnits, Stop, StopRequested, UnitEnd, UnitGrant, UnitRead,
-                                        UnitsCommitted)
+from hpcembed.protocol.messages import (AssignUnit, Credit, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits,
+                                        PartRewritten, PartWritten, RankReport, Release, RequestUnit, Stop,
+                                        StopRequested, UnitEnd, UnitRead)
 from hpcembed.protocol.subconductor import SubConductorCore
 from hpcembed.protocol.tokenizer import TokenizerCore, UnitProgress
 from hpcembed.topology import RoleMap
@@ -189,25 +187,6 @@ def test_duplicate_ids_are_dropped_from_their_shard_under_skip(tmp_path):
     assert rewritten.size == (tmp_path / "out" / shard_name(1, 3)).stat().st_size
     reject = json.loads((tmp_path / "out" / "_rejects.jsonl").read_text())
     assert reject["id"] == "a" and reject["row"] == 3 and "first seen in corpus.jsonl at row 0" in reject["reason"]
-
-
-def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_once_it_does(tmp_path):
-    output = OutputDir(str(tmp_path / "out"))
-    _, state = output.open({"test": True}, [], overwrite=False)
-    core = ConductorCore(SUB_ROLES, plan_of(2, 2), output, output.ledger(), state, skip_invalid=True)
-    core.handle(5, RequestUnits(2))
-    names = [write_shard(tmp_path, unit, 3, ids) for unit, ids in ((0, ["a", "b"]), (1, ["c", "a"]))]
-    first = CommittedUnit(0, {names[0]: 2}, 4)
-    core.handle(5, UnitsCommitted([Ledger.unit_line(first)], array("q", [0, 2, 0]), [], 4))
-    # Unit 1 is complete at its sub-conductor but not yet sent on when the repeat is found: nothing to drop yet.
-    assert core.handle(2, DuplicateRows([(1, 0, 3, 0, 0, 0, id_digest("a"))])) == []
-    second = CommittedUnit(1, {names[1]: 2}, 4)
-    sends = core.handle(5, UnitsCommitted([Ledger.unit_line(second)], array("q", [1, 2, 0]), [], 4))
-    assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
-    removed, rewritten = output.drop_ids(shard_name(1, 3), {id_digest("a")})
-    core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
-    assert core.rows_written == 3 and core.rejected_rows == 1
-    assert core.result(1.0, 0.0).shards == [{"path": names[0], "rows": 2}, {"path": names[1], "rows": 1}]
 
 
 # --- the tokenizer ----------------------------------------------------------------------------------------
@@ -390,90 +369,3 @@ def test_the_cores_run_a_job_exactly_once(tmp_path):
     """Every unit is committed once, with every row in exactly one part."""
     ctor, _, _ = pump_a_job(tmp_path, ROLES, [7, 3, 11, 5, 9, 2])
     assert set(ctor.reports) == {1, 2}
-
-
-# Two hosts: tokenizers 1 and 2 under sub-conductor 5 on h0, tokenizers 6 and 7 under 8 on h1; encoders 3 and 4.
-SUB_ROLES = RoleMap(conductor=0, tokenizers=[1, 2, 6, 7], encoders=[3, 4],
-                    hosts={**{r: "h0" for r in range(6)}, **{r: "h1" for r in range(6, 9)}},
-                    deputies={1: 5, 2: 5, 6: 8, 7: 8})
-
-
-def test_sub_conductors_run_a_job_exactly_once_and_commit_in_batches(tmp_path):
-    sizes = [7, 3, 11, 5, 9, 2, 4, 4, 6, 1, 8, 3]
-    ctor, subs, _ = pump_a_job(tmp_path, SUB_ROLES, sizes, commit_batch=4)
-    assert sum(s.units_committed for s in subs.values()) == len(sizes)
-    # Batched: fewer UnitsCommitted than units, each sub-conductor its fair share of the units.
-    assert sum(s.batches_sent for s in subs.values()) < len(sizes)
-    assert all(s.units_committed >= 2 for s in subs.values())
-    # The conductor heard from each sub-conductor once at the end, with its tokenizers' reports and its own.
-    assert set(ctor.reports) == {1, 2, 5, 6, 7, 8}
-    # The manifest's shard list comes from the ledger lines the sub-conductors made.
-    assert sum(s["rows"] for s in ctor.result(1.0, 0.0).shards) == sum(sizes)
-    ctor.ledger.close()
-    assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
-
-
-def test_grants_shrink_towards_the_end(tmp_path):
-    output = OutputDir(str(tmp_path / "out"))
-    _, state = output.open({"test": True}, [], overwrite=False)
-    ctor = ConductorCore(SUB_ROLES, plan_of(*[1] * 20), output, output.ledger(), state)
-    sizes = [len(ctor.handle(5, RequestUnits(8))[0].message.units) for _ in range(7)]
-    # 20 left over 2 sub-conductors: at most 5 (half an even share), then fewer as the pending units run out.
-    assert sizes == [5, 4, 3, 2, 2, 1, 1] and sum(sizes) == 18
-    grant = ctor.handle(8, RequestUnits(8))[0].message
-    assert len(grant.units) == 1 and not grant.last
-    assert ctor.handle(8, RequestUnits(8))[0].message.last
-
-
-def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():
-    sub = SubConductorCore(5, SUB_ROLES, commit_batch=3, commit_seconds=0.5)
-    (_, ask), = sub.start()
-    assert ask == RequestUnits(2)
-    units = plan_of(2, 2, 2, 2).units
-    sub.handle(0, UnitGrant(units, last=True), now=0.0)
-    for t in (1, 2, 1, 2):
-        sub.handle(t, RequestUnit(), now=0.0)
-    for unit in units[:2]:
-        sub.handle(1, UnitRead(unit.unit, {3: 2}, tokens=20), now=1.0)
-        sub.handle(3, PartWritten(unit.unit, shard_name(unit.unit, 3), 2, 20), now=1.0)
-    assert sub.poll(1.2) == []                  # 2 complete, 2 still out, the oldest waited 0.2 s
-    (dest, batch), = sub.poll(1.5)              # ... now 0.5 s
-    assert dest == 0 and list(batch.counts) == [0, 2, 0, 1, 2, 0] and batch.tokens == 40
-    assert [json.loads(line)["unit"] for line in batch.lines] == [0, 1]
-    sub.handle(2, UnitRead(2, {3: 2}, tokens=20), now=2.0)
-    sub.handle(3, PartWritten(2, shard_name(2, 3), 2, 20), now=2.0)
-    sub.handle(2, UnitRead(3, {}, tokens=0, rejected_rows=2), now=2.0)
-    (_, batch), = sub.poll(2.0)                 # nothing else is out: sent at once
-    assert list(batch.counts) == [2, 2, 0, 3, 0, 2]
-    assert not sub.ready_to_report              # its tokenizers have not reported
-    for t in (1, 2):
-        assert sub.handle(t, RankReport(TokenizerStats(t, "tokenizer", "h")), now=3.0) == [(t, Release())]
-    assert sub.ready_to_report
-
-
-def test_a_sub_conductor_passes_a_drain_on_and_ignores_the_abandoned_units():
-    sub = SubConductorCore(5, SUB_ROLES)
-    sub.start()
-    sub.handle(0, UnitGrant(plan_of(2, 2).units, last=False), now=0.0)
-    sub.handle(1, RequestUnit(), now=0.0)
-    assert sub.handle(0, Drain(), now=0.1) == [(1, Drain()), (2, Drain())]
-    for t in (1, 2):
-        sub.handle(t, RankReport(TokenizerStats(t, "tokenizer", "h")), now=0.2)
-    assert sub.ready_to_report                  # unit 0 was abandoned, not waited for
-    sub.report(RankStats(5, "subconductor", "h"))
-    assert sub.handle(3, PartWritten(0, shard_name(0, 3), 1, 10), now=0.3) == []
-    assert sub.poll(1.0) == []
-
-
-def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
-    output = OutputDir(str(tmp_path / "out"))
-    _, state = output.open({"test": True}, [], overwrite=False)
-    ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
-    ctor.handle(5, RequestUnits(2))
-    record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
-    ctor.handle(5, UnitsCommitted([Ledger.unit_line(record)], array("q", [0, 2, 0]), [], 20))
-    assert not ctor.done
-    ctor.handle(3, Calibrated([[0.0], [1.0]]))
-    assert ctor.all_committed
-    ctor.ledger.close()
-    assert Ledger(tmp_path / "out").load().ranges == [[0.0], [1.0]]
