@@ -54,22 +54,21 @@ class RoleMap:
     # tokenizer rank -> its sub-conductor (assign_subconductors): the rank it asks for units, reports its units
     # and itself to, and that commits its units. A tokenizer not listed deals with the conductor itself.
     deputies: dict[int, int] = field(default_factory=dict)
-    _links: tuple | None = field(default=None, repr=False, compare=False)
-    _under: dict | None = field(default=None, repr=False, compare=False)
+    # Built on first use; not copied by dataclasses.replace, so a changed map never keeps another's.
+    _links: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _under: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _roles: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def linked_to_all(self) -> "RoleMap":
         """This map with every tokenizer rank linked to every encoder rank (--dedup routes rows by digest)."""
-        return dataclasses.replace(self, fanout=max(self.fanout, len(self.encoders)), _links=None, _under=None)
+        return dataclasses.replace(self, fanout=max(self.fanout, len(self.encoders)))
 
     def role_of(self, rank: int) -> str:
         """'idle' is a rank the plan did not need (more tokenizers than the GPUs can take, see world.py)."""
-        if rank == self.conductor:
-            return "conductor"
-        if rank in self.tokenizers:
-            return "tokenizer"
-        if rank in self.encoders:
-            return "encoder"
-        return "subconductor" if rank in self.subconductors else "idle"
+        if self._roles is None:         # built once: rank 0 logs every rank's role, 128,000 of them at 1000 nodes
+            self._roles = {**{s: "subconductor" for s in self.subconductors}, **{e: "encoder" for e in self.encoders},
+                           **{t: "tokenizer" for t in self.tokenizers}, self.conductor: "conductor"}
+        return self._roles.get(rank, "idle")
 
     @property
     def subconductors(self) -> list[int]:
@@ -291,4 +290,4 @@ def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "aut
         else:
             continue            # a host's only tokenizer rank stays one; it deals with the conductor
         deputies.update({t: deputy for t in ts})
-    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies, _links=None, _under=None)
+    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies)

@@ -170,7 +170,7 @@ class ConductorCore:
         if isinstance(message, RankReport):
             self.reports[source] = message.stats
             self.tokenizers_left.discard(source)
-            return [Send(source, Release())] if source in self.roles.tokenizers else []
+            return [Send(source, Release())] if self.roles.role_of(source) == "tokenizer" else []
         if isinstance(message, RankReports):
             self.reports.update({stats.rank: stats for stats in message.stats})
             self.tokenizers_left.discard(source)
