@@ -135,6 +135,9 @@ def test_missing_study_files_are_named_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli("scaling", "report", "--study", str(tmp_path / "empty"))
     assert proc.returncode == 2 and "nothing to report" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("scaling", "simulate", "--calibration", str(tmp_path / "nope.json"), "--output", str(tmp_path),
+                   "--cpu-node-cores", "1")
+    assert proc.returncode == 2 and "--cpu-node-cores 1: a CPU node needs a core" in proc.stderr
 
 
 @needs_mpi

@@ -114,6 +114,12 @@ def main(args) -> int:
         from . import read_json
         from .calibration import node_from
         from .project import run_simulate
+        if args.cpu_node_cores and args.cpu_node_cores < 2:
+            raise ConfigError(f"--cpu-node-cores {args.cpu_node_cores}: a CPU node needs a core for its sub-conductor "
+                              "and at least one for a tokenizer rank")
+        if (args.gpus_per_node is not None and args.gpus_per_node < 1) or \
+                (args.cores_per_node is not None and args.cores_per_node < 1):
+            raise ConfigError("--gpus-per-node and --cores-per-node must be at least 1")
         node = node_from(read_json(Path(args.calibration), "calibration"))
         node = dataclasses.replace(node, gpus=args.gpus_per_node or node.gpus, cores=args.cores_per_node or node.cores,
                                    cpu_node_cores=args.cpu_node_cores, subconductors=args.sub_conductors)
