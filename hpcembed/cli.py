@@ -200,8 +200,11 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("%s texts were longer than %s tokens and were truncated; --chunk-tokens N embeds them whole, "
                     "in windows", f"{manifest['texts_truncated']:,}", manifest.get("max_seq_length"))
     status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
+    if manifest.get("rehearsal") and manifest["complete"]:
+        status = "rehearsal complete (zero embeddings, no _SUCCESS)"
     log.info("%s: %s rows %s, %s rejected, %s texts/s, %s tokens/s -> %s", status,
-             f"{manifest['rows_written']:,}", "tokenized" if manifest.get("kind") == "tokens" else "embedded",
+             f"{manifest['rows_written']:,}", "tokenized" if manifest.get("kind") == "tokens" else
+             "rehearsed" if manifest.get("rehearsal") else "embedded",
              f"{manifest['rejected_rows']:,}", f"{manifest['texts_per_s']:,}",
              f"{manifest['tokens_per_s']:,}", cfg.output)
     return 0 if manifest["complete"] else EXIT_FAILED

@@ -139,6 +139,12 @@ class JobConfig:
                                   "ucxx bindings import and batches cross nodes, mpi otherwise",
                           choices=("auto", "mpi", "ucx"))
     credits: int = _opt(4, "token batches an encoder lets each tokenizer have in flight (flow control)")
+    rehearse: str = _opt("", "rehearse the job's control plane without tokenizing or encoding: 'TOKENIZER,ENCODER' "
+                             "tokens/s of one tokenizer rank and one encoder rank (e.g. 1e6,1.2e7). Every rank runs "
+                             "its real role over the real transport, but tokenizer ranks sleep for their tokens at "
+                             "the first rate and encoder ranks return zeros at the second, as a GPU would; for "
+                             "fan-in studies (bench/fanin.py). The output is marked a rehearsal, never resumed or "
+                             "reused as embeddings, and gets no _SUCCESS")
     progress: str = _opt("auto", "progress display: bar on a terminal, log lines otherwise",
                          choices=("auto", "bar", "log", "off"))
     progress_interval: float = _opt(10.0, "seconds between progress log lines")
@@ -153,6 +159,12 @@ class JobConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if not self.chunk_tokens and (self.chunk_overlap or self.chunk_pooling != "none"):
             raise ConfigError("chunk-overlap and chunk-pooling need --chunk-tokens N")
+        if self.rehearse:
+            from .rehearsal import parse_rates
+            parse_rates(self.rehearse)
+            if self.dtype == "fp8" or self.output_dtype in ("int8", "uint8") or self.chunk_tokens:
+                raise ConfigError("--rehearse stands in for the encoder, so it cannot run --dtype fp8's check, "
+                                  "calibrate int8/uint8 output or split --chunk-tokens windows; leave those out")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -161,7 +173,8 @@ class JobConfig:
         return self
 
     def batch_tokens_for(self, device: str) -> int:
-        return self.max_batch_tokens or default_batch_tokens(device)
+        # A rehearsal stands in for GPU encoder ranks, whatever device its ranks run on.
+        return self.max_batch_tokens or default_batch_tokens("cuda" if self.rehearse else device)
 
 
 def default_batch_tokens(device: str) -> int:

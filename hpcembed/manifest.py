@@ -51,7 +51,24 @@ class TokenizerStats(RankStats):
 
 
 @dataclass
-class SubConductorStats(RankStats):
+class ControlStats(RankStats):
+    """A control rank (the conductor, a sub-conductor). busy_seconds is its process CPU time, which includes the
+    transport's polling; `handling_seconds` only the time from a message's arrival to its replies sent, over
+    `messages_handled` messages (its cost per message under the job's fan-in), and `handling_cpu_seconds` the
+    CPU its thread spent in that time."""
+    messages_handled: int = 0
+    handling_seconds: float = 0.0
+    handling_cpu_seconds: float = 0.0
+
+    def as_manifest(self) -> dict:
+        out = super().as_manifest()
+        out["handling_seconds"] = round(self.handling_seconds, 4)
+        out["handling_cpu_seconds"] = round(self.handling_cpu_seconds, 4)
+        return out
+
+
+@dataclass
+class SubConductorStats(ControlStats):
     units_committed: int = 0                    # units it found complete and sent on to the conductor,
     commit_batches: int = 0                     # in this many UnitsCommitted messages
 
@@ -108,6 +125,9 @@ class JobResult:
     ended_at: float                 # epoch seconds
     output_rows: int = -1           # rows the shards hold, where not rows_written (a chunked job's windows)
     ranges: list | None = None      # int8/uint8 output's calibration ranges [2][dim]
+    messages_handled: int = 0       # by the conductor's driver, and the time it took (manifest.ControlStats)
+    handling_seconds: float = 0.0
+    handling_cpu_seconds: float = 0.0
 
 
 def ranks_by_role(manifest: dict) -> dict[str, list[dict]]:

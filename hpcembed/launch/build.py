@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 def tokenizer_backend(cfg: JobConfig, spec: ModelSpec, chunking: bool = True):
     """What tokenizes the job's texts: the backend --tokenizer-backend names, or under --chunk-tokens HF in
     windows (tokenize/chunk.py)."""
+    if cfg.rehearse:
+        from ..rehearsal import StandInTokenizer, parse_rates
+        return StandInTokenizer(spec.max_seq_length, parse_rates(cfg.rehearse)[0])
     if cfg.chunk_tokens and chunking:
         return Chunker.for_model(spec.path, cfg.chunk_tokens, cfg.chunk_overlap, spec.lowercase)
     backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, cfg.tokenizer_backend,
@@ -59,6 +62,9 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
 
 def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:
     """An encoder rank's model instances, built (weights loaded, kernels compiled, CUDA graphs captured)."""
+    if cfg.rehearse:
+        from ..rehearsal import StandInEncoder, parse_rates
+        return [StandInEncoder(spec, parse_rates(cfg.rehearse)[1])]
     from ..engine.build import build_encoder, resolve_device      # torch: encoder ranks only
     device = resolve_device(device)
     if device.startswith("cuda"):

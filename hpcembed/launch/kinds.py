@@ -139,7 +139,7 @@ class EmbedJob(JobKind):
                 # their token ids resume only with --overwrite.
                 "row_digest": f"xxh3-128 of {digest_of(cfg, plan)}",
                 **chunking(cfg), **({"output_format": "npy"} if cfg.output_format == "npy" else {}),
-                **prompting(spec)}
+                **prompting(spec), **({"rehearsal": cfg.rehearse} if cfg.rehearse else {})}
 
     def sink(self, output_path):
         return EncoderSink()

@@ -17,7 +17,7 @@ from ..config import JobConfig
 from ..engine.model import ModelSpec
 from ..errors import HpcEmbedError
 from ..io.writer import OutputDir
-from ..manifest import RankStats
+from ..manifest import ControlStats
 from ..progress import Progress
 from ..protocol.conductor import ConductorCore
 from ..protocol.subconductor import SubConductorCore
@@ -95,6 +95,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
     elif role != "idle":
         _run_worker(cfg, kind, transport, plan, ranks, role, role_comm, early, startup)
     _settle(plan_sends)
+    transport.flush()
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
     _quiet_barrier(comm)
@@ -201,7 +202,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
                            MpiAlltoall(role_comm), plan.digest_seed, plan.dedup).run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
-        if device == "cpu":
+        if device == "cpu" and not cfg.rehearse:
             import torch
             torch.set_num_threads(1)                        # CPU encoder ranks share the cores with tokenizers
         def body():
@@ -222,7 +223,6 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
                          plan.reuse).run()
     run_role(role, transport, plan.roles.conductor, body)
-    transport.flush()
 
 
 def _quiet_barrier(comm) -> None:
@@ -251,7 +251,9 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
                          ranges_due=bool(plan.calibration))
     try:
         result = run_conductor(core, transport, progress)
-        me = RankStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start)
+        me = ControlStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start,
+                          messages_handled=result.messages_handled, handling_seconds=result.handling_seconds,
+                          handling_cpu_seconds=result.handling_cpu_seconds)
         entries = [me.as_manifest()] + [result.reports[r].as_manifest() for r in sorted(result.reports)]
         device = job_device(cfg, ranks) if setup.kind.has_encoders else "cpu"
         return finish(cfg, setup, result, entries, transport.name, device, setup.dedup(cfg, roles))

@@ -119,6 +119,8 @@ MAX_DEDUP_OWNERS = 64
 
 
 def resolved_dtype(cfg: JobConfig, device: str, spec: ModelSpec) -> str:
+    if cfg.rehearse:        # no model runs: the dtype (part of the result's identity) says so
+        return "rehearsal"
     return cfg.dtype if cfg.dtype != "auto" else default_dtype(spec, device)
 
 
@@ -210,7 +212,12 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
                   # What tokenizer batches were cut to (scaling/sim.py replays a run with it).
                   "tokenizer_batch_tokens": cfg.batch_tokens_for(device) if setup.kind.has_encoders else 0},
         plan=setup.plan, result=result, ranks=ranks, transport=transport)
+    if cfg.rehearse:
+        from ..rehearsal import parse_rates
+        tokenizer_rate, encoder_rate = parse_rates(cfg.rehearse)
+        manifest["rehearsal"] = {"tokenizer_tokens_per_s": tokenizer_rate, "encoder_tokens_per_s": encoder_rate,
+                                 "embeddings": "zeros: a rehearsal of the control plane, not an embedding job"}
     setup.output.write_manifest(manifest)
-    if manifest["complete"]:
+    if manifest["complete"] and not cfg.rehearse:
         setup.output.write_success()
     return manifest

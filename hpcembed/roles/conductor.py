@@ -15,6 +15,7 @@ _QUIET_POLL = 0.5       # seconds between looks at the stop signal and the progr
 
 def run_conductor(core: ConductorCore, transport: Transport, progress, stop: StopRequest = STOP) -> JobResult:
     start = time.monotonic()
+    messages, handling, handling_cpu = 0, 0.0, 0.0
     try:
         while not core.finished:
             envelope = transport.recv(timeout=_QUIET_POLL)
@@ -22,10 +23,15 @@ def run_conductor(core: ConductorCore, transport: Transport, progress, stop: Sto
             core.output.lock.refresh()
             core.ledger.tick()
             if envelope is not None:
+                t0, cpu = time.perf_counter(), time.thread_time()
                 deliver(transport, core.handle(envelope.source, envelope.message))
+                messages, handling = messages + 1, handling + time.perf_counter() - t0
+                handling_cpu += time.thread_time() - cpu
             deliver(transport, core.poll(stop.signal_name if stop.requested else ""))
     finally:
         core.ledger.close()
         core.output.flush()
         progress.close()
-    return core.result(time.monotonic() - start, time.time())
+    result = core.result(time.monotonic() - start, time.time())
+    result.messages_handled, result.handling_seconds, result.handling_cpu_seconds = messages, handling, handling_cpu
+    return result

@@ -143,7 +143,7 @@ class EncoderRank:
             self.batcher.add(message)
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, Claim):
-            self.transport.send_nowait(source, answer(self.dedup, message))
+            self.transport.send(source, answer(self.dedup, message))
         elif isinstance(message, References):
             self._store_filled(self.dedup.references(message.unit, message.ids, message.rows, message.digests))
         elif isinstance(message, DropIds):

@@ -14,16 +14,22 @@ from .common import deliver
 def run_subconductor(core: SubConductorCore, transport: Transport) -> None:
     clock = time.monotonic
     started = time.process_time()
+    messages, handling, handling_cpu = 0, 0.0, 0.0
     deliver(transport, core.start())
     while not core.released:
         # Wake at least a few times per commit interval, so a complete unit is never held much longer than that.
         envelope = transport.recv(timeout=core.commit_seconds / 4)
         now = clock()
         if envelope is not None:
+            cpu = time.thread_time()
             deliver(transport, core.handle(envelope.source, envelope.message, now))
+            messages, handling = messages + 1, handling + clock() - now
+            handling_cpu += time.thread_time() - cpu
         deliver(transport, core.poll(now))
         if core.ready_to_report:
             stats = SubConductorStats(transport.rank, "subconductor", core.roles.host_of(transport.rank),
                                       busy_seconds=time.process_time() - started,
+                                      messages_handled=messages, handling_seconds=handling,
+                                      handling_cpu_seconds=handling_cpu,
                                       units_committed=core.units_committed, commit_batches=core.batches_sent)
             deliver(transport, core.report(stats))

@@ -37,7 +37,9 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
     hosts = sorted({r["host"] for r in ranks})
     x = manifest.get("steady_texts_per_s") or manifest["texts_per_s"]
     tokens_per_s = manifest.get("steady_tokens_per_s") or manifest["tokens_per_s"]
-    tok_rate = sum(r["tokens"] for r in tokenizers) / max(sum(r["busy_seconds"] for r in tokenizers), 1e-9)
+    # A tokenizer rank's time per token: tokenizing, and reading its rows (the simulation has no separate read).
+    tok_seconds = sum(r["busy_seconds"] + r.get("other_seconds", {}).get("read", 0.0) for r in tokenizers)
+    tok_rate = sum(r["tokens"] for r in tokenizers) / max(tok_seconds, 1e-9)
     gpu_busy = sum(r.get("stage_busy_seconds", r["busy_seconds"]) for r in gpus)
     gpu_rate = sum(r["tokens"] for r in gpus) / max(gpu_busy, 1e-9)
     per_host = max(sum(1 for r in ranks if r["host"] == h) for h in hosts)
@@ -55,10 +57,11 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
         "throughput_texts_per_s": x, "tokens_per_s": tokens_per_s,
         "texts_per_s_with_startup": manifest["texts_per_s"], "rows": manifest["rows_written_this_run"],
         "gpu_busy": manifest.get("gpu_busy"), "device": manifest.get("device"), "where": where,
-        "source": "measured",
+        "source": "measured", **_control(by_role),
         "sim": {
             "node": {"cores": per_host, "gpus": max(1, len(gpus) // max(nodes, 1)),
-                     "gpu_name": "from the run", "tokenizers": -(-len(tokenizers) // max(nodes, 1))},
+                     "gpu_name": "from the run", "tokenizers": -(-len(tokenizers) // max(nodes, 1)),
+                     "subconductors": "per-node" if by_role.get("subconductor") else "off"},
             "rows": manifest["rows_written_this_run"], "unit_rows": settings.get("unit_rows", 50_000),
             "unit_sizes": settings.get("unit_sizes"),
             "chunk_rows": settings.get("chunk_rows", 1024), "credits": settings.get("credits", 4),
@@ -76,6 +79,23 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
     }
 
 
+def _control(by_role: dict[str, list[dict]]) -> dict:
+    """The conductor's messages and its time handling them, per message (manifests that record them)."""
+    conductor = (by_role.get("conductor") or [{}])[0]
+    if not conductor.get("messages_handled"):
+        return {}
+    n, seconds = conductor["messages_handled"], conductor["handling_seconds"]
+    subs = [r for r in by_role.get("subconductor", []) if r.get("messages_handled")]
+    busiest = max(subs, key=lambda r: r["handling_seconds"], default=None)
+    return {"conductor": {"messages_handled": n, "handling_seconds": seconds,
+                          "handling_us_per_message": round(1e6 * seconds / n, 2),
+                          "handling_cpu_us_per_message": round(1e6 * conductor.get("handling_cpu_seconds", 0) / n, 2)},
+            **({"busiest_subconductor": {
+                "messages_handled": busiest["messages_handled"], "handling_seconds": busiest["handling_seconds"],
+                "handling_us_per_message": round(1e6 * busiest["handling_seconds"] / busiest["messages_handled"],
+                                                 2)}} if busiest else {})}
+
+
 def with_efficiency(rows: list[dict]) -> list[dict]:
     by_series: dict[str, list[dict]] = {}
     for r in rows:
@@ -91,6 +111,7 @@ def with_efficiency(rows: list[dict]) -> list[dict]:
 def measure_local(series: str, scales: list[int], ranks_per_node: int, run_args: list[str], study: Path,
                   virtual: bool, tokenizers_per_node: int = 0, timeout: float = 3600, log=print) -> list[dict]:
     rows = []
+    (study / "runs").mkdir(parents=True, exist_ok=True)
     for n in scales:
         out = study / "runs" / f"{series}-n{n}"
         args = [a.replace("{nodes}", str(n)) for a in run_args]

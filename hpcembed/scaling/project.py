@@ -45,7 +45,14 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
                "measured_texts_per_s": m["throughput_texts_per_s"], "simulated_texts_per_s": round(simulated, 1),
                "error": round(error, 4), "within_tolerance": abs(error) <= TOLERANCE,
                # How the rows spread over the encoder ranks, measured and simulated: where a short run is decided.
-               "gpu_rows_measured": sim_in.get("gpu_rows"), "gpu_rows_simulated": result.encoder_rows}
+               "gpu_rows_measured": sim_in.get("gpu_rows"), "gpu_rows_simulated": result.encoder_rows,
+               # The conductor's time per message: the real driver's CPU handling it (handler, replies sent), and
+               # what the simulation charges (the handler run live here plus the calibrated receive, scaled).
+               "conductor_us_per_message_measured": m.get("conductor", {}).get("handling_us_per_message"),
+               "conductor_us_per_message_simulated": round((result.conductor_cpu_us_per_message
+                                                            + 1e6 * rates.conductor_message_s) * rates.cpu_slowdown, 2),
+               "conductor_busy_simulated": round(result.conductor_busy, 4),
+               "subconductor_busy_simulated": round(result.subconductor_busy_max, 4)}
         rows.append(row)
         log(f"validate {m['series']} at {m['nodes']} node(s): measured {m['throughput_texts_per_s']:,.0f}, "
             f"simulated {simulated:,.0f} texts/s ({error:+.1%})")

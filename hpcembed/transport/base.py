@@ -22,12 +22,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def send(self, dest: int, message: Any) -> None:
-        """Send a small control message (pickled where it crosses processes)."""
-
-    def send_nowait(self, dest: int, message: Any) -> None:
-        """Send a control message without waiting for `dest` to take it (it may be busy for a while): for a rank
-        that serves many peers and must not stall on one. Completed by later receives and by flush()."""
-        self.send(dest, message)
+        """Send a small control message (pickled where it crosses processes) without waiting for `dest` to take
+        it: `dest` may be busy for a while, and a rank that serves many peers must not stall on one. Messages
+        from one rank to another arrive in the order sent; flush() waits until all have been taken."""
 
     @abc.abstractmethod
     def send_batch(self, dest: int, batch: TokenBatch) -> None:
@@ -48,7 +45,7 @@ class Transport(abc.ABC):
         whose batches this rank takes. Transports whose data path needs no set-up do nothing."""
 
     def flush(self) -> None:
-        """Wait until every batch this rank sent has left its buffers."""
+        """Wait until every control message and batch this rank sent has been taken or has left its buffers."""
 
     def close(self) -> None:
         """Release what the transport holds; called by every rank after the job's final barrier."""

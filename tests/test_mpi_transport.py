@@ -1,0 +1,55 @@
+"""The MPI transport's sends between two real ranks: control messages (never blocking since they became isends)
+keep their order with each other and with token batches, and nothing is lost when the receiver is busy."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from .conftest import MPI_ENV, MPIEXEC, REPO, needs_mpi
+
+pytestmark = needs_mpi
+
+SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from hpcembed.tokenize.batch import TokenBatch
+    from hpcembed.transport.mpi import MpiTransport
+    t = MpiTransport()
+    N = 300
+    if t.rank == 0:
+        start = time.perf_counter()
+        for k in range(N):
+            t.send(1, ("control", k))
+            if k % 10 == 0:
+                t.send_batch(1, TokenBatch.build([np.arange(k % 7 + 1)], [f"id{k}"], [k], k))
+        sent = time.perf_counter() - start
+        t.flush()
+        print("sent", N, "in", round(sent, 3), "s", flush=True)
+    else:
+        time.sleep(1.0)                 # busy elsewhere while rank 0 sends
+        got = []
+        while len(got) < N + N // 10:
+            envelope = t.recv(5.0)
+            assert envelope is not None, f"only {len(got)} messages came"
+            m = envelope.message
+            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
+        expected = []
+        for k in range(N):
+            expected.append(("control", k))
+            if k % 10 == 0:
+                expected.append(("batch", k))
+        assert got == expected, (got[:20], expected[:20])
+        print("order kept", flush=True)
+    t.comm.Barrier()
+""")
+
+
+def test_sends_keep_their_order_while_the_receiver_is_busy(tmp_path):
+    script = tmp_path / "order.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.run(["timeout", "120", MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True,
+                          text=True, cwd=REPO, timeout=150, env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "order kept" in proc.stdout and "sent 300" in proc.stdout, proc.stdout
