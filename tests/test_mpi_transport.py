@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
                 t.send_batch(1, TokenBatch.build([np.arange(k % 7 + 1)], [f"id{k}"], [k], k))
         sent = time.perf_counter() - start
         t.flush()
-        print("sent", N, "in", round(sent, 3), "s", flush=True)
+        open(sys.argv[1] + ".sender", "w").write(f"sent {N} in {sent:.3f} s")
     else:
         time.sleep(1.0)                 # busy elsewhere while rank 0 sends
         got = []
@@ -41,7 +41,7 @@ SCRIPT = textwrap.dedent("""
             if k % 10 == 0:
                 expected.append(("batch", k))
         assert got == expected, (got[:20], expected[:20])
-        print("order kept", flush=True)
+        open(sys.argv[1] + ".receiver", "w").write("order kept")
     t.comm.Barrier()
 """)
 
@@ -49,7 +49,9 @@ SCRIPT = textwrap.dedent("""
 def test_sends_keep_their_order_while_the_receiver_is_busy(tmp_path):
     script = tmp_path / "order.py"
     script.write_text(SCRIPT)
-    proc = subprocess.run(["timeout", "120", MPIEXEC, "-n", "2", sys.executable, str(script)], capture_output=True,
-                          text=True, cwd=REPO, timeout=150, env={**os.environ, **MPI_ENV})
+    report = tmp_path / "report"        # each rank writes its own file: mpiexec may interleave their stdout
+    proc = subprocess.run(["timeout", "120", MPIEXEC, "-n", "2", sys.executable, str(script), str(report)],
+                          capture_output=True, text=True, cwd=REPO, timeout=150, env={**os.environ, **MPI_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "order kept" in proc.stdout and "sent 300" in proc.stdout, proc.stdout
+    assert (tmp_path / "report.receiver").read_text() == "order kept"
+    assert (tmp_path / "report.sender").read_text().startswith("sent 300 in ")

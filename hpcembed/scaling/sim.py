@@ -60,7 +60,7 @@ class Simulation:
         self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}))
         self.subconductors = {s: SubConductorCore(s, self.roles) for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
-        self._small_unpickle = _unpickle_seconds(RequestUnit())
+        self._small_unpickle, self._small_pickle = _pickle_seconds(RequestUnit())
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
@@ -104,7 +104,9 @@ class Simulation:
     def _handled(self, message, handle) -> tuple[list[Send], float]:
         """A control rank's handler run on `message`: its replies, and the CPU it took here. Unpickling beyond a
         small message's (which the calibrated conductor_message_s holds) is counted too: a sub-conductor's batch
-        of commits costs its receiver more than a RequestUnit does."""
+        of commits costs its receiver more than a RequestUnit does. So is pickling the replies, as the MPI
+        transport does for each send: a grant of a block of units is a large pickle (the real conductor's time per
+        message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in)."""
         clock = time.perf_counter
         data = pickle.dumps(message)
         # Python's cyclic collector, run inside the timed section, would charge one rank's handler with a pause
@@ -116,9 +118,14 @@ class Simulation:
             t1 = clock()
             replies = handle()
             t2 = clock()
+            for _, reply in replies:
+                pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+            t3 = clock()
         finally:
             gc.enable()
-        return replies, t2 - t1 + max(0.0, t1 - t0 - self._small_unpickle)
+        # conductor_message_s holds one small message's unpickling and one small reply's pickling: only the rest.
+        return replies, (t2 - t1 + max(0.0, t1 - t0 - self._small_unpickle)
+                         + max(0.0, t3 - t2 - len(replies) * self._small_pickle))
 
     def _conductor(self):
         net, core = self.net, self.conductor
@@ -361,12 +368,16 @@ class Simulation:
             wall_seconds=time.perf_counter() - wall)
 
 
-def _unpickle_seconds(message, repeats: int = 2000) -> float:
+def _pickle_seconds(message, repeats: int = 2000) -> tuple[float, float]:
+    """Seconds to unpickle and to pickle `message`, here."""
     data = pickle.dumps(message)
     start = time.perf_counter()
     for _ in range(repeats):
         pickle.loads(data)
-    return (time.perf_counter() - start) / repeats
+    middle = time.perf_counter()
+    for _ in range(repeats):
+        pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return (middle - start) / repeats, (time.perf_counter() - middle) / repeats
 
 
 def _cut_step(window: deque, budget: int) -> list:
