@@ -56,8 +56,7 @@ def test_rehearsal_runs_every_role_and_is_marked(tmp_path):
         elif r["role"] == "encoder":
             assert r["engine"] == "rehearsal" and r["busy_seconds"] >= r["tokens"] / 2e7 * 0.99
 
-    # A real job never takes the rehearsal's output for its own.
-    write_jsonl(tmp_path / "real.jsonl", [{"id": "a", "text": "real text"}])
+    # A real job on the same input never takes the rehearsal's output for its own.
     real = run_cli("run", "--input", str(tmp_path / "in"), "--output", str(out), "--progress", "off")
     assert real.returncode == 2 and "holds the output of a different job" in real.stderr, real.stderr[-2000:]
 
