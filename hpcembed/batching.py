@@ -19,6 +19,11 @@ class TokenBudgetBatcher:
     pop measured 27M tokens/s on one core of the CPU box: no faster than the H100 it feeds.)"""
 
     READY_FRACTION = 0.5        # a batch this full (and within the budget) passes through as it is
+    # Longest-first from a window that keeps filling would leave a unit's short rows waiting to the job's end, and
+    # with them every part's completion: a CPU job of 6,000 rows committed nothing until all of it was encoded. Once
+    # this many later batches have arrived (about an encoder window's worth), the oldest batch's rows go next,
+    # longest first among themselves.
+    OVERTAKEN_AT_MOST = 8
 
     def __init__(self, max_batch_tokens: int, cost: Callable[[np.ndarray], int], pass_through: bool = False):
         """pass_through: take arriving batches that fit the budget and fill at least READY_FRACTION of it as
@@ -80,7 +85,8 @@ class TokenBudgetBatcher:
             return out
         if self._incoming:
             self._merge_incoming()
-        lengths = self._len
+        overdue = self._overdue()
+        lengths = self._len if overdue is None else self._len[overdue]
         # Sorted longest-first, so the cost of the prefix [0, n) is monotone in n: binary search the cut.
         lo, hi = 1, len(lengths)
         while lo < hi:
@@ -89,8 +95,14 @@ class TokenBudgetBatcher:
                 lo = mid
             else:
                 hi = mid - 1
-        src, row = self._src[:lo], self._row[:lo]
-        self._src, self._row, self._len = self._src[lo:], self._row[lo:], self._len[lo:]
+        if overdue is None:
+            src, row = self._src[:lo], self._row[:lo]
+            self._src, self._row, self._len = self._src[lo:], self._row[lo:], self._len[lo:]
+        else:
+            src, row = self._src[overdue[:lo]], self._row[overdue[:lo]]
+            keep = np.ones(len(self._src), dtype=bool)
+            keep[overdue[:lo]] = False
+            self._src, self._row, self._len = self._src[keep], self._row[keep], self._len[keep]
         parts, positions = [], []
         for b in np.unique(src):
             picked = np.flatnonzero(src == b)
@@ -108,6 +120,15 @@ class TokenBudgetBatcher:
         self.tokens -= out.num_tokens
         self.rows -= out.num_rows
         return out
+
+
+    def _overdue(self) -> np.ndarray | None:
+        """Positions in the sorted index of the oldest waiting batch's rows, once OVERTAKEN_AT_MOST later batches
+        have arrived; else None."""
+        oldest = next(iter(self._left), None)
+        if oldest is None or self._next_id - oldest <= self.OVERTAKEN_AT_MOST:
+            return None
+        return np.flatnonzero(self._src == oldest)
 
 
 class BatchAssembler:

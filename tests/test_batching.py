@@ -232,3 +232,19 @@ def test_pool_hands_a_failed_result_to_the_caller():
             pool.completed(wait=0.1)
     pool.close()
     assert ("result", 0) in log and pool.in_flight == 0
+
+
+def test_batcher_never_leaves_a_short_row_waiting_behind_a_stream_of_longer_ones():
+    """A padding encoder's batcher takes the longest rows first; with batches arriving all the time the short
+    rows of the first one would wait to the end of the job, and its unit's part would never complete before."""
+    batcher = TokenBudgetBatcher(64, padded_cost)
+    first_row_out = None
+    for k in range(200):
+        batcher.add(make_batch([2] + [16] * 4, first_row=10 * k)[0])     # one short row, then long ones
+        out = batcher.pop()
+        if first_row_out is None and 0 in out.rows.tolist():
+            first_row_out = k
+    assert first_row_out is not None and first_row_out <= TokenBudgetBatcher.OVERTAKEN_AT_MOST + 2, first_row_out
+    while batcher.pop() is not None:
+        pass
+    assert batcher.rows == 0 and batcher.tokens == 0

@@ -53,8 +53,14 @@ class MpiTransport(Transport):
             self._unfinished = [r for r in self._unfinished if not r.Test()]
         self._reap_at = max(_REAP_AT_LEAST, 2 * len(self._unfinished))
 
+    def _progress(self) -> None:
+        """Test the oldest send still out at every look for messages: a send past the eager limit is only sure to
+        move while its sender calls into MPI, and testing one request runs the progress engine for all."""
+        if self._unfinished and self._unfinished[0].Test():
+            self._reap()
+
     def flush(self) -> None:
-        """Wait until every control message this rank sent has been taken."""
+        """Wait until every control message this rank sent has completed."""
         while self._unfinished:
             self._reap()
             if self._unfinished:
@@ -75,6 +81,7 @@ class MpiTransport(Transport):
         spin_until = now + _SPIN_SECONDS
         status = self._status
         while True:
+            self._progress()
             data = self._poll_data()
             if data is not None:
                 return data
