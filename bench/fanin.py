@@ -104,8 +104,8 @@ def main() -> None:
                   r["conductor_cpu_us_per_message_measured"],
                   r["conductor_us_per_message_simulated"], f"{r['conductor_busy_measured']:.1%}",
                   f"{r['conductor_busy_simulated']:.1%}") for r in out],
-                ("nodes", "ranks", "measured t/s", "simulated t/s", "error", "conductor msgs", "µs/msg real", "cpu µs/msg",
-                 "µs/msg sim", "busy real", "busy sim")))
+                ("nodes", "ranks", "measured t/s", "simulated t/s", "error", "conductor msgs", "µs/msg real",
+                 "cpu µs/msg", "µs/msg sim", "busy real", "busy sim")))
     result = {"scales": scales, "tokenizers_per_node": args.tokenizers_per_node,
               "encoders_per_node": args.encoders_per_node, "unit_rows": args.unit_rows,
               "rows_per_tokenizer": args.rows_per_tokenizer, "rehearse": args.rehearse,
