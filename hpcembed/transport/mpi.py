@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -34,14 +35,14 @@ class MpiTransport(Transport):
         self.comm = comm or MPI.COMM_WORLD
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._status = MPI.Status()
-        self._unfinished: list = []         # control sends not yet complete
+        self._unfinished: deque = deque()   # control sends not yet complete, oldest first
         self._reap_at = _REAP_AT_LEAST
 
     def send(self, dest: int, message: Any) -> None:
-        # Never blocking. On the H200 box's Open MPI 4.1.6 with mpi4py 4.1.2, a blocking send of a 300-byte pickle
-        # lasted until the receiver next polled (4 ms behind a rank that polls every 5 ms; an isend took 6 µs),
-        # so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a message waiting on
-        # them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two ranks either way.
+        # Never blocking. On the H200 box's Open MPI 4.1.6 with mpi4py 4.1.2, a blocking send of a small pickle
+        # lasted until the receiver next polled (4.1 ms behind a rank that polls every 5 ms, an isend 4.3 µs:
+        # bench/send_wait.py), so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a
+        # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two ranks either way.
         self._unfinished.append(self.comm.isend(message, dest=dest, tag=CONTROL))
         if len(self._unfinished) >= self._reap_at:
             self._reap()
@@ -50,14 +51,14 @@ class MpiTransport(Transport):
         """Drop the sends that have completed; how many may wait before the next look doubles with what is
         still out, so a rank with thousands of peers does not test them all at every send."""
         if self._unfinished:
-            self._unfinished = [r for r in self._unfinished if not r.Test()]
+            self._unfinished = deque(r for r in self._unfinished if not r.Test())
         self._reap_at = max(_REAP_AT_LEAST, 2 * len(self._unfinished))
 
     def _progress(self) -> None:
         """Test the oldest send still out at every look for messages: a send past the eager limit is only sure to
         move while its sender calls into MPI, and testing one request runs the progress engine for all."""
-        if self._unfinished and self._unfinished[0].Test():
-            self._reap()
+        while self._unfinished and self._unfinished[0].Test():
+            self._unfinished.popleft()
 
     def flush(self) -> None:
         """Wait until every control message this rank sent has completed."""
