@@ -42,7 +42,8 @@ class MpiTransport(Transport):
         # Never blocking. On the H200 box's Open MPI 4.1.6 with mpi4py 4.1.2, a blocking send of a small pickle
         # lasted until the receiver next polled (4.1 ms behind a rank that polls every 5 ms, an isend 4.3 µs:
         # bench/send_wait.py), so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a
-        # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two ranks either way.
+        # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two
+        # ranks either way.
         self._unfinished.append(self.comm.isend(message, dest=dest, tag=CONTROL))
         if len(self._unfinished) >= self._reap_at:
             self._reap()
