@@ -121,6 +121,9 @@ class JobConfig:
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
     chunk_rows: int = _opt(1024, "rows a tokenizer reads and tokenizes at a time (the batches it sends are cut to "
                                  "the encoder's token budget)")
+    steal_rows: int = _opt(1024, "tail stealing: once no unit is left, a tokenizer rank without work takes the "
+                                 "second half of what another has not yet read of its unit, while each half keeps "
+                                 "at least this many rows (0: off; with sub-conductors, within each node)")
     tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one encoder rank per GPU, the rest "
                                    "tokenize; without GPUs, half of the ranks after the conductor)")
     sub_conductors: str = _opt("auto", "MPI: a sub-conductor rank on each node hands out the conductor's units to "
@@ -186,7 +189,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
 # one TOML can drive both steps of a tokenize-then-embed pipeline.
 TOKENIZE_FIELDS = ("input", "output", "model", "text_column", "id_column", "on_invalid", "overwrite",
                    "input_fingerprint", "max_seq_length", "tokenizer_backend", "unit_rows", "chunk_rows", "progress",
-                   "progress_interval")
+                   "progress_interval", "steal_rows")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -225,7 +228,7 @@ _ACCEPTS = {
 }
 # Lower bounds of the numeric options.
 _AT_LEAST = {"dedup_memory": 0, "max_seq_length": 0, "dimensions": 0, "chunk_tokens": 0, "chunk_overlap": 0,
-             "max_batch_tokens": 0, "tokenizer_ranks": 0,
+             "max_batch_tokens": 0, "tokenizer_ranks": 0, "steal_rows": 0,
              "gpu_tokens_per_s": 0,
              "progress_interval": 0.001, "window_batches": 1, "instances_per_gpu": 0, "unit_rows": 1,
              "chunk_rows": 1, "credits": 1, "calibration_rows": 2, "fp8_min_cosine": -1, "fp8_check_rows": 1}

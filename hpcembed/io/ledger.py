@@ -10,6 +10,9 @@ length, columns, unit size), then one record per event:
     shard holds now, which a chunked shard's removed ids took several rows each from)
     {"kind": "calibration", "ranges": [[min, ...], [max, ...]]}
     (int8/uint8 output: the ranges its shards are quantized with, recorded before the first commit)
+    {"kind": "split", "unit": 7, "at": 31000}
+    (tail stealing, protocol/stealing.py: unit 7 ends before row 31000, and a piece (io/sources.split_unit) holds
+    the rest; recorded before either is committed, and applied in order to a resumed job's plan)
 The shards' sizes and checksums let a rerun verify the output before trusting it (io/writer.py).
 On an object store, which cannot append, `_ledger.jsonl` holds the header and the records of the last compaction,
 and later records go to segment objects `_ledger.jsonl.<generation>.<n>`, one per flush, read in order of n up to
@@ -84,6 +87,7 @@ class LedgerState:
     header_rejects: list[dict]      # files found unreadable when the job was planned (--on-invalid skip)
     units: dict[int, CommittedUnit]
     ranges: list | None = None      # int8/uint8 output's calibration ranges [2][dim]
+    splits: list = field(default_factory=list)     # [unit, cut] of each split, in the order made
 
     @property
     def rows(self) -> int:
@@ -180,6 +184,8 @@ class Ledger:
                 state.units[rec["unit"]] = CommittedUnit.from_record(rec)
             elif rec["kind"] == "calibration":
                 state.ranges = rec["ranges"]
+            elif rec["kind"] == "split":
+                state.splits.append([rec["unit"], rec["at"]])
             elif rec["kind"] == "drop":
                 unit = state.units.get(rec["unit"])
                 if unit is not None and rec["shard"] in unit.shards:
@@ -202,6 +208,7 @@ class Ledger:
         lines = [json.dumps(header, ensure_ascii=False) + "\n"]
         if state.ranges is not None:
             lines.append(self._calibration_line(state.ranges))
+        lines += [self._split_line(unit, cut) for unit, cut in state.splits]
         lines += [self.unit_line(state.units[unit]) for unit in sorted(state.units)]
         self.dir.write(LEDGER, "".join(lines).encode())
         if not self.dir.appendable:
@@ -218,6 +225,13 @@ class Ledger:
     @staticmethod
     def _calibration_line(ranges: list) -> str:
         return json.dumps({"kind": "calibration", "ranges": ranges}) + "\n"
+
+    @staticmethod
+    def _split_line(unit: int, cut: int) -> str:
+        return json.dumps({"kind": "split", "unit": unit, "at": cut}) + "\n"
+
+    def record_split(self, unit: int, cut: int) -> None:
+        self._append(self._split_line(unit, cut))
 
     def record_calibration(self, ranges: list) -> None:
         self._append(self._calibration_line(ranges))

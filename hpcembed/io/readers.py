@@ -32,6 +32,14 @@ class RowChunk:
     rejects: list[InputError] = field(default_factory=list)
     tokens: pa.ListArray | None = None   # list<int32> token ids per row, from a token directory
 
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """The first and last row the chunk holds, valid or rejected (None: it holds none)."""
+        rows = [e.row for e in self.rejects if e.row is not None]
+        if len(self.rows):
+            rows += [int(self.rows[0]), int(self.rows[-1])]
+        return (min(rows), max(rows)) if rows else None
+
     def take(self, keep: np.ndarray) -> "RowChunk":
         return RowChunk(self.rows[keep], [self.ids[k] for k in keep],
                         [self.texts[k] for k in keep] if self.texts else [], [],
@@ -46,11 +54,31 @@ class Columns:
     token_limits: tuple[int, int] | None = None
 
 
+def clip_rows(chunk: RowChunk, start: int, stop: int) -> tuple[RowChunk | None, bool]:
+    """The chunk's rows (and rejects) within [start, stop), None if it has none; and whether it reached `stop`."""
+    if chunk.span is None:
+        return None, False
+    low, high = chunk.span
+    if low >= start and high < stop:
+        return chunk, False
+    keep = np.flatnonzero((chunk.rows >= start) & (chunk.rows < stop))
+    clipped = chunk.take(keep)
+    clipped.rejects = [e for e in chunk.rejects if e.row is None or start <= e.row < stop]
+    return (clipped if len(keep) or clipped.rejects else None), high >= stop
+
+
 def read_unit(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[RowChunk]:
+    """The unit's rows in chunks. Readers that cannot seek to row_start (CSV, gzip, token shards, a piece's rows
+    within a row group) read from where they can, and the rows outside the unit are dropped here."""
     reader = {"parquet": _read_parquet, "jsonl": _read_jsonl, "jsonl.gz": _read_jsonl,
               "text": _read_text, "csv": _read_csv, "tokens": _read_tokens}[unit.file.format]
     try:
-        yield from reader(unit, columns, chunk_rows)
+        for chunk in reader(unit, columns, chunk_rows):
+            chunk, past = clip_rows(chunk, unit.row_start, unit.row_stop)
+            if chunk is not None:
+                yield chunk
+            if past:
+                return
     except InputError:
         raise
     except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
@@ -72,7 +100,11 @@ def _lines(unit: WorkUnit, chunk_rows: int) -> Iterator[tuple[int, list[bytes]]]
         fh = location.open_input(unit.file.path)
         fh.seek(unit.byte_start)
     with fh:
-        row = unit.row_start
+        row = unit.first_read_row
+        while row < unit.row_start:         # a piece of a split unit: skip to its first row, undecoded
+            if not fh.readline():
+                return
+            row += 1
         batch: list[bytes] = []
         for line in fh:
             if row + len(batch) >= unit.row_stop:
@@ -258,8 +290,10 @@ def _read_parquet(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator
         raise InputError(unit.file.path, f"text column {columns.text!r} has type {text_type}, expected string")
     id_name = _pick_id_column(unit, schema.names, columns)
     wanted = [columns.text] + ([id_name] if id_name else [])
-    first = unit.row_start
-    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=list(unit.row_groups), columns=wanted,
+    first, groups = unit.first_read_row, list(unit.row_groups)
+    while len(groups) > 1 and first + pf.metadata.row_group(groups[0]).num_rows <= unit.row_start:
+        first += pf.metadata.row_group(groups.pop(0)).num_rows      # a piece: its rows start in a later group
+    for batch in pf.iter_batches(batch_size=chunk_rows, row_groups=groups, columns=wanted,
                                  use_threads=False):
         yield _column_chunks(unit, batch.column(columns.text), batch.column(id_name) if id_name else None, first)
         first += batch.num_rows

@@ -5,6 +5,11 @@ Parquet can read without decoding its neighbours). Plain .jsonl and .txt files a
 so units can seek straight to their first byte. Gzipped JSONL and CSV cannot be split safely without decoding
 from the start (CSV values may hold quoted newlines), so each such file is one unit: shard them upstream.
 A token directory (io/tokens.py, `hpcembed tokenize`) given as input stands for its shards, one unit each.
+
+Near the end of a job a unit being read may be split at a row boundary (tail stealing, protocol/stealing.py): its
+reader keeps the rows before the cut, and the rest becomes a piece, a unit of its own numbered by where it
+starts (piece_number), which reads from the same place in the file as the unit it came from and skips to its
+first row. The ledger records each split, and a resumed job applies them to its plan (Plan.split).
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import glob
 import gzip
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +29,7 @@ from . import location
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
            ".jsonl.gz": "jsonl.gz", ".ndjson.gz": "jsonl.gz", ".csv": "csv", ".txt": "text", ".text": "text"}
 SCAN_BLOCK = 16 << 20
+PIECE_ROWS = 1 << 40        # a piece's number: (its file's index + 1) * PIECE_ROWS + its first row
 
 
 def _strip_format(name: str) -> str:
@@ -47,7 +53,8 @@ class InputFile:
 
 @dataclass(frozen=True)
 class WorkUnit:
-    """Rows [row_start, row_stop) of one input file. byte_start lets line formats seek directly."""
+    """Rows [row_start, row_stop) of one input file. byte_start lets line formats seek directly, to the row
+    `seek_row` (-1: row_start); a piece of a split unit seeks where the unit did and skips to its own rows."""
 
     unit: int
     file: InputFile
@@ -55,10 +62,30 @@ class WorkUnit:
     row_stop: int
     byte_start: int = 0
     row_groups: tuple[int, ...] = ()
+    seek_row: int = -1
 
     @property
     def rows(self) -> int:
         return self.row_stop - self.row_start
+
+    @property
+    def first_read_row(self) -> int:
+        """The row that byte_start (or the first of row_groups) is the start of."""
+        return self.row_start if self.seek_row < 0 else self.seek_row
+
+
+def piece_number(unit: WorkUnit, cut: int) -> int:
+    """The number of the piece of `unit` from row `cut` on: the same wherever and however often the unit is split,
+    and unlike any planned unit's or any other piece's."""
+    return (unit.file.index + 1) * PIECE_ROWS + cut
+
+
+def split_unit(unit: WorkUnit, cut: int) -> tuple[WorkUnit, WorkUnit]:
+    """`unit` as its rows before `cut`, and the piece from `cut` on."""
+    if not unit.row_start < cut < unit.row_stop:
+        raise ValueError(f"cannot split unit {unit.unit} (rows {unit.row_start}-{unit.row_stop - 1}) at row {cut}")
+    piece = replace(unit, unit=piece_number(unit, cut), row_start=cut, seek_row=unit.first_read_row)
+    return replace(unit, row_stop=cut), piece
 
 
 @dataclass
@@ -67,10 +94,25 @@ class Plan:
     file_rows: dict[int, int]
     units: list[WorkUnit]
     unreadable: list[InputError]   # files skipped under --on-invalid skip
+    _index: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)   # unit -> position
 
     @property
     def total_rows(self) -> int:
         return sum(self.file_rows.values())
+
+    def split(self, number: int, cut: int) -> tuple[WorkUnit, WorkUnit]:
+        """Split unit `number` at row `cut` (a split the ledger recorded, or one made now): the unit keeps the rows
+        before it, and the piece, added to the plan, has the rest. Both are returned."""
+        index = self._index
+        if len(index) != len(self.units):
+            index = self._index = {u.unit: k for k, u in enumerate(self.units)}
+        if number not in index:
+            raise ValueError(f"no unit {number} in the plan to split")
+        head, piece = split_unit(self.units[index[number]], cut)
+        self.units[index[number]] = head
+        index[piece.unit] = len(self.units)
+        self.units.append(piece)
+        return head, piece
 
 
 def format_of(path: str) -> str | None:

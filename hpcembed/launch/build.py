@@ -52,7 +52,7 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
     # Each tokenizer checks its share of the shards earlier runs committed against the new rows.
     index = roles.tokenizers.index(transport.rank)
     share = committed_shards[index:: len(roles.tokenizers)]
-    return TokenizerRank(transport, TokenizerCore(transport.rank, roles), backend,
+    return TokenizerRank(transport, TokenizerCore(transport.rank, roles, cfg.steal_rows), backend,
                          _columns(cfg, spec),
                          cfg.chunk_rows, cfg.on_invalid == "skip",
                          kind.sink(cfg.output), peers, share,

@@ -58,7 +58,7 @@ def _run(cfg: JobConfig, kind: JobKind, setup, device: str) -> dict:
     conductor_t = network.endpoint(0)
     progress = Progress(setup.plan.total_rows, cfg.progress, cfg.progress_interval, setup.rows_resumed)
     core = ConductorCore(roles, setup.plan, setup.output, setup.output.ledger(), setup.resumed,
-                         skip_invalid=cfg.on_invalid == "skip", progress=progress)
+                         skip_invalid=cfg.on_invalid == "skip", progress=progress, steal_rows=cfg.steal_rows)
     try:
         result = run_conductor(core, conductor_t, progress)
     except BaseException as exc:

@@ -90,7 +90,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
     if role == "conductor":
         manifest = _run_conductor(cfg, transport, plan, ranks, setup)
     elif role == "subconductor":
-        core = SubConductorCore(rank, plan.roles)
+        core = SubConductorCore(rank, plan.roles, steal_rows=cfg.steal_rows)
         run_role(role, transport, plan.roles.conductor, lambda: run_subconductor(core, transport))
     elif role != "idle":
         _run_worker(cfg, kind, transport, plan, ranks, role, role_comm, early, startup)
@@ -248,7 +248,7 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
     start = time.process_time()
     core = ConductorCore(roles, setup.plan, setup.output, setup.output.ledger(), setup.resumed,
                          skip_invalid=cfg.on_invalid == "skip", name_ranks=True, progress=progress,
-                         ranges_due=bool(plan.calibration))
+                         ranges_due=bool(plan.calibration), steal_rows=cfg.steal_rows)
     try:
         result = run_conductor(core, transport, progress)
         me = ControlStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start,

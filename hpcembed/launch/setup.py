@@ -165,6 +165,8 @@ def prepare(cfg: JobConfig, kind: JobKind, device: str) -> JobSetup:
     # Before the output is opened: a refused --reuse leaves it as it was, even under --overwrite.
     reuse = _plan_reuse(cfg, output, identity, seed) if kind.has_encoders else []
     status, resumed = output.open(fingerprint, [e.as_reject() for e in plan.unreadable], cfg.overwrite)
+    for unit, cut in resumed.splits:        # tail stealing's splits of the earlier runs (protocol/stealing.py)
+        plan.split(unit, cut)
     log.info("%d input files, %s rows in %d work units; %s", len(files), f"{plan.total_rows:,}", len(plan.units),
              kind.describe(spec, tokenizer))
     if status == "resume":
@@ -206,8 +208,9 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
                     "row_digest": {"algorithm": "xxh3-128", "seed": setup.digest_seed, "of": setup.digest_of},
                     "dedup": dedup}
                    if setup.kind.has_encoders else {})},
-        settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "credits": cfg.credits,
-                  "window_batches": cfg.window_batches, "instances_per_gpu": cfg.instances_per_gpu,
+        settings={"unit_rows": cfg.unit_rows, "chunk_rows": cfg.chunk_rows, "steal_rows": cfg.steal_rows,
+                  "credits": cfg.credits, "window_batches": cfg.window_batches,
+                  "instances_per_gpu": cfg.instances_per_gpu,
                   "max_batch_tokens": cfg.max_batch_tokens or None,
                   # What tokenizer batches were cut to (scaling/sim.py replays a run with it).
                   "tokenizer_batch_tokens": cfg.batch_tokens_for(device) if setup.kind.has_encoders else 0},

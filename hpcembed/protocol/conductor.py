@@ -17,6 +17,9 @@ towards the end so that no node sits on the last units), applies the commit rule
 and sends the complete ones here in batches (UnitsCommitted). This core writes them to the ledger, one write per
 batch: the ledger and the rejects file stay rank 0's alone, so resume is unchanged.
 
+Tail stealing (protocol/stealing.py): once no unit is left to hand out, a tokenizer rank that asks for one gets a
+piece of a unit another rank is reading, split off for it; the split is in the ledger before the piece is out.
+
 Graceful stop (a signal, or a StopRequested from a rank that got one): no more units are handed out, tokenizers
 are told to abandon the unit they are reading (Drain), and the job ends once what is in flight is committed, with
 the partial units discarded: the next run redoes them.
@@ -36,7 +39,8 @@ from ..manifest import JobResult, RankStats
 from ..topology import RoleMap
 from .messages import (AssignUnit, Calibrated, Drain, DropIds, DuplicateRows, Failure, NoMoreUnits, PartRewritten,
                        PartWritten, RankReport, RankReports, Release, RequestUnit, RequestUnits, Send, Stop,
-                       StopRequested, UnitGrant, UnitRead, UnitsCommitted)
+                       StopRequested, UnitGrant, UnitRead, UnitsCommitted, UnitSplit)
+from .stealing import Stealing
 
 log = logging.getLogger("hpcembed")
 
@@ -70,11 +74,14 @@ class UnitParts:
 
 class ConductorCore:
     def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
-                 skip_invalid: bool = False, name_ranks: bool = False, progress=None, ranges_due: bool = False):
+                 skip_invalid: bool = False, name_ranks: bool = False, progress=None, ranges_due: bool = False,
+                 steal_rows: int = 0):
         """`progress`: anything with update(rows, tokens), told of each written part's tokens and each committed
         unit's rows; `name_ranks`: failures name the rank they came from (an MPI job; one process has no ranks to
         name); `ranges_due`: int8/uint8 output whose ranges the encoder ranks will send (Calibrated). A
-        sub-conductor's commits, which take another path than the encoder ranks' Calibrated, wait for them."""
+        sub-conductor's commits, which take another path than the encoder ranks' Calibrated, wait for them.
+        `steal_rows`: tail stealing's least rows per half of a split (0: none). `plan` already has the splits of
+        the resumed units applied (Plan.split); the ones made now are added to it."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
         self.done: dict[int, CommittedUnit | RecordedUnit] = dict(resumed.units)
@@ -97,6 +104,7 @@ class ConductorCore:
         self.stop_reason = ""           # a signal's name: set by poll() or a StopRequested
         self.draining = self.stop_sent = False
         self._next_encoder = 0
+        self.stealing = Stealing(steal_rows)
 
     # --- state the drivers read -------------------------------------------------------------------------------
     @property
@@ -135,7 +143,15 @@ class ConductorCore:
     # --- entry points -----------------------------------------------------------------------------------------
     def handle(self, source: int, message) -> list[Send]:
         if isinstance(message, RequestUnit):
-            return [Send(source, AssignUnit(self.pending.popleft()) if self.pending else NoMoreUnits())]
+            if self.pending:
+                unit = self.pending.popleft()
+                self.stealing.handed(source, unit)
+                return [Send(source, AssignUnit(unit))]
+            if self.stealing.min_rows and not self.draining:
+                return self.stealing.wanting(source)
+            return [Send(source, NoMoreUnits())]
+        if isinstance(message, UnitSplit):
+            return self._split(source, message)
         if isinstance(message, RequestUnits):
             return [Send(source, self._grant(message.count))]
         if isinstance(message, UnitsCommitted):
@@ -145,7 +161,7 @@ class ConductorCore:
             return self._committed(message)
         if isinstance(message, UnitRead):
             self.units.setdefault(message.unit, UnitParts()).read = message
-            return self._commit_if_done(message.unit)
+            return self._commit_if_done(message.unit) + self.stealing.read(message.unit)
         if isinstance(message, PartWritten):
             self.units.setdefault(message.unit, UnitParts()).written[source] = message
             self.tokens += message.tokens
@@ -169,6 +185,9 @@ class ConductorCore:
             return []
         if isinstance(message, RankReport):
             self.reports[source] = message.stats
+            if self.stealing.owes(source):         # released once its answer to a SplitUnit is in
+                self.stealing.deferred.add(source)
+                return []
             self.tokenizers_left.discard(source)
             return [Send(source, Release())] if self.roles.role_of(source) == "tokenizer" else []
         if isinstance(message, RankReports):
@@ -189,6 +208,7 @@ class ConductorCore:
             log.info("stopping: %d of %d units committed; abandoning the units being read", len(self.done),
                      len(self.plan.units))
             self.pending.clear()
+            self.stealing.stop()
             out += [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
         if self.draining:
             self.drops.clear()          # their units are uncommitted: the next run redoes them
@@ -198,6 +218,20 @@ class ConductorCore:
             out += [Send(e, Stop(drain=self.draining)) for e in self.roles.encoders]
             self.stop_sent = True
         return out
+
+    # --- tail stealing ---------------------------------------------------------------------------------------
+    def _split(self, source: int, message: UnitSplit) -> list[Send]:
+        out, release = self.stealing.answered(source, message, lambda unit, cut, _: self._add_split(unit, cut),
+                                              self.draining)
+        if release:
+            self.tokenizers_left.discard(source)
+            out.append(Send(source, Release()))
+        return out
+
+    def _add_split(self, unit: int, cut: int) -> None:
+        self.ledger.record_split(unit, cut)
+        head, piece = self.plan.split(unit, cut)
+        self.plan_units[unit], self.plan_units[piece.unit] = head, piece
 
     # --- grants and batched commits from sub-conductors ---------------------------------------------------------
     def _grant(self, count: int) -> UnitGrant:
@@ -215,6 +249,8 @@ class ConductorCore:
         return record
 
     def _committed(self, message: UnitsCommitted) -> list[Send]:
+        for unit, cut in message.splits:       # before the commits, which may be of the split units
+            self._add_split(unit, cut)
         # Ledger first: a reject line without its ledger record is rebuilt away on resume.
         self.ledger.append_lines(message.lines)
         self.output.append_rejects(message.rejects)

@@ -1,9 +1,11 @@
 """Control messages between roles. All are small; token data travels only as TokenBatch.
 
     tokenizer -> conductor   RequestUnit, UnitRead, DuplicateRows, StopRequested, RankReport, Failure
-    conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release
+    conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release, SplitUnit
                              (Drain: abandon the unit being read, a graceful stop; Release: the last message a
-                             tokenizer gets, so none is left unreceived when MPI finalizes)
+                             tokenizer gets, so none is left unreceived when MPI finalizes; SplitUnit: give up
+                             the second half of what is left of a unit, for an idle rank: protocol/stealing.py)
+    tokenizer -> conductor   UnitSplit             (the answer: where the unit was cut, and the piece after it)
     encoder   -> tokenizer   Credit                (flow control: one credit = one batch in flight)
     tokenizer -> encoder     TokenBatch, UnitEnd   (UnitEnd: how many rows of a unit this encoder was sent)
     tokenizer -> encoder     Claim, References     (--dedup, roles/dedup.py: which of these digests are new;
@@ -20,7 +22,7 @@ With sub-conductors (protocol/subconductor.py), a tokenizer rank sends RequestUn
 sub-conductor, and an encoder rank a unit's PartWritten to the sub-conductor of the tokenizer that read the unit:
     sub-conductor -> conductor   RequestUnits, UnitsCommitted, RankReports, Failure
     conductor -> sub-conductor   UnitGrant, Drain, Release
-    sub-conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release
+    sub-conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release, SplitUnit
 Everything else still goes to the conductor (rank 0).
 """
 from __future__ import annotations
@@ -75,12 +77,27 @@ class UnitsCommitted:
     counts: array                   # per unit: its number, the rows its shards hold, the rows rejected ('q')
     rejects: list[dict]             # the units' rejects, for the rejects file
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
+    splits: list = field(default_factory=list)      # [unit, cut] of each split since the last, in order
 
 
 @dataclass
 class RankReports:
     """A sub-conductor's last message: its tokenizer ranks' reports and its own."""
     stats: list                     # [RankStats]
+
+
+@dataclass
+class SplitUnit:
+    unit: int
+
+
+@dataclass
+class UnitSplit:
+    """The answer to SplitUnit: `piece` (rows `cut` to the unit's end) for an idle rank, or None: the unit is
+    done, or too little of it is left to split."""
+    unit: int
+    cut: int = -1
+    piece: WorkUnit | None = None
 
 
 @dataclass

@@ -10,6 +10,8 @@ than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves
     conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
     `commit_seconds`, or at once when nothing else is in flight. A unit is committed only when the conductor
     writes its record, so a sub-conductor that dies loses nothing that was committed;
+  - tail stealing (protocol/stealing.py) among its tokenizers once the conductor has no more units: the splits
+    go to the conductor in the next UnitsCommitted, ahead of the commits it carries;
   - the end: it releases its tokenizers when they report, and reports them and itself in one message (RankReports)
     once every unit it knows of is committed and sent on; a Drain from the conductor is passed to its tokenizers.
 It sends nothing itself: `handle` and `poll` return the messages, with the time passed in by the driver
@@ -26,7 +28,8 @@ from ..manifest import RankStats
 from ..topology import RoleMap
 from .conductor import UnitParts
 from .messages import (AssignUnit, Drain, NoMoreUnits, PartWritten, RankReport, RankReports, Release, RequestUnit,
-                       RequestUnits, Send, UnitGrant, UnitRead, UnitsCommitted)
+                       RequestUnits, Send, UnitGrant, UnitRead, UnitsCommitted, UnitSplit)
+from .stealing import Stealing
 
 COMMIT_BATCH = 64           # units per UnitsCommitted at most
 COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on
@@ -34,7 +37,7 @@ COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it i
 
 class SubConductorCore:
     def __init__(self, rank: int, roles: RoleMap, commit_batch: int = COMMIT_BATCH,
-                 commit_seconds: float = COMMIT_SECONDS):
+                 commit_seconds: float = COMMIT_SECONDS, steal_rows: int = 0):
         self.rank, self.roles = rank, roles
         self.conductor = roles.conductor
         self.tokenizers = roles.tokenizers_under(rank)
@@ -50,6 +53,8 @@ class SubConductorCore:
         self.tokenizers_left = set(self.tokenizers)
         self.reports: list[RankStats] = []
         self.units_committed = self.batches_sent = 0
+        self.stealing = Stealing(steal_rows)
+        self.splits: list[list[int]] = []              # [unit, cut] of splits not yet sent on
 
     @property
     def ready_to_report(self) -> bool:
@@ -85,15 +90,21 @@ class SubConductorCore:
                 parts.written[source] = message
                 self.tokens += message.tokens
             self._complete_if_done(message.unit, now)
-            return []
+            return self.stealing.read(message.unit) if isinstance(message, UnitRead) else []
+        if isinstance(message, UnitSplit):
+            return self._split(source, message)
         if isinstance(message, RankReport):
             self.reports.append(message.stats)
+            if self.stealing.owes(source):         # released once its answer to a SplitUnit is in
+                self.stealing.deferred.add(source)
+                return []
             self.tokenizers_left.discard(source)
             return [Send(source, Release())]
         if isinstance(message, Drain):
             self.draining = self.no_more = True
             self.stock.clear()
             self.asking.clear()         # the Drain answers them
+            self.stealing.stop()
             return [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
         if isinstance(message, Release):
             self.released = True
@@ -110,7 +121,9 @@ class SubConductorCore:
             return []
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
         out = [Send(self.conductor, UnitsCommitted([Ledger.unit_line(u) for u in self.complete], counts,
-                                                   [r for u in self.complete for r in u.rejects], self.tokens))]
+                                                   [r for u in self.complete for r in u.rejects], self.tokens,
+                                                   self.splits))]
+        self.splits = []
         self.units_committed += len(self.complete)
         self.batches_sent += 1
         self.complete, self.tokens = [], 0
@@ -125,7 +138,14 @@ class SubConductorCore:
         out: list[Send] = []
         while self.asking and (self.stock or self.no_more):
             tokenizer = self.asking.popleft()
-            out.append(Send(tokenizer, AssignUnit(self.stock.popleft()) if self.stock else NoMoreUnits()))
+            if self.stock:
+                unit = self.stock.popleft()
+                self.stealing.handed(tokenizer, unit)
+                out.append(Send(tokenizer, AssignUnit(unit)))
+            elif self.stealing.min_rows and not self.draining:
+                out += self.stealing.wanting(tokenizer)
+            else:
+                out.append(Send(tokenizer, NoMoreUnits()))
         # Ask for the next block while a few units are left, so a tokenizer seldom waits for the round trip.
         if not self.asked and not self.no_more and len(self.stock) < max(1, self.block // 2):
             self.asked = True
@@ -134,6 +154,17 @@ class SubConductorCore:
             if isinstance(send.message, AssignUnit):
                 self.units[send.message.unit.unit] = UnitParts()
         return out
+
+    def _split(self, source: int, message: UnitSplit) -> list[Send]:
+        out, release = self.stealing.answered(source, message, self._add_split, self.draining)
+        if release:
+            self.tokenizers_left.discard(source)
+            out.append(Send(source, Release()))
+        return out
+
+    def _add_split(self, unit: int, cut: int, piece: WorkUnit) -> None:
+        self.splits.append([unit, cut])
+        self.units[piece.unit] = UnitParts()
 
     def _complete_if_done(self, unit: int, now: float) -> None:
         parts = self.units[unit]

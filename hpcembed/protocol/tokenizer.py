@@ -7,6 +7,11 @@ stays bounded whatever the speed difference. Each encoder rank sends one initial
 batch it took, so this rank knows exactly how many Credit messages it is owed, and leaves only when all came (an
 MPI message still unreceived at MPI_Finalize kills the whole world under MPICH).
 
+Tail stealing (protocol/stealing.py), this side: asked to split a unit (SplitUnit), the rank cuts what it has not
+read yet in two at a row boundary past the rows in hand (`position`, which the driver moves on as it reads), keeps
+the first half and answers with the rest as a piece (UnitSplit); a unit not yet begun is cut in the middle. It
+refuses when a half would have fewer than `steal_rows` rows, or when the unit is already read.
+
 Routing: each batch goes to the linked encoder rank with the most free credit, staying with the previous one on
 ties so that a unit's rows land in few shards.
 """
@@ -15,10 +20,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..io.sources import WorkUnit
+from ..io.sources import WorkUnit, split_unit
 from ..topology import RoleMap
-from .messages import (AssignUnit, Credit, Drain, NoMoreUnits, RankReport, Release, RequestUnit, Send, UnitEnd,
-                       UnitRead)
+from .messages import (AssignUnit, Credit, Drain, NoMoreUnits, RankReport, Release, RequestUnit, Send, SplitUnit,
+                       UnitEnd, UnitRead, UnitSplit)
 
 
 @dataclass
@@ -32,8 +37,8 @@ class UnitProgress:
 
 
 class TokenizerCore:
-    def __init__(self, rank: int, roles: RoleMap):
-        self.rank, self.roles = rank, roles
+    def __init__(self, rank: int, roles: RoleMap, steal_rows: int = 0):
+        self.rank, self.roles, self.steal_rows = rank, roles, steal_rows
         self.conductor = roles.conductor_of(rank)           # the conductor, or this host's sub-conductor
         self.encoders = roles.encoders_of(rank)
         self.credits = {e: 0 for e in self.encoders}
@@ -42,6 +47,8 @@ class TokenizerCore:
         self.assigned: deque[WorkUnit] = deque()
         self.no_more = self.draining = self.released = False
         self.rows = self.tokens = 0
+        self.reading: WorkUnit | None = None    # the unit being read: its row_stop moves up if it is split
+        self.position = 0                       # the first row of it not yet in hand
 
     # --- state the driver reads -------------------------------------------------------------------------------
     @property
@@ -71,6 +78,8 @@ class TokenizerCore:
             self.assigned.clear()
         elif isinstance(message, Release):
             self.released = True
+        elif isinstance(message, SplitUnit):
+            return [Send(source, self._split(message.unit))]
         else:
             raise RuntimeError(f"tokenizer rank {self.rank} got unexpected {type(message).__name__}")
         return []
@@ -80,7 +89,26 @@ class TokenizerCore:
         when this one is done (hides the round trip)."""
         if not self.assigned:
             return None, []
-        return self.assigned.popleft(), [Send(self.conductor, RequestUnit())]
+        self.reading = self.assigned.popleft()
+        self.position = self.reading.row_start
+        return self.reading, [Send(self.conductor, RequestUnit())]
+
+    def _split(self, number: int) -> UnitSplit:
+        if self.draining:
+            return UnitSplit(number)
+        if self.reading is not None and self.reading.unit == number:
+            left = self.reading.row_stop - self.position
+            if self.steal_rows <= 0 or left < 2 * self.steal_rows:
+                return UnitSplit(number)
+            self.reading, piece = split_unit(self.reading, self.position + left // 2)
+            return UnitSplit(number, piece.row_start, piece)
+        for k, unit in enumerate(self.assigned):
+            if unit.unit == number:
+                if self.steal_rows <= 0 or unit.rows < 2 * self.steal_rows:
+                    break
+                self.assigned[k], piece = split_unit(unit, unit.row_start + unit.rows // 2)
+                return UnitSplit(number, piece.row_start, piece)
+        return UnitSplit(number)
 
     def route(self, progress: UnitProgress, owner: int | None = None) -> int | None:
         """The encoder rank for the next batch of this unit; None while no linked rank has free credit. `owner`:
@@ -114,7 +142,8 @@ class TokenizerCore:
 
     def unit_read(self, unit: WorkUnit, progress: UnitProgress) -> list[Send]:
         """Every row of the unit is sent (or rejected): tell each encoder rank how many rows it got, and the
-        conductor where they all went."""
+        conductor where they all went. `unit`: as it was read (a split shortened it: `reading`)."""
+        self.reading = None
         self.tokens += progress.tokens
         ends = [Send(e, UnitEnd(unit.unit, rows)) for e, rows in progress.sent.items() if e in self.credits]
         return ends + [Send(self.conductor, UnitRead(unit.unit, progress.sent, progress.tokens,

@@ -21,7 +21,7 @@ from ..batching import BatchAssembler
 from ..errors import InputError
 from ..io.digest import file_digest, row_digests, text_digests
 from ..io.ids import IdRegistry, SoloAlltoall, find_cross_duplicates
-from ..io.readers import Columns, RowChunk, read_unit
+from ..io.readers import Columns, RowChunk, clip_rows, read_unit
 from ..io.sources import WorkUnit
 from ..io.tokens import TokenShardWriter, token_shard_name
 from ..io.writer import shard_ids
@@ -205,6 +205,9 @@ class TokenizerRank:
             raise _Abandoned()
 
     def _process(self, unit: WorkUnit) -> None:
+        """Read, tokenize and send the unit; it may be split while it is read (tail stealing): its rows from the
+        cut on are another rank's, and what this rank reports is the unit as the core holds it at the end."""
+        core = self.core
         progress = UnitProgress()
         try:
             chunks = read_unit(unit, self.columns, self.chunk_rows)
@@ -213,16 +216,28 @@ class TokenizerRank:
                 chunk = next(chunks, None)
                 self.other["read"] += time.perf_counter() - reading
                 if chunk is None:
+                    core.position = core.reading.row_stop
                     break
-                self._check_stop()
+                chunk, past = clip_rows(chunk, unit.row_start, core.reading.row_stop)
+                if chunk is None:
+                    if past:
+                        break
+                    continue
+                core.position = chunk.span[1] + 1
+                self._check_stop()          # a SplitUnit taken here cuts after the rows in hand
                 self._send_chunk(unit, chunk, progress)
+                if past:
+                    break
+            unit = core.reading
             self._send_rest(unit, progress)
         except _Abandoned:
             log.debug("rank %d: abandoned unit %d (graceful stop)", self.transport.rank, unit.unit)
+            core.reading = None
             self._clear()
             self.sink.unit_abandoned(unit)
             return
         except InputError as exc:
+            unit = core.reading
             # The file itself is bad (corrupt, missing column): the rows not yet read are rejected together.
             if not self.skip_invalid:
                 self._clear()

@@ -63,6 +63,9 @@ class JobShape:
     max_batch_tokens: int = 262144          # one encoder batch (config.default_batch_tokens: cuda 262144, cpu 2048)
     window_batches: int = 8                 # the encoder rank's window, in encoder batches (protocol/encoder.py)
     instances: int = 2                      # encoder instances per encoder rank; each queues 2 batches (InstancePool)
+    # Tail stealing (protocol/stealing.py): the least rows each half of a split keeps; 0, as in runs measured
+    # before it was built, for none.
+    steal_rows: int = 0
 
 
 @dataclass

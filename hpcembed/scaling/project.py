@@ -37,7 +37,7 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
         job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], unit_sizes=sim_in.get("unit_sizes"),
                        chunk_rows=sim_in["chunk_rows"], credits=sim_in["credits"],
                        **{k: sim_in[k] for k in ("max_batch_tokens", "window_batches", "instances",
-                                                  "tokenizer_batch_tokens") if k in sim_in})
+                                                  "tokenizer_batch_tokens", "steal_rows") if k in sim_in})
         result = simulate(m["nodes"], shape, job, rates, start_offsets=sim_in.get("start_offsets_s"))
         simulated = result.throughput_texts_per_s
         error = simulated / m["throughput_texts_per_s"] - 1
@@ -61,10 +61,12 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
-            job_rows: int = 0, tokenizer_batch_tokens: int | None = None, log=print) -> list[dict]:
+            job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 1024,
+            log=print) -> list[dict]:
     """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
     `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
-    included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3)."""
+    included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3);
+    `steal_rows`: tail stealing's, as `hpcembed run --steal-rows` (0: none)."""
     rates = rates_from(calibration, network)
     shape = node or node_from(calibration)
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
@@ -73,7 +75,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     if tokenizer_batch_tokens is not None:
         settings["tokenizer_batch_tokens"] = tokenizer_batch_tokens
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
-                   chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"], **settings)
+                   chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
+                   steal_rows=steal_rows, **settings)
     out, base, whole_base = [], None, None
     for n in nodes:
         result = simulate(n, shape, job, rates)
@@ -98,7 +101,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
                                                                                       * result.tokenizer_ranks), 4),
             "job_texts_per_s": round(result.throughput_texts_per_s, 1),
             "job_efficiency": round(result.throughput_texts_per_s / (n * base.throughput_texts_per_s / base.nodes), 4),
-            "source": "projected", "network": network, "unit_rows": unit_rows, "rows": result.rows,
+            "source": "projected", "network": network, "unit_rows": unit_rows, "steal_rows": steal_rows,
+            "rows": result.rows,
             "units": result.units, "makespan_s": round(result.makespan_s, 3), "tail_s": round(result.tail_s, 3),
             "losses": {
                 "network": None if network_loss is None else round(network_loss, 4),
@@ -150,7 +154,8 @@ def _rows_for(target: float, ideal: float, steady: float, lost: float) -> int | 
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
-                 job_rows: int = 0, tokenizer_batch_tokens: int | None = None, log=print) -> dict:
+                 job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 1024,
+                 log=print) -> dict:
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
     measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
@@ -167,7 +172,7 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     # then results.json and the report say "validated": false beside every projected row.
     if not failed or allow_unvalidated:
         result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows, node,
-                                 network_ablation_up_to, job_rows, tokenizer_batch_tokens, log=log)
+                                 network_ablation_up_to, job_rows, tokenizer_batch_tokens, steal_rows, log=log)
         for row in result["rows"]:
             row["validated"] = result["validated"]
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

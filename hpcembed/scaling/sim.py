@@ -35,7 +35,6 @@ from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..protocol.subconductor import SubConductorCore
 from .model import (CONTROL_BYTES, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch, SimNetwork,
                     SimResult, StepDone)
-
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
@@ -57,8 +56,10 @@ class Simulation:
         self.plan = unit_plan(job, job.rows or job.rows_per_node * nodes)
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
         output = OutputDir(self._tmp.name)
-        self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}))
-        self.subconductors = {s: SubConductorCore(s, self.roles) for s in self.roles.subconductors}
+        self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}),
+                                       steal_rows=job.steal_rows)
+        self.subconductors = {s: SubConductorCore(s, self.roles, steal_rows=job.steal_rows)
+                              for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
         self._small_unpickle, self._small_pickle = _pickle_seconds(RequestUnit())
         self._start_offsets(start_offsets or {})
@@ -176,7 +177,7 @@ class Simulation:
     # --- tokenizer ranks --------------------------------------------------------------------------------
     def _tokenizer(self, rank: int):
         env, net, job, r = self.env, self.net, self.job, self.rates
-        core = TokenizerCore(rank, self.roles)
+        core = TokenizerCore(rank, self.roles, job.steal_rows)
         if self.start_at.get(rank):
             yield env.timeout(self.start_at[rank])
         self._post(rank, core.start())
@@ -204,24 +205,25 @@ class Simulation:
             # at a time.
             batch_rows = (max(1, int(job.tokenizer_batch_tokens // r.tokens_per_text)) if job.tokenizer_batch_tokens
                           else job.chunk_rows)
-            pending, start = 0, unit.row_start
-            while start < unit.row_stop:
+            pending, start = 0, unit.row_start     # a split (tail stealing) moves core.reading.row_stop down
+            while start < core.reading.row_stop:
                 # The chunks up to the one that fills a batch (or ends the unit), as one stretch of tokenizing:
                 # nothing is sent between them, so one timeout is the same virtual time as one per chunk.
                 rows = 0
-                while start < unit.row_stop and pending + rows < batch_rows:
-                    take = min(job.chunk_rows, unit.row_stop - start)
+                while start < core.reading.row_stop and pending + rows < batch_rows:
+                    take = min(job.chunk_rows, core.reading.row_stop - start)
                     rows, start = rows + take, start + take
+                core.position = start
                 busy = rows * r.tokens_per_text / r.tokenizer_tokens_per_s
                 self.tok_time["tokenizing"] += busy
                 yield env.timeout(busy)
                 pending += rows
-                last = start >= unit.row_stop
+                last = start >= core.reading.row_stop
                 while pending >= batch_rows or (last and pending):
                     size = min(pending, batch_rows)
                     pending -= size
                     yield from self._send_rows(rank, core, unit, size, progress)
-            self._post(rank, core.unit_read(unit, progress))
+            self._post(rank, core.unit_read(core.reading, progress))
 
     def _send_rows(self, rank: int, core: TokenizerCore, unit: WorkUnit, rows: int, progress: UnitProgress):
         """One batch of `rows`, once a linked encoder rank has credit; returns when it has landed."""
