@@ -206,7 +206,9 @@ def build_manifest(*, started: float, what: dict, config: dict, settings: dict, 
         "transport": transport,
         # The units as planned, [rows, count] runs in plan order: a Parquet unit is whole row groups, so its size
         # is the file's, not always unit_rows (scaling studies replay these).
-        "settings": {**settings, "unit_sizes": run_lengths(u.row_stop - u.row_start for u in plan.units)},
+        "settings": {**settings, "unit_sizes": run_lengths(plan.planned_sizes)},
+        # Tail stealing's splits (protocol/stealing.py), resumed runs' included: the units are then more than planned.
+        "units_split": plan.splits,
         "inputs": [{"path": f.path, "format": f.format, "rows": plan.file_rows.get(f.index)} for f in plan.files],
         "shards": sorted(result.shards, key=lambda s: s["path"]),
         "rows": plan.total_rows, "rows_written": result.rows_written, "rejected_rows": result.rejected_rows,

@@ -162,6 +162,7 @@ def test_idle_tokenizer_ranks_take_halves_of_the_last_unit(tmp_path, st_model, p
 
     manifest = check()
     assert [r["rows"] > 0 for r in manifest["ranks"] if r["role"] == "tokenizer"] == [True, True]
+    assert manifest["units_split"] >= 1 and manifest["settings"]["unit_sizes"] == [[1200, 1]]     # as planned
     ledger = (tmp_path / "out" / "_ledger.jsonl").read_text().splitlines()
     kinds = [json.loads(line)["kind"] for line in ledger]
     assert "split" in kinds and kinds.index("split") < kinds.index("unit")
@@ -173,3 +174,4 @@ def test_idle_tokenizer_ranks_take_halves_of_the_last_unit(tmp_path, st_model, p
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = check()
     assert manifest["units_resumed"] == 1 and 0 < manifest["rows_written_this_run"] < 1200
+    assert manifest["units_split"] >= 1                 # the split the ledger kept, and any made this run

@@ -95,14 +95,26 @@ class Plan:
     units: list[WorkUnit]
     unreadable: list[InputError]   # files skipped under --on-invalid skip
     _index: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False)   # unit -> position
+    _planned: list[int] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @property
     def total_rows(self) -> int:
         return sum(self.file_rows.values())
 
+    @property
+    def planned_sizes(self) -> list[int]:
+        """Each unit's rows as planned, before any split (what a scaling replay plans)."""
+        return self._planned or [u.rows for u in self.units]
+
+    @property
+    def splits(self) -> int:
+        return len(self.units) - len(self.planned_sizes)
+
     def split(self, number: int, cut: int) -> tuple[WorkUnit, WorkUnit]:
         """Split unit `number` at row `cut` (a split the ledger recorded, or one made now): the unit keeps the rows
         before it, and the piece, added to the plan, has the rest. Both are returned."""
+        if not self._planned:
+            self._planned = [u.rows for u in self.units]
         index = self._index
         if len(index) != len(self.units):
             index = self._index = {u.unit: k for k, u in enumerate(self.units)}
