@@ -172,3 +172,41 @@ def test_measure_over_virtual_nodes_then_simulate_and_report(calibration, model_
     assert ("NOT VALIDATED" in report) == (not results["validated"])
     for png in ("throughput.png", "efficiency.png", "losses.png"):
         assert (study / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("plane", ["off", "per-node"])
+def test_tail_stealing_in_the_simulation_cuts_the_tail(calibration, plane):
+    """Two 8-GPU nodes, 100 units for 200+ tokenizer ranks: without stealing the job waits for its last units'
+    readers; with it the idle ranks take halves of them, through the same cores as the real job."""
+    rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
+    shape = NodeShape(cores=64, gpus=8, subconductors=plane)
+    runs = {}
+    for steal in (0, 1024):
+        sim = Simulation(2, shape, JobShape(rows=2_000_000, unit_rows=20_000, tokenizer_batch_tokens=262_144,
+                                            steal_rows=steal), rates)
+        runs[steal] = (sim.run(), sim)
+    (plain, _), (stealing, sim) = runs[0], runs[1024]
+    assert sim.conductor.rows_written == 2_000_000 and sim.conductor.all_committed
+    assert stealing.units > plain.units == 100 and sim.plan.splits == stealing.units - 100
+    assert stealing.tail_s < 0.5 * plain.tail_s
+    assert stealing.throughput_texts_per_s > 1.3 * plain.throughput_texts_per_s
+
+
+def test_the_control_ranks_are_charged_what_fan_in_measured(calibration):
+    """bench/fanin_cost.py's measured-over-simulated factors scale rank 0's charge: by the batched one with
+    sub-conductors, else by the other."""
+    from hpcembed.scaling.project import conductor_factors
+    cal = json.loads(calibration.read_text())
+    fits = {"fits": [{"sub_conductors": "off", "measured_over_simulated": 1.5},
+                     {"sub_conductors": "per-node", "measured_over_simulated": 2.5}]}
+    cal["rates"].update(conductor_factors(fits, Path("fits.json")))
+    rates = rates_from(cal, "infiniband-hdr")
+    job = JobShape(rows=400_000, unit_rows=10_000, tokenizer_batch_tokens=262_144)
+    for plane, factor in (("off", 1.5), ("per-node", 2.5)):
+        result = simulate(2, NodeShape(cores=64, gpus=8, subconductors=plane), job, rates)
+        messages_s = result.conductor_messages * (1e-6 * result.conductor_cpu_us_per_message
+                                                  + rates.conductor_message_s)
+        charged = result.conductor_busy * result.makespan_s / (messages_s * rates.cpu_slowdown)
+        assert charged == pytest.approx(factor, rel=0.05)     # the last message ends the job uncharged
+    with pytest.raises(ValueError, match="off and per-node"):
+        conductor_factors({"fits": fits["fits"][:1]}, Path("fits.json"))

@@ -77,6 +77,8 @@ def add_parser(sub) -> None:
                    "as the measured job sent them; 0: one batch per chunk, as before 0.3)")
     s.add_argument("--steal-rows", type=int, default=1024, help="tail stealing as `hpcembed run --steal-rows` "
                    "(default 1024, as run's; 0: none, to see what it saves)")
+    s.add_argument("--conductor-cost", help="bench/fanin_cost.py's JSON: charge rank 0 and the sub-conductors what "
+                   "they spent per message in fan-in rehearsals, not the handler time alone")
 
     r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
     r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
@@ -128,7 +130,8 @@ def main(args) -> int:
         result = run_simulate(Path(args.calibration), Path(args.measured) if args.measured else None, args.nodes,
                               Path(args.output), args.network, args.unit_rows, args.units_per_tokenizer,
                               args.network_ablation_up_to, args.allow_unvalidated, node, args.job_rows,
-                              args.tokenizer_batch_tokens, args.steal_rows)
+                              args.tokenizer_batch_tokens, args.steal_rows,
+                              Path(args.conductor_cost) if args.conductor_cost else None)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

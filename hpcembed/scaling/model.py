@@ -47,6 +47,11 @@ class Rates:
     nic_bytes_per_s: float                  # per NIC direction
     conductor_message_s: float              # MPI receive, unpickle and dispatch of one message, on this machine
     cpu_slowdown: float                     # the target node's core is this many times slower than this one's
+    # What a real control rank spends per message over what the simulation charges for it, from fan-in rehearsals
+    # (bench/fanin_cost.py; `hpcembed scaling simulate --conductor-cost`): rank 0 alone, and rank 0 taking
+    # sub-conductors' batches. 1.0: the handler time alone, as before that was measured.
+    conductor_factor: float = 1.0
+    batched_conductor_factor: float = 1.0
 
 
 @dataclass

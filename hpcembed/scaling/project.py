@@ -151,17 +151,34 @@ def _rows_for(target: float, ideal: float, steady: float, lost: float) -> int | 
     return int(target * ideal * lost / (1 - target * ideal / steady))
 
 
+def conductor_factors(fits: dict, source: Path) -> dict:
+    """Calibration rates from fan-in fits: rank 0 alone (and a sub-conductor, whose messages are of that kind) from
+    the run without sub-conductors, rank 0 taking batches from the run with them."""
+    by_plane = {f["sub_conductors"]: f["measured_over_simulated"] for f in fits["fits"]}
+    if set(by_plane) != {"off", "per-node"}:
+        raise ValueError(f"{source}: needs fits of fan-in runs with --sub-conductors off and per-node, has "
+                         f"{sorted(by_plane)}")
+    how = f"measured over simulated µs per message at rank 0 in fan-in rehearsals ({source})"
+    return {"conductor_factor": {"value": by_plane["off"], "source": how},
+            "batched_conductor_factor": {"value": by_plane["per-node"], "source": how}}
+
+
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 1024,
-                 log=print) -> dict:
+                 conductor_cost: Path | None = None, log=print) -> dict:
+    """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there."""
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
+    if conductor_cost is not None:
+        calibration["rates"].update(conductor_factors(read_json(conductor_cost, "fan-in cost fits"), conductor_cost))
     measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
     validation = validate(calibration, measured, log)
     failed = [v for v in validation if not v["within_tolerance"]]
     result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),
+              "conductor_factors": {k: calibration["rates"].get(k, {}).get("value", 1.0)
+                                    for k in ("conductor_factor", "batched_conductor_factor")},
               "validation": validation, "validated": bool(validation) and not failed,
               "tolerance": TOLERANCE, "rows": []}
     output.mkdir(parents=True, exist_ok=True)

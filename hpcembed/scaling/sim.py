@@ -61,6 +61,8 @@ class Simulation:
         self.subconductors = {s: SubConductorCore(s, self.roles, steal_rows=job.steal_rows)
                               for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
+        self._rank0_scale = rates.cpu_slowdown * (rates.batched_conductor_factor if self.subconductors
+                                                  else rates.conductor_factor)
         self._small_unpickle, self._small_pickle = _pickle_seconds(RequestUnit())
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
@@ -140,7 +142,7 @@ class Simulation:
             replies, spent = self._handled(envelope.message, lambda: core.handle(envelope.source, envelope.message))
             self.conductor_messages += 1
             self.conductor_cpu += spent
-            charge = 0.0 if self.free_conductor else (spent + self.rates.conductor_message_s) * self.rates.cpu_slowdown
+            charge = 0.0 if self.free_conductor else (spent + self.rates.conductor_message_s) * self._rank0_scale
             self._post(0, replies, depart=charge)
             if core.all_committed:
                 self.done.succeed()
@@ -169,7 +171,7 @@ class Simulation:
             envelope = box.popleft()
             replies, spent = self._handled(envelope.message,
                                            lambda: core.handle(envelope.source, envelope.message, env.now))
-            charge = (spent + r.conductor_message_s) * r.cpu_slowdown
+            charge = (spent + r.conductor_message_s) * r.cpu_slowdown * r.conductor_factor
             self.subconductor_busy[rank] += charge
             self._post(rank, replies + core.poll(env.now), depart=charge)
             yield env.timeout(charge)
@@ -240,9 +242,8 @@ class Simulation:
         self.tok_time["waiting_for_credit"] += env.now - t0
 
     def _send_batch(self, rank: int, dest: int, batch: SimBatch) -> simpy.Event:
-        """A blocking MPI Send of a batch (transport/mpi.py): far above the eager limit, it moves by rendezvous, so
-        it completes only once the encoder rank takes it in. The request goes now; the returned event fires when
-        the data has landed."""
+        """A blocking MPI Send of a batch (transport/mpi.py), by rendezvous far above the eager limit: it completes
+        once the encoder rank takes it in. The request goes now; the event returned fires when the data lands."""
         self.net.batches += 1
         self.net.remote_batches += self.host_of[rank] != self.host_of[dest]
         landed = self.env.event()
@@ -331,12 +332,10 @@ class Simulation:
         wall = time.perf_counter()
         env = self.env
         env.process(self._conductor())
-        for sub in self.subconductors:
-            env.process(self._subconductor(sub))
-        for e in self.roles.encoders:
-            env.process(self._encoder(e))
-        for tk in self.roles.tokenizers:
-            env.process(self._tokenizer(tk))
+        ranks = ([self._subconductor(s) for s in self.subconductors] + [self._encoder(e) for e in self.roles.encoders]
+                 + [self._tokenizer(t) for t in self.roles.tokenizers])
+        for process in ranks:
+            env.process(process)
         env.process(self._sampler())
         env.run(until=self.done)
         makespan = env.now - self.origin
