@@ -208,7 +208,7 @@ class Ledger:
         lines = [json.dumps(header, ensure_ascii=False) + "\n"]
         if state.ranges is not None:
             lines.append(self._calibration_line(state.ranges))
-        lines += [self._split_line(unit, cut) for unit, cut in state.splits]
+        lines += [self.split_line(unit, cut) for unit, cut in state.splits]
         lines += [self.unit_line(state.units[unit]) for unit in sorted(state.units)]
         self.dir.write(LEDGER, "".join(lines).encode())
         if not self.dir.appendable:
@@ -227,11 +227,11 @@ class Ledger:
         return json.dumps({"kind": "calibration", "ranges": ranges}) + "\n"
 
     @staticmethod
-    def _split_line(unit: int, cut: int) -> str:
+    def split_line(unit: int, cut: int) -> str:
         return json.dumps({"kind": "split", "unit": unit, "at": cut}) + "\n"
 
     def record_split(self, unit: int, cut: int) -> None:
-        self._append(self._split_line(unit, cut))
+        self._append(self.split_line(unit, cut))
 
     def record_calibration(self, ranges: list) -> None:
         self._append(self._calibration_line(ranges))

@@ -17,7 +17,7 @@ import glob
 import gzip
 import os
 import stat
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +84,10 @@ def split_unit(unit: WorkUnit, cut: int) -> tuple[WorkUnit, WorkUnit]:
     """`unit` as its rows before `cut`, and the piece from `cut` on."""
     if not unit.row_start < cut < unit.row_stop:
         raise ValueError(f"cannot split unit {unit.unit} (rows {unit.row_start}-{unit.row_stop - 1}) at row {cut}")
-    piece = replace(unit, unit=piece_number(unit, cut), row_start=cut, seek_row=unit.first_read_row)
-    return replace(unit, row_stop=cut), piece
+    # The constructor, not dataclasses.replace (several times slower): rank 0 applies every split of a big job.
+    head = WorkUnit(unit.unit, unit.file, unit.row_start, cut, unit.byte_start, unit.row_groups, unit.seek_row)
+    return head, WorkUnit(piece_number(unit, cut), unit.file, cut, unit.row_stop, unit.byte_start, unit.row_groups,
+                          unit.first_read_row)
 
 
 @dataclass

@@ -250,9 +250,11 @@ class ConductorCore:
 
     def _committed(self, message: UnitsCommitted) -> list[Send]:
         for unit, cut in message.splits:       # before the commits, which may be of the split units
-            self._add_split(unit, cut)
-        # Ledger first: a reject line without its ledger record is rebuilt away on resume.
-        self.ledger.append_lines(message.lines)
+            head, piece = self.plan.split(unit, cut)
+            self.plan_units[unit], self.plan_units[piece.unit] = head, piece
+        # Ledger first: a reject line without its ledger record is rebuilt away on resume. The splits go first, in
+        # the same write.
+        self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + message.lines)
         self.output.append_rejects(message.rejects)
         counts, rows = message.counts, 0
         for k in range(0, len(counts), 3):
