@@ -121,7 +121,7 @@ class JobConfig:
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
     chunk_rows: int = _opt(1024, "rows a tokenizer reads and tokenizes at a time (the batches it sends are cut to "
                                  "the encoder's token budget)")
-    steal_rows: int = _opt(1024, "tail stealing: once no unit is left, a tokenizer rank without work takes the "
+    steal_rows: int = _opt(4096, "tail stealing: once no unit is left, a tokenizer rank without work takes the "
                                  "second half of what another has not yet read of its unit, while each half keeps "
                                  "at least this many rows (0: off; with sub-conductors, within each node)")
     tokenizer_ranks: int = _opt(0, "MPI: number of tokenizer ranks (default: one encoder rank per GPU, the rest "

@@ -75,8 +75,8 @@ def add_parser(sub) -> None:
                    "for its whole-job efficiency (e.g. 1000000000)")
     s.add_argument("--tokenizer-batch-tokens", type=int, help="tokenizer batches of this many tokens (default: "
                    "as the measured job sent them; 0: one batch per chunk, as before 0.3)")
-    s.add_argument("--steal-rows", type=int, default=1024, help="tail stealing as `hpcembed run --steal-rows` "
-                   "(default 1024, as run's; 0: none, to see what it saves)")
+    s.add_argument("--steal-rows", type=int, default=4096, help="tail stealing as `hpcembed run --steal-rows` "
+                   "(default 4096, as run's; 0: none, to see what it saves)")
     s.add_argument("--conductor-cost", help="bench/fanin_cost.py's JSON: charge rank 0 and the sub-conductors what "
                    "they spent per message in fan-in rehearsals, not the handler time alone")
 

@@ -61,7 +61,7 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
-            job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 1024,
+            job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
             log=print) -> list[dict]:
     """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
     `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
@@ -166,7 +166,7 @@ def conductor_factors(fits: dict, source: Path) -> dict:
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
-                 job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 1024,
+                 job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
                  conductor_cost: Path | None = None, log=print) -> dict:
     """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there."""
     start = time.perf_counter()
