@@ -230,6 +230,9 @@ class ConductorCore:
 
     def _add_split(self, unit: int, cut: int) -> None:
         self.ledger.record_split(unit, cut)
+        self._plan_split(unit, cut)
+
+    def _plan_split(self, unit: int, cut: int) -> None:
         head, piece = self.plan.split(unit, cut)
         self.plan_units[unit], self.plan_units[piece.unit] = head, piece
 
@@ -250,8 +253,7 @@ class ConductorCore:
 
     def _committed(self, message: UnitsCommitted) -> list[Send]:
         for unit, cut in message.splits:       # before the commits, which may be of the split units
-            head, piece = self.plan.split(unit, cut)
-            self.plan_units[unit], self.plan_units[piece.unit] = head, piece
+            self._plan_split(unit, cut)
         # Ledger first: a reject line without its ledger record is rebuilt away on resume. The splits go first, in
         # the same write.
         self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + message.lines)
