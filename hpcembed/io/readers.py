@@ -56,9 +56,10 @@ class Columns:
 
 def clip_rows(chunk: RowChunk, start: int, stop: int) -> tuple[RowChunk | None, bool]:
     """The chunk's rows (and rejects) within [start, stop), None if it has none; and whether it reached `stop`."""
-    if chunk.span is None:
+    span = chunk.span
+    if span is None:
         return None, False
-    low, high = chunk.span
+    low, high = span
     if low >= start and high < stop:
         return chunk, False
     keep = np.flatnonzero((chunk.rows >= start) & (chunk.rows < stop))
