@@ -144,12 +144,12 @@ class Simulation:
             self.conductor_cpu += spent
             charge = 0.0 if self.free_conductor else (spent + self.rates.conductor_message_s) * self._rank0_scale
             self._post(0, replies, depart=charge)
-            if core.all_committed:
-                self.done.succeed()
-                return
             if charge:
                 self.conductor_busy += charge
                 yield self.env.timeout(charge)
+            if core.all_committed:        # the job ends once rank 0 has handled the last commit
+                self.done.succeed()
+                return
 
     def _subconductor(self, rank: int):
         """A sub-conductor rank (roles/subconductor.py): its core's handler time charged as the conductor's is, and
