@@ -79,7 +79,7 @@ class JobConfig:
     fp8_check_rows: int = _opt(2000, "--dtype fp8: rows the fidelity check embeds, from up to 16 work units spread "
                                      "over the input")
     engine: str = _opt("auto", "encoder: 'varlen' is the padding-free BERT-family fast path, 'torch' the generic "
-                               "transformers AutoModel; auto uses varlen on CUDA where the model allows",
+                               "transformers AutoModel; auto uses varlen where the model allows",
                        choices=("auto", "varlen", "torch"))
     fused_ops: str = _opt("auto", "varlen encoder: how the embedding sum, residual-add+LayerNorm and mean pooling "
                                   "run: 'triton' (hpcembed's fused kernels), 'compile' (torch.compile's, which "

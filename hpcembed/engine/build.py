@@ -29,7 +29,8 @@ def resolve_device(device: str) -> str:
 
 def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto", fused_ops: str = "auto",
                   exact_gelu: bool = False, graph_tokens: int = 0, attention: str = "auto") -> Encoder:
-    """The padding-free encoder on CUDA where it serves the model; transformers' AutoModel otherwise.
+    """The padding-free encoder where it serves the model (on CPU its attention runs padded per batch: no fused
+    kernels there); transformers' AutoModel otherwise.
     graph_tokens > 0: the varlen encoder on CUDA captures CUDA graphs for batches of up to that many tokens;
     `attention`: its attention kernel (engine/varlen.py)."""
     device = resolve_device(device)
@@ -38,10 +39,10 @@ def build_encoder(spec: ModelSpec, device: str, dtype: str, engine: str = "auto"
     if device == "cpu" and dtype == "fp16":
         raise ConfigError("dtype fp16 is not supported on CPU; use fp32 or bf16")
     if engine == "auto":
-        # FP8 exists on the padding-free path alone, so it takes that path on CPU too (tests).
-        fast_here = device.startswith("cuda") or dtype == "fp8"
-        why = supports(spec) if fast_here else "CPU (padded SDPA is the CPU path)"
-        if why and fast_here:
+        # On CPU too: no transformers modelling code to import at start-up, and CI runs the code the GPUs run,
+        # less the kernels.
+        why = supports(spec)
+        if why:
             log.warning("model %s: using the generic transformers encoder, not the padding-free one: %s",
                         spec.name, why)
         engine = "torch" if why else "varlen"
