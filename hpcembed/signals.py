@@ -49,6 +49,15 @@ class StopRequest:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def ignore_from_now(self) -> None:
+        """This rank's part of the job is over: a stop signal has nothing left to stop. Ignored, it cannot turn
+        the exit into death by signal: when rank 0 exits 75 first, srun --kill-on-bad-exit sends SIGTERM to the
+        ranks still tearing down (Python restores the default handlers early in its shutdown; SIG_IGN it keeps),
+        and one of them killed by it makes srun's exit code 143, not the 75 that requeues the job."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)

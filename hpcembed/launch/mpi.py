@@ -94,6 +94,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
         run_role(role, transport, plan.roles.conductor, lambda: run_subconductor(core, transport))
     elif role != "idle":
         _run_worker(cfg, kind, transport, plan, ranks, role, role_comm, early, startup)
+    STOP.ignore_from_now()              # this rank's part is done; ranks still working may yet exit 75
     _settle(plan_sends)
     transport.flush()
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
