@@ -163,7 +163,7 @@ PartitionName=ci Nodes=n[1-{NODES}] Default=YES MaxTime=INFINITE State=UP
                 p.terminate()
         for p in self.procs:
             try:
-                p.wait(timeout=20)
+                p.wait(timeout=5)           # a daemon's state is thrown away with its directory: no need to wait
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
