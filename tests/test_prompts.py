@@ -39,7 +39,8 @@ def _assert_matches(out, want: np.ndarray, texts: dict[str, str], dim: int) -> N
     assert min(cos) >= (0.999 if torch.cuda.is_available() else 0.9999), min(cos)     # fp16 on the GPU box
 
 
-@pytest.mark.parametrize("engine, include_prompt", [("varlen", True), ("torch", False), ("varlen", False)])
+@pytest.mark.parametrize("engine, include_prompt",
+                         [("varlen", True), pytest.param("torch", False, marks=pytest.mark.slow), ("varlen", False)])
 def test_prompts_and_dimensions_match_sentence_transformers(tmp_path, model_dir, engine, include_prompt):
     from sentence_transformers import SentenceTransformer
     model = _model(tmp_path, model_dir, include_prompt)

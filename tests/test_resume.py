@@ -64,6 +64,7 @@ def kill_after_commits(ranks: int, args: list[str], out: Path, log: Path, count:
     return committed_units(out)
 
 
+@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
 def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     root, texts, expected = corpus
     rng = np.random.default_rng(2026)
@@ -87,7 +88,7 @@ def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     assert resumed[0] == 0 and any(r for r in resumed[1:]), resumed
 
 
-@pytest.mark.parametrize("role", ["encoder", "tokenizer"])
+@pytest.mark.parametrize("role", ["encoder", pytest.param("tokenizer", marks=pytest.mark.slow)])
 def test_dead_rank_ends_the_job_and_the_rerun_completes(corpus, tmp_path, role):
     root, texts, expected = corpus
     out = tmp_path / "out"
@@ -121,6 +122,7 @@ def long_corpus(tmp_path_factory, st_model):
     return root, texts, expected
 
 
+@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
 def test_a_dead_sub_conductor_ends_the_job_and_the_rerun_completes(long_corpus, tmp_path):
     """Two pretend nodes (world.virtual_host) of an encoder rank, tokenizer ranks and a sub-conductor each, as a
     job of hundreds of nodes runs. A sub-conductor killed mid-job ends the job, the units whose commits it still
@@ -152,6 +154,7 @@ def test_a_dead_sub_conductor_ends_the_job_and_the_rerun_completes(long_corpus, 
     assert all(0 < s["commit_batches"] <= s["units_committed"] for s in subs), subs
 
 
+@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
 def test_sigusr1_stops_gracefully_and_the_rerun_completes(tmp_path, st_model):
     # Larger than the shared corpus: the tokenizers must still be reading when the signal comes (rows embedded
     # early wait in memory until their unit is complete, so commits lag reading).

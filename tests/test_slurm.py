@@ -153,6 +153,7 @@ def test_tokenize_then_embed(cluster, corpus, tmp_path):
     assert "complete: 600 rows tokenized" in logs and "complete: 600 rows embedded" in logs
 
 
+@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
 def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
     root, expected = corpus
     sweep = tmp_path / "sweep"

@@ -137,7 +137,7 @@ def test_a_piece_reads_exactly_its_rows(tmp_path, fmt):
 
 
 @needs_mpi
-@pytest.mark.parametrize("plane", ["off", "per-node"])
+@pytest.mark.parametrize("plane", [pytest.param("off", marks=pytest.mark.slow), "per-node"])
 def test_idle_tokenizer_ranks_take_halves_of_the_last_unit(tmp_path, st_model, plane):
     """One unit of 1,200 rows and two tokenizer ranks: the one without it steals, the pieces are split again,
     and every row is embedded once. Then a crash is made of the ledger after the first split and the first commit

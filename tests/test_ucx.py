@@ -78,7 +78,7 @@ def _mpirun_hosts(hosts: VirtualHosts, per_host: list[int], *args: str, timeout:
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout + 30, env=env)
 
 
-@pytest.mark.parametrize("transport", ["mpi", "ucx"])
+@pytest.mark.parametrize("transport", [pytest.param("mpi", marks=pytest.mark.slow), "ucx"])
 def test_three_hosts(hosts, tmp_path, corpus, transport):
     root, expected = corpus
     out = tmp_path / "out"
