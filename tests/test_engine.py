@@ -108,7 +108,7 @@ def _random_batch(rows: int = 9, seed: int = 1) -> TokenBatch:
     return batch_of([[0] + list(rng.integers(5, 120, size=int(n))) + [2] for n in rng.integers(0, 60, size=rows)])
 
 
-@pytest.mark.parametrize("fused_ops", ["compile", "triton"])
+@pytest.mark.parametrize("fused_ops", [pytest.param("compile", marks=pytest.mark.slow), "triton"])
 def test_fused_ops_match_transformers(model_dir, fused_ops):
     """torch.compile's fused pieces, and hpcembed's Triton kernels (in Triton's interpreter without a GPU)."""
     if fused_ops == "triton":

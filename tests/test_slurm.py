@@ -135,6 +135,7 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
     assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
 
 
+@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
 def test_tokenize_then_embed(cluster, corpus, tmp_path):
     root, expected = corpus
     out, tokdir = tmp_path / "out", tmp_path / "tokens"
