@@ -65,7 +65,7 @@ def test_each_distinct_text_is_encoded_once_and_every_id_gets_its_own_row(corpus
     assert manifest["tokens"] < 0.6 * plain["tokens"]
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_kill_9_and_resume_with_dedup_stay_exactly_once(corpus, tmp_path):
     root, texts, expected = corpus
     small = [*ARGS, "--max-batch-tokens", "256", "--window-batches", "2"]

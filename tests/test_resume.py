@@ -64,7 +64,7 @@ def kill_after_commits(ranks: int, args: list[str], out: Path, log: Path, count:
     return committed_units(out)
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_kill_9_at_seeded_points_then_resume(corpus, tmp_path):
     root, texts, expected = corpus
     rng = np.random.default_rng(2026)
@@ -122,7 +122,7 @@ def long_corpus(tmp_path_factory, st_model):
     return root, texts, expected
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_a_dead_sub_conductor_ends_the_job_and_the_rerun_completes(long_corpus, tmp_path):
     """Two pretend nodes (world.virtual_host) of an encoder rank, tokenizer ranks and a sub-conductor each, as a
     job of hundreds of nodes runs. A sub-conductor killed mid-job ends the job, the units whose commits it still
@@ -154,7 +154,7 @@ def test_a_dead_sub_conductor_ends_the_job_and_the_rerun_completes(long_corpus, 
     assert all(0 < s["commit_batches"] <= s["units_committed"] for s in subs), subs
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_sigusr1_stops_gracefully_and_the_rerun_completes(tmp_path, st_model):
     # Larger than the shared corpus: the tokenizers must still be reading when the signal comes (rows embedded
     # early wait in memory until their unit is complete, so commits lag reading).

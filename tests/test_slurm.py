@@ -135,7 +135,7 @@ def test_usr1_requeues_and_resumes(cluster, tmp_path, st_model):
     assert manifest["rows_resumed"] > 0 and manifest["units_resumed"] > 0
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_tokenize_then_embed(cluster, corpus, tmp_path):
     root, expected = corpus
     out, tokdir = tmp_path / "out", tmp_path / "tokens"
@@ -154,7 +154,7 @@ def test_tokenize_then_embed(cluster, corpus, tmp_path):
     assert "complete: 600 rows tokenized" in logs and "complete: 600 rows embedded" in logs
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
     root, expected = corpus
     sweep = tmp_path / "sweep"

@@ -134,7 +134,7 @@ def slow_corpus(path) -> None:
     write_jsonl(path, [{"id": f"k{k}", "text": f"row {k} " + "long " * (k % 200)} for k in range(6000)])
 
 
-@pytest.mark.slow       # the full suite only (README): CI covers this path more cheaply elsewhere
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_killed_tokenizer_under_mpiexec_ends_the_job(tmp_path):
     # mpiexec's default: a rank that dies takes the job down with it. It must end promptly, and not look done.
     slow_corpus(tmp_path / "big.jsonl")
