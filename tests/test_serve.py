@@ -10,11 +10,12 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .conftest import EDGE_TEXTS, BackgroundJob, read_output, run_cli, write_jsonl
+from .conftest import EDGE_TEXTS, BackgroundJob, process_tree, read_output, run_cli, write_jsonl
 
 aiohttp = pytest.importorskip("aiohttp")
 MAX_TEXTS, MAX_CHARS = 64, 20_000
@@ -37,7 +38,9 @@ def start_server(tmp_path, model_dir, *options: str) -> tuple[BackgroundJob, str
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir)
+    # A tokenizing process for bulk requests, as on a GPU (CPU's default is none): bulk requests here take that
+    # path, single texts the threads.
+    job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir, "--tokenizer-processes", "1")
     yield url, json.loads(_get(url + "/health")[1])["model"]
     job.stop()
 
@@ -232,5 +235,25 @@ def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir):
         assert late in (503, "refused")
         assert job.proc.wait(timeout=60) == 0
         assert "draining" in job.text() and "stopped" in job.text()
+    finally:
+        job.stop()
+
+
+def test_a_dead_tokenizing_process_is_answered_503_and_ends_the_server(tmp_path, model_dir):
+    job, url = start_server(tmp_path, model_dir, "--tokenizer-processes", "1")
+    try:
+        name = json.loads(_get(url + "/health")[1])["model"]
+        workers = [pid for pid in process_tree(job.proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+
+        async def go():
+            async with aiohttp.ClientSession() as session:
+                return await _post(session, url, {"model": name, "input": [BULK_TEXT] * MAX_TEXTS})
+        status, _, body = asyncio.run(go())
+        assert status == 503 and "tokenizing process died" in json.loads(body)["error"]["message"]
+        assert job.proc.wait(timeout=60) == 1
+        assert "a tokenizing process died; ending the service" in job.text()
     finally:
         job.stop()

@@ -28,7 +28,11 @@ class ServeOptions:
                                           "take the low-latency lane, which is never queued behind bulk work")
     interactive_max_tokens: int = _opt(4096, "... and of at most this many tokens; also the size of the "
                                              "low-latency lane's batches")
-    tokenizer_threads: int = _opt(4, "threads tokenizing requests")
+    tokenizer_threads: int = _opt(4, "threads tokenizing requests (bulk ones only where there are no tokenizing "
+                                     "processes)")
+    tokenizer_processes: int = _opt(-1, "processes tokenizing bulk requests (a process tokenizes at about one "
+                                        "core's rate, whatever its threads); -1: on CUDA one per core beyond 4, at "
+                                        "most 12; on CPU none, the encoder's threads take the cores")
 
 
 SERVE_OPTIONS = {f.name: f for f in dataclasses.fields(ServeOptions)}

@@ -1,8 +1,8 @@
 """`hpcembed serve`: the job's model, engine and tokenizer behind an HTTP endpoint compatible with the OpenAI
 embeddings API, for live queries against a corpus embedded with `hpcembed run` (same model, same numbers).
 
-One process: aiohttp's event loop takes requests, a thread pool tokenizes them with the job's tokenizer backend
-(prompt included), and the scheduler (serve/scheduler.py) batches their rows onto the encoder instances in two
+One process: aiohttp's event loop takes requests, the job's tokenizer backend (prompt included) tokenizes them
+(small requests in threads, bulk ones in processes of their own on a GPU: serve/tokenizing.py), and the scheduler (serve/scheduler.py) batches their rows onto the encoder instances in two
 lanes with admission control.
 
 - POST /v1/embeddings: `input` a string, a list of strings, or token ids (one list, or a list of lists);
@@ -22,9 +22,8 @@ import base64
 import logging
 import math
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +34,11 @@ from ..config import JobConfig
 from ..errors import EXIT_FAILED
 from ..launch.build import build_encoders, tokenizer_backend
 from ..launch.setup import model_spec
-from ..tokenize.batch import TokenBatch
 from .metrics import Metrics
 from .options import ServeOptions
 from .requests import BadRequest, Limits, parse
 from .scheduler import Overloaded, Scheduler, Unavailable
+from .tokenizing import Tokenizing, auto_processes, request_batch
 
 log = logging.getLogger("hpcembed")
 
@@ -69,11 +68,7 @@ class Service:
         self.spec = model_spec(cfg)
         device = resolve_device(cfg.device)
         self.encoders = build_encoders(cfg, self.spec, device)
-        self._cfg = cfg
         self.backend = tokenizer_backend(cfg, self.spec, chunking=False)
-        # One backend per tokenizing thread: a backend is not safe to share between threads (HF's long-text path
-        # switches truncation off and on around a call).
-        self._per_thread = threading.local()
         self.metrics = Metrics()
         batch_tokens = cfg.batch_tokens_for(device)
         self.scheduler = Scheduler(self.encoders, self.spec.dim, batch_tokens, opts.interactive_max_tokens,
@@ -83,8 +78,9 @@ class Service:
                              self.spec.max_seq_length, opts.max_request_texts, opts.max_text_chars)
         # Small requests are tokenized by threads of their own, so a query never waits behind bulk requests'
         # texts (measured on the CPU box: 6.3 s query p50 under bulk load with one pool for both).
-        self.tokenizing = ThreadPoolExecutor(max(1, opts.tokenizer_threads), thread_name_prefix="tokenize")
-        self.tokenizing_small = ThreadPoolExecutor(2, thread_name_prefix="tokenize-small")
+        processes = (opts.tokenizer_processes if opts.tokenizer_processes >= 0
+                     else auto_processes(str(self.encoders[0].device_name)))
+        self.tokenizing = Tokenizing(cfg, self.spec, opts.tokenizer_threads, processes)
         self.state = _State()
 
     def _warm_up(self, batch_tokens: int) -> dict[str, float]:
@@ -93,22 +89,12 @@ class Service:
         short = self.backend.encode([WARM_UP_TEXT])[0]
         rates = {}
         for lane, rows in (("interactive", 8), ("bulk", min(batch_tokens, WARM_UP_BULK_TOKENS) // len(short))):
-            batch = self._batch([short] * max(rows, 1))
+            batch = request_batch([short] * max(rows, 1))
             self.encoders[0].encode(batch)
             start = time.perf_counter()
             self.encoders[0].encode(batch)
             rates[lane] = batch.num_tokens / max(time.perf_counter() - start, 1e-6)
         return rates
-
-    def _tokenize(self, texts: list[str]) -> list:
-        backend = getattr(self._per_thread, "backend", None)
-        if backend is None:
-            backend = self._per_thread.backend = tokenizer_backend(self._cfg, self.spec, chunking=False)
-        return backend.encode(texts)
-
-    @staticmethod
-    def _batch(token_lists: list) -> TokenBatch:
-        return TokenBatch.build(token_lists, [""] * len(token_lists), np.arange(len(token_lists)), 0)
 
     # -- handlers ------------------------------------------------------------------------------------------------
 
@@ -131,12 +117,10 @@ class Service:
             try:
                 self.scheduler.admit("interactive" if small else "bulk", budget)     # before tokenizing it
                 if parsed.texts is not None:
-                    loop = asyncio.get_running_loop()
-                    token_lists = await loop.run_in_executor(self.tokenizing_small if small else self.tokenizing,
-                                                             self._tokenize, parsed.texts)
+                    tokenize = self.tokenizing.small if small else self.tokenizing.bulk
+                    batch = await asyncio.wrap_future(tokenize(parsed.texts))
                 else:
-                    token_lists = parsed.token_ids
-                batch = self._batch(token_lists)
+                    batch = request_batch(parsed.token_ids)
                 embeddings = await asyncio.wrap_future(self.scheduler.submit(batch, budget))
             except Overloaded as exc:
                 retry = max(1, math.ceil(exc.predicted - exc.budget))
@@ -146,6 +130,9 @@ class Service:
                 if self.scheduler.failed:
                     self._fail()
                 return _error(503, str(exc), code="unavailable")
+            except BrokenProcessPool:
+                self._fail("a tokenizing process died")
+                return _error(503, "a tokenizing process died", code="unavailable")
             return self._answer(request, parsed, embeddings, batch.num_tokens)
         finally:
             self.state.in_flight -= 1
@@ -194,9 +181,9 @@ class Service:
         return web.Response(body=self.metrics.render(self.scheduler),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _fail(self) -> None:
+    def _fail(self, why: str = "") -> None:
         self.state.failed = True
-        log.error("the encoder failed: %s; ending the service", self.scheduler.failed)
+        log.error("%s; ending the service", why or f"the encoder failed: {self.scheduler.failed}")
         if self.state.stop is not None:
             self.state.stop.set()
 
@@ -217,9 +204,11 @@ class Service:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         first = self.encoders[0]
-        log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s)", self.limits.model_names[0],
-                 self.opts.host, port, first.engine, first.dtype_name, first.device_name, len(self.encoders),
-                 "" if len(self.encoders) == 1 else "s")
+        log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s; bulk requests tokenized in %s)",
+                 self.limits.model_names[0], self.opts.host, port, first.engine, first.dtype_name, first.device_name,
+                 len(self.encoders), "" if len(self.encoders) == 1 else "s",
+                 f"{self.tokenizing.processes} processes" if self.tokenizing.processes
+                 else f"{self.opts.tokenizer_threads} threads")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.state.stop.set)
@@ -230,8 +219,7 @@ class Service:
             await asyncio.sleep(0.01)
         await runner.cleanup()
         self.scheduler.close()
-        self.tokenizing.shutdown()
-        self.tokenizing_small.shutdown()
+        self.tokenizing.close()
         log.info("stopped")
         return EXIT_FAILED if self.state.failed else 0
 
