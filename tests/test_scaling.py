@@ -210,3 +210,23 @@ def test_the_control_ranks_are_charged_what_fan_in_measured(calibration):
         assert charged == pytest.approx(factor, rel=1e-6)
     with pytest.raises(ValueError, match="off and per-node"):
         conductor_factors({"fits": fits["fits"][:1]}, Path("fits.json"))
+
+
+def test_handler_times_are_scaled_by_the_control_probe_not_this_machine(calibration):
+    """With the target core's control probe, a handler's time here is charged times target probe over this
+    machine's probe; the calibrated receive stays scaled by cpu_slowdown."""
+    from hpcembed.scaling.probe import PROBE_VERSION, handler_scale, here_probe_seconds
+    from hpcembed.scaling.project import control_probe
+    cal = json.loads(calibration.read_text())
+    probe = {"probe_version": PROBE_VERSION, "busy_s": 3 * here_probe_seconds(), "cpu": "a CPU", "device": "a box",
+             "busy_processes": 15}
+    cal["rates"].update(control_probe(probe, Path("probe.json")))
+    rates = rates_from(cal, "infiniband-hdr")
+    result = simulate(2, NodeShape(cores=64, gpus=8, subconductors="off"),
+                      JobShape(rows=400_000, unit_rows=10_000, tokenizer_batch_tokens=262_144), rates)
+    charged = result.conductor_messages * (3e-6 * result.conductor_cpu_us_per_message
+                                           + rates.conductor_message_s * rates.cpu_slowdown)
+    assert result.conductor_busy * result.makespan_s == pytest.approx(charged, rel=1e-6)
+    assert handler_scale(0.0, 2.5) == 2.5 and handler_scale(0.03, 2.5, 0.01) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="probe version"):
+        control_probe({**probe, "probe_version": PROBE_VERSION + 1}, Path("probe.json"))

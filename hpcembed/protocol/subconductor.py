@@ -8,7 +8,9 @@ than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves
   - the commit rule: its tokenizers' UnitRead and the encoder ranks' PartWritten for their units come here (the
     same rule as the conductor's, protocol/conductor.UnitParts), and each complete unit's ledger record goes to the
     conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
-    `commit_seconds`, or at once when nothing else is in flight. A unit is committed only when the conductor
+    `commit_seconds`, or at once when nothing else is in flight. The wait grows with the number of
+    sub-conductors, so that rank 0 takes at most about CONDUCTOR_BATCHES_PER_S batches a second however many
+    nodes send them (each costs rank 0 about 100 µs of CPU, measured: bench/notes/scale_out.md). A unit is committed only when the conductor
     writes its record, so a sub-conductor that dies loses nothing that was committed;
   - tail stealing (protocol/stealing.py) among its tokenizers once the conductor has no more units: the splits
     go to the conductor in the next UnitsCommitted, ahead of the commits it carries;
@@ -32,16 +34,25 @@ from .messages import (AssignUnit, Drain, NoMoreUnits, PartWritten, RankReport, 
 from .stealing import Stealing
 
 COMMIT_BATCH = 64           # units per UnitsCommitted at most
-COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on
+COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on, up to 500 sub-conductors
+CONDUCTOR_BATCHES_PER_S = 1000
+
+
+def commit_seconds_for(roles: RoleMap) -> float:
+    """How long a complete unit may wait for others to share its UnitsCommitted: COMMIT_SECONDS, or longer where
+    the sub-conductors together would send rank 0 more than CONDUCTOR_BATCHES_PER_S batches at that pace."""
+    return max(COMMIT_SECONDS, len(roles.subconductors) / CONDUCTOR_BATCHES_PER_S)
 
 
 class SubConductorCore:
     def __init__(self, rank: int, roles: RoleMap, commit_batch: int = COMMIT_BATCH,
-                 commit_seconds: float = COMMIT_SECONDS, steal_rows: int = 0):
+                 commit_seconds: float | None = None, steal_rows: int = 0):
+        """`commit_seconds`: None for commit_seconds_for(roles)."""
         self.rank, self.roles = rank, roles
         self.conductor = roles.conductor
         self.tokenizers = roles.tokenizers_under(rank)
-        self.commit_batch, self.commit_seconds = commit_batch, commit_seconds
+        self.commit_batch = commit_batch
+        self.commit_seconds = commit_seconds_for(roles) if commit_seconds is None else commit_seconds
         self.block = max(2, len(self.tokenizers))        # units asked for at a time
         self.stock: deque[WorkUnit] = deque()
         self.asking: deque[int] = deque()                # tokenizers whose RequestUnit is not answered yet

@@ -79,6 +79,9 @@ def add_parser(sub) -> None:
                    "(default 4096, as run's; 0: none, to see what it saves)")
     s.add_argument("--conductor-cost", help="bench/fanin_cost.py's JSON: charge rank 0 and the sub-conductors what "
                    "they spent per message in fan-in rehearsals, not the handler time alone")
+    s.add_argument("--control-probe", help="bench/control_probe.py's JSON from the target machine: handler times "
+                   "measured here are scaled by its probe over this machine's, so the charges do not depend on "
+                   "the machine running the simulation (default: scaled by the calibration's cpu_slowdown)")
 
     r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
     r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
@@ -131,7 +134,8 @@ def main(args) -> int:
                               Path(args.output), args.network, args.unit_rows, args.units_per_tokenizer,
                               args.network_ablation_up_to, args.allow_unvalidated, node, args.job_rows,
                               args.tokenizer_batch_tokens, args.steal_rows,
-                              Path(args.conductor_cost) if args.conductor_cost else None)
+                              Path(args.conductor_cost) if args.conductor_cost else None,
+                              Path(args.control_probe) if args.control_probe else None)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

@@ -52,6 +52,9 @@ class Rates:
     # sub-conductors' batches. 1.0: the handler time alone, as before that was measured.
     conductor_factor: float = 1.0
     batched_conductor_factor: float = 1.0
+    # probe.py's workload on the target node's core (bench/control_probe.py; `simulate --control-probe`). Handler
+    # times measured where the simulation runs are scaled by it over the same probe there; 0: by cpu_slowdown.
+    control_probe_s: float = 0.0
 
 
 @dataclass

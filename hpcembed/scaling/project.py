@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import read_json
 from .calibration import node_from, rates_from
+from .probe import PROBE_VERSION, handler_scale, here_probe_seconds
 from .sim import JobShape, NodeShape, simulate, units_for
 
 TOLERANCE = 0.10
@@ -49,8 +50,9 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
                # The conductor's time per message: the real driver's CPU handling it (handler, replies sent), and
                # what the simulation charges (the handler run live here plus the calibrated receive, scaled).
                "conductor_us_per_message_measured": m.get("conductor", {}).get("handling_us_per_message"),
-               "conductor_us_per_message_simulated": round((result.conductor_cpu_us_per_message
-                                                            + 1e6 * rates.conductor_message_s) * rates.cpu_slowdown, 2),
+               "conductor_us_per_message_simulated": round(
+                   result.conductor_cpu_us_per_message * handler_scale(rates.control_probe_s, rates.cpu_slowdown)
+                   + 1e6 * rates.conductor_message_s * rates.cpu_slowdown, 2),
                "conductor_busy_simulated": round(result.conductor_busy, 4),
                "subconductor_busy_simulated": round(result.subconductor_busy_max, 4)}
         rows.append(row)
@@ -144,6 +146,17 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     return out
 
 
+def _handler_scale(calibration: dict) -> dict:
+    """How this machine's handler times were scaled to the target core, for results.json."""
+    rates = calibration["rates"]
+    target, slowdown = rates.get("control_probe_s", {}).get("value", 0.0), rates["cpu_slowdown"]["value"]
+    if not target:
+        return {"by": "cpu_slowdown (right only on the calibration's machine)", "value": slowdown}
+    here = here_probe_seconds()
+    return {"by": "control probe", "value": round(handler_scale(target, slowdown, here), 4),
+            "target_probe_s": target, "here_probe_s": round(here, 6)}
+
+
 def _rows_for(target: float, ideal: float, steady: float, lost: float) -> int | None:
     """The job size R at which R / (R / steady + lost) reaches `target` x `ideal` (None: steady state is below)."""
     if steady <= target * ideal:
@@ -163,22 +176,36 @@ def conductor_factors(fits: dict, source: Path) -> dict:
             "batched_conductor_factor": {"value": by_plane["per-node"], "source": how}}
 
 
+def control_probe(probe: dict, source: Path) -> dict:
+    """The calibration rate from bench/control_probe.py's JSON: the target core's probe time, other cores busy."""
+    if probe.get("probe_version") != PROBE_VERSION:
+        raise ValueError(f"{source}: probe version {probe.get('probe_version')}, this simulation's is {PROBE_VERSION}")
+    return {"control_probe_s": {
+        "value": probe["busy_s"], "unit": "s", "source": str(source),
+        "how": f"scaling/probe.py's workload on {probe['cpu']} ({probe['device']}), {probe['busy_processes']} other "
+               "cores busy; handler times measured where the simulation runs are scaled by it over the probe there"}}
+
+
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
-                 conductor_cost: Path | None = None, log=print) -> dict:
-    """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there."""
+                 conductor_cost: Path | None = None, probe: Path | None = None, log=print) -> dict:
+    """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there.
+    `probe`: bench/control_probe.py's JSON of the target machine (the charges then do not depend on this one)."""
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
     if conductor_cost is not None:
         calibration["rates"].update(conductor_factors(read_json(conductor_cost, "fan-in cost fits"), conductor_cost))
+    if probe is not None:
+        calibration["rates"].update(control_probe(read_json(probe, "control probe"), probe))
     measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
     validation = validate(calibration, measured, log)
     failed = [v for v in validation if not v["within_tolerance"]]
     result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),
               "conductor_factors": {k: calibration["rates"].get(k, {}).get("value", 1.0)
                                     for k in ("conductor_factor", "batched_conductor_factor")},
+              "handler_scale": _handler_scale(calibration),
               "validation": validation, "validated": bool(validation) and not failed,
               "tolerance": TOLERANCE, "rows": []}
     output.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ from ..protocol.subconductor import SubConductorCore
 from .model import (CONTROL_BYTES, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch, SimNetwork,
                     SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
+from .probe import handler_scale, pickle_seconds
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
@@ -61,9 +62,9 @@ class Simulation:
         self.subconductors = {s: SubConductorCore(s, self.roles, steal_rows=job.steal_rows)
                               for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
-        self._rank0_scale = rates.cpu_slowdown * (rates.batched_conductor_factor if self.subconductors
-                                                  else rates.conductor_factor)
-        self._small_unpickle, self._small_pickle = _pickle_seconds(RequestUnit())
+        self._rank0_factor = rates.batched_conductor_factor if self.subconductors else rates.conductor_factor
+        self.handler_scale = handler_scale(rates.control_probe_s, rates.cpu_slowdown)
+        self._small_unpickle, self._small_pickle = pickle_seconds(RequestUnit())
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
@@ -130,6 +131,11 @@ class Simulation:
         return replies, (t2 - t1 + max(0.0, t1 - t0 - self._small_unpickle)
                          + max(0.0, t3 - t2 - len(replies) * self._small_pickle))
 
+    def _charge(self, spent: float, factor: float) -> float:
+        """A control rank's virtual time for a message: its handler's time here on the target core, and the
+        calibrated receive and dispatch (measured on the calibration's machine)."""
+        return (spent * self.handler_scale + self.rates.conductor_message_s * self.rates.cpu_slowdown) * factor
+
     def _conductor(self):
         net, core = self.net, self.conductor
         box = net.inbox[0]
@@ -142,7 +148,7 @@ class Simulation:
             replies, spent = self._handled(envelope.message, lambda: core.handle(envelope.source, envelope.message))
             self.conductor_messages += 1
             self.conductor_cpu += spent
-            charge = 0.0 if self.free_conductor else (spent + self.rates.conductor_message_s) * self._rank0_scale
+            charge = 0.0 if self.free_conductor else self._charge(spent, self._rank0_factor)
             self._post(0, replies, depart=charge)
             if charge:
                 self.conductor_busy += charge
@@ -171,7 +177,7 @@ class Simulation:
             envelope = box.popleft()
             replies, spent = self._handled(envelope.message,
                                            lambda: core.handle(envelope.source, envelope.message, env.now))
-            charge = (spent + r.conductor_message_s) * r.cpu_slowdown * r.conductor_factor
+            charge = self._charge(spent, r.conductor_factor)
             self.subconductor_busy[rank] += charge
             self._post(rank, replies + core.poll(env.now), depart=charge)
             yield env.timeout(charge)
@@ -367,18 +373,6 @@ class Simulation:
             remote_batch_fraction=self.net.remote_batches / max(self.net.batches, 1),
             nic_busy_max=max(self.net.nic_busy) / makespan if self.net.nic_busy else 0.0,
             wall_seconds=time.perf_counter() - wall)
-
-
-def _pickle_seconds(message, repeats: int = 2000) -> tuple[float, float]:
-    """Seconds to unpickle and to pickle `message`, here."""
-    data = pickle.dumps(message)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        pickle.loads(data)
-    middle = time.perf_counter()
-    for _ in range(repeats):
-        pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-    return (middle - start) / repeats, (time.perf_counter() - middle) / repeats
 
 
 def _cut_step(window: deque, budget: int) -> list:

@@ -1,0 +1,91 @@
+"""How fast this machine runs a control rank's kind of Python, so that the simulation's charges do not depend on
+the machine that runs it.
+
+The simulation times each control message's handler (the conductor's, a sub-conductor's) on the machine running
+it, and charges a target node's core for it in virtual time. The time measured here has to be scaled to that
+core: before this probe it was scaled by the calibration's cpu_slowdown, which holds only on the machine the
+calibration was made on (a slower CI box charged rank 0 3.6x more: bench/notes/scale_out.md). Now the same fixed
+workload is timed here and on the target machine (bench/control_probe.py, committed), and a handler's time is
+scaled by their ratio.
+
+The workload is the kind of work the handlers do, but fixed: it never changes with the protocol's code, so probes
+taken in different sessions stay comparable. Change PROBE_VERSION if it is ever changed.
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import pickle
+import time
+from dataclasses import dataclass, field
+
+PROBE_VERSION = 1
+_MESSAGES = 2000
+
+
+@dataclass
+class _Message:
+    unit: int
+    shard: str
+    rows: int
+    tokens: int
+    sent: dict = field(default_factory=dict)
+
+
+def _workload() -> int:
+    """Pickle and unpickle small dataclass messages, keep them in a dict, format ledger-like lines, drop them."""
+    table: dict[int, _Message] = {}
+    lines = []
+    for k in range(_MESSAGES):
+        message = pickle.loads(pickle.dumps(_Message(k, f"part-{k:08d}-r{k % 61:05d}.parquet", 20_000, 2_944_000,
+                                                     {k % 7: 20_000, k % 5 + 8: 1_000}), pickle.HIGHEST_PROTOCOL))
+        table[message.unit] = message
+        lines.append(json.dumps({"kind": "unit", "unit": message.unit, "shards": {message.shard: message.rows},
+                                 "tokens": message.tokens}) + "\n")
+    size = len("".join(lines))
+    for k in range(_MESSAGES):
+        del table[k]
+    return size
+
+
+def probe_seconds(repeats: int = 7) -> float:
+    """The workload's fastest time of `repeats` here, in seconds (the fastest: what the core can do, not what a
+    busy moment on a shared machine let it)."""
+    best = float("inf")
+    gc.disable()
+    try:
+        _workload()                     # warm: the first run pays for imports and the allocator's growth
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _workload()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return best
+
+
+def handler_scale(target_probe_s: float, cpu_slowdown: float, here_probe_s: float | None = None) -> float:
+    """What a handler's time measured here is multiplied by to give the target core's: the probe's ratio when the
+    target's probe is known, else the calibration's cpu_slowdown (right only on the machine it was made on)."""
+    if not target_probe_s:
+        return cpu_slowdown
+    return target_probe_s / (here_probe_s if here_probe_s is not None else here_probe_seconds())
+
+
+@functools.lru_cache(maxsize=1)
+def here_probe_seconds() -> float:
+    """probe_seconds() once per process: every simulation of one study is scaled alike."""
+    return probe_seconds()
+
+
+def pickle_seconds(message, repeats: int = 2000) -> tuple[float, float]:
+    """Seconds to unpickle and to pickle `message`, here."""
+    data = pickle.dumps(message)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        pickle.loads(data)
+    middle = time.perf_counter()
+    for _ in range(repeats):
+        pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+    return (middle - start) / repeats, (time.perf_counter() - middle) / repeats
