@@ -182,13 +182,26 @@ def run_peer(args, queries: list[str], docs: list[str], health: dict):
             proc.kill()
 
 
+def start_profile(args):
+    """py-spy sampling the server and its tokenizing processes through the bulk load's first --profile-seconds
+    (collapsed stacks, one file; threads apart), or None."""
+    if not args.profile_seconds:
+        return None
+    return subprocess.Popen(["py-spy", "record", "--pid", str(args.server_pid), "--duration",
+                             str(args.profile_seconds), "--rate", "250", "--format", "raw", "--threads",
+                             "--subprocesses", "--output", args.profile_output], stdout=subprocess.DEVNULL)
+
+
 async def measure(url: str, model: str, queries: list[str], docs: list[str], args) -> dict:
     import aiohttp
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         await _post(session, url, model, queries[:16])                    # warm
         latency = [await queries_at(session, url, model, queries, rate, args.seconds) for rate in args.rates]
+        profiler = start_profile(args)
         solo = await bulk_load(url, model, docs, args)
+        if profiler is not None:
+            profiler.wait(timeout=60)
         mixed_bulk, mixed_queries = await asyncio.gather(
             bulk_load(url, model, docs, args),
             queries_at(session, url, model, queries, args.mixed_rate, args.seconds))
@@ -210,12 +223,16 @@ def main() -> None:
     ap.add_argument("--per-request", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each measurement")
     ap.add_argument("--slug", default="")
+    ap.add_argument("--profile-seconds", type=int, default=0, help="py-spy the server for this long in the bulk "
+                    "load (py-spy must be installed)")
+    ap.add_argument("--profile-output", default="/tmp/serve-profile.txt")
     ap.add_argument("--peer-infinity", action="store_true", help="also measure infinity-emb on the same model")
     ap.add_argument("serve_options", nargs="*", help="options for hpcembed serve (after --)")
     args = ap.parse_args()
     queries = build_queries(args.texts, Path(args.paragraphs))
     docs = build_documents(args.texts, Path(args.paragraphs))
     proc, url = start_server(args, args.serve_options)
+    args.server_pid = proc.pid
     try:
         import urllib.request
         with urllib.request.urlopen(url + "/health", timeout=30) as resp:

@@ -257,3 +257,11 @@ def test_a_dead_tokenizing_process_is_answered_503_and_ends_the_server(tmp_path,
         assert "a tokenizing process died; ending the service" in job.text()
     finally:
         job.stop()
+
+
+@pytest.mark.parametrize("dim", [384, 1024, 1])
+def test_base64_rows_cut_from_one_encoding_equal_each_row_encoded(dim):
+    from hpcembed.serve.server import _base64_rows
+    rows = np.random.default_rng(dim).standard_normal((9, dim)).astype("<f4")
+    assert _base64_rows(rows) == [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+    assert _base64_rows(rows[:0]) == []
