@@ -230,3 +230,14 @@ def test_handler_times_are_scaled_by_the_control_probe_not_this_machine(calibrat
     assert handler_scale(0.0, 2.5) == 2.5 and handler_scale(0.03, 2.5, 0.01) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="probe version"):
         control_probe({**probe, "probe_version": PROBE_VERSION + 1}, Path("probe.json"))
+
+
+def test_rank_0s_ledger_is_made_durable_on_the_simulations_clock(calibration):
+    """Once a simulated second, as a real rank 0 does, not once a second of the simulation's own run."""
+    cal = json.loads(calibration.read_text())
+    sim = Simulation(1, node_from(cal), JobShape(rows=40_000, unit_rows=10_000), rates_from(cal))
+    try:
+        sim.env.run(until=2.5)
+        assert sim.conductor.ledger.clock() == 2.5
+    finally:
+        sim._tmp.cleanup()

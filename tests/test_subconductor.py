@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from array import array
 
+import pytest
+
 from hpcembed.io.ids import id_digest
 from hpcembed.io.ledger import CommittedUnit, Ledger
 from hpcembed.io.writer import OutputDir, shard_name
@@ -123,3 +125,12 @@ def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_on
     core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
     assert core.rows_written == 3 and core.rejected_rows == 1
     assert core.result(1.0, 0.0).shards == [{"path": names[0], "rows": 2}, {"path": names[1], "rows": 1}]
+
+
+def test_the_commit_wait_grows_with_the_sub_conductors_so_rank_0_takes_a_bounded_batch_rate():
+    from types import SimpleNamespace
+    from hpcembed.protocol.subconductor import COMMIT_SECONDS, CONDUCTOR_BATCHES_PER_S, commit_seconds_for
+    assert commit_seconds_for(SimpleNamespace(subconductors=range(4))) == COMMIT_SECONDS
+    many = 4 * CONDUCTOR_BATCHES_PER_S
+    assert commit_seconds_for(SimpleNamespace(subconductors=range(many))) == pytest.approx(4.0)
+    assert SubConductorCore(5, SUB_ROLES).commit_seconds == commit_seconds_for(SUB_ROLES)

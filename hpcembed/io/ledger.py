@@ -139,6 +139,9 @@ class Ledger:
         self.generation = 0                 # an object store's: the segments that belong to the header
         self._fh = None
         self._last_sync = 0.0
+        # When to make records durable is decided by this clock: the simulation (scaling/sim.py) sets its virtual
+        # time, so rank 0 pays an fsync once a simulated second, as a real one does, not once a second of its own run.
+        self.clock = time.monotonic
         self._segment: list[str] = []       # records not yet in a segment
         self._segments = 0
 
@@ -266,7 +269,7 @@ class Ledger:
 
     def tick(self) -> None:
         """Make the records so far durable if it is time: fsync the file, or write an object store's segment."""
-        now = time.monotonic()
+        now = self.clock()
         if not self.dir.appendable:
             if self._segment and now - self._last_sync >= SEGMENT_SECONDS:
                 self._write_segment()

@@ -34,8 +34,8 @@ from .messages import (AssignUnit, Drain, NoMoreUnits, PartWritten, RankReport, 
 from .stealing import Stealing
 
 COMMIT_BATCH = 64           # units per UnitsCommitted at most
-COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on, up to 500 sub-conductors
-CONDUCTOR_BATCHES_PER_S = 1000
+COMMIT_SECONDS = 0.5        # the longest a complete unit waits here before it is sent on, up to 250 sub-conductors
+CONDUCTOR_BATCHES_PER_S = 500
 
 
 def commit_seconds_for(roles: RoleMap) -> float:

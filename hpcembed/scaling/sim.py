@@ -59,6 +59,7 @@ class Simulation:
         output = OutputDir(self._tmp.name)
         self.conductor = ConductorCore(self.roles, self.plan, output, output.ledger(), LedgerState({}, [], {}),
                                        steal_rows=job.steal_rows)
+        self.conductor.ledger.clock = lambda: self.env.now
         self.subconductors = {s: SubConductorCore(s, self.roles, steal_rows=job.steal_rows)
                               for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
