@@ -255,6 +255,7 @@ def test_a_dead_tokenizing_process_is_answered_503_and_ends_the_server(tmp_path,
         assert status == 503 and "tokenizing process died" in json.loads(body)["error"]["message"]
         assert job.proc.wait(timeout=60) == 1
         assert "a tokenizing process died; ending the service" in job.text()
+        assert "bulk requests tokenized in 1 process, " in job.text()
     finally:
         job.stop()
 

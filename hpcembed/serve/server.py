@@ -63,6 +63,11 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                              status=status, headers=headers)
 
 
+def _tokenizing_said(processes: int, threads: int, backend: str) -> str:
+    where = f"{processes} process{'es' if processes != 1 else ''}" if processes else f"{threads} threads"
+    return f"{where}, {backend} tokenizer"
+
+
 def _base64_rows(embeddings: np.ndarray) -> list[str]:
     """Each row's little-endian float32 bytes in base64. Where a row is a whole number of 3-byte groups (its
     dimension a multiple of 3, as 384 and 768 are), the matrix is encoded at once and cut at the rows: the same
@@ -225,8 +230,7 @@ class Service:
         log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s; bulk requests tokenized in %s)",
                  self.limits.model_names[0], self.opts.host, port, first.engine, first.dtype_name, first.device_name,
                  len(self.encoders), "" if len(self.encoders) == 1 else "s",
-                 f"{self.tokenizing.processes} processes" if self.tokenizing.processes
-                 else f"{self.opts.tokenizer_threads} threads")
+                 _tokenizing_said(self.tokenizing.processes, self.opts.tokenizer_threads, self.backend.name))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.state.stop.set)
