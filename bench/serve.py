@@ -10,8 +10,8 @@ Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
 Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again.
 With --peer-infinity, the peer the issue asks for, infinity-emb serving the same model directory on the same
 device, gets the same bulk load and the same queries at --mixed-rate alone, once hpcembed serve has stopped (the
-JSON says why if it could not be started). Latencies are client-side, so they include the client's own time on a shared machine. Writes
-bench/results/serve-<slug>.json.
+JSON says why if it could not be started). Latencies are client-side, so they include the client's own time on
+a shared machine. Writes bench/results/serve-<slug>.json.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves
     conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
     `commit_seconds`, or at once when nothing else is in flight. The wait grows with the number of
     sub-conductors, so that rank 0 takes at most about CONDUCTOR_BATCHES_PER_S batches a second however many
-    nodes send them (each costs rank 0 about 100 µs of CPU, measured: bench/notes/scale_out.md). A unit is committed only when the conductor
-    writes its record, so a sub-conductor that dies loses nothing that was committed;
+    nodes send them (each costs rank 0 about 100 µs of CPU, measured: bench/notes/scale_out.md). A unit is
+    committed only when the conductor writes its record, so a sub-conductor that dies loses nothing that was
+    committed;
   - tail stealing (protocol/stealing.py) among its tokenizers once the conductor has no more units: the splits
     go to the conductor in the next UnitsCommitted, ahead of the commits it carries;
   - the end: it releases its tokenizers when they report, and reports them and itself in one message (RankReports)

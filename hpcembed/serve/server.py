@@ -2,8 +2,9 @@
 embeddings API, for live queries against a corpus embedded with `hpcembed run` (same model, same numbers).
 
 One process: aiohttp's event loop takes requests, the job's tokenizer backend (prompt included) tokenizes them
-(small requests in threads, bulk ones in processes of their own on a GPU: serve/tokenizing.py), and the scheduler (serve/scheduler.py) batches their rows onto the encoder instances in two
-lanes with admission control.
+(small requests in threads, bulk ones in processes of their own on a GPU: serve/tokenizing.py), and the
+scheduler (serve/scheduler.py) batches their rows onto the encoder instances in two lanes with admission
+control.
 
 - POST /v1/embeddings: `input` a string, a list of strings, or token ids (one list, or a list of lists);
   `model`; `encoding_format` float or base64; `dimensions`. With `Accept: application/octet-stream` the answer
