@@ -30,9 +30,6 @@ class ServeOptions:
                                              "low-latency lane's batches")
     tokenizer_threads: int = _opt(4, "threads tokenizing requests (bulk ones only where there are no tokenizing "
                                      "processes)")
-    switch_interval_ms: float = _opt(1.0, "Python's thread switch interval in the server (sys.setswitchinterval; "
-                                          "Python's default is 5): a thread waiting for the interpreter lock gets it "
-                                          "after at most this long, so a query's steps wait less behind bulk work")
     tokenizer_processes: int = _opt(-1, "processes tokenizing bulk requests (a process tokenizes at about one "
                                         "core's rate, whatever its threads); -1: on CUDA one per core beyond 4, at "
                                         "most 12; on CPU none, the encoder's threads take the cores")

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -34,7 +33,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import JobConfig
-from ..errors import EXIT_FAILED, ConfigError
+from ..errors import EXIT_FAILED
 from ..launch.build import build_encoders, tokenizer_backend
 from ..launch.setup import model_spec
 from .metrics import Metrics
@@ -248,7 +247,4 @@ class Service:
 
 
 def serve(cfg: JobConfig, opts: ServeOptions) -> int:
-    if opts.switch_interval_ms <= 0:
-        raise ConfigError(f"--switch-interval-ms must be above 0, got {opts.switch_interval_ms}")
-    sys.setswitchinterval(opts.switch_interval_ms / 1e3)
     return asyncio.run(Service(cfg, opts).run())
