@@ -124,6 +124,7 @@ def test_reuse_encodes_only_what_changed(corpus, tmp_path, st_model):
     assert damaged["dedup"]["reuse_shards_ignored"] == 1 and damaged["rows_reused"] < manifest["rows_reused"]
 
 
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_reuse_refuses_outputs_it_cannot_trust(corpus, tmp_path, model_dir):
     root, texts, _ = corpus
     small = tmp_path / "small"

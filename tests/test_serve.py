@@ -239,6 +239,7 @@ def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir):
         job.stop()
 
 
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_a_dead_tokenizing_process_is_answered_503_and_ends_the_server(tmp_path, model_dir):
     job, url = start_server(tmp_path, model_dir, "--tokenizer-processes", "1")
     try:
