@@ -27,6 +27,18 @@ def cores_here() -> int:
         return os.cpu_count() or 1
 
 
+def launched_on_one_host() -> bool:
+    """True when the launcher says every rank of the job runs on this host (Hydra's and Open MPI's local rank
+    counts, or a one-node Slurm step), so token batches cannot cross a node; False when it says otherwise or says
+    nothing. Known before MPI starts, which is when the UCX bindings would have to be loaded."""
+    if int(os.environ.get("HPCEMBED_VIRTUAL_NODES", "1") or 1) > 1:
+        return False
+    for world, local in (("PMI_SIZE", "MPI_LOCALNRANKS"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")):
+        if os.environ.get(world, "").isdigit() and os.environ.get(local, "").isdigit():
+            return int(os.environ[world]) == int(os.environ[local])
+    return os.environ.get("SLURM_STEP_NUM_NODES") == "1"
+
+
 def process_start_ticks(pid: int | str = "self") -> int | None:
     """A process's start, in clock ticks after boot, from /proc (None if it is gone, or off Linux)."""
     try:

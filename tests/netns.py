@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -35,9 +36,20 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
+def _free_subnet() -> str:
+    """A 10.231.N /24 that no interface here has: a bridge a killed run left behind keeps its address, and a
+    second bridge on the same subnet leaves MPICH's connections hanging."""
+    taken = _ip("-4", "-o", "addr", "show").stdout
+    for n in range(7, 250):
+        if f" 10.231.{n}." not in taken:
+            return f"10.231.{n}"
+    raise RuntimeError("no free 10.231.N/24 subnet for the virtual hosts")
+
+
 class VirtualHosts:
-    def __init__(self, count: int, workdir: Path, subnet: str = "10.231.7"):
+    def __init__(self, count: int, workdir: Path, subnet: str | None = None):
         tag = f"{os.getpid() % 100000}"
+        subnet = subnet or _free_subnet()
         self.count, self.workdir, self.subnet = count, Path(workdir), subnet
         self.bridge = f"hpbr{tag}"
         self.namespaces = [f"hpce{tag}h{i}" for i in range(count)]
@@ -96,7 +108,13 @@ exec ip netns exec "$ns" unshare --uts sh -c "hostname $name; $*"
                     "burst", "256kb", "latency", "50ms")
 
     def stop(self) -> None:
+        # A job killed by its timeout leaves MPICH's proxies (and their ranks) running in the namespaces.
         for ns in self.namespaces:
+            for pid in _ip("netns", "pids", ns, check=False).stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             _ip("netns", "del", ns, check=False)
         for veth in self.veths:
             _ip("link", "del", veth, check=False)

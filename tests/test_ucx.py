@@ -49,6 +49,26 @@ def test_ucx_gives_the_same_output_as_mpi(tmp_path, corpus):
     assert max(float(np.abs(outputs["mpi"][i] - outputs["ucx"][i]).max()) for i in expected) < 1e-5
 
 
+@pytest.mark.parametrize("env, one_host", [
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4"}, True),
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "2"}, False),
+    ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, False),
+    ({"SLURM_STEP_NUM_NODES": "1"}, True),
+    ({"SLURM_STEP_NUM_NODES": "2"}, False),
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4", "HPCEMBED_VIRTUAL_NODES": "2"}, False),
+    ({}, False),
+])
+def test_one_host_is_read_from_the_launcher(monkeypatch, env, one_host):
+    from hpcembed.world import launched_on_one_host
+    for name in ("PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE",
+                 "SLURM_STEP_NUM_NODES", "HPCEMBED_VIRTUAL_NODES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launched_on_one_host() is one_host
+
+
 def test_auto_uses_mpi_on_one_host(tmp_path, corpus):
     root, expected = corpus
     proc = mpirun(4, "--input", str(root), "--output", str(tmp_path / "out"), "--unit-rows", "100")
