@@ -117,7 +117,9 @@ def gather_ranks(comm) -> list[RankInfo]:
     sees = (machine, os.environ.get("CUDA_VISIBLE_DEVICES"))
     alike = [r for r, other in enumerate(comm.allgather(sees)) if other == sees]
     asker = next((r for r in alike if r != 0), 0)
-    answers = comm.allgather(_gpus_here() if asker == comm.Get_rank() else None)
+    mine = _gpus_here() if asker == comm.Get_rank() else None
+    quiet_barrier(comm)
+    answers = comm.allgather(mine)
     cuda, name = answers[asker]
     virtual = os.environ.get("HPCEMBED_VIRTUAL_NODES", "")
     if virtual:
@@ -133,6 +135,16 @@ def gather_ranks(comm) -> list[RankInfo]:
         ranks.append(RankInfo(rank, h, seen.get(h, 0), gpus, devices, group, cores, gpu_name, pid))
         seen[h] = seen.get(h, 0) + 1
     return ranks
+
+
+def quiet_barrier(comm, poll_s: float = 0.005) -> None:
+    """A barrier that sleeps while it waits. A rank blocked in an MPI collective spins a core: while another rank
+    spends seconds importing torch, or works on, that takes its core where ranks share cores (a 5-rank job on 2
+    cores took 14 s instead of 9) and elsewhere from the node's other work. Every rank must use this one at a
+    given point (blocking and non-blocking collectives do not match each other)."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        time.sleep(poll_s)
 
 
 def _gpus_here() -> tuple[int, str]:

@@ -55,3 +55,35 @@ def test_sends_keep_their_order_while_the_receiver_is_busy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "report.receiver").read_text() == "order kept"
     assert (tmp_path / "report.sender").read_text().startswith("sent 300 in ")
+
+
+WAIT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from mpi4py import MPI
+    from hpcembed.world import quiet_barrier
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() == 1:
+        time.sleep(1.5)                 # the rank the others wait for, as while it imports torch
+    cpu, wall = time.process_time(), time.perf_counter()
+    (quiet_barrier if sys.argv[2] == "quiet" else lambda c: c.Barrier())(comm)
+    if comm.Get_rank() == 0:
+        open(sys.argv[1], "w").write(f"{time.process_time() - cpu:.3f} {time.perf_counter() - wall:.3f}")
+""")
+
+
+def test_a_rank_waiting_at_the_quiet_barrier_leaves_its_core_free(tmp_path):
+    """Rank 0 waits 1.5 s for rank 1: at the quiet barrier it uses a small part of that in CPU time, where MPI's
+    own barrier spins (the control run shows this check can fail)."""
+    script = tmp_path / "wait.py"
+    script.write_text(WAIT_SCRIPT)
+    used = {}
+    for how in ("quiet", "blocking"):
+        proc = subprocess.run(["timeout", "60", MPIEXEC, "-n", "2", sys.executable, str(script),
+                               str(tmp_path / how), how], capture_output=True, text=True, cwd=REPO, timeout=90,
+                              env={**os.environ, **MPI_ENV})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        cpu, wall = map(float, (tmp_path / how).read_text().split())
+        assert wall > 1.2
+        used[how] = cpu / wall
+    assert used["quiet"] < 0.2, used
+    assert used["blocking"] > 0.5, used

@@ -28,6 +28,7 @@ from ..signals import STOP
 from ..slurm import SlurmTask
 from ..topology import RankInfo, device_for, plan_roles
 from ..transport.base import Transport
+from ..world import quiet_barrier
 from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, tokenizer_rank
 from .calibrate import agree
 from .kinds import JobKind
@@ -99,7 +100,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
     transport.flush()
     # Nobody leaves early: an encoder rank may still be returning credits to a finished tokenizer, and sending to
     # a rank that has finalized MPI is fatal. On failure the conductor aborts the world instead.
-    _quiet_barrier(comm)
+    quiet_barrier(comm)
     transport.close()
     return manifest
 
@@ -114,11 +115,13 @@ def _share_plan(comm, plan: RunPlan | None) -> tuple[RunPlan, list]:
     Returns the plan and rank 0's pending sends, completed before the world ends (_settle)."""
     if comm.Get_rank() == 0:
         return plan, [comm.isend(plan, dest=r, tag=_PLAN_TAG) for r in range(1, comm.Get_size())]
+    while not comm.Iprobe(source=0, tag=_PLAN_TAG):        # a blocking receive would spin while rank 0 plans
+        time.sleep(0.005)
     return comm.recv(source=0, tag=_PLAN_TAG), []
 
 
 def _settle(sends: list) -> None:
-    """Complete rank 0's plan sends, sleeping between looks like _quiet_barrier."""
+    """Complete rank 0's plan sends, sleeping between looks like world.quiet_barrier."""
     while sends and not all(request.Test() for request in sends):
         time.sleep(0.005)
     sends.clear()
@@ -224,15 +227,6 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
                          plan.reuse).run()
     run_role(role, transport, plan.roles.conductor, body)
-
-
-def _quiet_barrier(comm) -> None:
-    """A barrier that sleeps while it waits: a blocking MPI barrier spins a core, which finished or idle ranks
-    would take from the tokenizers still working. Every rank must use this one (blocking and non-blocking
-    collectives do not match each other)."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        time.sleep(0.005)
 
 
 def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
