@@ -93,6 +93,7 @@ def test_bad_urls_are_named(tmp_path, s3, url, message):
     assert "secret_key=x" not in proc.stderr
 
 
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 @needs_mpi
 def test_kill_9_and_resume_from_the_store(tmp_path, s3, st_model):
     texts = {f"k{k:03d}": f"killed and resumed from the object store, row {k} " * (1 + k % 5) for k in range(160)}

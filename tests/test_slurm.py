@@ -84,6 +84,7 @@ def test_multi_node(cluster, corpus, tmp_path):
         assert {host[int(g)] for g in t["batches_sent"]} == {r["host"] for r in by_role["encoder"]}, t
 
 
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_het_job(cluster, corpus, tmp_path):
     root, expected = corpus
     out = tmp_path / "out"

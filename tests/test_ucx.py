@@ -34,6 +34,7 @@ def _crossed(manifest: dict) -> int:
                for g, n in r["batches_sent"].items() if host[int(g)] != r["host"])
 
 
+@pytest.mark.slow       # the full suite only (README): too long for CI's 30 minutes on two cores
 def test_ucx_gives_the_same_output_as_mpi(tmp_path, corpus):
     root, expected = corpus
     outputs = {}
