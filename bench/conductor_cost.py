@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=12_800)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--slug", default="", help="name the JSON by this instead of the device")
     args = ap.parse_args()
     runs = [(direct(args.units), *batched(args.units, args.batch)) for _ in range(args.repeats)]
     best = [min(r[k] for r in runs) for k in range(3)]
@@ -100,7 +101,7 @@ def main() -> None:
     print(table([("conductor, direct (UnitRead + 2 PartWritten per unit)", f"{per_unit[0]:.2f}"),
                  (f"conductor, sub-conductor batches of {args.batch}", f"{per_unit[1]:.2f}"),
                  ("sub-conductor, making the batches", f"{per_unit[2]:.2f}")], ("who", "us per unit")))
-    path = record("conductor_cost", device_name().replace(" ", "_"), {
+    path = record("conductor_cost", args.slug or device_name().replace(" ", "_"), {
         "units": args.units, "batch": args.batch, "repeats": args.repeats,
         "direct_us_per_unit": round(per_unit[0], 3), "batched_us_per_unit": round(per_unit[1], 3),
         "subconductor_us_per_unit": round(per_unit[2], 3), "speedup": round(per_unit[0] / per_unit[1], 2),

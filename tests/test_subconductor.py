@@ -68,7 +68,7 @@ def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():
     assert sub.poll(1.2) == []                  # 2 complete, 2 still out, the oldest waited 0.2 s
     (dest, batch), = sub.poll(1.5)              # ... now 0.5 s
     assert dest == 0 and list(batch.counts) == [0, 2, 0, 1, 2, 0] and batch.tokens == 40
-    assert [json.loads(line)["unit"] for line in batch.lines] == [0, 1]
+    assert [json.loads(line)["unit"] for line in batch.records.split("\n")[:-1]] == [0, 1]
     sub.handle(2, UnitRead(2, {3: 2}, tokens=20), now=2.0)
     sub.handle(3, PartWritten(2, shard_name(2, 3), 2, 20), now=2.0)
     sub.handle(2, UnitRead(3, {}, tokens=0, rejected_rows=2), now=2.0)
@@ -100,7 +100,7 @@ def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
     ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
     ctor.handle(5, RequestUnits(2))
     record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
-    ctor.handle(5, UnitsCommitted([Ledger.unit_line(record)], array("q", [0, 2, 0]), [], 20))
+    ctor.handle(5, UnitsCommitted(Ledger.unit_line(record), array("q", [0, 2, 0]), [], 20))
     assert not ctor.done
     ctor.handle(3, Calibrated([[0.0], [1.0]]))
     assert ctor.all_committed
@@ -115,11 +115,11 @@ def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_on
     core.handle(5, RequestUnits(2))
     names = [write_shard(tmp_path, unit, 3, ids) for unit, ids in ((0, ["a", "b"]), (1, ["c", "a"]))]
     first = CommittedUnit(0, {names[0]: 2}, 4)
-    core.handle(5, UnitsCommitted([Ledger.unit_line(first)], array("q", [0, 2, 0]), [], 4))
+    core.handle(5, UnitsCommitted(Ledger.unit_line(first), array("q", [0, 2, 0]), [], 4))
     # Unit 1 is complete at its sub-conductor but not yet sent on when the repeat is found: nothing to drop yet.
     assert core.handle(2, DuplicateRows([(1, 0, 3, 0, 0, 0, id_digest("a"))])) == []
     second = CommittedUnit(1, {names[1]: 2}, 4)
-    sends = core.handle(5, UnitsCommitted([Ledger.unit_line(second)], array("q", [1, 2, 0]), [], 4))
+    sends = core.handle(5, UnitsCommitted(Ledger.unit_line(second), array("q", [1, 2, 0]), [], 4))
     assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
     removed, rewritten = output.drop_ids(shard_name(1, 3), {id_digest("a")})
     core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
@@ -134,3 +134,31 @@ def test_the_commit_wait_grows_with_the_sub_conductors_so_rank_0_takes_a_bounded
     many = 4 * CONDUCTOR_BATCHES_PER_S
     assert commit_seconds_for(SimpleNamespace(subconductors=range(many))) == pytest.approx(4.0)
     assert SubConductorCore(5, SUB_ROLES).commit_seconds == commit_seconds_for(SUB_ROLES)
+
+
+def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
+    """The conductor's store of batched commits: membership, count, order and each unit's record as if it had been
+    kept per unit, a reject holding a line separator that str.splitlines would cut at, and a parsed record
+    replacing its batch entry."""
+    from hpcembed.io.ledger import CommittedUnits
+    own = CommittedUnit(9, {shard_name(9, 3): 5}, 50)
+    units = CommittedUnits({9: own})
+    records = [CommittedUnit(u, {shard_name(u, 3): 10 + u}, 100, rejected=u % 2,
+                             rejects=[{"id": f"odd\u2028id {u}", "error": "empty"}] * (u % 2)) for u in range(4)]
+    for first in (0, 2):
+        part = records[first: first + 2]
+        units.add_batch(UnitsCommitted("".join(Ledger.unit_line(r) for r in part),
+                                       array("q", [n for r in part for n in (r.unit, r.rows, r.rejected)]), [], 0))
+    assert len(units) == 5 and list(units) == [9, 0, 1, 2, 3]
+    assert 3 in units and 4 not in units and units[9] is own
+    for r in records:
+        got = units[r.unit]
+        assert (got.unit, got.rows, got.rejected) == (r.unit, r.rows, r.rejected)
+        assert got.parse() == r
+    assert [(u, rec.rows) for u, rec in units.items()] == [(9, 5), (0, 10), (1, 11), (2, 12), (3, 13)]
+    units[1] = units[1].parse()
+    assert len(units) == 5 and units[1] == records[1]
+    assert [u for u, _ in units.items()] == list(units) == [9, 0, 1, 2, 3]      # commit order kept
+    assert next(rec for u, rec in units.items() if u == 1) is units[1]
+    with pytest.raises(KeyError):
+        units[4]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from ..errors import HpcEmbedError, InputError
 from ..io.ids import id_digest
-from ..io.ledger import CommittedUnit, Ledger, LedgerState, RecordedUnit
+from ..io.ledger import CommittedUnit, CommittedUnits, Ledger, LedgerState, RecordedUnit
 from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
@@ -84,10 +84,11 @@ class ConductorCore:
         the resumed units applied (Plan.split); the ones made now are added to it."""
         self.roles, self.plan, self.output, self.ledger, self.progress = roles, plan, output, ledger, progress
         self.skip_invalid, self.name_ranks = skip_invalid, name_ranks
-        self.done: dict[int, CommittedUnit | RecordedUnit] = dict(resumed.units)
+        self.done = CommittedUnits(resumed.units)
         self.pending = deque(u for u in plan.units if u.unit not in self.done)
         self.units: dict[int, UnitParts] = {}        # units read or written in part, not yet committed
         self.plan_units = {u.unit: u for u in plan.units}
+        self.plan_rows = {u.unit: u.rows for u in plan.units}         # read for every unit a batch commits
         self.rows_resumed, self.units_resumed = self._texts(resumed.units), len(resumed.units)
         self.ranges = resumed.ranges        # int8/uint8 output's calibration ranges, once known
         self.paths = {f.index: f.path for f in plan.files}
@@ -235,6 +236,7 @@ class ConductorCore:
     def _plan_split(self, unit: int, cut: int) -> None:
         head, piece = self.plan.split(unit, cut)
         self.plan_units[unit], self.plan_units[piece.unit] = head, piece
+        self.plan_rows[unit], self.plan_rows[piece.unit] = head.rows, piece.rows
 
     # --- grants and batched commits from sub-conductors ---------------------------------------------------------
     def _grant(self, count: int) -> UnitGrant:
@@ -256,13 +258,11 @@ class ConductorCore:
             self._plan_split(unit, cut)
         # Ledger first: a reject line without its ledger record is rebuilt away on resume. The splits go first, in
         # the same write.
-        self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + message.lines)
+        self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + [message.records])
         self.output.append_rejects(message.rejects)
-        counts, rows = message.counts, 0
-        for k in range(0, len(counts), 3):
-            unit, rejected = counts[k], counts[k + 2]
-            self.done[unit] = RecordedUnit(unit, counts[k + 1], rejected, message.lines[k // 3])
-            rows += self.plan_units[unit].rows - rejected
+        counts = message.counts
+        self.done.add_batch(message)
+        rows = sum(map(self.plan_rows.__getitem__, counts[0::3])) - sum(counts[2::3])
         self.tokens += message.tokens
         if self.progress is not None:
             self.progress.update(rows, message.tokens)

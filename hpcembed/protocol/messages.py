@@ -72,8 +72,8 @@ class UnitGrant:
 @dataclass
 class UnitsCommitted:
     """Units a sub-conductor found complete, in one message: made so that the conductor's work per unit is least
-    (one ledger write for all, no record to decode)."""
-    lines: list[str]                # each unit's ledger record (io/ledger.Ledger.unit_line)
+    (one ledger write for all, no record to decode, one string to unpickle rather than a string per unit)."""
+    records: str                    # the units' ledger records (io/ledger.Ledger.unit_line), a line each, in order
     counts: array                   # per unit: its number, the rows its shards hold, the rows rejected ('q')
     rejects: list[dict]             # the units' rejects, for the rejects file
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)

@@ -132,7 +132,7 @@ class SubConductorCore:
         if (len(self.complete) < self.commit_batch and self.units and now - self.complete_since < self.commit_seconds):
             return []
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
-        out = [Send(self.conductor, UnitsCommitted([Ledger.unit_line(u) for u in self.complete], counts,
+        out = [Send(self.conductor, UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
                                                    [r for u in self.complete for r in u.rejects], self.tokens,
                                                    self.splits))]
         self.splits = []
