@@ -139,9 +139,9 @@ def gather_ranks(comm) -> list[RankInfo]:
 
 def quiet_barrier(comm, poll_s: float = 0.005) -> None:
     """A barrier that sleeps while it waits. A rank blocked in an MPI collective spins a core: while another rank
-    spends seconds importing torch, or works on, that takes its core where ranks share cores (a 5-rank job on 2
-    cores took 14 s instead of 9) and elsewhere from the node's other work. Every rank must use this one at a
-    given point (blocking and non-blocking collectives do not match each other)."""
+    spends seconds importing torch, or works on, that takes its core where ranks share cores, and elsewhere the
+    node's other work's. Every rank must use this one at a given point (blocking and non-blocking collectives do
+    not match each other)."""
     request = comm.Ibarrier()
     while not request.Test():
         time.sleep(poll_s)
