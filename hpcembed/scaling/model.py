@@ -10,7 +10,7 @@ InfiniBand clusters are built.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import simpy
@@ -104,6 +104,7 @@ class SimResult:
     remote_batch_fraction: float
     nic_busy_max: float                     # the busiest NIC direction, fraction of the makespan
     wall_seconds: float
+    conductor_us_by_message: dict = field(default_factory=dict)     # type -> [messages, CPU µs each, here]
 
 
 class SimNetwork:

@@ -116,6 +116,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             "conductor_busy": round(result.conductor_busy, 4),
             "conductor_messages": result.conductor_messages,
             "conductor_cpu_us_per_message_here": round(result.conductor_cpu_us_per_message, 2),
+            "conductor_us_by_message_here": result.conductor_us_by_message,       # type: [messages, µs each]
             "conductor_queue_max": result.conductor_queue_max,
             "gpu_busy": round(result.gpu_busy, 4), "remote_batch_fraction": round(result.remote_batch_fraction, 4),
             "nic_busy_max": round(result.nic_busy_max, 5), "sim_wall_seconds": round(result.wall_seconds, 2),
