@@ -98,8 +98,8 @@ def main() -> None:
         emb, seconds, warmup, busy, graphed = run_config(spec, batches, len(token_lists), "varlen", dtype, 1,
                                                          {"fused", "graphs"}, budget)
         stage[dtype] = {"texts_per_s": round(len(token_lists) / seconds, 1),
-                        "tokens_per_s": round(n_tokens / seconds, 1), "build_and_warmup_seconds": round(warmup, 2), "graph_batch_fraction": round(graphed, 3),
-                        "embeddings": emb[: args.check_docs]}
+                        "tokens_per_s": round(n_tokens / seconds, 1), "build_and_warmup_seconds": round(warmup, 2),
+                        "graph_batch_fraction": round(graphed, 3), "embeddings": emb[: args.check_docs]}
         print(f"stage {dtype}: {n_tokens / seconds / 1e6:.3f}M tokens/s", flush=True)
     torch.cuda.empty_cache()
 
