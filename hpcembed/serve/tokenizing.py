@@ -3,9 +3,9 @@
 One Python process tokenizes at about one core's rate whatever its thread count: the backends' per-text work
 (BudTikTok's fallback checks and truncation, HF's list building) holds the GIL. On the H200 box the server's bulk
 load got 7.4k texts/s with 4 tokenizing threads and 15.9k with 12 (HF tokenizer; bench/notes/serve.md), against
-the GPU's 100k. So bulk requests go to processes of their own, each with its own backend, and come back as the token batch
-the scheduler takes (pickled numpy arrays: small beside the texts). Small requests stay on threads in the
-server's process: a query never pays the round trip to another process, and never waits behind bulk texts.
+the GPU's 100k. So bulk requests go to processes of their own, each with its own backend, and come back as the
+token batch the scheduler takes (pickled numpy arrays: small beside the texts). Small requests stay on threads in
+the server's process: a query never pays the round trip to another process, and never waits behind bulk texts.
 """
 from __future__ import annotations
 
