@@ -31,7 +31,8 @@ def launched_on_one_host() -> bool:
     """True when the launcher says every rank of the job runs on this host (Hydra's and Open MPI's local rank
     counts, or a one-node Slurm step), so token batches cannot cross a node; False when it says otherwise or says
     nothing. Known before MPI starts, which is when the UCX bindings would have to be loaded."""
-    if int(os.environ.get("HPCEMBED_VIRTUAL_NODES", "1") or 1) > 1:
+    virtual = os.environ.get("HPCEMBED_VIRTUAL_NODES", "")
+    if virtual and virtual != "1":          # pretend nodes (or a bad value, which gather_ranks reports)
         return False
     for world, local in (("PMI_SIZE", "MPI_LOCALNRANKS"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE")):
         if os.environ.get(world, "").isdigit() and os.environ.get(local, "").isdigit():
@@ -123,6 +124,8 @@ def gather_ranks(comm) -> list[RankInfo]:
     cuda, name = answers[asker]
     virtual = os.environ.get("HPCEMBED_VIRTUAL_NODES", "")
     if virtual:
+        if not virtual.isdigit():
+            raise ConfigError(f"HPCEMBED_VIRTUAL_NODES must be a whole number of nodes, got {virtual!r}")
         me = (virtual_host(comm.Get_rank(), comm.Get_size(), int(virtual)), cuda, cuda, None)
     elif slurm is not None and slurm.node:
         me = (slurm.node, slurm.gpus_on_node or cuda, cuda, slurm.het_group)

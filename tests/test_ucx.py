@@ -58,6 +58,7 @@ def test_ucx_gives_the_same_output_as_mpi(tmp_path, corpus):
     ({"SLURM_STEP_NUM_NODES": "1"}, True),
     ({"SLURM_STEP_NUM_NODES": "2"}, False),
     ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4", "HPCEMBED_VIRTUAL_NODES": "2"}, False),
+    ({"PMI_SIZE": "4", "MPI_LOCALNRANKS": "4", "HPCEMBED_VIRTUAL_NODES": "two"}, False),
     ({}, False),
 ])
 def test_one_host_is_read_from_the_launcher(monkeypatch, env, one_host):
