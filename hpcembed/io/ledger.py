@@ -287,7 +287,7 @@ class Ledger:
 
     @staticmethod
     def split_line(unit: int, cut: int) -> str:
-        # As json.dumps writes it, formatted directly (a sixth of the time; rank 0 writes one per split).
+        # As json.dumps writes it, formatted directly: rank 0 writes one per split, and json.dumps is the slower.
         return f'{{"kind": "split", "unit": {int(unit)}, "at": {int(cut)}}}\n'
 
     def record_split(self, unit: int, cut: int) -> None:
