@@ -39,13 +39,14 @@ from bench.corpus import CORPORA, DEFAULT_PARAGRAPHS, write_parquet
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_job(args, corpus: Path, out: Path, backend: str, cache: Path) -> tuple[dict, float, float, str]:
+def run_job(args, corpus: Path, out: Path, backend: str, cache: Path, ranks: int = 0,
+            options: tuple[str, ...] = ()) -> tuple[dict, float, float, str]:
     """(manifest, wall seconds, epoch seconds at launch, stderr)."""
-    cmd = mpiexec_command(args.ranks) + [sys.executable, "-m", "hpcembed", "run", "--input", str(corpus),
+    cmd = mpiexec_command(ranks or args.ranks) + [sys.executable, "-m", "hpcembed", "run", "--input", str(corpus),
                                          "--output", str(out), "--model", args.model, "--progress", "log",
                                          "--progress-interval", "5", "--unit-rows", str(args.unit_rows),
                                          "--tokenizer-backend", backend, "--cache-dir", str(cache),
-                                         "--overwrite"] + args.extra
+                                         "--overwrite"] + args.extra + list(options)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1", "PYTHONPATH": str(REPO)}
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):     # the job's --cache-dir decides
         env.pop(name, None)
@@ -147,6 +148,9 @@ def main() -> None:
     ap.add_argument("--check-docs", type=int, default=20_000, help="rows checked against sentence-transformers fp32")
     ap.add_argument("--timeout", type=int, default=480)
     ap.add_argument("--workdir", default="")
+    ap.add_argument("--variants", nargs="*", default=[], metavar="NAME:RANKS:OPTIONS",
+                    help="warm runs after the others, each on RANKS ranks with these `hpcembed run` options "
+                         "(space-separated, one argument), e.g. 'tok14:16:--tokenizer-ranks 14'")
     ap.add_argument("extra", nargs="*", help="more `hpcembed run` options, after --")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,6 +185,17 @@ def main() -> None:
             name = f"{backend}-{kind}"
             runs[name] = {**summarize(manifest, wall, launched, args.docs, args.ranks), "start": kind, "out": out}
             print(f"{name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'out'})}", flush=True)
+
+    for variant in args.variants:           # the kernel cache is warm from the runs above
+        name, ranks, options = variant.split(":", 2)
+        out = work / f"out-{name}"
+        manifest, wall, launched, log = run_job(args, corpus_dir, out, args.backends[0], cache, int(ranks),
+                                                tuple(options.split()))
+        print("\n".join(line for line in log.splitlines() if "plan:" in line or "role map" in line
+                        or "complete:" in line), flush=True)
+        runs[name] = {**summarize(manifest, wall, launched, args.docs, int(ranks)), "start": "warm",
+                      "options": options, "out": out}
+        print(f"{name}: {json.dumps({k: v for k, v in runs[name].items() if k != 'out'})}", flush=True)
 
     import torch
     if torch.cuda.is_available() and args.stage_docs:
