@@ -5,8 +5,10 @@
         --paragraphs bench/work/carry/paragraphs.txt.gz --reference bench/work/carry/reference-fp32.npy
 
 Each configuration (engine, dtype, token budget, instances, fused ops) encodes every row through the same
-InstancePool the encoder rank uses, with batches cut by the encoder rank's TokenBudgetBatcher. Timing starts after a
-warm-up of each instance and ends when the last embedding is on the host. sentence-transformers fp16 (bs 256) is
+InstancePool the encoder rank uses, with batches cut as a job cuts them: for the padding-free engine as the
+tokenizer ranks cut them (batching.BatchAssembler: each 20,000-row unit's rows in order, up to the token budget),
+for the padded one by the encoder rank's TokenBudgetBatcher (longest-first). Timing starts after a warm-up of each
+instance and ends when the last embedding is on the host. sentence-transformers fp16 (bs 256) is
 timed in the same run as the baseline; every row is compared with sentence-transformers fp32.
 Writes bench/results/gpu_stage-<device>.json.
 """
@@ -169,7 +171,10 @@ def main() -> None:
         flags = set(parts[4].split("+")) if len(parts) > 4 else set()
         if (engine, budget) not in batch_sets:
             probe = build_encoder(spec, "cuda", dtype, engine)
-            batch_sets[(engine, budget)] = make_batches(token_lists, budget, probe.batch_cost)
+            # A padding-free engine gets batches as a job's tokenizer ranks cut them; a padding one re-batches
+            # longest-first, as its encoder rank does.
+            batch_sets[(engine, budget)] = (make_batches(token_lists, budget, probe.batch_cost) if probe.pads else
+                                            assembled_batches(token_lists, budget))
             del probe
         batches = batch_sets[(engine, budget)]
         try:
@@ -187,7 +192,7 @@ def main() -> None:
                  "cuda_graphs": "graphs" in flags, "attention": next((a for a in ("triton", "flash") if a in flags), "auto"),
                  "passes": args.passes,
                  "graph_batch_fraction": round(graphed, 3),
-                 "batches": len(batches),
+                 "batches": len(batches), "batching": "longest-first" if engine == "torch" else "as tokenizers cut",
                  "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                  "seconds": round(seconds, 3), "warmup_seconds": round(warmup, 2),
                  "instance_busy_fraction": round(busy / (seconds * instances), 3),
@@ -213,7 +218,7 @@ def profile(spec, token_lists, budget: int = 262144) -> dict:
     from torch.profiler import ProfilerActivity
     from hpcembed.engine.varlen import VarlenEncoder
     enc = VarlenEncoder(spec, "cuda", "fp16", fused_ops="auto", gelu_epilogue=True)
-    batches = make_batches(token_lists[:20000], budget, enc.batch_cost)
+    batches = assembled_batches(token_lists[:20000], budget)
     for b in batches[:2]:
         enc.encode(b)
     with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
