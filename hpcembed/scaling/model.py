@@ -15,6 +15,7 @@ from typing import Any
 
 import simpy
 
+from ..io.writer import shard_name
 from ..transport.base import Envelope
 
 CONTROL_BYTES = 256            # a pickled control message, rounded up
@@ -185,3 +186,36 @@ class SimBatch:
     num_rows: int
     num_tokens: int
     nbytes: int
+
+
+class EncoderInstances:
+    """An encoder rank's instances as one server at the calibrated in-job rate, for sim.Simulation (`sim`, whose
+    counters it adds to and whose `post` sends the rank's messages) and the rank's EncoderCore: a step submitted
+    ends at a time known then, so it is one scheduled event, not a process and a queue."""
+
+    def __init__(self, sim, rank: int, core, state: dict, post):
+        self.sim, self.rank, self.core, self.state, self.post = sim, rank, core, state, post
+        self.free_at = 0.0
+        self.left: dict[int, int] = {}            # id(batch) -> tokens not yet encoded
+
+    def submit(self, step: list) -> None:
+        sim = self.sim
+        busy = sum(tokens for _, tokens in step) / sim.rates.gpu_tokens_per_s
+        sim.gpu_busy += busy
+        self.free_at = max(sim.env.now, self.free_at) + busy
+        sim.env.timeout(self.free_at - sim.env.now, step).callbacks.append(self._done)
+
+    def _done(self, event) -> None:
+        sim, core = self.sim, self.core
+        for batch, tokens in event.value:
+            remaining = self.left.get(id(batch), batch.num_tokens) - tokens
+            if remaining:
+                self.left[id(batch)] = remaining
+                continue
+            self.left.pop(id(batch), None)
+            sim.encoded_rows += batch.num_rows
+            sim.encoded_rows_of[self.rank] += batch.num_rows
+            if core.embedded(batch.unit, batch.num_rows, batch.num_tokens):
+                self.post(self.rank, [core.written(batch.unit, shard_name(batch.unit, self.rank))])
+        self.state["in_flight"] -= 1
+        sim.net.notify(self.rank, StepDone())

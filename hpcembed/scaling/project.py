@@ -137,6 +137,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
                                                       / (n * whole_base.steady_texts_per_s), 4),
                         "whole_job_makespan_s": round(whole.makespan_s, 3), "whole_job_tail_s": round(whole.tail_s, 3),
                         "whole_job_conductor_busy": round(whole.conductor_busy, 4),
+                        "whole_job_conductor_us_by_message_here": whole.conductor_us_by_message,
                         "whole_job_subconductor_busy_max": round(whole.subconductor_busy_max, 4),
                         "whole_job_sim_wall_seconds": round(whole.wall_seconds, 2)})
         out.append(row)

@@ -33,8 +33,8 @@ from ..protocol.encoder import EncoderCore
 from ..protocol.messages import RequestUnit, Send
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..protocol.subconductor import SubConductorCore
-from .model import (CONTROL_BYTES, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch, SimNetwork,
-                    SimResult, StepDone)
+from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch,
+                    SimNetwork, SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 from .probe import handler_scale, pickle_seconds
 
@@ -273,8 +273,7 @@ class Simulation:
         window: deque = deque()                   # [batch, tokens not yet submitted], landed
         state = {"arriving": 0, "in_flight": 0}   # tokens being transferred in; encoder batches submitted
         waiting = 0                               # tokens landed and not yet submitted
-        steps = simpy.Store(env)
-        env.process(self._instances(rank, core, steps, state))
+        gpu = EncoderInstances(self, rank, core, state, self._post)
         while True:
             box = net.inbox[rank]
             while box:
@@ -303,31 +302,9 @@ class Simulation:
                 taken = sum(tokens for _, tokens in step)
                 waiting -= taken
                 state["in_flight"] += 1
-                steps.put(step)
+                gpu.submit(step)
                 self._post(rank, core.submitted(taken, window_empty=not window))
             yield net.wait(rank)
-
-    def _instances(self, rank: int, core: EncoderCore, steps: simpy.Store, state: dict):
-        """The rank's encoder instances as one server at the calibrated in-job rate."""
-        env, r = self.env, self.rates
-        left: dict[int, int] = {}                 # id(batch) -> tokens not yet encoded
-        while True:
-            step = yield steps.get()
-            busy = sum(tokens for _, tokens in step) / r.gpu_tokens_per_s
-            self.gpu_busy += busy
-            yield env.timeout(busy)
-            for batch, tokens in step:
-                remaining = left.get(id(batch), batch.num_tokens) - tokens
-                if remaining:
-                    left[id(batch)] = remaining
-                    continue
-                left.pop(id(batch), None)
-                self.encoded_rows += batch.num_rows
-                self.encoded_rows_of[rank] += batch.num_rows
-                if core.embedded(batch.unit, batch.num_rows, batch.num_tokens):
-                    self._post(rank, [core.written(batch.unit, shard_name(batch.unit, rank))])
-            state["in_flight"] -= 1
-            self.net.notify(rank, StepDone())
 
     def _sampler(self):
         """Rows embedded at the times the steady window opens and closes."""
