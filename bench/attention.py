@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=262_144)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
-    ap.add_argument("--tiles", nargs="*", default=TILES, help="BLOCK_M:BLOCK_N:warps:stages")
+    ap.add_argument("--tiles", nargs="*", default=TILES,
+                    help="BLOCK_M:BLOCK_N:warps:stages[:p] (p: two heads per program)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -94,13 +95,15 @@ def main() -> None:
     results = [{"kernel": "flash varlen_attn", "us": _time(flash, args.reps), "max_abs_error": errors(flash())}]
     baseline = results[0]["us"]
     for tile in args.tiles:
-        bm, bn, warps, stages = (int(x) for x in tile.split(":"))
+        fields = tile.split(":")
+        bm, bn, warps, stages = (int(x) for x in fields[:4])
+        pair = fields[4:] == ["p"]
 
-        def run(bm=bm, bn=bn, warps=warps, stages=stages):
+        def run(bm=bm, bn=bn, warps=warps, stages=stages, pair=pair):
             out = torch.empty((tokens, heads, head_dim), dtype=dtype, device="cuda")
-            ta._varlen_forward[(len(batch), triton.cdiv(max_len, bm), heads)](
+            ta._varlen_forward[(len(batch), triton.cdiv(max_len, bm), heads // 2 if pair else heads)](
                 qkv, out, cu, qkv.stride(0), out.stride(0), 1.4426950408889634 / head_dim ** 0.5, HEADS=heads,
-                HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, PAIR=pair, num_warps=warps, num_stages=stages)
             return out
         try:
             results.append({"kernel": f"triton {tile}", "us": _time(run, args.reps), "max_abs_error": errors(run())})

@@ -69,7 +69,8 @@ def test_mean_pool_by_offsets(skip):
 
 @pytest.mark.parametrize("dtype", ["fp16", pytest.param("bf16", marks=pytest.mark.skipif(
     DEVICE == "cpu", reason="Triton's interpreter has no bf16 matmul (numpy has no bf16): checked on GPUs only"))])
-def test_triton_attention_matches_fp32_attention_text_by_text(dtype):
+@pytest.mark.parametrize("head_pairs", [False, True], ids=["head", "head-pairs"])
+def test_triton_attention_matches_fp32_attention_text_by_text(dtype, head_pairs):
     # Lengths at and around the tiles' edges, one text of 1 token, the longest MiniLM takes, and two empty rows
     # then 40 padding tokens as a CUDA-graph bucket lays them out.
     lengths = [1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 256, 17, 0, 0]
@@ -77,7 +78,7 @@ def test_triton_attention_matches_fp32_attention_text_by_text(dtype):
     tokens = sum(lengths) + 40
     qkv = _random((tokens, 3, heads, 32), dtype, 7, 2.0)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=DEVICE, dtype=torch.int32)
-    out = varlen_attention(qkv, cu, 256)
+    out = varlen_attention(qkv, cu, 256, head_pairs=head_pairs)
     tolerance = {"fp16": 4e-3, "bf16": 3.2e-2}[dtype]          # a few units in the last place of outputs up to 4
     for k, n in enumerate(lengths):
         if n == 0:

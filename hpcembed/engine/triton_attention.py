@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-# The fastest of 11 shapes on the H200 box (bench/attention.py).
-BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 32, 4, 3
+# The fastest of 11 shapes on the H200 box (bench/attention.py). HEAD_PAIRS: two heads per program.
+BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, HEAD_PAIRS = 128, 32, 4, 3, False
 
 
 @triton.jit
@@ -52,10 +52,13 @@ def _key_block(q, acc, running_max, running_sum, k_base, v_base, key_start, leng
 
 @triton.jit
 def _varlen_forward(qkv, out, cu, stride_token, out_stride_token, qk_scale,
-                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PAIR: tl.constexpr = False):
+    """PAIR: a program takes two neighbouring heads through the same loop over keys (two independent chains of
+    dependent steps for the scheduler to interleave; the grid then has half the heads)."""
     text = tl.program_id(0)
     block = tl.program_id(1)
-    head = tl.program_id(2)
+    head = tl.program_id(2) * (2 if PAIR else 1)
     start = tl.load(cu + text)
     length = tl.load(cu + text + 1) - start
     first = block * BLOCK_M
@@ -64,23 +67,40 @@ def _varlen_forward(qkv, out, cu, stride_token, out_stride_token, qk_scale,
     rows = first + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     base = qkv + start.to(tl.int64) * stride_token + head * HEAD_DIM
-    q = tl.load(base + rows[:, None] * stride_token + cols[None, :], mask=rows[:, None] < length, other=0.0)
+    q_offsets = rows[:, None] * stride_token + cols[None, :]
+    q = tl.load(base + q_offsets, mask=rows[:, None] < length, other=0.0)
     k_base = base + HEADS * HEAD_DIM
     v_base = base + 2 * HEADS * HEAD_DIM
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if PAIR:
+        q2 = tl.load(base + HEAD_DIM + q_offsets, mask=rows[:, None] < length, other=0.0)
+        running_max2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        running_sum2 = tl.zeros([BLOCK_M], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     whole = length - length % BLOCK_N
     for key_start in range(0, whole, BLOCK_N):
         acc, running_max, running_sum = _key_block(q, acc, running_max, running_sum, k_base, v_base, key_start,
                                                    length, stride_token, qk_scale, HEAD_DIM, BLOCK_N, False)
+        if PAIR:
+            acc2, running_max2, running_sum2 = _key_block(q2, acc2, running_max2, running_sum2, k_base + HEAD_DIM,
+                                                          v_base + HEAD_DIM, key_start, length, stride_token,
+                                                          qk_scale, HEAD_DIM, BLOCK_N, False)
     if whole < length:
         acc, running_max, running_sum = _key_block(q, acc, running_max, running_sum, k_base, v_base, whole,
                                                    length, stride_token, qk_scale, HEAD_DIM, BLOCK_N, True)
-    acc = acc / running_sum[:, None]
+        if PAIR:
+            acc2, running_max2, running_sum2 = _key_block(q2, acc2, running_max2, running_sum2, k_base + HEAD_DIM,
+                                                          v_base + HEAD_DIM, whole, length, stride_token,
+                                                          qk_scale, HEAD_DIM, BLOCK_N, True)
     target = out + start.to(tl.int64) * out_stride_token + head * HEAD_DIM
-    tl.store(target + rows[:, None] * out_stride_token + cols[None, :], acc.to(out.dtype.element_ty),
+    out_offsets = rows[:, None] * out_stride_token + cols[None, :]
+    tl.store(target + out_offsets, (acc / running_sum[:, None]).to(out.dtype.element_ty),
              mask=rows[:, None] < length)
+    if PAIR:
+        tl.store(target + HEAD_DIM + out_offsets, (acc2 / running_sum2[:, None]).to(out.dtype.element_ty),
+                 mask=rows[:, None] < length)
 
 
 def supported(head_dim: int) -> bool:
@@ -88,16 +108,18 @@ def supported(head_dim: int) -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
-def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, max_len: int) -> torch.Tensor:
+def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, max_len: int, head_pairs: bool = HEAD_PAIRS) -> torch.Tensor:
     """Bidirectional attention of each text (rows of `cu`, int32 offsets) over itself. `qkv`: [tokens, 3, heads,
-    head_dim], contiguous. Returns [tokens, heads, head_dim]; rows past cu[-1] are left unwritten."""
+    head_dim], contiguous. Returns [tokens, heads, head_dim]; rows past cu[-1] are left unwritten. `head_pairs`:
+    two heads per program (for an even number of heads)."""
     tokens, _, heads, head_dim = qkv.shape
     out = torch.empty((tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     texts = cu.numel() - 1
     if texts == 0 or max_len == 0:
         return out
-    grid = (texts, triton.cdiv(max_len, BLOCK_M), heads)
+    pair = head_pairs and heads % 2 == 0
+    grid = (texts, triton.cdiv(max_len, BLOCK_M), heads // 2 if pair else heads)
     _varlen_forward[grid](qkv, out, cu, qkv.stride(0), out.stride(0), math.log2(math.e) / math.sqrt(head_dim),
-                          HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-                          num_stages=NUM_STAGES)
+                          HEADS=heads, HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAIR=pair,
+                          num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out
