@@ -19,8 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-# The fastest of 11 shapes on the H200 box (bench/attention.py). HEAD_PAIRS: two heads per program.
-BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, HEAD_PAIRS = 128, 32, 4, 3, False
+# The fastest of the shapes tried on the H200 box (bench/attention.py, bench/notes/gpu_stage.md): 64 queries, two
+# heads per program.
+BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES, HEAD_PAIRS = 64, 32, 4, 3, True
 
 
 @triton.jit
