@@ -33,6 +33,7 @@ from .common import deliver
 from .dedup import DigestTable, Filled, answer
 
 
+WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most this late
 # Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
 # release the GIL): 131k rows/s with one, 274k with two, on the CPU box
 # (bench/writer.py). With one, writing held back --reuse reruns on the H200 box (bench/notes/dedup.md).
@@ -95,6 +96,14 @@ class EncoderRank:
     def _idle(self) -> bool:
         return not self.batcher.rows and not self.pool.in_flight and not self._writes
 
+    def _receive_timeout(self) -> float | None:
+        """How long a look for input may wait: not at all while there are batches to submit or in flight; until
+        something comes when the rank has nothing at all to do; and otherwise (only shard writes to report, or
+        stopping) a little, so that a rank waiting for input does not spin a core beside its writer thread."""
+        if self.batcher.rows or self.pool.in_flight:
+            return 0.0
+        return None if not self._writes and not self.core.stopping else WRITES_POLL_SECONDS
+
     def _loop(self) -> None:
         clock, spent, core = time.perf_counter, self.loop_time, self.core
         while True:
@@ -102,7 +111,7 @@ class EncoderRank:
             # flight or being written.
             t0 = clock()
             while core.has_room(self.batcher.tokens):
-                envelope = self.transport.recv(None if self._idle() and not core.stopping else 0)
+                envelope = self.transport.recv(self._receive_timeout())
                 if envelope is None:
                     break
                 self._handle(envelope.source, envelope.message)
