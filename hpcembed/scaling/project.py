@@ -97,6 +97,9 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
                       else n * shape.cores), "throughput_texts_per_s": round(result.steady_texts_per_s, 1),
             "tokens_per_s": round(result.steady_texts_per_s * rates.tokens_per_text, 1),
             "efficiency": round(efficiency, 4),
+            # Against the first scale simulated (per node): 1.0 at that scale by definition, so a run of one scale
+            # says nothing of efficiency.
+            "efficiency_base_nodes": base.nodes,
             # The first node gives a core to the conductor, so a bigger job has more tokenizer cores per node
             # and E(N) can pass 100%; per tokenizer core, the same comparison without that.
             "efficiency_per_tokenizer": round(efficiency * base.tokenizer_ranks * n / (base.nodes
