@@ -243,7 +243,8 @@ def main() -> None:
         run["speedup_vs_baseline"] = round(run["texts_per_s"] / baseline, 2)
 
     stage_rate = stage_result["assembled"]["texts_per_s"]
-    rows = [(name, f"{r['texts_per_s']:,.0f}", f"{r['tokens_per_s'] / 1e6:.2f}M", f"{r['texts_per_s'] / stage_rate:.1%}",
+    rows = [(name, f"{r['texts_per_s']:,.0f}", f"{r['tokens_per_s'] / 1e6:.2f}M",
+             f"{r['texts_per_s'] / stage_rate:.1%}",
              f"{r['texts_per_s_with_startup']:,.0f}", f"{r['startup_seconds']:.1f}", f"{r['gpu_busy']:.1%}",
              r["roles"].get("tokenizer", 0), r["speedup_vs_baseline"], f"{r.get('min_cosine', float('nan')):.5f}")
             for name, r in runs.items()]
