@@ -7,9 +7,8 @@ sentence-transformers on the same corpus in the same run.
 Builds the corpus (bench/corpus.py: `standard` documents or `short` queries) as Parquet files, then runs the whole
 job under mpiexec twice per tokenizer backend: first with an empty kernel cache (cold start-up), then with the
 cache the first run filled (warm). Then times the GPU stage alone on the first --stage-docs rows (bench/gpu_stage.py,
-the job's engine configuration, batches cut as the job's tokenizers cut them, and re-batched longest-first for
-comparison), sentence-transformers fp16 `encode` (batch 256) as the baseline, and checks rows of the output against
-sentence-transformers fp32.
+the job's engine configuration, batches cut as the job's tokenizers cut them), sentence-transformers fp16 `encode`
+(batch 256) as the baseline, and checks rows of the output against sentence-transformers fp32.
 
 Rates: `texts_per_s` is files to files in steady state, from the moment the encoder ranks were ready (model loaded,
 compiled, CUDA graphs captured) to the last commit; `texts_per_s_with_startup` divides by the whole mpiexec wall
@@ -100,9 +99,10 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
 
 def stage(args, texts: list[str]) -> dict:
     """The GPU stage alone on the first rows of the corpus, in the job's engine configuration (fp16, fused ops,
-    GELU epilogue, CUDA graphs, 2 instances, the CUDA token budget): batches cut as the job's tokenizers cut them,
-    and the same rows re-batched longest-first, to see what sorting still gives."""
-    from bench.gpu_stage import assembled_batches, make_batches, run_config
+    GELU epilogue, CUDA graphs, 2 instances, the CUDA token budget), in batches cut as the job's tokenizers cut
+    them. (A longest-first re-batching of the same rows was also timed until the encoder batcher's rule for overdue
+    rows, commit 2886e58, cut it into small batches that no job makes.)"""
+    from bench.gpu_stage import assembled_batches, run_config
     from hpcembed.config import default_batch_tokens
     from hpcembed.engine import ModelSpec
     from hpcembed.cache import use_cache_dir
@@ -116,8 +116,7 @@ def stage(args, texts: list[str]) -> dict:
     out = {"rows": len(texts), "tokens": n_tokens, "passes": args.stage_passes,
            "config": f"varlen:fp16:{budget}:2:fused+epilogue+graphs"}
     flags = {"fused", "epilogue", "graphs"}
-    for name, batches in (("assembled", assembled_batches(token_lists, budget, args.unit_rows)),
-                          ("sorted", make_batches(token_lists, budget, lambda lengths: int(lengths.sum())))):
+    for name, batches in (("assembled", assembled_batches(token_lists, budget, args.unit_rows)),):
         _, seconds, warmup, busy, graphed = run_config(spec, batches, len(texts), "varlen", "fp16", 2, flags, budget,
                                                        args.stage_passes)
         seconds /= args.stage_passes
@@ -201,7 +200,7 @@ def main() -> None:
     if torch.cuda.is_available() and args.stage_docs:
         stage_result = stage(args, docs[: args.stage_docs])
     else:                       # on CPU (trying the script out), or not asked for: no GPU stage to compare with
-        stage_result = {k: {"texts_per_s": float("nan"), "tokens_per_s": float("nan")} for k in ("assembled", "sorted")}
+        stage_result = {k: {"texts_per_s": float("nan"), "tokens_per_s": float("nan")} for k in ("assembled",)}
     from sentence_transformers import SentenceTransformer
 
     # The baseline, on the same GPU after the jobs: sentence-transformers fp16, batch 256, encode only.
@@ -248,7 +247,7 @@ def main() -> None:
              f"{r['texts_per_s_with_startup']:,.0f}", f"{r['startup_seconds']:.1f}", f"{r['gpu_busy']:.1%}",
              r["roles"].get("tokenizer", 0), r["speedup_vs_baseline"], f"{r.get('min_cosine', float('nan')):.5f}")
             for name, r in runs.items()]
-    for name in ("assembled", "sorted"):
+    for name in ("assembled",):
         rows.append((f"GPU stage alone, {name} batches", f"{stage_result[name]['texts_per_s']:,.0f}",
                      f"{stage_result[name]['tokens_per_s'] / 1e6:.2f}M", "", "", "", "", "", "", ""))
     rows.append(("sentence-transformers fp16 bs256", f"{baseline:,.0f}", "", "", "", "", "", "", 1.0, ""))
