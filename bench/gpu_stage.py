@@ -173,10 +173,11 @@ def main() -> None:
             probe = build_encoder(spec, "cuda", dtype, engine)
             # A padding-free engine gets batches as a job's tokenizer ranks cut them; a padding one re-batches
             # longest-first, as its encoder rank does.
-            batch_sets[(engine, budget)] = (make_batches(token_lists, budget, probe.batch_cost) if probe.pads else
-                                            assembled_batches(token_lists, budget))
+            batch_sets[(engine, budget)] = ((make_batches(token_lists, budget, probe.batch_cost), "longest-first")
+                                            if probe.pads else
+                                            (assembled_batches(token_lists, budget), "as tokenizers cut"))
             del probe
-        batches = batch_sets[(engine, budget)]
+        batches, batching = batch_sets[(engine, budget)]
         try:
             emb, seconds, warmup, busy, graphed = run_config(spec, batches, len(docs), engine, dtype, instances, flags,
                                                     budget, args.passes)
@@ -193,7 +194,7 @@ def main() -> None:
                  "attention": next((a for a in ("triton", "flash") if a in flags), "auto"),
                  "passes": args.passes,
                  "graph_batch_fraction": round(graphed, 3),
-                 "batches": len(batches), "batching": "longest-first" if engine == "torch" else "as tokenizers cut",
+                 "batches": len(batches), "batching": batching,
                  "texts_per_s": round(len(docs) / seconds, 1), "tokens_per_s": round(n_tokens / seconds, 1),
                  "seconds": round(seconds, 3), "warmup_seconds": round(warmup, 2),
                  "instance_busy_fraction": round(busy / (seconds * instances), 3),
