@@ -142,9 +142,9 @@ def gather_ranks(comm) -> list[RankInfo]:
 
 def quiet_barrier(comm, poll_s: float = 0.005) -> None:
     """A barrier that sleeps while it waits. A rank blocked in an MPI collective spins a core: while another rank
-    spends seconds importing torch, or works on, that takes its core where ranks share cores, and elsewhere the
-    node's other work's. Every rank must use this one at a given point (blocking and non-blocking collectives do
-    not match each other)."""
+    spends seconds importing torch, or works on, the spinning takes a core from it where ranks share cores, and from
+    the node's other work elsewhere. Every rank must use this one at a given point (blocking and non-blocking
+    collectives do not match each other)."""
     request = comm.Ibarrier()
     while not request.Test():
         time.sleep(poll_s)

@@ -125,7 +125,7 @@ class CommittedUnits:
 
     def items(self):
         yield from self._records.items()
-        for b, batch in enumerate(self._batches):
+        for batch in self._batches:
             counts, lines = batch.counts, batch.records.split("\n")
             for k in range(0, len(counts), 3):
                 if counts[k] in self._parsed:
