@@ -23,6 +23,7 @@ from .base import Envelope, Transport
 CONTROL, BATCH = 11, 12
 _SPIN_SECONDS = 0.001     # poll without sleeping this long first (see the module docstring)
 _IDLE_SLEEP = 0.0005
+_ABORT_FORWARD_SECONDS = 0.5
 _REAP_AT_LEAST = 64         # control sends out before the first look at which have completed
 
 
@@ -108,6 +109,10 @@ class MpiTransport(Transport):
     def abort(self, reason: str, exit_code: int) -> None:
         sys.stderr.flush()
         sys.stdout.flush()
+        # MPI_Abort tears down the launcher's forwarding of each rank's output, and a line written just before it
+        # can be lost on the way (the conductor's error naming the bad file was, once, in a CI run of
+        # tests/test_resume.py): give the launcher a moment to read it.
+        time.sleep(_ABORT_FORWARD_SECONDS)
         self.comm.Abort(exit_code)
 
 
