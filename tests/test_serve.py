@@ -1,6 +1,7 @@
-"""`hpcembed serve` (issue 24): a real server process on loopback, started and stopped by PID, and real clients:
-the openai SDK (its embeddings equal `hpcembed run` on the same texts), aiohttp for raw bodies, concurrent load
-and the two lanes, every bad request, /metrics, and SIGTERM with requests in flight."""
+"""`hpcembed serve` (issue 24): a real server on loopback, started and stopped by PID, in one process and under
+mpiexec with roles (a frontend, tokenizer ranks, an encoder rank), and real clients: the openai SDK (its
+embeddings equal `hpcembed run` on the same texts), aiohttp for raw bodies, concurrent load and the two lanes,
+every bad request, /metrics, and SIGTERM with requests in flight."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .conftest import EDGE_TEXTS, BackgroundJob, process_tree, read_output, run_cli, write_jsonl
+from .conftest import MPI_ENV, MPIEXEC, EDGE_TEXTS, BackgroundJob, process_tree, read_output, run_cli, write_jsonl
 
 aiohttp = pytest.importorskip("aiohttp")
 MAX_TEXTS, MAX_CHARS = 64, 20_000
@@ -24,10 +25,15 @@ TEXTS = [t for t in EDGE_TEXTS if t and len(t) <= MAX_CHARS] + ["served text %d 
 BULK_TEXT = "a longer passage about the sea, ships, harbours and the weather that comes in from the west " * 3
 
 
-def start_server(tmp_path, model_dir, *options: str) -> tuple[BackgroundJob, str]:
-    job = BackgroundJob([sys.executable, "-m", "hpcembed", "serve", "--port", "0", "--model", model_dir,
+RANKS = 4         # on a CPU: the frontend, two tokenizer ranks, one encoder rank
+
+
+def start_server(tmp_path, model_dir, *options: str, ranks: int = 0) -> tuple[BackgroundJob, str]:
+    """`ranks`: under mpiexec with that many ranks; 0, one process."""
+    launcher, env = ([MPIEXEC, "-n", str(ranks)], MPI_ENV) if ranks else ([], {})
+    job = BackgroundJob([*launcher, sys.executable, "-m", "hpcembed", "serve", "--port", "0", "--model", model_dir,
                          "--max-request-texts", str(MAX_TEXTS), "--max-text-chars", str(MAX_CHARS), *options],
-                        tmp_path / "serve.log", {"HF_HUB_OFFLINE": "1"})
+                        tmp_path / "serve.log", {"HF_HUB_OFFLINE": "1", **env})
     try:
         url = job.wait_for(r"http://127\.0\.0\.1:\d+", timeout=120)
     except BaseException:
@@ -36,11 +42,15 @@ def start_server(tmp_path, model_dir, *options: str) -> tuple[BackgroundJob, str
     return job, url
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, model_dir):
-    # A tokenizing process for bulk requests, as on a GPU (CPU's default is none): bulk requests here take that
-    # path, single texts the threads.
-    job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir, "--tokenizer-processes", "1")
+@pytest.fixture(scope="module", params=["process", "ranks"])
+def server(request, tmp_path_factory, model_dir):
+    if request.param == "process":
+        # A tokenizing process for bulk requests, as on a GPU (CPU's default is none): bulk requests here take
+        # that path, single texts the threads.
+        job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir, "--tokenizer-processes", "1")
+    else:
+        job, url = start_server(tmp_path_factory.mktemp("serve-ranks"), model_dir, ranks=RANKS)
+        assert "1 frontend, 2 tokenizer, 1 encoder ranks" in job.text()
     yield url, json.loads(_get(url + "/health")[1])["model"]
     job.stop()
 
@@ -212,8 +222,11 @@ def test_interactive_lane_and_admission_control_under_bulk_load(server):
     assert together.shape == (MAX_TEXTS, 384) and np.abs(together - by_itself).max() < 1e-5
 
 
-def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir):
-    job, url = start_server(tmp_path, model_dir)
+@pytest.mark.parametrize("ranks", [0, RANKS])
+def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir, ranks):
+    job, url = start_server(tmp_path, model_dir, ranks=ranks)
+    # Under mpiexec, every rank is signalled, as Slurm's scancel does.
+    pids = [job.rank_pid(r) for r in range(ranks)] if ranks else [job.proc.pid]
     try:
         _, name = url, json.loads(_get(url + "/health")[1])["model"]
 
@@ -222,7 +235,8 @@ def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir):
                 loads = [asyncio.create_task(_post(session, url, {"model": name, "input": [BULK_TEXT] * MAX_TEXTS}))
                          for _ in range(4)]
                 await asyncio.sleep(0.5)
-                os.kill(job.proc.pid, signal.SIGTERM)
+                for pid in pids:
+                    os.kill(pid, signal.SIGTERM)
                 await asyncio.sleep(0.05)
                 try:
                     late = (await _post(session, url, {"model": name, "input": "late"}))[0]

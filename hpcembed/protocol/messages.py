@@ -24,6 +24,14 @@ sub-conductor, and an encoder rank a unit's PartWritten to the sub-conductor of 
     conductor -> sub-conductor   UnitGrant, Drain, Release
     sub-conductor -> tokenizer   AssignUnit, NoMoreUnits, Drain, Release, SplitUnit
 Everything else still goes to the conductor (rank 0).
+
+`hpcembed serve` under mpiexec (serve/ranks.py): rank 0 is the HTTP frontend instead of a conductor.
+    encoder   -> frontend    ServeReady            (built and warmed up: its lanes' first rates)
+    frontend  -> tokenizer   ServeTexts            (a piece of a bulk request, and the encoder rank it goes to)
+    tokenizer -> encoder     TokenBatch            (the piece's rows: units = the request's key, rows = its rows)
+    frontend  -> encoder     TokenBatch            (a small request, tokenized on the frontend; token-id input)
+    encoder   -> frontend    ServeEmbedded, Failure
+    frontend  -> tokenizer, encoder   ServeStop   (every accepted request is answered: leave)
 """
 from __future__ import annotations
 
@@ -219,3 +227,34 @@ class Failure:
     role: str
     message: str
     exit_code: int
+
+
+@dataclass
+class ServeReady:
+    rates: dict                     # lane -> tokens per second of one instance (serve/local.warm_up_rates)
+    instances: int
+    about: dict                     # engine, device, dtype
+
+
+@dataclass
+class ServeTexts:
+    key: int                        # the request's
+    first: int                      # the piece's first row in the request
+    texts: list
+    encoder: int                    # where the tokenized piece goes
+
+
+@dataclass
+class ServeEmbedded:
+    key: int
+    first: int
+    embeddings: object              # float32 [rows, dim]
+    tokens: int
+    rates: dict                     # the encoder's lane rates now
+    busy: float                     # the encoder's busy fraction since it started serving
+    batches: list                   # (lane, rows, tokens) of the engine batches run since the last answer
+
+
+@dataclass
+class ServeStop:
+    pass

@@ -1,8 +1,6 @@
 """The server's Prometheus metrics (GET /metrics), in a registry of its own."""
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -26,7 +24,6 @@ class Metrics:
                           "predicts waits with", ["lane"], registry=r)
         self.gpu_busy = Gauge("hpcembed_encoder_busy_fraction", "fraction of the time since start-up that an "
                               "encoder instance was running a batch (GPU busy on CUDA)", registry=r)
-        self.started = time.perf_counter()
 
     def batch(self, lane: str, rows: int, tokens: int) -> None:
         self.batch_rows.labels(lane).observe(rows)
@@ -35,12 +32,14 @@ class Metrics:
     def answered(self, lane: str, seconds: float) -> None:
         self.latency.labels(lane).observe(seconds)
 
-    def render(self, scheduler) -> bytes:
-        """The exposition text, with the gauges read from `scheduler` now."""
-        for lane, (requests, tokens) in scheduler.queue_depth().items():
+    def render(self, gauges: tuple[dict, dict, float]) -> bytes:
+        """The exposition text, with the gauges set from a backend's gauges(): per lane (requests, tokens)
+        waiting, per lane the rate, and the encoders' busy fraction."""
+        depth, rates, busy = gauges
+        for lane, (requests, tokens) in depth.items():
             self.queue_requests.labels(lane).set(requests)
             self.queue_tokens.labels(lane).set(tokens)
-        for lane, rate in scheduler.rates.items():
+        for lane, rate in rates.items():
             self.rate.labels(lane).set(rate)
-        self.gpu_busy.set(scheduler.pool.stage_busy_seconds / max(time.perf_counter() - self.started, 1e-9))
+        self.gpu_busy.set(busy)
         return generate_latest(self.registry)

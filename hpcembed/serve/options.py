@@ -10,7 +10,7 @@ from ..config import _opt
 # The options of `hpcembed run` that `hpcembed serve` takes too: the model, its prompt, and the engine.
 SERVE_FIELDS = ("model", "pooling", "normalize", "max_seq_length", "prompt", "prompt_name", "device", "dtype",
                 "engine", "fused_ops", "cuda_graphs", "cache_dir", "attention", "exact_gelu", "tokenizer_backend",
-                "max_batch_tokens", "instances_per_gpu")
+                "max_batch_tokens", "instances_per_gpu", "tokenizer_ranks")
 
 
 @dataclass

@@ -116,10 +116,11 @@ class Scheduler:
             if predicted > budget:
                 raise Overloaded(predicted, budget)
 
-    def submit(self, batch: TokenBatch, budget: float | None = None) -> Future:
+    def submit(self, batch: TokenBatch, budget: float | None = None, lane: str | None = None) -> Future:
         """Queue a request's rows; its future gets their embeddings [rows, dim] float32, in row order. Raises
-        Overloaded (budget in seconds) or Unavailable."""
-        lane = self.lane_of(batch)
+        Overloaded (budget in seconds) or Unavailable. `lane`: where the caller knows better than the batch's
+        size (a piece of a bulk request, however small, is bulk)."""
+        lane = lane or self.lane_of(batch)
         future: Future = Future()
         with self._lock:
             self._admit(lane, budget)

@@ -1,10 +1,9 @@
 """`hpcembed serve`: the job's model, engine and tokenizer behind an HTTP endpoint compatible with the OpenAI
 embeddings API, for live queries against a corpus embedded with `hpcembed run` (same model, same numbers).
 
-One process: aiohttp's event loop takes requests, the job's tokenizer backend (prompt included) tokenizes them
-(small requests in threads, bulk ones in processes of their own on a GPU: serve/tokenizing.py), and the
-scheduler (serve/scheduler.py) batches their rows onto the encoder instances in two lanes with admission
-control.
+aiohttp's event loop takes requests; a backend tokenizes them with the job's tokenizer backend (prompt included)
+and encodes them in two lanes with admission control: in one process (serve/local.py), or, launched by mpiexec
+or srun, over the job's roles (serve/ranks.py: this process is then rank 0, the frontend).
 
 - POST /v1/embeddings: `input` a string, a list of strings, or token ids (one list, or a list of lists);
   `model`; `encoding_format` float or base64; `dimensions`. With `Accept: application/octet-stream` the answer
@@ -24,8 +23,6 @@ import json
 import logging
 import math
 import signal
-import time
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +31,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import JobConfig
 from ..errors import EXIT_FAILED
-from ..launch.build import build_encoders, tokenizer_backend
 from ..launch.setup import model_spec
 from .metrics import Metrics
 from .options import ServeOptions
 from .requests import BadRequest, Limits, parse
-from .scheduler import Overloaded, Scheduler, Unavailable
-from .tokenizing import Tokenizing, auto_processes, request_batch
+from .scheduler import Overloaded, Unavailable
 
 log = logging.getLogger("hpcembed")
-
-WARM_UP_TEXT = "a short query to measure the encoder with, as long as a typical search query is"
-WARM_UP_BULK_TOKENS = 65536
 
 
 class _State:
@@ -63,11 +55,6 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
                              status=status, headers=headers)
 
 
-def _tokenizing_said(processes: int, threads: int, backend: str) -> str:
-    where = f"{processes} process{'es' if processes != 1 else ''}" if processes else f"{threads} threads"
-    return f"{where}, {backend} tokenizer"
-
-
 def _base64_rows(embeddings: np.ndarray) -> list[str]:
     """Each row's little-endian float32 bytes in base64. Where a row is a whole number of 3-byte groups (its
     dimension a multiple of 3, as 384 and 768 are), the matrix is encoded at once and cut at the rows: the same
@@ -81,39 +68,23 @@ def _base64_rows(embeddings: np.ndarray) -> list[str]:
 
 
 class Service:
-    def __init__(self, cfg: JobConfig, opts: ServeOptions):
-        from ..engine.build import resolve_device
+    """The HTTP side. `make_backend(spec, metrics)` builds what tokenizes and encodes (serve/local.py, or the
+    frontend of serve/ranks.py): admit(lane, budget), async embed(request, lane, budget), failed, describe(),
+    gauges(), close()."""
+
+    def __init__(self, cfg: JobConfig, opts: ServeOptions, make_backend=None):
         self.opts = opts
         self.spec = model_spec(cfg)
-        device = resolve_device(cfg.device)
-        self.encoders = build_encoders(cfg, self.spec, device)
-        self.backend = tokenizer_backend(cfg, self.spec, chunking=False)
         self.metrics = Metrics()
-        batch_tokens = cfg.batch_tokens_for(device)
-        self.scheduler = Scheduler(self.encoders, self.spec.dim, batch_tokens, opts.interactive_max_tokens,
-                                   opts.interactive_max_texts, self._warm_up(batch_tokens), self.metrics)
+        if make_backend is None:
+            from .local import LocalBackend
+            make_backend = lambda spec, metrics: LocalBackend(cfg, spec, opts, metrics)   # noqa: E731
+        self.backend = make_backend(self.spec, self.metrics)
         names = [self.spec.name, Path(cfg.model).name if cfg.model else "", Path(self.spec.path).name]
         self.limits = Limits(tuple(dict.fromkeys(n for n in names if n)), self.spec.dim, self.spec.vocab_size,
                              self.spec.max_seq_length, opts.max_request_texts, opts.max_text_chars)
-        # Small requests are tokenized by threads of their own, so a query never waits behind bulk requests'
-        # texts (measured on the CPU box: 6.3 s query p50 under bulk load with one pool for both).
-        processes = (opts.tokenizer_processes if opts.tokenizer_processes >= 0
-                     else auto_processes(str(self.encoders[0].device_name)))
-        self.tokenizing = Tokenizing(cfg, self.spec, opts.tokenizer_threads, processes)
         self.state = _State()
-
-    def _warm_up(self, batch_tokens: int) -> dict[str, float]:
-        """Each lane's first rate, tokens per second: a small batch (the interactive lane's) and one of the bulk
-        budget (at most WARM_UP_BULK_TOKENS), each timed on its second run."""
-        short = self.backend.encode([WARM_UP_TEXT])[0]
-        rates = {}
-        for lane, rows in (("interactive", 8), ("bulk", min(batch_tokens, WARM_UP_BULK_TOKENS) // len(short))):
-            batch = request_batch([short] * max(rows, 1))
-            self.encoders[0].encode(batch)
-            start = time.perf_counter()
-            self.encoders[0].encode(batch)
-            rates[lane] = batch.num_tokens / max(time.perf_counter() - start, 1e-6)
-        return rates
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- handlers ------------------------------------------------------------------------------------------------
 
@@ -132,27 +103,19 @@ class Service:
                 budget = self._budget(request)
             except BadRequest as exc:
                 return _error(exc.status, exc.message, exc.param, exc.code)
-            small = parsed.count <= self.opts.interactive_max_texts
+            lane = "interactive" if parsed.count <= self.opts.interactive_max_texts else "bulk"
             try:
-                self.scheduler.admit("interactive" if small else "bulk", budget)     # before tokenizing it
-                if parsed.texts is not None:
-                    tokenize = self.tokenizing.small if small else self.tokenizing.bulk
-                    batch = await asyncio.wrap_future(tokenize(parsed.texts))
-                else:
-                    batch = request_batch(parsed.token_ids)
-                embeddings = await asyncio.wrap_future(self.scheduler.submit(batch, budget))
+                self.backend.admit(lane, budget)        # before tokenizing it
+                embeddings, tokens = await self.backend.embed(parsed, lane, budget)
             except Overloaded as exc:
                 retry = max(1, math.ceil(exc.predicted - exc.budget))
                 return _error(429, f"overloaded: {exc}; retry in {retry} s", code="overloaded",
                               headers={"Retry-After": str(retry)})
             except Unavailable as exc:
-                if self.scheduler.failed:
-                    self._fail()
+                if self.backend.failed:
+                    self._fail(self.backend.failed)
                 return _error(503, str(exc), code="unavailable")
-            except BrokenProcessPool:
-                self._fail("a tokenizing process died")
-                return _error(503, "a tokenizing process died", code="unavailable")
-            return self._answer(request, parsed, embeddings, batch.num_tokens)
+            return self._answer(request, parsed, embeddings, tokens)
         finally:
             self.state.in_flight -= 1
 
@@ -195,20 +158,25 @@ class Service:
 
     async def health(self, request: web.Request) -> web.Response:
         status = "failed" if self.state.failed else "draining" if self.state.draining else "ok"
-        first = self.encoders[0]
+        about = self.backend.describe()
         return web.json_response({"status": status, "model": self.limits.model_names[0], "dim": self.spec.dim,
-                                  "engine": first.engine, "device": first.device_name, "dtype": first.dtype_name},
+                                  "engine": about["engine"], "device": about["device"], "dtype": about["dtype"]},
                                  status=200 if status == "ok" else 503)
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(self.scheduler),
+        return web.Response(body=self.metrics.render(self.backend.gauges()),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-    def _fail(self, why: str = "") -> None:
+    def _fail(self, why: str) -> None:
         self.state.failed = True
-        log.error("%s; ending the service", why or f"the encoder failed: {self.scheduler.failed}")
-        if self.state.stop is not None:
-            self.state.stop.set()
+        log.error("%s; ending the service", why)
+        if self.state.stop is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.state.stop.set)
+
+    def request_stop(self) -> None:
+        """Drain and stop (from any thread): what SIGTERM does."""
+        if self.state.stop is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.state.stop.set)
 
     # -- running -------------------------------------------------------------------------------------------------
 
@@ -219,32 +187,37 @@ class Service:
         app.router.add_get("/metrics", self.metrics_page)
         return app
 
-    async def run(self) -> int:
+    async def run(self, signals: bool = True) -> int:
+        """Serve until SIGTERM or SIGINT (with `signals`: this is the main thread), request_stop() or a
+        failure; drain; return the exit code."""
+        self.loop = asyncio.get_running_loop()
         self.state.stop = asyncio.Event()
         runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.opts.host, self.opts.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
-        first = self.encoders[0]
+        about = self.backend.describe()
         log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s; bulk requests tokenized in %s)",
-                 self.limits.model_names[0], self.opts.host, port, first.engine, first.dtype_name, first.device_name,
-                 len(self.encoders), "" if len(self.encoders) == 1 else "s",
-                 _tokenizing_said(self.tokenizing.processes, self.opts.tokenizer_threads, self.backend.name))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.state.stop.set)
+                 self.limits.model_names[0], self.opts.host, port, about["engine"], about["dtype"],
+                 about["device"], about["instances"], "" if about["instances"] == 1 else "s", about["tokenizing"])
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.add_signal_handler(sig, self.state.stop.set)
         await self.state.stop.wait()
         self.state.draining = True
         log.info("draining: %d accepted request(s) to answer", self.state.in_flight)
         while self.state.in_flight:
             await asyncio.sleep(0.01)
         await runner.cleanup()
-        self.scheduler.close()
-        self.tokenizing.close()
+        self.backend.close()
         log.info("stopped")
         return EXIT_FAILED if self.state.failed else 0
 
 
 def serve(cfg: JobConfig, opts: ServeOptions) -> int:
+    from ..world import under_mpi
+    if under_mpi():
+        from .ranks import serve_mpi
+        return serve_mpi(cfg, opts)
     return asyncio.run(Service(cfg, opts).run())
