@@ -1,8 +1,11 @@
 """`hpcembed serve` under load, measured from an async client on the same machine.
 
-    python -m bench.serve [--model DIR] [--paragraphs PATH] [--slug cpu] [-- serve options...]
+    python -m bench.serve [--model DIR] [--paragraphs PATH] [--slug cpu] [--shapes process ranks:12]
+                          [-- serve options...]
 
-Starts `hpcembed serve` (port 0) and measures, with aiohttp clients:
+Starts `hpcembed serve` (port 0) in each shape asked for, one after the other in the same run: `process` (one
+process) or `ranks:N` (under mpiexec with N ranks: the frontend, an encoder rank per GPU, tokenizer ranks), either with
+more serve options after a second colon, and measures each with aiohttp clients:
 (a) one short query per request (the short-query corpus: 8-20 words) sent open-loop at 1, 100 and 1,000
     requests/s: latency p50/p99 from send to answer;
 (b) bulk: 64 concurrent clients (in 4 processes), each posting 256 texts of the standard corpus in a loop: texts/s;
@@ -36,10 +39,15 @@ from bench.corpus import DEFAULT_PARAGRAPHS, build_documents, build_queries
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_server(args, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    log = open(Path("/tmp") / "bench-serve.log", "w")
-    cmd = [sys.executable, "-m", "hpcembed", "serve", "--port", "0", *(["--model", args.model] if args.model else []),
-           *extra]
+def start_server(args, extra: list[str], shape: str = "process") -> tuple[subprocess.Popen, str]:
+    from hpcembed.world import mpiexec_command
+    name = re.sub(r"\W+", "-", shape)
+    log = open(Path("/tmp") / f"bench-serve-{name}.log", "w")
+    kind, _, rest = shape.partition(":")
+    count, _, options = rest.partition(":") if kind == "ranks" else ("", "", rest)
+    launcher = mpiexec_command(int(count)) if kind == "ranks" else []
+    cmd = [*launcher, sys.executable, "-m", "hpcembed", "serve", "--port", "0",
+           *(["--model", args.model] if args.model else []), *extra, *options.split()]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -227,43 +235,55 @@ def main() -> None:
                     "load (py-spy must be installed)")
     ap.add_argument("--profile-output", default="/tmp/serve-profile.txt")
     ap.add_argument("--peer-infinity", action="store_true", help="also measure infinity-emb on the same model")
+    ap.add_argument("--shapes", nargs="+", default=["process"], help="process[:OPTIONS] or ranks:N[:OPTIONS] "
+                    "(mpiexec -n N); OPTIONS: more hpcembed serve options for that shape alone")
     ap.add_argument("serve_options", nargs="*", help="options for hpcembed serve (after --)")
     args = ap.parse_args()
     queries = build_queries(args.texts, Path(args.paragraphs))
     docs = build_documents(args.texts, Path(args.paragraphs))
-    proc, url = start_server(args, args.serve_options)
-    args.server_pid = proc.pid
-    try:
-        import urllib.request
-        with urllib.request.urlopen(url + "/health", timeout=30) as resp:
-            health = json.loads(resp.read())
-        result = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
+    results, health = {}, {}
+    for shape in args.shapes:
+        proc, url = start_server(args, args.serve_options, shape)
+        args.server_pid = proc.pid
+        try:
+            import urllib.request
+            with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+                health = json.loads(resp.read())
+            results[shape] = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
     peer = run_peer(args, queries, docs, health) if args.peer_infinity else "not asked for (--peer-infinity)"
-    rows = [(f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "") for q in result["latency"]]
-    rows.append(("bulk", "", "", result["bulk"]["refused_429"], f"{result['bulk']['texts_per_s']:,.0f} texts/s"))
-    mixed = result["mixed"]
-    rows.append((f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
-                 mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
-                 f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
+    rows = []
+    for shape, result in results.items():
+        rows += [(shape, f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "")
+                 for q in result["latency"]]
+        rows.append((shape, "bulk", "", "", result["bulk"]["refused_429"],
+                     f"{result['bulk']['texts_per_s']:,.0f} texts/s"))
+        mixed = result["mixed"]
+        rows.append((shape, f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
+                     mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
+                     f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
     if isinstance(peer, dict):
         q = peer["latency"][0]
-        rows.append((f"peer: query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], ""))
-        rows.append(("peer: bulk", "", "", peer["bulk"]["refused_429"], f"{peer['bulk']['texts_per_s']:,.0f} texts/s"))
+        rows.append(("peer", f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], ""))
+        rows.append(("peer", "bulk", "", "", peer["bulk"]["refused_429"],
+                     f"{peer['bulk']['texts_per_s']:,.0f} texts/s"))
     else:
         print(f"peer: {peer}")
-    print(table(rows, ("load", "p50 ms", "p99 ms", "429s", "throughput")))
+    print(table(rows, ("shape", "load", "p50 ms", "p99 ms", "429s", "throughput")))
+    best_bulk = max(r["bulk"]["texts_per_s"] for r in results.values())
     out = record("serve", args.slug or "cpu", {"server": {k: health[k] for k in ("model", "engine", "device",
                                                                                  "dtype")},
                                                "serve_options": args.serve_options, "peer": peer,
-                                               "bulk_over_peer": round(result["bulk"]["texts_per_s"]
-                                                                       / peer["bulk"]["texts_per_s"], 2)
+                                               "bulk_over_peer": round(best_bulk / peer["bulk"]["texts_per_s"], 2)
                                                if isinstance(peer, dict) and peer["bulk"]["texts_per_s"] else None,
-                                               "latency_measured": "client-side, same machine", **result})
+                                               "latency_measured": "client-side, same machine",
+                                               "shapes": results})
     print(f"wrote {out}")
-
 
 if __name__ == "__main__":
     main()

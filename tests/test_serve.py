@@ -49,7 +49,9 @@ def server(request, tmp_path_factory, model_dir):
         # that path, single texts the threads.
         job, url = start_server(tmp_path_factory.mktemp("serve"), model_dir, "--tokenizer-processes", "1")
     else:
-        job, url = start_server(tmp_path_factory.mktemp("serve-ranks"), model_dir, ranks=RANKS)
+        # Pieces of 16 texts: every bulk request here is tokenized by both tokenizer ranks.
+        job, url = start_server(tmp_path_factory.mktemp("serve-ranks"), model_dir, "--bulk-piece-texts", "16",
+                                ranks=RANKS)
         assert "1 frontend, 2 tokenizer, 1 encoder ranks" in job.text()
     yield url, json.loads(_get(url + "/health")[1])["model"]
     job.stop()

@@ -82,6 +82,9 @@ class LocalBackend:
             raise Unavailable(self._failed) from None
         return await asyncio.wrap_future(self.scheduler.submit(batch, budget)), batch.num_tokens
 
+    def start(self, on_failure) -> None:
+        """Nothing to start: an encoder failure reaches the service through the request that met it."""
+
     def describe(self) -> dict:
         first = self.encoders[0]
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..config import _opt
+from ..errors import ConfigError
 
 # The options of `hpcembed run` that `hpcembed serve` takes too: the model, its prompt, and the engine.
 SERVE_FIELDS = ("model", "pooling", "normalize", "max_seq_length", "prompt", "prompt_name", "device", "dtype",
@@ -28,11 +29,20 @@ class ServeOptions:
                                           "take the low-latency lane, which is never queued behind bulk work")
     interactive_max_tokens: int = _opt(4096, "... and of at most this many tokens; also the size of the "
                                              "low-latency lane's batches")
+    bulk_piece_texts: int = _opt(64, "under mpiexec: a bulk request goes to the tokenizer ranks in pieces of at "
+                                     "most this many texts, so that one request is tokenized by several ranks")
     tokenizer_threads: int = _opt(4, "threads tokenizing requests (bulk ones only where there are no tokenizing "
                                      "processes)")
     tokenizer_processes: int = _opt(-1, "processes tokenizing bulk requests (a process tokenizes at about one "
                                         "core's rate, whatever its threads); -1: on CUDA one per core beyond 4, at "
                                         "most 12; on CPU none, the encoder's threads take the cores")
+
+
+    def __post_init__(self):
+        for name in ("max_request_texts", "max_text_chars", "interactive_max_texts", "interactive_max_tokens",
+                     "bulk_piece_texts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 SERVE_OPTIONS = {f.name: f for f in dataclasses.fields(ServeOptions)}

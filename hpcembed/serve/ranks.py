@@ -133,12 +133,12 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
                                                    batch.num_tokens, dict(scheduler.rates), busy, batch_log.take()))
 
     while True:
+        answer()            # every turn: under bulk load there is always another batch to take
         envelope = transport.recv(0)
         if envelope is None:
             if not finished:
                 wake.wait(ENCODER_IDLE_SECONDS)
                 wake.clear()
-            answer()
             continue
         if isinstance(envelope.message, ServeStop):
             break
@@ -168,37 +168,20 @@ def _frontend(cfg: JobConfig, opts: ServeOptions, transport, roles, ranks, spec)
         elif isinstance(envelope.message, Failure):
             return _abort(transport, f"rank {envelope.message.rank} ({envelope.message.role}) failed: "
                           f"{envelope.message.message}", envelope.message.exit_code)
-    small = Tokenizing(cfg, spec, opts.tokenizer_threads, 0)
     batch_tokens = max(r.about["batch_tokens"] for r in ready.values())
+    small = Tokenizing(cfg, spec, opts.tokenizer_threads, 0)
+    tokenizer_name = tokenizer_backend(cfg, spec, chunking=False).name
     made: list[FrontendBackend] = []
 
     def make_backend(spec_, metrics):
-        made.append(FrontendBackend(transport, roles.tokenizers, ready, spec.dim, spec.max_seq_length,
-                                    batch_tokens, small, metrics, tokenizer_backend(cfg, spec, False).name))
+        made.append(FrontendBackend(transport, roles.tokenizers, ready, spec.dim, spec.max_seq_length, batch_tokens,
+                                    opts.bulk_piece_texts, small, metrics, tokenizer_name))
         return made[0]
-    service = Service(cfg, opts, make_backend)
-    backend = made[0]
-    exit_code: list[int] = []
-    http = threading.Thread(target=lambda: exit_code.append(asyncio.run(service.run(signals=False))),
-                            name="http", daemon=True)
-    http.start()
-    stopping = False
-
-    def done() -> bool:
-        nonlocal stopping
-        if (STOP.requested or backend.failed) and not stopping:
-            stopping = True
-            if STOP.requested:
-                log.info("%s received: draining", STOP.signal_name)
-            service.request_stop()
-        return not http.is_alive()
-    while service.loop is None and http.is_alive():     # the event loop started (request_stop needs it)
-        time.sleep(0.01)
-    backend.pump(done)
+    exit_code = asyncio.run(Service(cfg, opts, make_backend).run())
     STOP.ignore_from_now()
-    if backend.failed or not exit_code or exit_code[0]:
-        return _abort(transport, backend.failed or "the HTTP server failed", EXIT_FAILED)
-    backend.stop_ranks(roles.tokenizers + roles.encoders)
+    if made[0].failed or exit_code:
+        return _abort(transport, made[0].failed or "the HTTP server failed", EXIT_FAILED)
+    made[0].stop_ranks(roles.tokenizers + roles.encoders)
     quiet_barrier(transport.comm)
     transport.close()
     return 0

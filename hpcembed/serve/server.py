@@ -68,9 +68,9 @@ def _base64_rows(embeddings: np.ndarray) -> list[str]:
 
 
 class Service:
-    """The HTTP side. `make_backend(spec, metrics)` builds what tokenizes and encodes (serve/local.py, or the
-    frontend of serve/ranks.py): admit(lane, budget), async embed(request, lane, budget), failed, describe(),
-    gauges(), close()."""
+    """The HTTP side. `make_backend(spec, metrics)` builds what tokenizes and encodes (serve/local.py, or
+    serve/frontend.py under mpiexec): admit(lane, budget), async embed(request, lane, budget), failed, describe(),
+    gauges(), start(on_failure) in the running loop, close()."""
 
     def __init__(self, cfg: JobConfig, opts: ServeOptions, make_backend=None):
         self.opts = opts
@@ -84,7 +84,6 @@ class Service:
         self.limits = Limits(tuple(dict.fromkeys(n for n in names if n)), self.spec.dim, self.spec.vocab_size,
                              self.spec.max_seq_length, opts.max_request_texts, opts.max_text_chars)
         self.state = _State()
-        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- handlers ------------------------------------------------------------------------------------------------
 
@@ -170,13 +169,8 @@ class Service:
     def _fail(self, why: str) -> None:
         self.state.failed = True
         log.error("%s; ending the service", why)
-        if self.state.stop is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.state.stop.set)
-
-    def request_stop(self) -> None:
-        """Drain and stop (from any thread): what SIGTERM does."""
-        if self.state.stop is not None and self.loop is not None:
-            self.loop.call_soon_threadsafe(self.state.stop.set)
+        if self.state.stop is not None:
+            self.state.stop.set()
 
     # -- running -------------------------------------------------------------------------------------------------
 
@@ -187,10 +181,8 @@ class Service:
         app.router.add_get("/metrics", self.metrics_page)
         return app
 
-    async def run(self, signals: bool = True) -> int:
-        """Serve until SIGTERM or SIGINT (with `signals`: this is the main thread), request_stop() or a
-        failure; drain; return the exit code."""
-        self.loop = asyncio.get_running_loop()
+    async def run(self) -> int:
+        """Serve until SIGTERM, SIGINT or a failure; drain; return the exit code."""
         self.state.stop = asyncio.Event()
         runner = web.AppRunner(self.app(), handle_signals=False, access_log=None)
         await runner.setup()
@@ -201,9 +193,9 @@ class Service:
         log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s; bulk requests tokenized in %s)",
                  self.limits.model_names[0], self.opts.host, port, about["engine"], about["dtype"],
                  about["device"], about["instances"], "" if about["instances"] == 1 else "s", about["tokenizing"])
-        if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.loop.add_signal_handler(sig, self.state.stop.set)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, self.state.stop.set)
+        self.backend.start(lambda: self._fail(self.backend.failed))
         await self.state.stop.wait()
         self.state.draining = True
         log.info("draining: %d accepted request(s) to answer", self.state.in_flight)
