@@ -178,12 +178,16 @@ def test_scaling_sweep_collects_manifests(cluster, corpus, tmp_path):
 
 
 
-def test_serve_sbatch_answers_then_drains_on_scancel(cluster, tmp_path, st_model):
-    """slurm/serve.sbatch: the server comes up on the node, answers a query as sentence-transformers does, and
-    `scancel` (SIGTERM) drains it: it logs that it stopped rather than being killed."""
+@pytest.mark.parametrize("tasks", [1, 3])
+def test_serve_sbatch_answers_then_drains_on_scancel(cluster, tmp_path, st_model, tasks):
+    """slurm/serve.sbatch: the server comes up on the node, in one process or with roles (a frontend, an encoder
+    rank and a tokenizer rank), answers a query as sentence-transformers does, and `scancel` (SIGTERM) drains it:
+    it logs that it stopped rather than being killed."""
     import re
     import urllib.request
-    submitted = cluster.run("sbatch", "--parsable", str(SCRIPTS / "serve.sbatch"), "--port", "0", cwd=tmp_path)
+    shape = ["--ntasks", str(tasks), "--cpus-per-task", "1"] if tasks > 1 else []
+    submitted = cluster.run("sbatch", "--parsable", *shape, str(SCRIPTS / "serve.sbatch"), "--port", "0",
+                            cwd=tmp_path)
     job_id = submitted.stdout.strip()
     deadline = time.monotonic() + 180
 
@@ -204,3 +208,5 @@ def test_serve_sbatch_answers_then_drains_on_scancel(cluster, tmp_path, st_model
         assert time.monotonic() < deadline, f"the server did not drain:\n{logs()[-3000:]}"
         time.sleep(0.2)
     assert "draining" in logs()
+    if tasks > 1:
+        assert "role map: 1 frontend, 1 tokenizer, 1 encoder ranks" in logs()
