@@ -11,8 +11,8 @@ transport and their embeddings come back from the encoder ranks; this process on
   estimated from their UTF-8 length, at the bytes per token measured so far) over the encoder ranks' measured
   rates, which every answer updates.
 
-One thread: the event loop both serves HTTP and talks to the transport (a task polls it, without waiting while
-messages come, every PUMP_IDLE_SECONDS when none do). A second thread for the transport made the two convoy on
+One thread: the event loop both serves HTTP and talks to the transport (a task takes every message that has come,
+then yields; it sleeps PUMP_IDLE_SECONDS when none had). A second thread for the transport made the two convoy on
 the GIL: on the H200 box every answer waited behind the bulk answers queued before it (query p50 under bulk load
 427 ms, bench/notes/serve.md).
 """
@@ -170,12 +170,15 @@ class FrontendBackend:
 
     async def _pump(self) -> None:
         while not self.closing:
-            envelope = self.transport.recv(0)
-            if envelope is None:
-                await asyncio.sleep(PUMP_IDLE_SECONDS)
-                continue
-            self.handle(envelope.source, envelope.message)
-            await asyncio.sleep(0)          # let the requests run between messages
+            # Every message that has come, at each turn: one a turn fell behind the encoder ranks under bulk load
+            # (a turn of the loop parses and answers many requests), and a query's answer, which comes from the
+            # same encoder rank in order, then waited behind every bulk answer queued before it (H200 box: 199 ms
+            # p50 under bulk load; bench/notes/serve.md).
+            taken = 0
+            while (envelope := self.transport.recv(0)) is not None:
+                self.handle(envelope.source, envelope.message)
+                taken += 1
+            await asyncio.sleep(0 if taken else PUMP_IDLE_SECONDS)
 
     def handle(self, source: int, message) -> None:
         if isinstance(message, ServeEmbedded):
