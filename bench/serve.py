@@ -10,6 +10,7 @@ more serve options after a second colon, and measures each with aiohttp clients:
     requests/s: latency p50/p99 from send to answer;
 (b) bulk: 64 concurrent clients (in 4 processes), each posting 256 texts of the standard corpus in a loop: texts/s;
 (c) both at once: queries at 100 requests/s while (b) runs: their p50/p99, and bulk texts/s against (b).
+In (b), each server process's CPU (from /proc) by role, as a fraction of a core: a process near 1.0 sets the pace.
 Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-After asks before trying again.
 With --peer-infinity, the peer the issue asks for, infinity-emb serving the same model directory on the same
 device, gets the same bulk load and the same queries at --mixed-rate alone, once hpcembed serve has stopped (the
@@ -43,6 +44,7 @@ def start_server(args, extra: list[str], shape: str = "process") -> tuple[subpro
     from hpcembed.world import mpiexec_command
     name = re.sub(r"\W+", "-", shape)
     log = open(Path("/tmp") / f"bench-serve-{name}.log", "w")
+    args.server_log = log.name
     kind, _, rest = shape.partition(":")
     count, _, options = rest.partition(":") if kind == "ranks" else ("", "", rest)
     launcher = mpiexec_command(int(count)) if kind == "ranks" else []
@@ -190,6 +192,52 @@ def run_peer(args, queries: list[str], docs: list[str], health: dict):
             proc.kill()
 
 
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User plus system CPU seconds of each process (all its threads) so far."""
+    tick, out = os.sysconf("SC_CLK_TCK"), {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def server_roles(args) -> dict[int, str]:
+    """The server's processes by role: from the role map the log prints under mpiexec, else the server process
+    and its tokenizing processes."""
+    pids = _tree(args.server_pid)
+    found = dict((int(pid), role) for pid, role in
+                 re.findall(r"rank \d+ on \S+ \(pid (\d+)\): (\w+)", Path(args.server_log).read_text()))
+    if found:
+        return {pid: found[pid] for pid in pids if pid in found}
+    python = [p for p in pids if b"python" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return {pid: "server" if k == 0 else "tokenizing process" for k, pid in enumerate(python)}
+
+
+def cpu_by_role(roles: dict[int, str], before: dict[int, float], after: dict[int, float], seconds: float) -> dict:
+    """Per role: its processes, and the CPU each used over `seconds` as a fraction of a core (mean, busiest)."""
+    out: dict[str, list[float]] = {}
+    for pid, role in roles.items():
+        if pid in before and pid in after:
+            out.setdefault(role, []).append((after[pid] - before[pid]) / seconds)
+    return {role: {"processes": len(v), "mean_core_fraction": round(sum(v) / len(v), 3),
+                   "busiest_core_fraction": round(max(v), 3)} for role, v in out.items()}
+
+
 def start_profile(args):
     """py-spy sampling the server and its tokenizing processes through the bulk load's first --profile-seconds
     (collapsed stacks, one file; threads apart), or None."""
@@ -207,7 +255,10 @@ async def measure(url: str, model: str, queries: list[str], docs: list[str], arg
         await _post(session, url, model, queries[:16])                    # warm
         latency = [await queries_at(session, url, model, queries, rate, args.seconds) for rate in args.rates]
         profiler = start_profile(args)
+        roles = server_roles(args)
+        before, start = _cpu_seconds(list(roles)), time.perf_counter()
         solo = await bulk_load(url, model, docs, args)
+        solo["server_cpu"] = cpu_by_role(roles, before, _cpu_seconds(list(roles)), time.perf_counter() - start)
         if profiler is not None:
             profiler.wait(timeout=60)
         mixed_bulk, mixed_queries = await asyncio.gather(
@@ -261,8 +312,9 @@ def main() -> None:
     for shape, result in results.items():
         rows += [(shape, f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "")
                  for q in result["latency"]]
+        cpu = ", ".join(f"{role} {c['busiest_core_fraction']:.2f}" for role, c in result["bulk"]["server_cpu"].items())
         rows.append((shape, "bulk", "", "", result["bulk"]["refused_429"],
-                     f"{result['bulk']['texts_per_s']:,.0f} texts/s"))
+                     f"{result['bulk']['texts_per_s']:,.0f} texts/s (busiest core: {cpu})"))
         mixed = result["mixed"]
         rows.append((shape, f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
                      mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
