@@ -248,6 +248,26 @@ def start_profile(args):
                              "--subprocesses", "--output", args.profile_output], stdout=subprocess.DEVNULL)
 
 
+async def stage_seconds(session, url: str) -> dict[tuple[str, str, str], float]:
+    """The server's hpcembed_stage_seconds sums and counts from /metrics: (lane, stage, 'sum'|'count') -> value."""
+    async with session.get(url.replace("/v1/embeddings", "/metrics")) as resp:
+        page = await resp.text()
+    pattern = r'hpcembed_stage_seconds_(sum|count)\{lane="(\w+)",stage="([\w+]+)"\} (\S+)'
+    return {(lane, stage, kind): float(value) for kind, lane, stage, value in re.findall(pattern, page)}
+
+
+def stage_means(before: dict, after: dict, lane: str) -> dict[str, float]:
+    """Each stage's mean milliseconds for `lane` between two readings: where the server says a request's time
+    went (the client's latency less their sum is the time before the server read the request, and after)."""
+    out = {}
+    for (lane_, stage, kind), total in after.items():
+        if lane_ == lane and kind == "sum":
+            count = after[(lane, stage, "count")] - before.get((lane, stage, "count"), 0)
+            if count:
+                out[stage] = round((total - before.get((lane, stage, "sum"), 0)) / count * 1e3, 2)
+    return out
+
+
 async def measure(url: str, model: str, queries: list[str], docs: list[str], args) -> dict:
     import aiohttp
     connector = aiohttp.TCPConnector(limit=0)
@@ -261,9 +281,12 @@ async def measure(url: str, model: str, queries: list[str], docs: list[str], arg
         solo["server_cpu"] = cpu_by_role(roles, before, _cpu_seconds(list(roles)), time.perf_counter() - start)
         if profiler is not None:
             profiler.wait(timeout=60)
+        stages_before = await stage_seconds(session, url)
         mixed_bulk, mixed_queries = await asyncio.gather(
             bulk_load(url, model, docs, args),
             queries_at(session, url, model, queries, args.mixed_rate, args.seconds))
+        mixed_queries["server_stages_mean_ms"] = stage_means(stages_before, await stage_seconds(session, url),
+                                                             "interactive")
     return {"latency": latency, "bulk": solo, "mixed": {"bulk": mixed_bulk, "queries": mixed_queries,
                                                          "bulk_fraction_of_solo": round(
                                                              mixed_bulk["texts_per_s"] / solo["texts_per_s"], 3)
@@ -319,6 +342,9 @@ def main() -> None:
         rows.append((shape, f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
                      mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
                      f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
+    for shape, result in results.items():
+        print(f"{shape}: queries under bulk load, mean ms by server stage:",
+              result["mixed"]["queries"].get("server_stages_mean_ms"))
     if isinstance(peer, dict):
         q = peer["latency"][0]
         rows.append(("peer", f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], ""))

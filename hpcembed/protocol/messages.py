@@ -252,6 +252,7 @@ class ServeEmbedded:
     tokens: int
     rates: dict                     # the encoder's lane rates now
     busy: float                     # the encoder's busy fraction since it started serving
+    seconds: float                  # from the batch's receipt to this answer, on the encoder rank
     batches: list                   # (lane, rows, tokens) of the engine batches run since the last answer
 
 

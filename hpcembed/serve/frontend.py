@@ -42,6 +42,7 @@ class _Piece:
     texts: int
     estimated: float            # tokens, as counted outstanding
     nbytes: int
+    sent_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -195,6 +196,8 @@ class FrontendBackend:
             return
         piece = pending.pieces.pop(msg.first)
         self._count(pending, msg.first, piece, -1)
+        self.metrics.timed(pending.lane, "encoder", msg.seconds)
+        self.metrics.timed(pending.lane, "elsewhere", time.perf_counter() - piece.sent_at - msg.seconds)
         if piece.nbytes:                    # learn the bytes per token from what the tokenizers made
             self._bytes_per_token = 0.9 * self._bytes_per_token + 0.1 * piece.nbytes / max(msg.tokens, 1)
         pending.embeddings[msg.first: msg.first + piece.texts] = msg.embeddings

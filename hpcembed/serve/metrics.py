@@ -14,6 +14,11 @@ class Metrics:
                                 registry=r)
         self.latency = Histogram("hpcembed_request_seconds", "time from acceptance to the embeddings, by lane",
                                  ["lane"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("hpcembed_stage_seconds", "where a request's time goes, by lane: read+parse, "
+                               "embed, answer (HTTP side); under mpiexec also, per piece, encoder (on the encoder "
+                               "rank, from receipt to its answer sent) and elsewhere (the rest of the round trip "
+                               "from the frontend: tokenizing, the transport)", ["lane", "stage"],
+                               buckets=LATENCY_BUCKETS, registry=r)
         self.batch_rows = Histogram("hpcembed_batch_rows", "texts per engine batch, by lane", ["lane"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384), registry=r)
         self.batch_tokens = Histogram("hpcembed_batch_tokens", "tokens per engine batch, by lane", ["lane"],
@@ -28,6 +33,9 @@ class Metrics:
     def batch(self, lane: str, rows: int, tokens: int) -> None:
         self.batch_rows.labels(lane).observe(rows)
         self.batch_tokens.labels(lane).observe(tokens)
+
+    def timed(self, lane: str, stage: str, seconds: float) -> None:
+        self.stage.labels(lane, stage).observe(seconds)
 
     def answered(self, lane: str, seconds: float) -> None:
         self.latency.labels(lane).observe(seconds)

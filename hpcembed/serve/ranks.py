@@ -118,19 +118,20 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
     wake = threading.Event()
     started = time.perf_counter()
 
-    def on_done(future, batch):
-        finished.append((batch, future))
+    def on_done(future, batch, received):
+        finished.append((batch, future, received))
         wake.set()
 
     def answer() -> None:
         while finished:
-            batch, future = finished.popleft()
+            batch, future, received = finished.popleft()
             error = future.exception()
             if error is not None:
                 raise HpcEmbedError(str(error))
             busy = scheduler.pool.stage_busy_seconds / max(time.perf_counter() - started, 1e-9)
             transport.send(FRONTEND, ServeEmbedded(int(batch.units[0]), int(batch.rows[0]), future.result(),
-                                                   batch.num_tokens, dict(scheduler.rates), busy, batch_log.take()))
+                                                   batch.num_tokens, dict(scheduler.rates), busy,
+                                                   time.perf_counter() - received, batch_log.take()))
 
     while True:
         answer()            # every turn: under bulk load there is always another batch to take
@@ -147,7 +148,8 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
             # Batches from tokenizer ranks are pieces of bulk requests; the frontend's own, small requests or
             # token ids, go by their size.
             lane = None if envelope.source == FRONTEND else "bulk"
-            scheduler.submit(batch, lane=lane).add_done_callback(lambda f, b=batch: on_done(f, b))
+            received = time.perf_counter()
+            scheduler.submit(batch, lane=lane).add_done_callback(lambda f, b=batch, t=received: on_done(f, b, t))
     scheduler.close()
     answer()
 

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,7 @@ class Service:
         if self.state.draining or self.state.failed:
             return _error(503, "the server is shutting down" if self.state.draining else "the encoder failed")
         self.state.in_flight += 1
+        started = time.perf_counter()
         try:
             try:
                 parsed = parse(await request.read(), self.limits)
@@ -103,6 +105,7 @@ class Service:
             except BadRequest as exc:
                 return _error(exc.status, exc.message, exc.param, exc.code)
             lane = "interactive" if parsed.count <= self.opts.interactive_max_texts else "bulk"
+            parsed_at = time.perf_counter()
             try:
                 self.backend.admit(lane, budget)        # before tokenizing it
                 embeddings, tokens = await self.backend.embed(parsed, lane, budget)
@@ -114,7 +117,12 @@ class Service:
                 if self.backend.failed:
                     self._fail(self.backend.failed)
                 return _error(503, str(exc), code="unavailable")
-            return self._answer(request, parsed, embeddings, tokens)
+            embedded_at = time.perf_counter()
+            response = self._answer(request, parsed, embeddings, tokens)
+            for stage, seconds in (("read+parse", parsed_at - started), ("embed", embedded_at - parsed_at),
+                                   ("answer", time.perf_counter() - embedded_at)):
+                self.metrics.timed(lane, stage, seconds)
+            return response
         finally:
             self.state.in_flight -= 1
 
