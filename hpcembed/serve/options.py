@@ -29,8 +29,10 @@ class ServeOptions:
                                           "take the low-latency lane, which is never queued behind bulk work")
     interactive_max_tokens: int = _opt(4096, "... and of at most this many tokens; also the size of the "
                                              "low-latency lane's batches")
-    bulk_piece_texts: int = _opt(64, "under mpiexec: a bulk request goes to the tokenizer ranks in pieces of at "
-                                     "most this many texts, so that one request is tokenized by several ranks")
+    bulk_piece_texts: int = _opt(256, "under mpiexec: a bulk request goes to the tokenizer ranks in pieces of at "
+                                      "most this many texts, so that a large request is tokenized by several ranks "
+                                      "(smaller pieces cost the frontend more messages: 64 served 28-30% fewer "
+                                      "texts/s than 256 on the H200 box)")
     tokenizer_threads: int = _opt(4, "threads tokenizing requests (bulk ones only where there are no tokenizing "
                                      "processes)")
     tokenizer_processes: int = _opt(-1, "processes tokenizing bulk requests (a process tokenizes at about one "
