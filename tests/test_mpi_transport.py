@@ -2,6 +2,7 @@
 keep their order with each other and with token batches, and nothing is lost when the receiver is busy."""
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -87,3 +88,50 @@ def test_a_rank_waiting_at_the_quiet_barrier_leaves_its_core_free(tmp_path):
         used[how] = cpu / wall
     assert used["quiet"] < 0.2, used
     assert used["blocking"] > 0.5, used
+
+
+URGENT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from hpcembed.tokenize.batch import TokenBatch
+    from hpcembed.transport.mpi import MpiTransport
+    t = MpiTransport()
+    def batch(k):
+        return TokenBatch.build([np.arange(3)], [f"id{k}"], [k], k)
+    if t.rank == 0:
+        for k in range(40):
+            t.send(1, ("bulk", k))
+        t.send_batch(1, batch(100))
+        t.send(1, ("query", 1), urgent=True)
+        t.send_batch(1, batch(200), urgent=True)
+        t.send(1, ("query", 2), urgent=True)
+        t.send(1, ("bulk", 40))
+        t.flush()
+    t.comm.Barrier()
+    if t.rank == 1:
+        time.sleep(0.5)                 # everything has arrived and waits in MPI
+        t.urgent_first = sys.argv[2] == "urgent"
+        got = []
+        while len(got) < 45:
+            m = t.recv(5.0).message
+            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
+        open(sys.argv[1], "w").write(repr(got))
+    t.comm.Barrier()
+""")
+
+
+def test_urgent_messages_overtake_the_others_where_the_receiver_asks(tmp_path):
+    """A receiver with urgent_first takes urgent messages (a query's) before the others waiting in MPI, each kind
+    in the order sent; without it, everything comes in the order sent."""
+    script = tmp_path / "urgent.py"
+    script.write_text(URGENT_SCRIPT)
+    got = {}
+    for how in ("urgent", "in-order"):
+        proc = subprocess.run(["timeout", "60", MPIEXEC, "-n", "2", sys.executable, str(script),
+                               str(tmp_path / how), how], capture_output=True, text=True, cwd=REPO, timeout=90,
+                              env={**os.environ, **MPI_ENV})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        got[how] = ast.literal_eval((tmp_path / how).read_text())
+    bulk = [("bulk", k) for k in range(40)] + [("batch", 100)]
+    assert got["urgent"] == [("batch", 200), ("query", 1), ("query", 2)] + bulk + [("bulk", 40)]
+    assert got["in-order"] == bulk + [("query", 1), ("batch", 200), ("query", 2), ("bulk", 40)]

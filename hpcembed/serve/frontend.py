@@ -6,7 +6,8 @@ transport and their embeddings come back from the encoder ranks; this process on
   the fewest (estimated) tokens outstanding. The frontend knows everything in flight, so its counts are the
   encoder ranks' free credit without a credit message.
 - A small request (and token-id input) is tokenized here, in a thread, and goes straight to an encoder rank: a
-  query does not pay a tokenizer rank's round trip. The encoder rank's scheduler takes it first (two lanes).
+  query does not pay a tokenizer rank's round trip. Its batch and its answer are urgent messages, which the
+  transport hands over before bulk work waiting in it, and the encoder rank's scheduler takes it first.
 - Admission control predicts a request's wait from the tokens outstanding in each lane (texts not yet tokenized
   estimated from their UTF-8 length, at the bytes per token measured so far) over the encoder ranks' measured
   rates, which every answer updates.
@@ -134,7 +135,7 @@ class FrontendBackend:
     def _send_batch(self, pending: _Pending, batch: TokenBatch) -> None:
         encoder = self._least_loaded_encoder()
         self._count(pending, 0, _Piece(encoder, None, batch.num_rows, float(batch.num_tokens), 0), +1)
-        self.transport.send_batch(encoder, batch)
+        self.transport.send_batch(encoder, batch, urgent=pending.lane == "interactive")
 
     def _send_texts(self, pending: _Pending, key: int, first: int, texts: list[str]) -> None:
         encoder = self._least_loaded_encoder()

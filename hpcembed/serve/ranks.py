@@ -45,6 +45,9 @@ FRONTEND = 0
 def serve_mpi(cfg: JobConfig, opts: ServeOptions) -> int:
     from ..transport.mpi import MpiTransport
     transport = MpiTransport()
+    # A query's batch and its answer overtake bulk work queued in MPI, where a message otherwise waits for every
+    # one sent before it on the same tag: the bulk answers an encoder rank sent before a query's.
+    transport.urgent_first = True
     rank = transport.rank
     ranks = gather_ranks(transport.comm)
     STOP.install(announce=False)
@@ -118,20 +121,21 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
     wake = threading.Event()
     started = time.perf_counter()
 
-    def on_done(future, batch, received):
-        finished.append((batch, future, received))
+    def on_done(future, batch, received, urgent):
+        finished.append((batch, future, received, urgent))
         wake.set()
 
     def answer() -> None:
         while finished:
-            batch, future, received = finished.popleft()
+            batch, future, received, urgent = finished.popleft()
             error = future.exception()
             if error is not None:
                 raise HpcEmbedError(str(error))
             busy = scheduler.pool.stage_busy_seconds / max(time.perf_counter() - started, 1e-9)
             transport.send(FRONTEND, ServeEmbedded(int(batch.units[0]), int(batch.rows[0]), future.result(),
                                                    batch.num_tokens, dict(scheduler.rates), busy,
-                                                   time.perf_counter() - received, batch_log.take()))
+                                                   time.perf_counter() - received, batch_log.take()),
+                           urgent=urgent)
 
     while True:
         answer()            # every turn: under bulk load there is always another batch to take
@@ -147,9 +151,10 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
             batch = envelope.message
             # Batches from tokenizer ranks are pieces of bulk requests; the frontend's own, small requests or
             # token ids, go by their size.
-            lane = None if envelope.source == FRONTEND else "bulk"
-            received = time.perf_counter()
-            scheduler.submit(batch, lane=lane).add_done_callback(lambda f, b=batch, t=received: on_done(f, b, t))
+            lane = scheduler.lane_of(batch) if envelope.source == FRONTEND else "bulk"
+            received, urgent = time.perf_counter(), lane == "interactive"
+            scheduler.submit(batch, lane=lane).add_done_callback(
+                lambda f, b=batch, t=received, u=urgent: on_done(f, b, t, u))
     scheduler.close()
     answer()
 

@@ -19,16 +19,23 @@ class Transport(abc.ABC):
     rank: int
     size: int
     name: str
+    # recv() takes urgent messages before others where the transport can tell them apart (MPI: by tag); set by
+    # a rank that expects them. Transports that cannot keep the order of arrival.
+    urgent_first: bool = False
 
     @abc.abstractmethod
-    def send(self, dest: int, message: Any) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
         """Send a small control message (pickled where it crosses processes) without waiting for `dest` to take
         it: `dest` may be busy for a while, and a rank that serves many peers must not stall on one. Messages
-        from one rank to another arrive in the order sent; flush() waits until all have been taken."""
+        from one rank to another arrive in the order sent; flush() waits until all have been taken.
+
+        `urgent`: where the receiver takes urgent messages first (`urgent_first`), this one overtakes every
+        message that is not urgent (a live query's, past bulk work). Urgent control messages keep their order among
+        themselves, as urgent batches do."""
 
     @abc.abstractmethod
-    def send_batch(self, dest: int, batch: TokenBatch) -> None:
-        """Send a token batch on the data path: raw buffers, never pickled."""
+    def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:
+        """Send a token batch on the data path: raw buffers, never pickled. `urgent` as for send()."""
 
     @abc.abstractmethod
     def recv(self, timeout: float | None = None) -> Envelope | None:

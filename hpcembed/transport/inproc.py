@@ -31,10 +31,10 @@ class InprocTransport(Transport):
     def __init__(self, network: InprocNetwork, rank: int):
         self.network, self.rank, self.size = network, rank, len(network.queues)
 
-    def send(self, dest: int, message: Any) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
         self.network.queues[dest].put(Envelope(self.rank, message))
 
-    def send_batch(self, dest: int, batch: TokenBatch) -> None:
+    def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:
         self.network.queues[dest].put(Envelope(self.rank, batch))
 
     def recv(self, timeout: float | None = None) -> Envelope | None:

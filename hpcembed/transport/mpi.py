@@ -21,6 +21,7 @@ from ..tokenize.batch import TokenBatch
 from .base import Envelope, Transport
 
 CONTROL, BATCH = 11, 12
+URGENT_CONTROL, URGENT_BATCH = 13, 14     # probed first by a rank that sets urgent_first
 _SPIN_SECONDS = 0.001     # poll without sleeping this long first (see the module docstring)
 _IDLE_SLEEP = 0.0005
 _ABORT_FORWARD_SECONDS = 0.5
@@ -39,13 +40,13 @@ class MpiTransport(Transport):
         self._unfinished: deque = deque()   # control sends not yet complete, oldest first
         self._reap_at = _REAP_AT_LEAST
 
-    def send(self, dest: int, message: Any) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
         # Never blocking. On the H200 box's Open MPI 4.1.6 with mpi4py 4.1.2, a blocking send of a small pickle
         # lasted until the receiver next polled (4.1 ms behind a rank that polls every 5 ms, an isend 4.3 µs:
         # bench/send_wait.py), so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a
         # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two
         # ranks either way.
-        self._unfinished.append(self.comm.isend(message, dest=dest, tag=CONTROL))
+        self._unfinished.append(self.comm.isend(message, dest=dest, tag=URGENT_CONTROL if urgent else CONTROL))
         if len(self._unfinished) >= self._reap_at:
             self._reap()
 
@@ -69,14 +70,14 @@ class MpiTransport(Transport):
             if self._unfinished:
                 time.sleep(_IDLE_SLEEP)
 
-    def send_batch(self, dest: int, batch: TokenBatch) -> None:
+    def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:
         buf = batch.to_wire()
         # Blocking. A batch is far above the eager limit, so it moves by rendezvous, and without a single-copy
         # path (CMA is often off in containers) that needs the sender inside MPI while the receiver copies. An
         # Isend from a tokenizer that then spends ~100 ms in its tokenizer left the encoder rank stuck in Recv for
         # that long: on the H100 box the encoder rank's loop spent 43 of 63 s receiving, and the GPU was 38% busy.
         # The encoder rank polls often, so a blocking send waits only for its next probe.
-        self.comm.Send([buf, self.MPI.BYTE], dest=dest, tag=BATCH)
+        self.comm.Send([buf, self.MPI.BYTE], dest=dest, tag=URGENT_BATCH if urgent else BATCH)
 
     def recv(self, timeout: float | None = None) -> Envelope | None:
         now = time.monotonic()
@@ -88,18 +89,26 @@ class MpiTransport(Transport):
             data = self._poll_data()
             if data is not None:
                 return data
+            if self.urgent_first and (self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=URGENT_BATCH, status=status)
+                                      or self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=URGENT_CONTROL,
+                                                          status=status)):
+                return self._take(status)
             if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
-                source, tag = status.Get_source(), status.Get_tag()
-                if tag == BATCH:
-                    buf = np.empty(status.Get_count(self.MPI.BYTE), dtype=np.uint8)
-                    self.comm.Recv([buf, self.MPI.BYTE], source=source, tag=BATCH)
-                    return Envelope(source, TokenBatch.from_wire(buf))
-                return Envelope(source, self.comm.recv(source=source, tag=tag))
+                return self._take(status)
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 return None
             if now >= spin_until:
                 time.sleep(_IDLE_SLEEP)
+
+    def _take(self, status) -> Envelope:
+        """Receive the message `status` probed."""
+        source, tag = status.Get_source(), status.Get_tag()
+        if tag in (BATCH, URGENT_BATCH):
+            buf = np.empty(status.Get_count(self.MPI.BYTE), dtype=np.uint8)
+            self.comm.Recv([buf, self.MPI.BYTE], source=source, tag=tag)
+            return Envelope(source, TokenBatch.from_wire(buf))
+        return Envelope(source, self.comm.recv(source=source, tag=tag))
 
     def _poll_data(self) -> Envelope | None:
         """A token batch that arrived outside MPI (the UCX transport overrides this); here batches come as MPI

@@ -116,7 +116,9 @@ class UcxTransport(MpiTransport):
             raise TransportError(f"rank {self.rank}: the UCX connection to rank {peer} (on "
                                  f"{self.hosts.get(peer, '?')}) closed while {doing}: that rank or its node died")
 
-    def send_batch(self, dest: int, batch: TokenBatch) -> None:
+    def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:
+        if urgent:              # the urgent tags are MPI's; a query's batch is small
+            return super().send_batch(dest, batch, urgent=True)
         self._check_peers("sending")
         self._reap_sends(wait=False)
         payload = batch.to_wire()
