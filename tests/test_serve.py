@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -283,3 +284,12 @@ def test_base64_rows_cut_from_one_encoding_equal_each_row_encoded(dim):
     rows = np.random.default_rng(dim).standard_normal((9, dim)).astype("<f4")
     assert _base64_rows(rows) == [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
     assert _base64_rows(rows[:0]) == []
+
+
+def test_serve_under_mpiexec_reports_a_mistake_once(tmp_path):
+    """Every rank finds a missing model directory; rank 0 alone says so, and the world exits with its code."""
+    proc = subprocess.run(["timeout", "120", MPIEXEC, "-n", str(RANKS), sys.executable, "-m", "hpcembed", "serve",
+                           "--port", "0", "--model", str(tmp_path / "missing")], capture_output=True, text=True,
+                          timeout=150, env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (proc.stdout + proc.stderr).count("does not exist") == 1, proc.stderr[-2000:]

@@ -25,7 +25,7 @@ from collections import deque
 import numpy as np
 
 from ..config import JobConfig
-from ..errors import EXIT_FAILED, ConfigError, HpcEmbedError
+from ..errors import EXIT_FAILED, HpcEmbedError
 from ..launch.build import build_encoders, tokenizer_backend
 from ..launch.setup import model_spec
 from ..protocol.messages import Failure, ServeEmbedded, ServeReady, ServeStop, ServeTexts
@@ -53,11 +53,11 @@ def serve_mpi(cfg: JobConfig, opts: ServeOptions) -> int:
     STOP.install(announce=False)
     try:
         roles = plan_roles(ranks, cfg.tokenizer_ranks or None)
-    except ConfigError:
+        spec = model_spec(cfg)
+    except HpcEmbedError as exc:
         if rank == FRONTEND:
             raise
-        return EXIT_FAILED          # rank 0 reports it
-    spec = model_spec(cfg)
+        return exc.exit_code        # rank 0 reports it, once
     role = roles.role_of(rank)
     if role == "conductor":
         return _frontend(cfg, opts, transport, roles, ranks, spec)
