@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import os
 import sys
@@ -118,11 +119,11 @@ def _serve(args) -> int:
     if cfg.dtype == "fp8":
         raise ConfigError("--dtype fp8 is not served: its fidelity check needs a job's own texts; serve in bf16")
     opts = ServeOptions(**{name: getattr(args, "serve_" + name) for name in SERVE_OPTIONS})
-    try:
-        from .serve.server import serve
-    except ImportError as exc:
-        raise ConfigError(f"hpcembed serve needs its HTTP stack ({exc.name} is missing): "
-                          "pip install 'hpcembed[serve]'") from None
+    for module in ("aiohttp", "prometheus_client"):
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"hpcembed serve needs its HTTP stack ({module} is missing): "
+                              "pip install 'hpcembed[serve]'")
+    from .serve.main import serve
     return serve(cfg, opts)
 
 

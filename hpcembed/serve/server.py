@@ -214,10 +214,3 @@ class Service:
         log.info("stopped")
         return EXIT_FAILED if self.state.failed else 0
 
-
-def serve(cfg: JobConfig, opts: ServeOptions) -> int:
-    from ..world import under_mpi
-    if under_mpi():
-        from .ranks import serve_mpi
-        return serve_mpi(cfg, opts)
-    return asyncio.run(Service(cfg, opts).run())
