@@ -185,11 +185,16 @@ def run_peer(args, queries: list[str], docs: list[str], health: dict):
     except Exception as exc:            # the peer is a comparison: its failure is recorded, not fatal
         return f"infinity-emb failed: {exc!r}: " + Path(log.name).read_text()[-1500:]
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 60)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM (a server drains), then SIGKILL after `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _tree(pid: int) -> list[int]:
@@ -325,11 +330,7 @@ def main() -> None:
                 health = json.loads(resp.read())
             results[shape] = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc, 120)
     peer = run_peer(args, queries, docs, health) if args.peer_infinity else "not asked for (--peer-infinity)"
     rows = []
     for shape, result in results.items():

@@ -58,6 +58,16 @@ def test_sends_keep_their_order_while_the_receiver_is_busy(tmp_path):
     assert (tmp_path / "report.sender").read_text().startswith("sent 300 in ")
 
 
+def _two_ranks(tmp_path, script: str, how: str) -> str:
+    """Run `script` on two ranks with arguments (report file, `how`); the report a rank wrote."""
+    path = tmp_path / f"script-{how}.py"
+    path.write_text(script)
+    proc = subprocess.run(["timeout", "60", MPIEXEC, "-n", "2", sys.executable, str(path), str(tmp_path / how), how],
+                          capture_output=True, text=True, cwd=REPO, timeout=90, env={**os.environ, **MPI_ENV})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return (tmp_path / how).read_text()
+
+
 WAIT_SCRIPT = textwrap.dedent("""
     import sys, time
     from mpi4py import MPI
@@ -75,15 +85,9 @@ WAIT_SCRIPT = textwrap.dedent("""
 def test_a_rank_waiting_at_the_quiet_barrier_leaves_its_core_free(tmp_path):
     """Rank 0 waits 1.5 s for rank 1: at the quiet barrier it uses a small part of that in CPU time, where MPI's
     own barrier spins (the control run shows this check can fail)."""
-    script = tmp_path / "wait.py"
-    script.write_text(WAIT_SCRIPT)
     used = {}
     for how in ("quiet", "blocking"):
-        proc = subprocess.run(["timeout", "60", MPIEXEC, "-n", "2", sys.executable, str(script),
-                               str(tmp_path / how), how], capture_output=True, text=True, cwd=REPO, timeout=90,
-                              env={**os.environ, **MPI_ENV})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        cpu, wall = map(float, (tmp_path / how).read_text().split())
+        cpu, wall = map(float, _two_ranks(tmp_path, WAIT_SCRIPT, how).split())
         assert wall > 1.2
         used[how] = cpu / wall
     assert used["quiet"] < 0.2, used
@@ -123,15 +127,7 @@ URGENT_SCRIPT = textwrap.dedent("""
 def test_urgent_messages_overtake_the_others_where_the_receiver_asks(tmp_path):
     """A receiver with urgent_first takes urgent messages (a query's) before the others waiting in MPI, each kind
     in the order sent; without it, everything comes in the order sent."""
-    script = tmp_path / "urgent.py"
-    script.write_text(URGENT_SCRIPT)
-    got = {}
-    for how in ("urgent", "in-order"):
-        proc = subprocess.run(["timeout", "60", MPIEXEC, "-n", "2", sys.executable, str(script),
-                               str(tmp_path / how), how], capture_output=True, text=True, cwd=REPO, timeout=90,
-                              env={**os.environ, **MPI_ENV})
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        got[how] = ast.literal_eval((tmp_path / how).read_text())
+    got = {how: ast.literal_eval(_two_ranks(tmp_path, URGENT_SCRIPT, how)) for how in ("urgent", "in-order")}
     bulk = [("bulk", k) for k in range(40)] + [("batch", 100)]
     assert got["urgent"] == [("batch", 200), ("query", 1), ("query", 2)] + bulk + [("bulk", 40)]
     assert got["in-order"] == bulk + [("query", 1), ("batch", 200), ("query", 2), ("bulk", 40)]

@@ -30,7 +30,7 @@ from ..protocol.messages import Failure, ServeEmbedded, ServeReady, ServeStop, S
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .requests import EmbeddingsRequest
-from .scheduler import LANES, Overloaded, Unavailable
+from .scheduler import LANES, Unavailable, admit_or_refuse
 
 PUMP_IDLE_SECONDS = 0.0005  # the transport task's sleep when nothing came in
 FIRST_BYTES_PER_TOKEN = 4.0
@@ -102,12 +102,8 @@ class FrontendBackend:
         return sum(self.lane_tokens[name] / self.capacity(name) for name in LANES)
 
     def admit(self, lane: str, budget: float | None) -> None:
-        if self.failed or self.closing:
-            raise Unavailable(self.failed or "the server is shutting down")
-        if budget is not None:
-            predicted = self.predicted_wait(lane)
-            if predicted > budget:
-                raise Overloaded(predicted, budget)
+        admit_or_refuse(self.failed or ("the server is shutting down" if self.closing else None), budget,
+                        lambda: self.predicted_wait(lane))
 
     async def embed(self, parsed: EmbeddingsRequest, lane: str, budget: float | None) -> tuple[np.ndarray, int]:
         batch = None

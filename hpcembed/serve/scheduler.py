@@ -44,6 +44,17 @@ class Unavailable(Exception):
     """The scheduler takes no requests: it is closing, or the engine failed."""
 
 
+def admit_or_refuse(unavailable: str | None, budget: float | None, predicted_wait) -> None:
+    """Raise Unavailable(`unavailable`) where it is given, else Overloaded where `predicted_wait()` (seconds) is
+    over `budget` (None: no budget)."""
+    if unavailable:
+        raise Unavailable(unavailable)
+    if budget is not None:
+        predicted = predicted_wait()
+        if predicted > budget:
+            raise Overloaded(predicted, budget)
+
+
 @dataclass
 class _Request:
     batch: TokenBatch
@@ -109,12 +120,8 @@ class Scheduler:
             self._admit(lane, budget)
 
     def _admit(self, lane: str, budget: float | None) -> None:
-        if self.failed or self._closing:
-            raise Unavailable(self.failed or "the server is shutting down")
-        if budget is not None:
-            predicted = self.predicted_wait(lane)
-            if predicted > budget:
-                raise Overloaded(predicted, budget)
+        admit_or_refuse(self.failed or ("the server is shutting down" if self._closing else None), budget,
+                        lambda: self.predicted_wait(lane))
 
     def submit(self, batch: TokenBatch, budget: float | None = None, lane: str | None = None) -> Future:
         """Queue a request's rows; its future gets their embeddings [rows, dim] float32, in row order. Raises
