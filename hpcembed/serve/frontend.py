@@ -223,6 +223,15 @@ class FrontendBackend:
         self.closing = True
         self.small_tokenizing.close()
 
+    def settle(self, timeout: float) -> None:
+        """After the event loop: take the answers still due (requests whose clients went away before them), so
+        that no encoder rank is left with a send nobody takes."""
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            envelope = self.transport.recv(0.01)
+            if envelope is not None:
+                self.handle(envelope.source, envelope.message)
+
     def stop_ranks(self, ranks: list[int]) -> None:
         for rank in ranks:
             self.transport.send(rank, ServeStop())

@@ -40,6 +40,7 @@ log = logging.getLogger("hpcembed")
 
 ENCODER_IDLE_SECONDS = 0.0005   # an encoder rank's wait for an answer to send when nothing came in (a sleep)
 FRONTEND = 0
+SETTLE_SECONDS = 30             # the longest the frontend waits, once drained, for answers no client waits for
 
 
 def serve_mpi(cfg: JobConfig, opts: ServeOptions) -> int:
@@ -188,6 +189,7 @@ def _frontend(cfg: JobConfig, opts: ServeOptions, transport, roles, ranks, spec)
     STOP.ignore_from_now()
     if made[0].failed or exit_code:
         return _abort(transport, made[0].failed or "the HTTP server failed", EXIT_FAILED)
+    made[0].settle(SETTLE_SECONDS)
     made[0].stop_ranks(roles.tokenizers + roles.encoders)
     quiet_barrier(transport.comm)
     transport.close()
