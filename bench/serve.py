@@ -342,7 +342,8 @@ def main() -> None:
         mixed = result["mixed"]
         rows.append((shape, f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
                      mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
-                     f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s ({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
+                     f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s "
+                     f"({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
     for shape, result in results.items():
         print(f"{shape}: queries under bulk load, mean ms by server stage:",
               result["mixed"]["queries"].get("server_stages_mean_ms"))
