@@ -8,6 +8,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,10 @@ def test_raw_float32_body_health_and_metrics(server):
     text = metrics.decode()
     assert status == 200 and 'hpcembed_requests_total{code="200"}' in text
     assert 'hpcembed_request_seconds_count{lane="interactive"}' in text and "hpcembed_queue_tokens" in text
+    # Where the requests' time went, each stage timed for every answered request.
+    for stage in ("read+parse", "embed", "answer"):
+        count = re.search(rf'hpcembed_stage_seconds_count{{lane="interactive",stage="{re.escape(stage)}"}} (\S+)', text)
+        assert count and float(count.group(1)) >= 1, stage
 
 
 BAD_REQUESTS = [
