@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, help="default: 262,144 (minilm), 65,536 (qwen3 shapes)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
+    ap.add_argument("--slug", default="", help="appended to the JSON's name")
     ap.add_argument("--tiles", nargs="*", default=TILES,
                     help="BLOCK_M:BLOCK_N:warps:stages[:p] (p: two heads per program)")
     args = ap.parse_args()
@@ -156,7 +157,7 @@ def main() -> None:
     rows = [(r["kernel"], f"{r['us']:.1f}", f"{baseline / r['us']:.2f}x", f"{r['max_abs_error']:.2e}")
             for r in results if "us" in r]
     print(table(rows, ("kernel", "µs per layer", "vs flash", "max |err| vs fp32")))
-    slug = args.dtype if args.shape == "minilm" else f"{args.dtype}-{args.shape}"
+    slug = "-".join(part for part in (args.dtype, args.shape if args.shape != "minilm" else "", args.slug) if part)
     path = record("attention", slug, {
         "shape": args.shape, "batch_tokens": tokens, "texts": len(batch), "longest": max_len, "heads": heads,
         "kv_heads": kv_heads, "head_dim": head_dim, "causal": causal, "dtype": args.dtype,

@@ -1,5 +1,6 @@
 """Several model instances behind one rank: each instance has its own thread (and, on CUDA, its own stream),
-batches go round-robin, and results come back in submission order. An instance's thread keeps up to its
+batches go round-robin (a server may reserve instances for its low-latency lane), and results come back in
+submission order. An instance's thread keeps up to its
 encoder's `launch_ahead` batches queued on the GPU, so the GPU does not wait for a thread to wake up.
 
 Small encoders leave an H100 idle between kernels of one stream; a second instance fills those gaps (the
@@ -19,11 +20,17 @@ from .base import Encoder, Pending
 
 
 class InstancePool:
-    def __init__(self, encoders: list[Encoder], depth: int | None = None, on_done=None):
+    def __init__(self, encoders: list[Encoder], depth: int | None = None, on_done=None, reserved: int = 0):
         """`depth`: batches handed to each instance at a time; by default one more than it launches ahead, so
         that when a result comes back the next batch is already waiting to be launched behind the running one.
-        `on_done()`: called from an instance thread whenever a batch finishes (a waiting driver's wake-up)."""
+        `on_done()`: called from an instance thread whenever a batch finishes (a waiting driver's wake-up).
+        `reserved`: the last that many instances take only the batches submitted with reserved=True (a server's
+        low-latency lane), the others the rest."""
+        if not 0 <= reserved < len(encoders):
+            raise ValueError(f"{reserved} reserved instances of {len(encoders)}: at least one must be shared")
         self.encoders = encoders
+        self.reserved, self._shared = reserved, len(encoders) - reserved
+        self._next_reserved = 0
         self._on_done = on_done
         self.depth = depth or max(2, max(e.launch_ahead for e in encoders) + 1)
         self._inboxes = [queue.SimpleQueue() for _ in encoders]
@@ -91,10 +98,15 @@ class InstancePool:
                 "instances": len(self.encoders), "fp8_min_cosine": getattr(first, "fp8_min_cosine", None),
                 "build_seconds": build}
 
-    def submit(self, batch: TokenBatch) -> None:
+    def submit(self, batch: TokenBatch, reserved: bool = False) -> None:
+        """Hand `batch` to the next instance in turn: a reserved one if asked for and there are any."""
         slot = {"batch": batch, "done": threading.Event()}
-        k = self._next
-        self._next = (self._next + 1) % len(self.encoders)
+        if reserved and self.reserved:
+            k = self._shared + self._next_reserved
+            self._next_reserved = (self._next_reserved + 1) % self.reserved
+        else:
+            k = self._next
+            self._next = (self._next + 1) % self._shared
         self._order.append((k, slot))
         self._inboxes[k].put(slot)
 

@@ -204,12 +204,21 @@ class VarlenEncoder(Encoder):
     # longest text it is told of, so a graph captured at a decoder's 32k would launch ~64x the blocks of one at 512.
     GRAPH_MAX_LEN = 2048
 
+    # A server's low-latency instance (`weights_of`): every batch it gets is small, so each goes through a graph,
+    # the smallest bucket an eighth of graph_tokens.
+    LOW_LATENCY_BUCKETS = (1.0, 0.5, 0.25, 0.125)
+
     def __init__(self, spec: ModelSpec, device: str = "cuda", dtype: str = "fp16", fused_ops: str = "eager",
-                 gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto"):
+                 gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto",
+                 weights_of: "VarlenEncoder | None" = None):
         """`attention` (CUDA): 'flash', torch's varlen flash attention, 'triton' (engine/triton_attention.py), or
         'auto' (default_attention). `fused_ops`: how the pieces between matmuls run, 'eager', 'triton'
         (engine/triton_fused.py; on CPU tensors only in Triton's interpreter) or 'compile' (torch.compile), or
-        'auto' (default_fused_ops)."""
+        'auto' (default_fused_ops).
+        `weights_of`: an instance for a server's low-latency lane beside that one: it shares its weights (no second
+        copy), runs on a stream of the highest priority, so that its kernels take the GPU's free slots before
+        those of bulk batches already queued on the other instances' streams, and replays a graph for every batch
+        of up to graph_tokens tokens."""
         why = supports(spec)
         if why:
             raise ConfigError(f"the padding-free encoder does not serve this model: {why}")
@@ -221,7 +230,12 @@ class VarlenEncoder(Encoder):
             raise ConfigError("--dtype fp8 is for decoder (LLM-based) models; at BERT sizes its matmuls gain "
                               "little (engine/fp8.py); use fp16 or bf16")
         started = time.perf_counter()
-        if self.decoder:
+        self.low_latency = weights_of is not None
+        self.token_buckets = self.LOW_LATENCY_BUCKETS if self.low_latency else self.TOKEN_BUCKETS
+        self.min_graph_fill = 0.0 if self.low_latency else self.MIN_GRAPH_FILL
+        if weights_of is not None:
+            self.weights = weights_of.weights
+        elif self.decoder:
             from .fp8 import Fp8Linear
             self.weights = decoder.DecoderWeights(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
                                                   self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
@@ -250,7 +264,10 @@ class VarlenEncoder(Encoder):
         self.ops = FUSED_OPS[fused_ops]()
         self.decoder_ops = decoder.ops_for(fused_ops) if self.decoder else None
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # CUDA numbers priorities downwards, and torch maps one beyond the device's range to the nearest valid
+        # one: -100 is the highest there is.
+        priority = -100 if self.low_latency else 0
+        self.stream = torch.cuda.Stream(self.device, priority=priority) if self.cuda else None
         self.launch_ahead = 2 if self.cuda else 1
         # (tokens, rows) bucket -> captured graph; on CPU the buckets are kept (padded layout, run eagerly), so
         # tests check the padding against transformers without a GPU.
@@ -274,9 +291,9 @@ class VarlenEncoder(Encoder):
     def bucket(self, tokens: int, rows: int, longest: int) -> tuple[int, int] | None:
         """The (tokens, rows) bucket a batch is padded to, or None to run it as it is."""
         if (not self.graph_tokens or longest > self.graph_max_len
-                or tokens < self.graph_tokens * self.MIN_GRAPH_FILL):
+                or tokens < self.graph_tokens * self.min_graph_fill):
             return None
-        fits = [int(self.graph_tokens * f) for f in self.TOKEN_BUCKETS if int(self.graph_tokens * f) >= tokens]
+        fits = [int(self.graph_tokens * f) for f in self.token_buckets if int(self.graph_tokens * f) >= tokens]
         if not fits:
             return None
         t_b = min(fits)
@@ -289,7 +306,7 @@ class VarlenEncoder(Encoder):
     def _capture_all(self) -> None:
         """Capture every bucket now: capturing mid-run would stall this instance and contend with the other."""
         buckets = []
-        for f in self.TOKEN_BUCKETS:
+        for f in self.token_buckets:
             t_b = int(self.graph_tokens * f)
             r_b = self.MIN_GRAPH_ROWS
             while r_b <= self._max_graph_rows(t_b):

@@ -60,8 +60,12 @@ def tokenizer_rank(cfg: JobConfig, kind: JobKind, transport: Transport, roles: R
                          Claims(roles.encoders) if dedup else None)
 
 
-def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder]:
-    """An encoder rank's model instances, built (weights loaded, kernels compiled, CUDA graphs captured)."""
+def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str, low_latency: tuple[int, int] = (0, 0)
+                   ) -> list[Encoder]:
+    """An encoder rank's model instances, built (weights loaded, kernels compiled, CUDA graphs captured).
+    `low_latency` (a server's): (count, tokens): on CUDA with the padding-free engine, that many more instances
+    after the others, for batches of up to `tokens` tokens, sharing the first one's weights (VarlenEncoder's
+    weights_of)."""
     if cfg.rehearse:
         from ..rehearsal import StandInEncoder, parse_rates
         return [StandInEncoder(spec, parse_rates(cfg.rehearse)[1])]
@@ -76,8 +80,14 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> list[Encoder
     first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
     count = cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
-    count = count if first.device_name.startswith("cuda") else 1
-    return [first] + [build() for _ in range(count - 1)]
+    cuda = first.device_name.startswith("cuda")
+    encoders = [first] + [build() for _ in range((count if cuda else 1) - 1)]
+    if cuda and first.engine == "varlen":
+        from ..engine.varlen import VarlenEncoder
+        encoders += [VarlenEncoder(spec, first.device_name, first.dtype_name, first.fused_ops, first.gelu_epilogue,
+                                   low_latency[1] if graph_tokens else 0, first.attention_name, weights_of=first)
+                     for _ in range(low_latency[0])]
+    return encoders
 
 
 def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder):

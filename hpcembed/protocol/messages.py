@@ -234,6 +234,7 @@ class ServeReady:
     rates: dict                     # lane -> tokens per second of one instance (serve/local.warm_up_rates)
     instances: int
     about: dict                     # engine, device, dtype
+    reserved: int = 0               # of the instances, those that take only the interactive lane
 
 
 @dataclass

@@ -89,17 +89,24 @@ class FrontendBackend:
     # -- requests ------------------------------------------------------------------------------------------------
 
     def capacity(self, lane: str) -> float:
-        """Tokens per second all encoder ranks give `lane`: each one's measured rate times its instances."""
-        return sum(self.rates[e][lane] * self.ready[e].instances for e in self.ready)
+        """Tokens per second all encoder ranks give `lane`: each one's measured rate times the instances that take
+        the lane (those reserved for the interactive lane, where a rank has any, take only it)."""
+        def instances(r: ServeReady) -> int:
+            if lane == "bulk":
+                return r.instances - r.reserved
+            return r.reserved or r.instances
+        return sum(self.rates[e][lane] * instances(r) for e, r in self.ready.items())
 
     def predicted_wait(self, lane: str) -> float:
         """As the one-process scheduler predicts it (serve/scheduler.py), over what this frontend has outstanding:
-        for a small request its lane's tokens and one bulk batch; for a bulk one, everything."""
+        for a small request its lane's tokens and, unless every encoder rank has instances for the lane, one bulk
+        batch; for a bulk one, everything on the bulk instances."""
+        own = all(r.reserved for r in self.ready.values())
         if lane == "interactive":
-            running = min(self.lane_tokens["bulk"], self.batch_tokens)
+            running = 0 if own else min(self.lane_tokens["bulk"], self.batch_tokens)
             bulk_rate = min(self.rates[e]["bulk"] for e in self.ready)
             return self.lane_tokens["interactive"] / self.capacity("interactive") + running / bulk_rate
-        return sum(self.lane_tokens[name] / self.capacity(name) for name in LANES)
+        return sum(self.lane_tokens[name] / self.capacity(name) for name in (("bulk",) if own else LANES))
 
     def admit(self, lane: str, budget: float | None) -> None:
         admit_or_refuse(self.failed or ("the server is shutting down" if self.closing else None), budget,
@@ -153,6 +160,7 @@ class FrontendBackend:
         first = next(iter(self.ready.values()))
         ranks = len(self.tokenizers)
         return {**first.about, "instances": sum(r.instances for r in self.ready.values()),
+                "reserved": sum(r.reserved for r in self.ready.values()),
                 "tokenizing": f"{ranks} tokenizer rank{'s' if ranks != 1 else ''}, {self.tokenizer_name} tokenizer"}
 
     def gauges(self) -> tuple[dict[str, tuple[int, int]], dict[str, float], float]:

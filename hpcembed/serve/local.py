@@ -22,18 +22,32 @@ WARM_UP_TEXT = "a short query to measure the encoder with, as long as a typical 
 WARM_UP_BULK_TOKENS = 65536
 
 
-def warm_up_rates(encoder, backend, batch_tokens: int) -> dict[str, float]:
-    """Each lane's first rate, tokens per second: a small batch (the interactive lane's) and one of the bulk
-    budget (at most WARM_UP_BULK_TOKENS), each timed on its second run."""
+def warm_up_rates(encoders, backend, batch_tokens: int) -> dict[str, float]:
+    """Each lane's first rate, tokens per second: a small batch (the interactive lane's, on the last of
+    `encoders`) and one of the bulk budget (at most WARM_UP_BULK_TOKENS, on the first), each timed on its second
+    run."""
     short = backend.encode([WARM_UP_TEXT])[0]
     rates = {}
-    for lane, rows in (("interactive", 8), ("bulk", min(batch_tokens, WARM_UP_BULK_TOKENS) // len(short))):
+    for lane, rows, encoder in (("interactive", 8, encoders[-1]),
+                                ("bulk", min(batch_tokens, WARM_UP_BULK_TOKENS) // len(short), encoders[0])):
         batch = request_batch([short] * max(rows, 1))
         encoder.encode(batch)
         start = time.perf_counter()
         encoder.encode(batch)
         rates[lane] = batch.num_tokens / max(time.perf_counter() - start, 1e-6)
     return rates
+
+
+def start_scheduler(cfg: JobConfig, spec: ModelSpec, opts: ServeOptions, device: str, metrics) -> Scheduler:
+    """The model's instances, built, with `opts.interactive_instances` of their own for the interactive lane
+    where the engine can (the padding-free one on CUDA), under a scheduler whose first rates are measured."""
+    batch_tokens = cfg.batch_tokens_for(device)
+    encoders = build_encoders(cfg, spec, device, (opts.interactive_instances, opts.interactive_max_tokens))
+    reserved = sum(bool(getattr(e, "low_latency", False)) for e in encoders)
+    rates = warm_up_rates([encoders[0], encoders[-1]] if reserved else encoders[:1],
+                          tokenizer_backend(cfg, spec, chunking=False), batch_tokens)
+    return Scheduler(encoders, spec.dim, batch_tokens, opts.interactive_max_tokens, opts.interactive_max_texts,
+                     rates, metrics, reserved)
 
 
 def tokenizing_said(processes: int, threads: int, backend: str) -> str:
@@ -47,12 +61,9 @@ class LocalBackend:
     def __init__(self, cfg: JobConfig, spec: ModelSpec, opts: ServeOptions, metrics: Metrics):
         from ..engine.build import resolve_device
         device = resolve_device(cfg.device)
-        self.encoders = build_encoders(cfg, spec, device)
+        self.scheduler = start_scheduler(cfg, spec, opts, device, metrics)
+        self.encoders = self.scheduler.pool.encoders
         self.backend = tokenizer_backend(cfg, spec, chunking=False)
-        batch_tokens = cfg.batch_tokens_for(device)
-        rates = warm_up_rates(self.encoders[0], self.backend, batch_tokens)
-        self.scheduler = Scheduler(self.encoders, spec.dim, batch_tokens, opts.interactive_max_tokens,
-                                   opts.interactive_max_texts, rates, metrics)
         # Small requests are tokenized by threads of their own, so a query never waits behind bulk requests'
         # texts (measured on the CPU box: 6.3 s query p50 under bulk load with one pool for both).
         processes = (opts.tokenizer_processes if opts.tokenizer_processes >= 0
@@ -88,7 +99,7 @@ class LocalBackend:
     def describe(self) -> dict:
         first = self.encoders[0]
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
-                "instances": len(self.encoders),
+                "instances": len(self.encoders), "reserved": self.scheduler.pool.reserved,
                 "tokenizing": tokenizing_said(self.tokenizing.processes, self.threads, self.backend.name)}
 
     def gauges(self) -> tuple[dict[str, tuple[int, int]], dict[str, float], float]:

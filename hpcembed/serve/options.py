@@ -29,6 +29,10 @@ class ServeOptions:
                                           "take the low-latency lane, which is never queued behind bulk work")
     interactive_max_tokens: int = _opt(4096, "... and of at most this many tokens; also the size of the "
                                              "low-latency lane's batches")
+    interactive_instances: int = _opt(1, "on a GPU, model instances of the low-latency lane's own, beside "
+                                         "--instances-per-gpu: they share the weights, run on a stream of the "
+                                         "highest priority, and take no bulk work, so a query waits for no bulk "
+                                         "batch (0: both lanes share the instances)")
     bulk_piece_texts: int = _opt(256, "under mpiexec: a bulk request goes to the tokenizer ranks in pieces of at "
                                       "most this many texts, so that a large request is tokenized by several ranks "
                                       "(smaller pieces cost the frontend more messages: 64 served 28-30% fewer "
@@ -45,6 +49,8 @@ class ServeOptions:
                      "bulk_piece_texts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.interactive_instances < 0:
+            raise ConfigError(f"--interactive-instances must be 0 or more, got {self.interactive_instances}")
 
 
 SERVE_OPTIONS = {f.name: f for f in dataclasses.fields(ServeOptions)}

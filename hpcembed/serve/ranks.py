@@ -26,7 +26,7 @@ import numpy as np
 
 from ..config import JobConfig
 from ..errors import EXIT_FAILED, HpcEmbedError
-from ..launch.build import build_encoders, tokenizer_backend
+from ..launch.build import tokenizer_backend
 from ..launch.setup import model_spec
 from ..protocol.messages import Failure, ServeEmbedded, ServeReady, ServeStop, ServeTexts
 from ..roles.common import run_role
@@ -106,18 +106,14 @@ class _BatchLog:
 
 
 def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -> None:
-    from .local import warm_up_rates
-    from .scheduler import Scheduler
-    encoders = build_encoders(cfg, spec, device)
-    batch_tokens = cfg.batch_tokens_for(device)
-    rates = warm_up_rates(encoders[0], tokenizer_backend(cfg, spec, chunking=False), batch_tokens)
+    from .local import start_scheduler
     batch_log = _BatchLog()
-    scheduler = Scheduler(encoders, spec.dim, batch_tokens, opts.interactive_max_tokens,
-                          opts.interactive_max_texts, rates, batch_log)
+    scheduler = start_scheduler(cfg, spec, opts, device, batch_log)
+    encoders = scheduler.pool.encoders
     first = encoders[0]
     about = {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
-             "batch_tokens": batch_tokens}
-    transport.send(FRONTEND, ServeReady(rates, len(encoders), about))
+             "batch_tokens": scheduler.batch_tokens}
+    transport.send(FRONTEND, ServeReady(dict(scheduler.rates), len(encoders), about, scheduler.pool.reserved))
     finished: deque = deque()
     wake = threading.Event()
     started = time.perf_counter()

@@ -6,7 +6,9 @@ engine batches from the lanes' queues, interactive first: up to `interactive_tok
 requests as are waiting, else up to `batch_tokens` from the bulk queue, a large request spread over as many
 batches as it needs. Bulk batches in flight are held to one per instance, so an interactive batch waits at most
 for the bulk batch its instance is running, never behind queued bulk work; finished batches are taken in any
-order (InstancePool.finished()).
+order (InstancePool.finished()). Where instances are reserved for the interactive lane (on a GPU, one more
+instance on a high-priority stream: launch/build.py), interactive batches go only to them and bulk batches never
+do, so a query waits for no bulk batch at all.
 
 Admission control: a request may carry a latency budget. Its predicted wait is the work ahead of it: each
 lane's tokens over that lane's measured rate (tokens per second of an instance's own time on its batches; small
@@ -75,16 +77,16 @@ class _Sent:
 
 class Scheduler:
     def __init__(self, encoders: list, dim: int, batch_tokens: int, interactive_tokens: int,
-                 interactive_rows: int, rates: dict[str, float], metrics=None):
+                 interactive_rows: int, rates: dict[str, float], metrics=None, reserved: int = 0):
         """`rates`: each lane's tokens per second to predict waits with until its batches are measured (a
-        warm-up's)."""
+        warm-up's). `reserved`: the last that many of `encoders` are the interactive lane's alone."""
         self.dim, self.batch_tokens = dim, batch_tokens
         self.interactive_tokens, self.interactive_rows = interactive_tokens, interactive_rows
         self.rates = dict(rates)
         self.metrics = metrics
-        self._instances = len(encoders)
+        self._bulk_instances = len(encoders) - reserved
         self._wake = threading.Event()
-        self.pool = InstancePool(encoders, on_done=self._wake.set)
+        self.pool = InstancePool(encoders, on_done=self._wake.set, reserved=reserved)
         self._lock = threading.Lock()
         self._lanes: dict[str, deque[_Request]] = {lane: deque() for lane in LANES}
         self.queued_tokens = {lane: 0 for lane in LANES}
@@ -103,15 +105,20 @@ class Scheduler:
 
     def predicted_wait(self, lane: str) -> float:
         """Seconds a request in `lane` would wait before its first batch runs: the work ahead of it, each lane's
-        tokens over its rate. For the interactive lane, its own queue and the largest bulk batch running."""
+        tokens over its rate. For the interactive lane, its own queue and the largest bulk batch running (with
+        instances of its own: its queue and its batches running)."""
         in_flight = [sent for _, sent in self._sent.values()]
+        if lane == "interactive" and self.pool.reserved:
+            running = sum(s.tokens for s in in_flight if s.lane == "interactive")
+            return (self.queued_tokens["interactive"] + running) / self.rates["interactive"]
         if lane == "interactive":
             running = max((s.tokens for s in in_flight if s.lane == "bulk"), default=0)
             return (self.queued_tokens["interactive"] / self.rates["interactive"]
                     + running / self.rates["bulk"])
+        sharing = ("bulk",) if self.pool.reserved else LANES         # the lanes on the bulk lane's instances
         ahead = {name: self.queued_tokens[name] + sum(s.tokens for s in in_flight if s.lane == name)
-                 for name in LANES}
-        return sum(ahead[name] / self.rates[name] for name in LANES) / self._instances
+                 for name in sharing}
+        return sum(ahead[name] / self.rates[name] for name in sharing) / self._bulk_instances
 
     def admit(self, lane: str, budget: float | None) -> None:
         """Raise Overloaded if a request in `lane` would wait longer than `budget` seconds, Unavailable if none
@@ -173,13 +180,14 @@ class Scheduler:
         while self.pool.capacity > 0:
             if self._lanes["interactive"]:
                 lane, budget = "interactive", self.interactive_tokens
-            elif self._lanes["bulk"] and sum(s.lane == "bulk" for _, s in self._sent.values()) < self._instances:
+            elif (self._lanes["bulk"]
+                  and sum(s.lane == "bulk" for _, s in self._sent.values()) < self._bulk_instances):
                 lane, budget = "bulk", self.batch_tokens
             else:
                 return
             batch, sent = self._cut(lane, budget)
             self._sent[id(batch)] = (batch, sent)
-            self.pool.submit(batch)
+            self.pool.submit(batch, reserved=lane == "interactive")
             if self.metrics is not None:
                 self.metrics.batch(lane, batch.num_rows, batch.num_tokens)
 

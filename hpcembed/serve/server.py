@@ -198,9 +198,12 @@ class Service:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]
         about = self.backend.describe()
-        log.info("serving %s on http://%s:%d (%s engine, %s, %s; %d instance%s; bulk requests tokenized in %s)",
+        instances = f"{about['instances']} instance{'' if about['instances'] == 1 else 's'}"
+        if about["reserved"]:
+            instances += f", {about['reserved']} of them the low-latency lane's"
+        log.info("serving %s on http://%s:%d (%s engine, %s, %s; %s; bulk requests tokenized in %s)",
                  self.limits.model_names[0], self.opts.host, port, about["engine"], about["dtype"],
-                 about["device"], about["instances"], "" if about["instances"] == 1 else "s", about["tokenizing"])
+                 about["device"], instances, about["tokenizing"])
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, self.state.stop.set)
         self.backend.start(lambda: self._fail(self.backend.failed))
