@@ -72,3 +72,20 @@ def test_a_pool_keeps_one_instance_for_everything_else(model_dir):
     first = VarlenEncoder(spec, "cpu", "fp32")
     with pytest.raises(ValueError, match="at least one must be shared"):
         InstancePool([first], reserved=1)
+
+
+def test_a_short_query_is_tokenized_at_once_and_a_long_one_in_a_thread(model_dir):
+    from hpcembed.config import build_config
+    from hpcembed.serve.tokenizing import INLINE_CHARS, Tokenizing
+    cfg = build_config({}, {"model": model_dir}, serving=True)
+    tokenizing = Tokenizing(cfg, ModelSpec.load(model_dir), threads=1, processes=0)
+    try:
+        short, long = ["where do the ships go?", "雨の日"], ["rain on the harbour " * (INLINE_CHARS // 10)]
+        now = tokenizing.small_now(short)
+        assert now is not None and tokenizing.small_now(long) is None
+        threaded = tokenizing.small(short).result(timeout=30)
+        assert np.array_equal(now.token_ids, threaded.token_ids) and np.array_equal(now.offsets, threaded.offsets)
+        long_batch = tokenizing.small(long).result(timeout=30)
+        assert long_batch.num_rows == 1 and long_batch.num_tokens == ModelSpec.load(model_dir).max_seq_length
+    finally:
+        tokenizing.close()

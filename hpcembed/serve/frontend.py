@@ -5,7 +5,7 @@ transport and their embeddings come back from the encoder ranks; this process on
   fewest texts outstanding, which sends its token batch to the encoder rank named in the message: the one with
   the fewest (estimated) tokens outstanding. The frontend knows everything in flight, so its counts are the
   encoder ranks' free credit without a credit message.
-- A small request (and token-id input) is tokenized here, in a thread, and goes straight to an encoder rank: a
+- A small request (and token-id input) is tokenized here (serve/tokenizing.py) and goes straight to an encoder rank: a
   query does not pay a tokenizer rank's round trip. Its batch and its answer are urgent messages, which the
   transport hands over before bulk work waiting in it, and the encoder rank's scheduler takes it first.
 - Admission control predicts a request's wait from the tokens outstanding in each lane (texts not yet tokenized
@@ -117,7 +117,7 @@ class FrontendBackend:
         if parsed.token_ids is not None:
             batch = TokenBatch.build(parsed.token_ids, [""] * parsed.count, np.arange(parsed.count), 0)
         elif lane == "interactive":
-            batch = await asyncio.wrap_future(self.small_tokenizing.small(parsed.texts))
+            batch = await self.small_tokenizing.tokenize_small(parsed.texts)
         self.admit(lane, budget)
         pending = _Pending(asyncio.get_running_loop().create_future(), lane,
                            np.empty((parsed.count, self.dim), np.float32), parsed.count, time.perf_counter())

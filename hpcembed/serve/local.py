@@ -84,8 +84,10 @@ class LocalBackend:
         """The request's embeddings [rows, dim] and its token count."""
         try:
             if parsed.texts is not None:
-                tokenize = self.tokenizing.small if lane == "interactive" else self.tokenizing.bulk
-                batch = await asyncio.wrap_future(tokenize(parsed.texts))
+                if lane == "interactive":
+                    batch = await self.tokenizing.tokenize_small(parsed.texts)
+                else:
+                    batch = await asyncio.wrap_future(self.tokenizing.bulk(parsed.texts))
             else:
                 batch = request_batch(parsed.token_ids)
         except BrokenProcessPool:

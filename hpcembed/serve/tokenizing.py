@@ -4,11 +4,15 @@ One Python process tokenizes at about one core's rate whatever its thread count:
 (BudTikTok's fallback checks and truncation, HF's list building) holds the GIL. On the H200 box the server's bulk
 load got 7.4k texts/s with 4 tokenizing threads and 15.9k with 12 (HF tokenizer; bench/notes/serve.md), against
 the GPU's 100k. So bulk requests go to processes of their own, each with its own backend, and come back as the
-token batch the scheduler takes (pickled numpy arrays: small beside the texts). Small requests stay on threads in
-the server's process: a query never pays the round trip to another process, and never waits behind bulk texts.
+token batch the scheduler takes (pickled numpy arrays: small beside the texts). Small requests stay in the
+server's process: a query never pays the round trip to another process, and never waits behind bulk texts. A
+short one is tokenized at once on the event loop (`small_now`, tens of microseconds): handing it to a thread cost
+a wait for the GIL and a turn of a loop that bulk requests keep busy; a long one goes to a thread, so that no
+request's text holds the loop.
 """
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import threading
@@ -21,6 +25,7 @@ from ..engine import ModelSpec
 from ..tokenize.batch import TokenBatch
 
 SMALL_THREADS = 2
+INLINE_CHARS = 8192         # a small request of at most this many characters is tokenized on the event loop
 AUTO_SPARE_CORES = 4        # the event loop, the scheduler and the encoder instances' threads
 AUTO_MAX_PROCESSES = 12     # about 12M tokens/s of BudTikTok: past what one H200 encodes
 
@@ -58,7 +63,8 @@ def _tokenize(texts: list[str]) -> TokenBatch:
 
 
 class Tokenizing:
-    """The server's tokenizers: `small(texts)` and `bulk(texts)` each return a concurrent Future of a TokenBatch."""
+    """The server's tokenizers: `small(texts)` and `bulk(texts)` each return a concurrent Future of a TokenBatch;
+    `tokenize_small(texts)` awaits a small request's batch, tokenized at once where it is short."""
 
     def __init__(self, cfg: JobConfig, spec: ModelSpec, threads: int, processes: int):
         from ..launch.build import tokenizer_backend
@@ -66,6 +72,7 @@ class Tokenizing:
         # One backend per thread: a backend is not safe to share between threads (HF's long-text path switches
         # truncation off and on around a call).
         self._per_thread = threading.local()
+        self._per_thread.backend = self._make_backend()    # this thread's, the event loop's: built before a query
         self.threads_small = ThreadPoolExecutor(SMALL_THREADS, thread_name_prefix="tokenize-small")
         self.threads_bulk = ThreadPoolExecutor(max(1, threads), thread_name_prefix="tokenize")
         self.processes = processes
@@ -86,6 +93,17 @@ class Tokenizing:
 
     def small(self, texts: list[str]):
         return self.threads_small.submit(self._in_thread, texts)
+
+    def small_now(self, texts: list[str]) -> TokenBatch | None:
+        """The batch of a request of at most INLINE_CHARS characters, tokenized in the calling thread (the event
+        loop's); None for a longer one, which goes to small()."""
+        if sum(len(t) for t in texts) > INLINE_CHARS:
+            return None
+        return self._in_thread(texts)
+
+    async def tokenize_small(self, texts: list[str]) -> TokenBatch:
+        batch = self.small_now(texts)
+        return batch if batch is not None else await asyncio.wrap_future(self.small(texts))
 
     def bulk(self, texts: list[str]):
         if self.pool is not None:
