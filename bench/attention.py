@@ -1,13 +1,14 @@
 """The attention kernel alone, on the benchmark corpus's text lengths: flash attention's varlen kernel (what the
-padding-free engine uses) against the Triton kernel (hpcembed/engine/triton_attention.py) in several tile shapes
-and against cuDNN's ragged attention, per layer and batch of --batch-tokens tokens.
+padding-free engine uses) against the Triton kernels (hpcembed/engine/triton_attention.py) in several tile shapes
+and, with --cudnn, cuDNN's ragged attention, per layer and batch of --batch-tokens tokens.
 
     python -m bench.attention --model bench/work/carry/all-MiniLM-L6-v2-fp16 \
         --paragraphs bench/work/carry/paragraphs.txt.gz [--shape qwen3-0.6b]
 
 --shape minilm (the default): MiniLM's 12 heads of 32, bidirectional, texts cut at the model's limit.
 --shape qwen3-0.6b / qwen3-4b: Qwen3-Embedding's 16 (32) query heads and 8 key/value heads of 128, causal, texts
-cut at 512 tokens by --model's tokenizer (as bench/llm_stage.py does); Triton tiles do not apply there.
+cut at 512 tokens by --model's tokenizer (as bench/llm_stage.py does); the grouped Triton kernel in
+--decoder-tiles shapes.
 
 Q, K and V are random (N(0,1)), in the fused projection's layout [tokens, heads + 2 * kv_heads, head_dim]; a
 sample of texts is also computed in fp32 (SDPA per text) for each kernel's error. Timing: CUDA events around
@@ -45,6 +46,7 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+DECODER_TILES = ["128:64:8:2", "128:64:4:2", "128:32:4:3", "128:64:8:3", "64:64:4:2", "256:64:8:2", "128:128:8:2"]
 SHAPES = {  # heads, kv_heads, head_dim, causal, text limit (None: the model's), batch tokens
     "minilm": (12, 12, 32, False, None, 262_144),
     "qwen3-0.6b": (16, 8, 128, True, 512, 65_536),
@@ -81,11 +83,18 @@ def _kernels(args, qkv, cu, batch, shape):
             return torch.ops.aten._cudnn_attention_forward(qq, kk, vv, None, cu, cu, max_len, max_len, False, 0.0,
                                                            causal)[0]
         return run
-    kernels = [("flash varlen_attn", lambda: attention_flash(q, k, v, cu, max_len, causal)),
-               ("cudnn ragged", cudnn(False, False)), ("cudnn ragged, Q/K/V contiguous", cudnn(False, True))]
-    if group > 1:
-        kernels.append(("cudnn ragged, K/V repeated", cudnn(True, True)))
-    if causal or kv_heads != heads or not ta.supported(head_dim):
+    kernels = [("flash varlen_attn", lambda: attention_flash(q, k, v, cu, max_len, causal))]
+    if args.cudnn:
+        kernels += [("cudnn ragged", cudnn(False, False)), ("cudnn ragged, Q/K/V contiguous", cudnn(False, True))]
+        if group > 1:
+            kernels.append(("cudnn ragged, K/V repeated", cudnn(True, True)))
+    if causal or kv_heads != heads:
+        for tile in args.decoder_tiles:
+            rows, block_n, warps, stages = (int(x) for x in tile.split(":"))
+            kernels.append((f"triton grouped {tile}", lambda rows=rows, block_n=block_n, warps=warps, stages=stages:
+                            ta.grouped_attention(q, k, v, cu, max_len, causal, rows, block_n, warps, stages)))
+        return kernels
+    if not ta.supported(head_dim):
         return kernels
     for tile in args.tiles:
         fields = tile.split(":")
@@ -112,6 +121,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--slug", default="", help="appended to the JSON's name")
+    ap.add_argument("--cudnn", action="store_true", help="also cuDNN's ragged attention (about 28 ms a call on the "
+                    "H200 box, bench/notes/llm_stage.md)")
+    ap.add_argument("--decoder-tiles", nargs="*", default=DECODER_TILES,
+                    help="qwen3 shapes: rows (all heads of a group):BLOCK_N:warps:stages of the grouped kernel")
     ap.add_argument("--tiles", nargs="*", default=TILES,
                     help="BLOCK_M:BLOCK_N:warps:stages[:p] (p: two heads per program)")
     args = ap.parse_args()

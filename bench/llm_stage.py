@@ -150,7 +150,8 @@ def main() -> None:
     ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--budget", type=int, default=65536, help="tokens per batch (padded tokens for the baseline)")
     ap.add_argument("--configs", nargs="*", default=["bf16:1", "bf16:2", "fp8:1", "fp8:2"],
-                    help="dtype:instances of the varlen engine (Triton ops, CUDA graphs)")
+                    help="dtype:instances[:triton|flash] of the varlen engine (Triton ops, CUDA graphs; the "
+                         "attention kernel, by default the engine's)")
     ap.add_argument("--reference-docs", type=int, default=2000, help="documents also embedded by transformers fp32")
     ap.add_argument("--scratch", default="/dev/shm/hpcembed-llm-stage")
     ap.add_argument("--slug", default="")
@@ -191,10 +192,11 @@ def main() -> None:
         batches = assembled_batches(token_lists, args.budget)
         results, rows, bf16_out = [], [], None
         for config_name in args.configs:
-            dtype, instances = config_name.split(":")[0], int(config_name.split(":")[1])
+            dtype, instances, *attention = config_name.split(":")
             try:
                 emb, seconds, warmup, busy, graphed = run_config(spec, batches, len(docs), "varlen", dtype,
-                                                                 int(instances), {"fused", "graphs"}, args.budget)
+                                                                 int(instances), {"fused", "graphs", *attention},
+                                                                 args.budget)
             except Exception as exc:  # noqa: BLE001 - a failing variant is a result to report
                 print(f"{config_name}: FAILED {type(exc).__name__}: {exc}", flush=True)
                 results.append({"config": config_name, "error": f"{type(exc).__name__}: {exc}"})
@@ -202,7 +204,7 @@ def main() -> None:
             if dtype == "bf16" and bf16_out is None:
                 bf16_out = emb
             rate = lengths.sum() / seconds
-            entry = {"config": config_name, "dtype": dtype, "instances": instances,
+            entry = {"config": config_name, "dtype": dtype, "instances": int(instances),
                      "tokens_per_s": round(rate, 1), "texts_per_s": round(len(docs) / seconds, 1),
                      "mfu": round(total_flops / seconds / PEAK_BF16, 4), "speedup_vs_baseline": round(
                          rate / base_rate, 2), "warmup_seconds": round(warmup, 2),

@@ -88,3 +88,31 @@ def test_triton_attention_matches_fp32_attention_text_by_text(dtype, head_pairs)
         want = F.scaled_dot_product_attention(q, key, v)[0].transpose(0, 1)
         err = float((out[a: a + n].float() - want).abs().max())
         assert err <= tolerance, (n, err)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_rows",
+                         [(4, 2, 64, 64), (4, 1, 32, 64), (2, 2, 32, 32)], ids=["group2", "group4", "group1"])
+def test_grouped_attention_matches_fp32_attention_text_by_text(causal, heads, kv_heads, head_dim, block_rows):
+    """Decoders' kernel: grouped query heads over shared K/V (K and V strided views of one fused projection, as
+    the decoder hands them over), lengths around the tiles' edges, an empty text and a graph bucket's padding."""
+    from hpcembed.engine.triton_attention import grouped_attention
+    lengths = [1, 15, 16, 17, 40, 64, 70, 0, 9]
+    tokens = sum(lengths) + 12
+    fused = _random((tokens, (heads + 2 * kv_heads) * head_dim), "fp16", 8, 2.0)
+    q = fused[:, : heads * head_dim].reshape(tokens, heads, head_dim).contiguous()
+    k = fused[:, heads * head_dim: (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = fused[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=DEVICE, dtype=torch.int32)
+    # Small tiles on the interpreter (it runs each program in turn); the block of keys smaller than the queries'.
+    out = grouped_attention(q, k, v, cu, max(lengths), causal, block_rows=block_rows, block_n=16, num_warps=4)
+    group = heads // kv_heads
+    for j, n in enumerate(lengths):
+        if n == 0:
+            continue
+        a = int(cu[j])
+        qq = q[a: a + n].float().transpose(0, 1)[None]
+        kk, vv = (t[a: a + n].float().repeat_interleave(group, 1).transpose(0, 1)[None] for t in (k, v))
+        want = F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)[0].transpose(0, 1)
+        err = float((out[a: a + n].float() - want).abs().max())
+        assert err <= 4e-3, (n, err)

@@ -230,6 +230,12 @@ def attention_flash(q, k, v, cu, max_len: int, causal: bool):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
+def attention_triton(q, k, v, cu, max_len: int, causal: bool):
+    """hpcembed's Triton kernel for grouped heads (engine/triton_attention.py): each group's K/V read once."""
+    from .triton_attention import grouped_attention
+    return grouped_attention(q, k, v, cu, max_len, causal)
+
+
 def decoder_forward(w: DecoderWeights, ids, positions, cu, max_len: int, attention, ops=DecoderOps) -> torch.Tensor:
     """Token states [T, hidden] after the final norm, for flat ids [T] at `positions` (0 at each text's start)."""
     eps, heads, kv_heads, d = w.eps, w.heads, w.kv_heads, w.head_dim

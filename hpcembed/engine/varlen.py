@@ -68,6 +68,14 @@ def default_attention(head_dim: int) -> str:
     return "triton" if supported(head_dim) else "flash"
 
 
+def _grouped_triton_runs(heads: int, kv_heads: int, head_dim: int) -> bool:
+    try:
+        from .triton_attention import grouped_supported
+    except ImportError:             # no Triton in this install
+        return False
+    return grouped_supported(heads, kv_heads, head_dim)
+
+
 def _attention_padded(qkv, cu, max_len):
     return attention_padded(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len)
 
@@ -242,14 +250,17 @@ class VarlenEncoder(Encoder):
         else:
             self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
         self.build_seconds = {"weights": time.perf_counter() - started}
-        if self.decoder:            # grouped heads of 64-128: torch's flash attention
-            if attention not in ("auto", "flash"):
-                raise ConfigError(f"--attention {attention}: decoder models take flash attention (or auto)")
-            attention = "flash"
+        if self.decoder:            # grouped heads of 64-128: torch's flash attention unless asked for Triton's
+            w = self.weights
+            if attention == "triton" and not _grouped_triton_runs(w.heads, w.kv_heads, w.head_dim):
+                raise ConfigError(f"--attention triton: this decoder's heads ({w.heads} query, {w.kv_heads} "
+                                  f"key/value, {w.head_dim} wide) are not ones the Triton kernel takes; use flash")
+            attention = "flash" if attention == "auto" else attention
         elif attention == "auto" and self.cuda:
             attention = default_attention(self.weights.hidden // self.weights.heads)
         self.attention_name = attention if self.cuda else "padded"
-        self.attention = ((decoder.attention_flash if self.decoder else ATTENTION[attention]) if self.cuda else
+        decoder_kernels = {"flash": decoder.attention_flash, "triton": decoder.attention_triton}
+        self.attention = ((decoder_kernels[attention] if self.decoder else ATTENTION[attention]) if self.cuda else
                           attention_padded if self.decoder else _attention_padded)
         self.graph_max_len = min(spec.max_seq_length, self.GRAPH_MAX_LEN)
         if fused_ops == "auto":
