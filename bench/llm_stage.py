@@ -192,10 +192,11 @@ def main() -> None:
         batches = assembled_batches(token_lists, args.budget)
         results, rows, bf16_out = [], [], None
         for config_name in args.configs:
-            dtype, instances, *attention = config_name.split(":")
+            dtype, count, *attention = config_name.split(":")
+            instances = int(count)
             try:
                 emb, seconds, warmup, busy, graphed = run_config(spec, batches, len(docs), "varlen", dtype,
-                                                                 int(instances), {"fused", "graphs", *attention},
+                                                                 instances, {"fused", "graphs", *attention},
                                                                  args.budget)
             except Exception as exc:  # noqa: BLE001 - a failing variant is a result to report
                 print(f"{config_name}: FAILED {type(exc).__name__}: {exc}", flush=True)
@@ -204,7 +205,7 @@ def main() -> None:
             if dtype == "bf16" and bf16_out is None:
                 bf16_out = emb
             rate = lengths.sum() / seconds
-            entry = {"config": config_name, "dtype": dtype, "instances": int(instances),
+            entry = {"config": config_name, "dtype": dtype, "instances": instances,
                      "tokens_per_s": round(rate, 1), "texts_per_s": round(len(docs) / seconds, 1),
                      "mfu": round(total_flops / seconds / PEAK_BF16, 4), "speedup_vs_baseline": round(
                          rate / base_rate, 2), "warmup_seconds": round(warmup, 2),

@@ -93,9 +93,12 @@ def test_triton_attention_matches_fp32_attention_text_by_text(dtype, head_pairs)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("heads, kv_heads, head_dim, block_rows",
                          [(4, 2, 64, 64), (4, 1, 32, 64), (2, 2, 32, 32)], ids=["group2", "group4", "group1"])
-def test_grouped_attention_matches_fp32_attention_text_by_text(causal, heads, kv_heads, head_dim, block_rows):
+@pytest.mark.parametrize("block_n", [16, 64], ids=["keys-shorter", "keys-longer"])
+def test_grouped_attention_matches_fp32_attention_text_by_text(causal, heads, kv_heads, head_dim, block_rows,
+                                                              block_n):
     """Decoders' kernel: grouped query heads over shared K/V (K and V strided views of one fused projection, as
-    the decoder hands them over), lengths around the tiles' edges, an empty text and a graph bucket's padding."""
+    the decoder hands them over), lengths around the tiles' edges, an empty text and a graph bucket's padding;
+    blocks of keys shorter and longer than the tile's positions of each head."""
     from hpcembed.engine.triton_attention import grouped_attention
     lengths = [1, 15, 16, 17, 40, 64, 70, 0, 9]
     tokens = sum(lengths) + 12
@@ -104,8 +107,8 @@ def test_grouped_attention_matches_fp32_attention_text_by_text(causal, heads, kv
     k = fused[:, heads * head_dim: (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
     v = fused[:, (heads + kv_heads) * head_dim:].view(tokens, kv_heads, head_dim)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), device=DEVICE, dtype=torch.int32)
-    # Small tiles on the interpreter (it runs each program in turn); the block of keys smaller than the queries'.
-    out = grouped_attention(q, k, v, cu, max(lengths), causal, block_rows=block_rows, block_n=16, num_warps=4)
+    # Small tiles on the interpreter (it runs each program in turn).
+    out = grouped_attention(q, k, v, cu, max(lengths), causal, block_rows=block_rows, block_n=block_n, num_warps=4)
     group = heads // kv_heads
     for j, n in enumerate(lengths):
         if n == 0:

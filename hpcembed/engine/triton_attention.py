@@ -132,7 +132,8 @@ def varlen_attention(qkv: torch.Tensor, cu: torch.Tensor, max_len: int, head_pai
 # stacked into one tile of GROUP * BLOCK_M rows: the group's K and V are read once, and the matmuls are as tall as
 # flash attention's. Causal: the key blocks before the tile's first position need no mask; only those on the
 # diagonal do, and none after it are read.
-DECODER_BLOCK_ROWS, DECODER_BLOCK_N, DECODER_WARPS, DECODER_STAGES = 128, 64, 8, 2
+# The fastest of the shapes tried at Qwen3-0.6B's on the H200 box (bench/notes/llm_stage.md).
+DECODER_BLOCK_ROWS, DECODER_BLOCK_N, DECODER_WARPS, DECODER_STAGES = 128, 32, 4, 3
 
 
 @triton.jit
@@ -188,8 +189,9 @@ def _grouped_forward(q_ptr, k_ptr, v_ptr, out, cu, stride_q, stride_k, stride_v,
     running_sum = tl.zeros([GROUP * BLOCK_M], tl.float32)
     acc = tl.zeros([GROUP * BLOCK_M, HEAD_DIM], tl.float32)
     if CAUSAL:
-        # Keys before `first` are seen by every row of the tile; from `first` on, the diagonal's blocks are masked.
-        unmasked = first
+        # Keys before `first` are seen by every row of the tile, in whole blocks; from the block that holds
+        # `first` on, the diagonal's blocks are masked.
+        unmasked = first - first % BLOCK_N
         stop = tl.minimum(first + BLOCK_M, length)
     else:
         unmasked = length - length % BLOCK_N
