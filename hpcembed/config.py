@@ -92,9 +92,10 @@ class JobConfig:
     cache_dir: str = _opt("", "where what start-up computes (compiled kernels, the budtiktok tokenizer's probe, "
                               "model file digests) is kept between runs, shared safely by ranks and jobs (default: "
                               "$HPCEMBED_CACHE_DIR, else $XDG_CACHE_HOME/hpcembed or ~/.cache/hpcembed)")
-    attention: str = _opt("auto", "varlen encoder on CUDA: the attention kernel, 'triton' (hpcembed's kernel for small "
-                                  "heads, 1.9x flash attention at MiniLM's shapes on an H200) or 'flash' (torch's "
-                                  "varlen flash attention); auto takes triton where Triton imports",
+    attention: str = _opt("auto", "varlen encoder on CUDA: the attention kernel, 'triton' (hpcembed's kernels: for "
+                                  "small heads, 2.1x flash attention at MiniLM's shapes on an H200; for decoders' "
+                                  "grouped heads, 2.0-2.3x at Qwen3-Embedding's) or 'flash' (torch's varlen flash "
+                                  "attention); auto takes triton where Triton imports and takes the heads",
                           choices=("auto", "triton", "flash"))
     exact_gelu: bool = _opt(False, "varlen encoder on CUDA: exact erf GELU as its own kernel, instead of the "
                                    "tanh-approximate GELU fused into the up-projection matmul (faster, same cosine)")

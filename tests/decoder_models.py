@@ -17,10 +17,10 @@ TRAINING_TEXT = ["The quick brown fox jumps over the lazy dog.", "Embedding mode
                  "日本語のテキスト", "emoji 😀🎉", "query: passage: instruct"] * 20
 
 
-def _config(kind: str):
+def _config(kind: str, head_dim: int = 16):
     import transformers
     if kind == "qwen3":
-        return transformers.Qwen3Config(**SHAPE, head_dim=16, rope_theta=1_000_000.0)
+        return transformers.Qwen3Config(**SHAPE, head_dim=head_dim, rope_theta=1_000_000.0)
     if kind == "llama":
         return transformers.LlamaConfig(**SHAPE, rope_theta=500_000.0)
     if kind == "mistral":
@@ -44,12 +44,13 @@ def _tokenizer(path: Path) -> None:
 
 
 def make_decoder_model(root: Path, kind: str, pooling: str = "lasttoken", prompts: dict | None = None,
-                       include_prompt: bool = True, seed: int = 0) -> str:
-    """A model directory: weights, tokenizer, modules.json (Transformer, Pooling, Normalize) and prompts."""
+                       include_prompt: bool = True, seed: int = 0, head_dim: int = 16) -> str:
+    """A model directory: weights, tokenizer, modules.json (Transformer, Pooling, Normalize) and prompts.
+    `head_dim`: Qwen3's, which its config sets apart from the hidden size."""
     import transformers
     path = Path(root) / f"{kind}-{pooling}"
     torch.manual_seed(seed)
-    model = transformers.AutoModel.from_config(_config(kind))
+    model = transformers.AutoModel.from_config(_config(kind, head_dim))
     model.save_pretrained(path, safe_serialization=True)
     _tokenizer(path)
     (path / "modules.json").write_text(json.dumps([
