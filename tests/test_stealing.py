@@ -99,6 +99,56 @@ def test_a_rank_that_reports_with_a_split_unanswered_is_released_after_its_answe
     assert sorted(core.handle(1, UnitSplit(0)), key=lambda send: send.dest) == [(1, Release()), (2, NoMoreUnits())]
 
 
+class ProgressSeen:
+    def __init__(self):
+        self.rows = 0
+
+    def update(self, rows: int, tokens: int) -> None:
+        self.rows += rows
+
+
+def test_a_sub_conductors_split_reaches_rank_0_in_its_batch_and_the_plan_when_asked_for(tmp_path):
+    """A sub-conductor splits its unit for an idle rank; its batch tells rank 0 the split and the units' input
+    rows. Rank 0 counts the rows and the commits at once, and applies the split to its plan only when the plan's
+    units are asked for (the manifest), not for every batch."""
+    from hpcembed.protocol.messages import RequestUnits, UnitsCommitted
+    from hpcembed.protocol.subconductor import SubConductorCore
+    roles = RoleMap(conductor=0, tokenizers=[1, 2], encoders=[3], hosts={r: "h" for r in range(5)},
+                    deputies={1: 4, 2: 4})
+    unit = WorkUnit(0, FILE, 0, 100)
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    progress = ProgressSeen()
+    core = ConductorCore(roles, Plan([FILE], {0: 100}, [unit], []), output, output.ledger(), state,
+                         progress=progress, steal_rows=10)
+    sub = SubConductorCore(4, roles, commit_batch=2, commit_seconds=60.0, steal_rows=10)
+    [(_, ask)] = sub.start()
+    [(_, grant)] = core.handle(4, RequestUnits(ask.count))
+    assert sub.handle(0, grant, 0.0) == []
+    assert sub.handle(1, RequestUnit(), 0.0) == [(1, AssignUnit(unit))]
+    assert sub.handle(2, RequestUnit(), 0.0) == [(1, SplitUnit(0))]
+    reader = TokenizerCore(1, roles, steal_rows=10)
+    reader.handle(4, AssignUnit(unit))
+    reader.next_unit()
+    reader.position = 20
+    [(_, answer)] = reader.handle(4, SplitUnit(0))
+    piece = answer.piece
+    assert sub.handle(1, answer, 0.0) == [(2, AssignUnit(piece))]
+    for part, reader_rank in ((WorkUnit(0, FILE, 0, 60), 1), (piece, 2)):
+        sub.handle(reader_rank, UnitRead(part.unit, {3: part.rows - 2}, part.rows, rejected_rows=2), 0.0)
+        sub.handle(3, PartWritten(part.unit, f"part-{part.unit}", part.rows - 2, part.rows), 0.0)
+    [(_, batch)] = sub.poll(0.1)
+    assert isinstance(batch, UnitsCommitted) and batch.splits == [[0, 60]] and batch.input_rows == 100
+    core.handle(4, batch)
+    assert core.all_committed and progress.rows == 96          # 100 rows read, 2 of each part rejected
+    assert len(core.plan.units) == 1                            # not applied for the batch
+    result = core.result(1.0, 0.0)
+    assert [u.rows for u in core.plan.units] == [60, 40] and core.plan.splits == 1
+    assert core.rows_written == 96 and sum(s["rows"] for s in result.shards) == 96
+    core.ledger.close()
+    assert Ledger(tmp_path / "out").load().splits == [[0, 60]]
+
+
 def test_resume_plans_the_recorded_splits(tmp_path):
     plan = Plan([FILE], {0: 300}, [WorkUnit(0, FILE, 0, 100), WorkUnit(1, FILE, 100, 300)], [])
     plan.split(1, 200)

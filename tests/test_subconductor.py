@@ -100,7 +100,7 @@ def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
     ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
     ctor.handle(5, RequestUnits(2))
     record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
-    ctor.handle(5, UnitsCommitted(Ledger.unit_line(record), array("q", [0, 2, 0]), [], 20))
+    ctor.handle(5, UnitsCommitted(Ledger.unit_line(record), array("q", [0, 2, 0]), [], 20, 2))
     assert not ctor.done
     ctor.handle(3, Calibrated([[0.0], [1.0]]))
     assert ctor.all_committed
@@ -115,11 +115,11 @@ def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_on
     core.handle(5, RequestUnits(2))
     names = [write_shard(tmp_path, unit, 3, ids) for unit, ids in ((0, ["a", "b"]), (1, ["c", "a"]))]
     first = CommittedUnit(0, {names[0]: 2}, 4)
-    core.handle(5, UnitsCommitted(Ledger.unit_line(first), array("q", [0, 2, 0]), [], 4))
+    core.handle(5, UnitsCommitted(Ledger.unit_line(first), array("q", [0, 2, 0]), [], 4, 2))
     # Unit 1 is complete at its sub-conductor but not yet sent on when the repeat is found: nothing to drop yet.
     assert core.handle(2, DuplicateRows([(1, 0, 3, 0, 0, 0, id_digest("a"))])) == []
     second = CommittedUnit(1, {names[1]: 2}, 4)
-    sends = core.handle(5, UnitsCommitted(Ledger.unit_line(second), array("q", [1, 2, 0]), [], 4))
+    sends = core.handle(5, UnitsCommitted(Ledger.unit_line(second), array("q", [1, 2, 0]), [], 4, 2))
     assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
     removed, rewritten = output.drop_ids(shard_name(1, 3), {id_digest("a")})
     core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
@@ -148,7 +148,8 @@ def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
     for first in (0, 2):
         part = records[first: first + 2]
         units.add_batch(UnitsCommitted("".join(Ledger.unit_line(r) for r in part),
-                                       array("q", [n for r in part for n in (r.unit, r.rows, r.rejected)]), [], 0))
+                                       array("q", [n for r in part for n in (r.unit, r.rows, r.rejected)]), [], 0,
+                                       sum(r.rows + r.rejected for r in part)))
     assert len(units) == 5 and list(units) == [9, 0, 1, 2, 3]
     assert 3 in units and 4 not in units and units[9] is own
     for r in records:

@@ -58,6 +58,7 @@ class UnitParts:
     """What the conductor knows of a unit not yet committed."""
     read: UnitRead | None = None
     written: dict[int, PartWritten] = field(default_factory=dict)
+    rows: int = 0               # input rows, where a sub-conductor hands the unit out (its UnitsCommitted's)
 
     @property
     def complete(self) -> bool:
@@ -88,7 +89,10 @@ class ConductorCore:
         self.pending = deque(u for u in plan.units if u.unit not in self.done)
         self.units: dict[int, UnitParts] = {}        # units read or written in part, not yet committed
         self.plan_units = {u.unit: u for u in plan.units}
-        self.plan_rows = {u.unit: u.rows for u in plan.units}         # read for every unit a batch commits
+        # Sub-conductors' splits, in the ledger but not yet in the plan: applied when something asks for the
+        # plan's units (a split's two WorkUnits and four dict entries were two thirds of rank 0's time in a
+        # billion-row job at 1000 nodes; bench/notes/scale_out.md).
+        self._unapplied: list = []
         self.rows_resumed, self.units_resumed = self._texts(resumed.units), len(resumed.units)
         self.ranges = resumed.ranges        # int8/uint8 output's calibration ranges, once known
         self.paths = {f.index: f.path for f in plan.files}
@@ -110,7 +114,14 @@ class ConductorCore:
     # --- state the drivers read -------------------------------------------------------------------------------
     @property
     def all_committed(self) -> bool:
-        return len(self.done) == len(self.plan.units)
+        return len(self.done) == len(self.plan.units) + len(self._unapplied)
+
+    def settled_plan(self) -> Plan:
+        """The plan with every split made so far applied."""
+        for unit, cut in self._unapplied:
+            self._plan_split(unit, cut)
+        self._unapplied.clear()
+        return self.plan
 
     @property
     def finished(self) -> bool:
@@ -119,6 +130,7 @@ class ConductorCore:
 
     def _texts(self, units: dict[int, CommittedUnit]) -> int:
         """Input rows of committed units that are in the output: every row of a unit is there or rejected."""
+        self.settled_plan()
         return sum(self.plan_units[n].rows - u.rejected for n, u in units.items())
 
     @property
@@ -136,6 +148,7 @@ class ConductorCore:
         return sum(u.rejected for u in self.done.values())
 
     def result(self, wall_seconds: float, ended_at: float) -> JobResult:
+        self.settled_plan()             # the manifest counts the splits
         stopped = self.stop_reason if self.draining and not self.all_committed else ""
         shards = [{"path": name, "rows": rows} for n in self.done for name, rows in self.committed(n).shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
@@ -207,7 +220,7 @@ class ConductorCore:
         if self.stop_reason and not self.draining:
             self.draining = True
             log.info("stopping: %d of %d units committed; abandoning the units being read", len(self.done),
-                     len(self.plan.units))
+                     len(self.plan.units) + len(self._unapplied))
             self.pending.clear()
             self.stealing.stop()
             out += [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
@@ -230,13 +243,13 @@ class ConductorCore:
         return out
 
     def _add_split(self, unit: int, cut: int) -> None:
+        self.settled_plan()             # in order: a split of this unit may be waiting
         self.ledger.record_split(unit, cut)
         self._plan_split(unit, cut)
 
     def _plan_split(self, unit: int, cut: int) -> None:
         head, piece = self.plan.split(unit, cut)
         self.plan_units[unit], self.plan_units[piece.unit] = head, piece
-        self.plan_rows[unit], self.plan_rows[piece.unit] = head.rows, piece.rows
 
     # --- grants and batched commits from sub-conductors ---------------------------------------------------------
     def _grant(self, count: int) -> UnitGrant:
@@ -254,15 +267,14 @@ class ConductorCore:
         return record
 
     def _committed(self, message: UnitsCommitted) -> list[Send]:
-        for unit, cut in message.splits:       # before the commits, which may be of the split units
-            self._plan_split(unit, cut)
+        self._unapplied.extend(message.splits)
         # Ledger first: a reject line without its ledger record is rebuilt away on resume. The splits go first, in
         # the same write.
         self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + [message.records])
         self.output.append_rejects(message.rejects)
         counts = message.counts
         self.done.add_batch(message)
-        rows = sum(map(self.plan_rows.__getitem__, counts[0::3])) - sum(counts[2::3])
+        rows = message.input_rows - sum(counts[2::3])
         self.tokens += message.tokens
         if self.progress is not None:
             self.progress.update(rows, message.tokens)
@@ -271,6 +283,7 @@ class ConductorCore:
         return [send for k in range(0, len(counts), 3) for send in self._drops(counts[k])]
 
     def _record(self, committed: list[CommittedUnit]) -> None:
+        self.settled_plan()
         # Ledger first: a reject line without its ledger record is rebuilt away on resume.
         self.ledger.commit_units(committed)
         for unit in committed:
@@ -304,6 +317,7 @@ class ConductorCore:
         """(path, description) of a row; file -1 is a row an earlier run committed (its input row is unknown)."""
         if file >= 0:
             return self.paths[file], f"{self.paths[file]} at row {row}"
+        self.settled_plan()
         source = self.plan_units[unit]
         return source.file.path, (f"the output of an earlier run (unit {unit}: {source.file.path} rows "
                                   f"{source.row_start}-{source.row_stop - 1})")

@@ -85,6 +85,7 @@ class UnitsCommitted:
     counts: array                   # per unit: its number, the rows its shards hold, the rows rejected ('q')
     rejects: list[dict]             # the units' rejects, for the rejects file
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
+    input_rows: int                 # the units' input rows, as handed out or split (progress counts them)
     splits: list = field(default_factory=list)      # [unit, cut] of each split since the last, in order
 
 

@@ -62,6 +62,7 @@ class SubConductorCore:
         self.complete: list[CommittedUnit] = []          # complete, not yet sent on
         self.complete_since = 0.0                        # when the oldest of them became complete
         self.tokens = 0                                  # tokens of parts written since the last UnitsCommitted
+        self.input_rows = 0                              # input rows of the complete units not yet sent on
         self.tokenizers_left = set(self.tokenizers)
         self.reports: list[RankStats] = []
         self.units_committed = self.batches_sent = 0
@@ -134,8 +135,8 @@ class SubConductorCore:
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
         out = [Send(self.conductor, UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
                                                    [r for u in self.complete for r in u.rejects], self.tokens,
-                                                   self.splits))]
-        self.splits = []
+                                                   self.input_rows, self.splits))]
+        self.splits, self.input_rows = [], 0
         self.units_committed += len(self.complete)
         self.batches_sent += 1
         self.complete, self.tokens = [], 0
@@ -164,7 +165,7 @@ class SubConductorCore:
             out.append(Send(self.conductor, RequestUnits(self.block)))
         for send in out:
             if isinstance(send.message, AssignUnit):
-                self.units[send.message.unit.unit] = UnitParts()
+                self.units[send.message.unit.unit] = UnitParts(rows=send.message.unit.rows)
         return out
 
     def _split(self, source: int, message: UnitSplit) -> list[Send]:
@@ -176,7 +177,10 @@ class SubConductorCore:
 
     def _add_split(self, unit: int, cut: int, piece: WorkUnit) -> None:
         self.splits.append([unit, cut])
-        self.units[piece.unit] = UnitParts()
+        head = self.units.get(unit)
+        if head is not None:
+            head.rows -= piece.rows
+        self.units[piece.unit] = UnitParts(rows=piece.rows)
 
     def _complete_if_done(self, unit: int, now: float) -> None:
         parts = self.units[unit]
@@ -184,4 +188,5 @@ class SubConductorCore:
             if not self.complete:
                 self.complete_since = now
             self.complete.append(parts.record(unit))
+            self.input_rows += parts.rows
             del self.units[unit]

@@ -339,7 +339,7 @@ class Simulation:
         tok["idle_after_last_unit"] = max(0.0, 1.0 - sum(tok.values()))
         return SimResult(
             nodes=self.nodes, encoder_ranks=len(self.roles.encoders), tokenizer_ranks=n_tok, rows=rows,
-            tokens=int(round(rows * self.rates.tokens_per_text)), units=len(self.plan.units),
+            tokens=int(round(rows * self.rates.tokens_per_text)), units=len(self.conductor.settled_plan().units),
             makespan_s=makespan, throughput_texts_per_s=rows / makespan, steady_texts_per_s=steady,
             tail_s=env.now - (self.first_idle or env.now), conductor_busy=self.conductor_busy / makespan,
             subconductors=len(self.subconductors),
