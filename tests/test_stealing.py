@@ -64,17 +64,23 @@ def _commit(core: ConductorCore, unit: WorkUnit, reader: int) -> None:
     core.handle(3, PartWritten(unit.unit, f"part-{unit.unit}", unit.rows, unit.rows))
 
 
+def _answer_after_20_rows(roles: RoleMap, assigner: int, unit: WorkUnit) -> UnitSplit:
+    """Rank 1's answer to a SplitUnit of `unit` (from `assigner`) once it has read 20 of its rows."""
+    reader = TokenizerCore(1, roles, steal_rows=10)
+    reader.handle(assigner, AssignUnit(unit))
+    reader.next_unit()
+    reader.position = 20
+    [(_, answer)] = reader.handle(assigner, SplitUnit(unit.unit))
+    return answer
+
+
 def test_the_conductor_splits_the_last_unit_for_an_idle_rank_and_records_it_first(tmp_path):
     unit = WorkUnit(0, FILE, 0, 100)
     core = _conductor(tmp_path, Plan([FILE], {0: 100}, [unit], []))
     assert core.handle(1, RequestUnit()) == [(1, AssignUnit(unit))]
     assert core.handle(1, RequestUnit()) == []          # reading its unit: it waits, and is not given half of one
     assert core.handle(2, RequestUnit()) == [(1, SplitUnit(0))]
-    reader = TokenizerCore(1, ROLES, steal_rows=10)
-    reader.handle(0, AssignUnit(unit))
-    reader.next_unit()
-    reader.position = 20
-    [(_, answer)] = reader.handle(0, SplitUnit(0))
+    answer = _answer_after_20_rows(ROLES, 0, unit)
     piece = answer.piece
     assert core.handle(1, answer) == [(2, AssignUnit(piece))]
     core.ledger.close()
@@ -127,11 +133,7 @@ def test_a_sub_conductors_split_reaches_rank_0_in_its_batch_and_the_plan_when_as
     assert sub.handle(0, grant, 0.0) == []
     assert sub.handle(1, RequestUnit(), 0.0) == [(1, AssignUnit(unit))]
     assert sub.handle(2, RequestUnit(), 0.0) == [(1, SplitUnit(0))]
-    reader = TokenizerCore(1, roles, steal_rows=10)
-    reader.handle(4, AssignUnit(unit))
-    reader.next_unit()
-    reader.position = 20
-    [(_, answer)] = reader.handle(4, SplitUnit(0))
+    answer = _answer_after_20_rows(roles, 4, unit)
     piece = answer.piece
     assert sub.handle(1, answer, 0.0) == [(2, AssignUnit(piece))]
     for part, reader_rank in ((WorkUnit(0, FILE, 0, 60), 1), (piece, 2)):

@@ -42,8 +42,13 @@ def _key_block(q, acc, running_max, running_sum, k_base, v_base, key_start, leng
     raw = tl.dot(q, tl.trans(k))
     if MASKED:
         raw = tl.where(inside[None, :], raw, float("-inf"))
-    # The scale rides in one fused multiply-add with the max (qk_scale > 0, so the max of the scaled scores is
-    # the scaled max).
+    return _softmax_step(raw, v, acc, running_max, running_sum, qk_scale)
+
+
+@triton.jit
+def _softmax_step(raw, v, acc, running_max, running_sum, qk_scale):
+    """A block of unscaled scores (-inf where masked) and its values through the online softmax. The scale rides
+    in one fused multiply-add with the max (qk_scale > 0, so the max of the scaled scores is the scaled max)."""
     new_max = tl.maximum(running_max, tl.max(raw, 1) * qk_scale)
     p = tl.math.exp2(raw * qk_scale - new_max[:, None])
     correction = tl.math.exp2(running_max - new_max)
@@ -155,12 +160,7 @@ def _grouped_key_block(q, acc, running_max, running_sum, k_ptr, v_ptr, key_start
         if CAUSAL:
             keep = keep & (keys[None, :] <= positions[:, None])
         raw = tl.where(keep, raw, float("-inf"))
-    new_max = tl.maximum(running_max, tl.max(raw, 1) * qk_scale)
-    p = tl.math.exp2(raw * qk_scale - new_max[:, None])
-    correction = tl.math.exp2(running_max - new_max)
-    running_sum = running_sum * correction + tl.sum(p, 1)
-    acc = acc * correction[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, new_max, running_sum
+    return _softmax_step(raw, v, acc, running_max, running_sum, qk_scale)
 
 
 @triton.jit
