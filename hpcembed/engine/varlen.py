@@ -37,47 +37,12 @@ from . import decoder
 from .base import Encoder, Pending, torch_dtype
 from .bert import BertWeights, encoder_forward, supports as bert_supports
 from .model import ModelSpec
-from .padded_attention import attention_padded
+from .attention_kernels import attention_kernel
 
 
 def supports(spec: ModelSpec) -> str | None:
     """None when the padding-free path serves this model (the BERT family or a decoder), else why not."""
     return decoder.supports(spec) if spec.is_decoder else bert_supports(spec)
-
-
-def _attention_varlen(qkv, cu, max_len):
-    from torch.nn.attention.varlen import varlen_attn
-    return varlen_attn(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, max_len, max_len)
-
-
-def _attention_triton(qkv, cu, max_len):
-    from .triton_attention import varlen_attention
-    return varlen_attention(qkv, cu, max_len)
-
-
-ATTENTION = {"flash": _attention_varlen, "triton": _attention_triton}
-
-
-def default_attention(head_dim: int) -> str:
-    """The Triton kernel where it runs (1.9x flash attention's at MiniLM's shapes, bench/notes/gpu_stage.md),
-    else flash attention."""
-    try:
-        from .triton_attention import supported
-    except ImportError:             # no Triton in this install
-        return "flash"
-    return "triton" if supported(head_dim) else "flash"
-
-
-def _grouped_triton_runs(heads: int, kv_heads: int, head_dim: int) -> bool:
-    try:
-        from .triton_attention import grouped_supported
-    except ImportError:             # no Triton in this install
-        return False
-    return grouped_supported(heads, kv_heads, head_dim)
-
-
-def _attention_padded(qkv, cu, max_len):
-    return attention_padded(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, max_len)
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
@@ -220,7 +185,7 @@ class VarlenEncoder(Encoder):
                  gelu_epilogue: bool = False, graph_tokens: int = 0, attention: str = "auto",
                  weights_of: "VarlenEncoder | None" = None):
         """`attention` (CUDA): 'flash', torch's varlen flash attention, 'triton' (engine/triton_attention.py), or
-        'auto' (default_attention). `fused_ops`: how the pieces between matmuls run, 'eager', 'triton'
+        'auto' (attention_kernels.py). `fused_ops`: how the pieces between matmuls run, 'eager', 'triton'
         (engine/triton_fused.py; on CPU tensors only in Triton's interpreter) or 'compile' (torch.compile), or
         'auto' (default_fused_ops).
         `weights_of`: an instance for a server's low-latency lane beside that one: it shares its weights (no second
@@ -250,20 +215,7 @@ class VarlenEncoder(Encoder):
         else:
             self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
         self.build_seconds = {"weights": time.perf_counter() - started}
-        if self.decoder:            # grouped heads: the Triton kernel where it takes them (2.0-2.3x flash on
-            w = self.weights        # an H200 at Qwen3-0.6B's and -4B's shapes), else torch's flash attention
-            runs = _grouped_triton_runs(w.heads, w.kv_heads, w.head_dim)
-            if attention == "triton" and not runs:
-                raise ConfigError(f"--attention triton: this decoder's heads ({w.heads} query, {w.kv_heads} "
-                                  f"key/value, {w.head_dim} wide) are not ones the Triton kernel takes; use flash")
-            if attention == "auto":
-                attention = "triton" if runs else "flash"
-        elif attention == "auto" and self.cuda:
-            attention = default_attention(self.weights.hidden // self.weights.heads)
-        self.attention_name = attention if self.cuda else "padded"
-        decoder_kernels = {"flash": decoder.attention_flash, "triton": decoder.attention_triton}
-        self.attention = ((decoder_kernels[attention] if self.decoder else ATTENTION[attention]) if self.cuda else
-                          attention_padded if self.decoder else _attention_padded)
+        self.attention_name, self.attention = attention_kernel(self.weights, self.decoder, self.cuda, attention)
         self.graph_max_len = min(spec.max_seq_length, self.GRAPH_MAX_LEN)
         if fused_ops == "auto":
             fused_ops = default_fused_ops(self.cuda)
