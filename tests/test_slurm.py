@@ -210,3 +210,9 @@ def test_serve_sbatch_answers_then_drains_on_scancel(cluster, tmp_path, st_model
     assert "draining" in logs()
     if tasks > 1:
         assert "role map: 1 frontend, 1 tokenizer, 1 encoder ranks" in logs()
+    # Drained, the job ends, every task with it: none is left running when the cluster stops (a rank still in
+    # MPI's finalize once slurmd was gone was left behind before this wait).
+    deadline = time.monotonic() + 90
+    while cluster.run("squeue", "-h", "-j", job_id, check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"the job did not end after draining:\n{cluster.diagnose()}"
+        time.sleep(0.2)
