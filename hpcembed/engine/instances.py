@@ -1,7 +1,7 @@
 """Several model instances behind one rank: each instance has its own thread (and, on CUDA, its own stream),
 batches go round-robin (a server may reserve instances for its low-latency lane), and results come back in
-submission order. An instance's thread keeps up to its
-encoder's `launch_ahead` batches queued on the GPU, so the GPU does not wait for a thread to wake up.
+submission order. An instance's thread keeps up to its encoder's `launch_ahead` batches queued on the GPU, so the
+GPU does not wait for a thread to wake up.
 
 Small encoders leave an H100 idle between kernels of one stream; a second instance fills those gaps (the
 seed's multi-instance). The role loop stays the only thread that talks to the transport.
