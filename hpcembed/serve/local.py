@@ -24,8 +24,8 @@ WARM_UP_BULK_TOKENS = 65536
 
 def warm_up_rates(encoders, backend, batch_tokens: int) -> dict[str, float]:
     """Each lane's first rate, tokens per second: a small batch (the interactive lane's, on the last of
-    `encoders`) and one of the bulk budget (at most WARM_UP_BULK_TOKENS, on the first), each timed on its second
-    run."""
+    `encoders`, which is the lane's own where it has one) and one of the bulk budget (at most WARM_UP_BULK_TOKENS,
+    on the first), each timed on its second run."""
     short = backend.encode([WARM_UP_TEXT])[0]
     rates = {}
     for lane, rows, encoder in (("interactive", 8, encoders[-1]),
@@ -44,8 +44,7 @@ def start_scheduler(cfg: JobConfig, spec: ModelSpec, opts: ServeOptions, device:
     batch_tokens = cfg.batch_tokens_for(device)
     encoders = build_encoders(cfg, spec, device, (opts.interactive_instances, opts.interactive_max_tokens))
     reserved = sum(bool(getattr(e, "low_latency", False)) for e in encoders)
-    rates = warm_up_rates([encoders[0], encoders[-1]] if reserved else encoders[:1],
-                          tokenizer_backend(cfg, spec, chunking=False), batch_tokens)
+    rates = warm_up_rates(encoders, tokenizer_backend(cfg, spec, chunking=False), batch_tokens)
     return Scheduler(encoders, spec.dim, batch_tokens, opts.interactive_max_tokens, opts.interactive_max_texts,
                      rates, metrics, reserved)
 
