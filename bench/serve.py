@@ -15,7 +15,11 @@ Refused requests (429) are counted apart, not timed; bulk clients wait as Retry-
 With --peer-infinity, the peer the issue asks for, infinity-emb serving the same model directory on the same
 device, gets the same bulk load and the same queries at --mixed-rate alone, once hpcembed serve has stopped (the
 JSON says why if it could not be started). Latencies are client-side, so they include the client's own time on
-a shared machine. Writes bench/results/serve-<slug>.json.
+a shared machine; server p50/p99 are each answer's own Server-Timing total (from the handler's start to the
+answer built), which leaves out the client and any wait before the server's event loop read the request. Under
+(c) the frontend's /metrics also say how often its event loop woke over 10 ms late and its full garbage
+collections, and each server process logs its own full collections at exit. Writes
+bench/results/serve-<slug>.json.
 """
 from __future__ import annotations
 
@@ -48,9 +52,12 @@ def start_server(args, extra: list[str], shape: str = "process") -> tuple[subpro
     kind, _, rest = shape.partition(":")
     count, _, options = rest.partition(":") if kind == "ranks" else ("", "", rest)
     launcher = mpiexec_command(int(count)) if kind == "ranks" else []
+    # NAME=VALUE words among a shape's options set the server's environment (HPCEMBED_GC_FREEZE=0, say).
+    env = dict(word.split("=", 1) for word in options.split() if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", word))
     cmd = [*launcher, sys.executable, "-m", "hpcembed", "serve", "--port", "0",
-           *(["--model", args.model] if args.model else []), *extra, *options.split()]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+           *(["--model", args.model] if args.model else []), *extra,
+           *(word for word in options.split() if word.split("=", 1)[0] not in env)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **env})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         found = re.search(r"http://[\d.]+:\d+", Path(log.name).read_text())
@@ -63,15 +70,21 @@ def start_server(args, extra: list[str], shape: str = "process") -> tuple[subpro
     raise SystemExit("hpcembed serve did not come up in 300 s")
 
 
-async def _post(session, url: str, model: str, texts) -> tuple[int, float]:
-    """(status, seconds); for a 429, seconds is the Retry-After the server asked for."""
+async def _post(session, url: str, model: str, texts) -> tuple[int, float, float | None]:
+    """(status, seconds, the server's own seconds from its Server-Timing header where it sends one); for a 429,
+    seconds is the Retry-After the server asked for."""
     start = time.perf_counter()
     async with session.post(url, json={"model": model, "input": texts,
                                                             "encoding_format": "base64"}) as resp:
         await resp.read()
         if resp.status == 429:
-            return 429, float(resp.headers.get("Retry-After", 1))
-        return resp.status, time.perf_counter() - start
+            return 429, float(resp.headers.get("Retry-After", 1)), None
+        total = re.search(r"total;dur=([\d.]+)", resp.headers.get("Server-Timing", ""))
+        return resp.status, time.perf_counter() - start, float(total.group(1)) / 1e3 if total else None
+
+
+def _ms(seconds, q: float) -> float | None:
+    return round(float(np.percentile(seconds, q)) * 1e3, 2) if len(seconds) else None
 
 
 async def queries_at(session, url: str, model: str, queries: list[str], rate: float, seconds: float) -> dict:
@@ -84,11 +97,12 @@ async def queries_at(session, url: str, model: str, queries: list[str], rate: fl
             await asyncio.sleep(delay)
         tasks.append(asyncio.create_task(_post(session, url, model, queries[k % len(queries)])))
     answers = await asyncio.gather(*tasks)
-    ok = np.array([t for status, t in answers if status == 200])
+    ok = np.array([t for status, t, _ in answers if status == 200])
+    server = np.array([s for status, _, s in answers if status == 200 and s is not None])
     return {"rate": rate, "sent": count, "answered": int(len(ok)),
-            "refused_429": sum(status == 429 for status, _ in answers),
-            "p50_ms": round(float(np.percentile(ok, 50)) * 1e3, 2) if len(ok) else None,
-            "p99_ms": round(float(np.percentile(ok, 99)) * 1e3, 2) if len(ok) else None,
+            "refused_429": sum(status == 429 for status, _, _ in answers),
+            "p50_ms": _ms(ok, 50), "p99_ms": _ms(ok, 99),
+            "server_p50_ms": _ms(server, 50), "server_p99_ms": _ms(server, 99),
             "achieved_rate": round(count / (time.perf_counter() - start), 1)}
 
 
@@ -101,7 +115,7 @@ async def bulk(session, url: str, model: str, docs: list[str], clients: range, s
         offset = k * per_request
         while time.perf_counter() < stop:
             texts = [docs[(offset + j) % len(docs)] for j in range(per_request)]
-            status, seconds = await _post(session, url, model, texts)
+            status, seconds, _ = await _post(session, url, model, texts)
             if status == 200:
                 done[0] += per_request
             else:               # a well-behaved client: it waits as long as Retry-After says
@@ -253,12 +267,31 @@ def start_profile(args):
                              "--subprocesses", "--output", args.profile_output], stdout=subprocess.DEVNULL)
 
 
-async def stage_seconds(session, url: str) -> dict[tuple[str, str, str], float]:
-    """The server's hpcembed_stage_seconds sums and counts from /metrics: (lane, stage, 'sum'|'count') -> value."""
+async def metrics_page(session, url: str) -> str:
     async with session.get(url.replace("/v1/embeddings", "/metrics")) as resp:
-        page = await resp.text()
+        return await resp.text()
+
+
+def stage_seconds(page: str) -> dict[tuple[str, str, str], float]:
+    """The server's hpcembed_stage_seconds sums and counts from /metrics: (lane, stage, 'sum'|'count') -> value."""
     pattern = r'hpcembed_stage_seconds_(sum|count)\{lane="(\w+)",stage="([\w+]+)"\} (\S+)'
     return {(lane, stage, kind): float(value) for kind, lane, stage, value in re.findall(pattern, page)}
+
+
+def stalls(before: str, after: str, over_ms: float = 10.0) -> dict:
+    """Between two /metrics pages: how often the frontend's event loop woke more than `over_ms` late, and its
+    full garbage collections (count, seconds)."""
+    def read(page: str) -> dict:
+        late = re.findall(r'hpcembed_event_loop_lag_seconds_bucket\{le="([\d.e+-]+|\+Inf)"\} (\S+)', page)
+        within = [float(n) for le, n in late if le != "+Inf" and float(le) * 1e3 <= over_ms]
+        total = [float(n) for le, n in late if le == "+Inf"]
+        gc = {kind: float(v) for kind, v in
+              re.findall(r'hpcembed_gc_pause_seconds_(count|sum)\{generation="2"\} (\S+)', page)}
+        return {"late": (total[0] - max(within, default=0.0)) if total else 0.0, **gc}
+    b, a = read(before), read(after)
+    return {f"loop_wakes_over_{over_ms:g}ms": int(a["late"] - b["late"]),
+            "full_gc": int(a.get("count", 0) - b.get("count", 0)),
+            "full_gc_ms": round((a.get("sum", 0) - b.get("sum", 0)) * 1e3, 2)}
 
 
 def stage_means(before: dict, after: dict, lane: str) -> dict[str, float]:
@@ -286,12 +319,14 @@ async def measure(url: str, model: str, queries: list[str], docs: list[str], arg
         solo["server_cpu"] = cpu_by_role(roles, before, _cpu_seconds(list(roles)), time.perf_counter() - start)
         if profiler is not None:
             profiler.wait(timeout=60)
-        stages_before = await stage_seconds(session, url)
+        page_before = await metrics_page(session, url)
         mixed_bulk, mixed_queries = await asyncio.gather(
             bulk_load(url, model, docs, args),
             queries_at(session, url, model, queries, args.mixed_rate, args.seconds))
-        mixed_queries["server_stages_mean_ms"] = stage_means(stages_before, await stage_seconds(session, url),
+        page_after = await metrics_page(session, url)
+        mixed_queries["server_stages_mean_ms"] = stage_means(stage_seconds(page_before), stage_seconds(page_after),
                                                              "interactive")
+        mixed_queries["frontend_stalls"] = stalls(page_before, page_after)
     return {"latency": latency, "bulk": solo, "mixed": {"bulk": mixed_bulk, "queries": mixed_queries,
                                                          "bulk_fraction_of_solo": round(
                                                              mixed_bulk["texts_per_s"] / solo["texts_per_s"], 3)
@@ -315,53 +350,62 @@ def main() -> None:
     ap.add_argument("--profile-output", default="/tmp/serve-profile.txt")
     ap.add_argument("--peer-infinity", action="store_true", help="also measure infinity-emb on the same model")
     ap.add_argument("--shapes", nargs="+", default=["process"], help="process[:OPTIONS] or ranks:N[:OPTIONS] "
-                    "(mpiexec -n N); OPTIONS: more hpcembed serve options for that shape alone")
+                    "(mpiexec -n N); OPTIONS: more hpcembed serve options for that shape alone, and NAME=VALUE "
+                    "words for its environment")
     ap.add_argument("serve_options", nargs="*", help="options for hpcembed serve (after --)")
     args = ap.parse_args()
     queries = build_queries(args.texts, Path(args.paragraphs))
     docs = build_documents(args.texts, Path(args.paragraphs))
     results, health = {}, {}
-    for shape in args.shapes:
+    for k, shape in enumerate(args.shapes):
         proc, url = start_server(args, args.serve_options, shape)
         args.server_pid = proc.pid
+        name = shape if args.shapes.count(shape) == 1 else f"{shape} #{args.shapes[:k + 1].count(shape)}"
         try:
             import urllib.request
             with urllib.request.urlopen(url + "/health", timeout=30) as resp:
                 health = json.loads(resp.read())
-            results[shape] = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
+            results[name] = asyncio.run(measure(url + "/v1/embeddings", health["model"], queries, docs, args))
         finally:
             stop(proc, 120)
+        if name in results:         # each process's own count of its full collections, from its last log line
+            results[name]["gc_at_exit"] = re.findall(r"(?:rank \d+ \(\w+\)|frontend): (?:no full garbage "
+                                                      r"collection|\d+ full garbage collections?[^\n]*)",
+                                                      Path(args.server_log).read_text())
     peer = run_peer(args, queries, docs, health) if args.peer_infinity else "not asked for (--peer-infinity)"
     rows = []
     for shape, result in results.items():
-        rows += [(shape, f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], "")
-                 for q in result["latency"]]
+        rows += [(shape, f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["server_p50_ms"],
+                  q["server_p99_ms"], q["refused_429"], "") for q in result["latency"]]
         cpu = ", ".join(f"{role} {c['busiest_core_fraction']:.2f}" for role, c in result["bulk"]["server_cpu"].items())
-        rows.append((shape, "bulk", "", "", result["bulk"]["refused_429"],
+        rows.append((shape, "bulk", "", "", "", "", result["bulk"]["refused_429"],
                      f"{result['bulk']['texts_per_s']:,.0f} texts/s (busiest core: {cpu})"))
         mixed = result["mixed"]
         rows.append((shape, f"query @ {mixed['queries']['rate']:g}/s + bulk", mixed["queries"]["p50_ms"],
-                     mixed["queries"]["p99_ms"], mixed["queries"]["refused_429"],
+                     mixed["queries"]["p99_ms"], mixed["queries"]["server_p50_ms"],
+                     mixed["queries"]["server_p99_ms"], mixed["queries"]["refused_429"],
                      f"bulk {mixed['bulk']['texts_per_s']:,.0f} texts/s "
                      f"({mixed['bulk_fraction_of_solo']:.0%} of solo)"))
     for shape, result in results.items():
         print(f"{shape}: queries under bulk load, mean ms by server stage:",
-              result["mixed"]["queries"].get("server_stages_mean_ms"))
+              result["mixed"]["queries"].get("server_stages_mean_ms"), "; frontend:",
+              result["mixed"]["queries"]["frontend_stalls"], "; at exit:", "; ".join(result["gc_at_exit"]))
     if isinstance(peer, dict):
         q = peer["latency"][0]
-        rows.append(("peer", f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], q["refused_429"], ""))
-        rows.append(("peer", "bulk", "", "", peer["bulk"]["refused_429"],
+        rows.append(("peer", f"query @ {q['rate']:g}/s", q["p50_ms"], q["p99_ms"], "", "", q["refused_429"], ""))
+        rows.append(("peer", "bulk", "", "", "", "", peer["bulk"]["refused_429"],
                      f"{peer['bulk']['texts_per_s']:,.0f} texts/s"))
     else:
         print(f"peer: {peer}")
-    print(table(rows, ("shape", "load", "p50 ms", "p99 ms", "429s", "throughput")))
+    print(table(rows, ("shape", "load", "p50 ms", "p99 ms", "server p50", "server p99", "429s", "throughput")))
     best_bulk = max(r["bulk"]["texts_per_s"] for r in results.values())
     out = record("serve", args.slug or "cpu", {"server": {k: health[k] for k in ("model", "engine", "device",
                                                                                  "dtype")},
                                                "serve_options": args.serve_options, "peer": peer,
                                                "bulk_over_peer": round(best_bulk / peer["bulk"]["texts_per_s"], 2)
                                                if isinstance(peer, dict) and peer["bulk"]["texts_per_s"] else None,
-                                               "latency_measured": "client-side, same machine",
+                                               "latency_measured": "client-side, same machine; server_* from "
+                                                                   "each answer's Server-Timing total",
                                                "shapes": results})
     print(f"wrote {out}")
 

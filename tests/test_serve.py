@@ -131,8 +131,14 @@ def test_raw_float32_body_health_and_metrics(server):
                               {"Accept": "application/octet-stream"})
             as_json = await _post(session, url, {"model": name, "input": TEXTS[:7]})
             return raw, as_json
-    (status, headers, body), (_, _, as_json) = asyncio.run(go())
+    (status, headers, body), (_, json_headers, as_json) = asyncio.run(go())
     assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    # Server-Timing: each stage and their total, in milliseconds; the total holds the stages.
+    for timing in (headers["Server-Timing"], json_headers["Server-Timing"]):
+        stages = dict(re.findall(r"([\w-]+);dur=([\d.]+)", timing))
+        assert set(stages) == {"read-parse", "embed", "answer", "total"}, timing
+        assert float(stages["embed"]) > 0 and float(stages["total"]) >= sum(
+            float(v) for k, v in stages.items() if k != "total") - 0.01, timing
     rows, dim = int(headers["X-Embedding-Rows"]), int(headers["X-Embedding-Dim"])
     matrix = np.frombuffer(body, dtype="<f4").reshape(rows, dim)
     expected = np.array([d["embedding"] for d in json.loads(as_json)["data"]], dtype=np.float32)
@@ -147,6 +153,10 @@ def test_raw_float32_body_health_and_metrics(server):
     for stage in ("read+parse", "embed", "answer"):
         count = re.search(rf'hpcembed_stage_seconds_count{{lane="interactive",stage="{re.escape(stage)}"}} (\S+)', text)
         assert count and float(count.group(1)) >= 1, stage
+    # The event loop's lateness is sampled all the time; full collections are counted (none need have happened).
+    lag = re.search(r'hpcembed_event_loop_lag_seconds_count (\S+)', text)
+    assert lag and float(lag.group(1)) >= 1
+    assert "# TYPE hpcembed_gc_pause_seconds histogram" in text
 
 
 BAD_REQUESTS = [
@@ -257,6 +267,10 @@ def test_sigterm_answers_accepted_requests_then_exits(tmp_path, model_dir, ranks
         assert late in (503, "refused")
         assert job.proc.wait(timeout=60) == 0
         assert "draining" in job.text() and "stopped" in job.text()
+        # Each process says at its end how many full garbage collections it had (its start-up heap frozen).
+        said = re.findall(r"(frontend|rank \d+ \((?:encoder|tokenizer)\)): (no full garbage collection|\d+ full)",
+                          job.text())
+        assert len(said) == (ranks or 1), job.text()[-2000:]
     finally:
         job.stop()
 

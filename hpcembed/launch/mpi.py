@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..config import JobConfig
 from ..engine.model import ModelSpec
 from ..errors import HpcEmbedError
+from ..heap import settle
 from ..io.writer import OutputDir
 from ..manifest import ControlStats
 from ..progress import Progress
@@ -202,8 +203,10 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
-            tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards, plan.batch_tokens,
-                           MpiAlltoall(role_comm), plan.digest_seed, plan.dedup).run()
+            role = tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards,
+                                  plan.batch_tokens, MpiAlltoall(role_comm), plan.digest_seed, plan.dedup)
+            settle()
+            role.run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu" and not cfg.rehearse:
@@ -224,8 +227,10 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if plan.calibration:
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
                 startup["calibrated"] = time.time()
-            encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
-                         plan.reuse).run()
+            role = encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
+                                plan.reuse)
+            settle()
+            role.run()
     run_role(role, transport, plan.roles.conductor, body)
 
 

@@ -27,6 +27,12 @@ class Metrics:
         self.queue_tokens = Gauge("hpcembed_queue_tokens", "tokens waiting, by lane", ["lane"], registry=r)
         self.rate = Gauge("hpcembed_tokens_per_second", "each lane's measured rate, which admission control "
                           "predicts waits with", ["lane"], registry=r)
+        self.gc_pause = Histogram("hpcembed_gc_pause_seconds", "the frontend process's garbage collections, by "
+                                  "generation (a full one, 2, stops every thread of the process)", ["generation"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.loop_lag = Histogram("hpcembed_event_loop_lag_seconds", "how late the HTTP event loop woke from a "
+                                  "short sleep: the wait any request arriving then had before it was read",
+                                  buckets=LATENCY_BUCKETS, registry=r)
         self.gpu_busy = Gauge("hpcembed_encoder_busy_fraction", "fraction of the time since start-up that an "
                               "encoder instance was running a batch (GPU busy on CUDA)", registry=r)
 

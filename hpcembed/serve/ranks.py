@@ -26,6 +26,7 @@ import numpy as np
 
 from ..config import JobConfig
 from ..errors import EXIT_FAILED, HpcEmbedError
+from ..heap import GcPauses, settle
 from ..launch.build import tokenizer_backend
 from ..launch.setup import model_spec
 from ..protocol.messages import Failure, ServeEmbedded, ServeReady, ServeStop, ServeTexts
@@ -77,9 +78,12 @@ def serve_mpi(cfg: JobConfig, opts: ServeOptions) -> int:
 
 def _tokenizer(cfg: JobConfig, transport, spec) -> None:
     backend = tokenizer_backend(cfg, spec, chunking=False)
+    settle()
+    pauses = GcPauses().start()
     while True:
         message = transport.recv(None).message
         if isinstance(message, ServeStop):
+            log.info("rank %d (tokenizer): %s", transport.rank, pauses.said())
             return
         if isinstance(message, ServeTexts):
             count = len(message.texts)
@@ -113,6 +117,8 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
     first = encoders[0]
     about = {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
              "batch_tokens": scheduler.batch_tokens}
+    settle()
+    pauses = GcPauses().start()
     transport.send(FRONTEND, ServeReady(dict(scheduler.rates), len(encoders), about, scheduler.pool.reserved))
     finished: deque = deque()
     wake = threading.Event()
@@ -154,6 +160,7 @@ def _encoder(cfg: JobConfig, opts: ServeOptions, transport, spec, device: str) -
                 lambda f, b=batch, t=received, u=urgent: on_done(f, b, t, u))
     scheduler.close()
     answer()
+    log.info("rank %d (encoder): %s", transport.rank, pauses.said())
 
 
 def _frontend(cfg: JobConfig, opts: ServeOptions, transport, roles, ranks, spec) -> int:

@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..config import JobConfig
 from ..errors import EXIT_FAILED
+from ..heap import GcPauses, settle
 from ..launch.setup import model_spec
 from .metrics import Metrics
 from .options import ServeOptions
@@ -119,9 +120,14 @@ class Service:
                 return _error(503, str(exc), code="unavailable")
             embedded_at = time.perf_counter()
             response = self._answer(request, parsed, embeddings, tokens)
-            for stage, seconds in (("read+parse", parsed_at - started), ("embed", embedded_at - parsed_at),
-                                   ("answer", time.perf_counter() - embedded_at)):
+            stages = (("read+parse", parsed_at - started), ("embed", embedded_at - parsed_at),
+                      ("answer", time.perf_counter() - embedded_at))
+            for stage, seconds in stages:
                 self.metrics.timed(lane, stage, seconds)
+            # The W3C Server-Timing header: the same stages and their sum, milliseconds, for the client to see.
+            response.headers["Server-Timing"] = ", ".join(
+                [f"{name.replace('+', '-')};dur={seconds * 1e3:.3f}" for name, seconds in stages]
+                + [f"total;dur={(time.perf_counter() - started) * 1e3:.3f}"])
             return response
         finally:
             self.state.in_flight -= 1
@@ -174,6 +180,14 @@ class Service:
         return web.Response(body=self.metrics.render(self.backend.gauges()),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def _watch_loop(self, period: float = 0.005) -> None:
+        """How late the event loop wakes from a short sleep, into /metrics: a loop held up by other work holds up
+        every request that arrives meanwhile, before any handler's timing starts."""
+        while True:
+            asked = time.perf_counter()
+            await asyncio.sleep(period)
+            self.metrics.loop_lag.observe(max(0.0, time.perf_counter() - asked - period))
+
     def _fail(self, why: str) -> None:
         self.state.failed = True
         log.error("%s; ending the service", why)
@@ -207,7 +221,14 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, self.state.stop.set)
         self.backend.start(lambda: self._fail(self.backend.failed))
+        settle()
+        pauses = GcPauses(listener=lambda generation, seconds: self.metrics.gc_pause.labels(str(generation))
+                          .observe(seconds)).start()
+        lag = asyncio.create_task(self._watch_loop())
         await self.state.stop.wait()
+        lag.cancel()
+        pauses.stop()
+        log.info("frontend: %s", pauses.said())
         self.state.draining = True
         log.info("draining: %d accepted request(s) to answer", self.state.in_flight)
         while self.state.in_flight:
