@@ -1,6 +1,7 @@
 """The garbage collector's pauses in a process built as an encoder rank builds itself (hpcembed/heap.py).
 
-    python -m bench.gc_pause [--model DIR] [--device auto|cpu|cuda] [--requests 3000] [--slug NAME]
+    python -m bench.gc_pause [--model DIR] [--paragraphs PATH] [--device auto|cpu|cuda] [--requests 3000]
+                             [--slug NAME]
 
 Builds the model's instances and tokenizer as a server's encoder rank does, then: a full collection timed (best of
 3) with the start-up heap in the collector's reach, and again after `heap.settle()`; and the same serving-like
@@ -16,7 +17,9 @@ import time
 from collections import deque
 
 from bench.common import record, table
-from bench.corpus import build_queries
+from pathlib import Path
+
+from bench.corpus import DEFAULT_PARAGRAPHS, build_queries
 from hpcembed.config import JobConfig
 from hpcembed.heap import GcPauses, settle
 from hpcembed.launch.build import build_encoders, tokenizer_backend
@@ -53,6 +56,7 @@ def churn(encoder, backend, queries: list[str], requests: int, in_flight: int) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="")
+    ap.add_argument("--paragraphs", default=str(DEFAULT_PARAGRAPHS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--in-flight", type=int, default=2000)
@@ -63,7 +67,7 @@ def main() -> None:
     from hpcembed.engine.build import resolve_device
     encoders = build_encoders(cfg, spec, resolve_device(args.device))
     backend = tokenizer_backend(cfg, spec, chunking=False)
-    queries = build_queries(2000)
+    queries = build_queries(2000, Path(args.paragraphs))
     churn(encoders[0], backend, queries, 50, 10)        # first calls: lazy imports and allocations
     gc.collect()
     objects = len(gc.get_objects())

@@ -89,3 +89,32 @@ def test_a_short_query_is_tokenized_at_once_and_a_long_one_in_a_thread(model_dir
         assert long_batch.num_rows == 1 and long_batch.num_tokens == ModelSpec.load(model_dir).max_seq_length
     finally:
         tokenizing.close()
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_bulk_steps_take_one_turn_of_the_event_loop_each(enabled):
+    """Five bulk steps ready at once, and a query's task that needs a turn of the loop for each of its steps: with
+    the turns, the query gets a turn between any two bulk steps; without them, the five run in one turn."""
+    import asyncio
+
+    from hpcembed.serve.turns import BulkTurns
+
+    async def go():
+        turns, order = BulkTurns(), []
+        turns.enabled = enabled
+
+        async def bulk(k: int):
+            await turns.turn()
+            order.append(f"bulk{k}")
+
+        async def query():
+            for _ in range(8):
+                order.append("query")
+                await asyncio.sleep(0)
+        await asyncio.gather(*(bulk(k) for k in range(5)), query())
+        return order
+    order = asyncio.run(go())
+    steps = [k for k, step in enumerate(order) if step.startswith("bulk")]
+    assert [order[k] for k in steps] == [f"bulk{k}" for k in range(5)]      # first come, first through
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert all(gap >= 2 for gap in gaps) if enabled else gaps == [1, 1, 1, 1], order

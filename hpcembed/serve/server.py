@@ -38,8 +38,10 @@ from .metrics import Metrics
 from .options import ServeOptions
 from .requests import BadRequest, Limits, parse
 from .scheduler import Overloaded, Unavailable
+from .turns import BulkTurns
 
 log = logging.getLogger("hpcembed")
+BULK_BODY_BYTES = 16384     # a body this large is parsed in a bulk turn (serve/turns.py): a query's is ~200 bytes
 
 
 class _State:
@@ -86,6 +88,7 @@ class Service:
         self.limits = Limits(tuple(dict.fromkeys(n for n in names if n)), self.spec.dim, self.spec.vocab_size,
                              self.spec.max_seq_length, opts.max_request_texts, opts.max_text_chars)
         self.state = _State()
+        self.turns = BulkTurns()
 
     # -- handlers ------------------------------------------------------------------------------------------------
 
@@ -101,13 +104,18 @@ class Service:
         started = time.perf_counter()
         try:
             try:
-                parsed = parse(await request.read(), self.limits)
+                body = await request.read()
+                if len(body) > BULK_BODY_BYTES:
+                    await self.turns.turn()
+                parsed = parse(body, self.limits)
                 budget = self._budget(request)
             except BadRequest as exc:
                 return _error(exc.status, exc.message, exc.param, exc.code)
             lane = "interactive" if parsed.count <= self.opts.interactive_max_texts else "bulk"
             parsed_at = time.perf_counter()
             try:
+                if lane == "bulk":
+                    await self.turns.turn()
                 self.backend.admit(lane, budget)        # before tokenizing it
                 embeddings, tokens = await self.backend.embed(parsed, lane, budget)
             except Overloaded as exc:
@@ -119,6 +127,8 @@ class Service:
                     self._fail(self.backend.failed)
                 return _error(503, str(exc), code="unavailable")
             embedded_at = time.perf_counter()
+            if lane == "bulk":
+                await self.turns.turn()
             response = self._answer(request, parsed, embeddings, tokens)
             stages = (("read+parse", parsed_at - started), ("embed", embedded_at - parsed_at),
                       ("answer", time.perf_counter() - embedded_at))
