@@ -15,9 +15,9 @@ import argparse
 import gc
 import time
 from collections import deque
+from pathlib import Path
 
 from bench.common import record, table
-from pathlib import Path
 
 from bench.corpus import DEFAULT_PARAGRAPHS, build_queries
 from hpcembed.config import JobConfig
