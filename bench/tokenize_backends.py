@@ -2,6 +2,9 @@
 
     python -m bench.tokenize_backends [--docs 50000] [--paragraphs PATH] [--model DIR] [--slug NAME]
 
+BudTikTok twice: as the backend encodes (texts likely to be truncated cut ahead of it) and every text whole
+(`budtiktok-uncut`, the baseline for that cut).
+
 Each backend is timed as a tokenizer rank uses it: `encode` on chunks of 1,024 texts and the flat int32
 TokenBatch built from them, one thread per process (RAYON_NUM_THREADS=1, as hpcembed sets for its ranks). "All
 cores" runs one process per core on its share of the documents, timed from the start of the first to the end of
@@ -31,7 +34,10 @@ def make_backend(name: str, model: str):
     from hpcembed.engine import ModelSpec
     from hpcembed.tokenize import make_tokenizer
     spec = ModelSpec.load(model)
-    return make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, name)
+    backend = make_tokenizer(spec.path, spec.max_seq_length, spec.lowercase, name.removesuffix("-uncut"))
+    if name.endswith("-uncut"):         # every text encoded whole, as before texts were cut ahead of truncation
+        backend.cut_texts = False
+    return backend
 
 
 def tokenize_all(backend, docs: list[str]) -> int:
@@ -76,7 +82,8 @@ def main() -> None:
     fallback_fraction = fast.rows_fallback / max(1, fast.rows_fallback + fast.rows_fast)
 
     results = {}
-    for name, backend in (("hf", hf), ("budtiktok", fast)):
+    for name, backend in (("hf", hf), ("budtiktok-uncut", make_backend("budtiktok-uncut", args.model)),
+                          ("budtiktok", fast)):
         tokenize_all(backend, docs[:256])
         start = time.perf_counter()
         tokens = tokenize_all(backend, docs)
@@ -103,7 +110,8 @@ def main() -> None:
     print(table(rows, ("backend", "tokens/s 1 core", "texts/s 1 core", f"tokens/s {procs} procs",
                        f"texts/s {procs} procs", "vs hf (1 core)")))
     print(f"budtiktok: {mismatched} of {len(docs):,} documents differ from hf; {fallback_fraction:.2%} of rows "
-          f"went to the hf fallback; start-up probe {probe_seconds:.2f} s")
+          f"went to the hf fallback; {fast.recut:,} texts cut ahead of truncation were encoded again whole; "
+          f"start-up probe {probe_seconds:.2f} s")
     slug = args.slug or ("cpu" if not _has_cuda() else "gpu-box")
     path = record("tokenize", slug, {
         "docs": len(docs), "cores": len(os.sched_getaffinity(0)), "chunk_rows": CHUNK,
@@ -112,6 +120,11 @@ def main() -> None:
                                             / base["one_core"]["tokens_per_s"], 2),
         "budtiktok_speedup_all_cores": round(results["budtiktok"]["all_cores"]["tokens_per_s"]
                                              / base["all_cores"]["tokens_per_s"], 2),
+        "budtiktok_over_uncut_one_core": round(results["budtiktok"]["one_core"]["tokens_per_s"]
+                                               / results["budtiktok-uncut"]["one_core"]["tokens_per_s"], 3),
+        "budtiktok_over_uncut_all_cores": round(results["budtiktok"]["all_cores"]["tokens_per_s"]
+                                                / results["budtiktok-uncut"]["all_cores"]["tokens_per_s"], 3),
+        "budtiktok_texts_encoded_again_whole": fast.recut,
         "budtiktok_rows_differing_from_hf": mismatched, "budtiktok_fallback_fraction": round(fallback_fraction, 5),
         "budtiktok_probe_seconds": round(probe_seconds, 2)})
     print(f"wrote {path}")

@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STOPPED
     if manifest.get("texts_truncated"):
         log.warning("%s texts were longer than %s tokens and were truncated; --chunk-tokens N embeds them whole, "
-                    "in windows", f"{manifest['texts_truncated']:,}", manifest.get("max_seq_length"))
+                    "in windows", f"{manifest['texts_truncated']:,}",
+                    manifest.get("max_seq_length") or manifest.get("tokenizer", {}).get("max_seq_length"))
     status = "complete" if manifest["complete"] else "INCOMPLETE (no _SUCCESS)"
     if manifest.get("rehearsal") and manifest["complete"]:
         status = "rehearsal complete (zero embeddings, no _SUCCESS)"

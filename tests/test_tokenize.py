@@ -148,6 +148,30 @@ def test_fast_backend_bounds_work_on_giant_texts(fast_backend, monkeypatch):
     assert seen and max(seen) <= fast_backend.long_text_chars
 
 
+def test_texts_likely_to_be_truncated_are_cut_first_and_ids_stay_identical(fast_backend, backend, monkeypatch):
+    """Texts longer than the cut are encoded from a prefix ending at a space; a prefix that turns out to hold no
+    more tokens than truncation keeps is encoded again whole. Either way the ids are HF's for the whole text."""
+    words = "the harbour's ships, in rain; and wind\tfrom the west\nover grey water".split(" ")
+    english = [" ".join(words[(k + j) % len(words)] for j in range(400 + 13 * k)) for k in range(40)]
+    monkeypatch.setattr(fast_backend, "_tokens", 1000.0)      # as after a few texts of another kind
+    monkeypatch.setattr(fast_backend, "_chars", 2000.0)
+    fast_backend.encode(english)                     # the running rate learns this prose
+    chars_per_token = fast_backend._chars / fast_backend._tokens
+    assert 2.5 < chars_per_token < 6.0, chars_per_token
+    seen: list[int] = []
+    monkeypatch.setattr(fast_backend, "_bt", _Spy(fast_backend._bt, seen))
+    limit = fast_backend._cut_chars()
+    assert as_lists(fast_backend.encode(english)) == backend.encode(english)
+    assert max(seen) <= limit < min(len(t) for t in english)       # every one cut, none encoded again
+    # A rate far too low (as if the texts so far were all punctuation): the cut prefixes are too short, and
+    # those texts are encoded again whole.
+    monkeypatch.setattr(fast_backend, "_chars", 1.0 * fast_backend._tokens)
+    recut = fast_backend.recut
+    dense = english[:10] + ["word " * 120, "short text"]
+    assert as_lists(fast_backend.encode(dense)) == backend.encode(dense)
+    assert fast_backend.recut - recut >= 10
+
+
 class _Spy:
     """Records the length of every text handed to BudTikTok's single-text encode."""
 

@@ -42,6 +42,8 @@ def test_tokenize_then_embed_matches_sentence_transformers(tmp_path, corpus, st_
     manifest = read_manifest(tok)
     assert manifest["kind"] == "tokens" and manifest["complete"] and (tok / "_SUCCESS").exists()
     assert manifest["rows_written"] == len(corpus) and len(manifest["shards"]) == 5
+    # EDGE_TEXTS' giant text is truncated, and the warning names the limit.
+    assert manifest["texts_truncated"] >= 1 and "were longer than 256 tokens" in proc.stderr, proc.stderr
     # Token shards hold exactly the HF backend's ids (the default backend may be budtiktok).
     spec = ModelSpec.load(model_dir)
     hf = HFTokenizer.from_model_dir(spec.path, spec.max_seq_length, spec.lowercase)
