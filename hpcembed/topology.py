@@ -201,6 +201,8 @@ class RatePlan:
     needed: int                     # tokenizer ranks that keep every encoder rank busy, with headroom
     chosen: int                     # what the world and its cores allow
     available: int
+    probed_tokens_per_s: float = 0.0    # what rank 0 measured on one core alone, where tokenizer_tokens_per_s
+                                        # is that figure discounted for a node whose every core tokenizes
 
     @property
     def expected_gpu_busy(self) -> float:
@@ -209,7 +211,9 @@ class RatePlan:
     def describe(self) -> str:
         text = (f"plan: {self.encoder_ranks} encoder rank(s) at {self.gpu_tokens_per_s / 1e6:.2f}M tokens/s each "
                 f"({self.gpu_rate_source}); a tokenizer rank does {self.tokenizer_tokens_per_s / 1e6:.2f}M "
-                f"tokens/s (measured on rank 0), so {self.needed} tokenizer ranks keep them busy; using "
+                + (f"tokens/s on a busy node ({self.probed_tokens_per_s / 1e6:.2f}M measured alone on rank 0)"
+                   if self.probed_tokens_per_s else "tokens/s (measured on rank 0)")
+                + f", so {self.needed} tokenizer ranks keep them busy; using "
                 f"{self.chosen} of {self.available} candidates, expected gpu busy {self.expected_gpu_busy:.0%}")
         if self.expected_gpu_busy < 0.9:
             text += (f". CPU-bound: give the job {self.needed - self.chosen} more cores for tokenizer ranks, "
@@ -218,9 +222,10 @@ class RatePlan:
 
 
 def plan_tokenizers(roles: RoleMap, ranks: list[RankInfo], tokenizer_tokens_per_s: float,
-                    gpu_tokens_per_s: float = 0.0) -> tuple[RoleMap, RatePlan]:
+                    gpu_tokens_per_s: float = 0.0, probed_tokens_per_s: float = 0.0) -> tuple[RoleMap, RatePlan]:
     """Keep as many of `roles`' tokenizer ranks as the encoder ranks need at measured rates, within each host's
-    cores (an encoder rank keeps CORES_PER_ENCODER_RANK, the conductor one); the rest of the ranks stay idle."""
+    cores (an encoder rank keeps CORES_PER_ENCODER_RANK, the conductor one); the rest of the ranks stay idle.
+    `probed_tokens_per_s`: the one-core measurement `tokenizer_tokens_per_s` was derived from, for the log."""
     gpus = roles.encoders
     names = {ranks[g].gpu_name for g in gpus} - {""}
     if gpu_tokens_per_s:
@@ -249,7 +254,8 @@ def plan_tokenizers(roles: RoleMap, ranks: list[RankInfo], tokenizer_tokens_per_
         for q in queues:
             if q and len(chosen) < needed:
                 chosen.append(q.pop(0))
-    plan = RatePlan(len(gpus), gpu_tokens_per_s, source, tokenizer_tokens_per_s, needed, len(chosen), available)
+    plan = RatePlan(len(gpus), gpu_tokens_per_s, source, tokenizer_tokens_per_s, needed, len(chosen), available,
+                    probed_tokens_per_s)
     if not chosen:          # a host with no spare cores still needs one tokenizer to make progress
         chosen = roles.tokenizers[:1]
         plan.chosen = 1

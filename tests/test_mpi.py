@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -146,6 +147,9 @@ def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
                   "--gpu-tokens-per-s", "1")
     assert proc.returncode == 0, proc.stderr
     assert "2 idle" in proc.stderr and "plan: 2 encoder rank(s)" in proc.stderr
+    # The plan counts on a busy node's rate, and says what the probe alone measured.
+    found = re.search(r"does ([\d.]+)M tokens/s on a busy node \(([\d.]+)M measured alone on rank 0\)", proc.stderr)
+    assert found and abs(float(found.group(2)) / float(found.group(1)) - 1.4) < 0.05, proc.stderr
     manifest = read_manifest(tmp_path / "out")
     assert [r["role"] for r in manifest["ranks"]].count("tokenizer") == 1
     got = read_output(tmp_path / "out")

@@ -51,6 +51,14 @@ def job_device(cfg: JobConfig, ranks: list[RankInfo]) -> str:
     return "cuda" if any(i.cuda_devices for i in ranks) else "cpu"
 
 
+# One core measured alone (rank 0's probe, while the other ranks wait) can run faster than each core of a node
+# whose every core tokenizes (turbo, shared caches, hyperthread siblings). On the H200 box the probe read up to
+# 1.37x what the job's tokenizer ranks then did while busy (1.89M against 1.38M tokens/s), and the plan left 4 of
+# 13 cores idle with the GPU 74% busy (bench/notes/feed_the_gpu.md, call 14). Tokenizer ranks beyond what the
+# encoders need cost little (they wait for credit), too few cost the GPU: the plan counts on the loaded rate.
+PROBE_OVER_LOADED = 1.4
+
+
 def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo]) -> RoleMap:
     hosts = {r.rank: r.host for r in ranks}
     if not kind.has_encoders:
@@ -81,6 +89,6 @@ def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo])
     os.environ.setdefault("RAYON_NUM_THREADS", "1")      # measure what one tokenizer rank (one core) does
     backend = tokenizer_backend(cfg, setup.spec)           # as the tokenizer ranks will tokenize (chunks too)
     rate = measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0)
-    planned, plan = plan_tokenizers(roles, ranks, rate, cfg.gpu_tokens_per_s)
+    planned, plan = plan_tokenizers(roles, ranks, rate / PROBE_OVER_LOADED, cfg.gpu_tokens_per_s, rate)
     log.info("%s (%s backend)", plan.describe(), backend.name)
     return planned
