@@ -138,6 +138,21 @@ def test_rate_plan_keeps_the_tokenizers_the_encoders_need():
     assert plan.needed == 3 and plan.gpu_rate_source == "--gpu-tokens-per-s"
 
 
+def test_early_rate_probe_measures_the_first_input_or_leaves_it_to_the_plan(tmp_path):
+    from hpcembed.config import JobConfig
+    from hpcembed.launch.kinds import KINDS
+    from hpcembed.launch.planning import EarlyRateProbe
+    EMBED = KINDS["run"]
+    write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": f"early probe row {k} " * 4} for k in range(200)])
+    rate, backend = EarlyRateProbe(JobConfig(input=[str(tmp_path / "in.jsonl")], gpu_tokens_per_s=1e7),
+                                   EMBED).result()
+    assert rate > 1000 and backend in ("hf", "budtiktok")
+    # A missing input: no answer here (the plan reports the mistake); without a rate to plan for, no probe.
+    assert EarlyRateProbe(JobConfig(input=[str(tmp_path / "nothing.jsonl")], gpu_tokens_per_s=1e7),
+                          EMBED).result() is None
+    assert EarlyRateProbe(JobConfig(input=[str(tmp_path / "in.jsonl")], device="cpu"), EMBED)._thread is None
+
+
 def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
     texts = {f"r{k}": f"planned job row {k} " * (1 + k % 5) for k in range(300)}
     write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": t} for k, t in texts.items()])

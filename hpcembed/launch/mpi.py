@@ -33,7 +33,7 @@ from ..world import quiet_barrier
 from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, tokenizer_rank
 from .calibrate import agree
 from .kinds import JobKind
-from .planning import choose_data_path, job_device, open_transport, plan_job_roles
+from .planning import EarlyRateProbe, choose_data_path, job_device, open_transport, plan_job_roles
 from .setup import JobSetup, RunPlan, already_complete, finish, model_spec, prepare
 
 log = logging.getLogger("hpcembed")
@@ -55,13 +55,14 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     slurm = SlurmTask.from_environ()
     if slurm is not None:
         slurm.check_world(transport.size)
+    probe = EarlyRateProbe(cfg, kind) if rank == 0 else None
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
     startup = {"process_started": process_started_at() or time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     if early is None and rank != 0:
         _warm_up_arrow()
-    setup, plan = _plan(cfg, kind, transport, ranks) if rank == 0 else (None, None)
+    setup, plan = _plan(cfg, kind, transport, ranks, probe) if rank == 0 else (None, None)
     try:
         return _run_plan(cfg, kind, transport, ranks, setup, plan, early, startup)
     finally:
@@ -138,13 +139,14 @@ def _settle(sends: list) -> None:
     sends.clear()
 
 
-def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo]) -> tuple[JobSetup | None, RunPlan]:
+def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo],
+          probe: EarlyRateProbe | None) -> tuple[JobSetup | None, RunPlan]:
     setup = None
     try:
         setup = prepare(cfg, kind, job_device(cfg, ranks) if kind.has_encoders else "cpu")
         if setup.status == "complete":
             return setup, RunPlan("complete")
-        roles = plan_job_roles(cfg, kind, setup, ranks)
+        roles = plan_job_roles(cfg, kind, setup, ranks, probe)
         dedup, why_not = setup.dedup(cfg, roles)
         if dedup:           # every row may belong to any encoder rank
             roles = roles.linked_to_all()

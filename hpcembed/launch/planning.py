@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 from ..config import JobConfig
 from ..errors import ConfigError, InputError
@@ -59,36 +60,80 @@ def job_device(cfg: JobConfig, ranks: list[RankInfo]) -> str:
 PROBE_OVER_LOADED = 1.4
 
 
-def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo]) -> RoleMap:
+def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo],
+                   probe: "EarlyRateProbe | None" = None) -> RoleMap:
     hosts = {r.rank: r.host for r in ranks}
     if not kind.has_encoders:
         roles = RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), encoders=[], hosts=hosts)
     else:
-        roles = _plan_by_rates(cfg, setup, plan_roles(ranks, cfg.tokenizer_ranks or None), ranks)
+        roles = _plan_by_rates(cfg, setup, plan_roles(ranks, cfg.tokenizer_ranks or None), ranks, probe)
     return assign_subconductors(roles, ranks, cfg.sub_conductors)
 
 
-def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo]) -> RoleMap:
+def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo],
+                   probe: "EarlyRateProbe | None") -> RoleMap:
     """On CUDA (or when --gpu-tokens-per-s states the encoder's rate), keep only the tokenizer ranks the encoder
     ranks need at measured rates; --tokenizer-ranks fixes the split instead. Token-directory input is only
     read, not tokenized, so every tokenizer rank is kept."""
-    from ..world import measure_tokenizer_rate
     if cfg.tokenizer_ranks or not (cfg.gpu_tokens_per_s or job_device(cfg, ranks).startswith("cuda")):
         return roles
     units = [u for u in setup.plan.units if u.file.format != "tokens"]
     if not units:
         return roles
+    found = probe.result() if probe is not None else None
+    rate, backend_name = found if found is not None else probe_tokenizer_rate(cfg, setup.spec, units[0])
+    planned, plan = plan_tokenizers(roles, ranks, rate / PROBE_OVER_LOADED, cfg.gpu_tokens_per_s, rate)
+    log.info("%s (%s backend)", plan.describe(), backend_name)
+    return planned
+
+
+def probe_tokenizer_rate(cfg: JobConfig, spec, unit) -> tuple[float, str]:
+    """Tokens per second of one core tokenizing the first texts of `unit` as the tokenizer ranks will (chunks too),
+    and the backend's name."""
+    from ..world import measure_tokenizer_rate
     texts: list[str] = []
     try:
-        for chunk in read_unit(units[0], Columns(cfg.text_column, cfg.id_column), 1024):
+        for chunk in read_unit(unit, Columns(cfg.text_column, cfg.id_column), 1024):
             texts.extend(chunk.texts)
             if len(texts) >= _RATE_SAMPLE_TEXTS:
                 break
     except InputError:
         pass            # the unit's tokenizer reports it; plan on what was read, or on a stand-in text
     os.environ.setdefault("RAYON_NUM_THREADS", "1")      # measure what one tokenizer rank (one core) does
-    backend = tokenizer_backend(cfg, setup.spec)           # as the tokenizer ranks will tokenize (chunks too)
-    rate = measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0)
-    planned, plan = plan_tokenizers(roles, ranks, rate / PROBE_OVER_LOADED, cfg.gpu_tokens_per_s, rate)
-    log.info("%s (%s backend)", plan.describe(), backend.name)
-    return planned
+    backend = tokenizer_backend(cfg, spec)
+    return measure_tokenizer_rate(backend, texts or ["a short text"], seconds=1.0), backend.name
+
+
+class EarlyRateProbe:
+    """Rank 0's tokenizer probe in a thread, started before the GPU census. The census waits seconds for one rank
+    to import torch and initialise CUDA; rank 0 then read its input, built the tokenizer and tokenized for a second
+    before it could send the plan, which the encoder ranks, once built, waited for (0.7 s on the H200 box;
+    bench/notes/feed_the_gpu.md, call 15). Started only where the rate plan will want it (a GPU on this machine,
+    or --gpu-tokens-per-s); anything that goes wrong here leaves the plan to measure as before.
+    HPCEMBED_EARLY_PROBE=0 leaves the probe to the plan, for measuring the difference (bench/startup.py)."""
+
+    def __init__(self, cfg: JobConfig, kind: JobKind):
+        self._found: tuple[float, str] | None = None
+        self._thread: threading.Thread | None = None
+        wanted = cfg.gpu_tokens_per_s or cfg.device.startswith("cuda") or (
+            cfg.device == "auto" and os.path.isdir("/proc/driver/nvidia/gpus"))
+        if (kind.has_encoders and wanted and not (cfg.tokenizer_ranks or cfg.rehearse)
+                and os.environ.get("HPCEMBED_EARLY_PROBE", "1") != "0"):
+            self._thread = threading.Thread(target=self._run, args=(cfg,), name="rate-probe", daemon=True)
+            self._thread.start()
+
+    def _run(self, cfg: JobConfig) -> None:
+        from ..io.sources import plan_job, resolve_inputs
+        from .setup import model_spec
+        try:
+            first = plan_job(resolve_inputs(cfg.input)[:1], cfg.unit_rows, skip_unreadable=True).units
+            if first and first[0].file.format != "tokens":
+                self._found = probe_tokenizer_rate(cfg, model_spec(cfg), first[0])
+        except Exception as exc:     # noqa: BLE001 - the plan measures again, and reports what is wrong
+            log.debug("early tokenizer probe: %s", exc)
+
+    def result(self, timeout: float = 60.0) -> tuple[float, str] | None:
+        if self._thread is None:
+            return None
+        self._thread.join(timeout)
+        return self._found
