@@ -215,10 +215,10 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
     if role == "tokenizer":
         os.environ.setdefault("RAYON_NUM_THREADS", "1")      # one core per tokenizer rank
         def body():
-            role = tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards,
-                                  plan.batch_tokens, MpiAlltoall(role_comm), plan.digest_seed, plan.dedup)
+            worker = tokenizer_rank(cfg, kind, transport, plan.roles, plan.spec, plan.committed_shards,
+                                    plan.batch_tokens, MpiAlltoall(role_comm), plan.digest_seed, plan.dedup)
             settle()
-            role.run()
+            worker.run()
     else:
         device = device_for(transport.rank, plan.roles, ranks) if cfg.device == "auto" else cfg.device
         if device == "cpu" and not cfg.rehearse:
@@ -239,10 +239,10 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if plan.calibration:
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
                 startup["calibrated"] = time.time()
-            role = encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
-                                plan.reuse)
+            worker = encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
+                                  plan.reuse)
             settle()
-            role.run()
+            worker.run()
     run_role(role, transport, plan.roles.conductor, body)
 
 
