@@ -58,6 +58,24 @@ def test_a_holder_that_is_gone_or_reused_is_taken_over(tmp_path):
     assert json.loads((tmp_path / LOCK).read_text())["started"] != -1.0
 
 
+def test_a_zombie_holder_is_gone(tmp_path):
+    """A rank killed outright is a zombie until something reaps it: its lock is taken over all the same."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:          # exited, not yet reaped (this process is its parent)
+            with open(f"/proc/{proc.pid}/stat") as fh:
+                if fh.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            time.sleep(0.01)
+        os.kill(proc.pid, 0)                        # the signal alone still finds it
+        _write_lock(tmp_path, pid=proc.pid)
+        OutputLock(tmp_path).acquire()
+        assert json.loads((tmp_path / LOCK).read_text())["pid"] == os.getpid()
+    finally:
+        proc.wait()
+
+
 def test_another_hosts_lock_is_taken_over_only_when_stale(tmp_path):
     _write_lock(tmp_path, host="some-other-node", pid=1)
     with pytest.raises(ConfigError, match="pid 1 on some-other-node"):

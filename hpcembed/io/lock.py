@@ -37,13 +37,19 @@ SETTLE_SECONDS = 2.0
 
 
 def _alive(pid: int) -> bool:
+    """Whether `pid` runs. A zombie does not: a rank killed outright stays one until something reaps it, which an
+    init that reaps late (containers, microVMs) can leave for seconds, and a rerun must not be refused for that."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True                 # someone else's process
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True                 # no /proc here: the signal's answer stands
 
 
 def describe(holder: dict) -> str:
