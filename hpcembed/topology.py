@@ -213,8 +213,10 @@ class RatePlan:
                 f"({self.gpu_rate_source}); a tokenizer rank does {self.tokenizer_tokens_per_s / 1e6:.2f}M "
                 + (f"tokens/s on a busy node ({self.probed_tokens_per_s / 1e6:.2f}M measured alone on rank 0)"
                    if self.probed_tokens_per_s else "tokens/s (measured on rank 0)")
-                + f", so {self.needed} tokenizer ranks keep them busy; using "
-                f"{self.chosen} of {self.available} candidates, expected gpu busy {self.expected_gpu_busy:.0%}")
+                + f", so {self.needed} tokenizer ranks keep them busy; "
+                + (f"using {self.chosen} of {self.available} candidates" if self.available else
+                   f"no core is spare for them, so {self.chosen} shares one")
+                + f", expected gpu busy {self.expected_gpu_busy:.0%}")
         if self.expected_gpu_busy < 0.9:
             text += (f". CPU-bound: give the job {self.needed - self.chosen} more cores for tokenizer ranks, "
                      "or tokenize in a separate job (hpcembed tokenize)")

@@ -136,6 +136,10 @@ def test_rate_plan_keeps_the_tokenizers_the_encoders_need():
     # A stated encoder rate replaces the table's.
     _, plan = plan_tokenizers(roles, ranks, 1e6, gpu_tokens_per_s=1e6)
     assert plan.needed == 3 and plan.gpu_rate_source == "--gpu-tokens-per-s"
+    # A host without a spare core (2 cores: the encoder rank's) still gets one tokenizer rank, and says so.
+    small = [RankInfo(r, "n0", r, 1, 1, None, 2, "NVIDIA H100 80GB HBM3") for r in range(4)]
+    planned, plan = plan_tokenizers(RoleMap(0, [2, 3], [1], {r: "n0" for r in range(4)}), small, 3e6)
+    assert planned.tokenizers == [2] and "no core is spare for them, so 1 shares one" in plan.describe()
 
 
 def test_early_rate_probe_measures_the_first_input_or_leaves_it_to_the_plan(tmp_path):
