@@ -18,7 +18,6 @@ from collections import deque
 from pathlib import Path
 
 from bench.common import record, table
-
 from bench.corpus import DEFAULT_PARAGRAPHS, build_queries
 from hpcembed.config import JobConfig
 from hpcembed.heap import GcPauses, settle
