@@ -31,34 +31,58 @@ from bench.corpus import DEFAULT_PARAGRAPHS, build_documents
 from bench.gpu_stage import assembled_batches, run_config
 
 PEAK_BF16 = 989e12          # H100/H200 SXM dense bf16
-EOS_ID = 151643             # Qwen's <|endoftext|>
-# The published Qwen3-Embedding configurations (config.json of each), random weights here.
-QWEN3 = {
-    "0.6B": dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                 intermediate_size=3072),
-    "4B": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=9728),
+# The published configurations (config.json of each), random weights here: Qwen3-Embedding (causal, last-token
+# pooling) and EmbeddingGemma-300M (Gemma 3, bidirectional, local layers of a 512-token window, mean pooling; its
+# two Dense layers after pooling are left out, a few rows' worth of work).
+QWEN3_COMMON = dict(vocab_size=151669, head_dim=128, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                    rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+MODELS = {
+    "0.6B": ("Qwen3-Embedding-0.6B", "lasttoken", dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        intermediate_size=3072, **QWEN3_COMMON)),
+    "4B": ("Qwen3-Embedding-4B", "lasttoken", dict(
+        hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=9728, **QWEN3_COMMON)),
+    "embeddinggemma": ("EmbeddingGemma-300M", "mean", dict(
+        vocab_size=262144, hidden_size=768, num_hidden_layers=24, num_attention_heads=3, num_key_value_heads=1,
+        head_dim=256, intermediate_size=1152, max_position_embeddings=2048, sliding_window=512,
+        use_bidirectional_attention=True, query_pre_attn_scalar=256, rms_norm_eps=1e-6,
+        layer_types=["full_attention" if (k + 1) % 6 == 0 else "sliding_attention" for k in range(24)])),
 }
-COMMON = dict(vocab_size=151669, head_dim=128, max_position_embeddings=32768, rope_theta=1_000_000.0,
-              rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_act="silu")
+QWEN_EOS, GEMMA_BOS, GEMMA_EOS = 151643, 2, 1
+
+
+def as_model_ids(size: str, ids: list[int]) -> list[int]:
+    """A MiniLM-tokenized text as the model's ids: its last id the end-of-text token Qwen3-Embedding pools, or
+    Gemma's <bos> first and <eos> last, as their tokenizers' templates add them."""
+    if size in ("0.6B", "4B"):
+        return ids[:-1] + [QWEN_EOS]
+    return [GEMMA_BOS] + ids[1:-1] + [GEMMA_EOS]
 
 
 def make_model(size: str, root: Path, max_seq_length: int):
-    """(model directory in sentence-transformers layout, the transformers model on the GPU in bf16)."""
+    """(model directory in sentence-transformers layout, the transformers model on the GPU in bf16, its config)."""
     import torch
     import transformers
-    config = transformers.Qwen3Config(**QWEN3[size], **COMMON)
+    name, pooling, shape = MODELS[size]
+    gemma = "sliding_window" in shape
+    config = (transformers.Gemma3TextConfig if gemma else transformers.Qwen3Config)(**shape)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.Qwen3Model(config).to(torch.bfloat16).eval()
+        model = (transformers.Gemma3TextModel if gemma else transformers.Qwen3Model)(config).to(torch.bfloat16).eval()
     # .to(bfloat16) rounds the rotary frequencies (a buffer) to bf16 too, which sentence-transformers' loading does
     # not: it made every transformers figure here drift from ours with position (min cosine 0.9948 at 4B on
     # 512-token texts). Exact fp32 frequencies, as a loaded model has them.
     d = config.head_dim
-    model.rotary_emb.inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (
-        torch.arange(0, d, 2, dtype=torch.int64, device="cuda").float() / d))
-    path = root / f"Qwen3-Embedding-{size}-random"
+    if gemma:
+        for kind in set(config.layer_types):
+            setattr(model.rotary_emb, f"{kind}_inv_freq", 1.0 / (config.rope_parameters[kind]["rope_theta"] ** (
+                torch.arange(0, d, 2, dtype=torch.int64, device="cuda").float() / d)))
+    else:
+        model.rotary_emb.inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (
+            torch.arange(0, d, 2, dtype=torch.int64, device="cuda").float() / d))
+    path = root / f"{name}-random"
     if not (path / "config.json").exists():
         model.save_pretrained(path, safe_serialization=True)
         (path / "modules.json").write_text(json.dumps([
@@ -68,7 +92,8 @@ def make_model(size: str, root: Path, max_seq_length: int):
         (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
         (path / "1_Pooling").mkdir()
         (path / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": config.hidden_size, "pooling_mode_lasttoken": True}))
+            {"word_embedding_dimension": config.hidden_size, f"pooling_mode_{pooling}" if pooling == "lasttoken"
+             else "pooling_mode_mean_tokens": True}))
         (path / "2_Normalize").mkdir()
     return path, model, config
 
@@ -82,9 +107,9 @@ def flops(lengths: np.ndarray, config) -> float:
     return per_token * float(lengths.sum()) + attention
 
 
-def transformers_padded(model, token_lists, budget: int) -> tuple[np.ndarray, float]:
-    """(normalized last-token embeddings in input order, seconds): length-sorted, right-padded batches whose
-    padded size stays within `budget`, SDPA."""
+def transformers_padded(model, token_lists, budget: int, pooling: str = "lasttoken") -> tuple[np.ndarray, float]:
+    """(normalized last-token or mean embeddings in input order, seconds): length-sorted, right-padded batches
+    whose padded size stays within `budget`, SDPA."""
     import torch
     order = np.argsort([-len(t) for t in token_lists], kind="stable")
     out = np.empty((len(token_lists), model.config.hidden_size), dtype=np.float32)
@@ -107,8 +132,12 @@ def transformers_padded(model, token_lists, budget: int) -> tuple[np.ndarray, fl
             mask_t = torch.from_numpy(mask).cuda(non_blocking=True)
             states = model(input_ids=torch.from_numpy(ids).cuda(non_blocking=True),
                            attention_mask=mask_t).last_hidden_state
-            last = states[torch.arange(len(rows), device="cuda"), mask_t.sum(1) - 1].float()
-            out[rows] = torch.nn.functional.normalize(last, dim=1).cpu().numpy()
+            if pooling == "mean":
+                m = mask_t[:, :, None].to(states.dtype)
+                pooled = ((states * m).sum(1) / m.sum(1)).float()
+            else:
+                pooled = states[torch.arange(len(rows), device="cuda"), mask_t.sum(1) - 1].float()
+            out[rows] = torch.nn.functional.normalize(pooled, dim=1).cpu().numpy()
     torch.cuda.synchronize()
     return out, time.perf_counter() - began
 
@@ -145,7 +174,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer-model", required=True, help="a BERT-family model dir whose tokenizer cuts texts")
     ap.add_argument("--paragraphs", default=str(DEFAULT_PARAGRAPHS))
-    ap.add_argument("--models", nargs="+", default=["0.6B"], choices=sorted(QWEN3))
+    ap.add_argument("--models", nargs="+", default=["0.6B"], choices=sorted(MODELS))
     ap.add_argument("--docs", type=int, default=20_000)
     ap.add_argument("--max-seq-length", type=int, default=512)
     ap.add_argument("--budget", type=int, default=65536, help="tokens per batch (padded tokens for the baseline)")
@@ -166,11 +195,13 @@ def main() -> None:
 
     docs = build_documents(args.docs, Path(args.paragraphs))
     tok = HFTokenizer.from_model_dir(args.tokenizer_model, args.max_seq_length)
-    token_lists = [t[:-1] + [EOS_ID] for t in tok.encode(docs)]
-    lengths = np.array([len(t) for t in token_lists])
-    print(f"{len(docs):,} docs, {lengths.sum():,} tokens (mean {lengths.mean():.1f}, max {lengths.max()})",
-          flush=True)
+    minilm_ids = tok.encode(docs)
     for size in args.models:
+        token_lists = [as_model_ids(size, t) for t in minilm_ids]
+        lengths = np.array([len(t) for t in token_lists])
+        print(f"{len(docs):,} docs, {lengths.sum():,} tokens (mean {lengths.mean():.1f}, max {lengths.max()})",
+              flush=True)
+        name, pooling, _ = MODELS[size]
         path, model, config = make_model(size, Path(args.scratch), args.max_seq_length)
         if args.profile:
             profiles = [profile(ModelSpec.load(str(path)), assembled_batches(token_lists, args.budget), dtype)
@@ -178,15 +209,16 @@ def main() -> None:
             if args.skip_baseline:
                 continue
         total_flops = flops(lengths, config)
-        transformers_padded(model, token_lists[:256], args.budget)                # warm-up
-        baseline, base_seconds = transformers_padded(model, token_lists, args.budget)
+        transformers_padded(model, token_lists[:256], args.budget, pooling)                # warm-up
+        baseline, base_seconds = transformers_padded(model, token_lists, args.budget, pooling)
         # fp32 on the first documents: what bf16 itself costs on these (random) weights, ours and transformers'.
-        reference = transformers_padded(model.float(), token_lists[: args.reference_docs], args.budget // 4)[0]
+        reference = transformers_padded(model.float(), token_lists[: args.reference_docs], args.budget // 4,
+                                        pooling)[0]
         base_vs_fp32 = float(np.sum(baseline[: len(reference)] * reference, axis=1).min())
         del model
         torch.cuda.empty_cache()
         base_rate = lengths.sum() / base_seconds
-        print(f"Qwen3-Embedding-{size}: transformers bf16 padded sdpa {base_rate / 1e6:.3f}M tokens/s "
+        print(f"{name}: transformers bf16 padded sdpa {base_rate / 1e6:.3f}M tokens/s "
               f"(MFU {total_flops / base_seconds / PEAK_BF16:.1%})", flush=True)
         spec = ModelSpec.load(str(path))
         batches = assembled_batches(token_lists, args.budget)
@@ -226,11 +258,11 @@ def main() -> None:
         bf16 = max((r for r in ok if r["dtype"] == "bf16"), key=lambda r: r["tokens_per_s"], default=None)
         fp8 = max((r for r in ok if r["dtype"] == "fp8"), key=lambda r: r["tokens_per_s"], default=None)
         out = record("llm_stage", args.slug or size, {
-            "model": f"Qwen3-Embedding-{size}", "weights": "random (published configuration)",
+            "model": name, "weights": "random (published configuration)",
             "docs": len(docs), "tokens": int(lengths.sum()), "mean_tokens": round(float(lengths.mean()), 1),
             "max_seq_length": args.max_seq_length, "budget_tokens": args.budget,
-            "corpus_tokenizer": "MiniLM WordPiece ids as Qwen ids, last id the end-of-text token",
-            "baseline": "transformers Qwen3Model bf16 sdpa, padded, length-sorted",
+            "corpus_tokenizer": "MiniLM WordPiece ids as the model's ids, its special tokens at the ends",
+            "baseline": f"transformers {type(config).__name__[:-6]}Model bf16 sdpa, padded, length-sorted",
             "baseline_tokens_per_s": round(base_rate, 1),
             "baseline_mfu": round(total_flops / base_seconds / PEAK_BF16, 4),
             "reference_docs": len(reference), "baseline_min_cosine_vs_fp32": base_vs_fp32,

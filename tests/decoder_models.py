@@ -67,3 +67,40 @@ def make_decoder_model(root: Path, kind: str, pooling: str = "lasttoken", prompt
     (path / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts or {},
                                                                           "default_prompt_name": None}))
     return str(path)
+
+
+def make_gemma_model(root: Path, bidirectional: bool = True, seed: int = 0) -> str:
+    """A tiny Gemma 3 embedder laid out as EmbeddingGemma is (mean pooling, then two Dense modules, one with a bias
+    and tanh, then Normalize), saved by sentence-transformers itself. Local layers see 8 keys, so texts longer than
+    that test the window; the scores' scale (query_pre_attn_scalar 20) is not head_dim's; global layers' rotary
+    embedding is linear-scaled, as the larger Gemma 3 models' is."""
+    import transformers
+    from sentence_transformers import SentenceTransformer
+    try:
+        from sentence_transformers.sentence_transformer import modules as models
+    except ImportError:                 # sentence-transformers before 6.1
+        from sentence_transformers import models
+    path = Path(root) / f"gemma3-{'bidirectional' if bidirectional else 'causal'}"
+    torch.manual_seed(seed)
+    config = transformers.Gemma3TextConfig(
+        **{**SHAPE, "num_hidden_layers": 3}, head_dim=16, sliding_window=8, query_pre_attn_scalar=20,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        use_bidirectional_attention=bidirectional,
+        rope_parameters={"full_attention": {"rope_type": "linear", "rope_theta": 1_000_000.0, "factor": 4.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    model = transformers.AutoModel.from_config(config)
+    with torch.no_grad():               # trained norms are not all zeros (Gemma scales by 1 + weight)
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.normal_(0.0, 0.3)
+    transformer_dir = path.parent / (path.name + "-transformer")
+    model.save_pretrained(transformer_dir, safe_serialization=True)
+    _tokenizer(transformer_dir)
+    hidden = SHAPE["hidden_size"]
+    st = SentenceTransformer(modules=[
+        models.Transformer(str(transformer_dir), max_seq_length=128), models.Pooling(hidden, "mean"),
+        models.Dense(hidden, 96, bias=True, activation_function=torch.nn.Tanh()),
+        models.Dense(96, 48, bias=False, activation_function=torch.nn.Identity()), models.Normalize()],
+        device="cpu")
+    st.save(str(path))
+    return str(path)

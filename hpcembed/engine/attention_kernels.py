@@ -53,10 +53,12 @@ def attention_kernel(weights, is_decoder: bool, cuda: bool, attention: str):
     'triton' is asked for heads the Triton kernel does not take."""
     if is_decoder:
         w = weights
-        runs = _grouped_triton_runs(w.heads, w.kv_heads, w.head_dim)
+        runs = w.takes_triton_attention and _grouped_triton_runs(w.heads, w.kv_heads, w.head_dim)
         if attention == "triton" and not runs:
-            raise ConfigError(f"--attention triton: this decoder's heads ({w.heads} query, {w.kv_heads} "
-                              f"key/value, {w.head_dim} wide) are not ones the Triton kernel takes; use flash")
+            why = (f"heads ({w.heads} query, {w.kv_heads} key/value, {w.head_dim} wide) are not ones the Triton "
+                   "kernel takes" if w.takes_triton_attention else "attention windows or scale are not the "
+                   "Triton kernel's")
+            raise ConfigError(f"--attention triton: this decoder's {why}; use flash")
         if attention == "auto":
             attention = "triton" if runs else "flash"
     elif attention == "auto" and cuda:

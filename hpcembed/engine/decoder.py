@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from .model import ModelSpec
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def _config(spec_or_path) -> dict:
@@ -53,6 +53,11 @@ def supports(spec: ModelSpec) -> str | None:
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         return f"model type {kind!r} (the decoder path serves {', '.join(SUPPORTED)})"
+    if not sorted(Path(spec.path).glob("*.safetensors")):
+        return "no .safetensors weights"
+    if kind == "gemma3_text":
+        from .gemma import supports as gemma_supports
+        return gemma_supports(config)
     rope_type, _ = _rope(config)
     if rope_type != "default":
         return f"rotary embedding type {rope_type!r} (the decoder path computes the default one)"
@@ -63,9 +68,15 @@ def supports(spec: ModelSpec) -> str | None:
     window = config.get("sliding_window")
     if window and (config.get("use_sliding_window", kind == "mistral")) and window < spec.max_seq_length:
         return f"a sliding attention window ({window}) shorter than max_seq_length {spec.max_seq_length}"
-    if not sorted(Path(spec.path).glob("*.safetensors")):
-        return "no .safetensors weights"
     return None
+
+
+def weights_for(spec: ModelSpec):
+    """The weights class of this decoder's family: Gemma 3's (engine/gemma.py), or the Llama family's."""
+    if _config(spec).get("model_type") == "gemma3_text":
+        from .gemma import GemmaWeights
+        return GemmaWeights
+    return DecoderWeights
 
 
 @dataclass
@@ -91,15 +102,59 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
+class WeightReader:
+    """A decoder's tensors from its .safetensors files (one or sharded), `model.` prefixes dropped, each moved to
+    the device and dtype as it is asked for."""
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
+        from safetensors.torch import load_file
+        self.model_dir, self.dtype, self.device, self.linear = model_dir, dtype, device, linear
+        raw: dict[str, torch.Tensor] = {}
+        for path in sorted(Path(model_dir).glob("*.safetensors")):
+            raw.update(load_file(str(path)))
+        self.raw = {k[len("model."):] if k.startswith("model.") else k: v for k, v in raw.items()}
+
+    def has(self, name: str) -> bool:
+        return name in self.raw
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.raw:
+            raise ConfigError(f"model {self.model_dir}: weight {name!r} missing from its .safetensors files")
+        return self.raw[name].to(device=self.device, dtype=dtype or self.dtype).contiguous()
+
+    def fused(self, names: list[str]):
+        """One matmul (`linear`) for the projections `names`, their weights (and biases, zeros where one has
+        none) stacked."""
+        weight = torch.cat([self.get(n + ".weight") for n in names])
+        biases = [self.raw.get(n + ".bias") for n in names]
+        if all(b is None for b in biases):
+            return self.linear(weight, None)
+        bias = torch.cat([self.get(n + ".bias") if b is not None else
+                          torch.zeros(self.raw[n + ".weight"].shape[0], dtype=self.dtype, device=self.device)
+                          for n, b in zip(names, biases)])
+        return self.linear(weight, bias)
+
+    def drop(self, prefix: str) -> None:
+        """Free the host copies of every tensor under `prefix` (a layer, once it is on the device)."""
+        for key in [k for k in self.raw if k.startswith(prefix)]:
+            del self.raw[key]
+
+
+def rotary_frequencies(head_dim: int, theta: float, device, factor: float = 1.0) -> torch.Tensor:
+    """Rotary frequencies as transformers computes them (default type; `factor` divides them, linear type)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim)) \
+        / factor
+
+
 class DecoderWeights:
-    """A decoder's weights from its .safetensors files (one or sharded), with Q/K/V and gate/up fused."""
+    """A Llama-family decoder's weights, with Q/K/V and gate/up fused."""
 
     position_offset = 0
+    takes_triton_attention = True   # every layer attends plainly: no window, the default scale
+    window = 0
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
         """`linear(weight, bias)`: how each fused matmul is held (Linear, or engine/fp8.py's quantizing one)."""
-        from safetensors.torch import load_file
-        root = Path(model_dir)
         config = _config(model_dir)
         self.config = config
         self.heads = int(config["num_attention_heads"])
@@ -109,36 +164,16 @@ class DecoderWeights:
         self.eps = float(config.get("rms_norm_eps", 1e-6))
         self.causal = bool(config.get("is_causal", True))
         self.max_positions = int(config.get("max_position_embeddings", 32768))
-        _, theta = _rope(config)
-        self.inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device)
-                                         .float() / self.head_dim))
-        raw: dict[str, torch.Tensor] = {}
-        for path in sorted(root.glob("*.safetensors")):
-            raw.update(load_file(str(path)))
-        raw = {k[len("model."):] if k.startswith("model.") else k: v for k, v in raw.items()}
-
-        def get(name: str) -> torch.Tensor:
-            if name not in raw:
-                raise ConfigError(f"model {model_dir}: weight {name!r} missing from its .safetensors files")
-            return raw[name].to(device=device, dtype=dtype).contiguous()
-
-        def fused(names: list[str]):
-            weight = torch.cat([get(n + ".weight") for n in names])
-            biases = [raw.get(n + ".bias") for n in names]
-            if all(b is None for b in biases):
-                return linear(weight, None)
-            bias = torch.cat([get(n + ".bias") if b is not None else
-                              torch.zeros(raw[n + ".weight"].shape[0], dtype=dtype, device=device)
-                              for n, b in zip(names, biases)])
-            return linear(weight, bias)
-
+        self.inv_freq = rotary_frequencies(self.head_dim, _rope(config)[1], device)
+        reader = WeightReader(model_dir, dtype, device, linear)
+        get, fused = reader.get, reader.fused
         self.embed = get("embed_tokens.weight")
         self.norm = get("norm.weight")
         self.layers = []
         for i in range(int(config["num_hidden_layers"])):
             p = f"layers.{i}."
             att = p + "self_attn."
-            qk_norm = att + "q_norm.weight" in raw
+            qk_norm = reader.has(att + "q_norm.weight")
             self.layers.append(DecoderLayer(
                 in_norm=get(p + "input_layernorm.weight"),
                 qkv=fused([att + "q_proj", att + "k_proj", att + "v_proj"]),
@@ -146,8 +181,14 @@ class DecoderWeights:
                 k_norm=get(att + "k_norm.weight") if qk_norm else None,
                 out=fused([att + "o_proj"]), post_norm=get(p + "post_attention_layernorm.weight"),
                 gate_up=fused([p + "mlp.gate_proj", p + "mlp.up_proj"]), down=fused([p + "mlp.down_proj"])))
-            for key in [k for k in raw if k.startswith(p)]:
-                del raw[key]        # the host copy of each layer goes as soon as it is on the device
+            reader.drop(p)              # the host copy of each layer goes as soon as it is on the device
+
+    def forward(self, ids, positions, cu, max_len: int, attention, ops) -> torch.Tensor:
+        return decoder_forward(self, ids, positions, cu, max_len, attention, ops)
+
+    @staticmethod
+    def ops_for(fused_ops: str):
+        return ops_for(fused_ops)
 
 
 # -- the pieces between matmuls, eager ----------------------------------------------------------------------------
@@ -186,19 +227,29 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def rotary(q: torch.Tensor, k: torch.Tensor, positions, inv_freq) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k rotated by each token's position, cos and sin computed as transformers computes them (fp32 angles,
+    rounded to the activations' dtype)."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
+def split_heads(qkv, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [T, heads, d], k [T, kv_heads, d]) from the fused projection."""
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    return q.reshape(-1, heads, head_dim), k.reshape(-1, kv_heads, head_dim)
+
+
 def qk_norm_rotary(qkv, positions, inv_freq, q_weight, k_weight, eps: float, heads: int, kv_heads: int,
                    head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [T, heads, d], k [T, kv_heads, d]) from the fused projection: each head RMS-normalized where weights are
-    given (Qwen3's q/k norms), then rotated by the token's position, cos and sin computed as transformers computes
-    them (fp32 angles, rounded to the activations' dtype)."""
-    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
-    q, k = q.reshape(-1, heads, head_dim), k.reshape(-1, kv_heads, head_dim)
+    given (Qwen3's q/k norms), then rotated by the token's position."""
+    q, k = split_heads(qkv, heads, kv_heads, head_dim)
     if q_weight is not None:
         q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((freqs, freqs), dim=-1)
-    cos, sin = angles.cos().to(qkv.dtype), angles.sin().to(qkv.dtype)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return rotary(q, k, positions, inv_freq)
 
 
 class DecoderOps:
@@ -216,22 +267,30 @@ def _varlen_attn():
     return varlen_attn, set(inspect.signature(varlen_attn).parameters)
 
 
-def attention_flash(q, k, v, cu, max_len: int, causal: bool):
+def attention_flash(q, k, v, cu, max_len: int, causal: bool, window: int = 0, scale: float | None = None):
     """torch's varlen flash attention. Grouped K/V go in as they are: the flash kernel shares each K/V head among
     its group of query heads (torch 2.11 passes them through, identical to repeating them on the H200 box, and
     repeating cost 12% of the 0.6B stage: bench/notes/llm_stage.md); later torch asks for enable_gqa. Causality
-    is a (-1, 0) window from torch 2.11 on, is_causal before."""
+    is a (-1, 0) window from torch 2.11 on, is_causal before. `window`: keys nearer than this to the query only
+    (Gemma 3's local layers), `scale`: the scores' scale where it is not 1/sqrt(head_dim)."""
     varlen_attn, params = _varlen_attn()
     kwargs = {}
-    if causal:
+    if window:
+        if "window_size" not in params:
+            raise ConfigError("this torch's varlen attention takes no window; Gemma 3's local layers need one")
+        kwargs.update(window_size=(window - 1, 0 if causal else window - 1))
+    elif causal:
         kwargs.update(window_size=(-1, 0)) if "window_size" in params else kwargs.update(is_causal=True)
+    if scale is not None:
+        kwargs["scale"] = scale
     if k.shape[1] != q.shape[1] and "enable_gqa" in params:
         kwargs["enable_gqa"] = True
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
 def attention_triton(q, k, v, cu, max_len: int, causal: bool):
-    """hpcembed's Triton kernel for grouped heads (engine/triton_attention.py): each group's K/V read once."""
+    """hpcembed's Triton kernel for grouped heads (engine/triton_attention.py): each group's K/V read once. Plain
+    attention only: attention_kernels.py gives it weights whose `takes_triton_attention` alone."""
     from .triton_attention import grouped_attention
     return grouped_attention(q, k, v, cu, max_len, causal)
 

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 POOLING_MODES = ("mean", "cls", "max", "lasttoken")
 # Decoder (LLM-based) model types the padding-free decoder path serves (engine/decoder.py); named here, where no
 # torch is imported, so that rank 0 and tokenizer ranks can ask.
-DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DECODER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 _POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
                  "pooling_mode_max_tokens": "max", "pooling_mode_lasttoken": "lasttoken"}
 
@@ -41,6 +41,33 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"model file {path} is unreadable: {exc}") from None
 
 
+DENSE_ACTIVATIONS = {"Identity": "", "Tanh": "tanh"}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers Dense module after pooling: y = activation(x @ W.T + b)."""
+    path: str                 # its directory, holding model.safetensors (linear.weight, linear.bias)
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str           # "" (Identity) or "tanh"
+
+
+def _dense_layer(model_dir: str, mpath: Path) -> DenseLayer:
+    cfg = _read_json(mpath / "config.json")
+    name = str(cfg.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if name not in DENSE_ACTIVATIONS:
+        raise ConfigError(f"model {model_dir}: Dense module {mpath.name} has activation {name!r}; "
+                          f"{', '.join(DENSE_ACTIVATIONS)} are supported")
+    if not (mpath / "model.safetensors").exists():
+        raise ConfigError(f"model {model_dir}: Dense module {mpath.name} has no model.safetensors (older "
+                          "sentence-transformers saved pytorch_model.bin; save the model again to convert it)")
+    _check_safetensors(mpath / "model.safetensors")
+    return DenseLayer(str(mpath), int(cfg["in_features"]), int(cfg["out_features"]), bool(cfg.get("bias", True)),
+                      DENSE_ACTIVATIONS[name])
+
+
 @dataclass
 class ModelSpec:
     path: str                 # the directory holding config.json and weights
@@ -63,6 +90,7 @@ class ModelSpec:
     prompt: str = ""
     pool_skip: int = 0
     truncate_dim: int = 0
+    dense: tuple = ()         # DenseLayers between pooling and normalizing, in order
 
     @classmethod
     def load(cls, model_dir: str, pooling: str = "", normalize: bool | None = None,
@@ -70,7 +98,7 @@ class ModelSpec:
         root = Path(model_dir)
         if not root.is_dir():
             raise ConfigError(f"model directory {model_dir} does not exist")
-        transformer_dir, pool_cfg, has_normalize, st_cfg = root, {}, False, {}
+        transformer_dir, pool_cfg, has_normalize, st_cfg, dense = root, {}, False, {}, []
         modules_file = root / "modules.json"
         if modules_file.exists():
             for module in _read_json(modules_file):
@@ -80,6 +108,8 @@ class ModelSpec:
                     transformer_dir = mpath
                 elif kind == "Pooling":
                     pool_cfg = _read_json(mpath / "config.json")
+                elif kind == "Dense" and pool_cfg and not has_normalize:
+                    dense.append(_dense_layer(model_dir, mpath))
                 elif kind == "Normalize":
                     has_normalize = True
                 else:
@@ -92,25 +122,22 @@ class ModelSpec:
         if not config_file.exists():
             raise ConfigError(f"model {model_dir}: no config.json in {transformer_dir}")
         config = _read_json(config_file)
-        model_pooling = "mean"
-        if pool_cfg:
-            chosen = [mode for key, mode in _POOLING_KEYS.items() if pool_cfg.get(key)]
-            extra = [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
-                     if pool_cfg.get(k)]
-            if len(chosen) != 1 or extra:
-                raise ConfigError(f"model {model_dir}: pooling {chosen + extra} is not supported; "
-                                  f"one of {', '.join(POOLING_MODES)} is")
-            model_pooling = chosen[0]
+        model_pooling = _pooling_mode(model_dir, pool_cfg) if pool_cfg else "mean"
         pos = int(config.get("max_position_embeddings", 512))
         if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
             pos -= 2          # RoBERTa offsets positions by padding_idx + 1
-        seq = max_seq_length or int(st_cfg.get("max_seq_length") or pos)
+        seq = max_seq_length or int(st_cfg.get("max_seq_length") or min(pos, _tokenizer_max_length(transformer_dir)))
         if seq > pos:
             raise ConfigError(f"max-seq-length {seq} exceeds the model's {pos} positions")
         dim = next((config[k] for k in ("hidden_size", "d_model", "dim") if config.get(k)), None)
-        dim = int(pool_cfg.get("word_embedding_dimension") or dim or 0)
+        dim = int(pool_cfg.get("word_embedding_dimension") or pool_cfg.get("embedding_dimension") or dim or 0)
         if not dim:
             raise ConfigError(f"model {model_dir}: config.json names no hidden size (hidden_size, d_model or dim)")
+        for layer in dense:
+            if layer.in_features != dim:
+                raise ConfigError(f"model {model_dir}: Dense module {Path(layer.path).name} takes {layer.in_features} "
+                                  f"features, but what comes before it has {dim}")
+            dim = layer.out_features
         for weights in sorted(transformer_dir.glob("*.safetensors")):
             _check_safetensors(weights)
         st_model = _read_json(root / "config_sentence_transformers.json") \
@@ -122,7 +149,7 @@ class ModelSpec:
                    vocab_size=int(config.get("vocab_size") or 0), model_type=str(config.get("model_type", "")),
                    prompts=dict(st_model.get("prompts") or {}),
                    default_prompt_name=st_model.get("default_prompt_name") or "",
-                   include_prompt=bool(pool_cfg.get("include_prompt", True)))
+                   include_prompt=bool(pool_cfg.get("include_prompt", True)), dense=tuple(dense))
 
     @property
     def is_decoder(self) -> bool:
@@ -155,6 +182,31 @@ class ModelSpec:
         truncate = dimensions if 0 < dimensions < self.dim else 0
         return dataclasses.replace(self, prompt=prompt, pool_skip=skip, truncate_dim=truncate,
                                    dim=truncate or self.dim)
+
+
+def _tokenizer_max_length(transformer_dir: Path) -> float:
+    """tokenizer_config.json's model_max_length: where sentence-transformers takes max_seq_length from when
+    sentence_bert_config.json does not say (sentence-transformers 6 no longer writes it there). Unbounded when
+    absent (transformers writes a huge number for "not set")."""
+    path = transformer_dir / "tokenizer_config.json"
+    length = _read_json(path).get("model_max_length") if path.exists() else None
+    return int(length) if isinstance(length, (int, float)) and 0 < length < 1e9 else float("inf")
+
+
+def _pooling_mode(model_dir: str, pool_cfg: dict) -> str:
+    """The pooling mode of a Pooling config: sentence-transformers 6's `pooling_mode` (a name, or a list of names),
+    or the older `pooling_mode_*` flags."""
+    if "pooling_mode" in pool_cfg:
+        modes = pool_cfg["pooling_mode"]
+        chosen = [modes] if isinstance(modes, str) else list(modes)
+    else:
+        chosen = [mode for key, mode in _POOLING_KEYS.items() if pool_cfg.get(key)]
+        chosen += [k for k in ("pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens")
+                   if pool_cfg.get(k)]
+    if len(chosen) != 1 or chosen[0] not in POOLING_MODES:
+        raise ConfigError(f"model {model_dir}: pooling {chosen} is not supported; one of {', '.join(POOLING_MODES)} "
+                          "is")
+    return chosen[0]
 
 
 def _check_safetensors(path: Path) -> None:

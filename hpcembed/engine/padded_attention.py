@@ -7,10 +7,12 @@ import torch
 import torch.nn.functional as F
 
 
-def attention_padded(q, k, v, cu, max_len: int, causal: bool = False):
+def attention_padded(q, k, v, cu, max_len: int, causal: bool = False, window: int = 0,
+                     scale: float | None = None):
     """Attention of q [T, heads, d] over k and v [T, kv_heads, d] (grouped where kv_heads < heads) within each
     text of the offsets `cu`. Tokens past the last offset (a graph bucket's padding) belong to no text and come out
-    as zeros."""
+    as zeros. `window`: only keys nearer than this to the query (Gemma 3's local layers); `scale`: the scores'
+    scale where it is not 1/sqrt(d)."""
     t, heads, d = q.shape
     rows, real = cu.numel() - 1, int(cu[-1])
     seg = torch.searchsorted(cu[1:], torch.arange(real, device=q.device, dtype=cu.dtype), right=True).long()
@@ -26,7 +28,9 @@ def attention_padded(q, k, v, cu, max_len: int, causal: bool = False):
     mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
     if causal:
         mask = mask & (keys[None, :] <= keys[:, None])[None, None]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask,
+    if window:
+        mask = mask & ((keys[None, :] - keys[:, None]).abs() < window)[None, None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=scale,
                                          enable_gqa=k.shape[1] != heads)
     result = q.new_zeros(t, heads, d)
     result[:real] = out.transpose(1, 2)[seg, pos]

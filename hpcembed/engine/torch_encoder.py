@@ -9,6 +9,7 @@ import torch
 
 from ..tokenize.batch import TokenBatch
 from .base import Encoder, torch_dtype
+from .dense import DenseStack
 from .model import ModelSpec
 from .pooling import normalize, pool
 
@@ -26,6 +27,7 @@ class TorchEncoder(Encoder):
         self.device = torch.device(device)
         started = time.perf_counter()
         self.model = AutoModel.from_pretrained(spec.path, dtype=torch_dtype(dtype)).to(self.device).eval()
+        self.dense = DenseStack(spec, self.device) if spec.dense else None
         self.build_seconds = {"weights": time.perf_counter() - started}
         config = self.model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
@@ -45,6 +47,8 @@ class TorchEncoder(Encoder):
             pooled = mask_t.clone()
             pooled[:, : self.spec.pool_skip] = 0
         out = pool(hidden.float(), pooled, self.spec.pooling)
+        if self.dense is not None:
+            out = self.dense(out)
         if self.spec.truncate_dim:
             out = out[:, : self.spec.truncate_dim]
         if self.spec.normalize:

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
 from . import decoder
 from .base import Encoder, Pending, torch_dtype
+from .dense import DenseStack
 from .bert import BertWeights, encoder_forward, supports as bert_supports
 from .model import ModelSpec
 from .attention_kernels import attention_kernel
@@ -210,10 +211,11 @@ class VarlenEncoder(Encoder):
             self.weights = weights_of.weights
         elif self.decoder:
             from .fp8 import Fp8Linear
-            self.weights = decoder.DecoderWeights(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
-                                                  self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
+            self.weights = decoder.weights_for(spec)(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
+                                                     self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
         else:
             self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
+        self.dense = DenseStack(spec, self.device) if spec.dense else None
         self.build_seconds = {"weights": time.perf_counter() - started}
         self.attention_name, self.attention = attention_kernel(self.weights, self.decoder, self.cuda, attention)
         self.graph_max_len = min(spec.max_seq_length, self.GRAPH_MAX_LEN)
@@ -227,7 +229,7 @@ class VarlenEncoder(Encoder):
                               "runs it, TRITON_INTERPRET=1); use --fused-ops eager")
         self.fused_ops = fused_ops
         self.ops = FUSED_OPS[fused_ops]()
-        self.decoder_ops = decoder.ops_for(fused_ops) if self.decoder else None
+        self.decoder_ops = self.weights.ops_for(fused_ops) if self.decoder else None
         self.gelu_epilogue = gelu_epilogue and self.weights.config.get("hidden_act", "gelu").startswith("gelu")
         # CUDA numbers priorities downwards, and torch maps one beyond the device's range to the nearest valid
         # one: -100 is the highest there is.
@@ -353,12 +355,14 @@ class VarlenEncoder(Encoder):
         w = self.weights
         seg, positions = token_layout(ids, cu, rows, w.position_offset, w.max_positions)
         if self.decoder:
-            states = decoder.decoder_forward(w, ids, positions, cu, max_len, self.attention, self.decoder_ops)
+            states = w.forward(ids, positions, cu, max_len, self.attention, self.decoder_ops)
         else:
             states = encoder_forward(w, ids, positions, cu, max_len, self.attention, self.gelu_epilogue, self.ops)
         skip = self.spec.pool_skip
         out = pool_varlen(states, seg, cu, rows, self.spec.pooling, self.ops, skip,
                           positions - w.position_offset if skip else None)
+        if self.dense is not None:
+            out = self.dense(out)
         if self.spec.truncate_dim:
             out = out[:, : self.spec.truncate_dim]
         return F.normalize(out, p=2, dim=1) if self.spec.normalize else out

@@ -161,15 +161,17 @@ class LedgerState:
         return out
 
 
-def model_identity(model_dir: str, cache: Path | None = None) -> str:
+def model_identity(model_dir: str, cache: Path | None = None, module_dirs: tuple = ()) -> str:
     """A digest of the model's configuration files and weights, by content: two models that differ in one
-    weight differ here. Weight digests are cached in `cache` (io/digest.py), so only the first run reads them."""
+    weight differ here. Weight digests are cached in `cache` (io/digest.py), so only the first run reads them.
+    `module_dirs`: directories of modules after the transformer (Dense), digested the same way after it."""
     from .digest import file_content_digest
     h = hashlib.sha256()
-    root = Path(model_dir)
-    for p in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
-        h.update(p.name.encode())
-        h.update(p.read_bytes() if p.suffix == ".json" else file_content_digest(p, cache).encode())
+    for k, directory in enumerate((model_dir, *module_dirs)):
+        root = Path(directory)
+        for p in sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+            h.update((f"{k}/" if k else "").encode() + p.name.encode())
+            h.update(p.read_bytes() if p.suffix == ".json" else file_content_digest(p, cache).encode())
     return h.hexdigest()[:16]
 
 

@@ -130,7 +130,7 @@ class EmbedJob(JobKind):
         """Same inputs (path, size, modification time, rows), same model (by content) and embedding settings,
         same work units."""
         return {"inputs": input_identity(cfg, plan), "model": spec.name,
-                "model_id": model_identity(spec.path, digest_cache(cfg)),
+                "model_id": model_identity(spec.path, digest_cache(cfg), tuple(d.path for d in spec.dense)),
                 "pooling": spec.pooling, "normalize": spec.normalize, "max_seq_length": spec.max_seq_length,
                 "dtype": dtype, "text_column": cfg.text_column, "id_column": cfg.id_column,
                 "output_dtype": cfg.output_dtype, "unit_rows": cfg.unit_rows,
