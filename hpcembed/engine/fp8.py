@@ -33,6 +33,13 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows_eager(x)
 
 
+def scaled_mm_reference(qx: torch.Tensor, qweight: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor):
+    """What torch._scaled_mm computes with row-wise scales, on CPU: the e4m3 values' products (exact in fp32),
+    summed in fp32, scaled, out in bf16. torch's own CPU kernel takes only per-tensor scales before torch 2.13, so
+    the CPU path (tests, bench/fp8_fidelity.py) computes it this way on every version."""
+    return ((qx.float() @ qweight.float().t()) * sx * sw).to(torch.bfloat16)
+
+
 class Fp8Linear:
     """x @ W.T (+ b) with W in e4m3 (per-output-channel scales) and x quantized per row as it comes. Until
     drop_reference(), the bf16 weight is kept, and `reference = True` multiplies with it instead (the fidelity
@@ -63,7 +70,10 @@ class Fp8Linear:
         if self.reference:
             return F.linear(x, self.weight, self.bias)
         qx, sx = x if isinstance(x, tuple) else quantize_rows(x)
-        out = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx, scale_b=self.scale, out_dtype=torch.bfloat16)
+        if qx.is_cuda:
+            out = torch._scaled_mm(qx, self.qweight.t(), scale_a=sx, scale_b=self.scale, out_dtype=torch.bfloat16)
+        else:
+            out = scaled_mm_reference(qx, self.qweight, sx, self.scale)
         return out + self.bias if self.bias is not None else out
 
 
