@@ -140,3 +140,11 @@ def test_cuda_gemma_two_instances_match_transformers(gemma, bidirectional):
         cos = np.sum(encode_through_pool(encoders, batches) * want, axis=1)
         assert cos.min() >= (0.999 if dtype == "bf16" else 0.98), (dtype, cos.min())
         assert sum(e.graph_batches for e in encoders) > 0
+
+
+@pytest.mark.slow
+def test_gemma_compiled_ops_match_eager(gemma):
+    spec = ModelSpec.load(gemma[True])
+    batch = _batch(seed=4)
+    compiled = VarlenEncoder(spec, "cpu", "fp32", fused_ops="compile").encode(batch)
+    assert np.abs(compiled - VarlenEncoder(spec, "cpu", "fp32").encode(batch)).max() < 1e-5

@@ -135,23 +135,27 @@ class GemmaWeights:
             reader.drop(p)              # the host copy of each layer goes as soon as it is on the device
 
     def forward(self, ids, positions, cu, max_len: int, attention, ops) -> torch.Tensor:
-        """Token states [T, hidden] after the final norm."""
+        """Token states [T, hidden] after the final norm. A block's output norm, the residual add and the next
+        block's input norm are one op (`add_norms`), so the residual is read and written once between blocks."""
         eps, heads, kv_heads, d = self.eps, self.heads, self.kv_heads, self.head_dim
         x = self.embed[ids] * self.embed_scale
-        for layer in self.layers:
-            h = ops.rms_norm(x, layer.in_norm, eps, layer.qkv.takes_fp8)
+        first = self.layers[0]
+        h = ops.rms_norm(x, first.in_norm, eps, first.qkv.takes_fp8)
+        for i, layer in enumerate(self.layers):
             qkv = layer.qkv(h)
             q, k = ops.qk_norm_rotary(qkv, positions, layer.inv_freq, layer.q_norm, layer.k_norm, eps, heads,
-                                      kv_heads, d)
+                                       kv_heads, d)
             v = qkv[:, (heads + kv_heads) * d:].view(-1, kv_heads, d)
             # A window no text of the batch outgrows masks nothing, and flash attention runs faster without one.
             window = layer.window if max_len > layer.window else 0
             att = attention(q, k, v, cu, max_len, self.causal, window, self.scale)
-            x = x + ops.rms_norm(layer.out(att.reshape(-1, heads * d)), layer.post_attention_norm, eps)
-            h = ops.rms_norm(x, layer.pre_mlp_norm, eps, layer.gate_up.takes_fp8)
+            h, x = ops.add_norms(layer.out(att.reshape(-1, heads * d)), x, layer.post_attention_norm,
+                                 layer.pre_mlp_norm, eps, layer.gate_up.takes_fp8)
             h = layer.down(ops.gelu_mul(layer.gate_up(h), layer.down.takes_fp8))
-            x = x + ops.rms_norm(h, layer.post_mlp_norm, eps)
-        return ops.rms_norm(x, self.norm, eps)
+            after = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            h, x = ops.add_norms(h, x, layer.post_mlp_norm, after.in_norm if after else self.norm, eps,
+                                 bool(after) and after.qkv.takes_fp8)
+        return h
 
     @staticmethod
     def ops_for(fused_ops: str) -> type:
@@ -165,6 +169,14 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, quantize: bool = 
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return _maybe_quantized((h * scale).to(x.dtype), quantize)
+
+
+def add_norms(h: torch.Tensor, x: torch.Tensor, out_scale: torch.Tensor, in_scale: torch.Tensor, eps: float,
+              quantize: bool = False):
+    """(the next block's normalized input, the new residual): a block's output h normalized and added to the
+    residual x, then normalized for the next block, as transformers does it in three steps."""
+    total = x + rms_norm(h, out_scale, eps)
+    return rms_norm(total, in_scale, eps, quantize), total
 
 
 def gelu_mul(gate_up: torch.Tensor, quantize: bool = False):
@@ -182,6 +194,7 @@ def qk_norm_rotary(qkv, positions, inv_freq, q_scale, k_scale, eps: float, heads
 
 class GemmaOps:
     rms_norm = staticmethod(rms_norm)
+    add_norms = staticmethod(add_norms)
     gelu_mul = staticmethod(gelu_mul)
     qk_norm_rotary = staticmethod(qk_norm_rotary)
 
@@ -190,6 +203,7 @@ class GemmaOps:
 def _compiled_ops() -> type[GemmaOps]:
     class _Compiled(GemmaOps):
         rms_norm = staticmethod(torch.compile(rms_norm))
+        add_norms = staticmethod(torch.compile(add_norms))
         gelu_mul = staticmethod(torch.compile(gelu_mul))
         qk_norm_rotary = staticmethod(torch.compile(qk_norm_rotary))
     return _Compiled
