@@ -133,7 +133,7 @@ def test_cuda_gemma_two_instances_match_transformers(gemma, bidirectional):
                for _ in range(4)]
     want = np.concatenate([VarlenEncoder(spec, "cpu", "fp32").encode(b) for b in batches])
     for dtype in ("bf16", "fp8"):
-        encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops="auto", graph_tokens=2048) for _ in range(2)]
+        encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops="auto", graph_tokens=8192) for _ in range(2)]
         assert encoders[0].attention_name == "flash"
         if dtype == "fp8":
             assert fidelity(encoders[0], batches) > 0.98
