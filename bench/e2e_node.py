@@ -85,8 +85,8 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
         else None,
         "gpu_instance_busy": [round(r["busy_seconds"] / steady / r.get("instances", 1), 3) for r in gpu],
         "gpu_loop_seconds": [r.get("loop_seconds") for r in gpu],
-        "encoder_engine": [{k: r.get(k) for k in ("engine", "dtype", "attention", "fused_ops", "instances")}
-                           for r in gpu],
+        "encoder_engine": [{k: r.get(k) for k in ("engine", "dtype", "attention", "fused_ops", "instances",
+                                                  "instances_joined_after_s")} for r in gpu],
         "encoder_host": [{k: r.get(k) for k in ("host_cpu_seconds", "batches", "host_ms_per_batch",
                                                 "host_us_per_row")} for r in gpu],
         "tokenizer_other_seconds_mean": {

@@ -3,6 +3,7 @@ ranks here, so a role is the same whether it runs as a thread or as an MPI rank.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..cache import cache_dir, use_cache_dir
@@ -69,25 +70,49 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str, low_latency: tu
     if cfg.rehearse:
         from ..rehearsal import StandInEncoder, parse_rates
         return [StandInEncoder(spec, parse_rates(cfg.rehearse)[1])]
-    from ..engine.build import build_encoder, resolve_device      # torch: encoder ranks only
-    device = resolve_device(device)
-    if device.startswith("cuda"):
-        use_cache_dir(cfg.cache_dir)
-    graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
-    def build():
-        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.fused_ops, cfg.exact_gelu, graph_tokens,
-                             cfg.attention)
+    build, count = _instance_builder(cfg, spec, device)
     first = build()
-    # On CPU a second instance would only split the same cores between two copies of the weights.
-    count = cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
     cuda = first.device_name.startswith("cuda")
     encoders = [first] + [build() for _ in range((count if cuda else 1) - 1)]
     if cuda and first.engine == "varlen":
         from ..engine.varlen import VarlenEncoder
         encoders += [VarlenEncoder(spec, first.device_name, first.dtype_name, first.fused_ops, first.gelu_epilogue,
-                                   low_latency[1] if graph_tokens else 0, first.attention_name, weights_of=first)
-                     for _ in range(low_latency[0])]
+                                   low_latency[1] if first.graph_tokens else 0, first.attention_name,
+                                   weights_of=first) for _ in range(low_latency[0])]
     return encoders
+
+
+def start_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> tuple[list[Encoder], Future | None]:
+    """A job's encoder rank's instances: the first built now; on CUDA the others (where there are more) built by
+    a background thread while the first one works, as a Future of them, which the rank's InstancePool takes in
+    when they are ready. Start-up then waits for one instance's build, not all (one instance started 1.2 s sooner
+    than two on the H200 box: bench/notes/feed_the_gpu.md, call 14). Not under --dtype fp8, whose fidelity check
+    drops every instance's bf16 weights after it; nor when rehearsing."""
+    if cfg.rehearse or cfg.dtype == "fp8":
+        return build_encoders(cfg, spec, device), None
+    build, count = _instance_builder(cfg, spec, device)
+    first = build()
+    if not first.device_name.startswith("cuda") or count < 2:
+        return [first], None
+    builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="late-instances")
+    later = builder.submit(lambda: [build() for _ in range(count - 1)])
+    builder.shutdown(wait=False)            # the thread ends with its one task
+    return [first], later
+
+
+def _instance_builder(cfg: JobConfig, spec: ModelSpec, device: str):
+    """(a function that builds one model instance, how many instances the rank runs on a GPU)."""
+    from ..engine.build import build_encoder, resolve_device      # torch: encoder ranks only
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        use_cache_dir(cfg.cache_dir)
+    graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
+
+    def build():
+        return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.fused_ops, cfg.exact_gelu, graph_tokens,
+                             cfg.attention)
+    # On CPU a second instance would only split the same cores between two copies of the weights.
+    return build, cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
 
 
 def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder):
@@ -124,12 +149,13 @@ def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:
 
 def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
                  startup: dict[str, float] | None = None, ranges=None, dedup: bool = False,
-                 reuse: list = ()) -> EncoderRank:
+                 reuse: list = (), later: Future | None = None) -> EncoderRank:
     """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py); `dedup`: this rank owns a share
-    of the job's digests (roles/dedup.py), and takes its share of `reuse`'s earlier embeddings (io/reuse.py)."""
+    of the job's digests (roles/dedup.py), and takes its share of `reuse`'s earlier embeddings (io/reuse.py);
+    `later`: instances still being built (start_encoders)."""
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
-    return EncoderRank(transport, core, InstancePool(encoders),
+    return EncoderRank(transport, core, InstancePool(encoders, later=later),
                        OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges,
                                  output_format=cfg.output_format), startup,
                        pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize,
