@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,18 +36,20 @@ from hpcembed.manifest import ranks_by_role
 from hpcembed.world import mpiexec_command
 from bench.corpus import CORPORA, DEFAULT_PARAGRAPHS, write_parquet
 
+ENV_WORD = re.compile(r"^[A-Z_][A-Z0-9_]*=")     # a variant's word that sets the ranks' environment
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_job(args, corpus: Path, out: Path, backend: str, cache: Path, ranks: int = 0,
-            options: tuple[str, ...] = ()) -> tuple[dict, float, float, str]:
-    """(manifest, wall seconds, epoch seconds at launch, stderr)."""
+            options: tuple[str, ...] = (), environ: dict | None = None) -> tuple[dict, float, float, str]:
+    """(manifest, wall seconds, epoch seconds at launch, stderr); `environ`: more environment for the ranks."""
     cmd = mpiexec_command(ranks or args.ranks) + [sys.executable, "-m", "hpcembed", "run", "--input", str(corpus),
                                          "--output", str(out), "--model", args.model, "--progress", "log",
                                          "--progress-interval", "5", "--unit-rows", str(args.unit_rows),
                                          "--tokenizer-backend", backend, "--cache-dir", str(cache),
                                          "--overwrite"] + args.extra + list(options)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HPCEMBED_MPI": "1", "PYTHONPATH": str(REPO), **(environ or {})}
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):     # the job's --cache-dir decides
         env.pop(name, None)
     launched = time.time()
@@ -149,7 +152,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="")
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME:RANKS:OPTIONS",
                     help="warm runs after the others, each on RANKS ranks with these `hpcembed run` options "
-                         "(space-separated, one argument), e.g. 'tok14:16:--tokenizer-ranks 14'")
+                         "(space-separated, one argument; NAME=VALUE words set the ranks' environment), e.g. "
+                         "'tok14:16:--tokenizer-ranks 14', 'upfront:16:HPCEMBED_LATE_INSTANCES=0'")
     ap.add_argument("extra", nargs="*", help="more `hpcembed run` options, after --")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,8 +192,10 @@ def main() -> None:
     for variant in args.variants:           # the kernel cache is warm from the runs above
         name, ranks, options = variant.split(":", 2)
         out = work / f"out-{name}"
+        words = options.split()
+        environ = dict(w.split("=", 1) for w in words if ENV_WORD.match(w))
         manifest, wall, launched, log = run_job(args, corpus_dir, out, args.backends[0], cache, int(ranks),
-                                                tuple(options.split()))
+                                                tuple(w for w in words if not ENV_WORD.match(w)), environ)
         print("\n".join(line for line in log.splitlines() if "plan:" in line or "role map" in line
                         or "complete:" in line), flush=True)
         runs[name] = {**summarize(manifest, wall, launched, args.docs, int(ranks)), "start": "warm",

@@ -3,6 +3,7 @@ ranks here, so a role is the same whether it runs as a thread or as an MPI rank.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -87,8 +88,9 @@ def start_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> tuple[list[E
     a background thread while the first one works, as a Future of them, which the rank's InstancePool takes in
     when they are ready. Start-up then waits for one instance's build, not all (one instance started 1.2 s sooner
     than two on the H200 box: bench/notes/feed_the_gpu.md, call 14). Not under --dtype fp8, whose fidelity check
-    drops every instance's bf16 weights after it; nor when rehearsing."""
-    if cfg.rehearse or cfg.dtype == "fp8":
+    drops every instance's bf16 weights after it; nor when rehearsing. HPCEMBED_LATE_INSTANCES=0 builds them all
+    first, for measuring the difference (bench/e2e_node.py's variants)."""
+    if cfg.rehearse or cfg.dtype == "fp8" or os.environ.get("HPCEMBED_LATE_INSTANCES", "1") == "0":
         return build_encoders(cfg, spec, device), None
     build, count = _instance_builder(cfg, spec, device)
     first = build()
