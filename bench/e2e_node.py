@@ -88,8 +88,8 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
         else None,
         "gpu_instance_busy": [round(r["busy_seconds"] / steady / r.get("instances", 1), 3) for r in gpu],
         "gpu_loop_seconds": [r.get("loop_seconds") for r in gpu],
-        "encoder_engine": [{k: r.get(k) for k in ("engine", "dtype", "attention", "fused_ops", "instances",
-                                                  "instances_joined_after_s")} for r in gpu],
+        "encoder_engine": [{k: r.get(k) for k in ("engine", "dtype", "attention", "fused_ops", "instances")}
+                           for r in gpu],
         "encoder_host": [{k: r.get(k) for k in ("host_cpu_seconds", "batches", "host_ms_per_batch",
                                                 "host_us_per_row")} for r in gpu],
         "tokenizer_other_seconds_mean": {
@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=[], metavar="NAME:RANKS:OPTIONS",
                     help="warm runs after the others, each on RANKS ranks with these `hpcembed run` options "
                          "(space-separated, one argument; NAME=VALUE words set the ranks' environment), e.g. "
-                         "'tok14:16:--tokenizer-ranks 14', 'upfront:16:HPCEMBED_LATE_INSTANCES=0'")
+                         "'tok14:16:--tokenizer-ranks 14', 'probe-late:16:HPCEMBED_EARLY_PROBE=0'")
     ap.add_argument("extra", nargs="*", help="more `hpcembed run` options, after --")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

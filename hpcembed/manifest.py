@@ -81,8 +81,6 @@ class EncoderStats(RankStats):
     attention: str = ""                         # the varlen engine's attention kernel (triton, flash, padded)
     fused_ops: str = ""                         # and its ops between the matmuls (triton, compile, eager)
     instances: int = 0
-    # Seconds from the rank's start of work to each instance built after the first joining it (start_encoders).
-    instances_joined_after_s: list = field(default_factory=list)
     fp8_min_cosine: float | None = None         # --dtype fp8: the fidelity check's minimum cosine against bf16
     ready_at: float = 0.0                       # epoch seconds the encoders were built and the rank took work
     stage_busy_seconds: float = 0.0             # time at least one instance was encoding

@@ -180,7 +180,6 @@ class _QueueingEncoder:
 
     launch_ahead = 2
     build_seconds: dict = {}
-    engine, device_name, dtype_name = "stand-in", "cpu", "fp32"
 
     def __init__(self, log, fail_row=None):
         self.log, self.fail_row = log, fail_row
@@ -249,41 +248,3 @@ def test_batcher_never_leaves_a_short_row_waiting_behind_a_stream_of_longer_ones
     while batcher.pop() is not None:
         pass
     assert batcher.rows == 0 and batcher.tokens == 0
-
-
-def test_instances_built_later_join_the_pool_and_results_stay_in_order(caplog):
-    """A job's encoder rank starts with its first instance and takes in the others when their background build
-    ends (launch/build.start_encoders): from then on batches go to them too, in submission order as before. A
-    later build that fails leaves the pool working with what it has; one not finished when the pool closes is
-    waited for."""
-    from concurrent.futures import Future
-    first_log, second_log = [], []
-    later: Future = Future()
-    pool = InstancePool([_QueueingEncoder(first_log)], depth=2, later=later)
-    batches = [make_batch([2, 3], first_row=2 * k)[0] for k in range(12)]
-    got = []
-    for k, b in enumerate(batches):
-        if k == 4:
-            later.set_result([_QueueingEncoder(second_log)])
-        while pool.capacity == 0:
-            got += pool.completed(wait=1.0)
-        pool.submit(b)
-    while pool.in_flight:
-        got += pool.completed(wait=1.0)
-    pool.close()
-    assert [b.rows[0] for b, _ in got] == [2 * k for k in range(12)]
-    assert all((emb[:, 0] == b.token_ids[b.offsets[:-1]]).all() for b, emb in got)
-    assert len(pool.encoders) == 2 and second_log and min(r for _, r in second_log) >= 8
-    assert pool.describe()["instances"] == 2 and len(pool.describe()["instances_joined_after_s"]) == 1
-    failed: Future = Future()
-    pool = InstancePool([_QueueingEncoder([])], later=failed)
-    failed.set_exception(MemoryError("out of memory building the second instance"))
-    assert pool.capacity > 0 and len(pool.encoders) == 1
-    assert "built after the first failed (MemoryError: out of memory" in caplog.text
-    pool.close()
-    pending: Future = Future()
-    pool = InstancePool([_QueueingEncoder([])], later=pending)
-    import threading
-    threading.Timer(0.2, lambda: pending.set_result([_QueueingEncoder([])])).start()
-    pool.close()
-    assert len(pool.encoders) == 2

@@ -5,44 +5,30 @@ GPU does not wait for a thread to wake up.
 
 Small encoders leave an H100 idle between kernels of one stream; a second instance fills those gaps (the
 seed's multi-instance). The role loop stays the only thread that talks to the transport.
-
-A job's encoder rank starts with its first instance and takes in the others as a background thread finishes
-building them (`later`, launch/build.start_encoders), so start-up waits for one build.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
 
 import numpy as np
 
 from ..tokenize.batch import TokenBatch
 from .base import Encoder, Pending
 
-log = logging.getLogger("hpcembed")
-
 
 class InstancePool:
-    def __init__(self, encoders: list[Encoder], depth: int | None = None, on_done=None, reserved: int = 0,
-                 later: Future | None = None):
+    def __init__(self, encoders: list[Encoder], depth: int | None = None, on_done=None, reserved: int = 0):
         """`depth`: batches handed to each instance at a time; by default one more than it launches ahead, so
         that when a result comes back the next batch is already waiting to be launched behind the running one.
         `on_done()`: called from an instance thread whenever a batch finishes (a waiting driver's wake-up).
         `reserved`: the last that many instances take only the batches submitted with reserved=True (a server's
-        low-latency lane), the others the rest. `later`: a Future of more (shared) instances, still being built;
-        taken in by `capacity` once built (not with reserved instances)."""
+        low-latency lane), the others the rest."""
         if not 0 <= reserved < len(encoders):
             raise ValueError(f"{reserved} reserved instances of {len(encoders)}: at least one must be shared")
-        if later is not None and reserved:
-            raise ValueError("instances built later join the shared ones; a pool with reserved ones takes none")
-        self.encoders = list(encoders)
-        self._later = later
-        self.joined_at: list[float] = []     # seconds from the pool's start to each later instance's joining
-        self._created = time.perf_counter()
+        self.encoders = encoders
         self.reserved, self._shared = reserved, len(encoders) - reserved
         self._next_reserved = 0
         self._on_done = on_done
@@ -65,35 +51,8 @@ class InstancePool:
         for th in self._threads:
             th.start()
 
-    def _take_in(self, wait: bool = False) -> None:
-        """Add the instances built later, once they are (`wait`: waiting for them). A build that failed (memory,
-        most likely) leaves the pool as it is, with a warning: the instances it has work on."""
-        if self._later is None or not (wait or self._later.done()):
-            return
-        later, self._later = self._later, None
-        try:
-            built = later.result()
-        except Exception as exc:  # noqa: BLE001 - the pool runs on without them
-            log.warning("the model instances built after the first failed (%s: %s); going on with %d",
-                        type(exc).__name__, exc, len(self.encoders))
-            return
-        for encoder in built:
-            k = len(self.encoders)
-            self.encoders.append(encoder)
-            self._inboxes.append(queue.SimpleQueue())
-            for column in (self._launched, self._last_end, self._busy, self._since):
-                column.append(0 if column is self._launched else 0.0)
-            self._shared += 1
-            self.joined_at.append(time.perf_counter() - self._created)
-            thread = threading.Thread(target=self._serve, args=(k,), daemon=True, name=f"instance-{k}")
-            self._threads.append(thread)
-            thread.start()
-
     @property
     def capacity(self) -> int:
-        """Batches that may be submitted now. The role loop asks before it submits, and only it: instances built
-        later are taken in here."""
-        self._take_in()
         return self.depth * len(self.encoders) - len(self._order)
 
     @property
@@ -137,8 +96,7 @@ class InstancePool:
         return {"engine": first.engine, "device": first.device_name, "dtype": first.dtype_name,
                 "attention": getattr(first, "attention_name", ""), "fused_ops": getattr(first, "fused_ops", ""),
                 "instances": len(self.encoders), "fp8_min_cosine": getattr(first, "fp8_min_cosine", None),
-                "build_seconds": build, **({"instances_joined_after_s": [round(t, 3) for t in self.joined_at]}
-                                           if self.joined_at else {})}
+                "build_seconds": build}
 
     def submit(self, batch: TokenBatch, reserved: bool = False) -> None:
         """Hand `batch` to the next instance in turn: a reserved one if asked for and there are any."""
@@ -222,8 +180,6 @@ class InstancePool:
             self._on_done()
 
     def close(self) -> None:
-        if self._later is not None:         # a job shorter than a build: its instances are built, then closed
-            self._take_in(wait=True)
         for inbox in self._inboxes:
             inbox.put(None)
         # Joined, not left as daemons: torch aborts the process if its threads are torn down mid-kernel.

@@ -3,8 +3,6 @@ ranks here, so a role is the same whether it runs as a thread or as an MPI rank.
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..cache import cache_dir, use_cache_dir
@@ -71,50 +69,25 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str, low_latency: tu
     if cfg.rehearse:
         from ..rehearsal import StandInEncoder, parse_rates
         return [StandInEncoder(spec, parse_rates(cfg.rehearse)[1])]
-    build, count = _instance_builder(cfg, spec, device)
-    first = build()
-    cuda = first.device_name.startswith("cuda")
-    encoders = [first] + [build() for _ in range((count if cuda else 1) - 1)]
-    if cuda and first.engine == "varlen":
-        from ..engine.varlen import VarlenEncoder
-        encoders += [VarlenEncoder(spec, first.device_name, first.dtype_name, first.fused_ops, first.gelu_epilogue,
-                                   low_latency[1] if first.graph_tokens else 0, first.attention_name,
-                                   weights_of=first) for _ in range(low_latency[0])]
-    return encoders
-
-
-def start_encoders(cfg: JobConfig, spec: ModelSpec, device: str) -> tuple[list[Encoder], Future | None]:
-    """A job's encoder rank's instances: the first built now; on CUDA the others (where there are more) built by
-    a background thread while the first one works, as a Future of them, which the rank's InstancePool takes in
-    when they are ready. Start-up then waits for one instance's build, not all (one instance started 1.2 s sooner
-    than two on the H200 box: bench/notes/feed_the_gpu.md, call 14). Not under --dtype fp8, whose fidelity check
-    drops every instance's bf16 weights after it; nor when rehearsing. HPCEMBED_LATE_INSTANCES=0 builds them all
-    first, for measuring the difference (bench/e2e_node.py's variants)."""
-    if cfg.rehearse or cfg.dtype == "fp8" or os.environ.get("HPCEMBED_LATE_INSTANCES", "1") == "0":
-        return build_encoders(cfg, spec, device), None
-    build, count = _instance_builder(cfg, spec, device)
-    first = build()
-    if not first.device_name.startswith("cuda") or count < 2:
-        return [first], None
-    builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="late-instances")
-    later = builder.submit(lambda: [build() for _ in range(count - 1)])
-    builder.shutdown(wait=False)            # the thread ends with its one task
-    return [first], later
-
-
-def _instance_builder(cfg: JobConfig, spec: ModelSpec, device: str):
-    """(a function that builds one model instance, how many instances the rank runs on a GPU)."""
     from ..engine.build import build_encoder, resolve_device      # torch: encoder ranks only
     device = resolve_device(device)
     if device.startswith("cuda"):
         use_cache_dir(cfg.cache_dir)
     graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
-
     def build():
         return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.fused_ops, cfg.exact_gelu, graph_tokens,
                              cfg.attention)
+    first = build()
     # On CPU a second instance would only split the same cores between two copies of the weights.
-    return build, cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
+    count = cfg.instances_per_gpu or (1 if spec.is_decoder else 2)
+    cuda = first.device_name.startswith("cuda")
+    encoders = [first] + [build() for _ in range((count if cuda else 1) - 1)]
+    if cuda and first.engine == "varlen":
+        from ..engine.varlen import VarlenEncoder
+        encoders += [VarlenEncoder(spec, first.device_name, first.dtype_name, first.fused_ops, first.gelu_epilogue,
+                                   low_latency[1] if graph_tokens else 0, first.attention_name, weights_of=first)
+                     for _ in range(low_latency[0])]
+    return encoders
 
 
 def calibrate_for(cfg: JobConfig, spec: ModelSpec, units: list, encoder: Encoder):
@@ -151,13 +124,12 @@ def _columns(cfg: JobConfig, spec: ModelSpec) -> Columns:
 
 def encoder_rank(cfg: JobConfig, transport: Transport, roles: RoleMap, encoders: list[Encoder], spec: ModelSpec,
                  startup: dict[str, float] | None = None, ranges=None, dedup: bool = False,
-                 reuse: list = (), later: Future | None = None) -> EncoderRank:
+                 reuse: list = ()) -> EncoderRank:
     """`ranges`: int8/uint8 output's calibration ranges (launch/calibrate.py); `dedup`: this rank owns a share
-    of the job's digests (roles/dedup.py), and takes its share of `reuse`'s earlier embeddings (io/reuse.py);
-    `later`: instances still being built (start_encoders)."""
+    of the job's digests (roles/dedup.py), and takes its share of `reuse`'s earlier embeddings (io/reuse.py)."""
     core = EncoderCore(transport.rank, roles, cfg.credits, cfg.batch_tokens_for(encoders[0].device_name),
                        cfg.window_batches)
-    return EncoderRank(transport, core, InstancePool(encoders, later=later),
+    return EncoderRank(transport, core, InstancePool(encoders),
                        OutputDir(cfg.output, output_dtype=cfg.output_dtype, ranges=ranges,
                                  output_format=cfg.output_format), startup,
                        pool_chunks=cfg.chunk_pooling == "mean", normalize=spec.normalize,

@@ -30,7 +30,7 @@ from ..slurm import SlurmTask
 from ..topology import RankInfo, device_for, plan_roles
 from ..transport.base import Transport
 from ..world import quiet_barrier
-from .build import calibrate_for, check_fp8, encoder_rank, start_encoders, tokenizer_rank
+from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, tokenizer_rank
 from .calibrate import agree
 from .kinds import JobKind
 from .planning import EarlyRateProbe, choose_data_path, job_device, open_transport, plan_job_roles
@@ -181,7 +181,6 @@ class _EarlyBuild:
     spec: ModelSpec
     device: str
     encoders: list | None
-    later: object               # a Future of the instances built after the first (start_encoders), or None
     error: Exception | None
     building_at: float          # imports and MPI done: building starts
     built_at: float
@@ -204,9 +203,9 @@ def _build_early(cfg: JobConfig, kind: JobKind, ranks: list[RankInfo], rank: int
         return None             # rank 0's planning finds the same mistake and reports it
     building_at = time.time()
     try:
-        return _EarlyBuild(spec, device, *start_encoders(cfg, spec, device), None, building_at, time.time())
+        return _EarlyBuild(spec, device, build_encoders(cfg, spec, device), None, building_at, time.time())
     except Exception as exc:    # noqa: BLE001 - raised again in the role, once the plan says the job runs
-        return _EarlyBuild(spec, device, None, None, exc, building_at, time.time())
+        return _EarlyBuild(spec, device, None, exc, building_at, time.time())
 
 
 def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
@@ -229,11 +228,10 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
             if early is not None and early.spec == plan.spec and early.device == device:
                 if early.error is not None:
                     raise early.error
-                encoders, later = early.encoders, early.later
-                startup["building"], startup["built"] = early.building_at, early.built_at
+                encoders, startup["building"], startup["built"] = early.encoders, early.building_at, early.built_at
             else:
                 startup["building"] = time.time()
-                (encoders, later), startup["built"] = start_encoders(cfg, plan.spec, device), time.time()
+                encoders, startup["built"] = build_encoders(cfg, plan.spec, device), time.time()
             if plan.fp8_sample:
                 check_fp8(cfg, plan.spec, plan.fp8_sample, encoders)
                 startup["fp8_checked"] = time.time()
@@ -242,7 +240,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
                 ranges = agree(calibrate_for(cfg, plan.spec, plan.calibration, encoders[0]), role_comm)
                 startup["calibrated"] = time.time()
             worker = encoder_rank(cfg, transport, plan.roles, encoders, plan.spec, startup, ranges, plan.dedup,
-                                  plan.reuse, later)
+                                  plan.reuse)
             settle()
             worker.run()
     run_role(role, transport, plan.roles.conductor, body)
