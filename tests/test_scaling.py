@@ -244,3 +244,20 @@ def test_rank_0s_ledger_is_made_durable_on_the_simulations_clock(calibration):
         assert sim.conductor.ledger.clock() == 2.5
     finally:
         sim._tmp.cleanup()
+
+
+def test_independent_simulations_run_side_by_side_with_the_same_results(calibration):
+    """`hpcembed scaling simulate --jobs N`: a projection's simulations in N processes give what one process
+    gives (virtual time does not depend on the process; only the control ranks' measured handler times move)."""
+    from hpcembed.scaling.project import simulate_all
+    cal = json.loads(calibration.read_text())
+    rates, shape = rates_from(cal), NodeShape(cores=6, gpus=1, tokenizers=4)
+    runs = {(n, kind): (n, shape, JobShape(rows=60_000 * n, unit_rows=5_000), rates,
+                        {"ideal_network": True} if kind == "ideal" else {})
+            for n in (1, 3) for kind in ("weak", "ideal")}
+    alone, side_by_side = simulate_all(runs, workers=1), simulate_all(runs, workers=2)
+    assert set(alone) == set(side_by_side) == set(runs)
+    for key in runs:
+        a, b = alone[key], side_by_side[key]
+        assert (a.rows, a.units, a.encoder_rows) == (b.rows, b.units, b.encoder_rows)
+        assert a.makespan_s == pytest.approx(b.makespan_s, rel=0.01)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -82,6 +83,9 @@ def add_parser(sub) -> None:
     s.add_argument("--control-probe", help="bench/control_probe.py's JSON from the target machine: handler times "
                    "measured here are scaled by its probe over this machine's, so the charges do not depend on "
                    "the machine running the simulation (default: scaled by the calibration's cpu_slowdown)")
+    s.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
+                   help="simulations run side by side, one process each (default: this machine's cores, "
+                        "%(default)s); each times its control ranks' handlers on its own core")
 
     r = cmds.add_parser("report", help="write STUDY/report.md with plots, CSV and the validation table")
     r.add_argument("--study", required=True, help="study directory (measured.json, results.json)")
@@ -135,7 +139,7 @@ def main(args) -> int:
                               args.network_ablation_up_to, args.allow_unvalidated, node, args.job_rows,
                               args.tokenizer_batch_tokens, args.steal_rows,
                               Path(args.conductor_cost) if args.conductor_cost else None,
-                              Path(args.control_probe) if args.control_probe else None)
+                              Path(args.control_probe) if args.control_probe else None, args.jobs)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

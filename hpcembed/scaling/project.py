@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from . import read_json
@@ -64,11 +66,12 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
             job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
-            log=print) -> list[dict]:
+            workers: int = 1, log=print) -> list[dict]:
     """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
     `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
     included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3);
-    `steal_rows`: tail stealing's, as `hpcembed run --steal-rows` (0: none)."""
+    `steal_rows`: tail stealing's, as `hpcembed run --steal-rows` (0: none); `workers`: processes that run the
+    simulations (simulate_all)."""
     rates = rates_from(calibration, network)
     shape = node or node_from(calibration)
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
@@ -79,12 +82,18 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
                    chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
                    steal_rows=steal_rows, **settings)
+    whole_job = dataclasses.replace(job, rows_per_node=0, rows=job_rows)
+    runs = {}
+    for n in nodes:
+        runs[n, "weak"] = (n, shape, job, rates, {})
+        if job_rows:
+            runs[n, "whole"] = (n, shape, whole_job, rates, {})
+        if n <= network_ablation_up_to:
+            runs[n, "ideal network"] = (n, shape, job, rates, {"ideal_network": True})
+    results = simulate_all(runs, workers)
     out, base, whole_base = [], None, None
     for n in nodes:
-        result = simulate(n, shape, job, rates)
-        whole = simulate(n, shape, dataclasses.replace(job, rows_per_node=0, rows=job_rows), rates) if job_rows \
-            else None
-        ideal_net = simulate(n, shape, job, rates, ideal_network=True) if n <= network_ablation_up_to else None
+        result, whole, ideal_net = results[n, "weak"], results.get((n, "whole")), results.get((n, "ideal network"))
         if base is None:
             base, whole_base = result, whole
         x1 = base.steady_texts_per_s / base.nodes
@@ -151,6 +160,22 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     return out
 
 
+def simulate_all(runs: dict, workers: int = 1) -> dict:
+    """{key: SimResult} of independent simulations, {key: (nodes, shape, job, rates, keyword arguments)}, on
+    `workers` processes. The largest jobs go first, so that at 1000 nodes the weak-scaling job and the whole job
+    (most of a projection's time) run side by side. Each process times its control ranks' handlers on its own
+    core, as one simulation alone does; a machine with fewer free cores than workers would charge them more."""
+    def size(key):
+        nodes, _, job, _, _ = runs[key]
+        return job.rows or job.rows_per_node * nodes
+    order = sorted(runs, key=size, reverse=True)
+    if workers <= 1 or len(runs) <= 1:
+        return {key: simulate(*runs[key][:4], **runs[key][4]) for key in order}
+    with ProcessPoolExecutor(min(workers, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = {key: pool.submit(simulate, *runs[key][:4], **runs[key][4]) for key in order}
+        return {key: future.result() for key, future in futures.items()}
+
+
 def _handler_scale(calibration: dict) -> dict:
     """How this machine's handler times were scaled to the target core, for results.json."""
     rates = calibration["rates"]
@@ -195,9 +220,11 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
                  network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
-                 conductor_cost: Path | None = None, probe: Path | None = None, log=print) -> dict:
+                 conductor_cost: Path | None = None, probe: Path | None = None, workers: int = 1,
+                 log=print) -> dict:
     """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there.
-    `probe`: bench/control_probe.py's JSON of the target machine (the charges then do not depend on this one)."""
+    `probe`: bench/control_probe.py's JSON of the target machine (the charges then do not depend on this one).
+    `workers`: processes for the projection's simulations."""
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
     if conductor_cost is not None:
@@ -221,7 +248,8 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     # then results.json and the report say "validated": false beside every projected row.
     if not failed or allow_unvalidated:
         result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows, node,
-                                 network_ablation_up_to, job_rows, tokenizer_batch_tokens, steal_rows, log=log)
+                                 network_ablation_up_to, job_rows, tokenizer_batch_tokens, steal_rows, workers,
+                                 log=log)
         for row in result["rows"]:
             row["validated"] = result["validated"]
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
