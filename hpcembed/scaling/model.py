@@ -115,6 +115,9 @@ class SimNetwork:
         self.env, self.rates, self.host_of, self.ideal = env, rates, host_of, ideal
         self.inbox: list[deque] = [deque() for _ in host_of]
         self.waiting: list[simpy.Event | None] = [None] * len(host_of)
+        # A rank driven by its mail alone (an encoder rank): called as each message lands, in place of waking a
+        # process that waits for mail.
+        self.handlers: list = [None] * len(host_of)
         hosts = max(host_of) + 1
         self.egress_free = [0.0] * hosts
         self.ingress_free = [0.0] * hosts
@@ -144,6 +147,10 @@ class SimNetwork:
 
     def _put(self, rank: int, envelope: Envelope) -> None:
         self.inbox[rank].append(envelope)
+        handler = self.handlers[rank]
+        if handler is not None:
+            handler()
+            return
         waiter = self.waiting[rank]
         if waiter is not None:
             self.waiting[rank] = None
