@@ -134,20 +134,30 @@ class SimNetwork:
         self.batches = self.remote_batches = 0
 
     def post(self, source: int, dest: int, message: Any, nbytes: int, depart: float = 0.0) -> None:
+        _Delivery(self.env, self._delay(source, dest, nbytes, depart), (dest, Envelope(source, message)),
+                  self._deliver)
+
+    def land(self, event: simpy.Event, source: int, dest: int, message: Any, nbytes: int) -> None:
+        """Post `message` and fire `event` when it lands, as one event: `event` (a sender's wait for its
+        rendezvous to complete) is the delivery itself, its waiters resumed as the message is handed over."""
+        event._value, event._ok = (dest, Envelope(source, message)), True
+        event.callbacks.append(self._deliver)
+        self.env.schedule(event, simpy.events.NORMAL, self._delay(source, dest, nbytes, 0.0))
+
+    def _delay(self, source: int, dest: int, nbytes: int, depart: float) -> float:
+        """From now until a message of `nbytes` posted `depart` from now lands, its NIC time booked."""
         r = self.rates
         if self.ideal:
-            delay = depart
-        elif self.host_of[source] == self.host_of[dest]:
-            delay = depart + r.local_latency_s + nbytes / r.local_bytes_per_s
-        else:
-            a, b = self.host_of[source], self.host_of[dest]
-            now = self.env.now
-            start = max(now + depart, self.egress_free[a], self.ingress_free[b])
-            done = start + nbytes / r.nic_bytes_per_s
-            self.egress_free[a] = self.ingress_free[b] = done
-            self.nic_busy[b] += done - start
-            delay = done + r.net_latency_s - now
-        _Delivery(self.env, delay, (dest, Envelope(source, message)), self._deliver)
+            return depart
+        if self.host_of[source] == self.host_of[dest]:
+            return depart + r.local_latency_s + nbytes / r.local_bytes_per_s
+        a, b = self.host_of[source], self.host_of[dest]
+        now = self.env.now
+        start = max(now + depart, self.egress_free[a], self.ingress_free[b])
+        done = start + nbytes / r.nic_bytes_per_s
+        self.egress_free[a] = self.ingress_free[b] = done
+        self.nic_busy[b] += done - start
+        return done + r.net_latency_s - now
 
     def _deliver(self, event) -> None:
         dest, envelope = event.value

@@ -353,14 +353,13 @@ class _EncoderLoop:
                 window.append([batch, batch.num_tokens])
                 self.waiting += batch.num_tokens
                 core.batch_taken(envelope.source, batch.num_tokens)
-                message.request.done.succeed()
             elif not isinstance(message, StepDone):
                 for unit in core.handle(envelope.source, message):
                     sim._post(rank, [core.written(unit, shard_name(unit, rank))])
         while requests and core.has_room(self.waiting, state["arriving"]):
             source, request = requests.popleft()
             state["arriving"] += request.batch.num_tokens
-            net.post(source, rank, Landed(request), request.batch.nbytes)
+            net.land(request.done, source, rank, Landed(request), request.batch.nbytes)     # the sender's Send returns
         while window and state["in_flight"] < self.depth:
             step = _cut_step(window, sim.job.max_batch_tokens)
             taken = sum(tokens for _, tokens in step)
