@@ -146,24 +146,31 @@ def rotary_frequencies(head_dim: int, theta: float, device, factor: float = 1.0)
         / factor
 
 
-class DecoderWeights:
-    """A Llama-family decoder's weights, with Q/K/V and gate/up fused."""
+class DecoderShape:
+    """What every decoder's weights hold of config.json: its heads, widths, norm epsilon and positions."""
 
     position_offset = 0
-    takes_triton_attention = True   # every layer attends plainly: no window, the default scale
-    window = 0
 
-    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
-        """`linear(weight, bias)`: how each fused matmul is held (Linear, or engine/fp8.py's quantizing one)."""
-        config = _config(model_dir)
-        self.config = config
+    def _read_shape(self, model_dir: str) -> dict:
+        config = self.config = _config(model_dir)
         self.heads = int(config["num_attention_heads"])
         self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
         self.hidden = int(config["hidden_size"])
         self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
         self.eps = float(config.get("rms_norm_eps", 1e-6))
-        self.causal = bool(config.get("is_causal", True))
         self.max_positions = int(config.get("max_position_embeddings", 32768))
+        return config
+
+
+class DecoderWeights(DecoderShape):
+    """A Llama-family decoder's weights, with Q/K/V and gate/up fused."""
+
+    takes_triton_attention = True   # every layer attends plainly: no window, the default scale
+
+    def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
+        """`linear(weight, bias)`: how each fused matmul is held (Linear, or engine/fp8.py's quantizing one)."""
+        config = self._read_shape(model_dir)
+        self.causal = bool(config.get("is_causal", True))
         self.inv_freq = rotary_frequencies(self.head_dim, _rope(config)[1], device)
         reader = WeightReader(model_dir, dtype, device, linear)
         get, fused = reader.get, reader.fused
@@ -339,9 +346,12 @@ def _triton_ops() -> type[DecoderOps]:
 
 @functools.cache
 def _compiled_ops() -> type[DecoderOps]:
-    class _Compiled(DecoderOps):
-        rms_norm = staticmethod(torch.compile(rms_norm))
-        add_rms_norm = staticmethod(torch.compile(add_rms_norm))
-        silu_mul = staticmethod(torch.compile(silu_mul))
-        qk_norm_rotary = staticmethod(torch.compile(qk_norm_rotary))
-    return _Compiled
+    return compiled(DecoderOps)
+
+
+def compiled(ops: type) -> type:
+    """`ops` with each of its pieces compiled by torch.compile (callers cache the class, so a process compiles
+    each piece once, whatever its instances)."""
+    pieces = {name: staticmethod(torch.compile(getattr(ops, name)))
+              for name, value in vars(ops).items() if isinstance(value, staticmethod)}
+    return type(f"Compiled{ops.__name__}", (ops,), pieces)

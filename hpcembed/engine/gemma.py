@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decoder import Linear, WeightReader, _config, _maybe_quantized, rotary, rotary_frequencies, split_heads
+from .decoder import (DecoderShape, Linear, WeightReader, _maybe_quantized, compiled, rotary,
+                      rotary_frequencies, split_heads)
 
 LAYER_KINDS = ("sliding_attention", "full_attention")
 ROPE_TYPES = ("default", "linear")
@@ -84,22 +85,14 @@ class GemmaLayer:
     window: int                 # keys nearer than this only; 0 for a global layer
 
 
-class GemmaWeights:
+class GemmaWeights(DecoderShape):
     """A Gemma 3 text model's weights, Q/K/V and gate/up fused."""
 
-    position_offset = 0
     takes_triton_attention = False      # windows and its own scale: flash attention takes them
 
     def __init__(self, model_dir: str, dtype: torch.dtype, device: torch.device, linear=Linear):
-        config = _config(model_dir)
-        self.config = config
-        self.heads = int(config["num_attention_heads"])
-        self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
-        self.hidden = int(config["hidden_size"])
-        self.head_dim = int(config.get("head_dim") or self.hidden // self.heads)
-        self.eps = float(config.get("rms_norm_eps", 1e-6))
+        config = self._read_shape(model_dir)
         self.causal = not config.get("use_bidirectional_attention", False)
-        self.max_positions = int(config.get("max_position_embeddings", 32768))
         scalar = float(config.get("query_pre_attn_scalar") or self.head_dim)
         self.scale = None if scalar == self.head_dim else scalar ** -0.5
         self.embed_scale = torch.tensor(self.hidden ** 0.5).to(device=device, dtype=dtype)
@@ -201,9 +194,4 @@ class GemmaOps:
 
 @functools.cache
 def _compiled_ops() -> type[GemmaOps]:
-    class _Compiled(GemmaOps):
-        rms_norm = staticmethod(torch.compile(rms_norm))
-        add_norms = staticmethod(torch.compile(add_norms))
-        gelu_mul = staticmethod(torch.compile(gelu_mul))
-        qk_norm_rotary = staticmethod(torch.compile(qk_norm_rotary))
-    return _Compiled
+    return compiled(GemmaOps)
