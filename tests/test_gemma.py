@@ -39,6 +39,8 @@ def test_gemma_padding_free_matches_sentence_transformers_row_by_row(gemma, bidi
     spec = ModelSpec.load(gemma[bidirectional])
     assert spec.is_decoder and supports(spec) is None
     assert spec.pooling == "mean" and [d.out_features for d in spec.dense] == [96, 48] and spec.dim == 48
+    # sentence-transformers 6.1+ keeps max_seq_length in the tokenizer's config, not sentence_bert_config.json.
+    assert spec.max_seq_length == 128
     batch = _batch()
     encoder = VarlenEncoder(spec, "cpu", "fp32")
     got = encoder.encode(batch)
