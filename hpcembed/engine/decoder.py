@@ -12,6 +12,9 @@ when the tokenizer pads left), which does not change the result: rotary attentio
 
 FP8 (engine/fp8.py) swaps the four matmuls of each layer for e4m3 ones; embeddings, norms, attention and pooling
 stay in bf16.
+
+Gemma 3 (engine/gemma.py) shares this module's weight reading, rotary embeddings and attention kernels, and has
+its own layer and norms.
 """
 from __future__ import annotations
 
