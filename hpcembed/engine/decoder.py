@@ -33,7 +33,7 @@ from .model import ModelSpec
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
-def _config(spec_or_path) -> dict:
+def config_of(spec_or_path) -> dict:
     path = spec_or_path.path if isinstance(spec_or_path, ModelSpec) else spec_or_path
     return json.loads((Path(path) / "config.json").read_text())
 
@@ -47,20 +47,19 @@ def _rope(config: dict) -> tuple[str, float]:
 
 
 def is_decoder(spec: ModelSpec) -> bool:
-    return _config(spec).get("model_type") in SUPPORTED
+    return config_of(spec).get("model_type") in SUPPORTED
 
 
 def supports(spec: ModelSpec) -> str | None:
     """None when the padding-free decoder path serves this model, else why not."""
-    config = _config(spec)
+    config = config_of(spec)
     kind = config.get("model_type")
     if kind not in SUPPORTED:
         return f"model type {kind!r} (the decoder path serves {', '.join(SUPPORTED)})"
     if not sorted(Path(spec.path).glob("*.safetensors")):
         return "no .safetensors weights"
     if kind == "gemma3_text":
-        from .gemma import supports as gemma_supports
-        return gemma_supports(config)
+        return None             # the rest is engine/gemma.py's to say (varlen.supports asks it)
     rope_type, _ = _rope(config)
     if rope_type != "default":
         return f"rotary embedding type {rope_type!r} (the decoder path computes the default one)"
@@ -73,13 +72,6 @@ def supports(spec: ModelSpec) -> str | None:
         return f"a sliding attention window ({window}) shorter than max_seq_length {spec.max_seq_length}"
     return None
 
-
-def weights_for(spec: ModelSpec):
-    """The weights class of this decoder's family: Gemma 3's (engine/gemma.py), or the Llama family's."""
-    if _config(spec).get("model_type") == "gemma3_text":
-        from .gemma import GemmaWeights
-        return GemmaWeights
-    return DecoderWeights
 
 
 @dataclass
@@ -155,7 +147,7 @@ class DecoderShape:
     position_offset = 0
 
     def _read_shape(self, model_dir: str) -> dict:
-        config = self.config = _config(model_dir)
+        config = self.config = config_of(model_dir)
         self.heads = int(config["num_attention_heads"])
         self.kv_heads = int(config.get("num_key_value_heads") or self.heads)
         self.hidden = int(config["hidden_size"])

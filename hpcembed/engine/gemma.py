@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from .decoder import (DecoderShape, Linear, WeightReader, _maybe_quantized, compiled, rotary,
                       rotary_frequencies, split_heads)
 
+TYPES = ("gemma3_text",)             # config.json's model_type
 LAYER_KINDS = ("sliding_attention", "full_attention")
 ROPE_TYPES = ("default", "linear")
 

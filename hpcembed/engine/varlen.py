@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..tokenize.batch import TokenBatch
-from . import decoder
+from . import decoder, gemma
 from .base import Encoder, Pending, torch_dtype
 from .dense import DenseStack
 from .bert import BertWeights, encoder_forward, supports as bert_supports
@@ -43,7 +43,15 @@ from .attention_kernels import attention_kernel
 
 def supports(spec: ModelSpec) -> str | None:
     """None when the padding-free path serves this model (the BERT family or a decoder), else why not."""
-    return decoder.supports(spec) if spec.is_decoder else bert_supports(spec)
+    if not spec.is_decoder:
+        return bert_supports(spec)
+    why = decoder.supports(spec)
+    return gemma.supports(decoder.config_of(spec)) if why is None and spec.model_type in gemma.TYPES else why
+
+
+def decoder_weights(spec: ModelSpec) -> type:
+    """The weights class of a decoder's family: Gemma 3's (engine/gemma.py), or the Llama family's."""
+    return gemma.GemmaWeights if spec.model_type in gemma.TYPES else decoder.DecoderWeights
 
 
 def add_layer_norm(x, residual, weight, bias, eps: float):
@@ -211,8 +219,8 @@ class VarlenEncoder(Encoder):
             self.weights = weights_of.weights
         elif self.decoder:
             from .fp8 import Fp8Linear
-            self.weights = decoder.weights_for(spec)(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
-                                                     self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
+            self.weights = decoder_weights(spec)(spec.path, torch_dtype("bf16" if dtype == "fp8" else dtype),
+                                                 self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
         else:
             self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
         self.dense = DenseStack(spec, self.device) if spec.dense else None

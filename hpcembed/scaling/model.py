@@ -117,6 +117,16 @@ class _Delivery(simpy.Event):
         env.schedule(self, simpy.events.NORMAL, delay)
 
 
+class Rendezvous(simpy.Event):
+    """A batch sender's wait for its data to land, which the network fires as the delivery itself
+    (SimNetwork.land): one event where a delivery and a wake-up were two."""
+
+    def fire_in(self, delay: float, value, callback) -> None:
+        self._value, self._ok = value, True
+        self.callbacks.append(callback)
+        self.env.schedule(self, simpy.events.NORMAL, delay)
+
+
 class SimNetwork:
     """Delivers messages in virtual time (see the module docstring for the model)."""
 
@@ -137,12 +147,10 @@ class SimNetwork:
         _Delivery(self.env, self._delay(source, dest, nbytes, depart), (dest, Envelope(source, message)),
                   self._deliver)
 
-    def land(self, event: simpy.Event, source: int, dest: int, message: Any, nbytes: int) -> None:
+    def land(self, event: "Rendezvous", source: int, dest: int, message: Any, nbytes: int) -> None:
         """Post `message` and fire `event` when it lands, as one event: `event` (a sender's wait for its
         rendezvous to complete) is the delivery itself, its waiters resumed as the message is handed over."""
-        event._value, event._ok = (dest, Envelope(source, message)), True
-        event.callbacks.append(self._deliver)
-        self.env.schedule(event, simpy.events.NORMAL, self._delay(source, dest, nbytes, 0.0))
+        event.fire_in(self._delay(source, dest, nbytes, 0.0), (dest, Envelope(source, message)), self._deliver)
 
     def _delay(self, source: int, dest: int, nbytes: int, depart: float) -> float:
         """From now until a message of `nbytes` posted `depart` from now lands, its NIC time booked."""
@@ -201,7 +209,7 @@ class StepDone:
 class SendRequest:
     """The rendezvous request of a batch send; `done` fires when the encoder rank has received the data."""
     batch: "SimBatch"
-    done: simpy.Event
+    done: Rendezvous
 
 
 @dataclass

@@ -33,8 +33,8 @@ from ..protocol.encoder import EncoderCore
 from ..protocol.messages import RequestUnit, Send
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..protocol.subconductor import SubConductorCore
-from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape, Rates, SendRequest, SimBatch,
-                    SimNetwork, SimResult, StepDone)
+from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape, Rates, Rendezvous, SendRequest,
+                    SimBatch, SimNetwork, SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 from .probe import handler_scale, pickle_seconds
 
@@ -95,7 +95,8 @@ class Simulation:
                 raise ValueError(f"{len(given[role])} {role} start offsets for {len(ranks)} {role} ranks")
             self.start_at.update({rank: o - earliest for rank, o in zip(ranks, given[role])})
 
-    def _post(self, source: int, sends: list[Send], depart: float = 0.0) -> None:
+    def post_sends(self, source: int, sends: list[Send], depart: float = 0.0) -> None:
+        """A core's control messages, each leaving `depart` from now."""
         for dest, message in sends:
             self.net.post(source, dest, message, CONTROL_BYTES, depart=depart)
 
@@ -104,7 +105,7 @@ class Simulation:
         box = self.net.inbox[rank]
         while box:
             envelope = box.popleft()
-            self._post(rank, core.handle(envelope.source, envelope.message))
+            self.post_sends(rank, core.handle(envelope.source, envelope.message))
 
     # --- rank 0 and the sub-conductors ----------------------------------------------------------------
     def _handled(self, message, handle) -> tuple[list[Send], float]:
@@ -153,7 +154,7 @@ class Simulation:
             by_type = self.conductor_cpu_by.setdefault(type(envelope.message).__name__, [0, 0.0])
             by_type[0], by_type[1] = by_type[0] + 1, by_type[1] + spent
             charge = 0.0 if self.free_conductor else self._charge(spent, self._rank0_factor)
-            self._post(0, replies, depart=charge)
+            self.post_sends(0, replies, depart=charge)
             if charge:
                 self.conductor_busy += charge
                 yield self.env.timeout(charge)
@@ -167,7 +168,7 @@ class Simulation:
         env, net, r = self.env, self.net, self.rates
         core = self.subconductors[rank]
         box = net.inbox[rank]
-        self._post(rank, core.start())
+        self.post_sends(rank, core.start())
         while True:
             if not box:
                 mail = net.wait(rank)
@@ -176,14 +177,14 @@ class Simulation:
                     yield env.any_of([mail, env.timeout(max(1e-6, due))])
                 else:
                     yield mail
-                self._post(rank, core.poll(env.now))
+                self.post_sends(rank, core.poll(env.now))
                 continue
             envelope = box.popleft()
             replies, spent = self._handled(envelope.message,
                                            lambda: core.handle(envelope.source, envelope.message, env.now))
             charge = self._charge(spent, r.conductor_factor)
             self.subconductor_busy[rank] += charge
-            self._post(rank, replies + core.poll(env.now), depart=charge)
+            self.post_sends(rank, replies + core.poll(env.now), depart=charge)
             yield env.timeout(charge)
 
     # --- tokenizer ranks --------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Simulation:
         core = TokenizerCore(rank, self.roles, job.steal_rows)
         if self.start_at.get(rank):
             yield env.timeout(self.start_at[rank])
-        self._post(rank, core.start())
+        self.post_sends(rank, core.start())
         first = True
         while True:
             t0 = env.now
@@ -210,7 +211,7 @@ class Simulation:
                 self.started += 1
                 if self.started == len(self.roles.tokenizers):
                     self.all_started = env.now
-            self._post(rank, sends)
+            self.post_sends(rank, sends)
             progress = UnitProgress()
             # Rows are tokenized chunk_rows at a time and leave in batches of the token budget, the rest of the
             # unit as one smaller batch (batching.BatchAssembler); or, replaying a run from before 0.3, a chunk
@@ -235,7 +236,7 @@ class Simulation:
                     size = min(pending, batch_rows)
                     pending -= size
                     yield from self._send_rows(rank, core, unit, size, progress)
-            self._post(rank, core.unit_read(core.reading, progress))
+            self.post_sends(rank, core.unit_read(core.reading, progress))
 
     def _send_rows(self, rank: int, core: TokenizerCore, unit: WorkUnit, rows: int, progress: UnitProgress):
         """One batch of `rows`, once a linked encoder rank has credit; returns when it has landed."""
@@ -256,7 +257,7 @@ class Simulation:
         once the encoder rank takes it in. The request goes now; the event returned fires when the data lands."""
         self.net.batches += 1
         self.net.remote_batches += self.host_of[rank] != self.host_of[dest]
-        landed = self.env.event()
+        landed = Rendezvous(self.env)
         self.net.post(rank, dest, SendRequest(batch, landed), CONTROL_BYTES)
         return landed
 
@@ -336,8 +337,8 @@ class _EncoderLoop:
         self.window: deque = deque()                   # [batch, tokens not yet submitted], landed
         self.state = {"arriving": 0, "in_flight": 0}   # tokens being transferred in; encoder batches submitted
         self.waiting = 0                               # tokens landed and not yet submitted
-        self.gpu = EncoderInstances(sim, rank, core, self.state, sim._post)
-        sim._post(rank, core.start())
+        self.gpu = EncoderInstances(sim, rank, core, self.state, sim.post_sends)
+        sim.post_sends(rank, core.start())
 
     def on_mail(self) -> None:
         sim, net, rank, core, state = self.sim, self.sim.net, self.rank, self.core, self.state
@@ -355,7 +356,7 @@ class _EncoderLoop:
                 core.batch_taken(envelope.source, batch.num_tokens)
             elif not isinstance(message, StepDone):
                 for unit in core.handle(envelope.source, message):
-                    sim._post(rank, [core.written(unit, shard_name(unit, rank))])
+                    sim.post_sends(rank, [core.written(unit, shard_name(unit, rank))])
         while requests and core.has_room(self.waiting, state["arriving"]):
             source, request = requests.popleft()
             state["arriving"] += request.batch.num_tokens
@@ -366,7 +367,7 @@ class _EncoderLoop:
             self.waiting -= taken
             state["in_flight"] += 1
             self.gpu.submit(step)
-            sim._post(rank, core.submitted(taken, window_empty=not window))
+            sim.post_sends(rank, core.submitted(taken, window_empty=not window))
 
 
 def _cut_step(window: deque, budget: int) -> list:
