@@ -223,7 +223,8 @@ class VarlenEncoder(Encoder):
                                                  self.device, Fp8Linear if dtype == "fp8" else decoder.Linear)
         else:
             self.weights = BertWeights(spec.path, torch_dtype(dtype), self.device)
-        self.dense = DenseStack(spec, self.device) if spec.dense else None
+        self.dense = (weights_of.dense if weights_of is not None else DenseStack(spec, self.device)) if spec.dense \
+            else None
         self.build_seconds = {"weights": time.perf_counter() - started}
         self.attention_name, self.attention = attention_kernel(self.weights, self.decoder, self.cuda, attention)
         self.graph_max_len = min(spec.max_seq_length, self.GRAPH_MAX_LEN)
