@@ -92,8 +92,8 @@ def make_model(size: str, root: Path, max_seq_length: int):
         (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
         (path / "1_Pooling").mkdir()
         (path / "1_Pooling" / "config.json").write_text(json.dumps(
-            {"word_embedding_dimension": config.hidden_size, f"pooling_mode_{pooling}" if pooling == "lasttoken"
-             else "pooling_mode_mean_tokens": True}))
+            {"word_embedding_dimension": config.hidden_size,
+             {"lasttoken": "pooling_mode_lasttoken", "mean": "pooling_mode_mean_tokens"}[pooling]: True}))
         (path / "2_Normalize").mkdir()
     return path, model, config
 
