@@ -42,16 +42,30 @@ def test_sub_conductors_run_a_job_exactly_once_and_commit_in_batches(tmp_path):
     assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
 
 
-def test_grants_shrink_towards_the_end(tmp_path):
+def test_grants_keep_to_each_nodes_share_whatever_order_they_are_asked_in(tmp_path):
     output = OutputDir(str(tmp_path / "out"))
     _, state = output.open({"test": True}, [], overwrite=False)
     ctor = ConductorCore(SUB_ROLES, plan_of(*[1] * 20), output, output.ledger(), state)
-    sizes = [len(ctor.handle(5, RequestUnits(8))[0].message.units) for _ in range(7)]
-    # 20 left over 2 sub-conductors: at most 5 (half an even share), then fewer as the pending units run out.
-    assert sizes == [5, 4, 3, 2, 2, 1, 1] and sum(sizes) == 18
+    # 20 units, two sub-conductors of two tokenizers each: a share of 10 each. The first to ask, asking again and
+    # again, gets its share and then one unit a request, so the second still finds its share when it asks.
+    first = [len(ctor.handle(5, RequestUnits(8))[0].message.units) for _ in range(3)]
+    assert first == [8, 2, 1]
     grant = ctor.handle(8, RequestUnits(8))[0].message
-    assert len(grant.units) == 1 and not grant.last
-    assert ctor.handle(8, RequestUnits(8))[0].message.last
+    assert len(grant.units) == 8 and not grant.last
+    last = ctor.handle(8, RequestUnits(8))[0].message
+    assert len(last.units) == 1 and last.last
+
+
+def test_grants_to_nodes_of_unequal_size_follow_their_tokenizer_ranks(tmp_path):
+    roles = RoleMap(conductor=0, tokenizers=[1, 2, 3, 6], encoders=[4, 7],
+                    hosts={**{r: "h0" for r in range(6)}, **{r: "h1" for r in range(6, 9)}},
+                    deputies={1: 5, 2: 5, 3: 5, 6: 8})
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    ctor = ConductorCore(roles, plan_of(*[1] * 40), output, output.ledger(), state)
+    # Three tokenizer ranks against one: 30 and 10 of 40, asked for in blocks larger than either share.
+    assert len(ctor.handle(8, RequestUnits(64))[0].message.units) == 10
+    assert len(ctor.handle(5, RequestUnits(64))[0].message.units) == 30
 
 
 def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():

@@ -12,10 +12,10 @@ Ids repeated across tokenizer ranks (or across runs of a resumed job) are report
 shards (DropIds) and recorded as rejects before the job may finish.
 
 Sub-conductors (protocol/subconductor.py, for jobs of hundreds of nodes) take the per-unit messages off rank 0:
-each asks for units in blocks (RequestUnits, answered with as many as it asked for while plenty are left, fewer
-towards the end so that no node sits on the last units), applies the commit rule to its own tokenizers' units,
-and sends the complete ones here in batches (UnitsCommitted). This core writes them to the ledger, one write per
-batch: the ledger and the rejects file stay rank 0's alone, so resume is unchanged.
+each asks for units in blocks (RequestUnits, answered with as many as it asked for up to its node's share of the
+job by tokenizer ranks, so that no node sits on units another lacks), applies the commit rule to its own
+tokenizers' units, and sends the complete ones here in batches (UnitsCommitted). This core writes them to the
+ledger, one write per batch: the ledger and the rejects file stay rank 0's alone, so resume is unchanged.
 
 Tail stealing (protocol/stealing.py): once no unit is left to hand out, a tokenizer rank that asks for one gets a
 piece of a unit another rank is reading, split off for it; the split is in the ledger before the piece is out.
@@ -100,6 +100,12 @@ class ConductorCore:
         self.reports: dict[int, RankStats] = {}
         self.tokenizers_left = set(roles.reporters())      # tokenizers and sub-conductors yet to report
         self.subconductors = len(roles.subconductors)
+        # Each sub-conductor's share of the units, by the tokenizer ranks it serves, and how many it has had.
+        weights = {s: len(roles.tokenizers_under(s)) for s in roles.subconductors}
+        total_weight = sum(weights.values()) or 1
+        self.grant_weight = {s: w / total_weight for s, w in weights.items()}
+        self.granted = dict.fromkeys(roles.subconductors, 0)
+        self.units_to_grant = len(self.pending)
         self.ranges_due = ranges_due and self.ranges is None
         self.held: list[UnitsCommitted] = []                 # commits waiting for the ranges
         # unit -> {digest: its reject}: ids to drop once the unit is committed, then while encoders drop them
@@ -167,7 +173,7 @@ class ConductorCore:
         if isinstance(message, UnitSplit):
             return self._split(source, message)
         if isinstance(message, RequestUnits):
-            return [Send(source, self._grant(message.count))]
+            return [Send(source, self._grant(source, message.count))]
         if isinstance(message, UnitsCommitted):
             if self.ranges_due and self.ranges is None:
                 self.held.append(message)
@@ -252,11 +258,17 @@ class ConductorCore:
         self.plan_units[unit], self.plan_units[piece.unit] = head, piece
 
     # --- grants and batched commits from sub-conductors ---------------------------------------------------------
-    def _grant(self, count: int) -> UnitGrant:
-        """Up to `count` units, but no more than half of an even share of what is left: the last units are spread
-        over the sub-conductors instead of queueing behind one node's tokenizers."""
-        share = max(1, -(-len(self.pending) // (2 * max(self.subconductors, 1))))
+    def _grant(self, source: int, count: int) -> UnitGrant:
+        """Up to `count` units, but no more than the sub-conductor's node is still owed of an even share (by
+        tokenizer ranks) of the units there were to grant. Where units are few for the tokenizer ranks (a
+        billion-row job at 1000 nodes: about half a unit a rank), every node gets its share whatever order the
+        requests come in, instead of the first nodes to ask taking most (nodes then finished 24% apart, and ranks
+        steal only within their node). A node past its share gets one unit a request while any are left, so a
+        faster node still takes more of a long job's units."""
+        owed = self.units_to_grant * self.grant_weight.get(source, 0.0) - self.granted.get(source, 0)
+        share = max(1, int(owed))
         units = [self.pending.popleft() for _ in range(min(count, share, len(self.pending)))]
+        self.granted[source] = self.granted.get(source, 0) + len(units)
         return UnitGrant(units, last=not self.pending)
 
     def committed(self, unit: int) -> CommittedUnit:
