@@ -12,11 +12,11 @@ from hpcembed.io.ids import id_digest
 from hpcembed.io.ledger import CommittedUnit, Ledger
 from hpcembed.io.writer import OutputDir, shard_name
 from hpcembed.manifest import RankStats, TokenizerStats
-from hpcembed.protocol.conductor import ConductorCore
+from hpcembed.protocol.conductor import ConductorCore, shares
 from hpcembed.protocol.messages import (Calibrated, Drain, DropIds, DuplicateRows, PartRewritten, PartWritten,
                                         RankReport, Release, RequestUnit, RequestUnits, UnitGrant, UnitRead,
                                         UnitsCommitted)
-from hpcembed.protocol.subconductor import SubConductorCore
+from hpcembed.protocol.subconductor import SubConductorCore, pieces_per_unit
 from hpcembed.topology import RoleMap
 
 from .test_protocol import ledger_units, plan_of, pump_a_job, write_shard
@@ -66,6 +66,41 @@ def test_grants_to_nodes_of_unequal_size_follow_their_tokenizer_ranks(tmp_path):
     # Three tokenizer ranks against one: 30 and 10 of 40, asked for in blocks larger than either share.
     assert len(ctor.handle(8, RequestUnits(64))[0].message.units) == 10
     assert len(ctor.handle(5, RequestUnits(64))[0].message.units) == 30
+
+
+def test_shares_add_up_and_follow_the_weights():
+    assert shares(10, {5: 2, 8: 1}) == {5: 7, 8: 3}
+    assert shares(7, {5: 1, 8: 1, 9: 1}) in ({5: 3, 8: 2, 9: 2}, {5: 2, 8: 3, 9: 2}, {5: 2, 8: 2, 9: 3})
+    assert sum(shares(50_000, {s: 111 - (s == 0) for s in range(1000)}).values()) == 50_000
+    assert shares(3, {}) == {}
+
+
+def test_a_node_with_fewer_units_than_waiting_ranks_cuts_them_into_a_piece_each(tmp_path):
+    """Two units of 40 and 20 rows for a node whose four tokenizer ranks all wait: four pieces in proportion,
+    each rank one, the splits sent on ahead of the commits, and rank 0's plan gets every row once."""
+    roles = RoleMap(conductor=0, tokenizers=[1, 2, 3, 4], encoders=[6], hosts={r: "h" for r in range(7)},
+                    deputies={t: 5 for t in (1, 2, 3, 4)})
+    output = OutputDir(str(tmp_path / "out"))
+    _, state = output.open({"test": True}, [], overwrite=False)
+    ctor = ConductorCore(roles, plan_of(40, 20), output, output.ledger(), state, steal_rows=5)
+    sub = SubConductorCore(5, roles, commit_batch=8, commit_seconds=60.0, steal_rows=5)
+    [(_, ask)] = sub.start()
+    for t in (1, 2, 3, 4):
+        assert sub.handle(t, RequestUnit(), 0.0) == []
+    [(_, grant)] = ctor.handle(5, RequestUnits(ask.count))
+    assigned = {dest: message.unit for dest, message in sub.handle(0, grant, 0.0)}
+    assert sorted(assigned) == [1, 2, 3, 4]
+    assert sorted((u.row_start, u.row_stop) for u in assigned.values()) == [(0, 13), (13, 26), (26, 40), (40, 60)]
+    assert pieces_per_unit([40, 20], 4, 5) == [3, 1] and pieces_per_unit([40, 20], 4, 20) == [2, 1]
+    for t, unit in assigned.items():
+        sub.handle(t, UnitRead(unit.unit, {6: unit.rows}, unit.rows), 0.0)
+        sub.handle(6, PartWritten(unit.unit, f"part-{unit.unit}", unit.rows, unit.rows), 0.0)
+    [(_, batch)] = sub.poll(0.1)
+    assert batch.splits == [[0, 26], [0, 13]]
+    ctor.handle(5, batch)
+    assert ctor.all_committed
+    assert sorted((u.row_start, u.row_stop) for u in ctor.settled_plan().units) == sorted(
+        (u.row_start, u.row_stop) for u in assigned.values())
 
 
 def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():

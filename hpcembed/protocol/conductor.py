@@ -73,6 +73,18 @@ class UnitParts:
                              {p.shard: [p.size, p.digest, *p.companion] for p in written if p.size >= 0})
 
 
+def shares(units: int, weights: dict[int, int]) -> dict[int, int]:
+    """`units` apportioned in proportion to `weights` (largest remainder): whole numbers that add up to `units`."""
+    total = sum(weights.values())
+    if not total:
+        return dict.fromkeys(weights, 0)
+    exact = {k: units * w / total for k, w in weights.items()}
+    out = {k: int(e) for k, e in exact.items()}
+    for k in sorted(exact, key=lambda k: out[k] - exact[k])[:units - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
 class ConductorCore:
     def __init__(self, roles: RoleMap, plan: Plan, output: OutputDir, ledger: Ledger, resumed: LedgerState,
                  skip_invalid: bool = False, name_ranks: bool = False, progress=None, ranges_due: bool = False,
@@ -100,12 +112,8 @@ class ConductorCore:
         self.reports: dict[int, RankStats] = {}
         self.tokenizers_left = set(roles.reporters())      # tokenizers and sub-conductors yet to report
         self.subconductors = len(roles.subconductors)
-        # Each sub-conductor's share of the units, by the tokenizer ranks it serves, and how many it has had.
-        weights = {s: len(roles.tokenizers_under(s)) for s in roles.subconductors}
-        total_weight = sum(weights.values()) or 1
-        self.grant_weight = {s: w / total_weight for s, w in weights.items()}
-        self.granted = dict.fromkeys(roles.subconductors, 0)
-        self.units_to_grant = len(self.pending)
+        # Each sub-conductor's share of the units, by the tokenizer ranks it serves (_grant).
+        self.owed = shares(len(self.pending), {s: len(roles.tokenizers_under(s)) for s in roles.subconductors})
         self.ranges_due = ranges_due and self.ranges is None
         self.held: list[UnitsCommitted] = []                 # commits waiting for the ranges
         # unit -> {digest: its reject}: ids to drop once the unit is committed, then while encoders drop them
@@ -265,10 +273,9 @@ class ConductorCore:
         requests come in, instead of the first nodes to ask taking most (nodes then finished 24% apart, and ranks
         steal only within their node). A node past its share gets one unit a request while any are left, so a
         faster node still takes more of a long job's units."""
-        owed = self.units_to_grant * self.grant_weight.get(source, 0.0) - self.granted.get(source, 0)
-        share = max(1, int(owed))
-        units = [self.pending.popleft() for _ in range(min(count, share, len(self.pending)))]
-        self.granted[source] = self.granted.get(source, 0) + len(units)
+        owed = self.owed.get(source, 0)
+        units = [self.pending.popleft() for _ in range(min(count, max(1, owed), len(self.pending)))]
+        self.owed[source] = owed - len(units)
         return UnitGrant(units, last=not self.pending)
 
     def committed(self, unit: int) -> CommittedUnit:
@@ -282,7 +289,8 @@ class ConductorCore:
         self._unapplied.extend(message.splits)
         # Ledger first: a reject line without its ledger record is rebuilt away on resume. The splits go first, in
         # the same write.
-        self.ledger.append_lines([Ledger.split_line(unit, cut) for unit, cut in message.splits] + [message.records])
+        split_lines = message.split_lines or "".join(Ledger.split_line(unit, cut) for unit, cut in message.splits)
+        self.ledger.append_lines([split_lines, message.records])
         self.output.append_rejects(message.rejects)
         counts = message.counts
         self.done.add_batch(message)

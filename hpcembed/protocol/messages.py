@@ -87,6 +87,7 @@ class UnitsCommitted:
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
     input_rows: int                 # the units' input rows, as handed out or split (progress counts them)
     splits: list = field(default_factory=list)      # [unit, cut] of each split since the last, in order
+    split_lines: str = ""           # their ledger records (Ledger.split_line), made here rather than on rank 0
 
 
 @dataclass

@@ -26,7 +26,7 @@ from array import array
 from collections import deque
 
 from ..io.ledger import CommittedUnit, Ledger
-from ..io.sources import WorkUnit
+from ..io.sources import WorkUnit, split_unit
 from ..manifest import RankStats
 from ..topology import RoleMap
 from .conductor import UnitParts
@@ -89,6 +89,8 @@ class SubConductorCore:
             if not self.draining:
                 self.stock.extend(message.units)
                 self.no_more = message.last
+                if len(message.units) < self.block:     # held back: this node has its share of the units
+                    self._share_stock()
             return self._hand_out()
         if isinstance(message, (UnitRead, PartWritten)):
             parts = self.units.get(message.unit)
@@ -135,7 +137,8 @@ class SubConductorCore:
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
         out = [Send(self.conductor, UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
                                                    [r for u in self.complete for r in u.rejects], self.tokens,
-                                                   self.input_rows, self.splits))]
+                                                   self.input_rows, self.splits,
+                                                   "".join(Ledger.split_line(u, cut) for u, cut in self.splits)))]
         self.splits, self.input_rows = [], 0
         self.units_committed += len(self.complete)
         self.batches_sent += 1
@@ -168,6 +171,26 @@ class SubConductorCore:
                 self.units[send.message.unit.unit] = UnitParts(rows=send.message.unit.rows)
         return out
 
+    def _share_stock(self) -> None:
+        """Units are fewer than this node's tokenizer ranks waiting for one (a billion-row job at 1000 nodes gives a
+        node about half a unit a rank): cut the stock into a piece for each, in proportion to the units' rows and
+        each piece at least `steal_rows` rows, so that none waits for tail stealing's round trips to get work. The
+        splits are recorded as tail stealing's are: sent on in the next UnitsCommitted, ahead of any commit."""
+        min_rows = self.stealing.min_rows
+        if not min_rows or len(self.stock) >= len(self.asking):
+            return
+        counts = pieces_per_unit([u.rows for u in self.stock], len(self.asking), min_rows)
+        stock: deque[WorkUnit] = deque()
+        for unit, count in zip(self.stock, counts):
+            pieces, start, rows = [], unit.row_start, unit.rows
+            for k in range(count - 1, 0, -1):         # from the end, so every split is of the unit's own number
+                cut = start + rows * k // count
+                unit, piece = split_unit(unit, cut)
+                self.splits.append([unit.unit, cut])
+                pieces.append(piece)
+            stock.extend([unit, *reversed(pieces)])
+        self.stock = stock
+
     def _split(self, source: int, message: UnitSplit) -> list[Send]:
         out, release = self.stealing.answered(source, message, self._add_split, self.draining)
         if release:
@@ -190,3 +213,18 @@ class SubConductorCore:
             self.complete.append(parts.record(unit))
             self.input_rows += parts.rows
             del self.units[unit]
+
+
+def pieces_per_unit(rows: list[int], pieces: int, min_rows: int) -> list[int]:
+    """How many pieces to cut each unit of `rows` into: about `pieces` in all, in proportion to their rows (by
+    largest remainder), each piece at least `min_rows` rows and each unit at least one piece."""
+    total = sum(rows)
+    exact = [r * pieces / total for r in rows]
+    most = [max(1, r // min_rows) for r in rows]
+    counts = [max(1, min(int(e), m)) for e, m in zip(exact, most)]
+    for k in sorted(range(len(rows)), key=lambda k: counts[k] - exact[k]):
+        if sum(counts) >= pieces:
+            break
+        if counts[k] < most[k]:
+            counts[k] += 1
+    return counts
