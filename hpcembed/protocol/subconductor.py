@@ -4,7 +4,9 @@ One conductor handles every unit's messages (a RequestUnit, a UnitRead and a Par
 unit reached) and writes every ledger record; at thousands of encoder ranks and units of 20,000 rows that is more
 than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves the tokenizer ranks of its host:
   - units: it asks the conductor for a block at a time (RequestUnits) and hands them out one by one as its
-    tokenizers ask (AssignUnit), asking for the next block while it still has a few left;
+    tokenizers ask (AssignUnit), asking for the next block while it still has a few left. The conductor grants
+    no more than the node's share of the job; a grant short of the block means units are few for the ranks, and
+    they are cut into a piece for each rank waiting (_share_stock);
   - the commit rule: its tokenizers' UnitRead and the encoder ranks' PartWritten for their units come here (the
     same rule as the conductor's, protocol/conductor.UnitParts), and each complete unit's ledger record goes to the
     conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
