@@ -106,6 +106,24 @@ def test_eight_gpu_nodes_with_sub_conductors_keep_every_gpu_busy(calibration):
     assert result.steady_texts_per_s > 0.85 * ceiling
 
 
+def test_the_steady_window_opens_once_every_encoder_rank_has_work(calibration):
+    """Weak scaling measures a node's steady rate in a window that opens when every tokenizer rank has a unit and
+    every encoder rank has work: the first token batches take a core a third of a second, which a window from the
+    first unit counted as idle GPUs (a few percent of a short job). So a job of 2 units per tokenizer rank measures
+    what one of 3 does."""
+    rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
+    shape = NodeShape(cores=64, gpus=4)
+    first_batch_s = 262_144 / rates.tokenizer_tokens_per_s
+    steady = {}
+    for units in (2, 3):
+        job = JobShape(rows_per_node=units_for(1, shape, rates, units, 10_000), unit_rows=10_000,
+                       tokenizer_batch_tokens=262_144)
+        result = simulate(1, shape, job, rates)
+        assert result.ramp_s >= first_batch_s
+        steady[units] = result.steady_texts_per_s
+    assert steady[2] == pytest.approx(steady[3], rel=0.01)
+
+
 def test_the_disaggregated_shape_plans_its_cpu_nodes_from_the_rates(calibration):
     rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
     shape = NodeShape(gpus=8, cpu_node_cores=64)

@@ -58,8 +58,9 @@ def add_parser(sub) -> None:
     s.add_argument("--network", default="measured-tcp", help="network profile from the calibration "
                    "(measured-tcp, infiniband-hdr; default: %(default)s)")
     s.add_argument("--unit-rows", type=int, help="rows per work unit (default: the measured job's)")
-    s.add_argument("--units-per-tokenizer", type=float, default=3.0,
-                   help="job size: work units per tokenizer rank (default: %(default)s)")
+    s.add_argument("--units-per-tokenizer", type=float, default=2.0,
+                   help="weak scaling's job size: work units per tokenizer rank (default: %(default)s; the steady "
+                        "window opens once every encoder rank has work, so 2 measure what 3 do)")
     s.add_argument("--allow-unvalidated", action="store_true", help="project even if validation fails; the "
                    "results and the report are then marked as not validated")
     s.add_argument("--network-ablation-up-to", type=int, default=1000,

@@ -230,10 +230,12 @@ class EncoderInstances:
         self.sim, self.rank, self.core, self.state, self.post = sim, rank, core, state, post
         self.free_at = 0.0
         self.left: dict[int, int] = {}            # id(batch) -> tokens not yet encoded
+        self.submitted = 0                        # encoder steps
 
     def submit(self, step: list) -> None:
         sim = self.sim
         busy = sum(tokens for _, tokens in step) / sim.rates.gpu_tokens_per_s
+        self.submitted += 1
         sim.gpu_busy += busy
         self.free_at = max(sim.env.now, self.free_at) + busy
         sim.env.timeout(self.free_at - sim.env.now, step).callbacks.append(self._done)

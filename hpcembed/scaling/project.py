@@ -63,7 +63,7 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
     return rows
 
 
-def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 3,
+def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 2,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
             job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
             workers: int = 1, log=print) -> list[dict]:
@@ -217,7 +217,7 @@ def control_probe(probe: dict, source: Path) -> dict:
 
 
 def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list[int], output: Path,
-                 network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 3,
+                 network: str = "measured-tcp", unit_rows: int | None = None, units_per_tokenizer: float = 2,
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
                  conductor_cost: Path | None = None, probe: Path | None = None, workers: int = 1,

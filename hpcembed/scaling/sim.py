@@ -77,6 +77,7 @@ class Simulation:
         self.first_idle: float | None = None        # a tokenizer has finished its last unit: the tail begins
         self.all_started: float | None = None
         self.started = 0
+        self.encoders_working = 0                   # encoder ranks that have submitted their first step
         self.window_rows_at: dict[str, tuple[float, int]] = {}
         self.encoded_rows = 0
         self.encoded_rows_of = {e: 0 for e in self.roles.encoders}
@@ -274,7 +275,10 @@ class Simulation:
 
     def _sampler(self):
         """Rows embedded at the times the steady window opens and closes."""
-        while self.all_started is None:
+        # Steady state: every tokenizer rank has a unit and every encoder rank has work. A window that opened
+        # before the first batches landed would count the pipeline's filling, which a measured run's window (from
+        # the encoder ranks being ready, the tokenizers having read while they loaded) does not see.
+        while self.all_started is None or self.encoders_working < len(self.roles.encoders):
             yield self.env.timeout(0.05)
         self.window_rows_at["open"] = (self.env.now, self.encoded_rows)
         while self.first_idle is None:
@@ -366,6 +370,8 @@ class _EncoderLoop:
             taken = sum(tokens for _, tokens in step)
             self.waiting -= taken
             state["in_flight"] += 1
+            if not self.gpu.submitted:
+                sim.encoders_working += 1
             self.gpu.submit(step)
             sim.post_sends(rank, core.submitted(taken, window_empty=not window))
 
