@@ -12,11 +12,9 @@ Writes bench/results/rank0_replay-<slug or device>.json.
 from __future__ import annotations
 
 import argparse
-import gc
 import multiprocessing
 import pickle
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,7 +26,7 @@ from hpcembed.protocol.messages import RequestUnit
 from hpcembed.scaling import read_json
 from hpcembed.scaling.calibration import node_from, rates_from
 from hpcembed.scaling.layout import build_world, unit_plan
-from hpcembed.scaling.probe import pickle_seconds
+from hpcembed.scaling.probe import HandlerClock
 from hpcembed.scaling.project import conductor_factors, control_probe
 from hpcembed.scaling.sim import JobShape, NodeShape, Simulation
 
@@ -53,8 +51,8 @@ class RecordingSimulation(Simulation):
 
 
 def replay(nodes: int, shape: NodeShape, job: JobShape, rates, mail: list[tuple[int, bytes]]) -> dict:
-    """In a process of its own: the messages into a twin conductor, each timed as Simulation._handled times it
-    (unpickling beyond a small message's, the handler, pickling the replies beyond a small one's each)."""
+    """In a process of its own: the messages into a twin conductor, each timed as the simulation times it
+    (probe.HandlerClock)."""
     roles, _ = build_world(nodes, shape, rates)
     with tempfile.TemporaryDirectory() as tmp:
         output = OutputDir(tmp)
@@ -62,23 +60,10 @@ def replay(nodes: int, shape: NodeShape, job: JobShape, rates, mail: list[tuple[
                              steal_rows=job.steal_rows)
         step = [0]
         core.ledger.clock = lambda: step[0] * 1e-3
-        small_unpickle, small_pickle = pickle_seconds(RequestUnit())
-        clock, spent = time.perf_counter, defaultdict(list)
+        timer, spent = HandlerClock(RequestUnit()), defaultdict(list)
         for step[0], (source, data) in enumerate(mail):
-            gc.disable()
-            try:
-                t0 = clock()
-                message = pickle.loads(data)
-                t1 = clock()
-                replies = core.handle(source, message)
-                t2 = clock()
-                for _, reply in replies:
-                    pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-                t3 = clock()
-            finally:
-                gc.enable()
-            spent[type(message).__name__].append(t2 - t1 + max(0.0, t1 - t0 - small_unpickle)
-                                                 + max(0.0, t3 - t2 - len(replies) * small_pickle))
+            _, seconds = timer.run(data, lambda message: core.handle(source, message))
+            spent[type(pickle.loads(data)).__name__].append(seconds)
         core.ledger.close()
     return {name: [len(times), 1e6 * sum(times) / len(times)] for name, times in spent.items()}
 

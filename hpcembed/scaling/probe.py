@@ -89,3 +89,33 @@ def pickle_seconds(message, repeats: int = 2000) -> tuple[float, float]:
     for _ in range(repeats):
         pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
     return (middle - start) / repeats, (time.perf_counter() - middle) / repeats
+
+
+class HandlerClock:
+    """Times a control rank's handler as the simulation charges it: unpickling its message beyond what a small
+    message's takes (the calibrated conductor_message_s holds that), the handler itself, and pickling its replies
+    beyond a small reply's each (a grant of a block of units is a large pickle; the real conductor's time per
+    message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in)."""
+
+    def __init__(self, small_message):
+        self.small_unpickle, self.small_pickle = pickle_seconds(small_message)
+
+    def run(self, data: bytes, handle) -> tuple[list, float]:
+        """`handle(message)` on `data` unpickled: its replies ([(dest, message)]) and the seconds charged."""
+        clock = time.perf_counter
+        # Python's cyclic collector, run inside the timed section, would charge one rank's handler with a pause
+        # caused by the whole simulation's objects (hundreds of ms with 100,000 ranks): it waits until after.
+        gc.disable()
+        try:
+            t0 = clock()
+            message = pickle.loads(data)
+            t1 = clock()
+            replies = handle(message)
+            t2 = clock()
+            for _, reply in replies:
+                pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+            t3 = clock()
+        finally:
+            gc.enable()
+        return replies, (t2 - t1 + max(0.0, t1 - t0 - self.small_unpickle)
+                         + max(0.0, t3 - t2 - len(replies) * self.small_pickle))

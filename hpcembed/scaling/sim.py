@@ -17,7 +17,6 @@ one server at its measured in-job rate, fed encoder batches of max_batch_tokens 
 """
 from __future__ import annotations
 
-import gc
 import pickle
 import tempfile
 import time
@@ -36,7 +35,7 @@ from ..protocol.subconductor import SubConductorCore
 from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape, Rates, Rendezvous, SendRequest,
                     SimBatch, SimNetwork, SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
-from .probe import handler_scale, pickle_seconds
+from .probe import HandlerClock, handler_scale
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
@@ -65,7 +64,7 @@ class Simulation:
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
         self._rank0_factor = rates.batched_conductor_factor if self.subconductors else rates.conductor_factor
         self.handler_scale = handler_scale(rates.control_probe_s, rates.cpu_slowdown)
-        self._small_unpickle, self._small_pickle = pickle_seconds(RequestUnit())
+        self.handler_clock = HandlerClock(RequestUnit())
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
@@ -110,30 +109,9 @@ class Simulation:
 
     # --- rank 0 and the sub-conductors ----------------------------------------------------------------
     def _handled(self, message, handle) -> tuple[list[Send], float]:
-        """A control rank's handler run on `message`: its replies, and the CPU it took here. Unpickling beyond a
-        small message's (which the calibrated conductor_message_s holds) is counted too: a sub-conductor's batch
-        of commits costs its receiver more than a RequestUnit does. So is pickling the replies, as the MPI
-        transport does for each send: a grant of a block of units is a large pickle (the real conductor's time per
-        message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in)."""
-        clock = time.perf_counter
-        data = pickle.dumps(message)
-        # Python's cyclic collector, run inside the timed section, would charge one rank's handler with a pause
-        # caused by the whole simulation's objects (hundreds of ms with 100,000 ranks): it waits until after.
-        gc.disable()
-        try:
-            t0 = clock()
-            pickle.loads(data)
-            t1 = clock()
-            replies = handle()
-            t2 = clock()
-            for _, reply in replies:
-                pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-            t3 = clock()
-        finally:
-            gc.enable()
-        # conductor_message_s holds one small message's unpickling and one small reply's pickling: only the rest.
-        return replies, (t2 - t1 + max(0.0, t1 - t0 - self._small_unpickle)
-                         + max(0.0, t3 - t2 - len(replies) * self._small_pickle))
+        """A control rank's handler run on `message`: its replies, and the CPU it took here (probe.HandlerClock:
+        the handler, and the pickling beyond a small message's that the MPI transport would do)."""
+        return self.handler_clock.run(pickle.dumps(message), lambda _: handle())
 
     def _charge(self, spent: float, factor: float) -> float:
         """A control rank's virtual time for a message: its handler's time here on the target core, and the
