@@ -87,13 +87,13 @@ class SimResult:
     units: int
     makespan_s: float                       # virtual seconds from the first request to the last commit
     throughput_texts_per_s: float           # rows / makespan (what a manifest's steady_texts_per_s measures)
-    steady_texts_per_s: float               # in the window where every tokenizer has work (no ramp, no tail)
+    steady_texts_per_s: float               # in the window where every tokenizer and encoder rank has work
     tail_s: float                           # from the first tokenizer running out of work to the last commit
     conductor_busy: float                   # fraction of the makespan the conductor spent handling messages
     subconductors: int
     subconductor_busy_max: float            # the busiest sub-conductor's fraction of the makespan
     cpu_nodes: int                          # CPU-only tokenizer nodes (the disaggregated shape)
-    ramp_s: float                           # from the start to the window where every tokenizer has work
+    ramp_s: float                           # from the start to that window's opening
     conductor_messages: int
     conductor_cpu_us_per_message: float     # measured here, before the slowdown
     conductor_queue_max: int
