@@ -12,7 +12,7 @@ from .conftest import REPO, needs_mpi, run_cli, write_jsonl
 pytest.importorskip("simpy")
 
 from hpcembed.scaling.calibration import build, node_from, rates_from  # noqa: E402
-from hpcembed.scaling.project import run_simulate  # noqa: E402
+from hpcembed.scaling.project import encoder_lead, run_simulate  # noqa: E402
 from hpcembed.scaling.sim import JobShape, NodeShape, Simulation, simulate, units_for  # noqa: E402
 
 BENCH = REPO / "bench" / "results"
@@ -122,6 +122,35 @@ def test_the_steady_window_opens_once_every_encoder_rank_has_work(calibration):
         assert result.ramp_s >= first_batch_s
         steady[units] = result.steady_texts_per_s
     assert steady[2] == pytest.approx(steady[3], rel=0.01)
+
+
+def test_tokenizer_ranks_that_start_while_the_encoders_load_hide_the_pipelines_fill(calibration):
+    """As in every measured run, the tokenizer ranks get units and read while the encoder ranks load the model, and
+    the job's clock starts with the encoder ranks: with that lead the first token batches are waiting for them, so
+    a short job loses no time filling the pipeline; without it the GPUs wait a first batch's tokenizing."""
+    rates = rates_from(json.loads(calibration.read_text()), "infiniband-hdr")
+    shape = NodeShape(cores=64, gpus=4)
+    first_batch_s = 262_144 / rates.tokenizer_tokens_per_s
+    rows = units_for(1, shape, rates, 1, 10_000)
+    results = {}
+    for lead in (0.0, 2.0):
+        sim = Simulation(1, shape, JobShape(rows=rows, unit_rows=10_000, tokenizer_batch_tokens=262_144,
+                                            encoder_lead_s=lead), rates)
+        results[lead] = result = sim.run()
+        assert sim.conductor.rows_written == rows
+        assert result.makespan_s == pytest.approx(sim.env.now - lead)
+        assert sum(result.tokenizer_time.values()) == pytest.approx(1.0)
+    assert results[0.0].ramp_s >= first_batch_s > 5 * results[2.0].ramp_s
+    gained = results[0.0].makespan_s - results[2.0].makespan_s
+    assert 0.5 * first_batch_s < gained < 2 * first_batch_s
+
+
+def test_the_projection_takes_the_least_lead_the_measured_runs_had():
+    measured = [{"series": "a", "nodes": 2, "sim": {"start_offsets_s": {"gpu": [0.0, 2.0], "tokenizer": [-6.0, -5.5]}}},
+                {"series": "b", "nodes": 1, "sim": {"start_offsets_s": {"encoder": [0.0], "tokenizer": [-7.0]}}},
+                {"series": "c", "nodes": 1, "sim": {}}]
+    assert encoder_lead(measured)[0] == 5.5 and "a at 2 node(s)" in encoder_lead(measured)[1]
+    assert encoder_lead(measured[2:])[0] == 0.0
 
 
 def test_the_disaggregated_shape_plans_its_cpu_nodes_from_the_rates(calibration):

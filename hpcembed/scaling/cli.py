@@ -84,6 +84,9 @@ def add_parser(sub) -> None:
     s.add_argument("--control-probe", help="bench/control_probe.py's JSON from the target machine: handler times "
                    "measured here are scaled by its probe over this machine's, so the charges do not depend on "
                    "the machine running the simulation (default: scaled by the calibration's cpu_slowdown)")
+    s.add_argument("--encoder-lead-s", type=float, help="seconds the tokenizer ranks start before the encoder ranks "
+                   "are ready, reading while those load the model; every job's clock starts with the encoder ranks "
+                   "(default: the least lead of the measured runs, 0 without any)")
     s.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)),
                    help="simulations run side by side, one process each (default: this machine's cores, "
                         "%(default)s); each times its control ranks' handlers on its own core")
@@ -129,6 +132,9 @@ def main(args) -> int:
         if args.cpu_node_cores and args.cpu_node_cores < 2:
             raise ConfigError(f"--cpu-node-cores {args.cpu_node_cores}: a CPU node needs a core for its sub-conductor "
                               "and at least one for a tokenizer rank")
+        if args.encoder_lead_s is not None and args.encoder_lead_s < 0:
+            raise ConfigError(f"--encoder-lead-s {args.encoder_lead_s}: the tokenizer ranks cannot start after the "
+                              "encoder ranks are ready")
         if (args.gpus_per_node is not None and args.gpus_per_node < 1) or \
                 (args.cores_per_node is not None and args.cores_per_node < 1):
             raise ConfigError("--gpus-per-node and --cores-per-node must be at least 1")
@@ -140,7 +146,8 @@ def main(args) -> int:
                               args.network_ablation_up_to, args.allow_unvalidated, node, args.job_rows,
                               args.tokenizer_batch_tokens, args.steal_rows,
                               Path(args.conductor_cost) if args.conductor_cost else None,
-                              Path(args.control_probe) if args.control_probe else None, args.jobs)
+                              Path(args.control_probe) if args.control_probe else None, args.jobs,
+                              args.encoder_lead_s)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

@@ -66,12 +66,13 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 2,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
             job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
-            workers: int = 1, log=print) -> list[dict]:
+            workers: int = 1, encoder_lead_s: float = 0.0, log=print) -> list[dict]:
     """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
     `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
     included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3);
     `steal_rows`: tail stealing's, as `hpcembed run --steal-rows` (0: none); `workers`: processes that run the
-    simulations (simulate_all)."""
+    simulations (simulate_all); `encoder_lead_s`: the tokenizer ranks start this long before the encoder ranks
+    are ready (encoder_lead), and every job's clock starts with the encoder ranks."""
     rates = rates_from(calibration, network)
     shape = node or node_from(calibration)
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
@@ -81,7 +82,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
         settings["tokenizer_batch_tokens"] = tokenizer_batch_tokens
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
                    chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
-                   steal_rows=steal_rows, **settings)
+                   steal_rows=steal_rows, encoder_lead_s=encoder_lead_s, **settings)
     whole_job = dataclasses.replace(job, rows_per_node=0, rows=job_rows)
     runs = {}
     for n in nodes:
@@ -135,7 +136,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             "gpus_per_node": shape.gpus, "cores_per_node": shape.cores if not shape.cpu_node_cores else shape.gpus,
             "cpu_nodes": result.cpu_nodes, "cpu_node_cores": shape.cpu_node_cores,
             "subconductors": result.subconductors, "subconductor_busy_max": round(result.subconductor_busy_max, 4),
-            "ramp_s": round(result.ramp_s, 3),
+            "ramp_s": round(result.ramp_s, 3), "encoder_lead_s": encoder_lead_s,
             # Time lost to the ramp and the tail against steady state; it hardly grows with the job, so a job of
             # R rows takes about R / steady + this, and whole-job efficiency reaches 95% from the size below.
             "lost_s": round(max(0.0, result.makespan_s - result.rows / result.steady_texts_per_s), 3),
@@ -187,6 +188,23 @@ def _handler_scale(calibration: dict) -> dict:
             "target_probe_s": target, "here_probe_s": round(here, 6)}
 
 
+def encoder_lead(measured: list[dict]) -> tuple[float, str]:
+    """The least time by which the tokenizer ranks of a measured run started before its first encoder rank was
+    ready (they get units and read while the encoder ranks load the model), and where it comes from; 0 without
+    a measured run that recorded its start-up."""
+    leads = []
+    for m in measured:
+        offsets = m.get("sim", {}).get("start_offsets_s") or {}
+        encoders, tokenizers = offsets.get("encoder") or offsets.get("gpu"), offsets.get("tokenizer")
+        if encoders and tokenizers:
+            leads.append((max(0.0, min(encoders) - max(tokenizers)), f"{m['series']} at {m['nodes']} node(s)"))
+    if not leads:
+        return 0.0, "no measured run recorded its start-up: every rank starts at 0"
+    lead, run = min(leads)
+    return round(lead, 3), (f"the least of {len(leads)} measured runs' ({run}): from the last tokenizer rank "
+                            "starting to the first encoder rank being ready")
+
+
 def _rows_for(target: float, ideal: float, steady: float, lost: float) -> int | None:
     """The job size R at which R / (R / steady + lost) reaches `target` x `ideal` (None: steady state is below)."""
     if steady <= target * ideal:
@@ -221,10 +239,11 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
                  conductor_cost: Path | None = None, probe: Path | None = None, workers: int = 1,
-                 log=print) -> dict:
+                 encoder_lead_s: float | None = None, log=print) -> dict:
     """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there.
     `probe`: bench/control_probe.py's JSON of the target machine (the charges then do not depend on this one).
-    `workers`: processes for the projection's simulations."""
+    `workers`: processes for the projection's simulations. `encoder_lead_s`: see project (None: the measured
+    runs' least, encoder_lead)."""
     start = time.perf_counter()
     calibration = read_json(calibration_path, "calibration")
     if conductor_cost is not None:
@@ -233,11 +252,13 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
         calibration["rates"].update(control_probe(read_json(probe, "control probe"), probe))
     measured = read_json(measured_path, "measurements")["rows"] if measured_path else []
     validation = validate(calibration, measured, log)
+    lead, lead_source = encoder_lead(measured) if encoder_lead_s is None else (encoder_lead_s, "given")
     failed = [v for v in validation if not v["within_tolerance"]]
     result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),
               "conductor_factors": {k: calibration["rates"].get(k, {}).get("value", 1.0)
                                     for k in ("conductor_factor", "batched_conductor_factor")},
               "handler_scale": _handler_scale(calibration),
+              "encoder_lead_s": {"value": lead, "source": lead_source},
               "validation": validation, "validated": bool(validation) and not failed,
               "tolerance": TOLERANCE, "rows": []}
     output.mkdir(parents=True, exist_ok=True)
@@ -249,7 +270,7 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     if not failed or allow_unvalidated:
         result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows, node,
                                  network_ablation_up_to, job_rows, tokenizer_batch_tokens, steal_rows, workers,
-                                 log=log)
+                                 lead, log=log)
         for row in result["rows"]:
             row["validated"] = result["validated"]
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

@@ -229,11 +229,16 @@ def _control_section(projected: list[dict]) -> list[str]:
         f"tokenizer ranks on CPU-only nodes of {first['cpu_node_cores']} cores" if first.get("cpu_node_cores")
         else f"{first['cores_per_node']} cores per node"))
     whole = next((r["whole_job_rows"] for r in projected if "whole_job_rows" in r), None)
+    lead = first.get("encoder_lead_s", 0)
     lines = ["## The control plane and the whole job (projected)", "", f"Shape: {shape}. Conductor and "
              "sub-conductor busy are their simulated handler time (measured here as the real cores run, scaled to "
              "the target core) over the makespan. Lost time is the weak-scaling job's makespan less its rows at "
              "the steady rate (ramp and tail); the job size for a 95% whole job follows from it (derived)."
-             + (f" The whole job is a simulated job of {whole:,} rows at each scale." if whole else ""), "",
+             + (f" The whole job is a simulated job of {whole:,} rows at each scale." if whole else "")
+             + (f" Every job's clock starts with the encoder ranks ready; the tokenizer ranks start {lead} s "
+                "before them (the least lead of the measured runs: they read while the encoder ranks load the "
+                "model), so start-up itself (MPI launch, model load, its spread over the nodes) is outside these "
+                "figures." if lead else ""), "",
              "| nodes | encoder ranks | tokenizer ranks | CPU nodes | sub-conductors | conductor busy | busiest "
              "sub-conductor | ramp s | lost s | rows for 95% whole job | whole job E | its tail s | its "
              "conductor busy |", "|" + "---|" * 13]

@@ -46,8 +46,8 @@ class Simulation:
                  start_offsets: dict[str, list[float]] | None = None):
         """`start_offsets`: a measured run's start-up skew, {"encoder": [...], "tokenizer": [...]} in rank order
         ("gpu" is read as "encoder": studies measured before 0.2), seconds after the first encoder rank was ready
-        (measure.py); each rank starts at its offset. Without them every rank starts at 0, as in a long job the
-        skew does not matter."""
+        (measure.py); each rank starts at its offset. Without them the tokenizer ranks start `job.encoder_lead_s`
+        before the encoder ranks, all of a role at once."""
         self.nodes, self.shape, self.job, self.rates = nodes, shape, job, rates
         self.free_conductor = free_conductor
         self.env = simpy.Environment()
@@ -65,6 +65,9 @@ class Simulation:
         self._rank0_factor = rates.batched_conductor_factor if self.subconductors else rates.conductor_factor
         self.handler_scale = handler_scale(rates.control_probe_s, rates.cpu_slowdown)
         self.handler_clock = HandlerClock(RequestUnit())
+        if start_offsets is None and job.encoder_lead_s:
+            start_offsets = {"tokenizer": [-job.encoder_lead_s] * len(self.roles.tokenizers),
+                             "encoder": [0.0] * len(self.roles.encoders)}
         self._start_offsets(start_offsets or {})
         self.done = self.env.event()
         # Accounting
@@ -283,7 +286,7 @@ class Simulation:
             if t1 - t0 > 0:
                 steady = (r1 - r0) / (t1 - t0)
         n_tok = len(self.roles.tokenizers)
-        tok = {k: v / (n_tok * makespan) for k, v in self.tok_time.items()}
+        tok = {k: v / (n_tok * env.now) for k, v in self.tok_time.items()}     # of their time, from the first start
         tok["idle_after_last_unit"] = max(0.0, 1.0 - sum(tok.values()))
         return SimResult(
             nodes=self.nodes, encoder_ranks=len(self.roles.encoders), tokenizer_ranks=n_tok, rows=rows,
