@@ -2,6 +2,7 @@
 validation gate, real measured runs over virtual nodes under mpiexec, and the report."""
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -39,7 +40,10 @@ def test_simulation_commits_every_unit_through_the_real_conductor(calibration):
     cal = json.loads(calibration.read_text())
     rates, shape = rates_from(cal), node_from(cal)
     sim = Simulation(3, shape, JobShape(rows=1_640_000, unit_rows=20_000), rates)
+    collector = gc.get_threshold()
     result = sim.run()
+    # The cycle collector is tuned for the run's large heap, then given back as it was.
+    assert gc.get_threshold() == collector and gc.get_freeze_count() == 0
     # The real Conductor committed every unit in its real ledger, with the rows the gpu ranks reported.
     assert len(sim.conductor.done) == result.units == 82
     assert sim.conductor.rows_written == 1_640_000

@@ -17,6 +17,8 @@ one server at its measured in-job rate, fed encoder batches of max_batch_tokens 
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import pickle
 import tempfile
 import time
@@ -36,6 +38,9 @@ from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape
                     SimBatch, SimNetwork, SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 from .probe import HandlerClock, handler_scale
+
+# Allocations between young collections while a simulation runs (Python's default is 700).
+YOUNG_COLLECTION_ALLOCATIONS = 100_000
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
@@ -275,7 +280,8 @@ class Simulation:
         for process in ranks:
             env.process(process)
         env.process(self._sampler())
-        env.run(until=self.done)
+        with _collector_for_a_large_heap():
+            env.run(until=self.done)
         makespan = env.now - self.origin
         self.conductor.ledger.close()
         self._tmp.cleanup()
@@ -355,6 +361,22 @@ class _EncoderLoop:
                 sim.encoders_working += 1
             self.gpu.submit(step)
             sim.post_sends(rank, core.submitted(taken, window_empty=not window))
+
+
+@contextlib.contextmanager
+def _collector_for_a_large_heap():
+    """Python's cycle collector, tuned for a run that holds millions of live objects: the built world is frozen out
+    of it and young collections are rarer. With the defaults every full collection walked the whole simulated
+    cluster, and a run's time per event grew with its size (bench/notes/scale_out.md, session 19)."""
+    gc.collect()
+    gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_ALLOCATIONS, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
 
 
 def _cut_step(window: deque, budget: int) -> list:
