@@ -243,6 +243,11 @@ def test_a_drain_drops_the_assigned_units():
 def test_encoder_window_rule():
     core = EncoderCore(3, ROLES, credits=4, max_batch_tokens=100, window_batches=2)
     assert core.has_room(199) and not core.has_room(200) and not core.has_room(150, arriving_tokens=50)
+    # Never less than a batch for each tokenizer rank linked here (two), so that the first batch of each is taken
+    # in however many of them send here at once.
+    assert EncoderCore(3, ROLES, credits=4, max_batch_tokens=100, window_batches=1).window_tokens == 200
+    many = RoleMap(conductor=0, tokenizers=list(range(1, 301)), encoders=[301], fanout=1)
+    assert EncoderCore(301, many, credits=4, max_batch_tokens=100, window_batches=8).window_tokens == 100 * 256
 
 
 def test_encoder_grants_then_credits_each_batch_as_its_tokens_are_submitted():

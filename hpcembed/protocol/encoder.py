@@ -3,8 +3,9 @@ complete and its shard may be written. It holds counts only; the driver (roles/e
 scaling/sim.py in virtual time) holds the rows, runs the encoders and writes the shards.
 
 The window rule: the rank takes a batch in only while the tokens waiting to be encoded (plus any still arriving)
-are fewer than window_batches x max_batch_tokens. A sender's blocking MPI Send completes when the batch is taken
-in, so a full window holds its tokenizers back.
+are fewer than window_batches x max_batch_tokens, or a batch's worth for each linked tokenizer rank where that is
+more. A sender's blocking MPI Send completes when the batch is taken in, so a full window holds its tokenizers
+back.
 
 The credit rule, this side: one initial grant of `credits` to each linked tokenizer rank, then one Credit per batch
 once its tokens have been submitted to an encoder, oldest batch first. Credits go back as the encoder consumes
@@ -22,6 +23,10 @@ from dataclasses import dataclass
 from ..topology import RoleMap
 from .messages import Credit, PartWritten, RankReport, Send, Stop, UnitEnd
 
+# The most batches the window grows to for the tokenizer ranks linked here (about 300 MB of token batches at
+# 262,144 tokens); beyond it, as with --dedup's every-rank links at scale, the window_batches rule alone holds.
+LINKED_WINDOW_BATCHES = 256
+
 
 @dataclass
 class PartCount:
@@ -35,7 +40,11 @@ class EncoderCore:
     def __init__(self, rank: int, roles: RoleMap, credits: int, max_batch_tokens: int, window_batches: int):
         self.rank, self.roles, self.credits = rank, roles, credits
         self.max_batch_tokens = max_batch_tokens
-        self.window_tokens = max_batch_tokens * window_batches
+        # Room for a batch from each linked tokenizer rank (up to LINKED_WINDOW_BATCHES): when this rank is ready
+        # before the other ranks its tokenizers link to, each of them may send here first, and a batch not taken
+        # in holds its sender, and all it would send elsewhere, until this rank's encoders work the window down.
+        self.window_tokens = max_batch_tokens * max(window_batches,
+                                                    min(len(roles.tokenizers_of(rank)), LINKED_WINDOW_BATCHES))
         self.parts: dict[int, PartCount] = {}
         self._owed: deque[tuple[int, int]] = deque()     # (tokenizer, tokens not yet submitted) in arrival order
         self._consumed = 0
