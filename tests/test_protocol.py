@@ -23,7 +23,7 @@ from hpcembed.protocol.messages import (AssignUnit, Credit, Drain, DropIds, Dupl
                                         PartRewritten, PartWritten, RankReport, Release, RequestUnit, Stop,
                                         StopRequested, UnitEnd, UnitRead)
 from hpcembed.protocol.subconductor import SubConductorCore
-from hpcembed.protocol.tokenizer import TokenizerCore, UnitProgress
+from hpcembed.protocol.tokenizer import GRANT_PATIENCE_S, TokenizerCore, UnitProgress
 from hpcembed.topology import RoleMap
 
 # Rank 0 conducts; 1 and 2 tokenize; 3 and 4 encode (one host, so every tokenizer links to both encoders).
@@ -207,6 +207,22 @@ def test_tokenizer_routes_to_most_credit_and_stays_on_ties():
     core.sent(first, 5, 50, progress)
     assert core.route(progress) is None                 # all four credits in use
     assert progress.sent == {first: 15, other: 15} and progress.tokens == 300
+
+
+def test_tokenizer_holds_its_first_batch_briefly_for_every_linked_ranks_grant():
+    """A rank that read ahead while the encoder ranks loaded does not send its first batch wherever the first grant
+    came from: it waits GRANT_PATIENCE_S from that grant for the others', then goes with what it has."""
+    core = TokenizerCore(1, ROLES)
+    progress = UnitProgress()
+    core.handle(4, Credit(4))
+    assert core.route(progress, now=10.0) is None and core.grant_wait(10.01) == pytest.approx(GRANT_PATIENCE_S - 0.01)
+    assert core.route(progress, now=10.0 + GRANT_PATIENCE_S) == 4 and core.grant_wait(11.0) is None
+    patient = TokenizerCore(2, ROLES)
+    patient.handle(4, Credit(4))
+    assert patient.route(progress, now=0.0) is None
+    patient.handle(3, Credit(4))                        # every grant in: routed at once, by credit
+    assert patient.route(progress, now=0.001) in (3, 4) and patient.grant_wait(0.001) is None
+    assert TokenizerCore(1, ROLES).route(progress) is None      # no credit: nothing to wait for
 
 
 def test_tokenizer_reports_the_unit_and_waits_for_every_credit():

@@ -13,7 +13,11 @@ the first half and answers with the rest as a piece (UnitSplit); a unit not yet 
 refuses when a half would have fewer than `steal_rows` rows, or when the unit is already read.
 
 Routing: each batch goes to the linked encoder rank with the most free credit, staying with the previous one on
-ties so that a unit's rows land in few shards.
+ties so that a unit's rows land in few shards. Until every linked encoder rank's first grant has come, a batch
+waits up to GRANT_PATIENCE_S from the first grant for the others: a rank that read ahead while the encoder ranks
+loaded would otherwise send its first batch wherever the first grant came from, and so would every other rank
+linked there (the simulation's disaggregated shape: a CPU node's 136 tokenizer ranks sent their first batches to
+the same encoder rank of each GPU node, which got three times its share of a short job).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from ..io.sources import WorkUnit, split_unit
 from ..topology import RoleMap
 from .messages import (AssignUnit, Credit, Drain, NoMoreUnits, RankReport, Release, RequestUnit, Send, SplitUnit,
                        UnitEnd, UnitRead, UnitSplit)
+
+GRANT_PATIENCE_S = 0.05
 
 
 @dataclass
@@ -49,6 +55,8 @@ class TokenizerCore:
         self.rows = self.tokens = 0
         self.reading: WorkUnit | None = None    # the unit being read: its row_stop moves up if it is split
         self.position = 0                       # the first row of it not yet in hand
+        self._ungranted = len(self.encoders)    # linked encoder ranks whose first grant has not come
+        self._first_grant_seen: float | None = None
 
     # --- state the driver reads -------------------------------------------------------------------------------
     @property
@@ -69,6 +77,7 @@ class TokenizerCore:
         if isinstance(message, Credit):
             self.credits[source] += message.count
             self.credit_messages[source] += 1
+            self._ungranted -= self.credit_messages[source] == 1
         elif isinstance(message, AssignUnit):
             self.assigned.append(message.unit)
         elif isinstance(message, NoMoreUnits):
@@ -110,9 +119,18 @@ class TokenizerCore:
                 return UnitSplit(number, piece.row_start, piece)
         return UnitSplit(number)
 
-    def route(self, progress: UnitProgress, owner: int | None = None) -> int | None:
-        """The encoder rank for the next batch of this unit; None while no linked rank has free credit. `owner`:
-        the batch's rows belong to that rank (--dedup), which takes it once it has credit."""
+    def grant_wait(self, now: float) -> float | None:
+        """How much longer, at `now` (seconds, the driver's clock), a batch holds out for the first grants of the
+        linked encoder ranks not heard from yet; None when it does not (all came, or the patience is spent)."""
+        if not self._ungranted or self._first_grant_seen is None:
+            return None
+        left = self._first_grant_seen + GRANT_PATIENCE_S - now
+        return left if left > 0 else None
+
+    def route(self, progress: UnitProgress, owner: int | None = None, now: float | None = None) -> int | None:
+        """The encoder rank for the next batch of this unit; None while no linked rank has free credit, or, given
+        `now`, while it holds out for the first grants (grant_wait). `owner`: the batch's rows belong to that
+        rank (--dedup), which takes it once it has credit."""
         if owner is not None:
             return owner if self.credits[owner] > 0 else None
         if not self.credits:
@@ -120,6 +138,11 @@ class TokenizerCore:
         best = max(self.credits, key=self.credits.__getitem__)
         if self.credits[best] <= 0:
             return None
+        if now is not None and self._ungranted:
+            if self._first_grant_seen is None:
+                self._first_grant_seen = now
+            if self.grant_wait(now) is not None:
+                return None
         previous = progress.previous
         if previous is not None and self.credits.get(previous, 0) >= self.credits[best]:
             return previous

@@ -55,10 +55,11 @@ class EncoderSink:
         while True:
             while rank.receive(0):          # take every credit already waiting
                 pass
-            dest = rank.core.route(progress, owner)
+            now = time.monotonic()
+            dest = rank.core.route(progress, owner, now)
             if dest is not None:
                 break
-            rank.receive(None)
+            rank.receive(rank.core.grant_wait(now))
         sending = clock()
         rank.transport.send_batch(dest, batch)
         rank.core.sent(dest, batch.num_rows, batch.num_tokens, progress)

@@ -231,8 +231,9 @@ class Simulation:
         tokens = int(round(rows * r.tokens_per_text))
         t0 = env.now
         self._take_all(rank, core)
-        while (dest := core.route(progress)) is None:
-            yield net.wait(rank)
+        while (dest := core.route(progress, now=env.now)) is None:
+            patience = core.grant_wait(env.now)
+            yield net.wait(rank) if patience is None else env.any_of([net.wait(rank), env.timeout(patience)])
             self._take_all(rank, core)
         landed = self._send_batch(rank, dest, SimBatch(unit.unit, rows, tokens, int(tokens * r.bytes_per_token)))
         core.sent(dest, rows, tokens, progress)
