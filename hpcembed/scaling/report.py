@@ -127,7 +127,7 @@ def write_report(study: Path, title: str = "", node_series: str = "h100-node") -
     lines += _measured_section(measured) + _validation_section(results)
     if projected:
         lines += _losses_section(projected) + [f"![losses]({p})" for p in plots[2:]] + [""]
-        lines += _control_section(projected)
+        lines += _control_section(projected, results.get("encoder_lead_s", {}).get("source", ""))
     lines += METHOD
     path = study / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -220,8 +220,9 @@ def _losses_section(projected: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _control_section(projected: list[dict]) -> list[str]:
-    """The control plane and a whole job of a fixed size, where the projection simulated one (--job-rows)."""
+def _control_section(projected: list[dict], lead_source: str = "") -> list[str]:
+    """The control plane and a whole job of a fixed size, where the projection simulated one (--job-rows).
+    `lead_source`: where the tokenizer ranks' lead over the encoder ranks came from (results.json)."""
     if not any("subconductors" in r for r in projected):
         return []
     first = projected[0]
@@ -236,9 +237,9 @@ def _control_section(projected: list[dict]) -> list[str]:
              "the steady rate (ramp and tail); the job size for a 95% whole job follows from it (derived)."
              + (f" The whole job is a simulated job of {whole:,} rows at each scale." if whole else "")
              + (f" Every job's clock starts with the encoder ranks ready; the tokenizer ranks start {lead} s "
-                "before them (the least lead of the measured runs: they read while the encoder ranks load the "
-                "model), so start-up itself (MPI launch, model load, its spread over the nodes) is outside these "
-                "figures." if lead else ""), "",
+                f"before them, reading while the encoder ranks load the model ({lead_source or 'given'}), so "
+                "start-up itself (MPI launch, model load, its spread over the nodes) is outside these figures."
+                if lead else ""), "",
              "| nodes | encoder ranks | tokenizer ranks | CPU nodes | sub-conductors | conductor busy | busiest "
              "sub-conductor | ramp s | lost s | rows for 95% whole job | whole job E | its tail s | its "
              "conductor busy |", "|" + "---|" * 13]
