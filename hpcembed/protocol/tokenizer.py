@@ -77,7 +77,8 @@ class TokenizerCore:
         if isinstance(message, Credit):
             self.credits[source] += message.count
             self.credit_messages[source] += 1
-            self._ungranted -= self.credit_messages[source] == 1
+            if self.credit_messages[source] == 1:
+                self._ungranted -= 1
         elif isinstance(message, AssignUnit):
             self.assigned.append(message.unit)
         elif isinstance(message, NoMoreUnits):

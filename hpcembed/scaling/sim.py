@@ -39,8 +39,7 @@ from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 from .probe import HandlerClock, handler_scale
 
-# Allocations between young collections while a simulation runs (Python's default is 700).
-YOUNG_COLLECTION_ALLOCATIONS = 100_000
+YOUNG_COLLECTION_ALLOCATIONS = 100_000     # between young collections while a simulation runs (Python's: 700)
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
@@ -369,15 +368,18 @@ def _collector_for_a_large_heap():
     """Python's cycle collector, tuned for a run that holds millions of live objects: the built world is frozen out
     of it and young collections are rarer. With the defaults every full collection walked the whole simulated
     cluster, and a run's time per event grew with its size (bench/notes/scale_out.md, session 19)."""
-    gc.collect()
-    gc.freeze()
+    freeze = not gc.get_freeze_count()       # a caller's own frozen objects are left as they are
+    if freeze:
+        gc.collect()
+        gc.freeze()
     thresholds = gc.get_threshold()
     gc.set_threshold(YOUNG_COLLECTION_ALLOCATIONS, *thresholds[1:])
     try:
         yield
     finally:
         gc.set_threshold(*thresholds)
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def _cut_step(window: deque, budget: int) -> list:
