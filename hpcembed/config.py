@@ -118,7 +118,8 @@ class JobConfig:
     dedup_memory: float = _opt(4.0, "--dedup: GiB each encoder rank may hold of digests and their embeddings; "
                                     "beyond it new texts are encoded without being recorded")
     window_batches: int = _opt(8, "an encoder rank takes token batches in while fewer than this many batches' "
-                                  "tokens wait to be encoded")
+                                  "tokens wait to be encoded (or one batch for each linked tokenizer rank, up to "
+                                  "256, where that is more)")
     unit_rows: int = _opt(50_000, "rows per work unit handed out by the conductor")
     chunk_rows: int = _opt(1024, "rows a tokenizer reads and tokenizes at a time (the batches it sends are cut to "
                                  "the encoder's token budget)")
