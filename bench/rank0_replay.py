@@ -68,16 +68,22 @@ def replay(nodes: int, shape: NodeShape, job: JobShape, rates, mail: list[tuple[
     return {name: [len(times), 1e6 * sum(times) / len(times)] for name, times in spent.items()}
 
 
+def projection_rates():
+    """(calibration, rates) as the committed seed-shape projections take them: the validated h100-box
+    calibration, rank 0's fan-in fits and the H200 box's control probe, over InfiniBand HDR."""
+    calibration = read_json(CALIBRATION, "calibration")
+    calibration["rates"].update(conductor_factors(read_json(FANIN, "fan-in cost fits"), FANIN))
+    calibration["rates"].update(control_probe(read_json(PROBE, "control probe"), PROBE))
+    return calibration, rates_from(calibration, "infiniband-hdr")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nodes", type=int, default=1000)
     ap.add_argument("--rows", type=int, default=1_000_000_000)
     ap.add_argument("--slug", default="")
     args = ap.parse_args()
-    calibration = read_json(CALIBRATION, "calibration")
-    calibration["rates"].update(conductor_factors(read_json(FANIN, "fan-in cost fits"), FANIN))
-    calibration["rates"].update(control_probe(read_json(PROBE, "control probe"), PROBE))
-    rates = rates_from(calibration, "infiniband-hdr")
+    calibration, rates = projection_rates()
     shape = NodeShape(cores=128, gpus=8, gpu_name=node_from(calibration).gpu_name)
     job = JobShape(rows=args.rows, unit_rows=20_000, chunk_rows=1024, credits=4, tokenizer_batch_tokens=262_144,
                    steal_rows=4096)

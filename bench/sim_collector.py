@@ -13,10 +13,9 @@ import argparse
 import contextlib
 
 from bench.common import device_name, record, table
-from bench.rank0_replay import CALIBRATION, FANIN, PROBE
-from hpcembed.scaling import read_json, sim
-from hpcembed.scaling.calibration import node_from, rates_from
-from hpcembed.scaling.project import conductor_factors, control_probe
+from bench.rank0_replay import projection_rates
+from hpcembed.scaling import sim
+from hpcembed.scaling.calibration import node_from
 from hpcembed.scaling.sim import JobShape, NodeShape, simulate, units_for
 
 
@@ -38,10 +37,7 @@ def main() -> None:
     ap.add_argument("--cpu-node-cores", type=int, default=128, help="0: the 8-GPU shape")
     ap.add_argument("--slug", default="")
     args = ap.parse_args()
-    calibration = read_json(CALIBRATION, "calibration")
-    calibration["rates"].update(conductor_factors(read_json(FANIN, "fan-in cost fits"), FANIN))
-    calibration["rates"].update(control_probe(read_json(PROBE, "control probe"), PROBE))
-    rates = rates_from(calibration, "infiniband-hdr")
+    calibration, rates = projection_rates()
     shape = NodeShape(cores=128, gpus=8, gpu_name=node_from(calibration).gpu_name, cpu_node_cores=args.cpu_node_cores)
     job = JobShape(rows_per_node=units_for(1, shape, rates, 2, 20_000), unit_rows=20_000, chunk_rows=1024, credits=4,
                    tokenizer_batch_tokens=262_144, steal_rows=4096, encoder_lead_s=5.307)
