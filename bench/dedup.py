@@ -53,7 +53,8 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
             "rows_deduplicated": manifest.get("rows_deduplicated"), "rows_reused": manifest.get("rows_reused"),
             "startup_seconds": manifest.get("startup_seconds"),
             "tokenizer_seconds_mean": {k: _mean_other(manifest, k) for k in
-                                       ("busy", "unit_wait", "credit_wait", "send", "read", "claim_wait")},
+                                       ("busy", "unit_wait", "credit_wait", "send", "read", "claim_wait", "finish",
+                                        "untracked")},
             "encoder_loop_seconds": [r.get("loop_seconds") for r in manifest["ranks"] if r["role"] == "encoder"]}
 
 

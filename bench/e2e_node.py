@@ -94,7 +94,7 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
                                                 "host_us_per_row")} for r in gpu],
         "tokenizer_other_seconds_mean": {
             k: round(sum(r.get("other_seconds", {}).get(k, 0.0) for r in tok) / len(tok), 3)
-            for k in ("unit_wait", "credit_wait", "send", "read", "claim_wait")} if tok else None,
+            for k in ("unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked")} if tok else None,
         "tokenizer_backend": tok[0].get("tokenizer_backend") if tok else None,
         "hf_fallback_rows": sum(r.get("rows_hf_fallback", 0) for r in tok),
     }

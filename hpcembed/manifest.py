@@ -41,7 +41,7 @@ class TokenizerStats(RankStats):
     chunks: int | None = None
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
-    # Time outside busy: unit_wait, credit_wait, claim_wait, send, read (roles/tokenizer.py).
+    # Time outside busy: unit_wait, credit_wait, claim_wait, send, read, finish, untracked (roles/tokenizer.py).
     other_seconds: dict[str, float] = field(default_factory=dict)
 
     def as_manifest(self) -> dict:

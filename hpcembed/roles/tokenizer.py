@@ -142,8 +142,11 @@ class TokenizerRank:
         self.busy = 0.0
         # Where the time outside `busy` goes: waiting for a unit, for an encoder rank's credit, inside a batch's
         # send (a blocking send lasts until the encoder rank takes the batch in), reading input, and (--dedup)
-        # waiting for owners to answer claims.
-        self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0, "claim_wait": 0.0}
+        # waiting for owners to answer claims; after the last unit, the id check across ranks and the wait for
+        # credits to settle (finish); and what none of these count (untracked: the rank's own bookkeeping and
+        # control messages between chunks, and any time the OS gave its core to another process).
+        self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0, "claim_wait": 0.0,
+                      "finish": 0.0, "untracked": 0.0}
 
     def receive(self, timeout: float | None) -> bool:
         envelope = self.transport.recv(timeout)
@@ -157,6 +160,7 @@ class TokenizerRank:
 
     def run(self) -> None:
         started_at = time.time()        # backend loaded: from here the rank asks for work
+        lifetime = time.perf_counter()
         core = self.core
         deliver(self.transport, core.start())
         while True:
@@ -169,9 +173,13 @@ class TokenizerRank:
                 break
             deliver(self.transport, sends)
             self._process(unit)
+        finishing, busy = time.perf_counter(), self.busy
         self._check_ids_across_ranks()
         while not core.credits_settled or (self.dedup is not None and self.dedup.outstanding):
             self.receive(None)
+        now = time.perf_counter()
+        self.other["finish"] = now - finishing - (self.busy - busy)
+        self.other["untracked"] = now - lifetime - self.busy - sum(self.other.values())
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
                                started_at=started_at, other_seconds=dict(self.other), **self.backend.describe())
