@@ -95,9 +95,22 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
         "tokenizer_other_seconds_mean": {
             k: round(sum(r.get("other_seconds", {}).get(k, 0.0) for r in tok) / len(tok), 3)
             for k in ("unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked")} if tok else None,
+        # The end of the work, in seconds from the first encoder rank being ready: the last tokenizer rank done,
+        # the last batch encoded, the last shard written; and the encoder ranks' writer threads' busy seconds.
+        "end_seconds": _end_seconds(tok, gpu),
         "tokenizer_backend": tok[0].get("tokenizer_backend") if tok else None,
         "hf_fallback_rows": sum(r.get("rows_hf_fallback", 0) for r in tok),
     }
+
+
+def _end_seconds(tok: list[dict], gpu: list[dict]) -> dict | None:
+    ready = min((r["ready_at"] for r in gpu if r.get("ready_at")), default=0.0)
+    if not ready or not all(r.get("last_written_at") for r in gpu):
+        return None
+    return {"tokenizers_done": round(max(r.get("finished_at", 0.0) for r in tok) - ready, 3) if tok else None,
+            "last_encoded": round(max(r["last_encoded_at"] for r in gpu) - ready, 3),
+            "last_written": round(max(r["last_written_at"] for r in gpu) - ready, 3),
+            "writer_seconds": [round(r.get("writer_seconds", 0.0), 3) for r in gpu]}
 
 
 def stage(args, texts: list[str]) -> dict:

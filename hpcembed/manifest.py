@@ -39,7 +39,8 @@ class TokenizerStats(RankStats):
     texts_chunked: int | None = None            # --chunk-tokens: texts read, those longer than one window,
     texts_split: int | None = None              # and the windows embedded
     chunks: int | None = None
-    started_at: float = 0.0                     # epoch seconds the rank asked for its first unit
+    started_at: float = 0.0                     # epoch seconds the rank asked for its first unit,
+    finished_at: float = 0.0                    # and had every credit back after its last unit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
     # Time outside busy: unit_wait, credit_wait, claim_wait, send, read, finish, untracked (roles/tokenizer.py).
     other_seconds: dict[str, float] = field(default_factory=dict)
@@ -94,6 +95,11 @@ class EncoderStats(RankStats):
     # the end, and the batches it encoded in that time.
     host_cpu_seconds: float = 0.0
     batches: int = 0
+    # The end of its work: epoch seconds its last batch came back from an encoder and its last shard was written,
+    # and the seconds its writer threads spent assembling, checksumming and writing shards (summed over threads).
+    last_encoded_at: float = 0.0
+    last_written_at: float = 0.0
+    writer_seconds: float = 0.0
     rows_deduplicated: int | None = None        # --dedup: rows written with the embedding of an earlier repeat,
     rows_reused: int | None = None              # and with one from an earlier output (--reuse)
     reuse_shards_ignored: int | None = None     # --reuse shards left out as damaged

@@ -43,8 +43,10 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert steps["process_started"] <= steps["building"] <= steps["built"] <= steps["ready"]
             assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
             assert r["build_seconds"]["weights"] > 0
+            assert r["ready_at"] <= r["last_encoded_at"] <= r["last_written_at"] and r["writer_seconds"] > 0
             assert (r["engine"], r["attention"], r["fused_ops"]) == ("varlen", "padded", "eager")    # CPU: no kernels
         elif r["role"] == "tokenizer":
+            assert r["started_at"] <= r["finished_at"]
             other = r["other_seconds"]
             assert set(other) == {"unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked"}
             assert min(other.values()) >= -0.005, other       # untracked is what is left: never much below zero

@@ -11,6 +11,7 @@ On a machine without CUDA the same role runs the encoder on CPU; that is how CI 
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +38,7 @@ WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most th
 # Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
 # release the GIL): 131k rows/s with one, 274k with two, on the CPU box
 # (bench/writer.py). With one, writing held back --reuse reruns on the H200 box (bench/notes/dedup.md).
-WRITER_THREADS = 2
+WRITER_THREADS = int(os.environ.get("HPCEMBED_WRITER_THREADS", "2"))
 
 
 @dataclass
@@ -67,6 +68,7 @@ class EncoderRank:
         self.parts: dict[int, _UnitRows] = {}
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="shard-writer")
         self._writes: deque[tuple[Future, int, str]] = deque()      # (write, unit, shard name)
+        self.last_encoded_at = self.last_written_at = self.writer_seconds = 0.0
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
 
@@ -87,6 +89,8 @@ class EncoderRank:
                              **self.pool.describe(), ready_at=ready_at, stage_busy_seconds=self.pool.stage_busy_seconds,
                              loop_seconds=dict(self.loop_time), startup=self.startup,
                              host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches,
+                             last_encoded_at=self.last_encoded_at, last_written_at=self.last_written_at,
+                             writer_seconds=self.writer_seconds,
                              **({"rows_deduplicated": self.dedup.rows_deduplicated,
                                  "rows_reused": self.dedup.rows_reused,
                                  "reuse_shards_ignored": self.dedup.shards_ignored,
@@ -130,6 +134,8 @@ class EncoderRank:
             t3 = clock()
             for batch, embeddings in finished:
                 self._store(batch, embeddings)
+            if finished:
+                self.last_encoded_at = time.time()
             self._report_writes(wait=core.stopping and not self.batcher.rows and not self.pool.in_flight)
             t4 = clock()
             spent["receive"] += t1 - t0
@@ -143,7 +149,8 @@ class EncoderRank:
         """PartWritten for every shard whose write has finished, in order (a failed write raises here)."""
         while self._writes and (wait or self._writes[0][0].done()):
             future, unit, name = self._writes.popleft()
-            shard = future.result()
+            shard, seconds, self.last_written_at = future.result()
+            self.writer_seconds += seconds
             deliver(self.transport, [self.core.written(unit, name, shard.size, shard.digest, shard.rows,
                                                        shard.companion)])
 
@@ -212,7 +219,16 @@ class EncoderRank:
                                                  self.normalize), unit, name))
 
 
-def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: bool, normalize: bool) -> ShardFile:
+def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: bool, normalize: bool
+                 ) -> tuple[ShardFile, float, float]:
+    """On a writer thread: the shard, the seconds it took, and the epoch seconds it was done."""
+    start = time.perf_counter()
+    shard = _assemble_and_write(output, name, part, pool_chunks, normalize)
+    return shard, time.perf_counter() - start, time.time()
+
+
+def _assemble_and_write(output: OutputDir, name: str, part: _UnitRows, pool_chunks: bool, normalize: bool
+                        ) -> ShardFile:
     rows = np.concatenate(part.rows)
     ids = pa.concat_arrays(part.ids)
     embeddings = np.concatenate(part.embeddings)

@@ -182,7 +182,8 @@ class TokenizerRank:
         self.other["untracked"] = now - lifetime - self.busy - sum(self.other.values())
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
-                               started_at=started_at, other_seconds=dict(self.other), **self.backend.describe())
+                               started_at=started_at, finished_at=time.time(), other_seconds=dict(self.other),
+                               **self.backend.describe())
         deliver(self.transport, core.report(stats))
         while not core.released:
             self.receive(None)
