@@ -337,3 +337,22 @@ def test_verify_checks_dimensions_values_and_norms():
                      "shard part-x.parquet row 2: norm 2.0000, the model normalizes (1 rows)"]
     assert _check_embeddings("part-x.parquet", table, {"dim": 384})[0].endswith("384 dimensions as float32")
     assert len(_check_embeddings("part-x.parquet", table, {"dim": 8, "normalize": False})) == 1
+
+
+def test_shard_checksums_of_this_release_and_of_earlier_ones_both_verify(tmp_path):
+    """Shards are checksummed with tagged xxh3-128; an output written by a release that used BLAKE2b-128 (untagged)
+    still verifies, and either kind catches a changed byte."""
+    import hashlib
+
+    from hpcembed.io.digest import SHARD_CHECKSUM_TAG, checksum, checksum_matches, file_checksum_matches
+    data = os.urandom(3 << 20)          # past one read piece of file_checksum_matches' loop
+    damaged = bytearray(data)
+    damaged[len(data) // 2] ^= 1
+    path, bad = tmp_path / "shard", tmp_path / "damaged"
+    path.write_bytes(data)
+    bad.write_bytes(bytes(damaged))
+    earlier = hashlib.blake2b(data, digest_size=16).hexdigest()
+    assert checksum(data).startswith(SHARD_CHECKSUM_TAG)
+    for recorded in (checksum(data), earlier):
+        assert checksum_matches(data, recorded) and file_checksum_matches(path, recorded)
+        assert not checksum_matches(bytes(damaged), recorded) and not file_checksum_matches(bad, recorded)

@@ -1,6 +1,8 @@
-"""Content digests: BLAKE2b-128 of bytes and of files (shards, inputs), and of large files (model weights) cached
-so that a file costs one full read, not one per run; and each row's digest (xxh3-128): of its text where the input
-is text, of its token ids where it is a token directory or a chunked text's window.
+"""Content digests: BLAKE2b-128 of files (inputs, token shards), and of large files (model weights) cached so that
+a file costs one full read, not one per run; the checksum of an embedding shard as written (xxh3-128, tagged, where
+BLAKE2b took a quarter of a writer thread's time; shards of earlier releases carry an untagged BLAKE2b-128 and
+still verify); and each row's digest (xxh3-128): of its text where the input is text, of its token ids where it is
+a token directory or a chunked text's window.
 
 A cache entry is keyed by the file's absolute path and holds its size, modification time and inode with the
 digest; any change to those and the file is read again. Entries live in the kernel cache directory
@@ -17,8 +19,34 @@ import numpy as np
 from ..cache import read_entry, write_entry
 
 
+SHARD_CHECKSUM_TAG = "xxh3:"
+
+
 def checksum(data) -> str:
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """An embedding shard's checksum, of the bytes written: 1.45 µs a 1.5 KB row with BLAKE2b-128, 0.06 with
+    xxh3-128 on the CPU box. It guards against damage, not forgery."""
+    import xxhash
+    return SHARD_CHECKSUM_TAG + xxhash.xxh3_128_hexdigest(data)
+
+
+def checksum_matches(data, recorded: str) -> bool:
+    """Whether bytes are the ones `recorded` (a checksum of this release, or an untagged BLAKE2b of before)."""
+    if recorded.startswith(SHARD_CHECKSUM_TAG):
+        return checksum(data) == recorded
+    return hashlib.blake2b(data, digest_size=16).hexdigest() == recorded
+
+
+def file_checksum_matches(path: Path | str, recorded: str) -> bool:
+    """checksum_matches for a file, read in pieces (a path, or a URL: io/location.py)."""
+    from .location import open_input
+    if not recorded.startswith(SHARD_CHECKSUM_TAG):
+        return file_digest(path) == recorded
+    import xxhash
+    h = xxhash.xxh3_128()
+    with open_input(str(path)) as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return SHARD_CHECKSUM_TAG + h.hexdigest() == recorded
 
 
 def file_digest(path: Path | str) -> str:

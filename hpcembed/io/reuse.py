@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from ..errors import ConfigError
 from . import location, npy
-from .digest import checksum, digest_seed
+from .digest import checksum_matches, digest_seed
 from .ledger import describe_difference
 
 log = logging.getLogger("hpcembed")
@@ -98,7 +98,7 @@ def _read_checked(path: str, size: int, digest: str) -> bytes:
         data = fh.read()
     if len(data) != size:
         raise ValueError(f"has {len(data)} bytes, its ledger says {size}")
-    if checksum(data) != digest:
+    if not checksum_matches(data, digest):
         raise ValueError("is not what its job wrote (its checksum differs)")
     return data
 
