@@ -1,5 +1,5 @@
-"""The simulation's wall time with its cycle collector tuned for a large heap (scaling/sim.py
-`_collector_for_a_large_heap`) against Python's defaults, on the same job in the same run.
+"""The simulation's wall time with its cycle collector tuned for a large heap (heap.py
+`collector_for_a_large_heap`, as scaling/sim.py runs it) against Python's defaults, on the same job in the same run.
 
     python -m bench.sim_collector [--nodes 30 100] [--cpu-node-cores 128]
 
@@ -20,13 +20,13 @@ from hpcembed.scaling.sim import JobShape, NodeShape, simulate, units_for
 
 
 def _run(nodes: int, shape: NodeShape, job: JobShape, rates, tuned: bool) -> dict:
-    default = sim._collector_for_a_large_heap
+    default = sim.collector_for_a_large_heap
     if not tuned:
-        sim._collector_for_a_large_heap = contextlib.nullcontext
+        sim.collector_for_a_large_heap = contextlib.nullcontext
     try:
         result = simulate(nodes, shape, job, rates)
     finally:
-        sim._collector_for_a_large_heap = default
+        sim.collector_for_a_large_heap = default
     return {"wall_s": round(result.wall_seconds, 2), "steady_texts_per_s": round(result.steady_texts_per_s, 1),
             "makespan_s": round(result.makespan_s, 4)}
 

@@ -7,14 +7,18 @@ how many objects outlive two younger collections (a server's requests in flight 
 made none in that benchmark): /metrics counts the frontend's, and each serve rank logs its own at exit. The objects
 made at start-up (the modules, the model, the tokenizer) live as long as the process, so `settle()` moves them out
 of the collector's reach once start-up is done (gc.freeze) and later full collections walk only what came after.
-HPCEMBED_GC_FREEZE=0 leaves them in reach, for measuring the difference (bench/serve.py's A/B).
+HPCEMBED_GC_FREEZE=0 leaves them in reach, for measuring the difference (bench/serve.py's A/B). The scaling
+simulation, which holds millions of live objects, runs under `collector_for_a_large_heap`.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
 from dataclasses import dataclass, field
+
+YOUNG_COLLECTION_ALLOCATIONS = 100_000     # between young collections while a simulation runs (Python's: 700)
 
 
 def settle() -> int:
@@ -63,3 +67,22 @@ class GcPauses:
         """Per generation: collections, total and longest milliseconds."""
         return {f"gen{g}": {"collections": len(v), "total_ms": round(sum(v) * 1e3, 2),
                             "longest_ms": round(max(v, default=0.0) * 1e3, 2)} for g, v in sorted(self.seconds.items())}
+
+
+@contextlib.contextmanager
+def collector_for_a_large_heap():
+    """Python's cycle collector, tuned for a run that holds millions of live objects: the built world is frozen out
+    of it and young collections are rarer. With the defaults every full collection walked the whole simulated
+    cluster, and a run's time per event grew with its size (bench/notes/scale_out.md, session 19)."""
+    freeze = not gc.get_freeze_count()       # a caller's own frozen objects are left as they are
+    if freeze:
+        gc.collect()
+        gc.freeze()
+    thresholds = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_ALLOCATIONS, *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        if freeze:
+            gc.unfreeze()

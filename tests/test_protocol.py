@@ -4,6 +4,7 @@ message and return the messages to send, so these tests are the drivers: they de
 comes back. The mpiexec and Slurm tests run the same cores for real."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import deque
 
@@ -23,7 +24,7 @@ from hpcembed.protocol.messages import (AssignUnit, Credit, Drain, DropIds, Dupl
                                         PartRewritten, PartWritten, RankReport, Release, RequestUnit, Stop,
                                         StopRequested, UnitEnd, UnitRead)
 from hpcembed.protocol.subconductor import SubConductorCore
-from hpcembed.protocol.tokenizer import GRANT_PATIENCE_S, TokenizerCore, UnitProgress
+from hpcembed.protocol.tokenizer import GRANT_PATIENCE_S, READ_AHEAD_BATCHES, TokenizerCore, UnitProgress
 from hpcembed.topology import RoleMap
 
 # Rank 0 conducts; 1 and 2 tokenize; 3 and 4 encode (one host, so every tokenizer links to both encoders).
@@ -223,6 +224,18 @@ def test_tokenizer_holds_its_first_batch_briefly_for_every_linked_ranks_grant():
     patient.handle(3, Credit(4))                        # every grant in: routed at once, by credit
     assert patient.route(progress, now=0.001) in (3, 4) and patient.grant_wait(0.001) is None
     assert TokenizerCore(1, ROLES).route(progress) is None      # no credit: nothing to wait for
+
+
+def test_tokenizer_reads_ahead_until_the_first_grant():
+    """While every linked encoder rank is still building its model, batches are kept and the rank tokenizes on, up
+    to READ_AHEAD_BATCHES; from the first grant on, each goes as it is ready. A tokenize job (no links) keeps
+    nothing."""
+    core = TokenizerCore(1, ROLES)
+    assert core.holds(0) and core.holds(READ_AHEAD_BATCHES - 1) and not core.holds(READ_AHEAD_BATCHES)
+    core.handle(4, Credit(4))
+    assert not core.holds(0)
+    tokenize_only = TokenizerCore(1, dataclasses.replace(ROLES, encoders=[]))
+    assert not tokenize_only.encoders and not tokenize_only.holds(0)
 
 
 def test_tokenizer_reports_the_unit_and_waits_for_every_credit():

@@ -30,6 +30,7 @@ from .messages import (AssignUnit, Credit, Drain, NoMoreUnits, RankReport, Relea
                        UnitEnd, UnitRead, UnitSplit)
 
 GRANT_PATIENCE_S = 0.05
+READ_AHEAD_BATCHES = 8
 
 
 @dataclass
@@ -119,6 +120,12 @@ class TokenizerCore:
                 self.assigned[k], piece = split_unit(unit, unit.row_start + unit.rows // 2)
                 return UnitSplit(number, piece.row_start, piece)
         return UnitSplit(number)
+
+    def holds(self, held: int) -> bool:
+        """Whether a batch ready now is kept back and the rank tokenizes on (`held`: batches it keeps already):
+        while no linked encoder rank has granted credit yet (they are still building their models), up to
+        READ_AHEAD_BATCHES."""
+        return bool(self.encoders) and self._ungranted == len(self.encoders) and held < READ_AHEAD_BATCHES
 
     def grant_wait(self, now: float) -> float | None:
         """How much longer, at `now` (seconds, the driver's clock), a batch holds out for the first grants of the

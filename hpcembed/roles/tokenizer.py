@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 import numpy as np
 
@@ -43,13 +44,29 @@ class _Abandoned(Exception):
 
 
 class EncoderSink:
-    """An embedding job's sink: each batch goes to the encoder rank the core routes it to."""
+    """An embedding job's sink: each batch goes to the encoder rank the core routes it to. Until the first grant
+    comes, batches are held here (TokenizerCore.holds) and the rank tokenizes on; all of a unit's go before its
+    UnitEnd."""
 
     checks_ids = True
+
+    def __init__(self):
+        self.held: deque[TokenBatch] = deque()
 
     def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress,
             owner: int | None = None) -> None:
         """`owner`: the encoder rank the batch's rows belong to (--dedup); else the core routes by credit."""
+        if owner is None:
+            while rank.receive(0):          # a grant may have come
+                pass
+            if rank.core.holds(len(self.held)):
+                self.held.append(batch)
+                return
+            while self.held:
+                self._send(rank, self.held.popleft(), progress, None)
+        self._send(rank, batch, progress, owner)
+
+    def _send(self, rank: "TokenizerRank", batch: TokenBatch, progress: UnitProgress, owner: int | None) -> None:
         clock = time.perf_counter
         start = clock()
         while True:
@@ -67,10 +84,14 @@ class EncoderSink:
         rank.other["send"] += clock() - sending
 
     def unit_done(self, rank: "TokenizerRank", unit: WorkUnit, progress: UnitProgress) -> list[Send]:
+        while self.held:
+            self._send(rank, self.held.popleft(), progress, None)
         return []
 
     def unit_abandoned(self, unit: WorkUnit) -> None:
-        """Rows already sent are discarded by the encoder ranks when the conductor stops them."""
+        """Rows already sent are discarded by the encoder ranks when the conductor stops them; held ones are
+        dropped."""
+        self.held.clear()
 
 
 class ShardSink:

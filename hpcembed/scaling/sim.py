@@ -17,8 +17,6 @@ one server at its measured in-job rate, fed encoder batches of max_batch_tokens 
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import pickle
 import tempfile
 import time
@@ -26,6 +24,7 @@ from collections import deque
 
 import simpy
 
+from ..heap import collector_for_a_large_heap
 from ..io.ledger import LedgerState
 from ..io.sources import WorkUnit
 from ..io.writer import OutputDir, shard_name
@@ -38,8 +37,6 @@ from .model import (CONTROL_BYTES, EncoderInstances, JobShape, Landed, NodeShape
                     SimBatch, SimNetwork, SimResult, StepDone)
 from .layout import build_world, cpu_nodes_for, unit_plan, units_for
 from .probe import HandlerClock, handler_scale
-
-YOUNG_COLLECTION_ALLOCATIONS = 100_000     # between young collections while a simulation runs (Python's: 700)
 
 __all__ = ["JobShape", "NodeShape", "Rates", "SimResult", "Simulation", "build_world", "simulate", "units_for"]
 
@@ -205,6 +202,7 @@ class Simulation:
             batch_rows = (max(1, int(job.tokenizer_batch_tokens // r.tokens_per_text)) if job.tokenizer_batch_tokens
                           else job.chunk_rows)
             pending, start = 0, unit.row_start     # a split (tail stealing) moves core.reading.row_stop down
+            held: deque = deque()                  # rows of each batch not sent yet (TokenizerCore.holds)
             while start < core.reading.row_stop:
                 # The chunks up to the one that fills a batch (or ends the unit), as one stretch of tokenizing:
                 # nothing is sent between them, so one timeout is the same virtual time as one per chunk.
@@ -221,23 +219,32 @@ class Simulation:
                 while pending >= batch_rows or (last and pending):
                     size = min(pending, batch_rows)
                     pending -= size
-                    yield from self._send_rows(rank, core, unit, size, progress)
+                    held.append(size)
+                    yield from self._send_rows(rank, core, unit, held, progress)
+            yield from self._send_rows(rank, core, unit, held, progress, unit_read=True)
             self.post_sends(rank, core.unit_read(core.reading, progress))
 
-    def _send_rows(self, rank: int, core: TokenizerCore, unit: WorkUnit, rows: int, progress: UnitProgress):
-        """One batch of `rows`, once a linked encoder rank has credit; returns when it has landed."""
+    def _send_rows(self, rank: int, core: TokenizerCore, unit: WorkUnit, held: deque, progress: UnitProgress,
+                   unit_read: bool = False):
+        """The batches in `held` (their rows), each once a linked encoder rank has credit, returning when the last
+        has landed; or none yet while the core holds them (the unit's end sends them all, as EncoderSink does)."""
         env, net, r = self.env, self.net, self.rates
-        tokens = int(round(rows * r.tokens_per_text))
-        t0 = env.now
         self._take_all(rank, core)
-        while (dest := core.route(progress, now=env.now)) is None:
-            patience = core.grant_wait(env.now)
-            yield net.wait(rank) if patience is None else env.any_of([net.wait(rank), env.timeout(patience)])
+        if not unit_read and core.holds(len(held) - 1):
+            return
+        while held:
+            rows = held.popleft()
+            tokens = int(round(rows * r.tokens_per_text))
+            t0 = env.now
             self._take_all(rank, core)
-        landed = self._send_batch(rank, dest, SimBatch(unit.unit, rows, tokens, int(tokens * r.bytes_per_token)))
-        core.sent(dest, rows, tokens, progress)
-        yield landed
-        self.tok_time["waiting_for_credit"] += env.now - t0
+            while (dest := core.route(progress, now=env.now)) is None:
+                patience = core.grant_wait(env.now)
+                yield net.wait(rank) if patience is None else env.any_of([net.wait(rank), env.timeout(patience)])
+                self._take_all(rank, core)
+            landed = self._send_batch(rank, dest, SimBatch(unit.unit, rows, tokens, int(tokens * r.bytes_per_token)))
+            core.sent(dest, rows, tokens, progress)
+            yield landed
+            self.tok_time["waiting_for_credit"] += env.now - t0
 
     def _send_batch(self, rank: int, dest: int, batch: SimBatch) -> simpy.Event:
         """A blocking MPI Send of a batch (transport/mpi.py), by rendezvous far above the eager limit: it completes
@@ -280,7 +287,7 @@ class Simulation:
         for process in ranks:
             env.process(process)
         env.process(self._sampler())
-        with _collector_for_a_large_heap():
+        with collector_for_a_large_heap():
             env.run(until=self.done)
         makespan = env.now - self.origin
         self.conductor.ledger.close()
@@ -361,25 +368,6 @@ class _EncoderLoop:
                 sim.encoders_working += 1
             self.gpu.submit(step)
             sim.post_sends(rank, core.submitted(taken, window_empty=not window))
-
-
-@contextlib.contextmanager
-def _collector_for_a_large_heap():
-    """Python's cycle collector, tuned for a run that holds millions of live objects: the built world is frozen out
-    of it and young collections are rarer. With the defaults every full collection walked the whole simulated
-    cluster, and a run's time per event grew with its size (bench/notes/scale_out.md, session 19)."""
-    freeze = not gc.get_freeze_count()       # a caller's own frozen objects are left as they are
-    if freeze:
-        gc.collect()
-        gc.freeze()
-    thresholds = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_ALLOCATIONS, *thresholds[1:])
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-        if freeze:
-            gc.unfreeze()
 
 
 def _cut_step(window: deque, budget: int) -> list:
