@@ -181,6 +181,19 @@ def test_planned_job_leaves_spare_ranks_idle(tmp_path, st_model):
     assert min(float(got[i] @ r) for i, r in zip(ids, ref)) > 0.9999
 
 
+def test_a_job_of_fewer_units_than_tokenizer_ranks_is_told_the_unit_rows_that_fit(tmp_path):
+    """One unit for two tokenizer ranks: the job runs, and says which --unit-rows gives each rank a unit; with that
+    size it says nothing."""
+    write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": f"unit advice row {k}"} for k in range(64)])
+    common = ("--input", str(tmp_path / "in.jsonl"), "--steal-rows", "16", "--device", "cpu")
+    advised = mpirun(4, *common, "--output", str(tmp_path / "a"))
+    assert advised.returncode == 0, advised.stderr
+    assert "1 work unit(s) for 2 tokenizer ranks" in advised.stderr and "--unit-rows 32 (now 50000)" in advised.stderr
+    fitted = mpirun(4, *common, "--output", str(tmp_path / "b"), "--unit-rows", "32")
+    assert fitted.returncode == 0, fitted.stderr
+    assert "work unit(s) for" not in fitted.stderr and read_manifest(tmp_path / "b")["rows_written"] == 64
+
+
 def test_links_are_sparse_local_first_and_cover_every_encoder():
     from hpcembed.topology import RoleMap
     # 1000 nodes x (8 encoder ranks + 8 tokenizer ranks), and a het layout with tokenizers on CPU-only nodes.

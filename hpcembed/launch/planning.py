@@ -67,7 +67,19 @@ def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo],
         roles = RoleMap(conductor=0, tokenizers=list(range(1, len(ranks))), encoders=[], hosts=hosts)
     else:
         roles = _plan_by_rates(cfg, setup, plan_roles(ranks, cfg.tokenizer_ranks or None), ranks, probe)
+    _advise_unit_rows(cfg, setup, len(roles.tokenizers))
     return assign_subconductors(roles, ranks, cfg.sub_conductors)
+
+
+def _advise_unit_rows(cfg: JobConfig, setup, tokenizer_ranks: int) -> None:
+    """A job with fewer units than tokenizer ranks starts most ranks waiting for tail stealing to split a unit, and
+    the pieces are of unequal size: say which --unit-rows gives each rank a unit of its own. Not on a resume (other
+    units make another job), nor where each rank's share is less than a split keeps (--steal-rows)."""
+    units, per_rank = len(setup.plan.units), setup.plan.total_rows // max(tokenizer_ranks, 1)
+    if setup.status != "resume" and units < tokenizer_ranks and per_rank >= max(cfg.steal_rows, 1):
+        log.warning("%d work unit(s) for %d tokenizer ranks: most ranks start by waiting for a unit to be split. "
+                    "--unit-rows %d (now %d) gives each rank a unit of its own (Parquet input is cut at row groups, "
+                    "so its units are no smaller than one)", units, tokenizer_ranks, per_rank, cfg.unit_rows)
 
 
 def _plan_by_rates(cfg: JobConfig, setup, roles: RoleMap, ranks: list[RankInfo],

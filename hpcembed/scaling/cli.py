@@ -75,6 +75,8 @@ def add_parser(sub) -> None:
                    help="as `hpcembed run --sub-conductors` (default: %(default)s)")
     s.add_argument("--job-rows", type=int, default=0, help="also simulate a job of this many rows at each scale, "
                    "for its whole-job efficiency (e.g. 1000000000)")
+    s.add_argument("--job-unit-rows", type=int, help="the --job-rows job's units (default: --unit-rows, cut so that "
+                   "every tokenizer rank has a unit of its own at each scale, as `hpcembed run` advises)")
     s.add_argument("--tokenizer-batch-tokens", type=int, help="tokenizer batches of this many tokens (default: "
                    "as the measured job sent them; 0: one batch per chunk, as before 0.3)")
     s.add_argument("--steal-rows", type=int, default=4096, help="tail stealing as `hpcembed run --steal-rows` "
@@ -132,6 +134,8 @@ def main(args) -> int:
         if args.cpu_node_cores and args.cpu_node_cores < 2:
             raise ConfigError(f"--cpu-node-cores {args.cpu_node_cores}: a CPU node needs a core for its sub-conductor "
                               "and at least one for a tokenizer rank")
+        if args.job_unit_rows is not None and args.job_unit_rows < 1:
+            raise ConfigError(f"--job-unit-rows {args.job_unit_rows}: a unit holds at least one row")
         if args.encoder_lead_s is not None and args.encoder_lead_s < 0:
             raise ConfigError(f"--encoder-lead-s {args.encoder_lead_s}: the tokenizer ranks cannot start after the "
                               "encoder ranks are ready")
@@ -147,7 +151,7 @@ def main(args) -> int:
                               args.tokenizer_batch_tokens, args.steal_rows,
                               Path(args.conductor_cost) if args.conductor_cost else None,
                               Path(args.control_probe) if args.control_probe else None, args.jobs,
-                              args.encoder_lead_s)
+                              args.encoder_lead_s, args.job_unit_rows)
         print(f"hpcembed: projection -> {Path(args.output) / 'results.json'} ({result['wall_seconds']} s)")
         if result.get("error"):
             print(f"hpcembed: {'warning' if args.allow_unvalidated else 'error'}: {result['error']}")

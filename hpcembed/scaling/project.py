@@ -23,7 +23,7 @@ from pathlib import Path
 from . import read_json
 from .calibration import node_from, rates_from
 from .probe import PROBE_VERSION, handler_scale, here_probe_seconds
-from .sim import JobShape, NodeShape, simulate, units_for
+from .sim import JobShape, NodeShape, build_world, simulate, units_for
 
 TOLERANCE = 0.10
 
@@ -66,13 +66,15 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
 def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", units_per_tokenizer: float = 2,
             unit_rows: int | None = None, node: NodeShape | None = None, network_ablation_up_to: int = 1000,
             job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
-            workers: int = 1, encoder_lead_s: float = 0.0, log=print) -> list[dict]:
+            workers: int = 1, encoder_lead_s: float = 0.0, job_unit_rows: int | None = None, log=print
+            ) -> list[dict]:
     """Weak scaling (each tokenizer rank reads about `units_per_tokenizer` units) for the steady efficiency; with
     `job_rows`, also that job at each scale (strong scaling) for its whole-job efficiency, ramp and tail
     included. `tokenizer_batch_tokens` overrides the measured job's (0: a batch per chunk, as before 0.3);
     `steal_rows`: tail stealing's, as `hpcembed run --steal-rows` (0: none); `workers`: processes that run the
     simulations (simulate_all); `encoder_lead_s`: the tokenizer ranks start this long before the encoder ranks
-    are ready (encoder_lead), and every job's clock starts with the encoder ranks."""
+    are ready (encoder_lead), and every job's clock starts with the encoder ranks. `job_unit_rows`: the
+    `job_rows` job's units (None: as a user would size --unit-rows for it, whole_job_unit_rows)."""
     rates = rates_from(calibration, network)
     shape = node or node_from(calibration)
     unit_rows = unit_rows or calibration["job"]["unit_rows"]
@@ -88,7 +90,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     for n in nodes:
         runs[n, "weak"] = (n, shape, job, rates, {})
         if job_rows:
-            runs[n, "whole"] = (n, shape, whole_job, rates, {})
+            runs[n, "whole"] = (n, shape, _sized(whole_job, job_unit_rows, n, shape, rates), rates, {})
         if n <= network_ablation_up_to:
             runs[n, "ideal network"] = (n, shape, job, rates, {"ideal_network": True})
     results = simulate_all(runs, workers)
@@ -143,7 +145,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
         }
         row["rows_for_95_percent_whole_job"] = _rows_for(0.95, n * x1, result.steady_texts_per_s, row["lost_s"])
         if whole is not None:
-            row.update({"whole_job_rows": whole.rows, "whole_job_units": whole.units,
+            row.update({"whole_job_rows": whole.rows, "whole_job_unit_rows": runs[n, "whole"][2].unit_rows,
+                        "whole_job_units": whole.units,
                         # against the first scale's steady rate in the same long job: a short weak-scaling window
                         # measures a node's steady rate a few percent low
                         "whole_job_efficiency": round(whole.throughput_texts_per_s * whole_base.nodes
@@ -159,6 +162,20 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             + (f"; {whole.rows:,} rows: whole job {row['whole_job_efficiency']:.1%}, tail {whole.tail_s:.1f} s, "
                f"conductor busy {whole.conductor_busy:.1%}, sim {whole.wall_seconds:.1f} s" if whole else ""))
     return out
+
+
+def whole_job_unit_rows(job_rows: int, tokenizer_ranks: int, unit_rows: int) -> int:
+    """The units a job of `job_rows` rows is run with at a scale of `tokenizer_ranks`: --unit-rows, cut so that
+    every tokenizer rank gets a unit of its own (as `hpcembed run` advises, launch/planning.py). With fewer units
+    than ranks, most ranks start by waiting for tail stealing to split a unit, and the pieces (10,000 and 6,667
+    rows of a 20,000-row unit) leave the encoder ranks a third apart in rows (bench/notes/scale_out.md)."""
+    return max(1, min(unit_rows, -(-job_rows // max(tokenizer_ranks, 1))))
+
+
+def _sized(job: JobShape, unit_rows: int | None, nodes: int, shape: NodeShape, rates) -> JobShape:
+    """The whole job with `unit_rows` (None: whole_job_unit_rows at this scale)."""
+    tokenizers = len(build_world(nodes, shape, rates)[0].tokenizers) if not unit_rows else 0
+    return dataclasses.replace(job, unit_rows=unit_rows or whole_job_unit_rows(job.rows, tokenizers, job.unit_rows))
 
 
 def simulate_all(runs: dict, workers: int = 1) -> dict:
@@ -239,7 +256,7 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
                  network_ablation_up_to: int = 1000, allow_unvalidated: bool = False, node: NodeShape | None = None,
                  job_rows: int = 0, tokenizer_batch_tokens: int | None = None, steal_rows: int = 4096,
                  conductor_cost: Path | None = None, probe: Path | None = None, workers: int = 1,
-                 encoder_lead_s: float | None = None, log=print) -> dict:
+                 encoder_lead_s: float | None = None, job_unit_rows: int | None = None, log=print) -> dict:
     """`conductor_cost`: bench/fanin_cost.py's fits; the control ranks are charged what they measured there.
     `probe`: bench/control_probe.py's JSON of the target machine (the charges then do not depend on this one).
     `workers`: processes for the projection's simulations. `encoder_lead_s`: see project (None: the measured
@@ -270,7 +287,7 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     if not failed or allow_unvalidated:
         result["rows"] = project(calibration, nodes, network, units_per_tokenizer, unit_rows, node,
                                  network_ablation_up_to, job_rows, tokenizer_batch_tokens, steal_rows, workers,
-                                 lead, log=log)
+                                 lead, job_unit_rows, log=log)
         for row in result["rows"]:
             row["validated"] = result["validated"]
     result["wall_seconds"] = round(time.perf_counter() - start, 1)

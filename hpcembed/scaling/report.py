@@ -235,21 +235,23 @@ def _control_section(projected: list[dict], lead_source: str = "") -> list[str]:
              "sub-conductor busy are their simulated handler time (measured here as the real cores run, scaled to "
              "the target core) over the makespan. Lost time is the weak-scaling job's makespan less its rows at "
              "the steady rate (ramp and tail); the job size for a 95% whole job follows from it (derived)."
-             + (f" The whole job is a simulated job of {whole:,} rows at each scale." if whole else "")
+             + (f" The whole job is a simulated job of {whole:,} rows at each scale, in units no larger than one "
+                "per tokenizer rank (as `hpcembed run` advises) unless the projection set them." if whole else "")
              + (f" Every job's clock starts with the encoder ranks ready; the tokenizer ranks start {lead} s "
                 f"before them, reading while the encoder ranks load the model ({lead_source or 'given'}), so "
                 "start-up itself (MPI launch, model load, its spread over the nodes) is outside these figures."
                 if lead else ""), "",
              "| nodes | encoder ranks | tokenizer ranks | CPU nodes | sub-conductors | conductor busy | busiest "
-             "sub-conductor | ramp s | lost s | rows for 95% whole job | whole job E | its tail s | its "
-             "conductor busy |", "|" + "---|" * 13]
+             "sub-conductor | ramp s | lost s | rows for 95% whole job | whole job's unit rows | whole job E | its "
+             "tail s | its conductor busy |", "|" + "---|" * 14]
     for r in projected:
         rows95 = r.get("rows_for_95_percent_whole_job")
         lines.append(f"| {r['nodes']} | {r['gpus']:,} | {r['tokenizer_ranks']:,} | {r.get('cpu_nodes', 0)} | "
                      f"{r['subconductors']} | {r['conductor_busy']:.1%} | {r['subconductor_busy_max']:.2%} | "
                      f"{r['ramp_s']} | {r['lost_s']} | {'-' if rows95 is None else f'{rows95:,}'} | "
-                     + (f"{r['whole_job_efficiency']:.1%} | {r['whole_job_tail_s']} | "
-                        f"{r['whole_job_conductor_busy']:.1%} |" if "whole_job_efficiency" in r else "| | |"))
+                     + (f"{r.get('whole_job_unit_rows', r['unit_rows']):,} | {r['whole_job_efficiency']:.1%} | "
+                        f"{r['whole_job_tail_s']} | {r['whole_job_conductor_busy']:.1%} |"
+                        if "whole_job_efficiency" in r else "| | | |"))
     return lines + [""]
 
 
