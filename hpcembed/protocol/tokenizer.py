@@ -18,6 +18,11 @@ waits up to GRANT_PATIENCE_S from the first grant for the others: a rank that re
 loaded would otherwise send its first batch wherever the first grant came from, and so would every other rank
 linked there (the simulation's disaggregated shape: a CPU node's 136 tokenizer ranks sent their first batches to
 the same encoder rank of each GPU node, which got three times its share of a short job).
+
+Read-ahead: until the first grant comes (the encoder ranks are still building their models), the driver keeps the
+batches it has made, up to READ_AHEAD_BATCHES, and tokenizes on (`holds`); they go first once a grant has come,
+and all of a unit's before its UnitEnd. In a short job at scale the tokenizer ranks' time is otherwise on the
+critical path after the model load (the simulation's billion-row job at 100 nodes: 90.7% -> 93.9% whole-job).
 """
 from __future__ import annotations
 
