@@ -17,6 +17,7 @@ from ..io.tokens import tokenizer_identity
 from ..io.quantize import CALIBRATED
 from ..io.writer import OutputDir
 from ..manifest import JobResult, build_manifest
+from ..protocol.tokenizer import READ_AHEAD_BATCHES
 from ..tokenize import HFTokenizer
 from ..topology import RoleMap
 from .calibrate import calibration_units
@@ -213,7 +214,8 @@ def finish(cfg: JobConfig, setup: JobSetup, result: JobResult, ranks: list[dict]
                   "instances_per_gpu": cfg.instances_per_gpu,
                   "max_batch_tokens": cfg.max_batch_tokens or None,
                   # What tokenizer batches were cut to (scaling/sim.py replays a run with it).
-                  "tokenizer_batch_tokens": cfg.batch_tokens_for(device) if setup.kind.has_encoders else 0},
+                  "tokenizer_batch_tokens": cfg.batch_tokens_for(device) if setup.kind.has_encoders else 0,
+                  "read_ahead_batches": READ_AHEAD_BATCHES},
         plan=setup.plan, result=result, ranks=ranks, transport=transport)
     if cfg.rehearse:
         from ..rehearsal import parse_rates

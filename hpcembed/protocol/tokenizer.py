@@ -49,8 +49,10 @@ class UnitProgress:
 
 
 class TokenizerCore:
-    def __init__(self, rank: int, roles: RoleMap, steal_rows: int = 0):
-        self.rank, self.roles, self.steal_rows = rank, roles, steal_rows
+    def __init__(self, rank: int, roles: RoleMap, steal_rows: int = 0, read_ahead: int = READ_AHEAD_BATCHES):
+        """`read_ahead`: batches kept before the first grant (0: none, as before session 20; the simulation's
+        replays of runs measured then)."""
+        self.rank, self.roles, self.steal_rows, self.read_ahead = rank, roles, steal_rows, read_ahead
         self.conductor = roles.conductor_of(rank)           # the conductor, or this host's sub-conductor
         self.encoders = roles.encoders_of(rank)
         self.credits = {e: 0 for e in self.encoders}
@@ -129,8 +131,8 @@ class TokenizerCore:
     def holds(self, held: int) -> bool:
         """Whether a batch ready now is kept back and the rank tokenizes on (`held`: batches it keeps already):
         while no linked encoder rank has granted credit yet (they are still building their models), up to
-        READ_AHEAD_BATCHES."""
-        return bool(self.encoders) and self._ungranted == len(self.encoders) and held < READ_AHEAD_BATCHES
+        `read_ahead` (READ_AHEAD_BATCHES)."""
+        return bool(self.encoders) and self._ungranted == len(self.encoders) and held < self.read_ahead
 
     def grant_wait(self, now: float) -> float | None:
         """How much longer, at `now` (seconds, the driver's clock), a batch holds out for the first grants of the

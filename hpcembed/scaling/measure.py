@@ -71,6 +71,7 @@ def row_from_manifest(manifest: dict, series: str, nodes: int, where: str, netwo
             "window_batches": settings.get("window_batches", 8),
             "tokenizer_batch_tokens": settings.get("tokenizer_batch_tokens", 0),     # 0: a run from before 0.3
             "steal_rows": settings.get("steal_rows", 0),                              # 0: a run from before 0.4
+            "read_ahead_batches": settings.get("read_ahead_batches", 0),              # 0: before session 20
             "instances": gpus[0].get("instances", 2) if gpus else 2,
             "network": network, "start_offsets_s": starts,
             "gpu_rows": [r["rows"] for r in gpus],

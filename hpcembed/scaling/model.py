@@ -75,6 +75,9 @@ class JobShape:
     # Tail stealing (protocol/stealing.py): the least rows each half of a split keeps; 0, as in runs measured
     # before it was built, for none.
     steal_rows: int = 0
+    # Batches a tokenizer rank keeps before its first grant (protocol/tokenizer.py); 0, as in runs measured before
+    # session 20, for none.
+    read_ahead_batches: int = 0
     # Seconds the tokenizer ranks start before the encoder ranks are ready: in every measured run they get units
     # and read while the encoder ranks load the model, and the clock (the job's makespan) starts with the encoder
     # ranks. 0: every rank starts at 0. A replay with measured start offsets uses those instead.

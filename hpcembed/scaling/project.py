@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from ..protocol.tokenizer import READ_AHEAD_BATCHES
 from . import read_json
 from .calibration import node_from, rates_from
 from .probe import PROBE_VERSION, handler_scale, here_probe_seconds
@@ -40,7 +41,8 @@ def validate(calibration: dict, measured: list[dict], log=print) -> list[dict]:
         job = JobShape(rows=sim_in["rows"], unit_rows=sim_in["unit_rows"], unit_sizes=sim_in.get("unit_sizes"),
                        chunk_rows=sim_in["chunk_rows"], credits=sim_in["credits"],
                        **{k: sim_in[k] for k in ("max_batch_tokens", "window_batches", "instances",
-                                                  "tokenizer_batch_tokens", "steal_rows") if k in sim_in})
+                                                  "tokenizer_batch_tokens", "steal_rows", "read_ahead_batches")
+                          if k in sim_in})
         result = simulate(m["nodes"], shape, job, rates, start_offsets=sim_in.get("start_offsets_s"))
         simulated = result.throughput_texts_per_s
         error = simulated / m["throughput_texts_per_s"] - 1
@@ -84,7 +86,8 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
         settings["tokenizer_batch_tokens"] = tokenizer_batch_tokens
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
                    chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
-                   steal_rows=steal_rows, encoder_lead_s=encoder_lead_s, **settings)
+                   steal_rows=steal_rows, encoder_lead_s=encoder_lead_s, read_ahead_batches=READ_AHEAD_BATCHES,
+                   **settings)
     whole_job = dataclasses.replace(job, rows_per_node=0, rows=job_rows)
     runs = {}
     for n in nodes:

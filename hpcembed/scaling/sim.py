@@ -173,7 +173,7 @@ class Simulation:
     # --- tokenizer ranks --------------------------------------------------------------------------------
     def _tokenizer(self, rank: int):
         env, net, job, r = self.env, self.net, self.job, self.rates
-        core = TokenizerCore(rank, self.roles, job.steal_rows)
+        core = TokenizerCore(rank, self.roles, job.steal_rows, job.read_ahead_batches)
         if self.start_at.get(rank):
             yield env.timeout(self.start_at[rank])
         self.post_sends(rank, core.start())
