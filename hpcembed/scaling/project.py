@@ -87,8 +87,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
     job = JobShape(rows_per_node=units_for(1, shape, rates, units_per_tokenizer, unit_rows), unit_rows=unit_rows,
                    chunk_rows=calibration["job"]["chunk_rows"], credits=calibration["job"]["credits"],
                    steal_rows=steal_rows, encoder_lead_s=encoder_lead_s, **settings)
-    # Reading ahead before the first grant is start-up: in the weak-scaling job's short window its backlog would
-    # pass for a steady rate (the 8-GPU node's 595k texts/s of tokenizing read as 631k), so only the whole job has it.
+    # Read-ahead is start-up: its backlog would pass for a steady rate in the weak job's window (595k read as 631k).
     whole_job = dataclasses.replace(job, rows_per_node=0, rows=job_rows, read_ahead_batches=READ_AHEAD_BATCHES)
     runs = {}
     for n in nodes:
@@ -97,7 +96,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             runs[n, "whole"] = (n, shape, _sized(whole_job, job_unit_rows, n, shape, rates), rates, {})
         if n <= network_ablation_up_to:
             runs[n, "ideal network"] = (n, shape, job, rates, {"ideal_network": True})
-    results = simulate_all(runs, workers)
+    results = simulate_all(runs, workers, alone={(max(nodes), "whole")})
     out, base, whole_base = [], None, None
     for n in nodes:
         result, whole, ideal_net = results[n, "weak"], results.get((n, "whole")), results.get((n, "ideal network"))
@@ -182,20 +181,22 @@ def _sized(job: JobShape, unit_rows: int | None, nodes: int, shape: NodeShape, r
     return dataclasses.replace(job, unit_rows=unit_rows or whole_job_unit_rows(job.rows, tokenizers, job.unit_rows))
 
 
-def simulate_all(runs: dict, workers: int = 1) -> dict:
+def simulate_all(runs: dict, workers: int = 1, alone=()) -> dict:
     """{key: SimResult} of independent simulations, {key: (nodes, shape, job, rates, keyword arguments)}, on
-    `workers` processes. The largest jobs go first, so that at 1000 nodes the weak-scaling job and the whole job
-    (most of a projection's time) run side by side. Each process times its control ranks' handlers on its own
-    core, as one simulation alone does; a machine with fewer free cores than workers would charge them more."""
+    `workers` processes, the largest first, after the runs keyed in `alone`, each on its own. Each process times its
+    control ranks' handlers on its own core, but a simulation beside another is charged more all the same (shared
+    caches and memory bandwidth): the billion-row job at 1000 nodes, where rank 0 is busiest, gave 79.0% whole-job
+    beside the weak-scaling job and 92.2% alone (bench/notes/scale_out.md, session 20)."""
     def size(key):
         nodes, _, job, _, _ = runs[key]
         return job.rows or job.rows_per_node * nodes
-    order = sorted(runs, key=size, reverse=True)
-    if workers <= 1 or len(runs) <= 1:
-        return {key: simulate(*runs[key][:4], **runs[key][4]) for key in order}
-    with ProcessPoolExecutor(min(workers, len(runs)), mp_context=multiprocessing.get_context("fork")) as pool:
+    order = sorted((key for key in runs if key not in alone), key=size, reverse=True)
+    done = {key: simulate(*runs[key][:4], **runs[key][4]) for key in alone if key in runs}
+    if workers <= 1 or len(order) <= 1:
+        return {**{key: simulate(*runs[key][:4], **runs[key][4]) for key in order}, **done}
+    with ProcessPoolExecutor(min(workers, len(order)), mp_context=multiprocessing.get_context("fork")) as pool:
         futures = {key: pool.submit(simulate, *runs[key][:4], **runs[key][4]) for key in order}
-        return {key: future.result() for key, future in futures.items()}
+        return {**{key: future.result() for key, future in futures.items()}, **done}
 
 
 def _handler_scale(calibration: dict) -> dict:
