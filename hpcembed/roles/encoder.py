@@ -35,10 +35,10 @@ from .dedup import DigestTable, Filled, answer
 
 
 WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most this late
-# Shards are assembled, encoded, checksummed and written on these threads (pyarrow, BLAKE2b and the file write
-# release the GIL): 131k rows/s with one, 274k with two, on the CPU box
-# (bench/writer.py). With one, writing held back --reuse reruns on the H200 box (bench/notes/dedup.md).
-WRITER_THREADS = int(os.environ.get("HPCEMBED_WRITER_THREADS", "2"))
+# Shards are assembled, checksummed and written on these threads (pyarrow, xxh3 and the file write release the GIL).
+# Four, not two: on the H200 box two held short queries to 202k texts/s, four gave 305k (bench/notes/feed_the_gpu.md,
+# calls 20-21). HPCEMBED_WRITER_THREADS sets it for A/B runs.
+WRITER_THREADS = int(os.environ.get("HPCEMBED_WRITER_THREADS", "4"))
 
 
 @dataclass
