@@ -38,21 +38,20 @@ def checksum_matches(data, recorded: str) -> bool:
 
 def file_checksum_matches(path: Path | str, recorded: str) -> bool:
     """checksum_matches for a file, read in pieces (a path, or a URL: io/location.py)."""
-    from .location import open_input
     if not recorded.startswith(SHARD_CHECKSUM_TAG):
         return file_digest(path) == recorded
     import xxhash
-    h = xxhash.xxh3_128()
-    with open_input(str(path)) as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return SHARD_CHECKSUM_TAG + h.hexdigest() == recorded
+    return SHARD_CHECKSUM_TAG + _hashed_file(path, xxhash.xxh3_128()) == recorded
 
 
 def file_digest(path: Path | str) -> str:
     """Of a file's bytes (a path, or an input's URL: io/location.py)."""
+    return _hashed_file(path, hashlib.blake2b(digest_size=16))
+
+
+def _hashed_file(path: Path | str, h) -> str:
+    """`h` (a hashlib or xxhash object) fed the file's bytes in pieces; its hex digest."""
     from .location import open_input
-    h = hashlib.blake2b(digest_size=16)
     with open_input(str(path)) as fh:
         while chunk := fh.read(1 << 22):
             h.update(chunk)            # releases the GIL for large buffers: files are digested in parallel threads
