@@ -94,7 +94,8 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
                                                 "host_us_per_row")} for r in gpu],
         "tokenizer_other_seconds_mean": {
             k: round(sum(r.get("other_seconds", {}).get(k, 0.0) for r in tok) / len(tok), 3)
-            for k in ("unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked")} if tok else None,
+            for k in ("unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked")}
+        if tok else None,
         # The end of the work, in seconds from the first encoder rank being ready: the last tokenizer rank done,
         # the last batch encoded, the last shard written; and the encoder ranks' writer threads' busy seconds.
         "end_seconds": _end_seconds(tok, gpu),
