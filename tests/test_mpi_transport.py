@@ -131,3 +131,40 @@ def test_urgent_messages_overtake_the_others_where_the_receiver_asks(tmp_path):
     bulk = [("bulk", k) for k in range(40)] + [("batch", 100)]
     assert got["urgent"] == [("batch", 200), ("query", 1), ("query", 2)] + bulk + [("bulk", 40)]
     assert got["in-order"] == bulk + [("query", 1), ("batch", 200), ("query", 2), ("bulk", 40)]
+
+
+PROMPT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from hpcembed.tokenize.batch import TokenBatch
+    from hpcembed.transport.mpi import MpiTransport
+    t = MpiTransport()
+    if t.rank == 0:
+        for k in range(10):
+            t.send(1, ("bulk", k))
+        t.send_batch(1, TokenBatch.build([np.arange(3)], ["id"], [0], 7))
+        t.send(1, ("claim", 1), prompt=True)
+        t.send(1, ("bulk", 10))
+        t.send(1, ("claim", 2), prompt=True)
+        t.flush()
+    t.comm.Barrier()
+    if t.rank == 1:
+        time.sleep(0.5)                 # everything has arrived and waits in MPI
+        got = []
+        while (envelope := t.recv_prompt()) is not None:
+            got.append(envelope.message)
+        got.append("then recv")
+        while len(got) < 15:
+            m = t.recv(5.0).message
+            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
+        open(sys.argv[1], "w").write(repr(got))
+    t.comm.Barrier()
+""")
+
+
+def test_prompt_messages_are_taken_alone_ahead_of_batches_and_bulk(tmp_path):
+    """recv_prompt takes only the messages sent prompt (a dedup Claim, which an encoder rank with a full window
+    still answers), in their order, and nothing else; recv then brings the rest in the order sent."""
+    got = ast.literal_eval(_two_ranks(tmp_path, PROMPT_SCRIPT, "prompt"))
+    assert got == [("claim", 1), ("claim", 2), "then recv"] + [("bulk", k) for k in range(10)] + [
+        ("batch", 7), ("bulk", 10)]

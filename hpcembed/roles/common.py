@@ -13,9 +13,10 @@ from ..transport.base import Transport
 log = logging.getLogger("hpcembed")
 
 
-def deliver(transport: Transport, sends: Iterable[Send]) -> None:
+def deliver(transport: Transport, sends: Iterable[Send], prompt: bool = False) -> None:
+    """`prompt`: the receivers may take these ahead of what the sender sent before (Transport.send)."""
     for dest, message in sends:
-        transport.send(dest, message)
+        transport.send(dest, message, prompt=prompt)
 
 
 def run_role(name: str, transport: Transport, conductor: int, body: Callable[[], None]) -> None:

@@ -114,6 +114,11 @@ class EncoderRank:
             # Take in what has arrived while the window has room; block only when there is nothing to encode, in
             # flight or being written.
             t0 = clock()
+            if self.dedup is not None:
+                # Claims first, even with the window full: tokenizer ranks wait on the answers, and behind batches
+                # they waited 3.7 s a rank in a 1M-row job (bench/notes/dedup.md, fifth run).
+                while (envelope := self.transport.recv_prompt()) is not None:
+                    self._handle(envelope.source, envelope.message)
             while core.has_room(self.batcher.tokens):
                 envelope = self.transport.recv(self._receive_timeout())
                 if envelope is None:

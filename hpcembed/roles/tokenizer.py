@@ -323,7 +323,7 @@ class TokenizerRank:
         start = time.perf_counter()
         pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
         self.busy += time.perf_counter() - start
-        deliver(self.transport, sends)
+        deliver(self.transport, sends, prompt=True)
         self._resolve(progress)
         self._pending = pending
 

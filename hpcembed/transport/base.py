@@ -24,14 +24,19 @@ class Transport(abc.ABC):
     urgent_first: bool = False
 
     @abc.abstractmethod
-    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False, prompt: bool = False) -> None:
         """Send a small control message (pickled where it crosses processes) without waiting for `dest` to take
         it: `dest` may be busy for a while, and a rank that serves many peers must not stall on one. Messages
         from one rank to another arrive in the order sent; flush() waits until all have been taken.
 
         `urgent`: where the receiver takes urgent messages first (`urgent_first`), this one overtakes every
         message that is not urgent (a live query's, past bulk work). Urgent control messages keep their order among
-        themselves, as urgent batches do."""
+        themselves, as urgent batches do.
+
+        `prompt`: the receiver may take this one with recv_prompt() while it takes nothing else, ahead of batches
+        and other messages from the same sender (prompt ones keep their order among themselves). Only for a
+        message whose handling does not depend on what its sender sent before it: a dedup Claim, which a rank
+        with a full window must still answer."""
 
     @abc.abstractmethod
     def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:
@@ -42,6 +47,11 @@ class Transport(abc.ABC):
         """The next message for this rank: None if nothing came within `timeout` (0 polls, None waits).
 
         Raises JobAborted once the job has been aborted."""
+
+    def recv_prompt(self) -> Envelope | None:
+        """A prompt message (see send) that has arrived, without waiting; None if there is none. A transport
+        that cannot tell them apart returns None, and delivers them through recv() in the order sent."""
+        return None
 
     @abc.abstractmethod
     def abort(self, reason: str, exit_code: int) -> None:

@@ -31,7 +31,7 @@ class InprocTransport(Transport):
     def __init__(self, network: InprocNetwork, rank: int):
         self.network, self.rank, self.size = network, rank, len(network.queues)
 
-    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False, prompt: bool = False) -> None:
         self.network.queues[dest].put(Envelope(self.rank, message))
 
     def send_batch(self, dest: int, batch: TokenBatch, urgent: bool = False) -> None:

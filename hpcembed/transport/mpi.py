@@ -22,6 +22,7 @@ from .base import Envelope, Transport
 
 CONTROL, BATCH = 11, 12
 URGENT_CONTROL, URGENT_BATCH = 13, 14     # probed first by a rank that sets urgent_first
+PROMPT_CONTROL = 15                       # taken by recv_prompt, ahead of batches
 _SPIN_SECONDS = 0.001     # poll without sleeping this long first (see the module docstring)
 _IDLE_SLEEP = 0.0005
 _ABORT_FORWARD_SECONDS = 0.5
@@ -40,13 +41,14 @@ class MpiTransport(Transport):
         self._unfinished: deque = deque()   # control sends not yet complete, oldest first
         self._reap_at = _REAP_AT_LEAST
 
-    def send(self, dest: int, message: Any, urgent: bool = False) -> None:
+    def send(self, dest: int, message: Any, urgent: bool = False, prompt: bool = False) -> None:
         # Never blocking. On the H200 box's Open MPI 4.1.6 with mpi4py 4.1.2, a blocking send of a small pickle
         # lasted until the receiver next polled (4.1 ms behind a rank that polls every 5 ms, an isend 4.3 µs:
         # bench/send_wait.py), so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a
         # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two
         # ranks either way.
-        self._unfinished.append(self.comm.isend(message, dest=dest, tag=URGENT_CONTROL if urgent else CONTROL))
+        tag = URGENT_CONTROL if urgent else PROMPT_CONTROL if prompt else CONTROL
+        self._unfinished.append(self.comm.isend(message, dest=dest, tag=tag))
         if len(self._unfinished) >= self._reap_at:
             self._reap()
 
@@ -100,6 +102,12 @@ class MpiTransport(Transport):
                 return None
             if now >= spin_until:
                 time.sleep(_IDLE_SLEEP)
+
+    def recv_prompt(self) -> Envelope | None:
+        self._progress()
+        if self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=PROMPT_CONTROL, status=self._status):
+            return self._take(self._status)
+        return None
 
     def _take(self, status) -> Envelope:
         """Receive the message `status` probed."""
