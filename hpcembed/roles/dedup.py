@@ -22,6 +22,7 @@ there is a Reference like any repeat.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -187,9 +188,9 @@ class DigestTable:
         claimed before. Once full, digests go unrecorded and are answered 1 wherever they come."""
         slots = self.slots
         room = self._capacity() - len(slots)
-        flags = bytearray(len(digests) // 16)
-        for k in range(len(flags)):
-            d = digests[16 * k: 16 * k + 16]
+        keys = _keys(digests)
+        flags = np.zeros(len(keys), dtype=np.uint8)
+        for k, d in enumerate(keys):
             if d not in slots:
                 flags[k] = 1
                 if room > 0:
@@ -197,7 +198,7 @@ class DigestTable:
                     room -= 1
                 else:
                     self.full = True
-        return np.frombuffer(bytes(flags), dtype=np.uint8)
+        return flags
 
     def load(self, digests: np.ndarray, embeddings: np.ndarray) -> int:
         """Embeddings of earlier outputs (--reuse), before any claim; returns the rows kept (memory allowing)."""
@@ -220,21 +221,17 @@ class DigestTable:
 
     def references(self, unit: int, ids: list[str], rows: list[int], digests: bytes) -> Filled:
         """Rows referring to digests here: those whose embedding is made come back filled; the rest wait."""
-        slots, ready, found = self.slots, [], []
-        for k in range(len(ids)):
-            d = digests[16 * k: 16 * k + 16]
-            slot = slots[d]                 # a reference is only sent for a digest recorded here
-            if slot == PENDING:
-                self.waiting.setdefault(d, []).append((unit, ids[k], rows[k]))
-            else:
-                ready.append(k)
-                found.append(slot)
+        keys = _keys(digests)
+        # A reference is only sent for a digest recorded here.
+        found = np.fromiter(map(self.slots.__getitem__, keys), dtype=np.int64, count=len(keys))
+        ready = found != PENDING
         array = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 16)
-        if len(ready) == len(ids):
-            return self._filled(Filled(unit, list(ids), np.asarray(rows, np.int64), array,
-                                       np.asarray(found, np.int64)))
-        return self._filled(Filled(unit, [ids[k] for k in ready], np.asarray(rows, np.int64)[ready], array[ready],
-                                   np.asarray(found, np.int64)))
+        if ready.all():
+            return self._filled(Filled(unit, list(ids), np.asarray(rows, np.int64), array, found))
+        for k in np.flatnonzero(~ready).tolist():
+            self.waiting.setdefault(keys[k], []).append((unit, ids[k], rows[k]))
+        return self._filled(Filled(unit, list(compress(ids, ready.tolist())), np.asarray(rows, np.int64)[ready],
+                                   array[ready], found[ready]))
 
     def _filled(self, filled: Filled) -> Filled:
         reused = int((filled.slots < self.reused_slots).sum())
@@ -244,23 +241,29 @@ class DigestTable:
 
     def encoded(self, digests: np.ndarray, embeddings: np.ndarray) -> list[Filled]:
         """Embeddings made for rows owned here: kept where claimed, and the references waiting for them filled."""
-        raw, slots = np.ascontiguousarray(digests).tobytes(), self.slots
-        keys = [raw[16 * k: 16 * k + 16] for k in range(len(digests))]
-        new = [k for k, d in enumerate(keys) if slots.get(d) == PENDING]
-        if not new:
+        slots, keys = self.slots, _keys(np.ascontiguousarray(digests).tobytes())
+        claimed = np.fromiter(map(slots.get, keys, repeat(0)), dtype=np.int64, count=len(keys)) == PENDING
+        new = np.flatnonzero(claimed)
+        if not len(new):
             return []
         first = self._put(embeddings if len(new) == len(keys) else embeddings[new])
-        for n, k in enumerate(new):
-            slots[keys[k]] = first + n
+        new_keys = list(compress(keys, claimed.tolist()))
+        slots.update(zip(new_keys, range(first, first + len(new))))
         if not self.waiting:
             return []
         by_unit: dict[int, list] = {}
-        for n, k in enumerate(new):
-            for unit, row_id, row in self.waiting.pop(keys[k], ()):
-                by_unit.setdefault(unit, []).append((row_id, row, k, first + n))
+        hits = np.fromiter(map(self.waiting.__contains__, new_keys), dtype=bool, count=len(new_keys))
+        for n in np.flatnonzero(hits).tolist():
+            for unit, row_id, row in self.waiting.pop(new_keys[n]):
+                by_unit.setdefault(unit, []).append((row_id, row, int(new[n]), first + n))
         return [self._filled(Filled(unit, [r[0] for r in refs], np.array([r[1] for r in refs], np.int64),
                                     digests[[r[2] for r in refs]], np.array([r[3] for r in refs], np.int64)))
                 for unit, refs in by_unit.items()]
+
+
+def _keys(digests: bytes) -> list[bytes]:
+    """Each 16-byte digest of a packed run of them, as a bytes key (numpy slices them in C)."""
+    return np.frombuffer(digests, dtype="V16").tolist()
 
 
 def answer(table: DigestTable, message: Claim) -> Claimed:
