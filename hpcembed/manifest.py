@@ -173,14 +173,15 @@ def steady_state(result: JobResult, ranks: list[dict]) -> dict:
 
 def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
-    figure is the job's): building the encoders begun (imports and MPI start-up done), the plan received, encoders
-    built, ready, and the first batch handed to an encoder."""
+    figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
+    initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
+    the first batch handed to an encoder."""
     marks = [r["startup"] for r in ranks if r.get("startup", {}).get("process_started")]
     if not marks:
         return {}
     launch = min(m["process_started"] for m in marks)
     out = {}
-    for step in ("building", "plan_received", "built", "ready", "first_batch"):
+    for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)

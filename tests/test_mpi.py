@@ -40,7 +40,8 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
         if r["role"] == "encoder":
             steps = r["startup"]
             assert steps["process_started"] <= steps["plan_received"] <= steps["ready"] <= steps["first_batch"]
-            assert steps["process_started"] <= steps["building"] <= steps["built"] <= steps["ready"]
+            assert steps["process_started"] <= steps["mpi_ready"] <= steps["ranks_gathered"] <= steps["building"]
+            assert steps["building"] <= steps["built"] <= steps["ready"]
             assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
             assert r["build_seconds"]["weights"] > 0
             assert r["ready_at"] <= r["last_encoded_at"] <= r["last_written_at"] and r["writer_seconds"] > 0
@@ -52,7 +53,7 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert min(other.values()) >= -0.005, other       # untracked is what is left: never much below zero
     job_steps = manifest["startup_seconds"]
     assert 0 < job_steps["plan_received"] <= job_steps["ready"] <= job_steps["first_batch"]
-    assert 0 < job_steps["building"] <= job_steps["ready"]
+    assert 0 < job_steps["mpi_ready"] <= job_steps["ranks_gathered"] <= job_steps["building"] <= job_steps["ready"]
 
 
 def test_only_encoder_ranks_import_torch(tmp_path):

@@ -51,6 +51,7 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere."""
     from ..world import gather_ranks, process_started_at
     transport = open_transport(kind.transport_choice(cfg))
+    mpi_ready = time.time()
     comm, rank = transport.comm, transport.rank
     slurm = SlurmTask.from_environ()
     if slurm is not None:
@@ -58,7 +59,10 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     probe = EarlyRateProbe(cfg, kind) if rank == 0 else None
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
-    startup = {"process_started": process_started_at() or time.time()}
+    # Python, imports and MPI initialised (mpi_ready); every rank's host and GPUs known, where one rank a machine
+    # has imported torch and initialised CUDA (ranks_gathered).
+    startup = {"process_started": process_started_at() or mpi_ready, "mpi_ready": mpi_ready,
+               "ranks_gathered": time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     if early is None and rank != 0:
         _warm_up_arrow()
