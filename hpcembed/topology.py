@@ -54,10 +54,15 @@ class RoleMap:
     # tokenizer rank -> its sub-conductor (assign_subconductors): the rank it asks for units, reports its units
     # and itself to, and that commits its units. A tokenizer not listed deals with the conductor itself.
     deputies: dict[int, int] = field(default_factory=dict)
+    # Sub-conductors send their commits and reports up a tree with this many children a node, merging them on the
+    # way, so that rank 0 hears from at most this many however many nodes (commit_parent).
+    commit_fanin: int = 32
     # Built on first use; not copied by dataclasses.replace, so a changed map never keeps another's.
     _links: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _under: dict | None = field(default=None, init=False, repr=False, compare=False)
     _roles: dict | None = field(default=None, init=False, repr=False, compare=False)
+    _subs: list | None = field(default=None, init=False, repr=False, compare=False)
+    _sub_index: dict | None = field(default=None, init=False, repr=False, compare=False)
 
     def linked_to_all(self) -> "RoleMap":
         """This map with every tokenizer rank linked to every encoder rank (--dedup routes rows by digest)."""
@@ -72,7 +77,8 @@ class RoleMap:
 
     @property
     def subconductors(self) -> list[int]:
-        return sorted(set(self.deputies.values()))
+        self._subconductor_index()
+        return list(self._subs)
 
     def conductor_of(self, tokenizer: int) -> int:
         """Where a tokenizer rank asks for units and reports, and where its units' parts are reported."""
@@ -87,9 +93,32 @@ class RoleMap:
         return self._under.get(subconductor, [])
 
     def reporters(self) -> list[int]:
-        """The ranks whose reports the conductor waits for before it stops the encoder ranks: the sub-conductors,
-        and the tokenizer ranks that have none."""
-        return sorted(set(self.subconductors) | {t for t in self.tokenizers if t not in self.deputies})
+        """The ranks whose reports the conductor waits for before it stops the encoder ranks: the sub-conductors
+        that report to it (commit_children), and the tokenizer ranks that have none."""
+        alone = {t for t in self.tokenizers if t not in self.deputies}
+        return sorted(set(self.commit_children(self.conductor)) | alone)
+
+    def commit_parent(self, subconductor: int) -> int:
+        """Where a sub-conductor sends its commits and its report: the conductor for the first `commit_fanin`
+        sub-conductors, and for each later one a sub-conductor above it (a tree of `commit_fanin` children a
+        node, as in a heap), which sends them on merged with its own."""
+        index = self._subconductor_index()[subconductor]
+        return self.conductor if index < self.commit_fanin else self._subs[index // self.commit_fanin - 1]
+
+    def commit_children(self, rank: int) -> list[int]:
+        """The sub-conductors whose commits and reports come to `rank` (the conductor or a sub-conductor)."""
+        index, fanin = self._subconductor_index(), self.commit_fanin
+        if rank == self.conductor:
+            return self._subs[:fanin]
+        first = fanin * (index[rank] + 1)
+        return self._subs[first: first + fanin]
+
+    def _subconductor_index(self) -> dict[int, int]:
+        """Sub-conductor -> its place in rank order (built once: the map of 1000 nodes has 111,000 deputies)."""
+        if self._sub_index is None:
+            self._subs = sorted(set(self.deputies.values()))
+            self._sub_index = {s: k for k, s in enumerate(self._subs)}
+        return self._sub_index
 
     def host_of(self, rank: int) -> str:
         return self.hosts.get(rank, socket.gethostname())

@@ -318,10 +318,11 @@ def test_encoder_refuses_to_finish_with_open_parts_unless_drained():
 
 # --- all three together -----------------------------------------------------------------------------------
 
-def pump_a_job(tmp_path, roles: RoleMap, sizes: list[int], commit_batch: int = 64):
+def pump_a_job(tmp_path, roles: RoleMap, sizes: list[int], commit_batch: int = 64, heard: list | None = None):
     """A synchronous driver: a message pump between the cores, with 'tokenizing' and 'encoding' reduced to
     counting, and a clock that moves 0.01 s per step. Runs the job to its end: every tokenizer reports and is
-    released, then the encoder ranks are stopped. Returns the conductor, the sub-conductors and the encoders."""
+    released, then the encoder ranks are stopped. Returns the conductor, the sub-conductors and the encoders.
+    `heard`: where given, (source, message) of every message the conductor took is appended to it."""
     plan = plan_of(*sizes)
     output = OutputDir(str(tmp_path / "out"))
     _, state = output.open({"test": True}, [], overwrite=False)
@@ -345,6 +346,8 @@ def pump_a_job(tmp_path, roles: RoleMap, sizes: list[int], commit_batch: int = 6
         if mail:
             src, dest, message = mail.popleft()
             if dest == 0:
+                if heard is not None:
+                    heard.append((src, message))
                 post(0, ctor.handle(src, message))
                 post(0, ctor.poll())
             elif dest in subs:

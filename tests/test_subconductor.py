@@ -14,8 +14,8 @@ from hpcembed.io.writer import OutputDir, shard_name
 from hpcembed.manifest import RankStats, TokenizerStats
 from hpcembed.protocol.conductor import ConductorCore, shares
 from hpcembed.protocol.messages import (Calibrated, Drain, DropIds, DuplicateRows, PartRewritten, PartWritten,
-                                        RankReport, Release, RequestUnit, RequestUnits, UnitGrant, UnitRead,
-                                        UnitsCommitted)
+                                        RankReport, RankReports, Release, RequestUnit, RequestUnits, UnitGrant,
+                                        UnitRead, UnitsCommitted)
 from hpcembed.protocol.subconductor import SubConductorCore, pieces_per_unit
 from hpcembed.topology import RoleMap
 
@@ -40,6 +40,54 @@ def test_sub_conductors_run_a_job_exactly_once_and_commit_in_batches(tmp_path):
     assert sum(s["rows"] for s in ctor.result(1.0, 0.0).shards) == sum(sizes)
     ctor.ledger.close()
     assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
+
+
+def test_sub_conductors_commit_through_a_tree_and_rank_0_hears_only_from_its_top(tmp_path):
+    """Five nodes, a fan-in of 2: sub-conductors 5 and 8 commit to rank 0, 11 and 14 through 5, 17 through 8. Every
+    unit is committed once; rank 0 takes commits and reports from 5 and 8 alone, with every rank's report in them;
+    a sub-conductor below sends its commits merged into its parent's."""
+    deputies = {t: 5 + 3 * k for k in range(5) for t in (3 + 3 * k, 4 + 3 * k)}
+    roles = RoleMap(0, sorted(deputies), [1, 2], hosts={r: f"h{max(0, r - 3) // 3}" for r in range(18)},
+                    deputies=deputies, commit_fanin=2)
+    assert [roles.commit_parent(s) for s in (5, 8, 11, 14, 17)] == [0, 0, 5, 5, 8]
+    assert roles.commit_children(0) == [5, 8] and roles.commit_children(5) == [11, 14]
+    assert roles.commit_children(17) == [] and roles.reporters() == [5, 8]
+    sizes = [3, 5, 2, 7, 4, 6, 1, 8, 5, 2, 3, 9, 4, 4, 6, 2, 7, 5, 3, 1]
+    heard: list = []
+    ctor, subs, _ = pump_a_job(tmp_path, roles, sizes, commit_batch=2, heard=heard)
+    commits = [(src, m) for src, m in heard if isinstance(m, UnitsCommitted)]
+    assert {src for src, _ in commits} == {5, 8}
+    assert {src for src, m in heard if isinstance(m, RankReports)} == {5, 8}
+    assert set(ctor.reports) == set(deputies) | {5, 8, 11, 14, 17}
+    assert sum(len(m.counts) // 3 for _, m in commits) == len(sizes)
+    assert all(s.units_committed >= 1 for s in subs.values())
+    # Merged on the way up: rank 0 took fewer batches than the sub-conductors sent.
+    assert len(commits) < sum(s.batches_sent for s in subs.values())
+    ctor.ledger.close()
+    assert sorted(ledger_units(tmp_path)) == list(range(len(sizes)))
+
+
+def test_a_relay_holds_its_childrens_commits_until_they_are_past_their_last():
+    deputies = {3: 5, 4: 6, 7: 8}
+    roles = RoleMap(0, [3, 4, 7], [1], deputies=deputies, commit_fanin=1)     # 5 <- 6 <- 8: a chain
+    relay = SubConductorCore(6, roles, commit_batch=4, commit_seconds=0.5)
+    assert (relay.parent, relay.children) == (5, [8])
+    early = UnitsCommitted("", array("q", [0, 2, 0]), [], 20, 2)
+    relay.handle(8, early, now=1.0)
+    assert relay.poll(1.1) == []                # the child may commit more
+    (dest, batch), = relay.poll(1.5)            # the oldest waited commit_seconds
+    assert dest == 5 and batch.counts == early.counts and not batch.last
+    relay.handle(8, UnitsCommitted("", array("q", [1, 3, 0]), [], 30, 3, last=True), now=2.0)
+    relay.handle(0, UnitGrant([], last=True), now=2.0)
+    (_, batch), = relay.poll(2.0)               # the child is past its last, and nothing is out here: at once
+    assert list(batch.counts) == [1, 3, 0] and batch.last
+    assert relay.handle(4, RankReport(TokenizerStats(4, "tokenizer", "h")), now=2.05) == [(4, Release())]
+    assert not relay.ready_to_report            # the child has not reported
+    relay.handle(8, RankReports([RankStats(8, "subconductor", "h")]), now=2.1)
+    assert relay.ready_to_report
+    (dest, reports), = relay.report(RankStats(6, "subconductor", "h"))
+    assert dest == 5 and [s.rank for s in reports.stats] == [4, 8, 6]
+    assert relay.handle(5, Release(), now=2.2) == [(8, Release())]
 
 
 def test_grants_keep_to_each_nodes_share_whatever_order_they_are_asked_in(tmp_path):
@@ -176,12 +224,16 @@ def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_on
     assert core.result(1.0, 0.0).shards == [{"path": names[0], "rows": 2}, {"path": names[1], "rows": 1}]
 
 
-def test_the_commit_wait_grows_with_the_sub_conductors_so_rank_0_takes_a_bounded_batch_rate():
-    from types import SimpleNamespace
+def test_the_commit_wait_grows_with_the_sub_conductors_rank_0_hears_from():
+    """Rank 0 takes a bounded batch rate: the wait grows with the sub-conductors that commit to it, which the
+    commit tree caps at its fan-in."""
     from hpcembed.protocol.subconductor import COMMIT_SECONDS, CONDUCTOR_BATCHES_PER_S, commit_seconds_for
-    assert commit_seconds_for(SimpleNamespace(subconductors=range(4))) == COMMIT_SECONDS
     many = 4 * CONDUCTOR_BATCHES_PER_S
-    assert commit_seconds_for(SimpleNamespace(subconductors=range(many))) == pytest.approx(4.0)
+    deputies = {many + k: k + 1 for k in range(many)}         # a sub-conductor for each tokenizer rank
+    wide = RoleMap(0, sorted(deputies), [], deputies=deputies, commit_fanin=many)
+    assert commit_seconds_for(wide) == pytest.approx(4.0)
+    assert commit_seconds_for(RoleMap(0, sorted(deputies), [], deputies=deputies)) == COMMIT_SECONDS
+    assert commit_seconds_for(SUB_ROLES) == COMMIT_SECONDS
     assert SubConductorCore(5, SUB_ROLES).commit_seconds == commit_seconds_for(SUB_ROLES)
 
 

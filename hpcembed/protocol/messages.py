@@ -88,6 +88,7 @@ class UnitsCommitted:
     input_rows: int                 # the units' input rows, as handed out or split (progress counts them)
     splits: list = field(default_factory=list)      # [unit, cut] of each split since the last, in order
     split_lines: str = ""           # their ledger records (Ledger.split_line), made here rather than on rank 0
+    last: bool = False              # the sender (and the sub-conductors below it) will commit nothing more
 
 
 @dataclass

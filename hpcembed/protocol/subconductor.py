@@ -8,17 +8,20 @@ than one core can do (scaling_results/h100-box/notes.md). A sub-conductor serves
     no more than the node's share of the job; a grant short of the block means units are few for the ranks, and
     they are cut into a piece for each rank waiting (_share_stock);
   - the commit rule: its tokenizers' UnitRead and the encoder ranks' PartWritten for their units come here (the
-    same rule as the conductor's, protocol/conductor.UnitParts), and each complete unit's ledger record goes to the
-    conductor in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
-    `commit_seconds`, or at once when nothing else is in flight. The wait grows with the number of
-    sub-conductors, so that rank 0 takes at most about CONDUCTOR_BATCHES_PER_S batches a second however many
-    nodes send them (each costs rank 0 about 100 µs of CPU, measured: bench/notes/scale_out.md). A unit is
-    committed only when the conductor writes its record, so a sub-conductor that dies loses nothing that was
-    committed;
+    same rule as the conductor's, protocol/conductor.UnitParts), and each complete unit's ledger record goes up
+    in a batch (UnitsCommitted), sent when it holds `commit_batch` units, when the oldest has waited
+    `commit_seconds`, or at once when nothing else is in flight. Up is the conductor for the first
+    RoleMap.commit_fanin sub-conductors and another sub-conductor for the rest (RoleMap.commit_parent), which
+    merges its children's batches with its own and sends them on when they would be due together (all its
+    children past their last commit, or the batch or the wait filled). At the end of a job every node commits at
+    once: at 1000 nodes rank 0 then took 1000 batches (each about 100 µs of its CPU, bench/notes/scale_out.md),
+    and through the tree about 32. A unit is committed only when the conductor writes its record, so a
+    sub-conductor that dies loses nothing that was committed;
   - tail stealing (protocol/stealing.py) among its tokenizers once the conductor has no more units: the splits
     go to the conductor in the next UnitsCommitted, ahead of the commits it carries;
-  - the end: it releases its tokenizers when they report, and reports them and itself in one message (RankReports)
-    once every unit it knows of is committed and sent on; a Drain from the conductor is passed to its tokenizers.
+  - the end: it releases its tokenizers when they report, and reports them, itself and the sub-conductors below
+    it in one message (RankReports) once every unit it knows of is committed and sent on and those below have
+    reported; a Drain or a Release from above is passed to its tokenizers and the sub-conductors below.
 It sends nothing itself: `handle` and `poll` return the messages, with the time passed in by the driver
 (roles/subconductor.py in real time, scaling/sim.py in virtual time).
 """
@@ -43,8 +46,9 @@ CONDUCTOR_BATCHES_PER_S = 500
 
 def commit_seconds_for(roles: RoleMap) -> float:
     """How long a complete unit may wait for others to share its UnitsCommitted: COMMIT_SECONDS, or longer where
-    the sub-conductors together would send rank 0 more than CONDUCTOR_BATCHES_PER_S batches at that pace."""
-    return max(COMMIT_SECONDS, len(roles.subconductors) / CONDUCTOR_BATCHES_PER_S)
+    the sub-conductors that commit to rank 0 would send it more than CONDUCTOR_BATCHES_PER_S batches at that
+    pace."""
+    return max(COMMIT_SECONDS, len(roles.commit_children(roles.conductor)) / CONDUCTOR_BATCHES_PER_S)
 
 
 class SubConductorCore:
@@ -52,7 +56,14 @@ class SubConductorCore:
                  commit_seconds: float | None = None, steal_rows: int = 0):
         """`commit_seconds`: None for commit_seconds_for(roles)."""
         self.rank, self.roles = rank, roles
-        self.conductor = roles.conductor
+        self.conductor = roles.conductor                 # units are asked for here
+        self.parent = roles.commit_parent(rank)          # commits and the report go here
+        self.children = roles.commit_children(rank)      # sub-conductors that commit through this one
+        self.children_left = set(self.children)          # not yet reported
+        self.children_busy = set(self.children)          # their last UnitsCommitted not yet seen
+        self.relayed: list[UnitsCommitted] = []          # theirs, not yet sent on
+        self.relayed_units = 0
+        self.send_at = commit_batch * (1 + len(self.children))
         self.tokenizers = roles.tokenizers_under(rank)
         self.commit_batch = commit_batch
         self.commit_seconds = commit_seconds_for(roles) if commit_seconds is None else commit_seconds
@@ -62,7 +73,7 @@ class SubConductorCore:
         self.asked = self.no_more = self.draining = self.released = self.reported = False
         self.units: dict[int, UnitParts] = {}            # units handed out and not yet complete
         self.complete: list[CommittedUnit] = []          # complete, not yet sent on
-        self.complete_since = 0.0                        # when the oldest of them became complete
+        self.complete_since = 0.0                        # when the oldest of them (or of relayed) became complete
         self.tokens = 0                                  # tokens of parts written since the last UnitsCommitted
         self.input_rows = 0                              # input rows of the complete units not yet sent on
         self.tokenizers_left = set(self.tokenizers)
@@ -75,8 +86,8 @@ class SubConductorCore:
     def ready_to_report(self) -> bool:
         """Every tokenizer has reported and every unit handed out is committed and sent on (in a drain, the units
         not complete are abandoned: the next run redoes them)."""
-        return (not self.tokenizers_left and not self.complete and not self.reported
-                and (not self.units or self.draining))
+        return (not self.tokenizers_left and not self.complete and not self.reported and not self.children_left
+                and not self.relayed and (not self.units or self.draining))
 
     def start(self) -> list[Send]:
         """The first block, asked for before any tokenizer asks."""
@@ -110,6 +121,18 @@ class SubConductorCore:
             return self.stealing.read(message.unit) if isinstance(message, UnitRead) else []
         if isinstance(message, UnitSplit):
             return self._split(source, message)
+        if isinstance(message, UnitsCommitted):         # from a sub-conductor below
+            self._hold(now)
+            self.relayed.append(message)
+            self.relayed_units += len(message.counts) // 3
+            if message.last:
+                self.children_busy.discard(source)
+            return []
+        if isinstance(message, RankReports):            # from a sub-conductor below, after its last commit
+            self.reports.extend(message.stats)
+            self.children_left.discard(source)
+            self.children_busy.discard(source)
+            return []
         if isinstance(message, RankReport):
             self.reports.append(message.stats)
             if self.stealing.owes(source):         # released once its answer to a SplitUnit is in
@@ -122,35 +145,40 @@ class SubConductorCore:
             self.stock.clear()
             self.asking.clear()         # the Drain answers them
             self.stealing.stop()
-            return [Send(t, Drain()) for t in sorted(self.tokenizers_left)]
+            return [Send(r, Drain()) for r in sorted(self.tokenizers_left | self.children_left)]
         if isinstance(message, Release):
             self.released = True
-            return []
+            return [Send(c, Release()) for c in self.children]
         raise RuntimeError(f"sub-conductor rank {self.rank} got unexpected {type(message).__name__} from rank "
                            f"{source}")
 
     def poll(self, now: float) -> list[Send]:
-        """After each message or a quiet interval: send the complete units on when there are enough, when the
-        oldest has waited long enough, or when no other unit is out."""
-        if not self.complete:
+        """After each message or a quiet interval: send the complete units (this node's and those relayed) on
+        when there are enough, when the oldest has waited long enough, or when no other unit is out here or
+        below."""
+        if not self.complete and not self.relayed:
             return []
-        if (len(self.complete) < self.commit_batch and self.units and now - self.complete_since < self.commit_seconds):
+        more_to_come = self.units or self.children_busy
+        if (len(self.complete) + self.relayed_units < self.send_at and more_to_come
+                and now - self.complete_since < self.commit_seconds):
             return []
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
-        out = [Send(self.conductor, UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
-                                                   [r for u in self.complete for r in u.rejects], self.tokens,
-                                                   self.input_rows, self.splits,
-                                                   "".join(Ledger.split_line(u, cut) for u, cut in self.splits)))]
+        own = UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
+                             [r for u in self.complete for r in u.rejects], self.tokens, self.input_rows, self.splits,
+                             "".join(Ledger.split_line(u, cut) for u, cut in self.splits))
+        batch = merged([*self.relayed, own])
+        batch.last = self.no_more and not self.units and not self.children_busy
+        self.relayed, self.relayed_units = [], 0
         self.splits, self.input_rows = [], 0
         self.units_committed += len(self.complete)
         self.batches_sent += 1
         self.complete, self.tokens = [], 0
-        return out
+        return [Send(self.parent, batch)]
 
     def report(self, stats: RankStats) -> list[Send]:
         """The last message (when `ready_to_report`): the tokenizers' reports and this rank's own."""
         self.reported = True
-        return [Send(self.conductor, RankReports(self.reports + [stats]))]
+        return [Send(self.parent, RankReports(self.reports + [stats]))]
 
     def _hand_out(self) -> list[Send]:
         out: list[Send] = []
@@ -210,11 +238,27 @@ class SubConductorCore:
     def _complete_if_done(self, unit: int, now: float) -> None:
         parts = self.units[unit]
         if parts.complete:
-            if not self.complete:
-                self.complete_since = now
+            self._hold(now)
             self.complete.append(parts.record(unit))
             self.input_rows += parts.rows
             del self.units[unit]
+
+    def _hold(self, now: float) -> None:
+        """A unit is about to be held for sending on: the wait starts now if none is held yet."""
+        if not self.complete and not self.relayed:
+            self.complete_since = now
+
+
+def merged(batches: list[UnitsCommitted]) -> UnitsCommitted:
+    """UnitsCommitted of several sub-conductors as one, each one's splits still ahead of every commit."""
+    if len(batches) == 1:
+        return batches[0]
+    counts = array("q")
+    for batch in batches:
+        counts.extend(batch.counts)
+    return UnitsCommitted("".join(b.records for b in batches), counts, [r for b in batches for r in b.rejects],
+                          sum(b.tokens for b in batches), sum(b.input_rows for b in batches),
+                          [s for b in batches for s in b.splits], "".join(b.split_lines for b in batches))
 
 
 def pieces_per_unit(rows: list[int], pieces: int, min_rows: int) -> list[int]:
