@@ -133,6 +133,9 @@ class JobConfig:
                                        "rank 0 keeps up at thousands of encoder ranks. auto: from 512 encoder "
                                        "ranks on (below that a sub-conductor would take a core for nothing)",
                                choices=("auto", "per-node", "off"))
+    commit_fanin: int = _opt(32, "MPI, with sub-conductors: they send their commits and reports to rank 0 through "
+                                 "a tree with this many below each (rank 0 hears from at most this many, where at "
+                                 "the end of a job every node commits at once)")
     gpu_tokens_per_s: float = _opt(0.0, "MPI: tokens/s one encoder rank encodes, for planning how many tokenizer "
                                         "ranks keep it busy (default: the bench/gpu_stage.py figure for its GPU; "
                                         "setting it plans on CPU encoders too)")

@@ -300,10 +300,14 @@ def plan_tokenizers(roles: RoleMap, ranks: list[RankInfo], tokenizer_tokens_per_
 SUBCONDUCTORS_FROM_ENCODER_RANKS = 512
 
 
-def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "auto") -> RoleMap:
+def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "auto",
+                         commit_fanin: int = 32) -> RoleMap:
     """One sub-conductor per host that has tokenizer ranks ('per-node'; 'auto' from
     SUBCONDUCTORS_FROM_ENCODER_RANKS encoder ranks on; 'off'). Each is a rank the rate plan left idle on that host,
-    or else the host's last tokenizer rank; it serves that host's tokenizers (protocol/subconductor.py)."""
+    or else the host's last tokenizer rank; it serves that host's tokenizers (protocol/subconductor.py), and
+    commits through a tree of `commit_fanin` children a node (RoleMap.commit_parent)."""
+    if commit_fanin < 1:
+        raise ConfigError(f"--commit-fanin must be at least 1, got {commit_fanin}")
     if mode == "off" or (mode == "auto" and len(roles.encoders) < SUBCONDUCTORS_FROM_ENCODER_RANKS):
         return roles
     if mode not in ("auto", "per-node"):
@@ -327,4 +331,4 @@ def assign_subconductors(roles: RoleMap, ranks: list[RankInfo], mode: str = "aut
         else:
             continue            # a host's only tokenizer rank stays one; it deals with the conductor
         deputies.update({t: deputy for t in ts})
-    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies)
+    return dataclasses.replace(roles, tokenizers=sorted(tokenizers), deputies=deputies, commit_fanin=commit_fanin)

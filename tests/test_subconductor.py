@@ -19,6 +19,7 @@ from hpcembed.protocol.messages import (Calibrated, Drain, DropIds, DuplicateRow
 from hpcembed.protocol.subconductor import SubConductorCore, pieces_per_unit
 from hpcembed.topology import RoleMap
 
+from .conftest import mpirun, needs_mpi, read_manifest, read_output, reference, write_jsonl
 from .test_protocol import ledger_units, plan_of, pump_a_job, write_shard
 
 # Two hosts: tokenizers 1 and 2 under sub-conductor 5 on h0, tokenizers 6 and 7 under 8 on h1; encoders 3 and 4.
@@ -88,6 +89,29 @@ def test_a_relay_holds_its_childrens_commits_until_they_are_past_their_last():
     (dest, reports), = relay.report(RankStats(6, "subconductor", "h"))
     assert dest == 5 and [s.rank for s in reports.stats] == [4, 8, 6]
     assert relay.handle(5, Release(), now=2.2) == [(8, Release())]
+
+
+@needs_mpi
+def test_three_nodes_commit_through_a_chain_of_sub_conductors(tmp_path, st_model):
+    """Real ranks on three pretend nodes, a sub-conductor each and a fan-in of 1: the third commits and reports
+    through the second, the second through the first. Every row is embedded once, as sentence-transformers does,
+    and every rank's report reaches the manifest."""
+    texts = {f"r{k}": f"line {k} " + "word " * (k % 17) for k in range(600)}
+    write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": t} for k, t in texts.items()])
+    out = tmp_path / "out"
+    proc = mpirun(10, "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--unit-rows", "40",
+                  "--chunk-rows", "16", "--tokenizer-ranks", "7", "--sub-conductors", "per-node",
+                  "--commit-fanin", "1", env={"HPCEMBED_VIRTUAL_NODES": "3"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, ids = read_output(out), sorted(texts)
+    assert set(got) == set(texts)
+    ref = reference(st_model, [texts[i] for i in ids])
+    assert min(float(got[i] @ r) for i, r in zip(ids, ref)) >= 0.9999
+    manifest = read_manifest(out)
+    roles = [r["role"] for r in manifest["ranks"]]
+    assert roles.count("subconductor") == 3 and roles.count("tokenizer") + roles.count("encoder") == 6, roles
+    subs = [r for r in manifest["ranks"] if r["role"] == "subconductor"]
+    assert sum(s["units_committed"] for s in subs) == 15 and all(s["units_committed"] > 0 for s in subs), subs
 
 
 def test_grants_keep_to_each_nodes_share_whatever_order_they_are_asked_in(tmp_path):

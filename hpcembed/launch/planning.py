@@ -68,7 +68,7 @@ def plan_job_roles(cfg: JobConfig, kind: JobKind, setup, ranks: list[RankInfo],
     else:
         roles = _plan_by_rates(cfg, setup, plan_roles(ranks, cfg.tokenizer_ranks or None), ranks, probe)
     _advise_unit_rows(cfg, setup, len(roles.tokenizers))
-    return assign_subconductors(roles, ranks, cfg.sub_conductors)
+    return assign_subconductors(roles, ranks, cfg.sub_conductors, cfg.commit_fanin)
 
 
 def _advise_unit_rows(cfg: JobConfig, setup, tokenizer_ranks: int) -> None:

@@ -47,8 +47,14 @@ class MpiTransport(Transport):
         # bench/send_wait.py), so a conductor replying to tokenizer ranks busy in their tokenizer spent ~2 ms a
         # message waiting on them (bench/notes/scale_out.md, fan-in). MPI keeps the order of messages between two
         # ranks either way.
-        tag = URGENT_CONTROL if urgent else PROMPT_CONTROL if prompt else CONTROL
-        self._unfinished.append(self.comm.isend(message, dest=dest, tag=tag))
+        if prompt and not urgent:
+            # Blocking: the receiver takes prompt messages at every turn of its loop, so this waits a moment. An
+            # isend of a claim (16 KB, above the shared-memory eager limit) moves by rendezvous, and the encoder
+            # rank that took it at once sat in its receive until the tokenizer rank, tokenizing, next called MPI:
+            # with dedup on the GPU was 28% busy (bench/notes/dedup.md, sixth run).
+            self.comm.send(message, dest=dest, tag=PROMPT_CONTROL)
+            return
+        self._unfinished.append(self.comm.isend(message, dest=dest, tag=URGENT_CONTROL if urgent else CONTROL))
         if len(self._unfinished) >= self._reap_at:
             self._reap()
 
