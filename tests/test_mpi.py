@@ -44,7 +44,10 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert steps["building"] <= steps["built"] <= steps["ready"]
             assert r["batches"] > 0 and r["host_cpu_seconds"] > 0 and r["host_us_per_row"] > 0
             assert r["build_seconds"]["weights"] > 0
-            assert r["ready_at"] <= r["last_encoded_at"] <= r["last_written_at"] and r["writer_seconds"] > 0
+            # Wall-clock stamps (time.time(), to compare ranks): in one CI run the VM's clock stepped back 3 ms
+            # between two of them, so their order is checked to within 50 ms.
+            assert r["ready_at"] <= r["last_encoded_at"] + 0.05 and r["last_encoded_at"] <= r["last_written_at"] + 0.05
+            assert r["writer_seconds"] > 0
             assert (r["engine"], r["attention"], r["fused_ops"]) == ("varlen", "padded", "eager")    # CPU: no kernels
         elif r["role"] == "tokenizer":
             assert r["started_at"] <= r["finished_at"]
