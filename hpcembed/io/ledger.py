@@ -44,9 +44,9 @@ from .store import open_dir
 LEDGER = "_ledger.jsonl"
 FSYNC_INTERVAL = 1.0
 SEGMENT_SECONDS = 2.0
-# Records go to the file in pieces of at most this many characters: a sub-conductor's merged batch is about 750 KB,
-# and written whole from a process with a large heap it took 2.2 ms where in 64 KiB pieces it took 0.4 ms (each
-# piece stays below the allocator's large-block threshold; bench/notes/scale_out.md, session 21).
+# Records go to the file in pieces of at most this many characters: a sub-conductor's merged batch is about 740 KB,
+# and written whole from a process with a large heap it took 12.9 ms where in 64 KiB pieces it took 1.0 ms
+# (bench/ledger_write.py; why the whole write slows with the heap is not established).
 WRITE_PIECE = 1 << 16
 
 
