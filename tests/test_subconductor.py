@@ -91,6 +91,21 @@ def test_a_relay_holds_its_childrens_commits_until_they_are_past_their_last():
     assert relay.handle(5, Release(), now=2.2) == [(8, Release())]
 
 
+def test_in_a_drain_a_sub_conductor_sends_what_is_complete_without_waiting_for_its_abandoned_units():
+    sub = SubConductorCore(5, SUB_ROLES, commit_batch=64, commit_seconds=0.5)
+    sub.start()
+    units = plan_of(2, 2).units
+    sub.handle(0, UnitGrant(units, last=True), now=0.0)
+    sub.handle(1, RequestUnit(), now=0.0)
+    sub.handle(2, RequestUnit(), now=0.0)
+    sub.handle(1, UnitRead(0, {3: 2}, tokens=20), now=0.1)
+    sub.handle(3, PartWritten(0, shard_name(0, 3), 2, 20), now=0.1)
+    assert sub.poll(0.2) == []                  # unit 1 is still out
+    sub.handle(0, Drain(), now=0.3)             # unit 1 is abandoned: it will not complete
+    (dest, batch), = sub.poll(0.3)
+    assert dest == 0 and list(batch.counts) == [0, 2, 0] and not batch.last
+
+
 @needs_mpi
 def test_three_nodes_commit_through_a_chain_of_sub_conductors(tmp_path, st_model):
     """Real ranks on three pretend nodes, a sub-conductor each and a fan-in of 1: the third commits and reports

@@ -158,7 +158,7 @@ class SubConductorCore:
         below."""
         if not self.complete and not self.relayed:
             return []
-        more_to_come = self.units or self.children_busy
+        more_to_come = (self.units and not self.draining) or self.children_busy     # a drain's units never come
         if (len(self.complete) + self.relayed_units < self.send_at and more_to_come
                 and now - self.complete_since < self.commit_seconds):
             return []
