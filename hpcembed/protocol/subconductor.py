@@ -84,8 +84,8 @@ class SubConductorCore:
 
     @property
     def ready_to_report(self) -> bool:
-        """Every tokenizer has reported and every unit handed out is committed and sent on (in a drain, the units
-        not complete are abandoned: the next run redoes them)."""
+        """Every tokenizer and every sub-conductor below has reported, and every unit handed out here or relayed
+        is committed and sent on (in a drain, the units not complete are abandoned: the next run redoes them)."""
         return (not self.tokenizers_left and not self.complete and not self.reported and not self.children_left
                 and not self.relayed and (not self.units or self.draining))
 
@@ -176,7 +176,7 @@ class SubConductorCore:
         return [Send(self.parent, batch)]
 
     def report(self, stats: RankStats) -> list[Send]:
-        """The last message (when `ready_to_report`): the tokenizers' reports and this rank's own."""
+        """The last message (when `ready_to_report`): the tokenizers' reports, those relayed and this rank's own."""
         self.reported = True
         return [Send(self.parent, RankReports(self.reports + [stats]))]
 
