@@ -49,9 +49,9 @@ class MpiTransport(Transport):
         # ranks either way.
         if prompt and not urgent:
             # Blocking: the receiver takes prompt messages at every turn of its loop, so this waits a moment. An
-            # isend of a claim (16 KB, above the shared-memory eager limit) moves by rendezvous, and the encoder
-            # rank that took it at once sat in its receive until the tokenizer rank, tokenizing, next called MPI:
-            # with dedup on the GPU was 28% busy (bench/notes/dedup.md, sixth run).
+            # isend of a claim (16 KB, above the shared-memory eager limit) moves by rendezvous, completing only
+            # while the sender is in MPI; with claims isent and taken at once, the encoder rank spent most of a
+            # dedup job in its receive and the GPU was 28% busy (bench/notes/dedup.md, sixth run).
             self.comm.send(message, dest=dest, tag=PROMPT_CONTROL)
             return
         self._unfinished.append(self.comm.isend(message, dest=dest, tag=URGENT_CONTROL if urgent else CONTROL))
