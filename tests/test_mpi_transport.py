@@ -94,12 +94,22 @@ def test_a_rank_waiting_at_the_quiet_barrier_leaves_its_core_free(tmp_path):
     assert used["blocking"] > 0.5, used
 
 
-URGENT_SCRIPT = textwrap.dedent("""
+# Two ranks, each with an MPI transport (the scripts below go on from here).
+TWO_RANKS = textwrap.dedent("""
     import sys, time
     import numpy as np
     from hpcembed.tokenize.batch import TokenBatch
     from hpcembed.transport.mpi import MpiTransport
     t = MpiTransport()
+    def take_until(got, n):
+        # recv until `got` holds n messages (a batch as ("batch", its unit)), then write them for the test
+        while len(got) < n:
+            m = t.recv(5.0).message
+            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
+        open(sys.argv[1], "w").write(repr(got))
+""")
+
+URGENT_SCRIPT = TWO_RANKS + textwrap.dedent("""
     def batch(k):
         return TokenBatch.build([np.arange(3)], [f"id{k}"], [k], k)
     if t.rank == 0:
@@ -115,11 +125,7 @@ URGENT_SCRIPT = textwrap.dedent("""
     if t.rank == 1:
         time.sleep(0.5)                 # everything has arrived and waits in MPI
         t.urgent_first = sys.argv[2] == "urgent"
-        got = []
-        while len(got) < 45:
-            m = t.recv(5.0).message
-            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
-        open(sys.argv[1], "w").write(repr(got))
+        take_until([], 45)
     t.comm.Barrier()
 """)
 
@@ -133,12 +139,7 @@ def test_urgent_messages_overtake_the_others_where_the_receiver_asks(tmp_path):
     assert got["in-order"] == bulk + [("query", 1), ("batch", 200), ("query", 2), ("bulk", 40)]
 
 
-PROMPT_SCRIPT = textwrap.dedent("""
-    import sys, time
-    import numpy as np
-    from hpcembed.tokenize.batch import TokenBatch
-    from hpcembed.transport.mpi import MpiTransport
-    t = MpiTransport()
+PROMPT_SCRIPT = TWO_RANKS + textwrap.dedent("""
     if t.rank == 0:
         for k in range(10):
             t.send(1, ("bulk", k))
@@ -154,10 +155,7 @@ PROMPT_SCRIPT = textwrap.dedent("""
         while (envelope := t.recv_prompt()) is not None:
             got.append(envelope.message)
         got.append("then recv")
-        while len(got) < 15:
-            m = t.recv(5.0).message
-            got.append(("batch", int(m.units[0])) if isinstance(m, TokenBatch) else m)
-        open(sys.argv[1], "w").write(repr(got))
+        take_until(got, 15)
     t.comm.Barrier()
 """)
 
