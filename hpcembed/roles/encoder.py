@@ -115,8 +115,9 @@ class EncoderRank:
             # flight or being written.
             t0 = clock()
             if self.dedup is not None:
-                # Claims first, even with the window full: tokenizer ranks wait on the answers, and behind batches
-                # they waited 3.7 s a rank in a 1M-row job (bench/notes/dedup.md, fifth run).
+                # Claims first, even with the window full: tokenizer ranks wait on the answers (behind batches,
+                # 3.7 s a rank in a 1M-row job: bench/notes/dedup.md, fifth run), and a claim's sender blocks until
+                # it is taken here (transport/mpi.py: prompt sends).
                 while (envelope := self.transport.recv_prompt()) is not None:
                     self._handle(envelope.source, envelope.message)
             while core.has_room(self.batcher.tokens):
