@@ -71,6 +71,25 @@ def test_a_slow_network_costs_throughput_and_an_ideal_one_does_not():
     assert slow.throughput_texts_per_s < 0.8 * ideal.throughput_texts_per_s
 
 
+def test_each_nic_direction_is_its_own_queue():
+    """Incast queues at the receiver's ingress, a sender's messages queue at its egress, and a message waiting for
+    a busy receiver does not hold its sender's egress from the next message to another host."""
+    import simpy
+    from hpcembed.scaling.model import SimNetwork
+    rates = rates_from(build(BENCH), nic_bytes_per_s=1e6, net_latency_s=0.0)
+    second = 1_000_000                          # bytes: one second on a NIC
+    net = SimNetwork(simpy.Environment(), rates, host_of=[0, 1, 2, 3])
+    assert net._delay(0, 1, second, 0.0) == pytest.approx(1.0)
+    assert net._delay(2, 1, second, 0.0) == pytest.approx(2.0)        # host 1's ingress: behind host 0's
+    assert net._delay(2, 3, second, 0.0) == pytest.approx(2.0)        # host 2's egress: behind its own first
+    # Host 0 again: its egress has been free since 1.0, host 1's ingress is taken until 2.0, host 3's until 2.0.
+    assert net._delay(0, 1, second, 0.0) == pytest.approx(3.0)
+    assert net._delay(0, 3, second, 0.0) == pytest.approx(3.0)        # its egress queue, and host 3's ingress
+    assert net.egress_free[0] == pytest.approx(3.0) and net.ingress_free[3] == pytest.approx(3.0)
+    # Within a host nothing is queued.
+    assert net._delay(0, 0, second, 0.5) == pytest.approx(0.5 + rates.local_latency_s + second / rates.local_bytes_per_s)
+
+
 def test_replay_follows_the_measured_start_skew_and_gpu_window(calibration):
     """A short job replayed with a measured run's start-up: the gpu rank ready first gets more rows, but only what
     its token window takes in; the others get the rest once they are ready."""

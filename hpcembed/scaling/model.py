@@ -3,8 +3,9 @@ rates, the network that delivers messages in virtual time, and what travels in p
 
 The network: within a node a message arrives after the measured shared-memory latency and bandwidth; between nodes
 it goes through each host's NIC, one FIFO queue per direction (egress of the sender, ingress of the receiver) at the
-NIC's bandwidth, plus the link latency. Flows that share a NIC therefore share its bandwidth, and a NIC that many
-senders target (incast) queues them. The fabric between NICs is taken as non-blocking (a full fat tree), as
+NIC's bandwidth, in tandem (the ingress takes a message once the egress has begun it), plus the link latency. Flows
+that share a NIC therefore share its bandwidth, a NIC that many senders target (incast) queues them, and a message
+queued at a busy receiver does not keep its sender's NIC from sending to others. The fabric between NICs is taken as non-blocking (a full fat tree), as
 InfiniBand clusters are built.
 """
 from __future__ import annotations
@@ -168,10 +169,16 @@ class SimNetwork:
             return depart + r.local_latency_s + nbytes / r.local_bytes_per_s
         a, b = self.host_of[source], self.host_of[dest]
         now = self.env.now
-        start = max(now + depart, self.egress_free[a], self.ingress_free[b])
-        done = start + nbytes / r.nic_bytes_per_s
-        self.egress_free[a] = self.ingress_free[b] = done
-        self.nic_busy[b] += done - start
+        # Two queues in tandem, not one slot held on both NICs at once: the sender's egress takes the message when
+        # it is free, and the receiver's ingress from then on when it is free (cut-through: it may start as the
+        # egress does). Holding the egress until the ingress was free chained hosts together at scale
+        # (bench/notes/scale_out.md, session 22).
+        transfer = nbytes / r.nic_bytes_per_s
+        leaves = max(now + depart, self.egress_free[a])
+        self.egress_free[a] = leaves + transfer
+        start = max(leaves, self.ingress_free[b])
+        done = self.ingress_free[b] = start + transfer
+        self.nic_busy[b] += transfer
         return done + r.net_latency_s - now
 
     def _deliver(self, event) -> None:
