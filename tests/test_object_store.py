@@ -164,6 +164,35 @@ def test_the_ledger_on_a_store_is_segments_read_in_order_and_compacted(store_env
     assert sorted(reread.load().units) == [0, 1, 2] and reread.generation == 2
 
 
+def test_segments_are_written_off_the_commit_path_in_order_and_a_failed_one_fails_the_job(store_env):
+    """Rank 0 hands each segment write to the ledger's sync thread and goes on; the writes stay in order (no gap
+    for a reader to stop at), and one that fails is raised at the next tick or at close, never passed over."""
+    from hpcembed.io.ledger import SEGMENT_SECONDS, CommittedUnit, Ledger, LedgerState
+    clock = [0.0]
+    ledger = Ledger("s3://bucket/ledger-sync")
+    ledger.clock = lambda: clock[0]
+    ledger.write_fresh(LedgerState({"job": 1}, [], {}))
+    for unit in range(6):
+        clock[0] += SEGMENT_SECONDS
+        ledger.commit_units([CommittedUnit(unit, {f"part-{unit}": 10}, 100)])
+    ledger.close()
+    segments = sorted(n for n in store_env.objects("bucket", "ledger-sync") if n != "_ledger.jsonl")
+    assert len(segments) >= 2 and segments == [f"_ledger.jsonl.1.{k:08d}" for k in range(1, len(segments) + 1)]
+    assert sorted(Ledger("s3://bucket/ledger-sync").load().units) == list(range(6))
+    # Its bucket deleted under it: the write fails on the sync thread, and close says so.
+    store_env.make_bucket("doomed")
+    doomed = Ledger("s3://doomed/out")
+    doomed.clock = lambda: clock[0]
+    doomed.write_fresh(LedgerState({"job": 2}, [], {}))
+    client = store_env.client()
+    client.delete_object(Bucket="doomed", Key="out/_ledger.jsonl")
+    client.delete_bucket(Bucket="doomed")
+    clock[0] += SEGMENT_SECONDS
+    doomed.commit_units([CommittedUnit(0, {"part-0": 10}, 100)])
+    with pytest.raises(OSError):
+        doomed.close()
+
+
 def test_a_second_job_is_kept_out_of_a_prefix_in_use(store_env):
     from hpcembed.errors import ConfigError
     from hpcembed.io.lock import ObjectLock

@@ -73,12 +73,12 @@ def test_a_relay_holds_its_childrens_commits_until_they_are_past_their_last():
     roles = RoleMap(0, [3, 4, 7], [1], deputies=deputies, commit_fanin=1)     # 5 <- 6 <- 8: a chain
     relay = SubConductorCore(6, roles, commit_batch=4, commit_seconds=0.5)
     assert (relay.parent, relay.children) == (5, [8])
-    early = UnitsCommitted("", array("q", [0, 2, 0]), [], 20, 2)
+    early = UnitsCommitted(b"", array("q", [0, 2, 0]), [], 20, 2)
     relay.handle(8, early, now=1.0)
     assert relay.poll(1.1) == []                # the child may commit more
     (dest, batch), = relay.poll(1.5)            # the oldest waited commit_seconds
     assert dest == 5 and batch.counts == early.counts and not batch.last
-    relay.handle(8, UnitsCommitted("", array("q", [1, 3, 0]), [], 30, 3, last=True), now=2.0)
+    relay.handle(8, UnitsCommitted(b"", array("q", [1, 3, 0]), [], 30, 3, last=True), now=2.0)
     relay.handle(0, UnitGrant([], last=True), now=2.0)
     (_, batch), = relay.poll(2.0)               # the child is past its last, and nothing is out here: at once
     assert list(batch.counts) == [1, 3, 0] and batch.last
@@ -204,7 +204,7 @@ def test_a_sub_conductor_holds_complete_units_until_a_batch_is_due():
     assert sub.poll(1.2) == []                  # 2 complete, 2 still out, the oldest waited 0.2 s
     (dest, batch), = sub.poll(1.5)              # ... now 0.5 s
     assert dest == 0 and list(batch.counts) == [0, 2, 0, 1, 2, 0] and batch.tokens == 40
-    assert [json.loads(line)["unit"] for line in batch.records.split("\n")[:-1]] == [0, 1]
+    assert [json.loads(line)["unit"] for line in batch.records.split(b"\n")[:-1]] == [0, 1]
     sub.handle(2, UnitRead(2, {3: 2}, tokens=20), now=2.0)
     sub.handle(3, PartWritten(2, shard_name(2, 3), 2, 20), now=2.0)
     sub.handle(2, UnitRead(3, {}, tokens=0, rejected_rows=2), now=2.0)
@@ -236,7 +236,7 @@ def test_commits_from_sub_conductors_wait_for_the_calibration_ranges(tmp_path):
     ctor = ConductorCore(SUB_ROLES, plan_of(2), output, output.ledger(), state, ranges_due=True)
     ctor.handle(5, RequestUnits(2))
     record = CommittedUnit(0, {shard_name(0, 3): 2}, 20)
-    ctor.handle(5, UnitsCommitted(Ledger.unit_line(record), array("q", [0, 2, 0]), [], 20, 2))
+    ctor.handle(5, UnitsCommitted(Ledger.unit_line(record).encode(), array("q", [0, 2, 0]), [], 20, 2))
     assert not ctor.done
     ctor.handle(3, Calibrated([[0.0], [1.0]]))
     assert ctor.all_committed
@@ -251,11 +251,11 @@ def test_a_duplicate_found_before_a_sub_conductor_commits_its_unit_is_dropped_on
     core.handle(5, RequestUnits(2))
     names = [write_shard(tmp_path, unit, 3, ids) for unit, ids in ((0, ["a", "b"]), (1, ["c", "a"]))]
     first = CommittedUnit(0, {names[0]: 2}, 4)
-    core.handle(5, UnitsCommitted(Ledger.unit_line(first), array("q", [0, 2, 0]), [], 4, 2))
+    core.handle(5, UnitsCommitted(Ledger.unit_line(first).encode(), array("q", [0, 2, 0]), [], 4, 2))
     # Unit 1 is complete at its sub-conductor but not yet sent on when the repeat is found: nothing to drop yet.
     assert core.handle(2, DuplicateRows([(1, 0, 3, 0, 0, 0, id_digest("a"))])) == []
     second = CommittedUnit(1, {names[1]: 2}, 4)
-    sends = core.handle(5, UnitsCommitted(Ledger.unit_line(second), array("q", [1, 2, 0]), [], 4, 2))
+    sends = core.handle(5, UnitsCommitted(Ledger.unit_line(second).encode(), array("q", [1, 2, 0]), [], 4, 2))
     assert sends == [(3, DropIds(1, shard_name(1, 3), [id_digest("a")]))]
     removed, rewritten = output.drop_ids(shard_name(1, 3), {id_digest("a")})
     core.handle(3, PartRewritten(1, shard_name(1, 3), removed, *rewritten))
@@ -287,7 +287,7 @@ def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
                              rejects=[{"id": f"odd\u2028id {u}", "error": "empty"}] * (u % 2)) for u in range(4)]
     for first in (0, 2):
         part = records[first: first + 2]
-        units.add_batch(UnitsCommitted("".join(Ledger.unit_line(r) for r in part),
+        units.add_batch(UnitsCommitted("".join(Ledger.unit_line(r) for r in part).encode(),
                                        array("q", [n for r in part for n in (r.unit, r.rows, r.rejected)]), [], 0,
                                        sum(r.rows + r.rejected for r in part)))
     assert len(units) == 5 and list(units) == [9, 0, 1, 2, 3]

@@ -21,8 +21,9 @@ the first gap; a compaction writes the next generation's `_ledger.jsonl` whole a
 A unit counts as done only once its record is in the ledger; shards are renamed into place before the record is
 written, so a record never names a shard that is not there. A crash can leave shards with no record (they are
 deleted and the unit redone) or a torn last line (ignored). Writes are flushed at once and fsynced at most once a
-second (an object store's segments: every SEGMENT_SECONDS): a record lost to a crash costs only the redo of its
-unit, and a per-record fsync would make a parallel file system the bottleneck at thousands of commits per second.
+second, on a thread of their own (an object store's segments: every SEGMENT_SECONDS): a record lost to a crash
+costs only the redo of its unit, and a per-record fsync would make a parallel file system the bottleneck at
+thousands of commits per second.
 
 Rejects live in the ledger with the unit that produced them, so `_rejects.jsonl` can always be rebuilt to match
 exactly the committed units, whatever a crash left in it.
@@ -33,7 +34,7 @@ import hashlib
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
@@ -44,9 +45,9 @@ from .store import open_dir
 LEDGER = "_ledger.jsonl"
 FSYNC_INTERVAL = 1.0
 SEGMENT_SECONDS = 2.0
-# Records go to the file in pieces of at most this many characters: a sub-conductor's merged batch is about 740 KB,
-# and written whole from a process with a large heap it took 12.9 ms where in 64 KiB pieces it took 1.0 ms
-# (bench/ledger_write.py; why the whole write slows with the heap is not established).
+# Records go to the file in pieces of at most this many bytes: a sub-conductor's merged batch is about 740 KB, and
+# one write() of it took 3.9-4.1 ms on the CPU box where 64 KiB pieces took 0.5 ms, with a small or a large heap
+# alike (bench/notes/scale_out.md, session 22).
 WRITE_PIECE = 1 << 16
 
 
@@ -114,7 +115,7 @@ class CommittedUnits:
         batch = self._batches[self._batch_of[unit]]
         k = batch.counts[0::3].index(unit)
         # "\n" only: json.dumps(ensure_ascii=False) leaves U+2028 and the like in a line, where splitlines cuts.
-        line = batch.records.split("\n")[k]
+        line = batch.records.split(b"\n")[k]
         return RecordedUnit(unit, batch.counts[3 * k + 1], batch.counts[3 * k + 2], line)
 
     def __contains__(self, unit: int) -> bool:
@@ -130,7 +131,7 @@ class CommittedUnits:
     def items(self):
         yield from self._records.items()
         for batch in self._batches:
-            counts, lines = batch.counts, batch.records.split("\n")
+            counts, lines = batch.counts, batch.records.split(b"\n")
             for k in range(0, len(counts), 3):
                 if counts[k] in self._parsed:
                     yield counts[k], self._parsed[counts[k]]
@@ -204,8 +205,13 @@ class Ledger:
         # When to make records durable is decided by this clock: the simulation (scaling/sim.py) sets its virtual
         # time, so rank 0 pays an fsync once a simulated second, as a real one does, not once a second of its own run.
         self.clock = time.monotonic
-        self._segment: list[str] = []       # records not yet in a segment
+        self._segment: list[bytes] = []     # records not yet in a segment
         self._segments = 0
+        # The fsync (or an object store's segment write) runs on a thread of its own, one at a time and in order,
+        # so rank 0's handler does not wait for the disk: a parallel file system's fsync can take tens of ms, and at
+        # the end of a job at 1000 nodes each ms of rank 0 is the job's (bench/notes/scale_out.md, session 22).
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncing: Future | None = None
 
     def exists(self) -> bool:
         return self.dir.exists(LEDGER)
@@ -305,8 +311,8 @@ class Ledger:
     def commit_units(self, units: list[CommittedUnit]) -> None:
         self.append_lines([self.unit_line(u) for u in units])
 
-    def append_lines(self, lines: list[str]) -> None:
-        """Unit records (unit_line) in one write: one unit's, or a sub-conductor's batch."""
+    def append_lines(self, lines: list[str | bytes]) -> None:
+        """Unit records (unit_line) in one write: one unit's, or a sub-conductor's batch (UTF-8 bytes)."""
         if any(lines):
             self._append(*lines)
 
@@ -320,40 +326,67 @@ class Ledger:
             record["file"] = file
         self._append(json.dumps(record, ensure_ascii=False) + "\n")
 
-    def _append(self, *lines: str) -> None:
-        """Lines (each ending in a newline) written after the records so far, in one flush."""
+    def _append(self, *lines: str | bytes) -> None:
+        """Lines (each ending in a newline) written after the records so far, in one flush. A sub-conductor's batch
+        comes as UTF-8 bytes and is written as it came: no text layer to encode it in a copy (rank 0's work per unit
+        at the end of a job at 1000 nodes, bench/ledger_write.py)."""
+        data = [line.encode() if isinstance(line, str) else line for line in lines]
         if not self.dir.appendable:
-            self._segment.extend(lines)
+            self._segment.extend(data)
         else:
             if self._fh is None:
-                self._fh = open(self.dir.path / LEDGER, "a", encoding="utf-8")
-            for line in lines:
-                for start in range(0, len(line), WRITE_PIECE):
-                    self._fh.write(line[start: start + WRITE_PIECE])
+                self._fh = open(self.dir.path / LEDGER, "ab")
+            for chunk in data:
+                view = memoryview(chunk)
+                for start in range(0, len(view), WRITE_PIECE):
+                    self._fh.write(view[start: start + WRITE_PIECE])
             self._fh.flush()
         self.tick()
 
     def tick(self) -> None:
-        """Make the records so far durable if it is time: fsync the file, or write an object store's segment."""
+        """Make the records so far durable if it is time and the last sync is done: fsync the file, or write an
+        object store's segment, on the sync thread."""
+        if self._syncing is not None:
+            if not self._syncing.done():
+                return
+            self._wait_for_sync()          # a failed sync fails the job here rather than pass unseen
         now = self.clock()
         if not self.dir.appendable:
             if self._segment and now - self._last_sync >= SEGMENT_SECONDS:
-                self._write_segment()
+                self._syncing = self._sync_thread().submit(self._write_segment, self._take_segment())
                 self._last_sync = now
         elif self._fh is not None and now - self._last_sync >= FSYNC_INTERVAL:
-            os.fsync(self._fh.fileno())
+            self._syncing = self._sync_thread().submit(os.fsync, self._fh.fileno())
             self._last_sync = now
 
-    def _write_segment(self) -> None:
+    def _sync_thread(self) -> ThreadPoolExecutor:
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sync")
+        return self._syncer
+
+    def _wait_for_sync(self) -> None:
+        if self._syncing is not None:
+            self._syncing, done = None, self._syncing
+            done.result()
+
+    def _take_segment(self) -> tuple[str, bytes]:
         self._segments += 1
-        self.dir.write(f"{LEDGER}.{self.generation}.{self._segments:08d}", "".join(self._segment).encode())
+        data = b"".join(self._segment)
         self._segment.clear()
+        return f"{LEDGER}.{self.generation}.{self._segments:08d}", data
+
+    def _write_segment(self, segment: tuple[str, bytes]) -> None:
+        self.dir.write(*segment)
 
     def close(self) -> None:
+        self._wait_for_sync()
         if self._segment:
-            self._write_segment()
+            self._write_segment(self._take_segment())
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
             self._fh = None
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None

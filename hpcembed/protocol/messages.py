@@ -81,13 +81,13 @@ class UnitGrant:
 class UnitsCommitted:
     """Units a sub-conductor found complete, in one message: made so that the conductor's work per unit is least
     (one ledger write for all, no record to decode, one string to unpickle rather than a string per unit)."""
-    records: str                    # the units' ledger records (io/ledger.Ledger.unit_line), a line each, in order
+    records: bytes                  # the units' ledger records (io/ledger.Ledger.unit_line), a line each, UTF-8
     counts: array                   # per unit: its number, the rows its shards hold, the rows rejected ('q')
     rejects: list[dict]             # the units' rejects, for the rejects file
     tokens: int                     # the tokens of the parts reported since the last UnitsCommitted (progress)
     input_rows: int                 # the units' input rows, as handed out or split (progress counts them)
     splits: list = field(default_factory=list)      # [unit, cut] of each split since the last, in order
-    split_lines: str = ""           # their ledger records (Ledger.split_line), made here rather than on rank 0
+    split_lines: bytes = b""        # their ledger records (Ledger.split_line), made here rather than on rank 0
     last: bool = False              # the sender (and the sub-conductors below it) will commit nothing more
 
 

@@ -163,9 +163,9 @@ class SubConductorCore:
                 and now - self.complete_since < self.commit_seconds):
             return []
         counts = array("q", [n for u in self.complete for n in (u.unit, u.rows, u.rejected)])
-        own = UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete), counts,
+        own = UnitsCommitted("".join(Ledger.unit_line(u) for u in self.complete).encode(), counts,
                              [r for u in self.complete for r in u.rejects], self.tokens, self.input_rows, self.splits,
-                             "".join(Ledger.split_line(u, cut) for u, cut in self.splits))
+                             "".join(Ledger.split_line(u, cut) for u, cut in self.splits).encode())
         batch = merged([*self.relayed, own])
         batch.last = self.no_more and not self.units and not self.children_busy
         self.relayed, self.relayed_units = [], 0
@@ -256,9 +256,9 @@ def merged(batches: list[UnitsCommitted]) -> UnitsCommitted:
     counts = array("q")
     for batch in batches:
         counts.extend(batch.counts)
-    return UnitsCommitted("".join(b.records for b in batches), counts, [r for b in batches for r in b.rejects],
+    return UnitsCommitted(b"".join(b.records for b in batches), counts, [r for b in batches for r in b.rejects],
                           sum(b.tokens for b in batches), sum(b.input_rows for b in batches),
-                          [s for b in batches for s in b.splits], "".join(b.split_lines for b in batches))
+                          [s for b in batches for s in b.splits], b"".join(b.split_lines for b in batches))
 
 
 def pieces_per_unit(rows: list[int], pieces: int, min_rows: int) -> list[int]:
