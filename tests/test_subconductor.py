@@ -280,7 +280,7 @@ def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
     """The conductor's store of batched commits: membership, count, order and each unit's record as if it had been
     kept per unit, a reject holding a line separator that str.splitlines would cut at, and a parsed record
     replacing its batch entry."""
-    from hpcembed.io.ledger import CommittedUnits
+    from hpcembed.io.committed import CommittedUnits
     own = CommittedUnit(9, {shard_name(9, 3): 5}, 50)
     units = CommittedUnits({9: own})
     records = [CommittedUnit(u, {shard_name(u, 3): 10 + u}, 100, rejected=u % 2,
@@ -290,6 +290,8 @@ def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
         units.add_batch(UnitsCommitted("".join(Ledger.unit_line(r) for r in part).encode(),
                                        array("q", [n for r in part for n in (r.unit, r.rows, r.rejected)]), [], 0,
                                        sum(r.rows + r.rejected for r in part)))
+        # A lookup between batches indexes those so far; the next batch's units are found all the same.
+        assert first in units and first + 2 not in units and len(units) == 1 + first + 2
     assert len(units) == 5 and list(units) == [9, 0, 1, 2, 3]
     assert 3 in units and 4 not in units and units[9] is own
     for r in records:
@@ -303,3 +305,5 @@ def test_committed_units_keep_batches_whole_and_make_a_units_record_on_demand():
     assert next(rec for u, rec in units.items() if u == 1) is units[1]
     with pytest.raises(KeyError):
         units[4]
+    assert [(r.unit, r.rows) for r in units.whole_records()] == [(9, 5)] + [(r.unit, r.rows) for r in records]
+    assert all(isinstance(r, CommittedUnit) for r in units.whole_records())

@@ -36,7 +36,6 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import repeat
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -72,74 +71,6 @@ class CommittedUnit:
     def from_record(cls, rec: dict) -> "CommittedUnit":
         return cls(rec["unit"], dict(rec["shards"]), rec["tokens"], rec.get("rejected", 0),
                    list(rec.get("rejects", [])), dict(rec.get("files", {})))
-
-
-class RecordedUnit:
-    """A unit a sub-conductor committed: the counts the conductor keeps for every unit, and its ledger line, parsed
-    only where the rest is needed (the manifest's shard list, a drop). Parsing each line on arrival would cost
-    the conductor more than all else it does per unit."""
-    __slots__ = ("unit", "rows", "rejected", "line")
-
-    def __init__(self, unit: int, rows: int, rejected: int, line: str):
-        self.unit, self.rows, self.rejected, self.line = unit, rows, rejected, line
-
-    def parse(self) -> CommittedUnit:
-        return CommittedUnit.from_record(json.loads(self.line))
-
-
-class CommittedUnits:
-    """The conductor's committed units, by number: records of its own (CommittedUnit, or parsed on demand) and
-    sub-conductors' batches (UnitsCommitted) kept as they came. A batch is taken in a few C-level steps instead of
-    a Python step and a RecordedUnit per unit: at 1000 nodes rank 0 takes hundreds of batches a second
-    (bench/notes/scale_out.md). A unit's RecordedUnit is made only when someone asks for it."""
-
-    def __init__(self, records: dict[int, CommittedUnit]):
-        self._records: dict[int, CommittedUnit | RecordedUnit] = dict(records)
-        self._batch_of: dict[int, int] = {}          # unit -> index in _batches
-        self._batches: list = []
-        self._parsed: dict[int, CommittedUnit] = {}  # batch units whose whole record was asked for
-
-    def add_batch(self, batch) -> None:
-        """`batch`: a UnitsCommitted (its `records`, a ledger line per unit, and `counts`: unit, rows, rejected
-        per unit)."""
-        self._batch_of.update(zip(batch.counts[0::3], repeat(len(self._batches))))
-        self._batches.append(batch)
-
-    def __setitem__(self, unit: int, record: CommittedUnit | RecordedUnit) -> None:
-        (self._parsed if unit in self._batch_of else self._records)[unit] = record
-
-    def __getitem__(self, unit: int) -> CommittedUnit | RecordedUnit:
-        record = self._records.get(unit) or self._parsed.get(unit)
-        if record is not None:
-            return record
-        batch = self._batches[self._batch_of[unit]]
-        k = batch.counts[0::3].index(unit)
-        # "\n" only: json.dumps(ensure_ascii=False) leaves U+2028 and the like in a line, where splitlines cuts.
-        line = batch.records.split(b"\n")[k]
-        return RecordedUnit(unit, batch.counts[3 * k + 1], batch.counts[3 * k + 2], line)
-
-    def __contains__(self, unit: int) -> bool:
-        return unit in self._records or unit in self._batch_of
-
-    def __len__(self) -> int:
-        return len(self._records) + len(self._batch_of)
-
-    def __iter__(self):
-        yield from self._records
-        yield from self._batch_of
-
-    def items(self):
-        yield from self._records.items()
-        for batch in self._batches:
-            counts, lines = batch.counts, batch.records.split(b"\n")
-            for k in range(0, len(counts), 3):
-                if counts[k] in self._parsed:
-                    yield counts[k], self._parsed[counts[k]]
-                else:
-                    yield counts[k], RecordedUnit(counts[k], counts[k + 1], counts[k + 2], lines[k // 3])
-
-    def values(self):
-        return (record for _, record in self.items())
 
 
 @dataclass

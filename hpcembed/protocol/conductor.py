@@ -31,8 +31,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import HpcEmbedError, InputError
+from ..io.committed import CommittedUnits, RecordedUnit
 from ..io.ids import id_digest
-from ..io.ledger import CommittedUnit, CommittedUnits, Ledger, LedgerState, RecordedUnit
+from ..io.ledger import CommittedUnit, Ledger, LedgerState
 from ..io.sources import Plan
 from ..io.writer import OutputDir
 from ..manifest import JobResult, RankStats
@@ -164,7 +165,8 @@ class ConductorCore:
     def result(self, wall_seconds: float, ended_at: float) -> JobResult:
         self.settled_plan()             # the manifest counts the splits
         stopped = self.stop_reason if self.draining and not self.all_committed else ""
-        shards = [{"path": name, "rows": rows} for n in self.done for name, rows in self.committed(n).shards.items()]
+        shards = [{"path": name, "rows": rows} for unit in self.done.whole_records()
+                  for name, rows in unit.shards.items()]
         return JobResult(self.rows_written, self.tokens, self.rejected_rows, self.rows_resumed, self.units_resumed,
                          stopped, shards, self.reports, wall_seconds, ended_at, self.output_rows, self.ranges)
 
