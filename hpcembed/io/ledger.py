@@ -284,7 +284,7 @@ class Ledger:
         now = self.clock()
         if not self.dir.appendable:
             if self._segment and now - self._last_sync >= SEGMENT_SECONDS:
-                self._syncing = self._sync_thread().submit(self._write_segment, self._take_segment())
+                self._syncing = self._sync_thread().submit(self.dir.write, *self._take_segment())
                 self._last_sync = now
         elif self._fh is not None and now - self._last_sync >= FSYNC_INTERVAL:
             self._syncing = self._sync_thread().submit(os.fsync, self._fh.fileno())
@@ -306,13 +306,10 @@ class Ledger:
         self._segment.clear()
         return f"{LEDGER}.{self.generation}.{self._segments:08d}", data
 
-    def _write_segment(self, segment: tuple[str, bytes]) -> None:
-        self.dir.write(*segment)
-
     def close(self) -> None:
         self._wait_for_sync()
         if self._segment:
-            self._write_segment(self._take_segment())
+            self.dir.write(*self._take_segment())
         if self._fh is not None:
             self._fh.flush()
             os.fsync(self._fh.fileno())
