@@ -9,12 +9,12 @@ from .ledger import CommittedUnit
 
 
 class RecordedUnit:
-    """A unit a sub-conductor committed: the counts the conductor keeps for every unit, and its ledger line, parsed
-    only where the rest is needed (the manifest's shard list, a drop). Parsing each line on arrival would cost
-    the conductor more than all else it does per unit."""
+    """A unit a sub-conductor committed: the counts the conductor keeps for every unit, and its ledger line (UTF-8
+    bytes), parsed only where the rest is needed (the manifest's shard list, a drop). Parsing each line on arrival
+    would cost the conductor more than all else it does per unit."""
     __slots__ = ("unit", "rows", "rejected", "line")
 
-    def __init__(self, unit: int, rows: int, rejected: int, line: str):
+    def __init__(self, unit: int, rows: int, rejected: int, line: bytes):
         self.unit, self.rows, self.rejected, self.line = unit, rows, rejected, line
 
     def parse(self) -> CommittedUnit:
