@@ -87,7 +87,8 @@ def test_each_nic_direction_is_its_own_queue():
     assert net._delay(0, 3, second, 0.0) == pytest.approx(3.0)        # its egress queue, and host 3's ingress
     assert net.egress_free[0] == pytest.approx(3.0) and net.ingress_free[3] == pytest.approx(3.0)
     # Within a host nothing is queued.
-    assert net._delay(0, 0, second, 0.5) == pytest.approx(0.5 + rates.local_latency_s + second / rates.local_bytes_per_s)
+    local = 0.5 + rates.local_latency_s + second / rates.local_bytes_per_s
+    assert net._delay(0, 0, second, 0.5) == pytest.approx(local)
 
 
 def test_replay_follows_the_measured_start_skew_and_gpu_window(calibration):

@@ -5,8 +5,8 @@ The network: within a node a message arrives after the measured shared-memory la
 it goes through each host's NIC, one FIFO queue per direction (egress of the sender, ingress of the receiver) at the
 NIC's bandwidth, in tandem (the ingress takes a message once the egress has begun it), plus the link latency. Flows
 that share a NIC therefore share its bandwidth, a NIC that many senders target (incast) queues them, and a message
-queued at a busy receiver does not keep its sender's NIC from sending to others. The fabric between NICs is taken as non-blocking (a full fat tree), as
-InfiniBand clusters are built.
+queued at a busy receiver does not keep its sender's NIC from sending to others. The fabric between NICs is taken
+as non-blocking (a full fat tree), as InfiniBand clusters are built.
 """
 from __future__ import annotations
 
