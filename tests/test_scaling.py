@@ -11,9 +11,10 @@ import pytest
 
 from .conftest import REPO, needs_mpi, run_cli, write_jsonl
 
-pytest.importorskip("simpy")
+simpy = pytest.importorskip("simpy")
 
 from hpcembed.scaling.calibration import build, node_from, rates_from  # noqa: E402
+from hpcembed.scaling.model import SimNetwork  # noqa: E402
 from hpcembed.scaling.project import encoder_lead, run_simulate  # noqa: E402
 from hpcembed.scaling.sim import JobShape, NodeShape, Simulation, simulate, units_for  # noqa: E402
 
@@ -74,8 +75,6 @@ def test_a_slow_network_costs_throughput_and_an_ideal_one_does_not():
 def test_each_nic_direction_is_its_own_queue():
     """Incast queues at the receiver's ingress, a sender's messages queue at its egress, and a message waiting for
     a busy receiver does not hold its sender's egress from the next message to another host."""
-    import simpy
-    from hpcembed.scaling.model import SimNetwork
     rates = rates_from(build(BENCH), nic_bytes_per_s=1e6, net_latency_s=0.0)
     second = 1_000_000                          # bytes: one second on a NIC
     net = SimNetwork(simpy.Environment(), rates, host_of=[0, 1, 2, 3])
