@@ -6,7 +6,15 @@ cost per second of the job (what does not grow with messages: the ledger's fsync
 that a run with few messages does not read as expensive messages. Runs the simulation did not reproduce within
 its tolerance are left out: there the machine's cores, not the protocol, were the limit (129 ranks on 16). Usage:
 
-    python -m bench.fanin_cost bench/results/fanin-h200-box-off.json bench/results/fanin-h200-box-per-node.json
+    python -m bench.fanin_cost bench/results/fanin-h200-box-off.json bench/results/fanin-h200-box-per-node.json \
+        [--batch-cost bench/results/commit_batch_cost-<device>.json]
+
+The rehearsals' sub-conductors sent batches of up to 64 units, so the fit says what rank 0 spends beyond the
+simulation's charge at that size, not how it grows with the batch. `--batch-cost` (bench/commit_batch_cost.py: rank
+0's real cost against the charge for batches of 1 to 2,160 units) says that: its least-squares slope of real cost
+over charge, never taken below 1, becomes the batched plane's ratio, and what the fan-in measured per message beyond
+that ratio times the charge becomes a cost added per message. With a slope of 1 the gap is charged per message, as
+the batch-size runs found it (a ratio of 2.12 on a 2,100-unit batch would charge twice what rank 0 spends).
 """
 from __future__ import annotations
 
@@ -30,11 +38,23 @@ def fit(runs: list[dict]) -> dict:
             "measured_over_simulated": round(1e6 * per_message / simulated, 2)}
 
 
+def per_batch(row: dict, batch_cost: dict, source: str) -> dict:
+    """The batched plane's charge as a ratio on the simulation's charge plus a cost per message (see the module's
+    docstring), from a fan-in fit and a commit_batch_cost result."""
+    slope = max(1.0, batch_cost["fit"]["ratio"])
+    extra = row["per_message_us"] - slope * row["simulated_per_message_us"]
+    return {"batch_slope": round(slope, 3), "per_message_extra_us": round(max(0.0, extra), 2),
+            "batch_cost": {"file": source, "device": batch_cost["device"], "measured_on": batch_cost["date"],
+                           "fit": batch_cost["fit"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="bench/fanin.py result files")
+    ap.add_argument("--batch-cost", help="bench/commit_batch_cost.py's JSON: how rank 0's cost grows with a batch")
     ap.add_argument("--out", default="bench/results/fanin_cost.json")
     args = ap.parse_args()
+    batch_cost = json.loads(Path(args.batch_cost).read_text()) if args.batch_cost else None
     rows = []
     print(f"{'file':<44} {'runs (ranks)':<14} {'µs/msg':>8} {'ms/s':>7} {'sim µs/msg':>11} {'measured/sim':>13}")
     for path in args.results:
@@ -42,10 +62,14 @@ def main() -> None:
         row = {"file": path, "device": data["device"], "measured_on": data["date"], "versions": data["versions"],
                "sub_conductors": data["sub_conductors"], "cpus": data["cpus"],
                **fit(data["runs"])}
+        if batch_cost is not None and data["sub_conductors"] == "per-node":
+            row.update(per_batch(row, batch_cost, args.batch_cost))
         rows.append(row)
         print(f"{Path(path).name:<44} {','.join(map(str, row['runs'])):<14} {row['per_message_us']:>8.1f} "
               f"{row['per_second_ms']:>7.2f} {row['simulated_per_message_us']:>11.1f} "
               f"{row['measured_over_simulated']:>13.2f}")
+        if "batch_slope" in row:
+            print(f"  batched: {row['batch_slope']:.3f} x the charge + {row['per_message_extra_us']:.1f} µs a message")
     Path(args.out).write_text(json.dumps({"benchmark": "fanin_cost", "date": time.strftime("%Y-%m-%d"),
                                           "fits": rows}, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -306,6 +306,30 @@ def test_the_control_ranks_are_charged_what_fan_in_measured(calibration):
         conductor_factors({"fits": fits["fits"][:1]}, Path("fits.json"))
 
 
+def test_where_batch_size_was_measured_rank_0_pays_a_ratio_and_a_cost_per_batch(calibration):
+    """bench/fanin_cost.py --batch-cost: rank 0's charge for a sub-conductor's batch is the slope times the
+    simulation's charge plus a cost per message, so a large batch is not charged the fan-in's ratio."""
+    from hpcembed.scaling.project import conductor_factors
+    cal = json.loads(calibration.read_text())
+    fits = {"fits": [{"sub_conductors": "off", "measured_over_simulated": 1.5},
+                     {"sub_conductors": "per-node", "measured_over_simulated": 2.5, "batch_slope": 1.0,
+                      "per_message_extra_us": 400.0}]}
+    cal["rates"].update(conductor_factors(fits, Path("fits.json")))
+    rates = rates_from(cal, "infiniband-hdr")
+    assert rates.batched_conductor_factor == 1.0 and rates.batched_conductor_extra_s == pytest.approx(4e-4)
+    job = JobShape(rows=400_000, unit_rows=10_000, tokenizer_batch_tokens=262_144)
+    result = simulate(2, NodeShape(cores=64, gpus=8, subconductors="per-node"), job, rates)
+    # Without a control probe a handler's time here is scaled by cpu_slowdown, as the receive is.
+    base = result.conductor_messages * (1e-6 * result.conductor_cpu_us_per_message
+                                        + rates.conductor_message_s) * rates.cpu_slowdown
+    assert result.conductor_busy * result.makespan_s == pytest.approx(base + result.conductor_messages * 4e-4,
+                                                                      rel=1e-6)
+    plain = simulate(2, NodeShape(cores=64, gpus=8, subconductors="off"), job, rates)      # rank 0 alone: no extra
+    assert plain.conductor_busy * plain.makespan_s == pytest.approx(
+        1.5 * plain.conductor_messages * (1e-6 * plain.conductor_cpu_us_per_message
+                                          + rates.conductor_message_s) * rates.cpu_slowdown, rel=1e-6)
+
+
 def test_handler_times_are_scaled_by_the_control_probe_not_this_machine(calibration):
     """With the target core's control probe, a handler's time here is charged times target probe over this
     machine's probe; the calibrated receive stays scaled by cpu_slowdown."""

@@ -54,6 +54,9 @@ class Rates:
     # sub-conductors' batches. 1.0: the handler time alone, as before that was measured.
     conductor_factor: float = 1.0
     batched_conductor_factor: float = 1.0
+    # Seconds added to each batch's charge at rank 0 (the factor then a ratio on it), where how the cost grows with
+    # a batch's size was measured (bench/commit_batch_cost.py): fan-in's gap is per message, not per unit.
+    batched_conductor_extra_s: float = 0.0
     # probe.py's workload on the target node's core (bench/control_probe.py; `simulate --control-probe`). Handler
     # times measured where the simulation runs are scaled by it over the same probe there; 0: by cpu_slowdown.
     control_probe_s: float = 0.0

@@ -242,8 +242,16 @@ def conductor_factors(fits: dict, source: Path) -> dict:
         raise ValueError(f"{source}: needs fits of fan-in runs with --sub-conductors off and per-node, has "
                          f"{sorted(by_plane)}")
     how = f"measured over simulated µs per message at rank 0 in fan-in rehearsals ({source})"
-    return {"conductor_factor": {"value": by_plane["off"], "source": how},
-            "batched_conductor_factor": {"value": by_plane["per-node"], "source": how}}
+    rates = {"conductor_factor": {"value": by_plane["off"], "source": how},
+             "batched_conductor_factor": {"value": by_plane["per-node"], "source": how}}
+    batched = next(f for f in fits["fits"] if f["sub_conductors"] == "per-node")
+    if "batch_slope" in batched:        # how the cost grows with a batch was measured (bench/commit_batch_cost.py)
+        how = (f"{source}: the slope of rank 0's cost over the charge by batch size, and the fan-in's measured cost "
+               "per message beyond it")
+        rates["batched_conductor_factor"] = {"value": batched["batch_slope"], "source": how}
+        rates["batched_conductor_extra_s"] = {"value": 1e-6 * batched["per_message_extra_us"], "unit": "s",
+                                              "source": how}
+    return rates
 
 
 def control_probe(probe: dict, source: Path) -> dict:
@@ -278,7 +286,8 @@ def run_simulate(calibration_path: Path, measured_path: Path | None, nodes: list
     failed = [v for v in validation if not v["within_tolerance"]]
     result = {"kind": "hpcembed scaling projection", "calibration": str(calibration_path),
               "conductor_factors": {k: calibration["rates"].get(k, {}).get("value", 1.0)
-                                    for k in ("conductor_factor", "batched_conductor_factor")},
+                                    for k in ("conductor_factor", "batched_conductor_factor",
+                                              "batched_conductor_extra_s")},
               "handler_scale": _handler_scale(calibration),
               "encoder_lead_s": {"value": lead, "source": lead_source},
               "validation": validation, "validated": bool(validation) and not failed,

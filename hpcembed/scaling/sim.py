@@ -64,6 +64,7 @@ class Simulation:
                               for s in self.roles.subconductors}
         self.subconductor_busy = {s: 0.0 for s in self.subconductors}
         self._rank0_factor = rates.batched_conductor_factor if self.subconductors else rates.conductor_factor
+        self._rank0_extra = rates.batched_conductor_extra_s if self.subconductors else 0.0
         self.handler_scale = handler_scale(rates.control_probe_s, rates.cpu_slowdown)
         self.handler_clock = HandlerClock(RequestUnit())
         if start_offsets is None and job.encoder_lead_s:
@@ -117,10 +118,10 @@ class Simulation:
         the handler, and the pickling beyond a small message's that the MPI transport would do)."""
         return self.handler_clock.run(pickle.dumps(message), lambda _: handle())
 
-    def _charge(self, spent: float, factor: float) -> float:
+    def _charge(self, spent: float, factor: float, extra: float = 0.0) -> float:
         """A control rank's virtual time for a message: its handler's time here on the target core, and the
-        calibrated receive and dispatch (measured on the calibration's machine)."""
-        return (spent * self.handler_scale + self.rates.conductor_message_s * self.rates.cpu_slowdown) * factor
+        calibrated receive and dispatch (measured on the calibration's machine), times `factor`, plus `extra`."""
+        return (spent * self.handler_scale + self.rates.conductor_message_s * self.rates.cpu_slowdown) * factor + extra
 
     def _conductor(self):
         net, core = self.net, self.conductor
@@ -136,7 +137,7 @@ class Simulation:
             self.conductor_cpu += spent
             by_type = self.conductor_cpu_by.setdefault(type(envelope.message).__name__, [0, 0.0])
             by_type[0], by_type[1] = by_type[0] + 1, by_type[1] + spent
-            charge = 0.0 if self.free_conductor else self._charge(spent, self._rank0_factor)
+            charge = 0.0 if self.free_conductor else self._charge(spent, self._rank0_factor, self._rank0_extra)
             self.post_sends(0, replies, depart=charge)
             if charge:
                 self.conductor_busy += charge
