@@ -95,14 +95,18 @@ class HandlerClock:
     """Times a control rank's handler as the simulation charges it: unpickling its message beyond what a small
     message's takes (the calibrated conductor_message_s holds that), the handler itself, and pickling its replies
     beyond a small reply's each (a grant of a block of units is a large pickle; the real conductor's time per
-    message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in)."""
+    message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in).
+
+    The time is the thread's CPU time, as the fan-in rehearsals measured the real conductor's: a pause of this
+    machine's (its disk under a ledger write, a core taken by another process) is not the target's cost, and once
+    charged rank 0 4.97 ms a commit batch where the same run had taken 0.53 (bench/notes/scale_out.md, session 23)."""
 
     def __init__(self, small_message):
         self.small_unpickle, self.small_pickle = pickle_seconds(small_message)
 
     def run(self, data: bytes, handle) -> tuple[list, float]:
         """`handle(message)` on `data` unpickled: its replies ([(dest, message)]) and the seconds charged."""
-        clock = time.perf_counter
+        clock = time.thread_time
         # Python's cyclic collector, run inside the timed section, would charge one rank's handler with a pause
         # caused by the whole simulation's objects (hundreds of ms with 100,000 ranks): it waits until after.
         gc.disable()
