@@ -97,9 +97,10 @@ class HandlerClock:
     beyond a small reply's each (a grant of a block of units is a large pickle; the real conductor's time per
     message was 1.4-2.7x what was charged without it: bench/notes/scale_out.md, fan-in).
 
-    The time is the thread's CPU time, as the fan-in rehearsals measured the real conductor's: a pause of this
-    machine's (its disk under a ledger write, a core taken by another process) is not the target's cost, and once
-    charged rank 0 4.97 ms a commit batch where the same run had taken 0.53 (bench/notes/scale_out.md, session 23)."""
+    The time is the thread's CPU time, as the fan-in rehearsals measured the real conductor's: a core this machine
+    gives to another process meanwhile is not the target's cost. (It does not steady every run: two projections
+    measured rank 0's commit handler at 7-9x what other runs did, by either clock; bench/notes/scale_out.md,
+    session 23.)"""
 
     def __init__(self, small_message):
         self.small_unpickle, self.small_pickle = pickle_seconds(small_message)
