@@ -15,7 +15,7 @@ against charged, over the sizes, splits the real cost into a part per message an
 
     mpiexec -n 2 python -m bench.commit_batch_cost [--sizes 1,64,512,2160] [--batches 40]
 
-JSON: bench/results/commit_batch_cost-<device>.json. A batch is records of 4-shard units, as bench/ledger_write.py's.
+JSON: bench/results/commit_batch_cost-<device or --slug>.json. A batch is records of 4-shard units, as bench/ledger_write.py's.
 """
 from __future__ import annotations
 
@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,64,512,2160", help="units per batch")
     ap.add_argument("--batches", type=int, default=40, help="batches of each size, sent in one burst")
     ap.add_argument("--repeats", type=int, default=3, help="bursts of each size; the least CPU is kept")
+    ap.add_argument("--slug", default="", help="result file suffix (default: the device name)")
     args = ap.parse_args()
     comm = MPI.COMM_WORLD
     transport = MpiTransport(comm)
@@ -133,7 +134,7 @@ def main() -> None:
     print(table([(r["units"], r["bytes"], r["cpu_ms"], r["wall_ms"], r["charged_ms"], r["cpu_over_charged"])
                  for r in rows], ("units", "bytes", "rank 0 CPU ms", "wall ms", "charged ms", "CPU / charged")))
     print(f"fit: rank 0 CPU = {ratio:.3f} x charged + {1e3 * per_message:.1f} µs a message")
-    slug = device_name().split(" (")[0].replace(" ", "_")
+    slug = args.slug or device_name().split(" (")[0].replace(" ", "_")
     print("wrote", record("commit_batch_cost", slug, {
         "batches": args.batches, "repeats": args.repeats, "unit_rows": UNIT_ROWS, "mpi": MPI.Get_library_version()
         .splitlines()[0], "sizes": rows, "fit": {"ratio": round(float(ratio), 3),
