@@ -15,7 +15,8 @@ against charged, over the sizes, splits the real cost into a part per message an
 
     mpiexec -n 2 python -m bench.commit_batch_cost [--sizes 1,64,512,2160] [--batches 40]
 
-JSON: bench/results/commit_batch_cost-<device or --slug>.json. A batch is records of 4-shard units, as bench/ledger_write.py's.
+JSON: bench/results/commit_batch_cost-<device or --slug>.json. A batch is records of 4-shard units
+(bench/committed_units.commit_batches).
 """
 from __future__ import annotations
 
@@ -23,21 +24,20 @@ import argparse
 import pickle
 import tempfile
 import time
-from array import array
 
 import numpy as np
 
 from bench.common import device_name, record, table
-from hpcembed.io.ledger import CommittedUnit, Ledger
+from bench.committed_units import commit_batches
 from hpcembed.io.sources import InputFile, Plan, WorkUnit
-from hpcembed.io.writer import OutputDir, shard_name
+from hpcembed.io.writer import OutputDir
 from hpcembed.protocol.conductor import ConductorCore
 from hpcembed.protocol.messages import RequestUnit, RequestUnits, UnitsCommitted
 from hpcembed.roles.common import deliver
 from hpcembed.scaling.probe import HandlerClock
 from hpcembed.topology import RoleMap
 
-UNIT_ROWS = 7376            # the billion-row job's units at 1000 nodes (scaling_results/seed-*-s22/notes.md)
+UNIT_ROWS = 7376            # the billion-row job's units at 1000 nodes, as commit_batches makes them
 SUB_CONDUCTOR = 1
 # Rank 0 conducts; rank 1 is the sub-conductor of tokenizer 2 (encoder 3 only makes the map whole).
 ROLES = RoleMap(conductor=0, tokenizers=[2], encoders=[3], hosts={r: "h" for r in range(4)},
@@ -53,20 +53,6 @@ def _core(directory: str, units: int) -> ConductorCore:
     core = ConductorCore(ROLES, plan, output, output.ledger(), state)
     core.handle(SUB_CONDUCTOR, RequestUnits(units))         # every unit granted to the sub-conductor, untimed
     return core
-
-
-def _batches(size: int, count: int) -> list[UnitsCommitted]:
-    out = []
-    for first in range(0, size * count, size):
-        records = []
-        for unit in range(first, first + size):
-            shards = {shard_name(unit, r): UNIT_ROWS // 4 for r in range(4)}
-            files = {name: [2_900_000, "xxh3:" + f"{unit:032x}"] for name in shards}
-            records.append(CommittedUnit(unit, shards, 96_000, 0, [], files))
-        out.append(UnitsCommitted("".join(Ledger.unit_line(r) for r in records).encode(),
-                                  array("q", [n for r in records for n in (r.unit, r.rows, r.rejected)]), [],
-                                  96_000 * size, UNIT_ROWS * size))
-    return out
 
 
 def _take_burst(transport, core: ConductorCore, count: int) -> tuple[float, float]:
@@ -105,7 +91,7 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     rows = []
     for size in sizes:
-        batches = _batches(size, args.batches)
+        batches = commit_batches(args.batches, size, progress=True)
         best = None
         for _ in range(args.repeats):
             comm.Barrier()
