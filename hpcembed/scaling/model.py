@@ -214,8 +214,10 @@ class SimNetwork:
 
 @dataclass
 class Landed:
-    """A batch's data has reached the encoder rank (the rendezvous is done)."""
-    request: "SendRequest"
+    """A batch's data has reached the encoder rank (the rendezvous is done). It holds the batch, not the request:
+    the request holds the Rendezvous that carries this message, and that cycle left every batch's events for the
+    cycle collector (bench/notes/scale_out.md, session 24)."""
+    batch: "SimBatch"
 
 
 @dataclass

@@ -348,7 +348,7 @@ class _EncoderLoop:
             if isinstance(message, SendRequest):
                 requests.append((envelope.source, message))
             elif isinstance(message, Landed):
-                batch = message.request.batch
+                batch = message.batch
                 state["arriving"] -= batch.num_tokens
                 window.append([batch, batch.num_tokens])
                 self.waiting += batch.num_tokens
@@ -359,7 +359,7 @@ class _EncoderLoop:
         while requests and core.has_room(self.waiting, state["arriving"]):
             source, request = requests.popleft()
             state["arriving"] += request.batch.num_tokens
-            net.land(request.done, source, rank, Landed(request), request.batch.nbytes)     # the sender's Send returns
+            net.land(request.done, source, rank, Landed(request.batch), request.batch.nbytes)     # the sender's Send returns
         while window and state["in_flight"] < self.depth:
             step = _cut_step(window, sim.job.max_batch_tokens)
             taken = sum(tokens for _, tokens in step)
