@@ -54,6 +54,8 @@ class Simulation:
         self.env = simpy.Environment()
         self.roles, self.host_of = build_world(nodes, shape, rates)
         self.net = SimNetwork(self.env, rates, self.host_of, ideal=ideal_network)
+        for rank in self.roles.tokenizers:       # they look at their mail between batches (_take_all)
+            self.net.read_when_looking(rank)
         self.plan = unit_plan(job, job.rows or job.rows_per_node * nodes)
         self._tmp = tempfile.TemporaryDirectory(dir=workdir)
         output = OutputDir(self._tmp.name)
@@ -107,7 +109,7 @@ class Simulation:
 
     def _take_all(self, rank: int, core) -> None:
         """Hand every message waiting for `rank` to its core (a tokenizer's replies are none)."""
-        box = self.net.inbox[rank]
+        box = self.net.collect(rank)
         while box:
             envelope = box.popleft()
             self.post_sends(rank, core.handle(envelope.source, envelope.message))
