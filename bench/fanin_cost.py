@@ -15,6 +15,10 @@ simulation's charge at that size, not how it grows with the batch. `--batch-cost
 over charge, never taken below 1, becomes the batched plane's ratio, and what the fan-in measured per message beyond
 that ratio times the charge becomes a cost added per message. With a slope of 1 the gap is charged per message, as
 the batch-size runs found it (a ratio of 2.12 on a 2,100-unit batch would charge twice what rank 0 spends).
+
+That added cost is in µs of the core the rehearsals ran on. The projections charge the core of their control probe
+(`hpcembed scaling simulate --control-probe`); where the rehearsals ran on another machine, `--core-probe` (the
+control probe of theirs) and `--target-probe` (the projections') scale it by the two cores' probe times.
 """
 from __future__ import annotations
 
@@ -38,23 +42,44 @@ def fit(runs: list[dict]) -> dict:
             "measured_over_simulated": round(1e6 * per_message / simulated, 2)}
 
 
-def per_batch(row: dict, batch_cost: dict, source: str) -> dict:
+def per_batch(row: dict, batch_cost: dict, source: str, core_scale: dict | None = None) -> dict:
     """The batched plane's charge as a ratio on the simulation's charge plus a cost per message (see the module's
-    docstring), from a fan-in fit and a commit_batch_cost result."""
+    docstring), from a fan-in fit and a commit_batch_cost result; `core_scale` ({"factor": target core's probe time
+    over the rehearsals' core's, ...}) puts the added cost in the target core's µs."""
     slope = max(1.0, batch_cost["fit"]["ratio"])
-    extra = row["per_message_us"] - slope * row["simulated_per_message_us"]
-    return {"batch_slope": round(slope, 3), "per_message_extra_us": round(max(0.0, extra), 2),
-            "batch_cost": {"file": source, "device": batch_cost["device"], "measured_on": batch_cost["date"],
-                           "fit": batch_cost["fit"]}}
+    extra = max(0.0, row["per_message_us"] - slope * row["simulated_per_message_us"])
+    out = {"batch_slope": round(slope, 3),
+           "batch_cost": {"file": source, "device": batch_cost["device"], "measured_on": batch_cost["date"],
+                          "fit": batch_cost["fit"]}}
+    if core_scale is not None:
+        out["per_message_extra_us_here"] = round(extra, 2)
+        out["core_scale"] = core_scale
+        extra *= core_scale["factor"]
+    out["per_message_extra_us"] = round(extra, 2)
+    return out
+
+
+def core_scale(here: str, target: str) -> dict:
+    """Target core's control-probe time over the rehearsals' core's (bench/control_probe.py's JSON, each)."""
+    probes = {name: json.loads(Path(path).read_text()) for name, path in (("here", here), ("target", target))}
+    return {"factor": round(probes["target"]["alone_s"] / probes["here"]["alone_s"], 4),
+            "core_probe": {"file": here, "device": probes["here"]["device"], "alone_s": probes["here"]["alone_s"]},
+            "target_probe": {"file": target, "device": probes["target"]["device"],
+                             "alone_s": probes["target"]["alone_s"]}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="bench/fanin.py result files")
     ap.add_argument("--batch-cost", help="bench/commit_batch_cost.py's JSON: how rank 0's cost grows with a batch")
+    ap.add_argument("--core-probe", help="control probe of the machine the rehearsals ran on (with --target-probe)")
+    ap.add_argument("--target-probe", help="control probe of the projections' target core (with --core-probe)")
     ap.add_argument("--out", default="bench/results/fanin_cost.json")
     args = ap.parse_args()
+    if bool(args.core_probe) != bool(args.target_probe):
+        ap.error("--core-probe and --target-probe go together")
     batch_cost = json.loads(Path(args.batch_cost).read_text()) if args.batch_cost else None
+    scale = core_scale(args.core_probe, args.target_probe) if args.core_probe else None
     rows = []
     print(f"{'file':<44} {'runs (ranks)':<14} {'µs/msg':>8} {'ms/s':>7} {'sim µs/msg':>11} {'measured/sim':>13}")
     for path in args.results:
@@ -63,13 +88,14 @@ def main() -> None:
                "sub_conductors": data["sub_conductors"], "cpus": data["cpus"],
                **fit(data["runs"])}
         if batch_cost is not None and data["sub_conductors"] == "per-node":
-            row.update(per_batch(row, batch_cost, args.batch_cost))
+            row.update(per_batch(row, batch_cost, args.batch_cost, scale))
         rows.append(row)
         print(f"{Path(path).name:<44} {','.join(map(str, row['runs'])):<14} {row['per_message_us']:>8.1f} "
               f"{row['per_second_ms']:>7.2f} {row['simulated_per_message_us']:>11.1f} "
               f"{row['measured_over_simulated']:>13.2f}")
         if "batch_slope" in row:
-            print(f"  batched: {row['batch_slope']:.3f} x the charge + {row['per_message_extra_us']:.1f} µs a message")
+            print(f"  batched: {row['batch_slope']:.3f} x the charge + {row['per_message_extra_us']:.1f} µs a message"
+                  + (f" (x {scale['factor']} from this core's {row['per_message_extra_us_here']:.1f})" if scale else ""))
     Path(args.out).write_text(json.dumps({"benchmark": "fanin_cost", "date": time.strftime("%Y-%m-%d"),
                                           "fits": rows}, indent=2) + "\n")
     print(f"-> {args.out}")

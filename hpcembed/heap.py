@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-YOUNG_COLLECTION_ALLOCATIONS = 100_000     # between young collections while a simulation runs (Python's: 700)
+YOUNG_COLLECTION_ALLOCATIONS = 1_000_000   # between young collections while a simulation runs (Python's: 700)
 
 
 def settle() -> int:
