@@ -96,7 +96,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             runs[n, "whole"] = (n, shape, _sized(whole_job, job_unit_rows, n, shape, rates), rates, {})
         if n <= network_ablation_up_to:
             runs[n, "ideal network"] = (n, shape, job, rates, {"ideal_network": True})
-    results = simulate_all(runs, workers, alone={(max(nodes), "whole")})
+    results = simulate_all(runs, workers)
     out, base, whole_base = [], None, None
     for n in nodes:
         result, whole, ideal_net = results[n, "weak"], results.get((n, "whole")), results.get((n, "ideal network"))
@@ -181,22 +181,23 @@ def _sized(job: JobShape, unit_rows: int | None, nodes: int, shape: NodeShape, r
     return dataclasses.replace(job, unit_rows=unit_rows or whole_job_unit_rows(job.rows, tokenizers, job.unit_rows))
 
 
-def simulate_all(runs: dict, workers: int = 1, alone=()) -> dict:
+def simulate_all(runs: dict, workers: int = 1) -> dict:
     """{key: SimResult} of independent simulations, {key: (nodes, shape, job, rates, keyword arguments)}, on
-    `workers` processes, the largest first, after the runs keyed in `alone`, each on its own. Each process times its
-    control ranks' handlers on its own core, but a simulation beside another is charged more all the same (shared
-    caches and memory bandwidth): the billion-row job at 1000 nodes, where rank 0 is busiest, gave 79.0% whole-job
-    beside the weak-scaling job and 92.2% alone (bench/notes/scale_out.md, session 20)."""
-    def size(key):
+    `workers` processes, the longest first: the most rows, and of as many rows, the most nodes. Each process times
+    its control ranks' handlers by its own thread's CPU time, which a neighbour does not inflate (the control
+    probe on the 2-core box: 13.25 ms alone, 13.49 with the other core busy). Until session 24 the billion-row
+    job at 1000 nodes ran alone first, after one run beside the weak-scaling job read 79.0% against 92.2% alone;
+    that job has read from 74.9% to 97.3% alone, by its commit handler's time (bench/notes/scale_out.md,
+    sessions 23 and 24), so running it alone bought nothing and cost the projection three minutes."""
+    def cost(key):
         nodes, _, job, _, _ = runs[key]
-        return job.rows or job.rows_per_node * nodes
-    order = sorted((key for key in runs if key not in alone), key=size, reverse=True)
-    done = {key: simulate(*runs[key][:4], **runs[key][4]) for key in alone if key in runs}
+        return job.rows or job.rows_per_node * nodes, nodes
+    order = sorted(runs, key=cost, reverse=True)
     if workers <= 1 or len(order) <= 1:
-        return {**{key: simulate(*runs[key][:4], **runs[key][4]) for key in order}, **done}
+        return {key: simulate(*runs[key][:4], **runs[key][4]) for key in order}
     with ProcessPoolExecutor(min(workers, len(order)), mp_context=multiprocessing.get_context("fork")) as pool:
         futures = {key: pool.submit(simulate, *runs[key][:4], **runs[key][4]) for key in order}
-        return {**{key: future.result() for key, future in futures.items()}, **done}
+        return {key: future.result() for key, future in futures.items()}
 
 
 def _handler_scale(calibration: dict) -> dict:
