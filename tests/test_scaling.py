@@ -164,8 +164,9 @@ def test_eight_gpu_nodes_with_sub_conductors_keep_every_gpu_busy(calibration):
     # more than two per unit.
     assert result.conductor_messages < result.units
     by_type = result.conductor_us_by_message         # where rank 0's handler time went, by message type
-    assert sum(n for n, _ in by_type.values()) == result.conductor_messages
-    assert {"RequestUnits", "UnitsCommitted"} <= set(by_type) and all(us > 0 for _, us in by_type.values())
+    assert sum(n for n, _, _ in by_type.values()) == result.conductor_messages
+    assert {"RequestUnits", "UnitsCommitted"} <= set(by_type)
+    assert all(0 < us <= longest for _, us, longest in by_type.values())
     assert min(result.encoder_rows) > 0.5 * max(result.encoder_rows)       # whole units of 10,000 rows
     ceiling = result.tokenizer_ranks * rates.tokenizer_tokens_per_s / rates.tokens_per_text
     assert result.steady_texts_per_s > 0.85 * ceiling

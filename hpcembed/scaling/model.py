@@ -119,7 +119,8 @@ class SimResult:
     remote_batch_fraction: float
     nic_busy_max: float                     # the busiest NIC direction, fraction of the makespan
     wall_seconds: float
-    conductor_us_by_message: dict = field(default_factory=dict)     # type -> [messages, CPU µs each, here]
+    # type -> [messages, CPU µs each, the longest one's µs], here: the longest tells one slow handler from all slower
+    conductor_us_by_message: dict = field(default_factory=dict)
 
 
 class _Delivery(simpy.Event):

@@ -134,7 +134,7 @@ def project(calibration: dict, nodes: list[int], network: str = "measured-tcp", 
             "conductor_busy": round(result.conductor_busy, 4),
             "conductor_messages": result.conductor_messages,
             "conductor_cpu_us_per_message_here": round(result.conductor_cpu_us_per_message, 2),
-            "conductor_us_by_message_here": result.conductor_us_by_message,       # type: [messages, µs each]
+            "conductor_us_by_message_here": result.conductor_us_by_message,   # type: [messages, µs each, longest]
             "conductor_queue_max": result.conductor_queue_max,
             "gpu_busy": round(result.gpu_busy, 4), "remote_batch_fraction": round(result.remote_batch_fraction, 4),
             "nic_busy_max": round(result.nic_busy_max, 5), "sim_wall_seconds": round(result.wall_seconds, 2),
@@ -184,11 +184,11 @@ def _sized(job: JobShape, unit_rows: int | None, nodes: int, shape: NodeShape, r
 def simulate_all(runs: dict, workers: int = 1) -> dict:
     """{key: SimResult} of independent simulations, {key: (nodes, shape, job, rates, keyword arguments)}, on
     `workers` processes, the longest first: the most rows, and of as many rows, the most nodes. Each process times
-    its control ranks' handlers by its own thread's CPU time, which a neighbour does not inflate (the control
-    probe on the 2-core box: 13.25 ms alone, 13.49 with the other core busy). Until session 24 the billion-row
-    job at 1000 nodes ran alone first, after one run beside the weak-scaling job read 79.0% against 92.2% alone;
-    that job has read from 74.9% to 97.3% alone, by its commit handler's time (bench/notes/scale_out.md,
-    sessions 23 and 24), so running it alone bought nothing and cost the projection three minutes."""
+    its control ranks' handlers by its own thread's CPU time, but a simulation beside another is still charged
+    more: the billion-row job at 1000 nodes (disaggregated), beside the weak-scaling job, measured rank 0's
+    RequestUnits at 89 µs where alone it measured 45-49 (bench/notes/scale_out.md, session 24), so a projection's
+    charges err high. Until session 24 that job ran alone first; alone it still read from 74.9% to 97.3% by its
+    commit handler's time, so that bought no steadiness and cost the projection three minutes."""
     def cost(key):
         nodes, _, job, _, _ = runs[key]
         return job.rows or job.rows_per_node * nodes, nodes

@@ -77,7 +77,7 @@ class Simulation:
         # Accounting
         self.conductor_busy = self.conductor_cpu = 0.0
         self.conductor_messages = self.queue_max = 0
-        self.conductor_cpu_by: dict[str, list] = {}     # message type -> [messages, CPU seconds here]
+        self.conductor_cpu_by: dict[str, list] = {}     # message type -> [messages, CPU seconds, longest, here]
         self.tok_time = {"tokenizing": 0.0, "waiting_for_unit": 0.0, "waiting_for_credit": 0.0}
         self.gpu_busy = 0.0
         self.first_idle: float | None = None        # a tokenizer has finished its last unit: the tail begins
@@ -137,8 +137,8 @@ class Simulation:
             replies, spent = self._handled(envelope.message, lambda: core.handle(envelope.source, envelope.message))
             self.conductor_messages += 1
             self.conductor_cpu += spent
-            by_type = self.conductor_cpu_by.setdefault(type(envelope.message).__name__, [0, 0.0])
-            by_type[0], by_type[1] = by_type[0] + 1, by_type[1] + spent
+            by_type = self.conductor_cpu_by.setdefault(type(envelope.message).__name__, [0, 0.0, 0.0])
+            by_type[0], by_type[1], by_type[2] = by_type[0] + 1, by_type[1] + spent, max(by_type[2], spent)
             charge = 0.0 if self.free_conductor else self._charge(spent, self._rank0_factor, self._rank0_extra)
             self.post_sends(0, replies, depart=charge)
             if charge:
@@ -316,7 +316,8 @@ class Simulation:
             conductor_messages=self.conductor_messages,
             conductor_cpu_us_per_message=1e6 * self.conductor_cpu / max(self.conductor_messages, 1),
             conductor_queue_max=self.queue_max, tokenizer_time=tok,
-            conductor_us_by_message={k: [n, round(1e6 * s / n, 1)] for k, (n, s) in self.conductor_cpu_by.items()},
+            conductor_us_by_message={k: [n, round(1e6 * s / n, 1), round(1e6 * longest, 1)]
+                                     for k, (n, s, longest) in self.conductor_cpu_by.items()},
             gpu_busy=self.gpu_busy / (len(self.roles.encoders) * makespan),
             encoder_rows=[self.encoded_rows_of[e] for e in self.roles.encoders],
             remote_batch_fraction=self.net.remote_batches / max(self.net.batches, 1),
