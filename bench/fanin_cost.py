@@ -95,7 +95,8 @@ def main() -> None:
               f"{row['measured_over_simulated']:>13.2f}")
         if "batch_slope" in row:
             print(f"  batched: {row['batch_slope']:.3f} x the charge + {row['per_message_extra_us']:.1f} µs a message"
-                  + (f" (x {scale['factor']} from this core's {row['per_message_extra_us_here']:.1f})" if scale else ""))
+                  + (f" (x {scale['factor']} from this core's {row['per_message_extra_us_here']:.1f})"
+                     if scale else ""))
     Path(args.out).write_text(json.dumps({"benchmark": "fanin_cost", "date": time.strftime("%Y-%m-%d"),
                                           "fits": rows}, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -163,9 +163,9 @@ class TokenizerRank:
         self.busy = 0.0
         # Where the time outside `busy` goes: waiting for a unit, for an encoder rank's credit, inside a batch's
         # send (a blocking send lasts until the encoder rank takes the batch in), reading input, and (--dedup)
-        # waiting for owners to take claims in and answer them; after the last unit, the id check across ranks and the wait for
-        # credits to settle (finish); and what none of these count (untracked: the rank's own bookkeeping and
-        # control messages between chunks, and any time the OS gave its core to another process).
+        # waiting for owners to take claims in and answer them; after the last unit, the id check across ranks
+        # and the wait for credits to settle (finish); and what none of these count (untracked: the rank's own
+        # bookkeeping and control messages between chunks, and any time the OS gave its core to another process).
         self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0, "claim_wait": 0.0,
                       "finish": 0.0, "untracked": 0.0}
 

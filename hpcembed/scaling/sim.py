@@ -362,7 +362,8 @@ class _EncoderLoop:
         while requests and core.has_room(self.waiting, state["arriving"]):
             source, request = requests.popleft()
             state["arriving"] += request.batch.num_tokens
-            net.land(request.done, source, rank, Landed(request.batch), request.batch.nbytes)     # the sender's Send returns
+            # The sender's Send returns as the data lands.
+            net.land(request.done, source, rank, Landed(request.batch), request.batch.nbytes)
         while window and state["in_flight"] < self.depth:
             step = _cut_step(window, sim.job.max_batch_tokens)
             taken = sum(tokens for _, tokens in step)
