@@ -187,8 +187,9 @@ def simulate_all(runs: dict, workers: int = 1) -> dict:
     its control ranks' handlers by its own thread's CPU time, but a simulation beside another is still charged
     more: the billion-row job at 1000 nodes (disaggregated), beside the weak-scaling job, measured rank 0's
     RequestUnits at 89 µs where alone it measured 45-49 (bench/notes/scale_out.md, session 24), so a projection's
-    charges err high. Until session 24 that job ran alone first; alone it still read from 74.9% to 97.3% by its
-    commit handler's time, so that bought no steadiness and cost the projection three minutes."""
+    charges err high. Until session 24 that job ran alone first, which kept the 8-GPU shape's figure steady
+    (103.4-103.6% in four runs alone, 97.2% beside) but not the disaggregated one's (74.9-97.3% alone), and took
+    the disaggregated projection past ten minutes (695 s); beside the others, its figure is the pessimistic one."""
     def cost(key):
         nodes, _, job, _, _ = runs[key]
         return job.rows or job.rows_per_node * nodes, nodes
