@@ -58,7 +58,8 @@ class Rates:
     batched_conductor_factor: float = 1.0
     # Seconds added to each batch's charge at rank 0 (the factor then a ratio on it), where how the cost grows with
     # a batch's size was measured (bench/commit_batch_cost.py): fan-in's gap is per message, not per unit. Seconds
-    # of the fan-in machine's core, charged unscaled: the projections' target core is that machine's.
+    # of the projections' target core, charged unscaled (bench/fanin_cost.py --core-probe/--target-probe scales a
+    # rehearsal made on another machine to it).
     batched_conductor_extra_s: float = 0.0
     # probe.py's workload on the target node's core (bench/control_probe.py; `simulate --control-probe`). Handler
     # times measured where the simulation runs are scaled by it over the same probe there; 0: by cpu_slowdown.

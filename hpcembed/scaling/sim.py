@@ -77,7 +77,7 @@ class Simulation:
         # Accounting
         self.conductor_busy = self.conductor_cpu = 0.0
         self.conductor_messages = self.queue_max = 0
-        self.conductor_cpu_by: dict[str, list] = {}     # message type -> [messages, CPU seconds, longest, here]
+        self.conductor_cpu_by: dict[str, list] = {}     # type -> [messages, CPU s, the longest's], here
         self.tok_time = {"tokenizing": 0.0, "waiting_for_unit": 0.0, "waiting_for_credit": 0.0}
         self.gpu_busy = 0.0
         self.first_idle: float | None = None        # a tokenizer has finished its last unit: the tail begins
