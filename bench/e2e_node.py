@@ -79,6 +79,9 @@ def summarize(manifest: dict, wall: float, launched: float, docs: int, world: in
         "steady_seconds": steady, "startup_seconds": round(first_batch - launched, 2),
         # From each encoder rank's process start (the manifest's own clock): plan, built, ready, first batch.
         "startup_steps_seconds": manifest.get("startup_seconds"),
+        "conductor_startup_steps_seconds": manifest.get("conductor_startup_seconds"),
+        # After the steady window: the last commit to mpiexec's exit (the manifest, _SUCCESS, MPI's finalize).
+        "tail_seconds": round(wall - (first_batch - launched) - steady, 2),
         "build_seconds": [r.get("build_seconds") for r in gpu],
         "gpu_busy": manifest["gpu_busy"], "ranks": world,
         "roles": roles, "tokens": manifest["tokens"],

@@ -60,11 +60,14 @@ class ControlStats(RankStats):
     messages_handled: int = 0
     handling_seconds: float = 0.0
     handling_cpu_seconds: float = 0.0
+    startup: dict[str, float] | None = None     # the conductor's start-up marks (launch/mpi.py), epoch seconds
 
     def as_manifest(self) -> dict:
         out = super().as_manifest()
         out["handling_seconds"] = round(self.handling_seconds, 4)
         out["handling_cpu_seconds"] = round(self.handling_cpu_seconds, 4)
+        if self.startup is not None:
+            out["startup"] = {k: round(v, 3) for k, v in self.startup.items()}
         return out
 
 
@@ -173,19 +176,25 @@ def steady_state(result: JobResult, ranks: list[dict]) -> dict:
 
 def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
-    figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
-    initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
-    the first batch handed to an encoder."""
-    marks = [r["startup"] for r in ranks if r.get("startup", {}).get("process_started")]
+    figure is the job's): torch imported before MPI (launch/prestart.py); Python, imports and MPI started; every
+    rank's host and GPUs known (torch imported and CUDA initialised on one rank a machine); building the encoders
+    begun, the plan received, encoders built, ready, and the first batch handed to an encoder."""
+    marks = [r["startup"] for r in ranks
+             if r.get("startup", {}).get("process_started") and r["role"] not in ("conductor", "subconductor")]
     if not marks:
         return {}
     launch = min(m["process_started"] for m in marks)
     out = {}
-    for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_batch"):
+    for step in ("torch_imported", "mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready",
+                 "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)
-    return {"startup_seconds": out}
+    # The conductor's own steps on the same clock: its probe before MPI, the job prepared, roles planned, plan sent.
+    conductor = next((r["startup"] for r in ranks if r["role"] == "conductor" and r.get("startup")), {})
+    return {"startup_seconds": out,
+            **({"conductor_startup_seconds": {k: round(v - launch, 3) for k, v in conductor.items()}}
+               if conductor else {})}
 
 
 def _summed(ranks: list[dict], *keys: str) -> dict:

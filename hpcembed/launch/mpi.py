@@ -34,6 +34,7 @@ from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, token
 from .calibrate import agree
 from .kinds import JobKind
 from .planning import EarlyRateProbe, choose_data_path, job_device, open_transport, plan_job_roles
+from .prestart import before_mpi
 from .setup import JobSetup, RunPlan, already_complete, finish, model_spec, prepare
 
 log = logging.getLogger("hpcembed")
@@ -50,23 +51,25 @@ class _Reported(HpcEmbedError):
 def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere."""
     from ..world import gather_ranks, process_started_at
+    pre = before_mpi(cfg, kind)
     transport = open_transport(kind.transport_choice(cfg))
     mpi_ready = time.time()
     comm, rank = transport.comm, transport.rank
     slurm = SlurmTask.from_environ()
     if slurm is not None:
         slurm.check_world(transport.size)
-    probe = EarlyRateProbe(cfg, kind) if rank == 0 else None
+    probe = (pre.probe or EarlyRateProbe(cfg, kind)) if rank == 0 else None
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
-    # Python, imports and MPI initialised (mpi_ready); every rank's host and GPUs known, where one rank a machine
-    # has imported torch and initialised CUDA (ranks_gathered).
-    startup = {"process_started": process_started_at() or mpi_ready, "mpi_ready": mpi_ready,
+    # Before MPI, the torch import or the tokenizer probe (pre.marks); Python, imports and MPI initialised
+    # (mpi_ready); every rank's host and GPUs known, where one rank a machine has imported torch and initialised
+    # CUDA (ranks_gathered).
+    startup = {"process_started": process_started_at() or mpi_ready, **pre.marks, "mpi_ready": mpi_ready,
                "ranks_gathered": time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     if early is None and rank != 0:
         _warm_up_arrow()
-    setup, plan = _plan(cfg, kind, transport, ranks, probe) if rank == 0 else (None, None)
+    setup, plan = _plan(cfg, kind, transport, ranks, probe, startup) if rank == 0 else (None, None)
     try:
         return _run_plan(cfg, kind, transport, ranks, setup, plan, early, startup)
     finally:
@@ -78,7 +81,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
               plan: RunPlan | None, early, startup: dict[str, float]) -> dict | None:
     comm, rank = transport.comm, transport.rank
     plan, plan_sends = _share_plan(comm, plan)
-    startup["plan_received"] = time.time()
+    startup["plan_sent" if rank == 0 else "plan_received"] = time.time()
     if plan.status == "error":
         if rank == 0:
             _settle(plan_sends)
@@ -97,7 +100,7 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
                  else None)
     manifest = None
     if role == "conductor":
-        manifest = _run_conductor(cfg, transport, plan, ranks, setup)
+        manifest = _run_conductor(cfg, transport, plan, ranks, setup, startup)
     elif role == "subconductor":
         core = SubConductorCore(rank, plan.roles, steal_rows=cfg.steal_rows)
         run_role(role, transport, plan.roles.conductor, lambda: run_subconductor(core, transport))
@@ -143,14 +146,18 @@ def _settle(sends: list) -> None:
     sends.clear()
 
 
-def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo],
-          probe: EarlyRateProbe | None) -> tuple[JobSetup | None, RunPlan]:
+def _plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], probe: EarlyRateProbe | None,
+          startup: dict[str, float]) -> tuple[JobSetup | None, RunPlan]:
+    """The conductor's part of start-up, marked in `startup`: the job prepared (model, inputs, output), then the
+    roles planned (the tokenizer probe's rate waited for)."""
     setup = None
     try:
         setup = prepare(cfg, kind, job_device(cfg, ranks) if kind.has_encoders else "cpu")
+        startup["prepared"] = time.time()
         if setup.status == "complete":
             return setup, RunPlan("complete")
         roles = plan_job_roles(cfg, kind, setup, ranks, probe)
+        startup["roles_planned"] = time.time()
         dedup, why_not = setup.dedup(cfg, roles)
         if dedup:           # every row may belong to any encoder rank
             roles = roles.linked_to_all()
@@ -251,7 +258,7 @@ def _run_worker(cfg: JobConfig, kind: JobKind, transport: Transport, plan: RunPl
 
 
 def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: list[RankInfo],
-                   setup: JobSetup) -> dict:
+                   setup: JobSetup, startup: dict[str, float]) -> dict:
     roles = plan.roles
     for r in range(transport.size):
         log.info("rank %d on %s (pid %d): %s", r, ranks[r].host, ranks[r].pid, roles.role_of(r))
@@ -269,7 +276,7 @@ def _run_conductor(cfg: JobConfig, transport: Transport, plan: RunPlan, ranks: l
         result = run_conductor(core, transport, progress)
         me = ControlStats(0, "conductor", ranks[0].host, busy_seconds=time.process_time() - start,
                           messages_handled=result.messages_handled, handling_seconds=result.handling_seconds,
-                          handling_cpu_seconds=result.handling_cpu_seconds)
+                          handling_cpu_seconds=result.handling_cpu_seconds, startup=startup)
         entries = [me.as_manifest()] + [result.reports[r].as_manifest() for r in sorted(result.reports)]
         device = job_device(cfg, ranks) if setup.kind.has_encoders else "cpu"
         return finish(cfg, setup, result, entries, transport.name, device, setup.dedup(cfg, roles))
