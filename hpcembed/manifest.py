@@ -176,21 +176,20 @@ def steady_state(result: JobResult, ranks: list[dict]) -> dict:
 
 def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
-    figure is the job's): torch imported before MPI (launch/prestart.py); Python, imports and MPI started; every
-    rank's host and GPUs known (torch imported and CUDA initialised on one rank a machine); building the encoders
-    begun, the plan received, encoders built, ready, and the first batch handed to an encoder."""
+    figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
+    initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
+    the first batch handed to an encoder. The conductor's own steps beside them, on the same clock."""
     marks = [r["startup"] for r in ranks
              if r.get("startup", {}).get("process_started") and r["role"] not in ("conductor", "subconductor")]
     if not marks:
         return {}
     launch = min(m["process_started"] for m in marks)
     out = {}
-    for step in ("torch_imported", "mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready",
-                 "first_batch"):
+    for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)
-    # The conductor's own steps on the same clock: its probe before MPI, the job prepared, roles planned, plan sent.
+    # The conductor's: MPI, the census, the job prepared, roles planned (the probe's rate in hand), the plan sent.
     conductor = next((r["startup"] for r in ranks if r["role"] == "conductor" and r.get("startup")), {})
     return {"startup_seconds": out,
             **({"conductor_startup_seconds": {k: round(v - launch, 3) for k, v in conductor.items()}}

@@ -118,7 +118,7 @@ def gather_ranks(comm) -> list[RankInfo]:
     sees = (machine, os.environ.get("CUDA_VISIBLE_DEVICES"))
     alike = [r for r, other in enumerate(comm.allgather(sees)) if other == sees]
     asker = next((r for r in alike if r != 0), 0)
-    mine = gpus_here() if asker == comm.Get_rank() else None
+    mine = _gpus_here() if asker == comm.Get_rank() else None
     quiet_barrier(comm)
     answers = comm.allgather(mine)
     cuda, name = answers[asker]
@@ -150,21 +150,13 @@ def quiet_barrier(comm, poll_s: float = 0.005) -> None:
         time.sleep(poll_s)
 
 
-_gpus_found: tuple[int, str] | None = None
-
-
-def gpus_here() -> tuple[int, str]:
-    """The CUDA devices torch sees on this machine, and the first one's name; asked once a process (a rank that
-    will be an encoder rank may ask before MPI is up: launch/prestart.py)."""
-    global _gpus_found
-    if _gpus_found is None:
-        cuda = visible_gpus()
-        if cuda:
-            import torch
-            _gpus_found = cuda, torch.cuda.get_device_name(0)
-        else:
-            _gpus_found = 0, ""
-    return _gpus_found
+def _gpus_here() -> tuple[int, str]:
+    """The CUDA devices torch sees on this machine, and the first one's name."""
+    cuda = visible_gpus()
+    if not cuda:
+        return 0, ""
+    import torch
+    return cuda, torch.cuda.get_device_name(0)
 
 
 def measure_tokenizer_rate(backend, texts: list[str], seconds: float = 1.0) -> float:

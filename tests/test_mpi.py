@@ -57,6 +57,10 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     job_steps = manifest["startup_seconds"]
     assert 0 < job_steps["plan_received"] <= job_steps["ready"] <= job_steps["first_batch"]
     assert 0 < job_steps["mpi_ready"] <= job_steps["ranks_gathered"] <= job_steps["building"] <= job_steps["ready"]
+    # The conductor's own steps, on the encoder ranks' clock: it sends the plan before any rank receives it.
+    conductor = manifest["conductor_startup_seconds"]
+    assert conductor["mpi_ready"] <= conductor["ranks_gathered"] <= conductor["prepared"] <= conductor["roles_planned"]
+    assert conductor["roles_planned"] <= conductor["plan_sent"] <= job_steps["plan_received"] + 0.05
 
 
 def test_only_encoder_ranks_import_torch(tmp_path):

@@ -34,7 +34,6 @@ from .build import build_encoders, calibrate_for, check_fp8, encoder_rank, token
 from .calibrate import agree
 from .kinds import JobKind
 from .planning import EarlyRateProbe, choose_data_path, job_device, open_transport, plan_job_roles
-from .prestart import before_mpi
 from .setup import JobSetup, RunPlan, already_complete, finish, model_spec, prepare
 
 log = logging.getLogger("hpcembed")
@@ -51,20 +50,18 @@ class _Reported(HpcEmbedError):
 def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     """Run this rank's role. Returns the manifest on the conductor, None elsewhere."""
     from ..world import gather_ranks, process_started_at
-    pre = before_mpi(cfg, kind)
     transport = open_transport(kind.transport_choice(cfg))
     mpi_ready = time.time()
     comm, rank = transport.comm, transport.rank
     slurm = SlurmTask.from_environ()
     if slurm is not None:
         slurm.check_world(transport.size)
-    probe = (pre.probe or EarlyRateProbe(cfg, kind)) if rank == 0 else None
+    probe = EarlyRateProbe(cfg, kind) if rank == 0 else None
     ranks = gather_ranks(comm)
     STOP.install(announce=rank == 0)
-    # Before MPI, the torch import or the tokenizer probe (pre.marks); Python, imports and MPI initialised
-    # (mpi_ready); every rank's host and GPUs known, where one rank a machine has imported torch and initialised
-    # CUDA (ranks_gathered).
-    startup = {"process_started": process_started_at() or mpi_ready, **pre.marks, "mpi_ready": mpi_ready,
+    # Python, imports and MPI initialised (mpi_ready); every rank's host and GPUs known, where one rank a machine
+    # has imported torch and initialised CUDA (ranks_gathered).
+    startup = {"process_started": process_started_at() or mpi_ready, "mpi_ready": mpi_ready,
                "ranks_gathered": time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
     if early is None and rank != 0:

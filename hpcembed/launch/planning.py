@@ -144,10 +144,6 @@ class EarlyRateProbe:
         except Exception as exc:     # noqa: BLE001 - the plan measures again, and reports what is wrong
             log.debug("early tokenizer probe: %s", exc)
 
-    @property
-    def started(self) -> bool:
-        return self._thread is not None
-
     def result(self, timeout: float = 60.0) -> tuple[float, str] | None:
         if self._thread is None:
             return None
