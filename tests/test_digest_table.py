@@ -59,3 +59,22 @@ def test_reused_float16_beside_float32_keeps_float32_exact():
     filled = table.references(1, list("abcde"), [0, 1, 2, 3, 4], new.tobytes())
     np.testing.assert_array_equal(table.embeddings(filled.slots), made)
     assert table.rows_deduplicated == 5 and table.rows_reused == 0
+
+
+def test_embeddings_kept_across_blocks_come_back_exact(monkeypatch):
+    """Batches of uneven sizes fill blocks of 8 rows (the real ones hold 16,384) and straddle them; a gather over
+    rows spread across every block, in any order, returns each row's own embedding."""
+    import hpcembed.roles.dedup as dedup
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 8)
+    rng = np.random.default_rng(5)
+    table = DigestTable(memory_bytes=1 << 30)
+    digests = _digests(rng, 61)
+    assert table.claim(digests.tobytes()).all()
+    made = rng.random((61, 3)).astype(np.float32)
+    for start, stop in ((0, 5), (5, 6), (6, 30), (30, 61)):
+        table.encoded(digests[start:stop], made[start:stop])
+    order = rng.permutation(61)
+    filled = table.references(2, [f"r{k}" for k in order], order.tolist(), digests[order].tobytes())
+    assert len(table._blocks) == 8
+    np.testing.assert_array_equal(table.embeddings(filled.slots), made[order])
+    np.testing.assert_array_equal(table.embeddings(filled.slots[:3]), made[order[:3]])

@@ -30,6 +30,7 @@ from ..protocol.messages import Claim, Claimed, Send
 
 PENDING = -1                    # claimed, its embedding not yet made
 DIGEST_ENTRY_BYTES = 160        # a 16-byte bytes key, its dict entry and slot int: ~157 B by tracemalloc
+BLOCK_ROWS = 1 << 14            # embeddings are kept in blocks of this many rows
 
 
 def owner_index(digests: np.ndarray, owners: int) -> np.ndarray:
@@ -137,8 +138,7 @@ class DigestTable:
     def __init__(self, memory_bytes: int):
         self.memory_bytes = memory_bytes
         self.slots: dict[bytes, int] = {}
-        self._arrays: list[np.ndarray] = []        # embeddings kept, in slot order
-        self._starts: list[int] = []                # the first slot of each
+        self._blocks: list[np.ndarray] = []        # embeddings kept, slot s at [s // BLOCK_ROWS][s % BLOCK_ROWS]
         self._dtype = None                          # what they all fit in (--reuse of float16 beside float32)
         self._used = 0                  # slots holding an embedding
         self.reused_slots = 0           # the first slots: embeddings loaded from earlier outputs (--reuse)
@@ -155,31 +155,36 @@ class DigestTable:
         return self.memory_bytes // (DIGEST_ENTRY_BYTES + width)
 
     def _width_bytes(self) -> int:
-        return self._arrays[0].shape[1] * self._arrays[0].itemsize if self._arrays else 0
+        return self._blocks[0].shape[1] * self._blocks[0].itemsize if self._blocks else 0
 
     def _put(self, embeddings: np.ndarray) -> int:
-        """Keep rows (the array itself where it is a whole batch's, which nothing writes to again: copying each
-        row measured 1.1 µs of the loop's time); the first of the consecutive slots they got."""
+        """Copy rows into the blocks, in one slice assignment a block; the first of the consecutive slots they
+        got. Blocks are allocated whole but touched only as they fill."""
         first = self._used
-        self._dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
-        self._arrays.append(embeddings)
-        self._starts.append(first)
-        self._used += len(embeddings)
+        dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
+        if self._dtype is not None and dtype != self._dtype:
+            self._blocks = [block.astype(dtype) for block in self._blocks]
+        self._dtype = dtype
+        done = 0
+        while done < len(embeddings):
+            block, offset = divmod(self._used, BLOCK_ROWS)
+            if block == len(self._blocks):
+                self._blocks.append(np.empty((BLOCK_ROWS, embeddings.shape[1]), dtype=dtype))
+            n = min(BLOCK_ROWS - offset, len(embeddings) - done)
+            self._blocks[block][offset: offset + n] = embeddings[done: done + n]
+            done, self._used = done + n, self._used + n
         return first
 
     def embeddings(self, slots: np.ndarray) -> np.ndarray:
-        slots = np.asarray(slots, dtype=np.int64)
-        which = np.searchsorted(np.asarray(self._starts), slots, side="right") - 1
-        out = np.empty((len(slots), self._arrays[0].shape[1]), dtype=self._dtype)
-        arrays = np.unique(which)
-        if 4 * len(arrays) < len(slots):        # rows grouped in few arrays (--reuse's shards): a gather each
-            for a in arrays.tolist():
-                sel = which == a
-                out[sel] = self._arrays[a][slots[sel] - self._starts[a]]
-        else:                                   # rows spread over many batches: a row at a time is cheaper
-            local = slots - np.asarray(self._starts)[which]
-            for i, (a, r) in enumerate(zip(which.tolist(), local.tolist())):
-                out[i] = self._arrays[a][r]
+        """The embeddings kept at `slots`: one gather a block they touch."""
+        block, offset = np.divmod(np.asarray(slots, dtype=np.int64), BLOCK_ROWS)
+        touched = np.unique(block).tolist()
+        if len(touched) == 1:
+            return self._blocks[touched[0]][offset]
+        out = np.empty((len(offset), self._blocks[0].shape[1]), dtype=self._dtype)
+        for b in touched:
+            sel = block == b
+            out[sel] = self._blocks[b][offset[sel]]
         return out
 
     # --- the protocol -----------------------------------------------------------------------------------------
