@@ -152,27 +152,11 @@ def quiet_barrier(comm, poll_s: float = 0.005) -> None:
 
 def _gpus_here() -> tuple[int, str]:
     """The CUDA devices torch sees on this machine, and the first one's name."""
-    _start_cuda_driver()
     cuda = visible_gpus()
     if not cuda:
         return 0, ""
     import torch
     return cuda, torch.cuda.get_device_name(0)
-
-
-def _start_cuda_driver() -> None:
-    """Initialise the CUDA driver (cuInit) in a thread while this one imports torch: the two are on an encoder
-    rank's path to its first batch one after the other otherwise, and ctypes lets go of the GIL for the call. No
-    context is made, so no GPU's memory is touched. HPCEMBED_EARLY_CUINIT=0 leaves it to torch (for A/B runs)."""
-    if os.environ.get("HPCEMBED_EARLY_CUINIT", "1") == "0" or not os.path.isdir("/proc/driver/nvidia/gpus"):
-        return
-    import ctypes
-    import threading
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return
-    threading.Thread(target=driver.cuInit, args=(0,), name="cuinit", daemon=True).start()
 
 
 def measure_tokenizer_rate(backend, texts: list[str], seconds: float = 1.0) -> float:
