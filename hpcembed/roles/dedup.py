@@ -159,7 +159,9 @@ class DigestTable:
 
     def _put(self, embeddings: np.ndarray) -> int:
         """Copy rows into the blocks, in one slice assignment a block; the first of the consecutive slots they
-        got. Blocks are allocated whole but touched only as they fill."""
+        got. Copied rather than kept as the batch's own array: on CUDA that array is the batch's pinned result
+        buffer, which kept here never went back to torch's host pool (bench/notes/dedup.md, session 25). Blocks
+        are allocated whole but touched only as they fill."""
         first = self._used
         dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
         if self._dtype is not None and dtype != self._dtype:
