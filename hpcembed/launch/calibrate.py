@@ -22,7 +22,7 @@ from ..engine.pooling import mean_of_windows
 from ..errors import InputError
 from ..io.readers import Columns, read_unit
 from ..io.sources import WorkUnit
-from ..roles.tokenizer import tokenize_chunk
+from ..tokenize.chunk import tokenize_chunk
 
 log = logging.getLogger("hpcembed")
 

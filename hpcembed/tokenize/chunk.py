@@ -21,6 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from ..errors import ConfigError
+from .batch import TokenBatch
 
 
 class Chunker:
@@ -99,3 +100,14 @@ class Chunker:
     def describe(self) -> dict:
         return {"tokenizer_backend": self.name, "texts_chunked": self.rows_chunked, "texts_split": self.rows_split,
                 "chunks": self.chunks}
+
+
+def tokenize_chunk(backend, chunk, unit: int) -> TokenBatch:
+    """The valid rows of a RowChunk (io/readers.py) as a TokenBatch: tokenized by `backend` (a Chunker: one row
+    per window), or as a token directory holds them."""
+    if chunk.tokens is not None:        # a token directory: tokenized by an earlier job
+        return TokenBatch.from_token_lists(chunk.tokens, chunk.ids, chunk.rows, unit)
+    if isinstance(backend, Chunker):
+        tokens, owners, spans = backend.split(chunk.texts)
+        return TokenBatch.build(tokens, [chunk.ids[k] for k in owners], np.asarray(chunk.rows)[owners], unit, spans)
+    return TokenBatch.build(backend.encode(chunk.texts), chunk.ids, chunk.rows, unit)
