@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..arrow_arrays import numeric
 from ..errors import InputError
 from . import location
 from .sources import WorkUnit, _short
@@ -43,7 +44,7 @@ class RowChunk:
     def take(self, keep: np.ndarray) -> "RowChunk":
         return RowChunk(self.rows[keep], [self.ids[k] for k in keep],
                         [self.texts[k] for k in keep] if self.texts else [], [],
-                        self.tokens.take(pa.array(keep, pa.int64())) if self.tokens is not None else None)
+                        self.tokens.take(numeric(keep, pa.int64())) if self.tokens is not None else None)
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ def _read_tokens(unit: WorkUnit, columns: Columns, chunk_rows: int) -> Iterator[
                 chunk = RowChunk(first + start + good, [ids[k] for k in good], [],
                                  [InputError(unit.file.path, why, first + start + k, ids[k])
                                   for k, why in sorted(bad.items())],
-                                 part.column(1).take(pa.array(good, pa.int64())) if bad else part.column(1))
+                                 part.column(1).take(numeric(good, pa.int64())) if bad else part.column(1))
                 yield chunk
             first += batch.num_rows
 

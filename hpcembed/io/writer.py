@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..arrow_arrays import numeric
 from ..errors import ConfigError
 from .digest import checksum, file_checksum_matches
 from .ledger import LEDGER, Ledger, LedgerState, describe_difference, is_segment
@@ -267,13 +268,13 @@ class OutputDir:
         stored = convert(embeddings, self.output_dtype, self.ranges)
         extra = [] if digests is None else [pa.FixedSizeBinaryArray.from_buffers(
             pa.binary(16), len(digests), [None, pa.py_buffer(np.ascontiguousarray(digests, np.uint8))])]
-        extra += [] if chunks is None else [pa.array(chunks[:, 0].astype(np.int32)), pa.array(chunks[:, 1]),
-                                            pa.array(chunks[:, 2])]
+        extra += [] if chunks is None else [numeric(chunks[:, 0], pa.int32()), numeric(chunks[:, 1]),
+                                            numeric(chunks[:, 2])]
         schema = output_schema(dim, self.output_dtype, chunks is not None, digests is not None)
         if self.output_format == "npy":
             return self._write_table(name, pa.Table.from_arrays([ids, *extra], schema=pa.schema(
                 list(schema)[:-1], metadata=schema.metadata)), stored)
-        values = pa.array(stored.reshape(-1), type=OUTPUT_DTYPES[self.output_dtype])
+        values = numeric(stored.reshape(-1), OUTPUT_DTYPES[self.output_dtype])
         return self._write_table(name, pa.Table.from_arrays(
             [ids, *extra, pa.FixedSizeListArray.from_arrays(values, stored.shape[1])], schema=schema))
 

@@ -64,8 +64,6 @@ def run_mpi(cfg: JobConfig, kind: JobKind) -> dict | None:
     startup = {"process_started": process_started_at() or mpi_ready, "mpi_ready": mpi_ready,
                "ranks_gathered": time.time()}
     early = _build_early(cfg, kind, ranks, rank) if rank != 0 else None
-    if early is None and rank != 0:
-        _warm_up_arrow()
     setup, plan = _plan(cfg, kind, transport, ranks, probe, startup) if rank == 0 else (None, None)
     try:
         return _run_plan(cfg, kind, transport, ranks, setup, plan, early, startup)
@@ -114,14 +112,6 @@ def _run_plan(cfg: JobConfig, kind: JobKind, transport, ranks: list[RankInfo], s
 
 
 _PLAN_TAG = 10          # apart from the transport's tags (transport/mpi.py)
-
-
-def _warm_up_arrow() -> None:
-    """pyarrow's first pa.array imports pandas wherever pandas is installed (0.46 s in a venv on the CPU box; seen
-    in a py-spy profile of the H200 box's tokenizer ranks): a tokenizer rank's first TokenBatch would pay it after
-    the plan has come. Paid here, while rank 0 plans."""
-    import pyarrow as pa
-    pa.array(["warm"], type=pa.string())
 
 
 def _share_plan(comm, plan: RunPlan | None) -> tuple[RunPlan, list]:

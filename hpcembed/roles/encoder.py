@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from ..arrow_arrays import numeric, strings
 from ..batching import TokenBudgetBatcher
 from ..engine.instances import InstancePool
 from ..engine.pooling import mean_of_windows
@@ -193,7 +194,7 @@ class EncoderRank:
                     part.digests.append(batch.digests)
             else:
                 part.rows.append(batch.rows[sel])
-                part.ids.append(ids.take(pa.array(sel)))
+                part.ids.append(ids.take(numeric(sel)))
                 part.embeddings.append(embeddings[sel])
                 if batch.chunks is not None:
                     part.chunks.append(batch.chunks[sel])
@@ -211,7 +212,7 @@ class EncoderRank:
             return
         part = self.parts.setdefault(filled.unit, _UnitRows())
         part.rows.append(filled.rows)
-        part.ids.append(pa.array(filled.ids, type=pa.string()))
+        part.ids.append(strings(filled.ids))
         part.embeddings.append(self.dedup.embeddings(filled.slots))
         part.digests.append(filled.digests)
         if self.core.embedded(filled.unit, len(filled.ids), 0):
@@ -247,12 +248,12 @@ def _assemble_and_write(output: OutputDir, name: str, part: _UnitRows, pool_chun
     elif len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
         order = np.argsort(rows, kind="stable")
     if order is not None:
-        ids, embeddings = ids.take(pa.array(order)), embeddings[order]
+        ids, embeddings = ids.take(numeric(order)), embeddings[order]
         chunks = None if chunks is None else chunks[order]
         digests = None if digests is None else digests[order]
     if chunks is not None and pool_chunks:
         starts, embeddings = mean_of_windows(embeddings, chunks[:, 0], normalize)
-        ids = ids.take(pa.array(starts))
+        ids = ids.take(numeric(starts))
         digests = None if digests is None else combined_digests(digests, starts)
         chunks = None
     return output.write_shard(name, ids, embeddings, chunks, digests)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ..arrow_arrays import numeric, strings
+
 _WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, whether `chunks` follows, whether `digests` follows
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 
@@ -61,7 +63,7 @@ class TokenBatch:
             flat = np.concatenate(token_lists).astype(np.int32, copy=False)
         else:   # lists (HF), or a mix with arrays (BudTikTok with some rows sent to HF)
             flat = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int32, count=int(offsets[-1]))
-        id_arr = pa.array(ids, type=pa.string())
+        id_arr = strings(ids)
         _, id_off, id_data = id_arr.buffers()
         id_offsets = np.frombuffer(id_off, dtype=np.int32, count=len(ids) + 1).copy()
         id_bytes = (np.frombuffer(id_data, dtype=np.uint8, count=int(id_offsets[-1])).copy()
@@ -76,7 +78,7 @@ class TokenBatch:
                                 offset=tokens.offset * 4)
         values = tokens.values.to_numpy(zero_copy_only=False)
         token_ids = values[offsets[0]: offsets[-1]]
-        return cls.build_from_arrow_ids(token_ids, offsets - offsets[0], pa.array(ids, type=pa.string()), rows,
+        return cls.build_from_arrow_ids(token_ids, offsets - offsets[0], strings(ids), rows,
                                         np.full(len(tokens), unit, dtype=np.int64))
 
     def take(self, index: np.ndarray) -> "TokenBatch":
@@ -88,7 +90,7 @@ class TokenBatch:
         starts = self.offsets[:-1][index]
         # Gather variable-length slices with one vectorised index: token k of new row r sits at starts[r] + k.
         gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
-        ids = self.id_array().take(pa.array(index))
+        ids = self.id_array().take(numeric(index))
         return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
                                                self.units[index], None if self.chunks is None else self.chunks[index],
                                                None if self.digests is None else self.digests[index])
@@ -134,7 +136,7 @@ class TokenBatch:
     def to_arrow(self) -> pa.RecordBatch:
         token_list = pa.ListArray.from_buffers(pa.list_(pa.int32()), self.num_rows,
                                                [None, pa.py_buffer(self.offsets)],
-                                               children=[pa.array(self.token_ids, type=pa.int32())])
+                                               children=[numeric(self.token_ids, pa.int32())])
         return pa.RecordBatch.from_arrays([self.id_array(), token_list], schema=SCHEMA)
 
     def to_wire(self) -> np.ndarray:
