@@ -74,32 +74,3 @@ def write_entry(path: Path, entry: dict) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         log.debug("cache entry %s not written: %s", path, exc)
-
-
-class _TritonKey:
-    """Triton hashes its own installation (libtriton and its compiler's sources) once a process, before its first
-    cache lookup: 0.31 s of an encoder rank's warm build on the H100 box, on the path to the first batch. The
-    hashing reads files and releases the GIL, so it runs on a thread from the moment torch is imported (`start`),
-    beside CUDA's initialisation and the wait for the plan; `wait` joins it before the first kernel is looked up, as
-    a second hashing begun there would run beside the first instead of taking its result."""
-
-    def __init__(self):
-        self._thread = None
-
-    def start(self) -> None:
-        if self._thread is not None or os.environ.get("HPCEMBED_TRITON_KEY_THREAD") == "0":
-            return
-        try:
-            from triton.runtime.cache import triton_key
-        except ImportError:         # no Triton (CPU builds), or one that keeps its key elsewhere
-            return
-        import threading
-        self._thread = threading.Thread(target=triton_key, name="triton-key", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-
-
-TRITON_KEY = _TritonKey()

@@ -156,8 +156,6 @@ def _gpus_here() -> tuple[int, str]:
     if not cuda:
         return 0, ""
     import torch
-    from .cache import TRITON_KEY
-    TRITON_KEY.start()
     return cuda, torch.cuda.get_device_name(0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from ..cache import TRITON_KEY, cache_dir, use_cache_dir
+from ..cache import cache_dir, use_cache_dir
 from ..config import JobConfig
 from ..engine import ModelSpec
 from ..engine.instances import InstancePool
@@ -73,8 +73,6 @@ def build_encoders(cfg: JobConfig, spec: ModelSpec, device: str, low_latency: tu
     device = resolve_device(device)
     if device.startswith("cuda"):
         use_cache_dir(cfg.cache_dir)
-        TRITON_KEY.start()
-        TRITON_KEY.wait()
     graph_tokens = cfg.batch_tokens_for(device) if cfg.cuda_graphs is not False else 0
     def build():
         return build_encoder(spec, device, cfg.dtype, cfg.engine, cfg.fused_ops, cfg.exact_gelu, graph_tokens,
