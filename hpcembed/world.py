@@ -150,6 +150,19 @@ def quiet_barrier(comm, poll_s: float = 0.005) -> None:
         time.sleep(poll_s)
 
 
+def closing_barrier(comm, complete: bool, poll_s: float = 0.005) -> bool:
+    """The world's last meeting, a barrier that also tells every rank whether the conductor (rank 0) found the job
+    complete (the others pass False): an allreduce of the largest vote, sleeping while it waits like
+    quiet_barrier."""
+    import numpy as np
+    from mpi4py import MPI
+    vote, verdict = np.array([int(complete and comm.Get_rank() == 0)], dtype=np.int32), np.zeros(1, dtype=np.int32)
+    request = comm.Iallreduce(vote, verdict, op=MPI.MAX)
+    while not request.Test():
+        time.sleep(poll_s)
+    return bool(verdict[0])
+
+
 def _gpus_here() -> tuple[int, str]:
     """The CUDA devices torch sees on this machine, and the first one's name."""
     cuda = visible_gpus()
