@@ -55,7 +55,23 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
             "tokenizer_seconds_mean": {k: _mean_other(manifest, k) for k in
                                        ("busy", "unit_wait", "credit_wait", "send", "read", "claim_wait", "finish",
                                         "untracked")},
-            "encoder_loop_seconds": [r.get("loop_seconds") for r in manifest["ranks"] if r["role"] == "encoder"]}
+            "encoder_loop_seconds": [r.get("loop_seconds") for r in manifest["ranks"] if r["role"] == "encoder"],
+            "tokenizers_after_ready_seconds": _after_ready(manifest)}
+
+
+def _after_ready(manifest: dict) -> dict | None:
+    """When the tokenizer ranks started asking for work, and sent their first batch, against the first encoder
+    rank's being ready (seconds, earliest and latest rank)."""
+    ready = min((r["ready_at"] for r in manifest["ranks"] if r["role"] == "encoder" and r.get("ready_at")),
+                default=None)
+    tok = [r for r in manifest["ranks"] if r["role"] == "tokenizer"]
+    if ready is None or not tok:
+        return None
+    span = {}
+    for key in ("started_at", "first_sent_at"):
+        at = [r[key] - ready for r in tok if r.get(key)]
+        span[key] = [round(min(at), 3), round(max(at), 3)] if at else None
+    return span
 
 
 def _mean_other(manifest: dict, key: str) -> float | None:

@@ -53,6 +53,7 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert (r["engine"], r["attention"], r["fused_ops"]) == ("varlen", "padded", "eager")    # CPU: no kernels
         elif r["role"] == "tokenizer":
             assert r["started_at"] <= r["finished_at"]
+            assert r["started_at"] - 0.05 <= r["first_sent_at"] <= r["finished_at"] + 0.05     # it sent batches
             other = r["other_seconds"]
             assert set(other) == {"unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked"}
             assert min(other.values()) >= -0.005, other       # untracked is what is left: never much below zero

@@ -20,7 +20,7 @@ from ..io.digest import file_content_digest, file_digest
 from ..io.ledger import model_identity
 from ..io.sources import Plan
 from ..io.tokens import check_tokenizer_matches, read_token_manifest
-from ..roles.tokenizer import EncoderSink, ShardSink
+from ..roles.sinks import EncoderSink, ShardSink
 from ..tokenize.chunk import Chunker
 
 
