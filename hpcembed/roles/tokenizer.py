@@ -238,15 +238,9 @@ class TokenizerRank:
             self._release(progress)
 
     def _release(self, progress: UnitProgress) -> None:
-        """The held chunks' claims go out; their first claims leave as batches at once, short of full where the
-        chunks had repeats: filling them waited for the next chunk to be read, claimed and tokenized (0.19-0.21 s
-        after the encoder was ready on the H100 box, session 26)."""
         held, self._held = self._held or [], None
         for unit, chunk, tokens in held:
             self._claim_now(unit, chunk, progress, tokens)
-        if held:
-            self._resolve(progress)
-            self._flush_owner_batches(held[-1][0], progress)
 
     def _claim_now(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress, tokens=None) -> None:
         """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
@@ -289,17 +283,14 @@ class TokenizerRank:
         for dest, batch in full:
             self.sink.put(self, pending.unit, batch, progress, dest)
 
-    def _flush_owner_batches(self, unit: WorkUnit, progress: UnitProgress) -> None:
-        for dest, assembler in self.owner_assemblers.items():
-            rest = assembler.flush()
-            if rest is not None:
-                self.sink.put(self, unit, rest, progress, dest)
-
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
         if self.dedup is not None:
             self._release(progress)
             self._resolve(progress)
-            self._flush_owner_batches(unit, progress)
+            for dest, assembler in self.owner_assemblers.items():
+                rest = assembler.flush()
+                if rest is not None:
+                    self.sink.put(self, unit, rest, progress, dest)
             # Sent last, just before UnitEnd on the same channel: an abandoned unit sends none.
             for dest, (ids, rows, digests) in self.dedup.take_references().items():
                 self.transport.send(dest, References(unit.unit, ids, rows, digests))
