@@ -34,7 +34,11 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     manifest = read_manifest(tmp_path / "out")
     roles = {r["rank"]: r for r in manifest["ranks"]}
     assert [roles[r]["role"] for r in sorted(roles)] == ["conductor", "encoder", "encoder", "tokenizer", "tokenizer"]
-    assert all(r["rows"] > 0 for r in manifest["ranks"] if r["role"] != "conductor"), manifest["ranks"]
+    # Both encoder ranks take rows (credits route batches to each). A tokenizer rank's share is not asserted: units
+    # go on demand, and one that started late on a loaded 2-core machine found every unit taken (once, in a suite
+    # run); together they read every row.
+    assert all(r["rows"] > 0 for r in manifest["ranks"] if r["role"] == "encoder"), manifest["ranks"]
+    assert sum(r["rows"] for r in manifest["ranks"] if r["role"] == "tokenizer") == len(texts), manifest["ranks"]
     assert manifest["transport"] == "mpi" and (tmp_path / "out" / "_SUCCESS").exists()
     # Where the time went: each encoder rank's start-up steps in order, its build and its host cost; each
     # tokenizer rank's time outside tokenizing.
@@ -53,7 +57,8 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert (r["engine"], r["attention"], r["fused_ops"]) == ("varlen", "padded", "eager")    # CPU: no kernels
         elif r["role"] == "tokenizer":
             assert r["started_at"] <= r["finished_at"]
-            assert r["started_at"] - 0.05 <= r["first_sent_at"] <= r["finished_at"] + 0.05     # it sent batches
+            if r["rows"]:
+                assert r["started_at"] - 0.05 <= r["first_sent_at"] <= r["finished_at"] + 0.05
             other = r["other_seconds"]
             assert set(other) == {"unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked"}
             assert min(other.values()) >= -0.005, other       # untracked is what is left: never much below zero
