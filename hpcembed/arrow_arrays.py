@@ -12,8 +12,9 @@ import pyarrow as pa
 
 
 def numeric(values: np.ndarray, type: pa.DataType | None = None) -> pa.Array:
-    """A one-dimensional numeric numpy array as an Arrow array of the same values (no nulls). `type`, where given,
-    must have the array's width: the values are cast in numpy first, as `pa.array(values, type)` would."""
+    """A one-dimensional numeric numpy array as an Arrow array of the same values (no nulls), sharing its memory
+    where it is contiguous. `type`: the Arrow type wanted, else the array's own; the values are cast to it in numpy
+    first."""
     values = np.asarray(values)
     if values.ndim != 1:
         raise ValueError(f"an Arrow array needs one dimension, got shape {values.shape}")
