@@ -59,8 +59,6 @@ class TokenizerRank:
         self.owner_assemblers = {r: BatchAssembler(batch_tokens) for r in (dedup.owners if dedup else [])}
         self.first_sent_at = 0.0                        # epoch seconds (TokenizerStats)
         self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
-        self._held: list | None = [] if dedup is not None else None     # (unit, chunk, tokens) not yet claimed
-        self.batch_tokens = batch_tokens
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -224,30 +222,10 @@ class TokenizerRank:
             batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
 
     def _claim(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
-        """At the job's start the encoder ranks are most often still building and take no claim in: the first
-        chunks are tokenized before their claims go out, up to a batch, so that the first batch leaves as soon as
-        the answers come (0.14 s after the encoder was ready otherwise: bench/notes/dedup.md, session 25)."""
-        if self._held is None or chunk.tokens is not None or isinstance(self.backend, Chunker):
-            self._release(progress)
-            self._claim_now(unit, chunk, progress)
-            return
-        start = time.perf_counter()
-        self._held.append((unit, chunk, tokenize_chunk(self.backend, chunk, unit.unit)))
-        self.busy += time.perf_counter() - start
-        if sum(held[2].num_tokens for held in self._held) >= max(self.batch_tokens, 1):
-            self._release(progress)
-
-    def _release(self, progress: UnitProgress) -> None:
-        held, self._held = self._held or [], None
-        for unit, chunk, tokens in held:
-            self._claim_now(unit, chunk, progress, tokens)
-
-    def _claim_now(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress, tokens=None) -> None:
         """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
-        this chunk took to read to come back. `tokens`: the chunk, tokenized already."""
+        this chunk took to read to come back."""
         start = time.perf_counter()
         pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
-        pending.tokens = tokens
         sent = time.perf_counter()
         self.busy += sent - start
         deliver(self.transport, sends, prompt=True)
@@ -272,8 +250,7 @@ class TokenizerRank:
         keep = np.flatnonzero(first)
         full = []
         if len(keep):
-            batch = pending.tokens.take(keep) if pending.tokens is not None else \
-                tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
+            batch = tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
             batch.digests = pending.digests[keep]
             owner = pending.owner[keep]
             for k in np.unique(owner).tolist():
@@ -285,7 +262,6 @@ class TokenizerRank:
 
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
         if self.dedup is not None:
-            self._release(progress)
             self._resolve(progress)
             for dest, assembler in self.owner_assemblers.items():
                 rest = assembler.flush()
@@ -307,5 +283,5 @@ class TokenizerRank:
             assembler.clear()
         if self.dedup is not None:
             self.dedup.forget(self._pending)
-            self._pending, self._held = None, None
+            self._pending = None
             self.dedup.clear_references()
