@@ -4,8 +4,7 @@ Every row's digest (io/digest.py) has one owner, the encoder rank `owners[first 
 tokenizing a chunk, a tokenizer rank sends each owner one Claim with the chunk's digests it owns. The owner
 answers digest by digest: the first claim of a digest in the job is told to encode it (the tokenizer tokenizes the
 row and sends it in a batch to that owner), every later one is not (the tokenizer skips tokenizing it and sends
-the owner a Reference at the end of the unit: id, input row, digest; only a rank's first chunks, claimed while the
-encoder ranks still build, are tokenized ahead whole). The owner keeps each embedding it made for a
+the owner a Reference at the end of the unit: id, input row, digest). The owner keeps each embedding it made for a
 claimed digest and writes a referenced row, with a copy of that embedding under the row's own id, into its own
 shard of the referencing row's unit. So the commit rule is unchanged: the rows of a unit sent to an encoder rank,
 in batches or as references, are the rows its shard of the unit holds; a resumed job starts with empty tables and
