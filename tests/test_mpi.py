@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from .conftest import MPI_ENV, MPIEXEC, REPO, mpirun, needs_mpi, read_manifest, read_output, reference, write_jsonl
 
 pytestmark = needs_mpi
@@ -71,12 +69,11 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
     assert conductor["roles_planned"] <= conductor["plan_sent"] <= job_steps["plan_received"] + 0.05
 
 
-@pytest.mark.parametrize("fast_exit", ["1", "0"])
-def test_only_encoder_ranks_import_torch(tmp_path, fast_exit):
+def test_only_encoder_ranks_import_torch(tmp_path):
     """Tokenizer ranks and the conductor never import torch: importing it (and initialising CUDA) costs seconds of
     start-up when a node's ranks all do it at once, and memory in every rank. Each rank writes at exit whether
-    torch was imported, except a rank that holds torch and leaves with os._exit, past Python's teardown
-    (launch/mpi.py, _leave_without_teardown; HPCEMBED_FAST_EXIT=0 keeps the ordinary exit)."""
+    torch was imported; under this MPICH the encoder rank too, as it leaves through Python's teardown (the os._exit
+    of launch/mpi.py's _leave_without_teardown is for Open MPI only)."""
     write_jsonl(tmp_path / "in.jsonl", [{"id": k, "text": f"text {k}"} for k in range(200)])
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -90,15 +87,12 @@ def test_only_encoder_ranks_import_torch(tmp_path, fast_exit):
         "runpy.run_module('hpcembed', run_name='__main__')\n")
     cmd = ["timeout", "240", MPIEXEC, "-n", "4", sys.executable, str(probe), "run", "--input",
            str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out"), "--tokenizer-ranks", "2", "--progress", "off"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=270,
-                          env={**os.environ, **MPI_ENV, "HPCEMBED_FAST_EXIT": fast_exit})
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=270, env={**os.environ, **MPI_ENV})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "_SUCCESS").exists() and len(read_output(tmp_path / "out")) == 200
     roles = {r["rank"]: r["role"] for r in read_manifest(tmp_path / "out")["ranks"]}
-    record = {r: (tmp_path / f"torch-{r}") for r in range(4)}
-    imported = {r: record[r].read_text() if record[r].exists() else "left without teardown" for r in range(4)}
-    encoder = "left without teardown" if fast_exit == "1" else "True"
-    assert imported == {r: encoder if role == "encoder" else "False" for r, role in roles.items()}, imported
+    imported = {r: (tmp_path / f"torch-{r}").read_text() for r in range(4)}
+    assert imported == {r: str(role == "encoder") for r, role in roles.items()}, imported
 
 
 def test_failing_rank_ends_the_job(tmp_path):
