@@ -42,6 +42,7 @@ class TokenizerStats(RankStats):
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit,
     finished_at: float = 0.0                    # and had every credit back after its last unit
     first_sent_at: float = 0.0                  # epoch seconds its first batch left (0: it sent none)
+    read_ahead_rows: int = 0                    # rows tokenized and held before any encoder rank granted credit
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
     # Time outside busy: unit_wait, credit_wait, claim_wait, send, read, finish, untracked (roles/tokenizer.py).
     other_seconds: dict[str, float] = field(default_factory=dict)

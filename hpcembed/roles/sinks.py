@@ -36,6 +36,7 @@ class EncoderSink:
                 pass
             if rank.core.holds(len(self.held)):
                 self.held.append(batch)
+                rank.read_ahead_rows += batch.num_rows
                 return
             while self.held:
                 self._send(rank, self.held.popleft(), progress, None)
