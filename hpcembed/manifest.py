@@ -43,6 +43,8 @@ class TokenizerStats(RankStats):
     finished_at: float = 0.0                    # and had every credit back after its last unit
     first_sent_at: float = 0.0                  # epoch seconds its first batch left (0: it sent none)
     read_ahead_rows: int = 0                    # rows tokenized and held before any encoder rank granted credit
+    granted_at: float = 0.0                     # epoch seconds the first credit came (0: none did),
+    first_answer_at: float = 0.0                # and (--dedup) the first answer to a claim
     batches_sent: dict[str, int] = field(default_factory=dict)     # encoder rank -> batches
     # Time outside busy: unit_wait, credit_wait, claim_wait, send, read, finish, untracked (roles/tokenizer.py).
     other_seconds: dict[str, float] = field(default_factory=dict)
@@ -180,14 +182,15 @@ def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
     figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
     initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
-    the first batch handed to an encoder. The conductor's own steps beside them, on the same clock."""
+    (--dedup) the first claim answered, and the first batch handed to an encoder. The conductor's own steps beside them, on the same clock."""
     marks = [r["startup"] for r in ranks
              if r.get("startup", {}).get("process_started") and r["role"] not in ("conductor", "subconductor")]
     if not marks:
         return {}
     launch = min(m["process_started"] for m in marks)
     out = {}
-    for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_batch"):
+    for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_claim_answered",
+                 "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)

@@ -167,6 +167,8 @@ class EncoderRank:
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, Claim):
             self.transport.send(source, answer(self.dedup, message))
+            if "first_claim_answered" not in self.startup:
+                self.startup["first_claim_answered"] = time.time()
         elif isinstance(message, References):
             self._store_filled(self.dedup.references(message.unit, message.ids, message.rows, message.digests))
         elif isinstance(message, DropIds):

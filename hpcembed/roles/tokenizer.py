@@ -25,7 +25,7 @@ from ..io.readers import Columns, RowChunk, clip_rows, read_unit
 from ..io.sources import WorkUnit
 from ..io.writer import shard_ids
 from ..manifest import TokenizerStats
-from ..protocol.messages import Claimed, DuplicateRows, References, StopRequested
+from ..protocol.messages import Claimed, Credit, DuplicateRows, References, StopRequested
 from ..protocol.tokenizer import TokenizerCore, UnitProgress
 from ..signals import STOP
 from ..tokenize.batch import TokenBatch
@@ -59,6 +59,7 @@ class TokenizerRank:
         self.owner_assemblers = {r: BatchAssembler(batch_tokens) for r in (dedup.owners if dedup else [])}
         self.first_sent_at = 0.0                        # epoch seconds (TokenizerStats)
         self.read_ahead_rows = 0                        # (TokenizerStats)
+        self.granted_at = self.first_answer_at = 0.0    # epoch seconds (TokenizerStats)
         self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
         # --dedup's read-ahead: (unit, chunk, its tokens) read and tokenized before any owner had granted credit,
         # their claims not yet sent; None once they are (it happens only at the job's start).
@@ -82,8 +83,11 @@ class TokenizerRank:
         if envelope is None:
             return False
         if isinstance(envelope.message, Claimed):
+            self.first_answer_at = self.first_answer_at or time.time()
             self.dedup.answered(envelope.source, envelope.message)
             return True
+        if isinstance(envelope.message, Credit):
+            self.granted_at = self.granted_at or time.time()
         deliver(self.transport, self.core.handle(envelope.source, envelope.message))
         return True
 
@@ -112,7 +116,8 @@ class TokenizerRank:
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
                                started_at=started_at, finished_at=time.time(), first_sent_at=self.first_sent_at,
-                               read_ahead_rows=self.read_ahead_rows,
+                               read_ahead_rows=self.read_ahead_rows, granted_at=self.granted_at,
+                               first_answer_at=self.first_answer_at,
                                other_seconds=dict(self.other),
                                **self.backend.describe())
         deliver(self.transport, core.report(stats))
