@@ -61,10 +61,6 @@ class TokenizerRank:
         self.read_ahead_rows = 0                        # (TokenizerStats)
         self.granted_at = self.first_answer_at = 0.0    # epoch seconds (TokenizerStats)
         self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
-        # --dedup's read-ahead: (unit, chunk, its tokens) read and tokenized before any owner had granted credit,
-        # their claims not yet sent; None once they are (it happens only at the job's start).
-        self._held: list[tuple[WorkUnit, RowChunk, TokenBatch]] | None = [] if dedup is not None else None
-        self.batch_tokens = batch_tokens
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -233,45 +229,10 @@ class TokenizerRank:
             batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
 
     def _claim(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
-        """Until an owner has granted credit (they are still building their models, and a claim's send would
-        block until one takes it in), chunks are tokenized and held, up to the read-ahead the batches of a job
-        without --dedup have (TokenizerCore.holds); their claims go out together once a grant has come, so the
-        first batches leave as the answers come instead of a chunk's tokenizing later (bench/notes/dedup.md,
-        session 27). A chunk of a token directory or of a chunked job is claimed at once."""
-        held = self._held
-        if held is not None and chunk.tokens is None and not isinstance(self.backend, Chunker):
-            held_batches = sum(tokens.num_tokens for _, _, tokens in held) // self.batch_tokens \
-                if self.batch_tokens else len(held)         # 0: a batch a chunk
-            if self.core.holds(held_batches):
-                start = time.perf_counter()
-                held.append((unit, chunk, tokenize_chunk(self.backend, chunk, unit.unit)))
-                self.read_ahead_rows += len(chunk.ids)
-                self.busy += time.perf_counter() - start
-                return
-        self._release(progress)
-        self._claim_now(unit, chunk, progress)
-
-    def _release(self, progress: UnitProgress) -> None:
-        """The held chunks go out as one claim to each owner, and are resolved at once: their batches leave now.
-        One claim, not one a chunk: the owner takes claims ahead of batches, so thirteen ranks' ten claims each
-        kept every batch out for the first 0.14 s after the encoder rank was ready (bench/notes/dedup.md,
-        session 27)."""
-        held, self._held = self._held, None
-        if not held:
-            return
-        unit = held[0][0]           # all of one unit: a unit's end releases what it holds
-        chunk = RowChunk(np.concatenate([c.rows for _, c, _ in held]), [i for _, c, _ in held for i in c.ids],
-                         [t for _, c, _ in held for t in c.texts])
-        self._claim_now(unit, chunk, progress, TokenBatch.concat([tokens for _, _, tokens in held]))
-        self._resolve(progress)
-
-    def _claim_now(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress,
-                   tokens: TokenBatch | None = None) -> None:
         """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
-        this chunk took to read to come back. `tokens`: the chunk, tokenized already (held)."""
+        this chunk took to read to come back."""
         start = time.perf_counter()
         pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
-        pending.tokens = tokens
         sent = time.perf_counter()
         self.busy += sent - start
         deliver(self.transport, sends, prompt=True)
@@ -296,8 +257,7 @@ class TokenizerRank:
         keep = np.flatnonzero(first)
         full = []
         if len(keep):
-            batch = pending.tokens.take(keep) if pending.tokens is not None else \
-                tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
+            batch = tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
             batch.digests = pending.digests[keep]
             owner = pending.owner[keep]
             for k in np.unique(owner).tolist():
@@ -309,7 +269,6 @@ class TokenizerRank:
 
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
         if self.dedup is not None:
-            self._release(progress)
             self._resolve(progress)
             for dest, assembler in self.owner_assemblers.items():
                 rest = assembler.flush()
@@ -332,6 +291,4 @@ class TokenizerRank:
         if self.dedup is not None:
             self.dedup.forget(self._pending)
             self._pending = None
-            if self._held:              # read ahead, never claimed: nothing of them is owed
-                self._held = []
             self.dedup.clear_references()
