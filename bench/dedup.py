@@ -60,15 +60,16 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
 
 
 def _after_ready(manifest: dict) -> dict | None:
-    """When the tokenizer ranks started asking for work, got their first credit, their first claim's answer and
-    sent their first batch, against the first encoder rank's being ready (seconds, earliest and latest rank)."""
+    """When the tokenizer ranks started asking for work, got their first credit, their first claim's answer, cut
+    their first batch and had it taken in, against the first encoder rank's being ready (seconds, earliest and
+    latest rank)."""
     ready = min((r["ready_at"] for r in manifest["ranks"] if r["role"] == "encoder" and r.get("ready_at")),
                 default=None)
     tok = [r for r in manifest["ranks"] if r["role"] == "tokenizer"]
     if ready is None or not tok:
         return None
     span = {}
-    for key in ("started_at", "granted_at", "first_answer_at", "first_sent_at"):
+    for key in ("started_at", "granted_at", "first_answer_at", "first_formed_at", "first_sent_at"):
         at = [r[key] - ready for r in tok if r.get(key)]
         span[key] = [round(min(at), 3), round(max(at), 3)] if at else None
     return span

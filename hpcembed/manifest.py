@@ -41,7 +41,8 @@ class TokenizerStats(RankStats):
     chunks: int | None = None
     started_at: float = 0.0                     # epoch seconds the rank asked for its first unit,
     finished_at: float = 0.0                    # and had every credit back after its last unit
-    first_sent_at: float = 0.0                  # epoch seconds its first batch left (0: it sent none)
+    first_formed_at: float = 0.0                # epoch seconds its first batch was cut (before it was sent),
+    first_sent_at: float = 0.0                  # and taken in by an encoder rank (0: it sent none)
     read_ahead_rows: int = 0                    # rows tokenized and held before any encoder rank granted credit
     granted_at: float = 0.0                     # epoch seconds the first credit came (0: none did),
     first_answer_at: float = 0.0                # and (--dedup) the first answer to a claim
@@ -182,7 +183,8 @@ def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
     figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
     initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
-    (--dedup) the first claim answered, and the first batch handed to an encoder. The conductor's own steps beside them, on the same clock."""
+    (--dedup) the first claim answered, and the first batch handed to an encoder. The conductor's own steps beside
+    them, on the same clock."""
     marks = [r["startup"] for r in ranks
              if r.get("startup", {}).get("process_started") and r["role"] not in ("conductor", "subconductor")]
     if not marks:

@@ -57,6 +57,8 @@ def test_five_ranks_match_sentence_transformers(tmp_path, st_model):
             assert r["started_at"] <= r["finished_at"]
             if r["rows"]:
                 assert r["started_at"] - 0.05 <= r["first_sent_at"] <= r["finished_at"] + 0.05
+                assert r["granted_at"] - 0.05 <= r["first_sent_at"]
+                assert r["first_formed_at"] <= r["first_sent_at"] + 0.05
             other = r["other_seconds"]
             assert set(other) == {"unit_wait", "credit_wait", "send", "read", "claim_wait", "finish", "untracked"}
             assert min(other.values()) >= -0.005, other       # untracked is what is left: never much below zero

@@ -31,6 +31,7 @@ class EncoderSink:
     def put(self, rank: "TokenizerRank", unit: WorkUnit, batch: TokenBatch, progress: UnitProgress,
             owner: int | None = None) -> None:
         """`owner`: the encoder rank the batch's rows belong to (--dedup); else the core routes by credit."""
+        rank.first_formed_at = rank.first_formed_at or time.time()
         if owner is None and (self.held or rank.core.holds(0)):     # only until the first grant's batches go
             while rank.receive(0):          # a grant may have come
                 pass

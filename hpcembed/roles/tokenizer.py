@@ -57,7 +57,7 @@ class TokenizerRank:
         self.digest_seed = digest_seed
         self.dedup = dedup
         self.owner_assemblers = {r: BatchAssembler(batch_tokens) for r in (dedup.owners if dedup else [])}
-        self.first_sent_at = 0.0                        # epoch seconds (TokenizerStats)
+        self.first_formed_at = self.first_sent_at = 0.0     # epoch seconds (TokenizerStats)
         self.read_ahead_rows = 0                        # (TokenizerStats)
         self.granted_at = self.first_answer_at = 0.0    # epoch seconds (TokenizerStats)
         self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
@@ -112,8 +112,8 @@ class TokenizerRank:
         rank = self.transport.rank
         stats = TokenizerStats(rank, "tokenizer", core.roles.host_of(rank), core.rows, core.tokens, self.busy,
                                started_at=started_at, finished_at=time.time(), first_sent_at=self.first_sent_at,
-                               read_ahead_rows=self.read_ahead_rows, granted_at=self.granted_at,
-                               first_answer_at=self.first_answer_at,
+                               first_formed_at=self.first_formed_at, read_ahead_rows=self.read_ahead_rows,
+                               granted_at=self.granted_at, first_answer_at=self.first_answer_at,
                                other_seconds=dict(self.other),
                                **self.backend.describe())
         deliver(self.transport, core.report(stats))
