@@ -39,6 +39,19 @@ def test_a_full_table_answers_first_for_every_unrecorded_digest():
     assert table.full and flags[:30].all() and flags[30:40].sum() == 0 and flags[40:].all()
 
 
+def test_a_full_table_keeps_only_the_digests_it_recorded():
+    """Once full, a batch can hold rows whose digests went unrecorded: only the recorded ones get a slot."""
+    rng = np.random.default_rng(13)
+    table = DigestTable(memory_bytes=10 * (160 + 4096))
+    digests = _digests(rng, 30)
+    table.claim(digests.tobytes())                                # the first ten recorded, then full
+    embeddings = rng.random((30, 4)).astype(np.float32)
+    assert table.full and table.encoded(digests, embeddings) == []
+    assert len(table.slots) == 10 and all(table.slots[d.tobytes()] != PENDING for d in digests[:10])
+    filled = table.references(0, ["x"], [0], digests[[3]].tobytes())
+    np.testing.assert_array_equal(table.embeddings(filled.slots), embeddings[[3]])
+
+
 def test_dedup_links_every_tokenizer_to_every_owner():
     from hpcembed.topology import RoleMap
     roles = RoleMap(0, [1, 2, 3], list(range(4, 24)), {r: f"host{r % 3}" for r in range(24)})
