@@ -251,8 +251,8 @@ class DigestTable:
         slots, keys = self.slots, _keys(np.ascontiguousarray(digests).tobytes())
         if not self.full:
             # A batch holds only rows whose claim was the first (the tokenizer rank tokenizes no other), and until
-            # the table is full every first claim is recorded pending: no lookup needed (0.35 µs a row saved on the
-            # loop thread, bench/dedup_host.py).
+            # the table is full every first claim is recorded pending: no lookup needed (about 0.2 µs a row off the
+            # loop thread on the CPU box, bench/notes/dedup.md, session 27).
             new_keys, new = keys, np.arange(len(keys))
             first = self._put(embeddings)
         else:
