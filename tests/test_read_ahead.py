@@ -40,7 +40,7 @@ def late_encoder(monkeypatch):
 
 
 @pytest.mark.parametrize("dedup", ["off", "on"])
-def test_a_tokenizer_reads_ahead_until_granted_and_loses_nothing(corpus, tmp_path, model_dir, late_encoder, dedup):
+def test_a_late_encoder_rank_loses_nothing(corpus, tmp_path, model_dir, late_encoder, dedup):
     root, texts, expected = corpus
     out = tmp_path / "out"
     code = cli.main(["run", "--input", str(root), "--output", str(out), "--model", model_dir, "--device", "cpu",
