@@ -183,7 +183,8 @@ def startup_summary(ranks: list[dict]) -> dict:
     """Seconds from the earliest encoder-rank process start to each step of start-up (the latest rank's, so the
     figure is the job's): Python, imports and MPI started; every rank's host and GPUs known (torch imported and CUDA
     initialised on one rank a machine); building the encoders begun, the plan received, encoders built, ready, and
-    (--dedup) the first claim answered, and the first batch handed to an encoder. The conductor's own steps beside
+    (--dedup) the first claim answered, the first batch taken in from a tokenizer rank and the first handed to an
+    encoder. The conductor's own steps beside
     them, on the same clock."""
     marks = [r["startup"] for r in ranks
              if r.get("startup", {}).get("process_started") and r["role"] not in ("conductor", "subconductor")]
@@ -192,7 +193,7 @@ def startup_summary(ranks: list[dict]) -> dict:
     launch = min(m["process_started"] for m in marks)
     out = {}
     for step in ("mpi_ready", "ranks_gathered", "building", "plan_received", "built", "ready", "first_claim_answered",
-                 "first_batch"):
+                 "first_batch_taken", "first_batch"):
         times = [m[step] for m in marks if step in m]
         if times:
             out[step] = round(max(times) - launch, 3)

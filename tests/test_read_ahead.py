@@ -1,6 +1,7 @@
 """A slow model build: the encoder rank's start is held back while the tokenizer rank reads. Without --dedup the
 tokenizer rank tokenizes and holds batches until it has credit (TokenizerCore.holds), and nothing held is lost or
-sent twice; with --dedup its first claim waits for the owner to take it in, and the job is as complete. The job
+sent twice; with --dedup it tokenizes and holds chunks, their claims sent once the owner has granted credit, and
+the job is as complete and deduplicated. The job
 runs in one process (the in-process launcher: the same roles and drivers an MPI job runs)."""
 from __future__ import annotations
 
@@ -48,11 +49,10 @@ def test_a_late_encoder_rank_loses_nothing(corpus, tmp_path, model_dir, late_enc
     assert code == 0
     manifest = assert_complete_output(out, expected)         # each id once, each within 1e-4 of ST
     (entry,) = manifest["ranks"]
-    if dedup == "off":
-        # The whole first unit was read and tokenized before the late encoder rank granted credit; its held
-        # batches went at the unit's end.
-        assert entry["read_ahead_rows"] == 60
-    else:
-        # Claims are made before tokenizing, so nothing is tokenized before the owner answers.
-        assert entry["read_ahead_rows"] == 0 and entry["first_answer_at"] >= entry["granted_at"] > 0
+    # The whole first unit was read and tokenized before the late encoder rank granted credit, its batches (or,
+    # with --dedup, its chunks, their claims not yet sent) held until the grant.
+    assert entry["read_ahead_rows"] == 60
+    if dedup == "on":
+        # The held chunks were claimed only once the owner had granted credit, and each took its answer.
+        assert entry["first_answer_at"] >= entry["granted_at"] > 0
         assert manifest["rows_deduplicated"] == len(texts) - len(set(texts.values())) == 40

@@ -72,6 +72,7 @@ class EncoderRank:
         self.last_encoded_at = self.last_written_at = self.writer_seconds = 0.0
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
+        self.claims_a_turn = max(1, len(core.roles.tokenizers))     # every tokenizer rank claims from every owner
 
     def run(self) -> None:
         ready_at = self.startup["ready"] = time.time()     # encoders built: from here the rank can take work
@@ -118,14 +119,21 @@ class EncoderRank:
             if self.dedup is not None:
                 # Claims first, even with the window full: tokenizer ranks wait on the answers (behind batches,
                 # 3.7 s a rank in a 1M-row job: bench/notes/dedup.md, fifth run), and a claim's sender blocks until
-                # it is taken here (transport/mpi.py: prompt sends).
-                while (envelope := self.transport.recv_prompt()) is not None:
+                # it is taken here (transport/mpi.py: prompt sends). At most one a tokenizer rank a turn: each
+                # sends its next claim as soon as one is taken, so taking them until none is left kept every
+                # batch out while thirteen ranks sent the claims of the chunks they read ahead (session 28).
+                for _ in range(self.claims_a_turn):
+                    envelope = self.transport.recv_prompt()
+                    if envelope is None:
+                        break
                     self._handle(envelope.source, envelope.message)
             while core.has_room(self.batcher.tokens):
                 envelope = self.transport.recv(self._receive_timeout())
                 if envelope is None:
                     break
                 self._handle(envelope.source, envelope.message)
+                if self.batcher.rows and not self.pool.in_flight:
+                    break           # the encoders are idle: this batch goes now, not once the window is full
             t1 = clock()
             while self.batcher.rows and self.pool.capacity > 0:
                 batch = self.batcher.pop()
@@ -163,6 +171,8 @@ class EncoderRank:
 
     def _handle(self, source: int, message) -> None:
         if isinstance(message, TokenBatch):
+            if "first_batch_taken" not in self.startup:
+                self.startup["first_batch_taken"] = time.time()
             self.batcher.add(message)
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, Claim):

@@ -61,6 +61,10 @@ class TokenizerRank:
         self.read_ahead_rows = 0                        # (TokenizerStats)
         self.granted_at = self.first_answer_at = 0.0    # epoch seconds (TokenizerStats)
         self._pending: PendingChunk | None = None       # the chunk whose claims are out (one ahead of tokenizing)
+        # --dedup's read-ahead: (unit, chunk, its tokens) read and tokenized before any owner had granted credit,
+        # their claims not yet sent; None once they are (it happens only at the job's start).
+        self._held: list[tuple[WorkUnit, RowChunk, TokenBatch]] | None = [] if dedup is not None else None
+        self.batch_tokens = batch_tokens
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -229,10 +233,42 @@ class TokenizerRank:
             batch.digests = row_digests(batch.token_ids, batch.offsets, self.digest_seed)
 
     def _claim(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress) -> None:
+        """Until an owner has granted credit (they are still building their models, and a claim's send would
+        block until one takes it in), chunks are tokenized and held, up to the read-ahead the batches of a job
+        without --dedup have (TokenizerCore.holds). Once a grant has come their claims go out one after another,
+        each answer taking a held chunk's rows straight into batches, so the first batches leave as the answers
+        come instead of after a chunk's tokenizing (bench/notes/dedup.md, session 28). A chunk of a token
+        directory or of a chunked job is claimed at once."""
+        held = self._held
+        if held is not None and chunk.tokens is None and not isinstance(self.backend, Chunker):
+            held_batches = sum(tokens.num_tokens for _, _, tokens in held) // self.batch_tokens \
+                if self.batch_tokens else len(held)         # 0: a batch a chunk
+            if self.core.holds(held_batches):
+                start = time.perf_counter()
+                held.append((unit, chunk, tokenize_chunk(self.backend, chunk, unit.unit)))
+                self.read_ahead_rows += len(chunk.ids)
+                self.busy += time.perf_counter() - start
+                return
+        self._release(progress)
+        self._claim_now(unit, chunk, progress)
+
+    def _release(self, progress: UnitProgress) -> None:
+        """The held chunks' claims go out, a chunk at a time, each resolved as the next one's claim goes: their
+        batches leave as their answers come."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        for unit, chunk, tokens in held:
+            self._claim_now(unit, chunk, progress, tokens)
+        self._resolve(progress)
+
+    def _claim_now(self, unit: WorkUnit, chunk: RowChunk, progress: UnitProgress,
+                   tokens: TokenBatch | None = None) -> None:
         """Claim the chunk's digests, then tokenize the chunk claimed before it: its answers have had the time
-        this chunk took to read to come back."""
+        this chunk took to read to come back. `tokens`: the chunk, tokenized already (held)."""
         start = time.perf_counter()
         pending, sends = self.dedup.claim(unit, chunk, text_digests(chunk.texts, self.digest_seed))
+        pending.tokens = tokens
         sent = time.perf_counter()
         self.busy += sent - start
         deliver(self.transport, sends, prompt=True)
@@ -257,7 +293,8 @@ class TokenizerRank:
         keep = np.flatnonzero(first)
         full = []
         if len(keep):
-            batch = tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
+            batch = pending.tokens.take(keep) if pending.tokens is not None else \
+                tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
             batch.digests = pending.digests[keep]
             owner = pending.owner[keep]
             for k in np.unique(owner).tolist():
@@ -269,6 +306,7 @@ class TokenizerRank:
 
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
         if self.dedup is not None:
+            self._release(progress)
             self._resolve(progress)
             for dest, assembler in self.owner_assemblers.items():
                 rest = assembler.flush()
@@ -291,4 +329,6 @@ class TokenizerRank:
         if self.dedup is not None:
             self.dedup.forget(self._pending)
             self._pending = None
+            if self._held:              # read ahead, never claimed: nothing of them is owed
+                self._held = []
             self.dedup.clear_references()
