@@ -55,8 +55,15 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
             "tokenizer_seconds_mean": {k: _mean_other(manifest, k) for k in
                                        ("busy", "unit_wait", "credit_wait", "send", "read", "claim_wait", "finish",
                                         "untracked")},
-            "encoder_loop_seconds": [r.get("loop_seconds") for r in manifest["ranks"] if r["role"] == "encoder"],
+            "encoder_loop_seconds": _of(manifest, "encoder", "loop_seconds"),
+            "encoder_loop_cpu_seconds": _of(manifest, "encoder", "loop_cpu_seconds"),
+            "encoder_dedup_seconds": _of(manifest, "encoder", "dedup_seconds"),
+            "read_ahead_rows": _of(manifest, "tokenizer", "read_ahead_rows"),
             "tokenizers_after_ready_seconds": _after_ready(manifest)}
+
+
+def _of(manifest: dict, role: str, key: str) -> list:
+    return [r.get(key) for r in manifest["ranks"] if r["role"] == role]
 
 
 def _after_ready(manifest: dict) -> dict | None:

@@ -103,6 +103,7 @@ class EncoderStats(RankStats):
     # the end, and the batches it encoded in that time.
     host_cpu_seconds: float = 0.0
     batches: int = 0
+    loop_cpu_seconds: float = 0.0               # the CPU seconds of the loop thread alone, from ready
     # The end of its work: epoch seconds its last batch came back from an encoder and its last shard was written,
     # and the seconds its writer threads spent assembling, checksumming and writing shards (summed over threads).
     last_encoded_at: float = 0.0
@@ -112,6 +113,7 @@ class EncoderStats(RankStats):
     rows_reused: int | None = None              # and with one from an earlier output (--reuse)
     reuse_shards_ignored: int | None = None     # --reuse shards left out as damaged
     dedup_full: bool | None = None              # --dedup-memory was reached: later texts went unrecorded
+    dedup_seconds: dict[str, float] | None = None   # --dedup: the loop's wall and CPU seconds on claims, references
 
     def as_manifest(self) -> dict:
         out = super().as_manifest()
@@ -120,6 +122,9 @@ class EncoderStats(RankStats):
         out["startup"] = {k: round(v, 3) for k, v in self.startup.items()}
         out["build_seconds"] = {k: round(v, 3) for k, v in self.build_seconds.items()}
         out["host_cpu_seconds"] = round(self.host_cpu_seconds, 3)
+        out["loop_cpu_seconds"] = round(self.loop_cpu_seconds, 3)
+        if self.dedup_seconds is not None:
+            out["dedup_seconds"] = {k: round(v, 3) for k, v in self.dedup_seconds.items()}
         out["host_ms_per_batch"] = round(1e3 * self.host_cpu_seconds / self.batches, 3) if self.batches else None
         out["host_us_per_row"] = round(1e6 * self.host_cpu_seconds / self.rows, 3) if self.rows else None
         return out

@@ -137,6 +137,9 @@ def test_assembler_keeps_a_texts_windows_in_one_batch_and_they_survive_the_wire(
     back = [TokenBatch.from_wire(b.to_wire()) for b in every]
     assert np.concatenate([b.chunks for b in back]).tolist() == chunks.tolist()
     assert (np.concatenate([b.digests for b in back]) == digests).all()         # and each row's digest with it
+    assert all(b.claimed for b in back)
+    every[0].claimed = False            # --dedup: rows read ahead go unclaimed, and the owner must know it
+    assert [TokenBatch.from_wire(b.to_wire()).claimed for b in every] == [False, True, True, True]
     joined = TokenBatch.concat(back).take(np.array([3, 1]))
     assert joined.chunks.tolist() == chunks[[3, 1]].tolist() and (joined.digests == digests[[3, 1]]).all()
 

@@ -20,11 +20,17 @@ BUILD_SECONDS = 1.0        # the encoder rank starts this late; reading the whol
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, st_model):
-    """120 rows in one file, 40 of them repeats of the first 80."""
+    """120 rows in one file, 80 distinct texts and 40 repeats of them: every third row repeats an earlier text, so
+    that the first unit, read ahead, holds repeats (of its own rows) as the second does (of both units')."""
     rng = np.random.default_rng(5)
     words = ["rank", "shard", "token", "grant", "claim", "owner", "雨", "🙂"]
     distinct = list(dict.fromkeys(" ".join(rng.choice(words, size=int(rng.integers(2, 20)))) for _ in range(90)))[:80]
-    texts = {f"r{k:03d}": distinct[k] if k < 80 else distinct[int(rng.integers(80))] for k in range(120)}
+    texts, given = {}, 0
+    for k in range(120):
+        if k % 3 != 2:
+            texts[f"r{k:03d}"], given = distinct[given], given + 1
+        else:
+            texts[f"r{k:03d}"] = distinct[int(rng.integers(given))]
     root, expected = write_corpus(tmp_path_factory.mktemp("read-ahead"), texts, 1, st_model)
     return root, texts, expected
 
@@ -53,6 +59,7 @@ def test_a_late_encoder_rank_loses_nothing(corpus, tmp_path, model_dir, late_enc
     # with --dedup, its chunks, their claims not yet sent) held until the grant.
     assert entry["read_ahead_rows"] == 60
     if dedup == "on":
-        # The held chunks were claimed only once the owner had granted credit, and each took its answer.
+        # The held unit went unclaimed and the owner found its 20 repeats on arrival; the second unit's rows were
+        # claimed once credit had come.
         assert entry["first_answer_at"] >= entry["granted_at"] > 0
         assert manifest["rows_deduplicated"] == len(texts) - len(set(texts.values())) == 40

@@ -62,6 +62,11 @@ class EncoderCore:
     def batch_taken(self, source: int, tokens: int) -> None:
         self._owed.append((source, tokens))
 
+    def batch_emptied(self, source: int) -> list[Send]:
+        """A batch taken in left nothing to encode (--dedup: every row a repeat its owner found on arrival): its
+        credit goes back at once, as no submission will return it."""
+        return [Send(source, Credit(1))]
+
     def submitted(self, tokens: int, window_empty: bool) -> list[Send]:
         """`tokens` left the window for an encoder; `window_empty`: nothing is left waiting."""
         out = []

@@ -47,7 +47,6 @@ class PendingChunk:
     owner: np.ndarray                   # owner index per row
     seq: int
     answers: dict[int, bytes] = field(default_factory=dict)       # owner index -> packed answer bits
-    tokens: object = None               # the chunk's TokenBatch where it was tokenized before its claims (read-ahead)
 
 
 class Claims:

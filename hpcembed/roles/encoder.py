@@ -73,10 +73,13 @@ class EncoderRank:
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
         self.claims_a_turn = max(1, len(core.roles.tokenizers))     # every tokenizer rank claims from every owner
+        # --dedup's share of the loop (inside `receive`): wall and this thread's CPU seconds answering claims and
+        # taking references in. Wall well above CPU means the loop thread waited for the GIL.
+        self.dedup_time = {"claims": 0.0, "claims_cpu": 0.0, "references": 0.0, "references_cpu": 0.0}
 
     def run(self) -> None:
         ready_at = self.startup["ready"] = time.time()     # encoders built: from here the rank can take work
-        cpu_at_ready = time.process_time()
+        cpu_at_ready, loop_cpu_at_ready = time.process_time(), time.thread_time()
         if self.output.ranges is not None:     # before any shard quantized with them (launch/calibrate.py)
             self.transport.send(self.core.roles.conductor, Calibrated(np.asarray(self.output.ranges).tolist()))
         deliver(self.transport, self.core.start())
@@ -91,12 +94,14 @@ class EncoderRank:
                              **self.pool.describe(), ready_at=ready_at, stage_busy_seconds=self.pool.stage_busy_seconds,
                              loop_seconds=dict(self.loop_time), startup=self.startup,
                              host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches,
+                             loop_cpu_seconds=time.thread_time() - loop_cpu_at_ready,
                              last_encoded_at=self.last_encoded_at, last_written_at=self.last_written_at,
                              writer_seconds=self.writer_seconds,
                              **({"rows_deduplicated": self.dedup.rows_deduplicated,
                                  "rows_reused": self.dedup.rows_reused,
                                  "reuse_shards_ignored": self.dedup.shards_ignored,
-                                 "dedup_full": self.dedup.full} if self.dedup is not None else {}))
+                                 "dedup_full": self.dedup.full,
+                                 "dedup_seconds": dict(self.dedup_time)} if self.dedup is not None else {}))
         deliver(self.transport, core.finish(stats))
 
     def _idle(self) -> bool:
@@ -173,14 +178,23 @@ class EncoderRank:
         if isinstance(message, TokenBatch):
             if "first_batch_taken" not in self.startup:
                 self.startup["first_batch_taken"] = time.time()
+            if not message.claimed and self.dedup is not None:
+                message = self._admit(message)
+                if message is None:
+                    deliver(self.transport, self.core.batch_emptied(source))
+                    return
             self.batcher.add(message)
             self.core.batch_taken(source, message.num_tokens)
         elif isinstance(message, Claim):
+            wall, cpu = time.perf_counter(), time.thread_time()
             self.transport.send(source, answer(self.dedup, message))
             if "first_claim_answered" not in self.startup:
                 self.startup["first_claim_answered"] = time.time()
+            self._spent("claims", wall, cpu)
         elif isinstance(message, References):
+            wall, cpu = time.perf_counter(), time.thread_time()
             self._store_filled(self.dedup.references(message.unit, message.ids, message.rows, message.digests))
+            self._spent("references", wall, cpu)
         elif isinstance(message, DropIds):
             removed, shard = self.output.drop_ids(message.shard, set(message.digests))
             size, digest, rows, companion = shard if shard is not None else (-1, "", -1, ())
@@ -189,6 +203,30 @@ class EncoderRank:
         else:
             for unit in self.core.handle(source, message):
                 self._write_part(unit)
+
+    def _admit(self, batch: TokenBatch) -> TokenBatch | None:
+        """Rows sent without claims (read ahead while this rank built its model): their digests are claimed here,
+        and the repeats among them become references, filled from the table as a tokenizer rank's References are.
+        What is left to encode, or None."""
+        wall, cpu = time.perf_counter(), time.thread_time()
+        first = self.dedup.claim(np.ascontiguousarray(batch.digests).tobytes()).astype(bool)
+        repeats = np.flatnonzero(~first)
+        if len(repeats):
+            ids = batch.id_array().take(numeric(repeats)).to_pylist()
+            units = batch.units[repeats]
+            for unit in np.unique(units).tolist():
+                sel = np.flatnonzero(units == unit)
+                self._store_filled(self.dedup.references(
+                    unit, [ids[i] for i in sel.tolist()], batch.rows[repeats[sel]].tolist(),
+                    np.ascontiguousarray(batch.digests[repeats[sel]]).tobytes()))
+        self._spent("claims", wall, cpu)
+        if not len(repeats):
+            return batch
+        return batch.take(np.flatnonzero(first)) if first.any() else None
+
+    def _spent(self, what: str, wall: float, cpu: float) -> None:
+        self.dedup_time[what] += time.perf_counter() - wall
+        self.dedup_time[what + "_cpu"] += time.thread_time() - cpu
 
     def _store(self, batch: TokenBatch, embeddings: np.ndarray) -> None:
         ids, lengths = batch.id_array(), batch.lengths

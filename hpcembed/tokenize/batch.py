@@ -17,7 +17,10 @@ import pyarrow as pa
 
 from ..arrow_arrays import numeric, strings
 
-_WIRE_HEADER = 5     # int64 count of: rows, tokens, id bytes, whether `chunks` follows, whether `digests` follows
+# int64 count of: rows, tokens, id bytes, whether `chunks` follows, and whether `digests` follows (0: no; 1: yes; 2: yes,
+# and not yet claimed)
+_WIRE_HEADER = 5
+_DIGESTS_UNCLAIMED = 2
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
 
 
@@ -34,6 +37,9 @@ class TokenBatch:
     chunks: np.ndarray | None = None
     # uint8 [rows, 16] in an embedding job: each row's content digest (io/digest.py row_digests); None otherwise.
     digests: np.ndarray | None = None
+    # --dedup: False for rows sent without claims (read ahead while the owners built their models); the owner
+    # checks their digests itself as they come in (roles/encoder.py).
+    claimed: bool = True
 
     @property
     def num_rows(self) -> int:
@@ -144,7 +150,8 @@ class TokenBatch:
         offsets, id offsets, id bytes."""
         n, t, b = self.num_rows, self.num_tokens, len(self.id_bytes)
         chunked, digested = self.chunks is not None, self.digests is not None
-        header = np.array([n, t, b, int(chunked), int(digested)], dtype=np.int64)
+        header = np.array([n, t, b, int(chunked), 0 if not digested else 1 if self.claimed else _DIGESTS_UNCLAIMED],
+                          dtype=np.int64)
         tokens = self.token_ids[self.offsets[0]: self.offsets[-1]]
         offsets = self.offsets - self.offsets[0]
         parts = [header.view(np.uint8), self.rows.view(np.uint8), self.units.view(np.uint8),
@@ -170,4 +177,5 @@ class TokenBatch:
         chunks = take(3 * n, np.int64).reshape(n, 3) if chunked else None
         digests = take(16 * n, np.uint8).reshape(n, 16) if digested else None
         tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
-        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks, digests)
+        return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks, digests,
+                   claimed=digested != _DIGESTS_UNCLAIMED)
