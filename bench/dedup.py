@@ -59,7 +59,18 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
             "encoder_loop_cpu_seconds": _of(manifest, "encoder", "loop_cpu_seconds"),
             "encoder_dedup_seconds": _of(manifest, "encoder", "dedup_seconds"),
             "read_ahead_rows": _of(manifest, "tokenizer", "read_ahead_rows"),
-            "tokenizers_after_ready_seconds": _after_ready(manifest)}
+            "tokenizers_after_ready_seconds": _after_ready(manifest), **_ends(manifest)}
+
+
+def _ends(manifest: dict) -> dict:
+    """The steady window's end (the last commit) against the last batch encoded and the last shard written, in
+    seconds from the first encoder rank's being ready: the tail the GPU idles through."""
+    enc = [r for r in manifest["ranks"] if r["role"] == "encoder" and r.get("ready_at")]
+    if not enc:
+        return {}
+    ready = min(r["ready_at"] for r in enc)
+    return {"last_encoded_after_ready": round(max(r["last_encoded_at"] for r in enc) - ready, 3),
+            "last_written_after_ready": round(max(r["last_written_at"] for r in enc) - ready, 3)}
 
 
 def _of(manifest: dict, role: str, key: str) -> list:

@@ -212,7 +212,7 @@ class EncoderRank:
         first = self.dedup.claim(np.ascontiguousarray(batch.digests).tobytes()).astype(bool)
         repeats = np.flatnonzero(~first)
         if len(repeats):
-            ids = batch.id_array().take(numeric(repeats)).to_pylist()
+            ids = batch.take(repeats).ids()
             units = batch.units[repeats]
             for unit in np.unique(units).tolist():
                 sel = np.flatnonzero(units == unit)

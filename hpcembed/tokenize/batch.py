@@ -88,18 +88,14 @@ class TokenBatch:
                                         np.full(len(tokens), unit, dtype=np.int64))
 
     def take(self, index: np.ndarray) -> "TokenBatch":
-        """Rows `index`, in that order."""
+        """Rows `index`, in that order. numpy alone: pyarrow's take imports pyarrow.compute on its first call (28 ms
+        on the CPU box), which an owner's first batch waited for under --dedup (bench/notes/dedup.md, session 28)."""
         index = np.asarray(index, dtype=np.int64)
-        lengths = self.lengths[index]
-        offsets = np.zeros(len(index) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        starts = self.offsets[:-1][index]
-        # Gather variable-length slices with one vectorised index: token k of new row r sits at starts[r] + k.
-        gather = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1], dtype=np.int64)
-        ids = self.id_array().take(numeric(index))
-        return TokenBatch.build_from_arrow_ids(self.token_ids[gather], offsets, ids, self.rows[index],
-                                               self.units[index], None if self.chunks is None else self.chunks[index],
-                                               None if self.digests is None else self.digests[index])
+        offsets, token_ids = _gather(self.offsets, self.token_ids, index)
+        id_offsets, id_bytes = _gather(self.id_offsets, self.id_bytes, index)
+        return TokenBatch(token_ids, offsets, id_offsets, id_bytes, self.rows[index], self.units[index],
+                          None if self.chunks is None else self.chunks[index],
+                          None if self.digests is None else self.digests[index])
 
     def slice(self, start: int, stop: int) -> "TokenBatch":
         """Rows [start, stop), as views of this batch's buffers (the offsets are rebased, a small copy)."""
@@ -179,3 +175,14 @@ class TokenBatch:
         tokens, offsets, id_offsets = take(t, np.int32), take(n + 1, np.int32), take(n + 1, np.int32)
         return cls(tokens, offsets, id_offsets, take(b, np.uint8), rows, units, chunks, digests,
                    claimed=digested != _DIGESTS_UNCLAIMED)
+
+
+def _gather(offsets: np.ndarray, values: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `index` of a variable-length layout (row k is values[offsets[k]:offsets[k+1]]): their offsets, from 0,
+    and values, with one vectorised index (value j of new row r sits at offsets[index[r]] + j)."""
+    lengths = (offsets[1:] - offsets[:-1])[index]
+    out = np.zeros(len(index) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=out[1:])
+    starts = offsets[:-1][index]
+    gather = np.repeat(starts - out[:-1], lengths) + np.arange(out[-1], dtype=np.int64)
+    return out, values[gather]
