@@ -63,13 +63,16 @@ def job(args, corpus: Path, out: Path, cache: Path, *options: str) -> dict:
 
 
 def _ends(manifest: dict) -> dict:
-    """The steady window's end (the last commit) against the last batch encoded and the last shard written, in
-    seconds from the first encoder rank's being ready: the tail the GPU idles through."""
+    """The steady window's end (the last commit) against the last batch encoded, the last part complete and the
+    last shard written, in seconds from the first encoder rank's being ready (the tail the GPU idles through), and
+    the writer threads' seconds."""
     enc = [r for r in manifest["ranks"] if r["role"] == "encoder" and r.get("ready_at")]
     if not enc:
         return {}
     ready = min(r["ready_at"] for r in enc)
     return {"last_encoded_after_ready": round(max(r["last_encoded_at"] for r in enc) - ready, 3),
+            "last_completed_after_ready": round(max(r["last_completed_at"] for r in enc) - ready, 3),
+            "writer_seconds": round(sum(r["writer_seconds"] for r in enc), 3),
             "last_written_after_ready": round(max(r["last_written_at"] for r in enc) - ready, 3)}
 
 

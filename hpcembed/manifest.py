@@ -104,9 +104,11 @@ class EncoderStats(RankStats):
     host_cpu_seconds: float = 0.0
     batches: int = 0
     loop_cpu_seconds: float = 0.0               # the CPU seconds of the loop thread alone, from ready
-    # The end of its work: epoch seconds its last batch came back from an encoder and its last shard was written,
-    # and the seconds its writer threads spent assembling, checksumming and writing shards (summed over threads).
+    # The end of its work: epoch seconds its last batch came back from an encoder, its last part was complete
+    # (handed to a writer thread) and its last shard was written, and the seconds its writer threads spent
+    # assembling, checksumming and writing shards (summed over threads).
     last_encoded_at: float = 0.0
+    last_completed_at: float = 0.0
     last_written_at: float = 0.0
     writer_seconds: float = 0.0
     rows_deduplicated: int | None = None        # --dedup: rows written with the embedding of an earlier repeat,

@@ -69,7 +69,7 @@ class EncoderRank:
         self.parts: dict[int, _UnitRows] = {}
         self._writer = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="shard-writer")
         self._writes: deque[tuple[Future, int, str]] = deque()      # (write, unit, shard name)
-        self.last_encoded_at = self.last_written_at = self.writer_seconds = 0.0
+        self.last_encoded_at = self.last_completed_at = self.last_written_at = self.writer_seconds = 0.0
         # Where the loop's time goes (seconds), reported with the rank: if the GPU idles, this says why.
         self.loop_time = {"receive": 0.0, "batch": 0.0, "store": 0.0, "wait": 0.0}
         self.claims_a_turn = max(1, len(core.roles.tokenizers))     # every tokenizer rank claims from every owner
@@ -95,7 +95,8 @@ class EncoderRank:
                              loop_seconds=dict(self.loop_time), startup=self.startup,
                              host_cpu_seconds=time.process_time() - cpu_at_ready, batches=self.batches,
                              loop_cpu_seconds=time.thread_time() - loop_cpu_at_ready,
-                             last_encoded_at=self.last_encoded_at, last_written_at=self.last_written_at,
+                             last_encoded_at=self.last_encoded_at, last_completed_at=self.last_completed_at,
+                             last_written_at=self.last_written_at,
                              writer_seconds=self.writer_seconds,
                              **({"rows_deduplicated": self.dedup.rows_deduplicated,
                                  "rows_reused": self.dedup.rows_reused,
@@ -271,6 +272,7 @@ class EncoderRank:
     def _write_part(self, unit: int) -> None:
         """The shard is assembled and written on the writer thread, off the loop."""
         part = self.parts.pop(unit)
+        self.last_completed_at = time.time()
         name = shard_name(unit, self.transport.rank)
         self._writes.append((self._writer.submit(_write_shard, self.output, name, part, self.pool_chunks,
                                                  self.normalize), unit, name))
