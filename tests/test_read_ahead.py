@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from hpcembed import cli
@@ -54,6 +55,11 @@ def test_a_late_encoder_rank_loses_nothing(corpus, tmp_path, model_dir, late_enc
                      "--unit-rows", "60", "--chunk-rows", "16", "--dedup", dedup, "--progress", "off"])
     assert code == 0
     manifest = assert_complete_output(out, expected)         # each id once, each within 1e-4 of ST
+    for shard in sorted(out.glob("*.parquet")):
+        # Rows keep their input order within a shard, referenced rows (which arrive after the unit's batches)
+        # put back in their places beside the encoded ones.
+        ids = pq.read_table(shard, columns=["id"]).column("id").to_pylist()
+        assert ids == sorted(ids) and len(ids) == 60, shard.name
     (entry,) = manifest["ranks"]
     # The whole first unit was read and tokenized before the late encoder rank granted credit, its batches (or,
     # with --dedup, its chunks, their claims not yet sent) held until the grant.

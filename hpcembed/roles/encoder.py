@@ -38,8 +38,11 @@ from .dedup import DigestTable, Filled, answer
 WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most this late
 # Shards are assembled, checksummed and written on these threads (pyarrow, xxh3 and the file write release the GIL).
 # Four, not two: on the H200 box two held short queries to 202k texts/s, four gave 305k (bench/notes/feed_the_gpu.md,
-# calls 20-21). HPCEMBED_WRITER_THREADS sets it for A/B runs.
-WRITER_THREADS = int(os.environ.get("HPCEMBED_WRITER_THREADS", "4"))
+# calls 20-21). Eight, not four: under --dedup a unit's part completes only once its referenced rows are filled, so
+# many complete with the job's last batches, and four threads left the last shard written 0.34 s after the last
+# batch encoded, eight 0.08 s (H100 box, 1M rows at 30% repeats: 1.318x -> 1.337x; --dedup off 95.8k texts/s either
+# way; bench/notes/dedup.md, session 28). HPCEMBED_WRITER_THREADS sets it for A/B runs.
+WRITER_THREADS = int(os.environ.get("HPCEMBED_WRITER_THREADS", "8"))
 
 
 @dataclass
@@ -278,6 +281,21 @@ class EncoderRank:
                                                  self.normalize), unit, name))
 
 
+def _in_order(pieces: list[np.ndarray], order: np.ndarray | None) -> np.ndarray:
+    """The pieces' rows, concatenated and then taken in `order` (None: as they are), in one array and one copy."""
+    if order is None or len(pieces) == 1:
+        whole = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        return whole if order is None else whole[order]
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))               # where each row of the concatenation goes
+    out = np.empty((len(order), pieces[0].shape[1]), dtype=np.result_type(*pieces))
+    start = 0
+    for piece in pieces:
+        out[place[start: start + len(piece)]] = piece
+        start += len(piece)
+    return out
+
+
 def _write_shard(output: OutputDir, name: str, part: _UnitRows, pool_chunks: bool, normalize: bool
                  ) -> tuple[ShardFile, float, float]:
     """On a writer thread: the shard, the seconds it took, and the epoch seconds it was done."""
@@ -290,7 +308,6 @@ def _assemble_and_write(output: OutputDir, name: str, part: _UnitRows, pool_chun
                         ) -> ShardFile:
     rows = np.concatenate(part.rows)
     ids = pa.concat_arrays(part.ids)
-    embeddings = np.concatenate(part.embeddings)
     chunks = np.concatenate(part.chunks) if part.chunks else None
     digests = np.concatenate(part.digests) if part.digests else None
     # Input order within the shard (a unit is rows of one file), a text's windows in order.
@@ -299,8 +316,12 @@ def _assemble_and_write(output: OutputDir, name: str, part: _UnitRows, pool_chun
         order = np.lexsort((chunks[:, 0], rows))
     elif len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
         order = np.argsort(rows, kind="stable")
+    # The embeddings go straight to their places: a concatenation and then a gather made two fresh arrays of
+    # the whole part, whose first touch cost --dedup's writer threads ~25 ms a 10,000-row shard (its referenced
+    # rows come after the unit's batches: bench/notes/dedup.md, session 28).
+    embeddings = _in_order(part.embeddings, order)
     if order is not None:
-        ids, embeddings = ids.take(numeric(order)), embeddings[order]
+        ids = ids.take(numeric(order))
         chunks = None if chunks is None else chunks[order]
         digests = None if digests is None else digests[order]
     if chunks is not None and pool_chunks:
