@@ -16,6 +16,10 @@ without being recorded (their repeats are encoded again). Rows of a batch go to 
 with the most free credit, so every tokenizer rank links to every encoder rank (bench/notes/dedup.md: why this
 holds to a few nodes and what takes it to 1000).
 
+The chunks a tokenizer rank reads before any owner has granted credit (the owners are building their models and
+answer no claim) go without claims, in batches marked unclaimed; the owner claims their digests itself as they
+arrive, encodes the first claims and files the repeats as References (roles/encoder.py, EncoderRank._admit).
+
 --reuse seeds the tables with earlier outputs' digests and embeddings (io/reuse.py); a row that finds its digest
 there is a Reference like any repeat.
 """
