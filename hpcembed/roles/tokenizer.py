@@ -263,10 +263,7 @@ class TokenizerRank:
         full = []
         for _, chunk, tokens in held:
             tokens.digests = text_digests(chunk.texts, self.digest_seed)
-            owner = owner_index(tokens.digests, len(owners))
-            for k in np.unique(owner).tolist():
-                rows = tokens.take(np.flatnonzero(owner == k))
-                full += [(owners[k], b) for b in self.owner_assemblers[owners[k]].add(rows)]
+            full += self._assembled(tokens, owner_index(tokens.digests, len(owners)))
         for dest, assembler in self.owner_assemblers.items():
             rest = assembler.flush()        # not mixed with claimed rows, which the owner must not check again
             if rest is not None:
@@ -307,13 +304,20 @@ class TokenizerRank:
         if len(keep):
             batch = tokenize_chunk(self.backend, pending.chunk.take(keep), pending.unit.unit)
             batch.digests = pending.digests[keep]
-            owner = pending.owner[keep]
-            for k in np.unique(owner).tolist():
-                dest = self.dedup.owners[k]
-                full += [(dest, b) for b in self.owner_assemblers[dest].add(batch.take(np.flatnonzero(owner == k)))]
+            full = self._assembled(batch, pending.owner[keep])
         self.busy += time.perf_counter() - start
         for dest, batch in full:
             self.sink.put(self, pending.unit, batch, progress, dest)
+
+    def _assembled(self, batch: TokenBatch, owner: np.ndarray) -> list[tuple[int, TokenBatch]]:
+        """The rows of `batch` into their owners' batches (`owner`: an index into the owner list per row); the
+        batches now full, with the rank each goes to. Rows all of one owner (one encoder rank) are not copied."""
+        owners, present = self.dedup.owners, np.unique(owner).tolist()
+        full = []
+        for k in present:
+            rows = batch if len(present) == 1 else batch.take(np.flatnonzero(owner == k))
+            full += [(owners[k], b) for b in self.owner_assemblers[owners[k]].add(rows)]
+        return full
 
     def _send_rest(self, unit: WorkUnit, progress: UnitProgress) -> None:
         if self.dedup is not None:
