@@ -91,3 +91,24 @@ def test_embeddings_kept_across_blocks_come_back_exact(monkeypatch):
     assert len(table._blocks) == 8
     np.testing.assert_array_equal(table.embeddings(filled.slots), made[order])
     np.testing.assert_array_equal(table.embeddings(filled.slots[:3]), made[order[:3]])
+
+
+def test_referenced_rows_are_placed_in_input_order_from_the_table_by_the_shard_writer():
+    from hpcembed.roles.dedup import BLOCK_ROWS, KeptRows
+    from hpcembed.roles.encoder import _in_order
+    rng = np.random.default_rng(4)
+    table = DigestTable(memory_bytes=1 << 32)
+    n = BLOCK_ROWS + 500                     # the kept rows span two blocks
+    digests = _digests(rng, n)
+    table.claim(digests.tobytes())
+    made = rng.random((n, 8)).astype(np.float32)
+    table.encoded(digests, made)
+    # A part as the loop leaves it: an encoded batch's rows (input rows 1, 4, 0), then two rows referenced from
+    # the table (input rows 3 and 2: slots in different blocks).
+    encoded = rng.random((3, 8)).astype(np.float32)
+    slots = np.array([n - 1, 2])
+    rows = np.array([1, 4, 0, 3, 2])
+    out = _in_order([encoded, KeptRows(table, slots)], np.argsort(rows, kind="stable"))
+    expected = np.concatenate([encoded, made[slots]])[np.argsort(rows, kind="stable")]
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(_in_order([KeptRows(table, slots)], None), made[slots])

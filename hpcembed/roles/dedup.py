@@ -125,6 +125,17 @@ class Claims:
 
 
 @dataclass
+class KeptRows:
+    """A part's referenced rows whose embeddings stay in the owner's table until the part is written: the shard
+    writer copies them to their places (DigestTable.place), once, and off the loop thread."""
+    table: "DigestTable"
+    slots: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+
+@dataclass
 class Filled:
     """Referenced rows of one unit whose embeddings are known: the encoder rank stores them as embedded rows."""
     unit: int
@@ -182,16 +193,33 @@ class DigestTable:
         return first
 
     def embeddings(self, slots: np.ndarray) -> np.ndarray:
-        """The embeddings kept at `slots`: one gather a block they touch."""
+        """The embeddings kept at `slots`, as a new array."""
+        out = np.empty((len(slots), self.width), dtype=self._dtype)
+        self.place(slots, out, np.arange(len(slots)))
+        return out
+
+    @property
+    def width(self) -> int:
+        return self._blocks[0].shape[1]
+
+    @property
+    def dtype(self):
+        return self._dtype
+
+    def place(self, slots: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """Copy the embeddings kept at `slots` to out[positions]: one gather a block they touch. Safe on a shard
+        writer thread while the loop thread stores more: the slots read were filled before (a part is written
+        only once all its rows are), filled rows never change, and blocks are only added (numpy's copies release
+        the GIL, so the loop runs on meanwhile)."""
         block, offset = np.divmod(np.asarray(slots, dtype=np.int64), BLOCK_ROWS)
+        blocks = self._blocks
         touched = np.unique(block).tolist()
         if len(touched) == 1:
-            return self._blocks[touched[0]][offset]
-        out = np.empty((len(offset), self._blocks[0].shape[1]), dtype=self._dtype)
+            out[positions] = blocks[touched[0]][offset]
+            return
         for b in touched:
             sel = block == b
-            out[sel] = self._blocks[b][offset[sel]]
-        return out
+            out[positions[sel]] = blocks[b][offset[sel]]
 
     # --- the protocol -----------------------------------------------------------------------------------------
     def claim(self, digests: bytes) -> np.ndarray:

@@ -32,7 +32,7 @@ from ..protocol.messages import Calibrated, Claim, DropIds, PartRewritten, Refer
 from ..tokenize.batch import TokenBatch
 from ..transport.base import Transport
 from .common import deliver
-from .dedup import DigestTable, Filled, answer
+from .dedup import DigestTable, Filled, KeptRows, answer
 
 
 WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most this late
@@ -50,7 +50,7 @@ class _UnitRows:
     """The embedded rows of one unit's part, until it is complete."""
     rows: list[np.ndarray] = field(default_factory=list)
     ids: list[pa.Array] = field(default_factory=list)
-    embeddings: list[np.ndarray] = field(default_factory=list)
+    embeddings: list = field(default_factory=list)          # arrays, and (--dedup) KeptRows
     chunks: list[np.ndarray] = field(default_factory=list)      # a chunked job's (chunk, start, end) per row
     digests: list[np.ndarray] = field(default_factory=list)     # each row's content digest, [rows, 16]
 
@@ -267,7 +267,7 @@ class EncoderRank:
         part = self.parts.setdefault(filled.unit, _UnitRows())
         part.rows.append(filled.rows)
         part.ids.append(strings(filled.ids))
-        part.embeddings.append(self.dedup.embeddings(filled.slots))
+        part.embeddings.append(KeptRows(self.dedup, filled.slots))        # copied by the shard writer
         part.digests.append(filled.digests)
         if self.core.embedded(filled.unit, len(filled.ids), 0):
             self._write_part(filled.unit)
@@ -281,17 +281,27 @@ class EncoderRank:
                                                  self.normalize), unit, name))
 
 
-def _in_order(pieces: list[np.ndarray], order: np.ndarray | None) -> np.ndarray:
-    """The pieces' rows, concatenated and then taken in `order` (None: as they are), in one array and one copy."""
-    if order is None or len(pieces) == 1:
+def _in_order(pieces: list, order: np.ndarray | None) -> np.ndarray:
+    """The pieces' rows (arrays, or KeptRows in the owner's table), concatenated and then taken in `order` (None:
+    as they are), in one array and one copy."""
+    if not any(isinstance(p, KeptRows) for p in pieces) and (order is None or len(pieces) == 1):
         whole = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
         return whole if order is None else whole[order]
-    place = np.empty(len(order), dtype=np.int64)
-    place[order] = np.arange(len(order))               # where each row of the concatenation goes
-    out = np.empty((len(order), pieces[0].shape[1]), dtype=np.result_type(*pieces))
+    rows = sum(len(p) for p in pieces)
+    place = np.arange(rows)
+    if order is not None:
+        place[order] = np.arange(rows)                 # where each row of the concatenation goes
+    arrays = [p for p in pieces if not isinstance(p, KeptRows)]
+    kept = next((p.table for p in pieces if isinstance(p, KeptRows)), None)
+    width = arrays[0].shape[1] if arrays else kept.width
+    out = np.empty((rows, width), dtype=np.result_type(*arrays, *([kept.dtype] if kept is not None else [])))
     start = 0
     for piece in pieces:
-        out[place[start: start + len(piece)]] = piece
+        here = place[start: start + len(piece)]
+        if isinstance(piece, KeptRows):
+            piece.table.place(piece.slots, out, here)
+        else:
+            out[here] = piece
         start += len(piece)
     return out
 
