@@ -17,8 +17,8 @@ import pyarrow as pa
 
 from ..arrow_arrays import numeric, strings
 
-# int64 count of: rows, tokens, id bytes, whether `chunks` follows, and whether `digests` follows (0: no; 1: yes; 2: yes,
-# and not yet claimed)
+# int64 count of: rows, tokens, id bytes, whether `chunks` follows, and whether `digests` follows (0: no; 1: yes;
+# 2: yes, and not yet claimed)
 _WIRE_HEADER = 5
 _DIGESTS_UNCLAIMED = 2
 SCHEMA = pa.schema([("id", pa.string()), ("input_ids", pa.list_(pa.int32()))])
