@@ -1,8 +1,8 @@
 """A slow model build: the encoder rank's start is held back while the tokenizer rank reads. Without --dedup the
 tokenizer rank tokenizes and holds batches until it has credit (TokenizerCore.holds), and nothing held is lost or
-sent twice; with --dedup it tokenizes and holds chunks, their claims sent once the owner has granted credit, and
-the job is as complete and deduplicated. The job
-runs in one process (the in-process launcher: the same roles and drivers an MPI job runs)."""
+sent twice; with --dedup it tokenizes and holds chunks and sends them unclaimed once the owner has granted credit
+(the owner finds their repeats), and the job is as complete and deduplicated. The job runs in one process (the
+in-process launcher: the same roles and drivers an MPI job runs)."""
 from __future__ import annotations
 
 import time
@@ -62,7 +62,7 @@ def test_a_late_encoder_rank_loses_nothing(corpus, tmp_path, model_dir, late_enc
         assert ids == sorted(ids) and len(ids) == 60, shard.name
     (entry,) = manifest["ranks"]
     # The whole first unit was read and tokenized before the late encoder rank granted credit, its batches (or,
-    # with --dedup, its chunks, their claims not yet sent) held until the grant.
+    # with --dedup, its chunks, unclaimed) held until the grant.
     assert entry["read_ahead_rows"] == 60
     if dedup == "on":
         # The held unit went unclaimed and the owner found its 20 repeats on arrival; the second unit's rows were
