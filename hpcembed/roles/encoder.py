@@ -216,13 +216,13 @@ class EncoderRank:
         first = self.dedup.claim(np.ascontiguousarray(batch.digests).tobytes()).astype(bool)
         repeats = np.flatnonzero(~first)
         if len(repeats):
-            ids = batch.take(repeats).ids()
+            ids = batch.ids()
             units = batch.units[repeats]
             for unit in np.unique(units).tolist():
-                sel = np.flatnonzero(units == unit)
+                sel = repeats[units == unit]
                 self._store_filled(self.dedup.references(
-                    unit, [ids[i] for i in sel.tolist()], batch.rows[repeats[sel]].tolist(),
-                    np.ascontiguousarray(batch.digests[repeats[sel]]).tobytes()))
+                    unit, [ids[i] for i in sel.tolist()], batch.rows[sel].tolist(),
+                    np.ascontiguousarray(batch.digests[sel]).tobytes()))
         self._spent("claims", wall, cpu)
         if not len(repeats):
             return batch

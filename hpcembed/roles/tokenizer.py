@@ -64,7 +64,6 @@ class TokenizerRank:
         # --dedup's read-ahead: (unit, chunk, its tokens) read and tokenized before any owner had granted credit;
         # None once they are sent (it happens only at the job's start).
         self._held: list[tuple[WorkUnit, RowChunk, TokenBatch]] | None = [] if dedup is not None else None
-        self.batch_tokens = batch_tokens
         self.ids = IdRegistry()
         self.peers = peers if peers is not None else SoloAlltoall()
         self.committed_shards = list(committed_shards)
@@ -240,8 +239,9 @@ class TokenizerRank:
         chunked job is claimed at once."""
         held = self._held
         if held is not None and chunk.tokens is None and not isinstance(self.backend, Chunker):
-            held_batches = sum(tokens.num_tokens for _, _, tokens in held) // self.batch_tokens \
-                if self.batch_tokens else len(held)         # 0: a batch a chunk
+            budget = self.assembler.batch_tokens
+            held_batches = sum(tokens.num_tokens for _, _, tokens in held) // budget \
+                if budget else len(held)         # 0: a batch a chunk
             if self.core.holds(held_batches):
                 start = time.perf_counter()
                 held.append((unit, chunk, tokenize_chunk(self.backend, chunk, unit.unit)))
