@@ -326,9 +326,10 @@ def _assemble_and_write(output: OutputDir, name: str, part: _UnitRows, pool_chun
         order = np.lexsort((chunks[:, 0], rows))
     elif len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
         order = np.argsort(rows, kind="stable")
-    # The embeddings go straight to their places: a concatenation and then a gather made two fresh arrays of
-    # the whole part, whose first touch cost --dedup's writer threads ~25 ms a 10,000-row shard (its referenced
-    # rows come after the unit's batches: bench/notes/dedup.md, session 28).
+    # The embeddings go straight to their places in one array: a concatenation and then a gather made two copies
+    # of the whole part where its rows are out of order, as --dedup's are (referenced rows come after the unit's
+    # batches), and its writer threads took ~24 ms more a 10,000-row shard than without (bench/notes/dedup.md,
+    # session 28; the one copy saves ~4 ms of that on the CPU box).
     embeddings = _in_order(part.embeddings, order)
     if order is not None:
         ids = ids.take(numeric(order))
