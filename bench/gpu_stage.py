@@ -70,8 +70,7 @@ def run_config(spec, batches, n_rows: int, engine: str, dtype: str, instances: i
     from hpcembed.engine.varlen import VarlenEncoder
     t0 = time.perf_counter()             # start-up counts compiling and graph capture
     if engine == "varlen":
-        fused_ops = ("compile" if "compile" in flags else "triton-gemm" if "lngemm" in flags
-                     else "triton" if "fused" in flags else "eager")
+        fused_ops = "compile" if "compile" in flags else "triton" if "fused" in flags else "eager"
         encoders = [VarlenEncoder(spec, "cuda", dtype, fused_ops=fused_ops, gelu_epilogue="epilogue" in flags,
                                   graph_tokens=budget if "graphs" in flags else 0,
                                   attention=next((a for a in ("triton", "flash") if a in flags), "auto"))
@@ -121,15 +120,12 @@ def main() -> None:
         "varlen:fp16:65536:2", "varlen:fp16:262144:2", "varlen:bf16:65536:2",
         "varlen:fp16:262144:2:epilogue", "varlen:fp16:262144:2:compile", "varlen:fp16:262144:2:compile+epilogue"],
         help="engine:dtype:budget:instances[:flag+flag], flags: fused (hpcembed's Triton kernels between the "
-             "matmuls), lngemm (those, and the add+LayerNorm in the matmul's epilogue) or compile (torch.compile's), "
-             "epilogue (GELU in the "
+             "matmuls) or compile (torch.compile's), epilogue (GELU in the "
              "matmul epilogue), graphs (CUDA graphs over token/row buckets), triton or flash (the attention kernel; "
              "default: the engine's choice)")
     ap.add_argument("--passes", type=int, default=1, help="timed passes over the corpus per configuration")
     ap.add_argument("--slug", default="")
     ap.add_argument("--profile", action="store_true", help="print where GPU time goes for one eager config first")
-    ap.add_argument("--profile-ops", default="auto", choices=["auto", "triton", "triton-gemm", "compile", "eager"],
-                    help="the fused ops the profile uses (default: the engine's choice)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -166,7 +162,7 @@ def main() -> None:
     original = np.load(args.reference) if args.reference else None
 
     rows, table_rows, batch_sets = [], [], {}
-    profiled = profile(spec, token_lists, fused_ops=args.profile_ops) if args.profile else None
+    profiled = profile(spec, token_lists) if args.profile else None
     if profiled:
         print(f"kernels alone: {profiled['kernel_tokens_per_s'] / 1e6:.2f}M tokens/s", flush=True)
     for config in args.configs:
@@ -192,8 +188,7 @@ def main() -> None:
             continue
         cos = np.sum(emb * ref, axis=1)
         entry = {"config": config, "engine": engine, "dtype": dtype, "max_batch_tokens": budget,
-                 "instances": instances, "compile": "compile" in flags, "fused": "fused" in flags or "lngemm" in flags,
-                 "layer_norm_epilogue": "lngemm" in flags,
+                 "instances": instances, "compile": "compile" in flags, "fused": "fused" in flags,
                  "gelu_epilogue": "epilogue" in flags,
                  "cuda_graphs": "graphs" in flags,
                  "attention": next((a for a in ("triton", "flash") if a in flags), "auto"),
@@ -218,13 +213,13 @@ def main() -> None:
     print(f"wrote {save(args, rows, st_rate, st_tokens_rate, docs, n_tokens, tok_seconds, profiled)}")
 
 
-def profile(spec, token_lists, budget: int = 262144, fused_ops: str = "auto") -> dict:
+def profile(spec, token_lists, budget: int = 262144) -> dict:
     """Where the GPU time of the job's configuration (its fused ops, GELU epilogue, its attention) goes, by kernel;
     returns the kernel-only rate and the largest kernels for the JSON."""
     import torch
     from torch.profiler import ProfilerActivity
     from hpcembed.engine.varlen import VarlenEncoder
-    enc = VarlenEncoder(spec, "cuda", "fp16", fused_ops=fused_ops, gelu_epilogue=True)
+    enc = VarlenEncoder(spec, "cuda", "fp16", fused_ops="auto", gelu_epilogue=True)
     batches = assembled_batches(token_lists[:20000], budget)
     for b in batches[:2]:
         enc.encode(b)

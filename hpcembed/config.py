@@ -85,7 +85,7 @@ class JobConfig:
                                   "run: 'triton' (hpcembed's fused kernels), 'compile' (torch.compile's, which "
                                   "costs 10-13 s of tracing at every start), 'eager'; auto takes triton on CUDA "
                                   "where Triton imports, eager on CPU",
-                          choices=("auto", "triton", "triton-gemm", "compile", "eager"))
+                          choices=("auto", "triton", "compile", "eager"))
     cuda_graphs: bool | None = _opt(None, "varlen encoder on CUDA: capture the forward as CUDA graphs over token "
                                           "and row buckets at start-up and pad each batch to its bucket (default: "
                                           "on; see bench/notes/gpu_stage.md for what it measured)")

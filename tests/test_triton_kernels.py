@@ -36,6 +36,22 @@ def test_add_layer_norm_matches_torch(dtype, rows, hidden):
         assert float((got.float() - want).abs().max()) <= LN_TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("rows, k, hidden", [(70, 128, 384), (9, 64, 128)])
+def test_matmul_with_layer_norm_epilogue_matches_torch(rows, k, hidden):
+    """bench/gemm_layer_norm.py's kernel (not the encoder's: it lost to cuBLAS), kept right so that its measurement
+    can be repeated: a row split into two power-of-two pieces (384 = 256 + 128) or one, rows not a multiple of the
+    row block."""
+    from bench.gemm_layer_norm_kernel import linear_add_layer_norm, serves
+    a, weight = _random((rows, k), "fp32", 12), _random((hidden, k), "fp32", 13, k ** -0.5)
+    bias, residual = _random((hidden,), "fp32", 14), _random((rows, hidden), "fp32", 15)
+    ln_w, ln_b = _random((hidden,), "fp32", 16), _random((hidden,), "fp32", 17)
+    assert serves(hidden, k) and not serves(896, k) and not serves(hidden, k + 1)
+    got = linear_add_layer_norm(a, weight, bias, residual, ln_w, ln_b, 1e-12)
+    want = F.layer_norm(F.linear(a, weight, bias) + residual, (hidden,), ln_w, ln_b, 1e-12)
+    # On a GPU tl.dot takes fp32 inputs as TF32 (10-bit mantissa); the interpreter multiplies in fp32.
+    assert float((got - want).abs().max()) <= (1e-4 if DEVICE == "cpu" else 1e-2)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_embedding_sum_and_layer_norm_matches_torch(dtype):
     vocab, places, hidden, tokens = 50, 20, 96, 45

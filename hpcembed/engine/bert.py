@@ -113,11 +113,11 @@ def encoder_forward(w: BertWeights, ids, positions, cu, max_len: int, attention,
     for layer in w.layers:
         qkv = F.linear(x, layer.qkv_w, layer.qkv_b).view(-1, 3, heads, d)
         att = attention(qkv, cu, max_len)
-        x = ops.linear_add_layer_norm(att.reshape(-1, h), layer.out_w, layer.out_b, x, layer.ln1_w, layer.ln1_b,
-                                      eps)
+        x = ops.add_layer_norm(F.linear(att.reshape(-1, h), layer.out_w, layer.out_b), x, layer.ln1_w,
+                               layer.ln1_b, eps)
         if gelu_epilogue:
             up = torch._addmm_activation(layer.up_b, x, layer.up_w.t(), use_gelu=True)
         else:
             up = w.act(F.linear(x, layer.up_w, layer.up_b))
-        x = ops.linear_add_layer_norm(up, layer.down_w, layer.down_b, x, layer.ln2_w, layer.ln2_b, eps)
+        x = ops.add_layer_norm(F.linear(up, layer.down_w, layer.down_b), x, layer.ln2_w, layer.ln2_b, eps)
     return x

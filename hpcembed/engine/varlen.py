@@ -83,11 +83,6 @@ class _Ops:
     embed = staticmethod(embed)
     mean_pool = staticmethod(mean_pool)
 
-    @classmethod
-    def linear_add_layer_norm(cls, a, weight, bias, residual, ln_weight, ln_bias, eps: float):
-        """LayerNorm(a @ weight.T + bias + residual): the matmul, then the add+LayerNorm op."""
-        return cls.add_layer_norm(F.linear(a, weight, bias), residual, ln_weight, ln_bias, eps)
-
 
 def pool_varlen(states: torch.Tensor, seg: torch.Tensor, cu: torch.Tensor, rows: int, mode: str,
                 ops=None, skip: int = 0, within: torch.Tensor | None = None) -> torch.Tensor:
@@ -134,22 +129,7 @@ def _triton_ops() -> type[_Ops]:
     return _Triton
 
 
-@functools.cache
-def _triton_gemm_ops() -> type[_Ops]:
-    """hpcembed's Triton kernels, and the residual add with LayerNorm in the epilogue of the matmul before it
-    (engine/triton_gemm_ln.py) wherever that kernel serves the shape."""
-    from . import triton_gemm_ln
-
-    class _TritonGemm(_triton_ops()):
-        @classmethod
-        def linear_add_layer_norm(cls, a, weight, bias, residual, ln_weight, ln_bias, eps: float):
-            if triton_gemm_ln.serves(weight.shape[0], weight.shape[1]):
-                return triton_gemm_ln.linear_add_layer_norm(a, weight, bias, residual, ln_weight, ln_bias, eps)
-            return super().linear_add_layer_norm(a, weight, bias, residual, ln_weight, ln_bias, eps)
-    return _TritonGemm
-
-
-FUSED_OPS = {"eager": lambda: _Ops, "compile": _compiled_ops, "triton": _triton_ops, "triton-gemm": _triton_gemm_ops}
+FUSED_OPS = {"eager": lambda: _Ops, "compile": _compiled_ops, "triton": _triton_ops}
 
 
 def default_fused_ops(cuda: bool) -> str:
@@ -215,8 +195,7 @@ class VarlenEncoder(Encoder):
                  weights_of: "VarlenEncoder | None" = None):
         """`attention` (CUDA): 'flash', torch's varlen flash attention, 'triton' (engine/triton_attention.py), or
         'auto' (attention_kernels.py). `fused_ops`: how the pieces between matmuls run, 'eager', 'triton'
-        (engine/triton_fused.py; on CPU tensors only in Triton's interpreter), 'triton-gemm' (the same, with the
-        add+LayerNorm in the matmul's epilogue, engine/triton_gemm_ln.py) or 'compile' (torch.compile), or
+        (engine/triton_fused.py; on CPU tensors only in Triton's interpreter) or 'compile' (torch.compile), or
         'auto' (default_fused_ops).
         `weights_of`: an instance for a server's low-latency lane beside that one: it shares its weights (no second
         copy), runs on a stream of the highest priority, so that its kernels take the GPU's free slots before
@@ -253,7 +232,7 @@ class VarlenEncoder(Encoder):
             fused_ops = default_fused_ops(self.cuda)
         if fused_ops not in FUSED_OPS:
             raise ConfigError(f"fused ops {fused_ops!r}: expected one of {', '.join(FUSED_OPS)} or auto")
-        if fused_ops.startswith("triton") and (importlib.util.find_spec("triton") is None or
+        if fused_ops == "triton" and (importlib.util.find_spec("triton") is None or
                                       not self.cuda and os.environ.get("TRITON_INTERPRET") != "1"):
             raise ConfigError("--fused-ops triton needs Triton and a CUDA device (on CPU only Triton's interpreter "
                               "runs it, TRITON_INTERPRET=1); use --fused-ops eager")

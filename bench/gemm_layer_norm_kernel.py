@@ -1,5 +1,7 @@
 """A matmul whose epilogue adds the bias and the residual and applies LayerNorm: out = LayerNorm(a @ weight.T + bias
-+ residual), one Triton kernel where cuBLAS's matmul and the add+LayerNorm kernel were two.
++ residual), one Triton kernel where cuBLAS's matmul and the add+LayerNorm kernel are two. Measured by
+bench/gemm_layer_norm.py and not used by the encoder: on an H100 it was slower than the two kernels at both of a BERT
+layer's shapes (bench/notes/gpu_stage.md, session 29). Kept so that the measurement can be repeated.
 
 The two GEMMs a BERT layer follows with add+LayerNorm (attention output and FFN down) produce [tokens, hidden]. With
 hidden small (384 for MiniLM) one program can hold whole rows, so it normalizes them before they leave registers:
@@ -12,8 +14,8 @@ not above it and the rest (384 = 256 + 128, 768 = 512 + 256), each with its own 
 `a`; hidden sizes whose rest is not a power of two, or above MAX_HIDDEN (whose rows would not fit in registers),
 are not served (`serves`) and keep the two-kernel path.
 
-Tile shapes were chosen on the GPU box (bench/gemm_layer_norm.py). On a machine without a GPU the kernel runs in
-Triton's interpreter (TRITON_INTERPRET=1, set by the tests), which is how CI checks it.
+Tile shapes: the best of bench/gemm_layer_norm.py's sweep on an H100. On a machine without a GPU the kernel runs in
+Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
