@@ -36,10 +36,6 @@ from .dedup import DigestTable, Filled, KeptRows, answer
 
 
 WRITES_POLL_SECONDS = 0.002      # a finished shard write is reported at most this late
-# With nothing else to do the loop waits this long for the oldest batch on the GPU, in slices, looking for
-# messages between them (_await_completion).
-COMPLETION_WAIT_SECONDS = 0.002
-COMPLETION_SLICE_SECONDS = 0.0002
 # Shards are assembled, checksummed and written on these threads (pyarrow, xxh3 and the file write release the GIL).
 # Four, not two: on the H200 box two held short queries to 202k texts/s, four gave 305k (bench/notes/feed_the_gpu.md,
 # calls 20-21). Eight, not four: under --dedup a unit's part completes only once its referenced rows are filled, so
@@ -157,9 +153,8 @@ class EncoderRank:
                 deliver(self.transport, core.submitted(batch.num_tokens, window_empty=not self.batcher.rows))
             t2 = clock()
             # Wait a little for the oldest batch only when there is nothing else to do.
-            finished = self.pool.completed()
-            if not finished and (not self.batcher.rows or self.pool.capacity == 0):
-                finished = self._await_completion()
+            waiting_only = not self.batcher.rows or self.pool.capacity == 0
+            finished = self.pool.completed(wait=0.002 if waiting_only else 0.0)
             t3 = clock()
             for batch, embeddings in finished:
                 self._store(batch, embeddings)
@@ -173,20 +168,6 @@ class EncoderRank:
             spent["store"] += t4 - t3
             if core.stopping and self._idle():
                 break
-
-    def _await_completion(self) -> list:
-        """The batches finished within COMPLETION_WAIT_SECONDS, ending the wait early when a message this loop
-        would take has come (any while the window has room, else a prompt one): tokenizer ranks' batch and claim
-        sends block until they are taken here (transport/mpi.py), and a wait of the whole 2 ms held them up while
-        the GPU was not the bottleneck (--dedup on the H100 box: bench/notes/dedup.md, session 29)."""
-        if not self.pool.in_flight:
-            return []
-        deadline = time.perf_counter() + COMPLETION_WAIT_SECONDS
-        prompt_only = not self.core.has_room(self.batcher.tokens)
-        while True:
-            finished = self.pool.completed(wait=COMPLETION_SLICE_SECONDS)
-            if finished or time.perf_counter() >= deadline or self.transport.arrived(prompt_only):
-                return finished
 
     def _report_writes(self, wait: bool) -> None:
         """PartWritten for every shard whose write has finished, in order (a failed write raises here)."""

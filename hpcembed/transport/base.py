@@ -55,12 +55,6 @@ class Transport(abc.ABC):
         that cannot tell them apart returns None, and delivers them through recv() in the order sent."""
         return None
 
-    def arrived(self, prompt_only: bool = False) -> bool:
-        """Whether a message has arrived that recv() (with `prompt_only`, recv_prompt()) would return now, without
-        taking it: a rank waiting on something else (its GPU) looks, so that a sender blocked until it is taken
-        does not wait out the whole wait. A transport that cannot tell says False."""
-        return False
-
     @abc.abstractmethod
     def abort(self, reason: str, exit_code: int) -> None:
         """End the whole job now; every rank's recv raises JobAborted (in-process) or the processes end (MPI)."""

@@ -50,9 +50,6 @@ class InprocTransport(Transport):
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
 
-    def arrived(self, prompt_only: bool = False) -> bool:
-        return not prompt_only and not self.network.queues[self.rank].empty()
-
     def abort(self, reason: str, exit_code: int) -> None:
         if self.network.abort_reason is None:
             self.network.abort_reason = (reason, exit_code)

@@ -115,13 +115,6 @@ class MpiTransport(Transport):
             return self._take(self._status)
         return None
 
-    def arrived(self, prompt_only: bool = False) -> bool:
-        """An Iprobe (about a microsecond); batches that come outside MPI (UCX) are not looked for: their senders
-        do not wait on this rank."""
-        self._progress()
-        tag = PROMPT_CONTROL if prompt_only else self.MPI.ANY_TAG
-        return bool(self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=tag))
-
     def _take(self, status) -> Envelope:
         """Receive the message `status` probed."""
         source, tag = status.Get_source(), status.Get_tag()
