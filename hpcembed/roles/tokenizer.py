@@ -71,10 +71,9 @@ class TokenizerRank:
         self.busy = 0.0
         # Where the time outside `busy` goes: waiting for a unit, for an encoder rank's credit, inside a batch's
         # send (a blocking send lasts until the encoder rank takes the batch in), reading input, and (--dedup)
-        # waiting for owners to take claims and references in and answer claims; after the last unit, the id
-        # check across ranks and the wait for credits to settle (finish); and what none of these count (untracked:
-        # the rank's own bookkeeping and control messages between chunks, and any time the OS gave its core to
-        # another process).
+        # waiting for owners to take claims in and answer them; after the last unit, the id check across ranks
+        # and the wait for credits to settle (finish); and what none of these count (untracked: the rank's own
+        # bookkeeping and control messages between chunks, and any time the OS gave its core to another process).
         self.other = {"unit_wait": 0.0, "credit_wait": 0.0, "send": 0.0, "read": 0.0, "claim_wait": 0.0,
                       "finish": 0.0, "untracked": 0.0}
 
@@ -328,16 +327,10 @@ class TokenizerRank:
                 rest = assembler.flush()
                 if rest is not None:
                     self.sink.put(self, unit, rest, progress, dest)
-            # Sent once the unit is read (an abandoned unit sends none), as prompt messages: the owner takes them
-            # at its next turn, ahead of the unit's batches still in its window, which is safe because the part
-            # completes only with the UnitEnd that follows them. An isend of a unit's references (~150 KB) moves
-            # only while its sender is in MPI, and the owner's loop waited in the receive while this rank read
-            # its next unit (bench/notes/dedup.md, session 28).
-            sending = time.perf_counter()
+            # Sent last, just before UnitEnd on the same channel: an abandoned unit sends none.
             for dest, (ids, rows, digests) in self.dedup.take_references().items():
-                self.transport.send(dest, References(unit.unit, ids, rows, digests), prompt=True)
+                self.transport.send(dest, References(unit.unit, ids, rows, digests))
                 self.core.referenced(dest, len(ids), progress)
-            self.other["claim_wait"] += time.perf_counter() - sending
             return
         rest = self.assembler.flush()
         if rest is not None:

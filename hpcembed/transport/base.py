@@ -36,8 +36,7 @@ class Transport(abc.ABC):
         `prompt`: the receiver may take this one with recv_prompt() while it takes nothing else, ahead of batches
         and other messages from the same sender (prompt ones keep their order among themselves). Only for a
         message whose handling does not depend on what its sender sent before it: a dedup Claim, which a rank
-        with a full window must still answer, and a unit's References (its part completes only with the UnitEnd
-        sent after them, in order). The receiver looks for them often, and the sender may wait until
+        with a full window must still answer. The receiver looks for them often, and the sender may wait until
         it has taken one (MPI: a blocking send), so that none is left half sent while the sender computes."""
 
     @abc.abstractmethod
