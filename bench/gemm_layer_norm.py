@@ -7,9 +7,10 @@ own weights of layer 0 and random activations.
 
 Timing: CUDA events around --reps calls after a warm-up, the median of 5 repeats (bench/attention.py). Each tile
 shape (BLOCK_M:BLOCK_K:warps:stages) is a separate compile. Max |error| against the same product in fp32. Writes
-bench/results/gemm_layer_norm-<dtype>.json (the device is in it); prints the best tile per shape.
+bench/results/gemm_layer_norm-[<slug>-]<dtype>.json (the device is in it); prints the best tile per shape.
 
-On an H100 the fused kernel lost at both shapes and the encoder does not use it (bench/notes/gpu_stage.md, session 29).
+On an H100 the fused kernel lost at both shapes and the encoder does not use it (bench/notes/gpu_stage.md,
+session 29: gemm_layer_norm-h100-fp16.json and -bf16.json).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"])
     ap.add_argument("--tiles", nargs="+", default=TILES)
+    ap.add_argument("--slug", default="", help="put in the JSON's name before the dtype (e.g. the GPU)")
     args = ap.parse_args()
     import torch
     import torch.nn.functional as F
@@ -87,7 +89,7 @@ def main() -> None:
             for r in results if "us" in r]
     print(table(rows, ("shape", "kernel", "µs", "vs two kernels", "TFLOP/s", "TB/s", "max |err|")))
     print("best tiles:", best)
-    path = record("gemm_layer_norm", args.dtype, {
+    path = record("gemm_layer_norm", f"{args.slug}-{args.dtype}" if args.slug else args.dtype, {
         "tokens": tokens, "hidden": hidden, "dtype": args.dtype, "triton": triton.__version__,
         "baseline": "cuBLAS matmul (F.linear) then hpcembed's Triton add+LayerNorm, same inputs, same run",
         "best_tiles": best, "results": results})
