@@ -3,6 +3,7 @@ wait for an embedding and are filled when it is made, and the memory bound."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from hpcembed.roles.dedup import PENDING, DigestTable
 
@@ -112,3 +113,31 @@ def test_referenced_rows_are_placed_in_input_order_from_the_table_by_the_shard_w
     expected = np.concatenate([encoded, made[slots]])[np.argsort(rows, kind="stable")]
     np.testing.assert_array_equal(out, expected)
     np.testing.assert_array_equal(_in_order([KeptRows(table, slots)], None), made[slots])
+
+
+def test_reused_arrays_are_kept_uncopied_and_placed_beside_rows_made_here(monkeypatch):
+    """--reuse: arrays whose every row is kept stay as read (no copy), one with a repeat inside is copied without
+    it; a gather over loaded slots of several arrays and slots made here, in any order, returns each row's own
+    embedding, and the float16 earlier rows come back exact in the float32 result."""
+    import hpcembed.roles.dedup as dedup
+    monkeypatch.setattr(dedup, "BLOCK_ROWS", 8)
+    rng = np.random.default_rng(6)
+    table = DigestTable(memory_bytes=1 << 30)
+    first, second = _digests(rng, 7), _digests(rng, 5)
+    second[3] = second[1]                                  # a repeat within one earlier output
+    first_rows = rng.random((7, 4)).astype(np.float16)
+    second_rows = rng.random((5, 4)).astype(np.float32)
+    assert table.load(first, first_rows) == 7 and table.load(second, second_rows) == 4
+    assert np.shares_memory(table._loaded[0], first_rows) and not np.shares_memory(table._loaded[1], second_rows)
+    made_digests = _digests(rng, 11)
+    assert table.claim(made_digests.tobytes()).all()
+    made = rng.random((11, 4)).astype(np.float32)
+    table.encoded(made_digests, made)
+    everything = np.concatenate([first, np.delete(second, 3, axis=0), made_digests])
+    expected = np.concatenate([first_rows.astype(np.float32), np.delete(second_rows, 3, axis=0), made])
+    order = rng.permutation(len(everything))
+    filled = table.references(3, [f"r{k}" for k in order], order.tolist(), everything[order].tobytes())
+    np.testing.assert_array_equal(table.embeddings(filled.slots), expected[order])
+    assert table.rows_reused == 11 and table.rows_deduplicated == 11
+    with pytest.raises(RuntimeError):
+        table.load(_digests(rng, 2), made[:2])

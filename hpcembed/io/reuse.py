@@ -137,5 +137,8 @@ def load_owned(shards: list[ReuseShard], table, owners: int, mine: int, rank: in
                 ignored += 1
                 continue
             owned = owner_index(digests, owners) == mine
-            table.load(digests[owned], embeddings[owned])
+            if owned.all():                 # one owner: the arrays as read, not copies (DigestTable.load)
+                table.load(digests, embeddings)
+            else:
+                table.load(digests[owned], embeddings[owned])
     return ignored

@@ -153,7 +153,13 @@ class DigestTable:
     def __init__(self, memory_bytes: int):
         self.memory_bytes = memory_bytes
         self.slots: dict[bytes, int] = {}
-        self._blocks: list[np.ndarray] = []        # embeddings kept, slot s at [s // BLOCK_ROWS][s % BLOCK_ROWS]
+        # Embeddings made in this job: slot reused_slots + s at [s // BLOCK_ROWS][s % BLOCK_ROWS].
+        self._blocks: list[np.ndarray] = []
+        # --reuse: the first slots, the earlier outputs' arrays as they were read (not copied), array k holding
+        # slots _loaded_starts[k] onwards.
+        self._loaded: list[np.ndarray] = []
+        self._loaded_starts: list[int] = []
+        self._width = 0
         self._dtype = None                          # what they all fit in (--reuse of float16 beside float32)
         self._used = 0                  # slots holding an embedding
         self.reused_slots = 0           # the first slots: embeddings loaded from earlier outputs (--reuse)
@@ -170,21 +176,25 @@ class DigestTable:
         return self.memory_bytes // (DIGEST_ENTRY_BYTES + width)
 
     def _width_bytes(self) -> int:
-        return self._blocks[0].shape[1] * self._blocks[0].itemsize if self._blocks else 0
+        return self._width * np.dtype(self._dtype).itemsize if self._width else 0
+
+    def _note_rows(self, embeddings: np.ndarray) -> None:
+        self._width = embeddings.shape[1]
+        self._dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
 
     def _put(self, embeddings: np.ndarray) -> int:
-        """Copy rows into the blocks, in one slice assignment a block; the first of the consecutive slots they
-        got. Copied rather than kept as the batch's own array: on CUDA that array is the batch's pinned result
-        buffer, which kept here never went back to torch's host pool (bench/notes/dedup.md, session 25). Blocks
-        are allocated whole but touched only as they fill."""
+        """Copy rows made in this job into the blocks, in one slice assignment a block; the first of the
+        consecutive slots they got. Copied rather than kept as the batch's own array: on CUDA that array is the
+        batch's pinned result buffer, which kept here never went back to torch's host pool (bench/notes/dedup.md,
+        session 25). Blocks are allocated whole but touched only as they fill."""
         first = self._used
-        dtype = embeddings.dtype if self._dtype is None else np.result_type(self._dtype, embeddings.dtype)
-        if self._dtype is not None and dtype != self._dtype:
+        self._note_rows(embeddings)
+        dtype = embeddings.dtype if not self._blocks else np.result_type(self._blocks[0].dtype, embeddings.dtype)
+        if self._blocks and dtype != self._blocks[0].dtype:
             self._blocks = [block.astype(dtype) for block in self._blocks]
-        self._dtype = dtype
         done = 0
         while done < len(embeddings):
-            block, offset = divmod(self._used, BLOCK_ROWS)
+            block, offset = divmod(self._used - self.reused_slots, BLOCK_ROWS)
             if block == len(self._blocks):
                 self._blocks.append(np.empty((BLOCK_ROWS, embeddings.shape[1]), dtype=dtype))
             n = min(BLOCK_ROWS - offset, len(embeddings) - done)
@@ -200,7 +210,7 @@ class DigestTable:
 
     @property
     def width(self) -> int:
-        return self._blocks[0].shape[1]
+        return self._width
 
     @property
     def dtype(self):
@@ -211,7 +221,16 @@ class DigestTable:
         writer thread while the loop thread stores more: the slots read were filled before (a part is written
         only once all its rows are), filled rows never change, and blocks are only added (numpy's copies release
         the GIL, so the loop runs on meanwhile)."""
-        block, offset = np.divmod(np.asarray(slots, dtype=np.int64), BLOCK_ROWS)
+        slots = np.asarray(slots, dtype=np.int64)
+        if self.reused_slots:
+            loaded = slots < self.reused_slots
+            if loaded.any():
+                self._place_loaded(slots[loaded], out, positions[loaded])
+                if loaded.all():
+                    return
+                slots, positions = slots[~loaded], positions[~loaded]
+            slots = slots - self.reused_slots
+        block, offset = np.divmod(slots, BLOCK_ROWS)
         blocks = self._blocks
         touched = np.unique(block).tolist()
         if len(touched) == 1:
@@ -220,6 +239,17 @@ class DigestTable:
         for b in touched:
             sel = block == b
             out[positions[sel]] = blocks[b][offset[sel]]
+
+    def _place_loaded(self, slots: np.ndarray, out: np.ndarray, positions: np.ndarray) -> None:
+        """place() for slots of loaded arrays: one gather an array they touch, found by sorting, not by a mask
+        an array (a part's references spread over every shard of an earlier output)."""
+        which = np.searchsorted(self._loaded_starts, slots, side="right") - 1
+        order = np.argsort(which, kind="stable")
+        which, slots, positions = which[order], slots[order], positions[order]
+        bounds = np.flatnonzero(np.diff(which)) + 1
+        for lo, hi in zip(np.concatenate(([0], bounds)).tolist(), np.concatenate((bounds, [len(which)])).tolist()):
+            k = int(which[lo])
+            out[positions[lo:hi]] = self._loaded[k][slots[lo:hi] - self._loaded_starts[k]]
 
     # --- the protocol -----------------------------------------------------------------------------------------
     def claim(self, digests: bytes) -> np.ndarray:
@@ -240,7 +270,12 @@ class DigestTable:
         return flags
 
     def load(self, digests: np.ndarray, embeddings: np.ndarray) -> int:
-        """Embeddings of earlier outputs (--reuse), before any claim; returns the rows kept (memory allowing)."""
+        """Embeddings of earlier outputs (--reuse), before any claim; returns the rows kept (memory allowing).
+        The array is kept as it is where every row is kept (an earlier output holds each digest once), not
+        copied into blocks: with one owner, a 1M-row earlier output took 3.4-3.5 s to load with the copies and
+        1.7-2.2 s without, 1.1 s of either reading and checking it (CPU box, bench/reuse_load.py)."""
+        if self._blocks:
+            raise RuntimeError("--reuse embeddings are loaded before any is made")
         raw, slots = np.ascontiguousarray(digests).tobytes(), self.slots
         keep: dict[bytes, int] = {}
         for k in range(len(digests)):
@@ -252,9 +287,14 @@ class DigestTable:
         self.full = self.full or len(keep) > room
         if not rows:
             return 0
-        first = self._put(embeddings[rows])
+        kept = embeddings if len(rows) == len(embeddings) else embeddings[rows]
+        first = self._used
+        self._note_rows(kept)
+        self._loaded.append(kept)
+        self._loaded_starts.append(first)
         for n, k in enumerate(rows):
             slots[raw[16 * k: 16 * k + 16]] = first + n
+        self._used += len(rows)
         self.reused_slots = self._used
         return len(rows)
 
