@@ -6,13 +6,16 @@ same run (read_shard on the same thread pool, nothing kept: the floor of what lo
 
 The earlier output is written first by hpcembed's own shard writer (float32 Parquet with a digest column, random
 ids, digests and 384-wide embeddings), into a temporary directory, so its files are in the page cache as a
-rerun's would be on a node that just wrote them. Each measurement runs twice, alternating; the figure is the
-lower. JSON: bench/results/reuse_load-<device>.json.
+rerun's would be on a node that just wrote them. Each measurement runs in a fresh process, as an encoder rank's load
+does once at its start (in one process, what an earlier load left in the heap changed the next one's page faults),
+twice, alternating with the read-only one; the figure is the lower. JSON: bench/results/reuse_load-<device>.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,21 +62,40 @@ def _loaded(shards: list[ReuseShard], owners: int) -> tuple[float, int]:
     return seconds, table_.reused_slots
 
 
+def _fresh(listing: str, what: str, owners: int) -> tuple[float, int]:
+    """One measurement in a process of its own: (seconds, rows kept)."""
+    done = subprocess.run([sys.executable, "-m", "bench.reuse_load", "--measure", listing, what, str(owners)],
+                          capture_output=True, text=True, check=True)
+    seconds, kept = json.loads(done.stdout.strip().splitlines()[-1])
+    return seconds, kept
+
+
+def _measure(listing: str, what: str, owners: int) -> None:
+    shards = [ReuseShard(**s) for s in json.loads(open(listing).read())]
+    print(json.dumps(_loaded(shards, owners) if what == "load" else (_read_only(shards), 0)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--shard-rows", type=int, default=20_000)
     ap.add_argument("--owners", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--slug", default="")
+    ap.add_argument("--measure", nargs=3, help=argparse.SUPPRESS)       # LISTING load|read OWNERS: one, inside
     args = ap.parse_args()
+    if args.measure:
+        return _measure(args.measure[0], args.measure[1], int(args.measure[2]))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = _earlier_output(tmp, args.rows, args.shard_rows)
+        listing = f"{tmp}/shards.json"
+        with open(listing, "w") as fh:
+            json.dump([vars(s) for s in shards], fh)
         for owners in args.owners:
             read, load, kept = [], [], 0
             for _ in range(2):
-                read.append(_read_only(shards))
-                seconds, kept = _loaded(shards, owners)
+                read.append(_fresh(listing, "read", owners)[0])
+                seconds, kept = _fresh(listing, "load", owners)
                 load.append(seconds)
             results.append({"owners": owners, "rows": args.rows, "rows_kept": kept,
                             "read_only_seconds": round(min(read), 3), "load_seconds": round(min(load), 3),
