@@ -6,9 +6,11 @@ same run (read_shard on the same thread pool, nothing kept: the floor of what lo
 
 The earlier output is written first by hpcembed's own shard writer (float32 Parquet with a digest column, random
 ids, digests and 384-wide embeddings), into a temporary directory, so its files are in the page cache as a
-rerun's would be on a node that just wrote them. Each measurement runs in a fresh process, as an encoder rank's load
-does once at its start (in one process, what an earlier load left in the heap changed the next one's page faults),
-twice, alternating with the read-only one; the figure is the lower. JSON: bench/results/reuse_load-<device>.json.
+rerun's would be on a node that just wrote them. With one owner, DigestTable.load is also timed alone, on arrays
+read beforehand (the table's share, apart from reading). Each measurement runs in a fresh process, as an encoder
+rank's load does once at its start (in one process, what an earlier load left in the heap changed the next one's
+page faults), twice, alternating with the read-only one; the figure is the lower. JSON:
+bench/results/reuse_load-<device>.json.
 """
 from __future__ import annotations
 
@@ -70,9 +72,21 @@ def _fresh(listing: str, what: str, owners: int) -> tuple[float, int]:
     return seconds, kept
 
 
+def _table_only(shards: list[ReuseShard]) -> tuple[float, int]:
+    """DigestTable.load alone (one owner), on the shards' arrays read beforehand."""
+    arrays = [read_shard(s) for s in shards]
+    table_ = DigestTable(64 << 30)
+    started = time.perf_counter()
+    for digests, embeddings in arrays:
+        table_.load(digests, embeddings)
+    return time.perf_counter() - started, table_.reused_slots
+
+
 def _measure(listing: str, what: str, owners: int) -> None:
     shards = [ReuseShard(**s) for s in json.loads(open(listing).read())]
-    print(json.dumps(_loaded(shards, owners) if what == "load" else (_read_only(shards), 0)))
+    took = {"load": lambda: _loaded(shards, owners), "table": lambda: _table_only(shards),
+            "read": lambda: (_read_only(shards), 0)}[what]()
+    print(json.dumps(took))
 
 
 def main() -> None:
@@ -97,13 +111,17 @@ def main() -> None:
                 read.append(_fresh(listing, "read", owners)[0])
                 seconds, kept = _fresh(listing, "load", owners)
                 load.append(seconds)
+            table_only = min(_fresh(listing, "table", 1)[0] for _ in range(2)) if owners == 1 else None
             results.append({"owners": owners, "rows": args.rows, "rows_kept": kept,
+                            **({"table_load_alone_us_per_row": round(table_only / kept * 1e6, 3)}
+                               if table_only is not None else {}),
                             "read_only_seconds": round(min(read), 3), "load_seconds": round(min(load), 3),
                             "load_us_per_kept_row_over_read": round((min(load) - min(read)) / kept * 1e6, 3)})
             print(results[-1], flush=True)
     print(table([(r["owners"], f"{r['rows_kept']:,}", r["read_only_seconds"], r["load_seconds"],
-                  r["load_us_per_kept_row_over_read"]) for r in results],
-                ("owners", "rows kept", "read only s", "load s", "µs a kept row over reading")))
+                  r["load_us_per_kept_row_over_read"], r.get("table_load_alone_us_per_row", "")) for r in results],
+                ("owners", "rows kept", "read only s", "load s", "µs a kept row over reading",
+                 "DigestTable.load alone µs a row")))
     slug = args.slug or device_name().split(" (")[0].replace(" ", "_")
     # Which code ran: a before/after comparison is two runs of this script on two commits.
     code = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
