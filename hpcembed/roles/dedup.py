@@ -273,7 +273,7 @@ class DigestTable:
         """Embeddings of earlier outputs (--reuse), before any claim; returns the rows kept (memory allowing).
         The array is kept as it is where every row is kept (an earlier output holds each digest once), not
         copied into blocks: with one owner, a 1M-row earlier output took 3.6-4.1 s to load with the copies and
-        2.6-2.7 s without, 1.3-1.4 s of either reading and checking it (CPU box, bench/reuse_load.py)."""
+        2.6-2.8 s without, 1.3 s of either reading and checking it (CPU box, bench/reuse_load.py)."""
         if self._blocks:
             raise RuntimeError("--reuse embeddings are loaded before any is made")
         slots, keys = self.slots, _keys(np.ascontiguousarray(digests).tobytes())
